@@ -1,0 +1,34 @@
+# The two commands of the README, plus their one-time setup.
+#   make demo   set up .venv if missing, fetch the demo data (dvc pull), train every dataset
+#   make test   set up .venv if missing, run the test suite (lint included)
+
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export DVC_NO_ANALYTICS := 1
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test install lock
+
+demo: $(VENV)/.installed
+	$(BIN)/dvc pull
+	$(BIN)/snakemake --cores 1 train_all
+
+test: $(VENV)/.installed
+	$(BIN)/pytest
+
+install: $(VENV)/.installed
+
+# torch is pinned to 2.13.0 and everything else is constrained by the lock file, so pip never
+# swaps in a newer torch with its several GB of CUDA wheels. open-clip-torch only carries the
+# CLIP BPE vocabulary for models/build_tiny_sd.py: --no-deps, and it is never imported.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt open-clip-torch
+	touch $@
+
+lock: $(VENV)/.installed
+	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable \
+	  | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.tmp && mv constraints.tmp constraints.txt

@@ -1,0 +1,51 @@
+# loramill: folders of images in, reproducible Stable Diffusion LoRA adapters out.
+#
+#   snakemake --cores 1 train_all     every dataset: resize → caption → merge → train → export → grid
+#
+# Per dataset (data/<ds>/images + optional human edits in data/<ds>/captions):
+#   results/<ds>/resized/               training-resolution PNGs + manifest.json (quarantine list)
+#   results/<ds>/auto_captions.jsonl    captioner output
+#   results/<ds>/captions.jsonl         training captions (human edits win, trigger prepended)
+#   results/<ds>/checkpoints/           step-NNNNNN.safetensors (diffusers LoRA format)
+#   exports/<ds>.safetensors            kohya format for AUTOMATIC1111 / ComfyUI / diffusers
+#   exports/<ds>.diffusers.safetensors  diffusers format
+#   grids/<ds>.png                      XYZ grid: checkpoint step × strength × prompt
+
+
+from snakemake.utils import min_version
+
+min_version("9.27")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+
+
+# ---- targets ----------------------------------------------------------------------------
+
+
+rule train_all:
+    default_target: True
+    input:
+        exports=expand("exports/{ds}.safetensors", ds=DATASETS),
+        grids=expand("grids/{ds}.png", ds=DATASETS),
+
+
+rule exports:
+    input:
+        expand("exports/{ds}.safetensors", ds=DATASETS),
+
+
+rule grids:
+    input:
+        expand("grids/{ds}.png", ds=DATASETS),
+
+
+# ---- stages -----------------------------------------------------------------------------
+
+
+include: "rules/prepare.smk"
+include: "rules/train.smk"
+include: "rules/evaluate.smk"

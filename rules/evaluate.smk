@@ -1,0 +1,29 @@
+# Evaluation: XYZ grid of checkpoint step × LoRA strength × prompt.
+
+
+rule grid:
+    input:
+        checkpoints="results/{ds}/checkpoints",
+        base_model=base_model_files(),
+    output:
+        grid="grids/{ds}.png",
+        cells="grids/{ds}.json",
+    log:
+        "logs/grid/{ds}.log",
+    benchmark:
+        "benchmarks/grid/{ds}.tsv"
+    conda:
+        ENV
+    resources:
+        mem_mb=4000,
+    params:
+        base_model=lambda wildcards: config["base_model"],
+        allow_unsafe_weights=config["allow_unsafe_weights"],
+        grid=setting("grid"),
+        prompts=lambda wildcards: grid_prompts(
+            DATASETS[wildcards.ds]["grid"]["prompts"],
+            DATASETS[wildcards.ds]["trigger"],
+        ),
+        resolution=setting("resize", "resolution"),
+    script:
+        "../scripts/grid.py"

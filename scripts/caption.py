@@ -1,0 +1,12 @@
+from loramill.caption import caption_dataset
+from loramill.stage import run
+
+run(
+    snakemake,
+    caption_dataset,
+    resized_dir=snakemake.input.resized,
+    out_jsonl=snakemake.output.auto_captions,
+    config={**snakemake.params.caption, "allow_unsafe_weights": snakemake.params.allow_unsafe_weights},
+    dataset=snakemake.wildcards.ds,
+    trigger=snakemake.params.trigger,
+)

@@ -1,0 +1,10 @@
+from loramill.resize import resize_dataset
+from loramill.stage import run
+
+run(
+    snakemake,
+    resize_dataset,
+    images_dir=snakemake.params.images_dir,
+    out_dir=snakemake.output.resized,
+    resolution=snakemake.params.resolution,
+)

@@ -1,0 +1,75 @@
+"""Configuration: per-dataset sections and one-line validation errors.
+
+The schema (config/config.schema.yaml) is applied by Snakemake's ``validate`` in
+rules/common.smk; this module merges a dataset's overrides over the global sections and turns
+jsonschema's multi-line reports into one line that names the offending key.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from loramill import LoramillError
+
+SECTIONS = ("resize", "caption", "train", "grid")
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def key_path(parts: list[Any]) -> str:
+    return ".".join(str(p) for p in parts) or "(top level)"
+
+
+def describe(error: Exception, prefix: str = "") -> str:
+    """One line for a jsonschema ValidationError: ``config: train.rank: -1 is less than ...``."""
+    import jsonschema
+
+    if not isinstance(error, jsonschema.ValidationError):
+        causes = [a for a in getattr(error, "args", ()) if isinstance(a, Exception)]
+        return describe(causes[0], prefix) if causes else str(error).splitlines()[0]
+    location = list(error.absolute_path)
+    message = error.message
+    if error.validator == "additionalProperties":
+        # jsonschema names the unknown key only inside its message.
+        message = message.replace("Additional properties are not allowed", "unknown option")
+    if error.validator == "propertyNames":
+        message = f"dataset name {message} (letters, digits, _ and - only)"
+    return f"config: {key_path([*prefix.split('.'), *location] if prefix else location)}: {message}"
+
+
+def dataset_config(
+    config: dict[str, Any], dataset: str, validate: Callable[[dict[str, Any]], None]
+) -> dict[str, Any]:
+    """A dataset's effective config: global sections with its overrides merged in.
+
+    ``validate`` checks the merged result against the schema, so a bad override is reported
+    under the dataset's own key.
+    """
+    entry = config["datasets"][dataset] or {}
+    merged = {k: v for k, v in config.items() if k != "datasets"}
+    for section in SECTIONS:
+        merged[section] = deep_merge(config.get(section, {}), entry.get(section, {}))
+    try:
+        validate({**merged, "datasets": {dataset: {}}})
+    except Exception as error:
+        line = describe(error)
+        raise LoramillError(line.replace("config: ", f"config: datasets.{dataset}.", 1)) from None
+    merged["path"] = entry.get("path", f"data/{dataset}")
+    merged["trigger"] = entry.get("trigger", "")
+    merged["name"] = dataset
+    return merged
+
+
+def grid_prompts(prompts: list[str], trigger: str) -> list[str]:
+    return [p.replace("{trigger}", trigger).strip(" ,") for p in prompts]
+

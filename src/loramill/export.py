@@ -1,0 +1,245 @@
+"""Export a training checkpoint as the files users load: kohya naming and diffusers naming.
+
+The kohya file is what A1111, ComfyUI and most model sites expect; the diffusers file is the
+checkpoint's own format with the same metadata. Both are refused rather than written when any
+checkpoint tensor has no place in them: consumers drop unknown keys with at most a log line,
+and a silently half-loaded adapter is the failure users complain about most.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loramill import LoramillError
+from loramill.files import serialize_safetensors as serialize
+from loramill.files import write_bytes
+from loramill.lora import ADAPTER_METADATA_KEY, Checkpoint, read_checkpoint
+
+if TYPE_CHECKING:
+    import torch
+
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+# peft suffix -> kohya suffix; nothing else (biases, DoRA magnitudes) has a kohya spelling.
+PEFT_SUFFIXES = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight"}
+MODULE_NAME = re.compile(r"^[a-z0-9_.]+$")
+# A1111 and ComfyUI map SD1.x text-encoder keys by the transformers-4 module path, which had
+# a `text_model.` level that transformers 5's CLIPTextModel no longer has.
+TE_ROOT = "text_model."
+PROVENANCE_KEY = "loramill.provenance"
+STEP_KEY = "loramill.step"
+MODELSPEC = {
+    "modelspec.sai_model_spec": "1.0.0",
+    "modelspec.architecture": "stable-diffusion-v1/lora",
+    "modelspec.implementation": "https://github.com/huggingface/diffusers",
+}
+# A1111's "legacy" (additional-networks) hash reads 64 KiB at 1 MiB into the file.
+LEGACY_OFFSET, LEGACY_LENGTH = 0x100000, 0x10000
+
+
+def _split_key(key: str) -> tuple[str, str, str]:
+    """``unet.<module>.lora_A.weight`` -> (component, module, kohya suffix), or raise."""
+    component, _, rest = key.partition(".")
+    if component not in KOHYA_PREFIXES:
+        raise LoramillError(
+            f"checkpoint key '{key}': unknown component '{component}' "
+            f"(expected {' or '.join(KOHYA_PREFIXES)})"
+        )
+    for suffix, kohya_suffix in PEFT_SUFFIXES.items():
+        if rest.endswith(suffix):
+            module = rest[: -len(suffix)]
+            if MODULE_NAME.match(module):
+                return component, module, kohya_suffix
+    raise LoramillError(
+        f"checkpoint key '{key}': no kohya equivalent (not a plain LoRA A/B weight)"
+    )
+
+
+def _kohya_module(component: str, module: str) -> str:
+    if component == "text_encoder" and not module.startswith(TE_ROOT):
+        module = TE_ROOT + module
+    return KOHYA_PREFIXES[component] + module.replace(".", "_")
+
+
+def _component_alpha(checkpoint: Checkpoint, component: str) -> float:
+    config = checkpoint.adapter_configs.get(component)
+    if not config or "lora_alpha" not in config:
+        raise LoramillError(
+            f"checkpoint has '{component}' tensors but no '{component}' adapter config "
+            f"in {ADAPTER_METADATA_KEY}: its alpha is unknown"
+        )
+    # kohya stores one alpha per module and scales by alpha / rank; these peft options
+    # scale differently and would load with the wrong strength.
+    for option in ("use_dora", "use_rslora", "alpha_pattern"):
+        if config.get(option):
+            raise LoramillError(f"'{component}' adapter uses {option}: no kohya equivalent")
+    return float(config["lora_alpha"])
+
+
+def to_kohya(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
+    """Rename checkpoint tensors to kohya keys and add each module's true ``.alpha``."""
+    import torch
+
+    if not checkpoint.tensors:
+        raise LoramillError("checkpoint holds no LoRA tensors")
+    out: dict[str, torch.Tensor] = {}
+    source: dict[str, str] = {}
+    modules: dict[str, tuple[str, str]] = {}
+    for key in sorted(checkpoint.tensors):
+        component, module, suffix = _split_key(key)
+        name = _kohya_module(component, module)
+        target = f"{name}.{suffix}"
+        # dots -> underscores is lossy; two modules must never share one kohya name.
+        if target in out:
+            raise LoramillError(
+                f"checkpoint keys '{source[target]}' and '{key}' both map to kohya key '{target}'"
+            )
+        out[target] = checkpoint.tensors[key]
+        source[target] = key
+        modules[name] = (component, key)
+
+    for name, (component, key) in sorted(modules.items()):
+        down, up = out.get(f"{name}.lora_down.weight"), out.get(f"{name}.lora_up.weight")
+        if down is None or up is None:
+            missing = "lora_B" if up is None else "lora_A"
+            raise LoramillError(f"checkpoint key '{key}': its {missing} partner is missing")
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+            raise LoramillError(
+                f"checkpoint key '{key}': lora_A {tuple(down.shape)} and lora_B "
+                f"{tuple(up.shape)} are not a rank-r pair"
+            )
+        # float32 whatever the weights' dtype: alphas such as 0.1 are not exact in fp16.
+        alpha = _component_alpha(checkpoint, component)
+        out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    return out
+
+
+def _provenance(checkpoint: Checkpoint) -> dict[str, Any]:
+    raw = checkpoint.metadata.get(PROVENANCE_KEY)
+    if raw is None:
+        raise LoramillError(f"checkpoint has no '{PROVENANCE_KEY}' metadata")
+    try:
+        provenance = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise LoramillError(f"'{PROVENANCE_KEY}' metadata is not JSON ({error.msg})") from None
+    if not isinstance(provenance, dict):
+        raise LoramillError(f"'{PROVENANCE_KEY}' metadata is not a JSON object")
+    return provenance
+
+
+def _model_name(base_model: str) -> str:
+    # kohya's rule: a local path is recorded by its last component, a hub id as given.
+    path = Path(base_model)
+    return path.name if path.exists() else base_model
+
+
+def data_hash(serialized: bytes) -> str:
+    """sha256 of a safetensors file's tensor data (everything after the header).
+
+    A1111 and kohya's ``sshs_model_hash``: editing metadata does not change it.
+    """
+    header_length = int.from_bytes(serialized[:8], "little")
+    return hashlib.sha256(serialized[8 + header_length :]).hexdigest()
+
+
+def safetensors_hashes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> tuple[str, str]:
+    """(``sshs_model_hash``, ``sshs_legacy_hash``) as kohya sd-scripts precomputes them.
+
+    Both are taken from the file serialized with only the ``ss_*`` metadata, so later edits
+    of other metadata keep them stable.
+    """
+    training = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    # Canonical header: the legacy hash reads bytes that can include the header.
+    serialized = serialize(dict(tensors), training)
+    legacy = serialized[LEGACY_OFFSET : LEGACY_OFFSET + LEGACY_LENGTH]
+    return data_hash(serialized), hashlib.sha256(legacy).hexdigest()[:8]
+
+
+def kohya_metadata(
+    checkpoint: Checkpoint, tensors: Mapping[str, torch.Tensor], output_name: str
+) -> dict[str, str]:
+    """String metadata for an exported file holding ``tensors``.
+
+    Values are written the way kohya sd-scripts writes them (``str()`` of its Python
+    values) so metadata viewers and model sites parse them. Nothing time-dependent: the
+    same checkpoint must export to the same bytes.
+    """
+    provenance = _provenance(checkpoint)
+    # kohya has one dim/alpha per file; the UNet's is the one users set (and the TE's match).
+    configs = checkpoint.adapter_configs
+    config = configs.get("unet") or configs.get("text_encoder")
+    if not config or "r" not in config or "lora_alpha" not in config:
+        raise LoramillError(
+            f"checkpoint has no adapter config (r, lora_alpha) in {ADAPTER_METADATA_KEY}"
+        )
+    train_config = provenance.get("train_config") or {}
+    resolution = provenance.get("resolution")
+    optional = {
+        "ss_seed": provenance.get("seed"),
+        "ss_num_train_images": provenance.get("num_images"),
+        "ss_max_train_steps": train_config.get("max_train_steps"),
+        "ss_learning_rate": train_config.get("learning_rate"),
+        "ss_resolution": None if resolution is None else (resolution, resolution),
+        "ss_sd_model_name": _model_name(str(provenance.get("base_model", ""))) or None,
+        "ss_new_sd_model_hash": provenance.get("base_model_hash"),
+        "ss_steps": checkpoint.metadata.get(STEP_KEY),
+    }
+    metadata = {
+        "ss_output_name": output_name,
+        "ss_base_model_version": "sd_v1",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(int(config["r"])),
+        "ss_network_alpha": str(float(config["lora_alpha"])),
+        # kohya groups tag counts by dataset folder: {folder: {tag: count}}.
+        "ss_tag_frequency": json.dumps(
+            {str(provenance.get("dataset", output_name)): provenance.get("tag_frequency", {})},
+            sort_keys=True,
+        ),
+        **{k: str(v) for k, v in optional.items() if v is not None},
+        **MODELSPEC,
+        "modelspec.title": output_name,
+    }
+    if resolution is not None:
+        metadata["modelspec.resolution"] = f"{resolution}x{resolution}"
+    if provenance.get("trigger"):
+        metadata["modelspec.trigger_phrase"] = str(provenance["trigger"])
+    metadata.update({k: v for k, v in checkpoint.metadata.items() if k.startswith("loramill.")})
+    model_hash, legacy_hash = safetensors_hashes(tensors, metadata)
+    metadata["sshs_model_hash"] = model_hash
+    metadata["sshs_legacy_hash"] = legacy_hash
+    return metadata
+
+
+def export_adapter(
+    checkpoint_path: str | os.PathLike,
+    kohya_path: str | os.PathLike,
+    diffusers_path: str | os.PathLike,
+    output_name: str,
+) -> None:
+    """Write the kohya-format and diffusers-format exports of one checkpoint."""
+    from safetensors import SafetensorError
+
+    try:
+        checkpoint = read_checkpoint(checkpoint_path)
+    except (OSError, SafetensorError, json.JSONDecodeError) as error:
+        raise LoramillError(f"{checkpoint_path}: cannot read checkpoint ({error})") from None
+    try:
+        # Build both files before writing either, so a bad checkpoint leaves no output.
+        kohya = to_kohya(checkpoint)
+        kohya_bytes = serialize(kohya, kohya_metadata(checkpoint, kohya, output_name))
+        diffusers_meta = kohya_metadata(checkpoint, checkpoint.tensors, output_name)
+    except LoramillError as error:
+        raise LoramillError(f"{checkpoint_path}: {error}") from None
+    diffusers_meta["format"] = checkpoint.metadata.get("format", "pt")
+    # to_kohya succeeded, so the adapter configs (and thus this key) are present.
+    diffusers_meta[ADAPTER_METADATA_KEY] = checkpoint.metadata[ADAPTER_METADATA_KEY]
+    diffusers_bytes = serialize(checkpoint.tensors, diffusers_meta)
+    write_bytes(kohya_path, kohya_bytes)
+    write_bytes(diffusers_path, diffusers_bytes)

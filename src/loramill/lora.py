@@ -1,0 +1,115 @@
+"""LoRA layers (peft) and the training checkpoint format.
+
+A checkpoint is a diffusers-format LoRA file: peft keys prefixed ``unet.`` / ``text_encoder.``
+and the adapter configs under the ``lora_adapter_metadata`` key, so ``pipe.load_lora_weights``
+reads it directly and keeps alpha. Extra provenance goes under ``loramill.*`` metadata keys.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loramill import LoramillError
+from loramill.files import save_safetensors
+
+# Attention projections, the standard SD LoRA targets (DESIGN §5).
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+COMPONENTS = ("unet", "text_encoder")
+
+
+def lora_config(rank: int, alpha: float, targets: tuple[str, ...], init: bool | str = True):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=init
+    )
+
+
+def add_lora(unet: Any, text_encoder: Any | None, rank: int, alpha: float, init=True) -> None:
+    """Freeze the base weights and add trainable LoRA layers (text encoder if given)."""
+    unet.requires_grad_(False)
+    unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS, init))
+    if text_encoder is not None:
+        text_encoder.requires_grad_(False)
+        text_encoder.add_adapter(lora_config(rank, alpha, TEXT_ENCODER_TARGETS, init))
+
+
+def _json_ready(config: dict[str, Any]) -> dict[str, Any]:
+    # Sets iterate in hash-seed order; sorted lists keep the file bit-identical across runs.
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def adapter_state(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The LoRA tensors (contiguous CPU copies) and the JSON-ready adapter config of a model."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    config = _json_ready(model.peft_config["default"].to_dict())
+    return state, config
+
+
+@dataclass
+class Checkpoint:
+    tensors: dict[str, Any]
+    metadata: dict[str, str]
+    adapter_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def component(self, name: str) -> dict[str, Any]:
+        """Tensors of one component (``unet`` or ``text_encoder``), prefix removed."""
+        prefix = name + "."
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    @property
+    def rank(self) -> int:
+        return int(self.adapter_configs["unet"]["r"])
+
+    @property
+    def alpha(self) -> float:
+        return float(self.adapter_configs["unet"]["lora_alpha"])
+
+
+def save_checkpoint(
+    path: str | os.PathLike, unet: Any, text_encoder: Any | None, metadata: dict[str, str]
+) -> None:
+    tensors: dict[str, Any] = {}
+    adapter_metadata: dict[str, Any] = {}
+    for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+        if model is None:
+            continue
+        state, config = adapter_state(model)
+        tensors.update({f"{name}.{k}": v for k, v in state.items()})
+        adapter_metadata.update({f"{name}.{k}": v for k, v in config.items()})
+    header = {
+        "format": "pt",
+        ADAPTER_METADATA_KEY: json.dumps(adapter_metadata, indent=2, sort_keys=True),
+        **metadata,
+    }
+    save_safetensors(tensors, path, header)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    packed = json.loads(metadata.get(ADAPTER_METADATA_KEY, "{}"))
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in packed.items():
+        component, _, option = key.partition(".")
+        configs.setdefault(component, {})[option] = value
+    return Checkpoint(tensors=tensors, metadata=metadata, adapter_configs=configs)
+
+
+def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint files of a training run, in step order."""
+    paths = sorted(Path(checkpoints_dir).glob("step-*.safetensors"))
+    if not paths:
+        raise LoramillError(f"{checkpoints_dir}: no checkpoints (step-*.safetensors)")
+    return paths

@@ -1,0 +1,85 @@
+"""Locating and loading the base model: the embedded tiny model, a local diffusers folder,
+or a Hugging Face hub id.
+
+Weights load from safetensors only, unless the user opts in to pickle checkpoints with
+``allow_unsafe_weights`` (pickle files can run code when loaded).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from loramill import LoramillError
+from loramill.hashing import hash_file, hash_tree
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def resolve_base_model(spec: str) -> str:
+    """Return a local folder path, or the hub id when ``spec`` names no local folder.
+
+    A local path wins over a hub id of the same spelling. Errors name the ``base_model`` key.
+    """
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise LoramillError(
+                f"base_model '{spec}': not a diffusers pipeline folder (no model_index.json)"
+            )
+        return str(path)
+    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return spec
+    raise LoramillError(f"base_model '{spec}': no such folder, and not a hub id (owner/name)")
+
+
+def _hub_error(spec: str, error: Exception) -> LoramillError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
+    hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return LoramillError(f"base_model '{spec}': cannot load{hint}: {reason}")
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in DTYPES:
+        raise LoramillError(f"dtype '{name}': expected one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def load_pipeline(spec: str, dtype: str = "float32", allow_unsafe_weights: bool = False) -> Any:
+    """Load a StableDiffusionPipeline (no safety checker: outputs are evaluation grids)."""
+    from diffusers import StableDiffusionPipeline
+
+    source = resolve_base_model(spec)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            dtype=torch_dtype(dtype),
+            use_safetensors=not allow_unsafe_weights,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=Path(source).exists(),
+        )
+    except (OSError, ValueError) as error:
+        raise _hub_error(spec, error) from error
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def base_model_hash(spec: str) -> str:
+    """Content hash of a local base model (every file), or the hub id's resolved snapshot."""
+    source = resolve_base_model(spec)
+    path = Path(source)
+    if not path.exists():
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = Path(snapshot_download(source, local_files_only=True))
+        except Exception as error:  # any hub failure means: not in the local cache
+            raise _hub_error(spec, error) from error
+    return hash_tree(path) if path.is_dir() else hash_file(path)

@@ -1,0 +1,48 @@
+"""Running a stage from a Snakemake ``script:``: logging to the rule's log file and turning
+input/config problems into one clear line instead of a traceback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+from loramill import LoramillError
+
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def quiet_libraries() -> None:
+    """Progress bars and load reports belong to interactive use, not to job logs.
+
+    Set through the environment so stages that never import the ML stack stay fast.
+    """
+    for name, value in {
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+        "DIFFUSERS_VERBOSITY": "error",
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    }.items():
+        os.environ.setdefault(name, value)
+
+
+def run(snakemake: Any, function: Callable[..., Any], **kwargs: Any) -> Any:
+    """Call ``function(**kwargs)`` for a Snakemake job and report failures as one line."""
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if snakemake.log:
+        handlers.append(logging.FileHandler(snakemake.log[0], mode="w", encoding="utf-8"))
+    logging.basicConfig(level=logging.INFO, format=FORMAT, handlers=handlers, force=True)
+    logging.captureWarnings(True)
+    quiet_libraries()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    job = f"{snakemake.rule} {', '.join(str(v) for v in snakemake.wildcards)}".strip()
+    try:
+        return function(**kwargs)
+    except LoramillError as error:
+        logging.getLogger("loramill").error("%s", error)
+        sys.exit(f"{job}: {error}")

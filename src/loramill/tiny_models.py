@@ -1,0 +1,188 @@
+"""Tiny, deterministic stand-ins for the real models, built offline from configs.
+
+``build_tiny_sd`` makes the Stable Diffusion 1.x-architecture pipeline embedded under
+``models/tiny-sd`` (same module names as SD1.5, so LoRA keys and exports are the real ones,
+just with small widths). ``build_tiny_blip`` makes a BLIP captioner for tests.
+Both use the real tokenizers' algorithms; the CLIP tokenizer uses the real CLIP BPE
+vocabulary shipped in the ``open-clip-torch`` wheel (installed with ``--no-deps``; the package
+itself is never imported because it needs torchvision).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import os
+from pathlib import Path
+
+import torch
+
+CLIP_BPE_FILE = "open_clip/bpe_simple_vocab_16e6.txt.gz"
+CLIP_MERGES = 49152 - 256 - 2  # the merge count every CLIP tokenizer uses
+CLIP_VOCAB_SIZE = 49408
+
+
+def clip_bpe_path() -> Path:
+    path = Path(importlib.metadata.distribution("open-clip-torch").locate_file(CLIP_BPE_FILE))
+    if not path.exists():
+        raise FileNotFoundError(f"{path} missing: install open-clip-torch with --no-deps")
+    return path
+
+
+def build_clip_tokenizer(bpe_path: str | os.PathLike | None = None):
+    """The real CLIP BPE tokenizer (vocabulary of 49 408), without any download."""
+    from transformers import CLIPTokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    with gzip.open(bpe_path or clip_bpe_path()) as handle:
+        lines = handle.read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : CLIP_MERGES + 1]]
+    byte_chars = list(bytes_to_unicode().values())
+    tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    assert len(vocab) == CLIP_VOCAB_SIZE
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def build_tiny_sd(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build and save the tiny SD1.x pipeline; the same seed gives byte-identical files."""
+    from diffusers import (
+        AutoencoderKL,
+        PNDMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=CLIP_VOCAB_SIZE,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=32,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    # The scheduler Stable Diffusion 1.5 ships with.
+    scheduler = PNDMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    # fp16 on disk keeps the model under a few MB; loading upcasts to the configured dtype.
+    pipe.to(torch.float16)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    return Path(out_dir)
+
+
+# Caption-like words plus every letter and digit as a word and as a "##" continuation, so the
+# WordPiece tokenizer can spell any lowercase word without [UNK], as BERT's vocabulary can.
+BLIP_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
+BLIP_WORDS = [
+    *("a", "an", "the", "of", "in", "on", "with", "and", "is", "photo", "photography"),
+    *("picture", "painting", "drawing", "image", "red", "green", "blue", "yellow", "black"),
+    *("white", "orange", "purple", "circle", "square", "triangle", "star", "shape", "small"),
+    *("large", "background", "center", "person", "dog", "cat"),
+]
+BLIP_CHARACTERS = list("abcdefghijklmnopqrstuvwxyz0123456789")
+BLIP_PUNCTUATION = list(",.-_'!?")
+
+
+def build_tiny_blip(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build and save a tiny BLIP captioner (model, BERT tokenizer, processor).
+
+    Random weights, so its captions are gibberish built from real vocabulary; the same seed
+    gives byte-identical files. Loads with ``from_pretrained(out_dir, local_files_only=True)``.
+    """
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipImageProcessorPil,
+        BlipProcessor,
+    )
+
+    tokens = BLIP_SPECIAL_TOKENS + BLIP_WORDS + BLIP_CHARACTERS
+    tokens += [f"##{c}" for c in BLIP_CHARACTERS] + BLIP_PUNCTUATION
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    # BLIP starts decoding from a [DEC] token (the real checkpoints add it as bos_token).
+    tokenizer = BertTokenizer(vocab=vocab, bos_token="[DEC]", model_max_length=64)
+    processor = BlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": 32, "width": 32}),
+        tokenizer=tokenizer,
+    )
+    config = BlipConfig(
+        text_config={
+            "vocab_size": len(vocab),
+            "hidden_size": 32,
+            "encoder_hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 64,
+            "bos_token_id": vocab["[DEC]"],
+            "pad_token_id": vocab["[PAD]"],
+            "eos_token_id": vocab["[SEP]"],
+            "sep_token_id": vocab["[SEP]"],
+            "initializer_range": 0.2,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 4,
+            "image_size": 32,
+            "patch_size": 8,
+            "projection_dim": 32,
+            "initializer_range": 0.2,
+        },
+        projection_dim=32,
+        image_text_hidden_size=32,
+    )
+    # Weights far larger than the usual 0.02 (1e-10 for vision): at the usual scale the image
+    # barely reaches the logits of a model this small, and every image gets the same caption.
+    torch.manual_seed(seed)
+    model = BlipForConditionalGeneration(config).eval()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return Path(out_dir)

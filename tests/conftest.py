@@ -1,0 +1,114 @@
+"""Shared fixtures. Everything runs offline on CPU with the embedded tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Any accidental hub access must fail fast instead of hanging on a closed network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_SD = REPO / "models" / "tiny-sd"
+
+SAMPLE_PROVENANCE = {
+    "dataset": "sample",
+    "trigger": "smplx",
+    "data_fingerprint": "0" * 64,
+    "base_model": str(TINY_SD),
+    "base_model_hash": "1" * 64,
+    "train_config": {"rank": 4, "alpha": 2, "learning_rate": 1e-4, "max_train_steps": 1},
+    "seed": 7,
+    "resolution": 64,
+    "num_images": 3,
+    "tag_frequency": {"smplx": 3, "red circle": 2},
+    "versions": {"loramill": "0.1.0"},
+}
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def tiny_sd() -> str:
+    return str(TINY_SD)
+
+
+def make_random_checkpoint(path: Path, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> Path:
+    """A checkpoint whose LoRA weights are random (non-zero B), so strength visibly matters."""
+    import torch
+
+    from loramill.lora import add_lora, save_checkpoint
+    from loramill.model import load_pipeline
+
+    pipe = load_pipeline(str(TINY_SD))
+    torch.manual_seed(seed)
+    add_lora(pipe.unet, pipe.text_encoder, rank=rank, alpha=alpha, init=False)
+    metadata = {"loramill.step": "1", "loramill.provenance": json.dumps(SAMPLE_PROVENANCE)}
+    save_checkpoint(path, pipe.unet, pipe.text_encoder, metadata)
+    return path
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory) -> Path:
+    return make_random_checkpoint(tmp_path_factory.mktemp("ckpt") / "step-000001.safetensors")
+
+
+BIN = Path(sys.executable).parent
+
+
+def run_tool(*args: str, cwd: Path, check: bool = True, timeout: int = 900):
+    """Run a command of the test environment (snakemake, dvc, ...) and capture its output."""
+    result = subprocess.run(
+        [str(BIN / args[0]), *args[1:]],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
+    return result
+
+
+def clone_checkout(dest: Path) -> Path:
+    """Copy what a `git clone` would bring: tracked and untracked-but-not-ignored files."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, (n.decode() for n in listed)):
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, dest / name)
+    git = ["git", "-c", "user.name=loramill-tests", "-c", "user.email=tests@loramill.invalid"]
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "clone"]):
+        subprocess.run([*git, *command], cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory) -> Path:
+    """One real `dvc pull` + `snakemake --cores 1 train_all` on a fresh copy, shared by the
+    tests that only read its results."""
+    checkout = clone_checkout(tmp_path_factory.mktemp("demo") / "loramill")
+    run_tool("dvc", "pull", cwd=checkout)
+    run_tool("snakemake", "--cores", "1", "train_all", cwd=checkout)
+    return checkout

@@ -1,0 +1,267 @@
+"""Caption stage: template captions, backend registry, the JSONL output, and BLIP end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from loramill import LoramillError
+from loramill.caption import (
+    CAPTIONERS,
+    CaptionContext,
+    TemplateCaptioner,
+    caption_dataset,
+    make_captioner,
+)
+from loramill.files import read_jsonl
+from loramill.tiny_models import build_tiny_blip
+
+IMAGES = {  # file -> colour; listed out of order on purpose
+    "red_circle-02.png": (200, 30, 30),
+    "blue.square 3.png": (30, 30, 200),
+    "0007.png": (250, 250, 250),
+    "green-star.png": (30, 200, 30),
+}
+
+
+def template_captions(template: str, names: list[str], dataset="my_shapes", trigger="smplx"):
+    captioner = make_captioner(
+        {"backend": "template", "template": template}, dataset=dataset, trigger=trigger
+    )
+    image = Image.new("RGB", (4, 4))
+    return captioner.caption([(name, image) for name in names])
+
+
+def make_resized(root: Path, images: dict[str, tuple[int, int, int]] = IMAGES) -> Path:
+    resized = root / "resized"
+    resized.mkdir()
+    entries = []
+    for index, (name, colour) in enumerate(images.items()):
+        image = Image.new("RGB", (48, 40), colour)
+        # A different dot per image, so a captioner that looks at pixels sees distinct images.
+        image.putpixel((index * 7, index * 5), (0, 0, 0))
+        image.save(resized / name)
+        entries.append({"file": name, "source": f"images/{name}", "original_size": [48, 40]})
+    manifest = {"images": entries, "quarantined": [{"source": "images/bad.jpg", "reason": "x"}]}
+    (resized / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    return resized
+
+
+@pytest.fixture(scope="module")
+def tiny_blip(tmp_path_factory) -> str:
+    return str(build_tiny_blip(tmp_path_factory.mktemp("models") / "tiny-blip"))
+
+
+# --- template --------------------------------------------------------------------------------
+
+
+def test_template_words_from_file_stem():
+    names = ["red_circle-02.png", "blue.square 3.png", "IMG-2024-sunset_v2.png", "0007.png"]
+    assert template_captions("{trigger}, {words}", names) == [
+        "smplx, red circle",
+        "smplx, blue square",
+        "smplx, IMG sunset v2",
+        "smplx",  # digits-only stem: empty words, no dangling comma
+    ]
+
+
+def test_template_all_placeholders_and_dataset_spaces():
+    assert template_captions("{trigger}, a photo of {words}, {dataset}", ["red_circle-02.png"]) == [
+        "smplx, a photo of red circle, my shapes"
+    ]
+
+
+def test_template_collapses_empty_parts():
+    assert template_captions("{words}, {trigger}, photo", ["0007.png"]) == ["smplx, photo"]
+    assert template_captions("{trigger} {words}, {dataset}", ["0007.png"]) == ["smplx, my shapes"]
+    assert template_captions("{trigger}, {words}", ["red_circle-02.png"], trigger="") == [
+        "red circle"
+    ]
+
+
+@pytest.mark.parametrize("template", ["{trigger}, {subject}", "{words.upper}", "{trigger} {}"])
+def test_template_unknown_placeholder(template):
+    with pytest.raises(LoramillError, match=r"caption\.template") as error:
+        make_captioner({"backend": "template", "template": template})
+    field = template.split("{")[-1].rstrip("}")
+    assert f"{{{field}}}" in str(error.value)
+
+
+def test_template_malformed_braces():
+    with pytest.raises(LoramillError, match=r"caption\.template '\{words'"):
+        make_captioner({"backend": "template", "template": "{words"})
+
+
+# --- registry --------------------------------------------------------------------------------
+
+
+def test_unknown_backend_message():
+    with pytest.raises(LoramillError) as error:
+        make_captioner({"backend": "xyz"})
+    assert str(error.value) == (
+        "caption.backend 'xyz': unknown captioner; choose one of: blip, template"
+    )
+
+
+def test_registry_and_unknown_key():
+    assert CAPTIONERS["template"] is TemplateCaptioner
+    captioner = make_captioner({})  # template is the default backend, {words} its default
+    assert isinstance(captioner, TemplateCaptioner)
+    assert captioner.context == CaptionContext()
+    assert captioner.caption([("red_circle-02.png", Image.new("RGB", (4, 4)))]) == ["red circle"]
+    with pytest.raises(LoramillError, match=r"^caption\.max_new_token: unknown key"):
+        make_captioner({"backend": "template", "max_new_token": 5})
+
+
+@pytest.mark.parametrize("value", [0, -1, "8", True, 2.5])
+def test_bad_batch_size(tiny_blip, value):
+    with pytest.raises(LoramillError, match=r"^caption\.batch_size "):
+        make_captioner({"backend": "blip", "model": tiny_blip, "batch_size": value})
+
+
+# --- caption_dataset -------------------------------------------------------------------------
+
+
+def test_caption_dataset_template(tmp_path):
+    resized = make_resized(tmp_path)
+    out = tmp_path / "captions" / "captions.jsonl"
+    config = {"backend": "template", "template": "{trigger}, {words}, {dataset}"}
+    caption_dataset(resized, out, config, dataset="my_shapes", trigger="smplx")
+    assert out.read_text(encoding="utf-8") == (
+        '{"caption": "smplx, my shapes", "captioner": "template", "image": "0007.png"}\n'
+        '{"caption": "smplx, blue square, my shapes", "captioner": "template", '
+        '"image": "blue.square 3.png"}\n'
+        '{"caption": "smplx, green star, my shapes", "captioner": "template", '
+        '"image": "green-star.png"}\n'
+        '{"caption": "smplx, red circle, my shapes", "captioner": "template", '
+        '"image": "red_circle-02.png"}\n'
+    )
+    # Atomic writer: nothing but the output is left in the folder.
+    assert sorted(p.name for p in out.parent.iterdir()) == ["captions.jsonl"]
+
+
+def test_caption_dataset_replaces_existing_output(tmp_path):
+    resized = make_resized(tmp_path, {"a_b.png": (1, 2, 3)})
+    out = tmp_path / "captions.jsonl"
+    out.write_text("stale\n", encoding="utf-8")
+    caption_dataset(resized, out, {"template": "{words}"}, dataset="d", trigger="t")
+    assert read_jsonl(out) == [{"image": "a_b.png", "caption": "a b", "captioner": "template"}]
+
+
+def test_caption_dataset_manifest_errors(tmp_path):
+    out = tmp_path / "captions.jsonl"
+    with pytest.raises(LoramillError, match=r"manifest\.json: missing"):
+        caption_dataset(tmp_path, out, {}, dataset="d", trigger="t")
+    resized = make_resized(tmp_path, {"a.png": (1, 2, 3)})
+    (resized / "a.png").unlink()
+    with pytest.raises(LoramillError, match=r"a\.png: listed in manifest\.json but missing"):
+        caption_dataset(resized, out, {}, dataset="d", trigger="t")
+    (resized / "manifest.json").write_text('{"images": [{"file": "../x.png"}]}', encoding="utf-8")
+    with pytest.raises(LoramillError, match="escapes"):
+        caption_dataset(resized, out, {}, dataset="d", trigger="t")
+    twice = '{"images": [{"file": "a.png"}, {"file": "a.png"}]}'
+    (resized / "manifest.json").write_text(twice, encoding="utf-8")
+    with pytest.raises(LoramillError, match=r"image listed twice: a\.png"):
+        caption_dataset(resized, out, {}, dataset="d", trigger="t")
+    (resized / "manifest.json").write_text('{"images": [], "quarantined": [{}]}', encoding="utf-8")
+    with pytest.raises(LoramillError, match=r"no images to caption \(1 quarantined\)"):
+        caption_dataset(resized, out, {}, dataset="d", trigger="t")
+    assert not out.exists()
+
+
+# --- blip ------------------------------------------------------------------------------------
+
+
+def test_tiny_blip_is_deterministic(tmp_path, tiny_blip):
+    other = build_tiny_blip(tmp_path / "again")
+    for path in sorted(Path(tiny_blip).iterdir()):
+        assert (other / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_blip_caption_dataset(tmp_path, tiny_blip):
+    resized = make_resized(tmp_path)
+    config = {"backend": "blip", "model": tiny_blip, "max_new_tokens": 6, "batch_size": 3}
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    caption_dataset(resized, first, config, dataset="my_shapes", trigger="smplx")
+    caption_dataset(resized, second, config, dataset="my_shapes", trigger="smplx")
+    records = read_jsonl(first)
+    assert [r["image"] for r in records] == sorted(IMAGES)
+    assert {r["captioner"] for r in records} == {"blip"}
+    for record in records:
+        assert isinstance(record["caption"], str) and record["caption"].strip()
+        assert "\n" not in record["caption"]
+    # The tiny model's weights are scaled so pixels matter: not every image captions alike.
+    assert len({r["caption"] for r in records}) > 1
+    assert first.read_bytes() == second.read_bytes()
+
+
+def test_blip_prompt_is_used_and_stripped(tiny_blip):
+    import torch
+    from transformers import AutoProcessor, BlipForConditionalGeneration
+
+    images = [(name, Image.new("RGB", (40, 40), colour)) for name, colour in IMAGES.items()]
+    pictures = [image for _, image in images]
+    prompt = "a photo of"
+    captioner = make_captioner(
+        {"backend": "blip", "model": tiny_blip, "max_new_tokens": 6, "prompt": prompt}
+    )
+    captions = captioner.caption(images)
+
+    # Independent oracle: plain transformers, prompt-conditioned, decoded with the prompt.
+    processor = AutoProcessor.from_pretrained(tiny_blip, local_files_only=True)
+    model = BlipForConditionalGeneration.from_pretrained(tiny_blip, local_files_only=True).eval()
+    inputs = processor(images=pictures, text=[prompt] * len(pictures), return_tensors="pt")
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    full = processor.batch_decode(output, skip_special_tokens=True)
+    assert all(text.startswith(prompt) for text in full)
+    assert captions == [text[len(prompt) :].strip() for text in full]
+    assert all(caption and not caption.startswith(prompt) for caption in captions)
+
+    # The tokenizer lowercases, so a differently spelled prompt is the same prompt.
+    shouty = make_captioner(
+        {"backend": "blip", "model": tiny_blip, "max_new_tokens": 6, "prompt": " A  Photo OF "}
+    )
+    assert shouty.caption(images) == captions
+
+
+def test_blip_missing_model(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(LoramillError) as error:
+        make_captioner({"backend": "blip", "model": str(missing)})
+    message = str(error.value)
+    assert message.startswith(f"caption.model '{missing}'") and "\n" not in message
+    with pytest.raises(LoramillError, match=r"^caption\.model '': name a hub id"):
+        make_captioner({"backend": "blip", "model": " "})
+
+
+def test_blip_unloadable_folder(tmp_path, tiny_blip):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_blip, broken)
+    (broken / "config.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(LoramillError) as error:
+        make_captioner({"backend": "blip", "model": str(broken)})
+    message = str(error.value)
+    assert message.startswith(f"caption.model '{broken}': cannot load") and "\n" not in message
+
+
+def test_blip_pickle_weights_need_opt_in(tmp_path, tiny_blip):
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_blip, pickled)
+    weights = load_file(pickled / "model.safetensors")
+    torch.save(weights, pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    with pytest.raises(LoramillError, match=r"caption\.allow_unsafe_weights"):
+        make_captioner({"backend": "blip", "model": str(pickled)})
+    config = {"backend": "blip", "model": str(pickled), "max_new_tokens": 6}
+    safe = make_captioner({**config, "model": tiny_blip})
+    unsafe = make_captioner({**config, "allow_unsafe_weights": True})
+    images = [("x.png", Image.new("RGB", (40, 40), (9, 99, 199)))]
+    assert unsafe.caption(images) == safe.caption(images)

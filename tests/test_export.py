@@ -1,0 +1,321 @@
+"""Exports load completely in real consumers, keep alpha, and are reproducible byte for byte."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SAMPLE_PROVENANCE, make_random_checkpoint
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
+
+from loramill import LoramillError
+from loramill.export import export_adapter, to_kohya
+from loramill.lora import ADAPTER_METADATA_KEY, Checkpoint, add_lora, read_checkpoint
+from loramill.model import load_pipeline
+
+KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
+# The tiny model: 4 transformer blocks (1 down, 1 mid, 2 up) x 2 attentions x 4 projections
+# in the UNet, 2 CLIP layers x 4 projections in the text encoder.
+TINY_UNET_MODULES, TINY_TE_MODULES = 32, 8
+
+
+def metadata_of(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata())
+
+
+@pytest.fixture(scope="module")
+def exported(random_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("export")
+    paths = {"kohya": out / "sample.safetensors", "diffusers": out / "sample.diffusers.safetensors"}
+    export_adapter(random_checkpoint, paths["kohya"], paths["diffusers"], "sample")
+    return paths
+
+
+def render(pipe) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    images = pipe(
+        "a photo of smplx",
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        generator=generator,
+        output_type="np",
+    ).images
+    return torch.from_numpy(images)
+
+
+@pytest.mark.parametrize("kind", ["kohya", "diffusers"])
+def test_every_key_loads_into_diffusers_with_true_alpha(kind, exported, random_checkpoint, tiny_sd):
+    from peft.utils import get_peft_model_state_dict
+
+    checkpoint = read_checkpoint(random_checkpoint)
+    pipe = load_pipeline(tiny_sd)
+    pipe.load_lora_weights(str(exported[kind]), adapter_name="x")
+    for component in ("unet", "text_encoder"):
+        model = getattr(pipe, component)
+        loaded = get_peft_model_state_dict(model, adapter_name="x")
+        expected = checkpoint.component(component)
+        assert sorted(loaded) == sorted(expected), component
+        for key, tensor in expected.items():
+            assert torch.equal(loaded[key], tensor), key
+        config = model.peft_config["x"]
+        assert (config.r, config.lora_alpha, config.alpha_pattern) == (4, 2.0, {})
+        scalings = [m.scaling["x"] for m in model.modules() if "x" in getattr(m, "scaling", {})]
+        assert len(scalings) == len(expected) // 2
+        assert set(scalings) == {0.5}  # alpha 2 / rank 4, not 1.0
+
+
+def test_strength_zero_is_base_and_both_formats_agree(exported, tiny_sd):
+    pipe = load_pipeline(tiny_sd)
+    base = render(pipe)
+    pipe.load_lora_weights(str(exported["kohya"]), adapter_name="kohya")
+    pipe.load_lora_weights(str(exported["diffusers"]), adapter_name="diffusers")
+
+    pipe.set_adapters("kohya", adapter_weights=0.0)
+    assert torch.equal(render(pipe), base)
+    pipe.set_adapters("kohya", adapter_weights=1.0)
+    with_kohya = render(pipe)
+    assert (with_kohya - base).abs().max() > 1e-3
+    pipe.set_adapters("diffusers", adapter_weights=1.0)
+    with_diffusers = render(pipe)
+    torch.testing.assert_close(with_kohya, with_diffusers, rtol=1e-5, atol=1e-5)
+
+
+def test_kohya_alpha_is_the_trained_alpha_not_the_rank(exported):
+    tensors = load_file(str(exported["kohya"]))
+    alphas = {k: v for k, v in tensors.items() if k.endswith(".alpha")}
+    assert len(alphas) == TINY_UNET_MODULES + TINY_TE_MODULES
+    for key, alpha in alphas.items():
+        assert alpha.shape == () and alpha.item() == 2.0, key
+        assert tensors[key.replace(".alpha", ".lora_down.weight")].shape[0] == 4
+
+
+def test_alpha_above_rank_survives(tmp_path):
+    source = make_random_checkpoint(tmp_path / "ckpt.safetensors", rank=2, alpha=8.0, seed=1)
+    export_adapter(source, tmp_path / "k.safetensors", tmp_path / "d.safetensors", "big-alpha")
+    tensors = load_file(str(tmp_path / "k.safetensors"))
+    assert {v.item() for k, v in tensors.items() if k.endswith(".alpha")} == {8.0}
+    meta = metadata_of(tmp_path / "k.safetensors")
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("2", "8.0")
+
+
+def test_kohya_key_naming_and_counts(exported, random_checkpoint):
+    checkpoint = read_checkpoint(random_checkpoint)
+    tensors = load_file(str(exported["kohya"]))
+    assert all(KOHYA_KEY.match(key) for key in tensors), [
+        k for k in tensors if not KOHYA_KEY.match(k)
+    ]
+    te_keys = [k for k in tensors if k.startswith("lora_te_")]
+    assert te_keys and all(k.startswith("lora_te_text_model_encoder_layers_") for k in te_keys)
+
+    modules = {
+        k.rsplit(".", 2)[0] if k.endswith(".weight") else k[: -len(".alpha")] for k in tensors
+    }
+    unet = {m for m in modules if m.startswith("lora_unet_")}
+    assert (len(unet), len(modules - unet)) == (TINY_UNET_MODULES, TINY_TE_MODULES)
+    for module in modules:
+        for suffix in ("lora_down.weight", "lora_up.weight", "alpha"):
+            assert f"{module}.{suffix}" in tensors
+    assert len(tensors) == 3 * len(modules) == 3 * len(checkpoint.tensors) // 2
+
+    pairs = {
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": (
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
+        ),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight": (
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_out.0.lora_B.weight"
+        ),
+        "lora_te_text_model_encoder_layers_1_self_attn_v_proj.lora_up.weight": (
+            "text_encoder.encoder.layers.1.self_attn.v_proj.lora_B.weight"
+        ),
+    }
+    for kohya_key, checkpoint_key in pairs.items():
+        assert torch.equal(tensors[kohya_key], checkpoint.tensors[checkpoint_key]), kohya_key
+
+
+def test_real_sd15_architecture_names():
+    """Full-size SD1.5 module tree on the meta device: real kohya names, real counts."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from peft.utils import get_peft_model_state_dict
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(
+            block_out_channels=(320, 640, 1280, 1280),
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        )
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                hidden_act="quick_gelu",
+            )
+        )
+    add_lora(unet, text_encoder, rank=4, alpha=2.0)
+    tensors, configs = {}, {}
+    for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+        # Meta tensors carry shapes but no data; small zeros stand in for the weights.
+        for key, value in get_peft_model_state_dict(model).items():
+            tensors[f"{name}.{key}"] = torch.zeros(value.shape)
+        configs[name] = model.peft_config["default"].to_dict()
+    kohya = to_kohya(Checkpoint(tensors=tensors, metadata={}, adapter_configs=configs))
+
+    for key in (
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight",
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_out_0.lora_up.weight",
+        "lora_unet_up_blocks_3_attentions_2_transformer_blocks_0_attn2_to_k.lora_down.weight",
+        "lora_te_text_model_encoder_layers_11_self_attn_v_proj.alpha",
+        "lora_te_text_model_encoder_layers_0_self_attn_out_proj.lora_up.weight",
+    ):
+        assert key in kohya, key
+    alphas = [k for k in kohya if k.endswith(".alpha")]
+    assert sum(k.startswith("lora_unet_") for k in alphas) == 128
+    assert sum(k.startswith("lora_te_text_model_encoder_layers_") for k in alphas) == 48
+    assert len(kohya) == 3 * (128 + 48)
+    assert all(KOHYA_KEY.match(k) for k in kohya)
+
+
+def test_export_is_byte_identical_and_metadata_is_kohya_style(random_checkpoint, tmp_path):
+    first = (tmp_path / "a.safetensors", tmp_path / "a.diffusers.safetensors")
+    second = (tmp_path / "b.safetensors", tmp_path / "b.diffusers.safetensors")
+    export_adapter(random_checkpoint, *first, "sample")
+    export_adapter(random_checkpoint, *second, "sample")
+    for one, two in zip(first, second, strict=True):
+        assert one.read_bytes() == two.read_bytes(), one.name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in first + second)
+
+    meta = metadata_of(first[0])
+    assert meta["ss_output_name"] == "sample" == meta["modelspec.title"]
+    assert meta["ss_base_model_version"] == "sd_v1"
+    assert meta["ss_network_module"] == "networks.lora"
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "2.0")
+    assert json.loads(meta["ss_tag_frequency"]) == {"sample": SAMPLE_PROVENANCE["tag_frequency"]}
+    assert meta["ss_seed"] == "7"
+    assert meta["ss_num_train_images"] == "3"
+    assert meta["ss_max_train_steps"] == "1"
+    assert float(meta["ss_learning_rate"]) == 1e-4
+    assert meta["ss_resolution"] == "(64, 64)" and meta["modelspec.resolution"] == "64x64"
+    assert meta["ss_sd_model_name"] == "tiny-sd"
+    assert meta["ss_new_sd_model_hash"] == SAMPLE_PROVENANCE["base_model_hash"]
+    assert meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["modelspec.implementation"] == "https://github.com/huggingface/diffusers"
+    assert not any("date" in key or "time" in key for key in meta)
+    assert json.loads(meta["loramill.provenance"]) == SAMPLE_PROVENANCE
+    assert meta["loramill.step"] == "1"
+
+    diffusers_meta = metadata_of(first[1])
+    source_meta = read_checkpoint(random_checkpoint).metadata
+    assert diffusers_meta[ADAPTER_METADATA_KEY] == source_meta[ADAPTER_METADATA_KEY]
+    assert diffusers_meta["ss_network_alpha"] == "2.0"
+    assert diffusers_meta["loramill.provenance"] == source_meta["loramill.provenance"]
+    diffusers_tensors = load_file(str(first[1]))
+    checkpoint_tensors = load_file(str(random_checkpoint))
+    assert diffusers_tensors.keys() == checkpoint_tensors.keys()
+    assert all(torch.equal(diffusers_tensors[k], checkpoint_tensors[k]) for k in checkpoint_tensors)
+
+
+def kohya_hashes(path: Path) -> tuple[str, str]:
+    """A1111 / kohya definitions, computed from the file on disk.
+
+    Model hash: sha256 of everything after the 8-byte length and the JSON header. Legacy
+    hash: first 8 hex of sha256 of 64 KiB at offset 1 MiB of the same tensors saved with
+    only the ``ss_*`` metadata.
+    """
+    data = path.read_bytes()
+    header_length = int.from_bytes(data[:8], "little")
+    model_hash = hashlib.sha256(data[8 + header_length :]).hexdigest()
+    training = {k: v for k, v in metadata_of(path).items() if k.startswith("ss_")}
+    resaved = save(load_file(str(path)), metadata=training)
+    legacy_hash = hashlib.sha256(resaved[0x100000:0x110000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+def test_sshs_hashes_match_their_definition(exported, tmp_path):
+    # A module wide enough that the file passes 1.1 MiB, so the legacy hash reads real bytes.
+    module = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    generator = torch.Generator().manual_seed(3)
+    tensors = {
+        f"{module}.lora_A.weight": torch.randn(4, 40_000, generator=generator),
+        f"{module}.lora_B.weight": torch.randn(40_000, 4, generator=generator),
+    }
+    configs = {"unet.r": 4, "unet.lora_alpha": 2}
+    header = {
+        ADAPTER_METADATA_KEY: json.dumps(configs),
+        "loramill.provenance": json.dumps(SAMPLE_PROVENANCE),
+        "loramill.step": "5",
+    }
+    save_file(tensors, str(tmp_path / "ckpt.safetensors"), metadata=header)
+    big = (tmp_path / "big.safetensors", tmp_path / "big.diffusers.safetensors")
+    export_adapter(tmp_path / "ckpt.safetensors", *big, "big")
+    assert big[0].stat().st_size > 0x110000
+
+    for path in (*big, *exported.values()):
+        meta = metadata_of(path)
+        assert (meta["sshs_model_hash"], meta["sshs_legacy_hash"]) == kohya_hashes(path), path
+    assert metadata_of(big[0])["sshs_legacy_hash"] != hashlib.sha256(b"").hexdigest()[:8]
+    assert metadata_of(big[0])["ss_steps"] == "5"
+
+
+def write_checkpoint(path: Path, source: Path, extra: dict[str, torch.Tensor]) -> Path:
+    tensors = load_file(str(source))
+    tensors.update(extra)
+    save_file(tensors, str(path), metadata=metadata_of(source))
+    return path
+
+
+@pytest.mark.parametrize(
+    "bogus",
+    [
+        "unet.bogus.weight",
+        "vae.decoder.conv_in.lora_A.weight",
+        "unet.down_blocks.0.attentions.0.proj_in.lora_A.weight",  # no lora_B partner
+        "text_encoder.encoder.layers.0.self_attn.q_proj.lora_B.bias",
+    ],
+)
+def test_unmappable_key_is_refused_by_name(bogus, random_checkpoint, tmp_path):
+    source = write_checkpoint(
+        tmp_path / "ckpt.safetensors", random_checkpoint, {bogus: torch.ones(4, 4)}
+    )
+    kohya, diffusers = tmp_path / "k.safetensors", tmp_path / "d.safetensors"
+    with pytest.raises(LoramillError, match=re.escape(bogus)):
+        export_adapter(source, kohya, diffusers, "sample")
+    assert not kohya.exists() and not diffusers.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.safetensors"]
+
+
+def test_colliding_module_names_are_refused():
+    tensors = {
+        f"unet.{module}.lora_{part}.weight": torch.ones(1, 1)
+        for module in ("a_b.c", "a.b_c")
+        for part in "AB"
+    }
+    checkpoint = Checkpoint(tensors, {}, {"unet": {"r": 1, "lora_alpha": 1}})
+    with pytest.raises(LoramillError, match="a_b_c"):
+        to_kohya(checkpoint)
+
+
+def test_text_model_level_is_not_doubled():
+    """Checkpoints from transformers 4 (with ``text_model.``) give the same kohya names."""
+    tensors = {
+        f"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_{p}.weight": torch.ones(
+            1, 1
+        )
+        for p in "AB"
+    }
+    checkpoint = Checkpoint(tensors, {}, {"text_encoder": {"r": 1, "lora_alpha": 1}})
+    assert sorted(to_kohya(checkpoint)) == [
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
+    ]

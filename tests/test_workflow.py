@@ -1,0 +1,108 @@
+"""The README's demo for real: fresh copy → `dvc pull` → `snakemake --cores 1 train_all`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+from conftest import run_tool
+from PIL import Image
+from safetensors import safe_open
+
+pytestmark = pytest.mark.workflow
+
+
+def demo_datasets(checkout):
+    config = yaml.safe_load((checkout / "config" / "config.yaml").read_text())
+    return config["datasets"]
+
+
+def test_every_dataset_gets_an_export_and_a_grid(demo_run):
+    datasets = demo_datasets(demo_run)
+    assert len(datasets) >= 2
+    for ds in datasets:
+        with safe_open(str(demo_run / "exports" / f"{ds}.safetensors"), "pt") as f:
+            keys = list(f.keys())
+            metadata = f.metadata()
+        assert keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
+        assert metadata["ss_output_name"] == ds
+        assert (demo_run / "exports" / f"{ds}.diffusers.safetensors").stat().st_size > 0
+        cells = json.loads((demo_run / "grids" / f"{ds}.json").read_text())
+        with Image.open(demo_run / "grids" / f"{ds}.png") as grid:
+            assert grid.size[0] > 0
+        assert len(cells["cells"]) == 2 * 2 * 3  # checkpoints × prompts × strengths
+        for stage in ("resize", "caption", "merge_captions", "train", "export", "grid"):
+            assert (demo_run / "logs" / stage / f"{ds}.log").exists()
+
+
+def test_checkpoints_follow_save_steps(demo_run):
+    steps = {
+        ds: sorted(
+            p.name for p in (demo_run / "results" / ds / "checkpoints").glob("*.safetensors")
+        )
+        for ds in demo_datasets(demo_run)
+    }
+    assert steps["neon_circles"] == ["step-000020.safetensors", "step-000040.safetensors"]
+    assert steps["paper_stripes"] == ["step-000015.safetensors", "step-000030.safetensors"]
+    events = list((demo_run / "results" / "neon_circles" / "tensorboard").rglob("events.out.*"))
+    assert events, "no TensorBoard event file"
+
+
+def test_human_caption_edits_win_and_are_untouched(demo_run):
+    edit = demo_run / "data" / "neon_circles" / "captions" / "teal_circle_on_navy_01.txt"
+    text = edit.read_text().strip()
+    records = [
+        json.loads(line)
+        for line in (demo_run / "results" / "neon_circles" / "captions.jsonl")
+        .read_text()
+        .splitlines()
+    ]
+    by_image = {r["image"]: r for r in records}
+    assert by_image["teal_circle_on_navy_01.png"] == {
+        "image": "teal_circle_on_navy_01.png",
+        "caption": f"ncircle, {text}",
+        "source": "human",
+    }
+    auto = by_image["green_circle_on_black_09.png"]
+    assert auto["source"] == "auto" and auto["caption"].startswith("ncircle, green circle")
+
+
+def test_resized_images_are_square_rgb_at_resolution(demo_run):
+    manifest = json.loads(
+        (demo_run / "results" / "paper_stripes" / "resized" / "manifest.json").read_text()
+    )
+    assert manifest["quarantined"] == []
+    for entry in manifest["images"]:
+        with Image.open(
+            demo_run / "results" / "paper_stripes" / "resized" / entry["file"]
+        ) as image:
+            assert (image.mode, image.size) == ("RGB", (64, 64))
+
+
+def test_exported_adapter_changes_the_base_model(demo_run, tiny_sd):
+    import torch
+
+    from loramill.model import load_pipeline
+
+    pipe = load_pipeline(tiny_sd)
+
+    def render():
+        return pipe(
+            "ncircle, a picture",
+            num_inference_steps=3,
+            height=64,
+            width=64,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images
+
+    base = render()
+    pipe.load_lora_weights(str(demo_run / "exports"), weight_name="neon_circles.safetensors")
+    assert np.abs(render() - base).max() > 0
+
+
+def test_second_run_has_nothing_to_do(demo_run):
+    result = run_tool("snakemake", "-n", "--cores", "1", "train_all", cwd=demo_run)
+    assert "Nothing to be done" in result.stdout + result.stderr
