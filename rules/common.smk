@@ -20,6 +20,7 @@ envvars:
 
 
 from loramill import LoramillError
+from loramill.caption import captioner_class
 from loramill.config import dataset_config, describe, grid_prompts
 from loramill.model import resolve_base_model
 
@@ -31,6 +32,19 @@ def validate_config(data):
     validate(data, SCHEMA)
 
 
+def check_dataset(ds, settings):
+    """Problems a user can fix before any job runs: unknown captioner, data not pulled."""
+    try:
+        captioner_class(settings["caption"])
+    except LoramillError as error:
+        raise LoramillError(f"config: datasets.{ds}.{error}") from None
+    images = Path(settings["path"]) / "images"
+    if not images.is_dir():
+        raise LoramillError(
+            f"dataset {ds}: {images} not found (new clone? run `dvc pull`)"
+        )
+
+
 def load_datasets():
     """Validate the config and return each dataset's effective settings; exit with one line."""
     try:
@@ -39,9 +53,11 @@ def load_datasets():
         sys.exit(f"loramill: {describe(error)}")
     try:
         resolve_base_model(config["base_model"])
-        return {
-            ds: dataset_config(config, ds, validate_config) for ds in config["datasets"]
-        }
+        datasets = {}
+        for ds in config["datasets"]:
+            datasets[ds] = dataset_config(config, ds, validate_config)
+            check_dataset(ds, datasets[ds])
+        return datasets
     except LoramillError as error:
         sys.exit(f"loramill: {error}")
 

@@ -6,7 +6,10 @@ run(
     caption_dataset,
     resized_dir=snakemake.input.resized,
     out_jsonl=snakemake.output.auto_captions,
-    config={**snakemake.params.caption, "allow_unsafe_weights": snakemake.params.allow_unsafe_weights},
+    config={
+        **snakemake.params.caption,
+        "allow_unsafe_weights": snakemake.params.allow_unsafe_weights,
+    },
     dataset=snakemake.wildcards.ds,
     trigger=snakemake.params.trigger,
 )

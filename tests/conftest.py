@@ -109,6 +109,16 @@ def demo_run(tmp_path_factory) -> Path:
     """One real `dvc pull` + `snakemake --cores 1 train_all` on a fresh copy, shared by the
     tests that only read its results."""
     checkout = clone_checkout(tmp_path_factory.mktemp("demo") / "loramill")
-    run_tool("dvc", "pull", cwd=checkout)
-    run_tool("snakemake", "--cores", "1", "train_all", cwd=checkout)
+    venv = BIN.parent
+    # The README's demo command itself (dvc pull + snakemake), with this test environment's
+    # venv standing in for the one `make` would create (-o: don't reinstall it).
+    result = subprocess.run(
+        ["make", "-o", f"{venv}/.installed", "demo", f"VENV={venv}"],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 0, f"make demo failed:\n{result.stdout}\n{result.stderr}"
     return checkout

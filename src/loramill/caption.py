@@ -238,8 +238,8 @@ class BlipCaptioner(Captioner):
 # --- the stage ------------------------------------------------------------------------------
 
 
-def make_captioner(config: Mapping[str, Any], *, dataset: str = "", trigger: str = "") -> Captioner:
-    """Build the captioner the ``caption`` config section names (``backend`` key)."""
+def captioner_class(config: Mapping[str, Any]) -> type[Captioner]:
+    """The backend class the ``caption`` section names; checks names without loading models."""
     backend = config.get("backend", "template")
     if backend not in CAPTIONERS:
         choices = ", ".join(sorted(CAPTIONERS))
@@ -252,7 +252,13 @@ def make_captioner(config: Mapping[str, Any], *, dataset: str = "", trigger: str
     if unknown:
         keys = ", ".join(sorted(known))
         raise LoramillError(f"caption.{unknown[0]}: unknown key; known keys: {keys}")
-    return CAPTIONERS[backend].from_config(config, CaptionContext(dataset=dataset, trigger=trigger))
+    return CAPTIONERS[backend]
+
+
+def make_captioner(config: Mapping[str, Any], *, dataset: str = "", trigger: str = "") -> Captioner:
+    """Build the captioner the ``caption`` config section names (``backend`` key)."""
+    context = CaptionContext(dataset=dataset, trigger=trigger)
+    return captioner_class(config).from_config(config, context)
 
 
 def _read_manifest(resized_dir: Path) -> list[str]:

@@ -35,7 +35,9 @@ def describe(error: Exception, prefix: str = "") -> str:
     import jsonschema
 
     if not isinstance(error, jsonschema.ValidationError):
+        # Snakemake's validate wraps the jsonschema error in a WorkflowError.
         causes = [a for a in getattr(error, "args", ()) if isinstance(a, Exception)]
+        causes += [c for c in (error.__cause__, error.__context__) if c is not None]
         return describe(causes[0], prefix) if causes else str(error).splitlines()[0]
     location = list(error.absolute_path)
     message = error.message
@@ -72,4 +74,3 @@ def dataset_config(
 
 def grid_prompts(prompts: list[str], trigger: str) -> list[str]:
     return [p.replace("{trigger}", trigger).strip(" ,") for p in prompts]
-

@@ -7,6 +7,7 @@ Weights load from safetensors only, unless the user opts in to pickle checkpoint
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -26,18 +27,38 @@ def resolve_base_model(spec: str) -> str:
     """
     path = Path(spec).expanduser()
     if path.exists():
-        if not (path / "model_index.json").is_file():
-            raise LoramillError(
-                f"base_model '{spec}': not a diffusers pipeline folder (no model_index.json)"
-            )
+        check_pipeline_folder(spec, path)
         return str(path)
-    if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    # "models/sd15" with a local models/ folder is a mistyped path, not a hub id.
+    looks_local = spec.startswith((".", "/", "~")) or (
+        path.parent.is_dir() and path.parent != Path()
+    )
+    if HUB_ID.match(spec) and not looks_local:
         return spec
     raise LoramillError(f"base_model '{spec}': no such folder, and not a hub id (owner/name)")
 
 
-def _hub_error(spec: str, error: Exception) -> LoramillError:
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
+def check_pipeline_folder(spec: str, path: Path) -> None:
+    """Cheap structural check of a diffusers folder, so a broken one fails before any job."""
+    index = path / "model_index.json"
+    try:
+        components = json.loads(index.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise LoramillError(
+            f"base_model '{spec}': not a diffusers pipeline folder (no model_index.json)"
+        ) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoramillError(f"base_model '{spec}': unreadable model_index.json ({error})") from None
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        if not (path / name).is_dir():
+            raise LoramillError(f"base_model '{spec}': missing component folder '{name}/'")
+    if not isinstance(components, dict):
+        raise LoramillError(f"base_model '{spec}': model_index.json is not a JSON object")
+
+
+def _load_error(spec: str, error: Exception) -> LoramillError:
+    is_hub_id = not Path(spec).expanduser().exists()
+    offline = is_hub_id and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
     hint = " (HF_HUB_OFFLINE is set)" if offline else ""
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     return LoramillError(f"base_model '{spec}': cannot load{hint}: {reason}")
@@ -60,13 +81,14 @@ def load_pipeline(spec: str, dtype: str = "float32", allow_unsafe_weights: bool 
         pipe = StableDiffusionPipeline.from_pretrained(
             source,
             dtype=torch_dtype(dtype),
-            use_safetensors=not allow_unsafe_weights,
+            # None: prefer safetensors, fall back to pickle files (opt-in only).
+            use_safetensors=None if allow_unsafe_weights else True,
             safety_checker=None,
             requires_safety_checker=False,
             local_files_only=Path(source).exists(),
         )
     except (OSError, ValueError) as error:
-        raise _hub_error(spec, error) from error
+        raise _load_error(spec, error) from error
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -81,5 +103,5 @@ def base_model_hash(spec: str) -> str:
         try:
             path = Path(snapshot_download(source, local_files_only=True))
         except Exception as error:  # any hub failure means: not in the local cache
-            raise _hub_error(spec, error) from error
+            raise _load_error(spec, error) from error
     return hash_tree(path) if path.is_dir() else hash_file(path)
