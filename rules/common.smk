@@ -4,6 +4,7 @@ import os
 import sys
 from pathlib import Path
 
+from snakemake.settings.enums import RerunTrigger
 from snakemake.utils import validate
 
 # Jobs import the package from the checkout, with or without `pip install` (conda envs and
@@ -22,6 +23,9 @@ envvars:
 from loramill import LoramillError
 from loramill.caption import captioner_class
 from loramill.config import dataset_config, describe, grid_prompts
+from loramill.freshness import HASH_DB, assess, done_marker, write_gates
+from loramill.stages import STAGES
+from loramill.hashing import HashCache
 from loramill.model import resolve_base_model
 
 SCHEMA = str(Path(workflow.basedir) / "config" / "config.schema.yaml")
@@ -65,6 +69,79 @@ def load_datasets():
 DATASETS = load_datasets()
 
 
+# ---- content-keyed reruns (see src/loramill/freshness.py) ---------------------------------
+# Rules read data inputs through keyed() (ancient: modification times never trigger a rerun),
+# list gate(stage) among their inputs and done(stage) among their outputs. The gate file's
+# mtime says whether the stage's fingerprint still matches its committed lock. Because
+# Snakemake does not re-check a job whose ancient input's producer reruns (issue #4166), a
+# consumer of a stage that will rerun also takes that stage's touch() marker. Only the main
+# process decides; cluster jobs re-parse this file.
+
+CONTENT_KEYED = config["content_keyed_reruns"]
+PROFILE_HINT = (
+    "content-keyed reruns need the workflow profile (profiles/default: rerun-triggers: mtime, "
+    "max-checksum-file-size: 0), or Snakemake reruns by modification time; drop "
+    "--workflow-profile none / --rerun-triggers / --max-checksum-file-size"
+)
+STALE = set()
+
+
+def check_profile():
+    # Snakemake only attaches the DAG settings after parsing, so this runs from the first
+    # gate() input function instead of at parse time.
+    settings = workflow.dag_settings
+    if (
+        set(settings.rerun_triggers) != {RerunTrigger.MTIME}
+        or settings.max_checksum_file_size
+    ):
+        sys.exit(f"loramill: {PROFILE_HINT}")
+
+
+def decide_gates():
+    hashes = HashCache(HASH_DB)
+    verdicts = assess(DATASETS, hashes)
+    hashes.save()
+    write_gates(verdicts)
+    for verdict in verdicts:
+        if not verdict.fresh:
+            STALE.add((verdict.dataset, verdict.stage))
+            print(f"stale: {verdict.line()}", file=sys.stderr)
+
+
+if CONTENT_KEYED and workflow.is_main_process:
+    decide_gates()
+
+
+def keyed(path):
+    """A data input whose freshness the stage's gate decides, not its modification time."""
+    if not CONTENT_KEYED:
+        return path
+    if callable(path):
+        return lambda wildcards: ancient(path(wildcards))
+    return ancient(path)
+
+
+def gate(stage):
+    """Input helper: the stage's gate, plus the done markers of upstream stages that rerun."""
+
+    def paths(wildcards):
+        check_profile()
+        rerun = [u for u in STAGES[stage].upstream if (wildcards.ds, u) in STALE]
+        return [f".gates/{wildcards.ds}/{stage}"] + [
+            done_marker(wildcards.ds, u) for u in rerun
+        ]
+
+    return paths if CONTENT_KEYED else []
+
+
+def done(stage):
+    """Output helper: the marker a rerun of this stage touches."""
+    return touch(f".done/{{ds}}/{stage}")
+
+
+# ---- dataset helpers ---------------------------------------------------------------------
+
+
 wildcard_constraints:
     ds="|".join(DATASETS),
 
@@ -83,26 +160,5 @@ def dataset_dir(wildcards, subdir):
     return os.path.join(DATASETS[wildcards.ds]["path"], subdir)
 
 
-def dataset_files(subdir, pattern="*"):
-    """Input helper: the files of data/<ds>/<subdir>, so adding, removing or editing one
-    reruns the stage (a folder input would only notice additions and removals)."""
-
-    def files(wildcards):
-        folder = Path(dataset_dir(wildcards, subdir))
-        return sorted(
-            str(p)
-            for p in folder.glob(pattern)
-            if p.is_file() and not p.name.startswith(".")
-        )
-
-    return files
-
-
-def base_model_files():
-    """The local base model's files as inputs; a hub id has none to watch."""
-    folder = Path(config["base_model"])
-    return (
-        sorted(str(p) for p in folder.rglob("*") if p.is_file())
-        if folder.is_dir()
-        else []
-    )
+def dataset_images(wildcards):
+    return dataset_dir(wildcards, "images")

@@ -3,11 +3,12 @@
 
 rule grid:
     input:
-        checkpoints="results/{ds}/checkpoints",
-        base_model=base_model_files(),
+        checkpoints=keyed("results/{ds}/checkpoints"),
+        gate=gate("grid"),
     output:
         grid="grids/{ds}.png",
         cells="grids/{ds}.json",
+        done=done("grid"),
     log:
         "logs/grid/{ds}.log",
     benchmark:

@@ -3,9 +3,11 @@
 
 rule resize:
     input:
-        images=dataset_files("images"),
+        images=keyed(dataset_images),
+        gate=gate("resize"),
     output:
         resized=directory("results/{ds}/resized"),
+        done=done("resize"),
     log:
         "logs/resize/{ds}.log",
     benchmark:
@@ -13,7 +15,6 @@ rule resize:
     conda:
         ENV
     params:
-        images_dir=lambda wildcards: dataset_dir(wildcards, "images"),
         resolution=setting("resize", "resolution"),
     script:
         "../scripts/resize.py"
@@ -21,9 +22,11 @@ rule resize:
 
 rule caption:
     input:
-        resized="results/{ds}/resized",
+        resized=keyed("results/{ds}/resized"),
+        gate=gate("caption"),
     output:
         auto_captions="results/{ds}/auto_captions.jsonl",
+        done=done("caption"),
     log:
         "logs/caption/{ds}.log",
     benchmark:
@@ -32,7 +35,7 @@ rule caption:
         ENV
     params:
         caption=setting("caption"),
-        trigger=lambda wildcards: DATASETS[wildcards.ds]["trigger"],
+        trigger=setting("trigger"),
         allow_unsafe_weights=config["allow_unsafe_weights"],
     script:
         "../scripts/caption.py"
@@ -40,17 +43,18 @@ rule caption:
 
 rule merge_captions:
     input:
-        auto_captions="results/{ds}/auto_captions.jsonl",
-        human_edits=dataset_files("captions", "*.txt"),
+        auto_captions=keyed("results/{ds}/auto_captions.jsonl"),
+        gate=gate("merge_captions"),
     output:
         captions="results/{ds}/captions.jsonl",
         report="results/{ds}/caption_report.json",
+        done=done("merge_captions"),
     log:
         "logs/merge_captions/{ds}.log",
     conda:
         ENV
     params:
         human_dir=lambda wildcards: dataset_dir(wildcards, "captions"),
-        trigger=lambda wildcards: DATASETS[wildcards.ds]["trigger"],
+        trigger=setting("trigger"),
     script:
         "../scripts/merge_captions.py"

@@ -3,12 +3,13 @@
 
 rule train:
     input:
-        resized="results/{ds}/resized",
-        captions="results/{ds}/captions.jsonl",
-        base_model=base_model_files(),
+        resized=keyed("results/{ds}/resized"),
+        captions=keyed("results/{ds}/captions.jsonl"),
+        gate=gate("train"),
     output:
         checkpoints=directory("results/{ds}/checkpoints"),
         tensorboard=directory("results/{ds}/tensorboard"),
+        done=done("train"),
     log:
         "logs/train/{ds}.log",
     benchmark:
@@ -19,20 +20,24 @@ rule train:
     resources:
         mem_mb=4000,
     params:
+        # a folder or a hub id, so a parameter rather than an input: its content is part of
+        # the stage's fingerprint
         base_model=lambda wildcards: config["base_model"],
         allow_unsafe_weights=config["allow_unsafe_weights"],
         train=setting("train"),
-        trigger=lambda wildcards: DATASETS[wildcards.ds]["trigger"],
+        trigger=setting("trigger"),
     script:
         "../scripts/train.py"
 
 
 rule export:
     input:
-        checkpoints="results/{ds}/checkpoints",
+        checkpoints=keyed("results/{ds}/checkpoints"),
+        gate=gate("export"),
     output:
         kohya="exports/{ds}.safetensors",
         diffusers="exports/{ds}.diffusers.safetensors",
+        done=done("export"),
     log:
         "logs/export/{ds}.log",
     conda:

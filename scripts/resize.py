@@ -4,7 +4,7 @@ from loramill.stage import run
 run(
     snakemake,
     resize_dataset,
-    images_dir=snakemake.params.images_dir,
+    images_dir=snakemake.input.images,
     out_dir=snakemake.output.resized,
     resolution=snakemake.params.resolution,
 )

@@ -85,19 +85,19 @@ def run_tool(*args: str, cwd: Path, check: bool = True, timeout: int = 900):
     return result
 
 
-def clone_checkout(dest: Path) -> Path:
+def clone_checkout(dest: Path, source: Path = REPO) -> Path:
     """Copy what a `git clone` would bring: tracked and untracked-but-not-ignored files."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO,
+        cwd=source,
         capture_output=True,
         check=True,
     ).stdout.split(b"\0")
     for name in filter(None, (n.decode() for n in listed)):
-        source = REPO / name
-        if source.is_file():
+        path = source / name
+        if path.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest / name)
+            shutil.copy2(path, dest / name)
     git = ["git", "-c", "user.name=loramill-tests", "-c", "user.email=tests@loramill.invalid"]
     for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "clone"]):
         subprocess.run([*git, *command], cwd=dest, check=True, capture_output=True)

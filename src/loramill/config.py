@@ -50,7 +50,9 @@ def describe(error: Exception, prefix: str = "") -> str:
 
 
 def dataset_config(
-    config: dict[str, Any], dataset: str, validate: Callable[[dict[str, Any]], None]
+    config: dict[str, Any],
+    dataset: str,
+    validate: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """A dataset's effective config: global sections with its overrides merged in.
 
@@ -62,7 +64,8 @@ def dataset_config(
     for section in SECTIONS:
         merged[section] = deep_merge(config.get(section, {}), entry.get(section, {}))
     try:
-        validate({**merged, "datasets": {dataset: {}}})
+        if validate is not None:
+            validate({**merged, "datasets": {dataset: {}}})
     except Exception as error:
         line = describe(error)
         raise LoramillError(line.replace("config: ", f"config: datasets.{dataset}.", 1)) from None

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
+from loramill.export import to_kohya
 from loramill.files import atomic_path, write_json
+from loramill.lora import read_checkpoint
 
 # Tiny test models render 64 px cells, unreadable next to their labels and in any image viewer.
 # Such cells are enlarged by an integer factor with NEAREST: every generated pixel becomes an
@@ -249,12 +251,15 @@ def render_grid(
                 for x in range(len(ckpts)):
                     paste(image, z, y, x)
 
-    # One adapter in memory at a time: a run may have dozens of checkpoints.
+    # One adapter in memory at a time: a run may have dozens of checkpoints. Each goes through
+    # the kohya export, the format AUTOMATIC1111 and ComfyUI users load, so the grid shows what
+    # they will get (and an export change re-renders the grid).
     for x, ckpt in enumerate(ckpts):
         adapter = f"ckpt{x}"
         try:
+            kohya = to_kohya(read_checkpoint(ckpt.path))
             with _quiet_adapter_loading():
-                pipe.load_lora_weights(str(ckpt.path), adapter_name=adapter)
+                pipe.load_lora_weights(kohya, adapter_name=adapter)
         except (OSError, ValueError, RuntimeError, KeyError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise LoramillError(f"{ckpt.path}: cannot load as a LoRA ({reason})") from None

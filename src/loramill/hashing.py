@@ -6,9 +6,11 @@ editing any file changes it while mtimes and checkout order do not.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +55,71 @@ def hash_value(value: Any) -> str:
     """Hash parsed data (config sections) so formatting and key order do not matter."""
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+class HashCache:
+    """File hashes remembered across runs in sqlite, like DVC's state database.
+
+    An entry is trusted while the file's (inode, size, mtime_ns) are unchanged, so a warm
+    lookup costs one stat. Rows are read once and written back in one transaction.
+    """
+
+    def __init__(self, db_path: str | os.PathLike | None = None) -> None:
+        self.db_path = Path(db_path) if db_path else None
+        self._rows: dict[str, tuple[int, int, int, str]] = {}
+        self._dirty: dict[str, tuple[int, int, int, str]] = {}
+        if self.db_path and self.db_path.exists():
+            with self._connect() as db:
+                self._rows = {r[0]: tuple(r[1:]) for r in db.execute("SELECT * FROM hashes")}
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[Any]:
+        import sqlite3
+
+        # Parallel jobs share the database: wait for each other's short write transactions.
+        db = sqlite3.connect(self.db_path, timeout=60)
+        try:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, inode INTEGER, "
+                "size INTEGER, mtime_ns INTEGER, sha256 TEXT)"
+            )
+            with db:
+                yield db
+        finally:
+            db.close()
+
+    def file(self, path: str | os.PathLike) -> str:
+        key = os.path.abspath(path)
+        stat = os.stat(key)
+        signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        row = self._dirty.get(key) or self._rows.get(key)
+        if row and row[:3] == signature:
+            return row[3]
+        digest = hash_file(key)
+        self._dirty[key] = (*signature, digest)
+        return digest
+
+    def tree(self, root: str | os.PathLike, prefix: str = "") -> dict[str, str]:
+        """``{prefix + relative path: hash}`` for every file under ``root``."""
+        base = Path(root)
+        return {prefix + p.relative_to(base).as_posix(): self.file(p) for p in tree_files(base)}
+
+    def paths(self, paths: list[str]) -> dict[str, str]:
+        """Hashes of files and of every file inside folders, keyed by workdir-relative path."""
+        hashes: dict[str, str] = {}
+        for path in paths:
+            if Path(path).is_dir():
+                hashes.update(self.tree(path, prefix=path.rstrip("/") + "/"))
+            elif Path(path).is_file():
+                hashes[path] = self.file(path)
+        return hashes
+
+    def save(self) -> None:
+        if not (self.db_path and self._dirty):
+            return
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as db:
+            rows = [(k, *v) for k, v in self._dirty.items()]
+            db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?)", rows)
+        self._rows.update(self._dirty)
+        self._dirty.clear()

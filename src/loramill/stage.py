@@ -11,6 +11,9 @@ from collections.abc import Callable
 from typing import Any
 
 from loramill import LoramillError
+from loramill.config import dataset_config
+from loramill.freshness import run_keyed
+from loramill.stages import STAGES
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -42,7 +45,12 @@ def run(snakemake: Any, function: Callable[..., Any], **kwargs: Any) -> Any:
     warnings.filterwarnings("ignore", category=FutureWarning)
     job = f"{snakemake.rule} {', '.join(str(v) for v in snakemake.wildcards)}".strip()
     try:
-        return function(**kwargs)
+        if snakemake.rule not in STAGES or not snakemake.config.get("content_keyed_reruns", True):
+            return function(**kwargs)
+        ds = snakemake.wildcards.ds
+        settings = dataset_config(snakemake.config, ds)
+        logger = logging.getLogger("loramill")
+        return run_keyed(snakemake.rule, ds, settings, lambda: function(**kwargs), logger)
     except LoramillError as error:
         logging.getLogger("loramill").error("%s", error)
         sys.exit(f"{job}: {error}")
