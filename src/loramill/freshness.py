@@ -29,15 +29,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from loramill import LoramillError
 from loramill.files import write_json, write_text
+from loramill.hashing import DEFAULT_DB as HASH_DB
 from loramill.hashing import HashCache, hash_value
+from loramill.model import base_model_hash
 from loramill.stages import STAGES, Stage, code_files, stage_config, versions
 
 LOCKS = Path("locks")
 GATES = Path(".gates")
 DONE = Path(".done")
 RUNS = Path(".cache/runs")
-HASH_DB = Path(".cache/hashes.sqlite")
 SCRIPTS = Path("scripts")
 EPOCH = 0
 
@@ -70,16 +72,10 @@ def read_lock(stage: str, ds: str) -> dict[str, Any] | None:
 
 
 def base_model_fingerprint(spec: str, hashes: HashCache) -> str:
-    """Content hash of a local base model; a hub id resolves to its cached snapshot if any."""
-    path = Path(spec).expanduser()
-    if not path.exists():
-        try:
-            from huggingface_hub import snapshot_download
-
-            path = Path(snapshot_download(spec, local_files_only=True))
-        except Exception:  # not cached: the id is all there is to compare
-            return f"hub:{spec}"
-    return hash_value(hashes.tree(path))
+    try:
+        return base_model_hash(spec, hashes)
+    except LoramillError:  # a hub id not in the local cache: the id is all there is
+        return f"hub:{spec}"
 
 
 def raw_inputs(stage: Stage, settings: dict[str, Any], hashes: HashCache) -> dict[str, str]:
@@ -95,6 +91,11 @@ def under(hashes: dict[str, str], paths: list[str]) -> dict[str, str]:
     """The entries of a path → hash map that are one of ``paths`` or inside one of them."""
     prefixes = tuple(p.rstrip("/") + "/" for p in paths)
     return {k: v for k, v in hashes.items() if k in paths or k.startswith(prefixes)}
+
+
+def digests(paths: list[str], hashes: HashCache) -> dict[str, str]:
+    """One hash per existing output or produced input (a folder hashes as its manifest)."""
+    return {path: hashes.digest(path) for path in paths if os.path.exists(path)}
 
 
 def components(
@@ -170,7 +171,7 @@ def explain(old: dict[str, Any], new: dict[str, Any], settings: dict[str, Any]) 
         own = (images, captions)
         rest = [k for k in _changed(old_inputs, new_inputs) if not k.startswith(own)]
         if rest:
-            reasons.append(f"inputs changed ({len(rest)} files)")
+            reasons.append(f"inputs changed ({', '.join(Path(k).name for k in rest)})")
     return reasons or ["fingerprint changed"]
 
 
@@ -193,8 +194,9 @@ def assess(datasets: dict[str, dict[str, Any]], hashes: HashCache) -> list[Verdi
             else:
                 inputs = raw_inputs(stage, settings, hashes)
                 for upstream, template in stage.consumes:
+                    path = template.format(ds=ds)
                     upstream_outputs = read_lock(upstream, ds)["outputs"]  # fresh: lock exists
-                    inputs.update(under(upstream_outputs, [template.format(ds=ds)]))
+                    inputs[path] = upstream_outputs.get(path, "missing")
                 current = components(stage, settings, inputs, hashes)
                 if hash_value(current) != lock["fingerprint"]:
                     verdict.reasons.extend(explain(lock["components"], current, settings))
@@ -206,10 +208,8 @@ def assess(datasets: dict[str, dict[str, Any]], hashes: HashCache) -> list[Verdi
 
 
 def modified_outputs(stage: Stage, ds: str, lock: dict[str, Any], hashes: HashCache) -> bool:
-    for path in stage.paths(stage.outputs, ds):
-        if os.path.exists(path) and hashes.paths([path]) != under(lock["outputs"], [path]):
-            return True
-    return False
+    present = digests(stage.paths(stage.outputs, ds), hashes)
+    return any(lock["outputs"].get(path) != digest for path, digest in present.items())
 
 
 def done_marker(ds: str, stage: str) -> str:
@@ -284,7 +284,7 @@ def run_keyed(
     stage = STAGES[stage_name]
     hashes = HashCache(HASH_DB)
     inputs = raw_inputs(stage, settings, hashes)
-    inputs.update(hashes.paths(consumed_paths(stage, ds)))
+    inputs.update(digests(consumed_paths(stage, ds), hashes))
     current = components(stage, settings, inputs, hashes)
     fingerprint = hash_value(current)
     outputs = stage.paths(stage.outputs, ds)
@@ -299,7 +299,7 @@ def run_keyed(
         "dataset": ds,
         "fingerprint": fingerprint,
         "components": current,
-        "outputs": hashes.paths(outputs),
+        "outputs": digests(outputs, hashes),
     }
     write_json(lock_path(stage_name, ds), lock)
     hashes.save()

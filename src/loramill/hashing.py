@@ -14,6 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+# Shared by the workflow's parse-time checks and its jobs (paths relative to the workdir).
+DEFAULT_DB = Path(".cache/hashes.sqlite")
 # Snakemake drops this marker into directory() outputs after a job; it is not content.
 IGNORED_NAMES = frozenset({".snakemake_timestamp"})
 CHUNK = 1 << 20
@@ -27,28 +29,38 @@ def hash_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def walk(root: str | os.PathLike) -> list[tuple[str, os.DirEntry]]:
+    """``(relative posix path, entry)`` of every file under ``root``, sorted by path,
+    without Snakemake's markers. scandir keeps this at one stat per file."""
+    found: list[tuple[str, os.DirEntry]] = []
+    folders = [("", os.fspath(root))]
+    while folders:
+        relative, folder = folders.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                name = f"{relative}{entry.name}"
+                if entry.is_dir():
+                    folders.append((name + "/", entry.path))
+                elif entry.is_file() and entry.name not in IGNORED_NAMES:
+                    found.append((name, entry))
+    return sorted(found, key=lambda item: item[0])
+
+
 def tree_files(root: str | os.PathLike) -> list[Path]:
     """Files under ``root`` in a stable order, without Snakemake's markers."""
-    base = Path(root)
-    return sorted(
-        (p for p in base.rglob("*") if p.is_file() and p.name not in IGNORED_NAMES),
-        key=lambda p: p.relative_to(base).as_posix(),
-    )
+    return [Path(entry.path) for _, entry in walk(root)]
 
 
-def hash_tree(root: str | os.PathLike) -> str:
-    base = Path(root)
+def manifest_hash(files: dict[str, str]) -> str:
+    """Hash of a folder from its ``relative path → file hash`` map."""
     digest = hashlib.sha256()
-    for path in tree_files(base):
-        digest.update(path.relative_to(base).as_posix().encode())
-        digest.update(b"\0")
-        digest.update(hash_file(path).encode())
-        digest.update(b"\n")
+    for relative in sorted(files):
+        digest.update(f"{relative}\0{files[relative]}\n".encode())
     return digest.hexdigest()
 
 
-def hash_path(path: str | os.PathLike) -> str:
-    return hash_tree(path) if Path(path).is_dir() else hash_file(path)
+def hash_tree(root: str | os.PathLike) -> str:
+    return manifest_hash({relative: hash_file(entry.path) for relative, entry in walk(root)})
 
 
 def hash_value(value: Any) -> str:
@@ -68,6 +80,7 @@ class HashCache:
         self.db_path = Path(db_path) if db_path else None
         self._rows: dict[str, tuple[int, int, int, str]] = {}
         self._dirty: dict[str, tuple[int, int, int, str]] = {}
+        self._folders: dict[str, str] = {}  # one parse asks for the base model many times
         if self.db_path and self.db_path.exists():
             with self._connect() as db:
                 self._rows = {r[0]: tuple(r[1:]) for r in db.execute("SELECT * FROM hashes")}
@@ -88,9 +101,11 @@ class HashCache:
         finally:
             db.close()
 
-    def file(self, path: str | os.PathLike) -> str:
-        key = os.path.abspath(path)
-        stat = os.stat(key)
+    def file(self, path: str | os.PathLike, stat: os.stat_result | None = None) -> str:
+        key = os.fspath(path)
+        if not key.startswith("/"):  # the per-file cost matters for datasets of 10 000 images
+            key = os.path.abspath(key)
+        stat = stat or os.stat(key)
         signature = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
         row = self._dirty.get(key) or self._rows.get(key)
         if row and row[:3] == signature:
@@ -101,16 +116,27 @@ class HashCache:
 
     def tree(self, root: str | os.PathLike, prefix: str = "") -> dict[str, str]:
         """``{prefix + relative path: hash}`` for every file under ``root``."""
-        base = Path(root)
-        return {prefix + p.relative_to(base).as_posix(): self.file(p) for p in tree_files(base)}
+        base = os.path.abspath(root)
+        return {
+            prefix + relative: self.file(entry.path, entry.stat()) for relative, entry in walk(base)
+        }
+
+    def digest(self, path: str | os.PathLike) -> str:
+        """One hash for a file, or for a folder (its manifest hash, computed once)."""
+        if not os.path.isdir(path):
+            return self.file(path)
+        key = os.path.abspath(path)
+        if key not in self._folders:
+            self._folders[key] = manifest_hash(self.tree(key))
+        return self._folders[key]
 
     def paths(self, paths: list[str]) -> dict[str, str]:
         """Hashes of files and of every file inside folders, keyed by workdir-relative path."""
         hashes: dict[str, str] = {}
         for path in paths:
-            if Path(path).is_dir():
+            if os.path.isdir(path):
                 hashes.update(self.tree(path, prefix=path.rstrip("/") + "/"))
-            elif Path(path).is_file():
+            elif os.path.isfile(path):
                 hashes[path] = self.file(path)
         return hashes
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
-from loramill.hashing import hash_file, hash_tree
+from loramill.hashing import DEFAULT_DB, HashCache
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -93,8 +93,8 @@ def load_pipeline(spec: str, dtype: str = "float32", allow_unsafe_weights: bool 
     return pipe
 
 
-def base_model_hash(spec: str) -> str:
-    """Content hash of a local base model (every file), or the hub id's resolved snapshot."""
+def base_model_hash(spec: str, hashes: HashCache | None = None) -> str:
+    """Content hash of a local base model (every file), or of a hub id's cached snapshot."""
     source = resolve_base_model(spec)
     path = Path(source)
     if not path.exists():
@@ -104,4 +104,7 @@ def base_model_hash(spec: str) -> str:
             path = Path(snapshot_download(source, local_files_only=True))
         except Exception as error:  # any hub failure means: not in the local cache
             raise _load_error(spec, error) from error
-    return hash_tree(path) if path.is_dir() else hash_file(path)
+    hashes = hashes or HashCache(DEFAULT_DB)
+    digest = hashes.digest(path)
+    hashes.save()
+    return digest

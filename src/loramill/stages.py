@@ -8,8 +8,8 @@ dataset inputs and the upstream outputs it consumes.
 
 from __future__ import annotations
 
-import ast
 import importlib.metadata
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -112,17 +112,20 @@ def stage_config(stage: Stage, settings: dict[str, Any]) -> dict[str, Any]:
     return {key: pick(settings, key) for key in stage.config_keys}
 
 
+# A regex, not ast: this runs at every parse, and the package's own imports are plain.
+IMPORTS = re.compile(
+    r"^\s*(?:from\s+loramill\.(\w+)\s+import|import\s+loramill\.(\w+)"
+    r"|from\s+loramill\s+import\s+(\([^)]*\)|[^\n]+))",
+    re.MULTILINE,
+)
+
+
 def _imported_modules(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            if node.module == "loramill":
-                names.update(alias.name for alias in node.names)
-            elif node.module.startswith("loramill."):
-                names.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            names.update(a.name.split(".")[1] for a in node.names if a.name.startswith("loramill."))
-    return {n for n in names if (PACKAGE_DIR / f"{n}.py").is_file()}
+    names: set[str] = set()
+    for module, imported, listed in IMPORTS.findall(path.read_text(encoding="utf-8")):
+        names.update(filter(None, (module, imported)))
+        names.update(n.split(" as ")[0].strip() for n in listed.strip("()").split(","))
+    return {n for n in names if n and (PACKAGE_DIR / f"{n}.py").is_file()}
 
 
 @cache
