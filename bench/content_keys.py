@@ -129,8 +129,8 @@ def assess_alone(work: Path, names: list[str], repeats: int) -> dict[str, float]
     from snakemake.utils import validate
 
     from loramill.config import dataset_config
-    from loramill.freshness import HASH_DB, assess
-    from loramill.hashing import HashCache
+    from loramill.freshness import assess
+    from loramill.hashing import DEFAULT_DB, HashCache
 
     schema = str(work / "config" / "config.schema.yaml")
     config = yaml.safe_load((work / "config" / "config.yaml").read_text())
@@ -138,7 +138,7 @@ def assess_alone(work: Path, names: list[str], repeats: int) -> dict[str, float]
     datasets = {ds: dataset_config(config, ds, lambda c: validate(c, schema)) for ds in names}
     times: dict[str, list[float]] = {"warm": [], "cold": []}
     for _ in range(repeats):
-        for kind, db in (("warm", HASH_DB), ("cold", HASH_DB.with_name("cold.sqlite"))):
+        for kind, db in (("warm", DEFAULT_DB), ("cold", DEFAULT_DB.with_name("cold.sqlite"))):
             start = time.perf_counter()
             hashes = HashCache(db)
             verdicts = assess(datasets, hashes)

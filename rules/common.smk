@@ -23,10 +23,10 @@ envvars:
 from loramill import LoramillError
 from loramill.caption import captioner_class
 from loramill.config import dataset_config, describe, grid_prompts
-from loramill.freshness import HASH_DB, assess, done_marker, write_gates
-from loramill.stages import STAGES
-from loramill.hashing import HashCache
+from loramill.freshness import assess, done_marker, write_gates
+from loramill.hashing import DEFAULT_DB, HashCache
 from loramill.model import resolve_base_model
+from loramill.stages import STAGES
 
 SCHEMA = str(Path(workflow.basedir) / "config" / "config.schema.yaml")
 ENV = "../envs/loramill.yaml"
@@ -98,7 +98,7 @@ def check_profile():
 
 
 def decide_gates():
-    hashes = HashCache(HASH_DB)
+    hashes = HashCache(DEFAULT_DB)
     verdicts = assess(DATASETS, hashes)
     hashes.save()
     write_gates(verdicts)

@@ -31,8 +31,7 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.files import write_json, write_text
-from loramill.hashing import DEFAULT_DB as HASH_DB
-from loramill.hashing import HashCache, hash_value
+from loramill.hashing import DEFAULT_DB, HashCache, hash_value
 from loramill.model import base_model_hash
 from loramill.stages import STAGES, Stage, code_files, stage_config, versions
 
@@ -282,7 +281,7 @@ def run_keyed(
 ) -> None:
     """Run a stage job: restore from the run-cache when possible, else compute; then lock."""
     stage = STAGES[stage_name]
-    hashes = HashCache(HASH_DB)
+    hashes = HashCache(DEFAULT_DB)
     inputs = raw_inputs(stage, settings, hashes)
     inputs.update(digests(consumed_paths(stage, ds), hashes))
     current = components(stage, settings, inputs, hashes)
