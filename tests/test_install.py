@@ -61,3 +61,17 @@ def test_ci_and_makefile_never_install_torch_unpinned():
     assert installs and all(
         "torch==2.13.0" in line or "-c constraints.txt" in line for line in installs
     )
+
+
+def test_makefile_publish_and_lock_targets_resolve():
+    import subprocess
+
+    result = subprocess.run(
+        ["make", "-n", "-o", ".venv/.installed", "publish", "lock"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "-m loramill.publish" in result.stdout
+    assert "pip freeze --exclude-editable" in result.stdout

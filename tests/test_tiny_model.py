@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import filecmp
 
-from conftest import TINY_SD
+from conftest import REPO, TINY_SD, run_tool
 
 from loramill.hashing import tree_files
-from loramill.tiny_models import build_clip_tokenizer, build_tiny_sd
+from loramill.tiny_models import build_clip_tokenizer
 
 
 def test_committed_model_is_small():
@@ -21,7 +21,9 @@ def test_real_clip_tokenizer():
 
 
 def test_build_script_reproduces_the_committed_model_byte_for_byte(tmp_path):
-    build_tiny_sd(tmp_path / "tiny-sd")
+    # The README's command itself.
+    script = REPO / "models" / "build_tiny_sd.py"
+    run_tool("python", str(script), str(tmp_path / "tiny-sd"), cwd=tmp_path)
     committed = [p.relative_to(TINY_SD) for p in tree_files(TINY_SD)]
     rebuilt = [p.relative_to(tmp_path / "tiny-sd") for p in tree_files(tmp_path / "tiny-sd")]
     assert committed == rebuilt
