@@ -67,8 +67,7 @@ def dataset_config(
         if validate is not None:
             validate({**merged, "datasets": {dataset: {}}})
     except Exception as error:
-        line = describe(error)
-        raise LoramillError(line.replace("config: ", f"config: datasets.{dataset}.", 1)) from None
+        raise LoramillError(describe(error, prefix=f"datasets.{dataset}")) from None
     merged["path"] = entry.get("path", f"data/{dataset}")
     merged["trigger"] = entry.get("trigger", "")
     merged["name"] = dataset

@@ -19,7 +19,7 @@ from typing import Any
 from loramill import LoramillError
 from loramill.export import to_kohya
 from loramill.files import atomic_path, write_json
-from loramill.lora import read_checkpoint
+from loramill.lora import COMPONENTS, Checkpoint, read_checkpoint
 
 # Tiny test models render 64 px cells, unreadable next to their labels and in any image viewer.
 # Such cells are enlarged by an integer factor with NEAREST: every generated pixel becomes an
@@ -147,17 +147,13 @@ def _quiet_adapter_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _check_loaded(pipe: Any, adapter: str, path: Path) -> None:
+def _check_loaded(pipe: Any, adapter: str, checkpoint: Checkpoint, path: Path) -> None:
     """Refuse a silent partial load (DESIGN §5): every LoRA tensor in the file must be in use."""
     from peft.utils import get_peft_model_state_dict
-    from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        keys = set(handle.keys())
     found = 0
-    for component in ("unet", "text_encoder"):
-        prefix = component + "."
-        wanted = {key[len(prefix) :] for key in keys if key.startswith(prefix)}
+    for component in COMPONENTS:
+        wanted = set(checkpoint.component(component))
         if not wanted:
             continue
         found += len(wanted)
@@ -257,13 +253,14 @@ def render_grid(
     for x, ckpt in enumerate(ckpts):
         adapter = f"ckpt{x}"
         try:
-            kohya = to_kohya(read_checkpoint(ckpt.path))
+            checkpoint = read_checkpoint(ckpt.path)
+            kohya = to_kohya(checkpoint)
             with _quiet_adapter_loading():
                 pipe.load_lora_weights(kohya, adapter_name=adapter)
         except (OSError, ValueError, RuntimeError, KeyError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise LoramillError(f"{ckpt.path}: cannot load as a LoRA ({reason})") from None
-        _check_loaded(pipe, adapter, ckpt.path)
+        _check_loaded(pipe, adapter, checkpoint, ckpt.path)
         for y, strength in enumerate(strengths):
             if strength == 0:
                 continue

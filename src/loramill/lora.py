@@ -79,7 +79,7 @@ def save_checkpoint(
 ) -> None:
     tensors: dict[str, Any] = {}
     adapter_metadata: dict[str, Any] = {}
-    for name, model in (("unet", unet), ("text_encoder", text_encoder)):
+    for name, model in zip(COMPONENTS, (unet, text_encoder), strict=True):
         if model is None:
             continue
         state, config = adapter_state(model)
