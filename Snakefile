@@ -7,6 +7,7 @@
 #   results/<ds>/auto_captions.jsonl    captioner output
 #   results/<ds>/captions.jsonl         training captions (human edits win, trigger prepended)
 #   results/<ds>/checkpoints/           step-NNNNNN.safetensors (diffusers LoRA format)
+#   results/<ds>/loss.png               loss curve (TensorBoard logs in results/<ds>/tensorboard)
 #   exports/<ds>.safetensors            kohya format for AUTOMATIC1111 / ComfyUI / diffusers
 #   exports/<ds>.diffusers.safetensors  diffusers format
 #   grids/<ds>.png                      XYZ grid: checkpoint step × strength × prompt

@@ -22,11 +22,13 @@ envvars:
 
 from loramill import LoramillError
 from loramill.caption import captioner_class
-from loramill.config import dataset_config, describe, grid_prompts
+from loramill.config import check_replaced_keys, dataset_config, describe, grid_prompts
+from loramill.devices import uses_gpu
 from loramill.freshness import assess, done_marker, write_gates
 from loramill.hashing import DEFAULT_DB, HashCache
-from loramill.model import resolve_base_model
+from loramill.model import job_mem_mb, resolve_base_model
 from loramill.stages import STAGES
+from loramill.train_config import TrainConfig
 
 SCHEMA = str(Path(workflow.basedir) / "config" / "config.schema.yaml")
 ENV = "../envs/loramill.yaml"
@@ -37,9 +39,15 @@ def validate_config(data):
 
 
 def check_dataset(ds, settings):
-    """Problems a user can fix before any job runs: unknown captioner, data not pulled."""
+    """Problems a user can fix before any job runs: unknown captioner, train options that
+    contradict each other, a missing init_from file, data not pulled."""
     try:
         captioner_class(settings["caption"])
+        train = TrainConfig.from_dict(settings["train"])
+        if settings["device"] == "cpu":
+            train.check_device("cpu")
+        if train.init_from and not Path(train.init_from).is_file():
+            raise LoramillError(f"train.init_from: {train.init_from} is not a file")
     except LoramillError as error:
         raise LoramillError(f"config: datasets.{ds}.{error}") from None
     images = Path(settings["path"]) / "images"
@@ -52,7 +60,10 @@ def check_dataset(ds, settings):
 def load_datasets():
     """Validate the config and return each dataset's effective settings; exit with one line."""
     try:
+        check_replaced_keys(config)
         validate_config(config)
+    except LoramillError as error:
+        sys.exit(f"loramill: {error}")
     except Exception as error:
         sys.exit(f"loramill: {describe(error)}")
     try:
@@ -154,6 +165,27 @@ def setting(section, key=None):
         return chosen if key is None else chosen[key]
 
     return value
+
+
+def gpus(wildcards):
+    """Snakemake's gpu resource: `--resources gpu=1` then runs one GPU job at a time."""
+    return 1 if uses_gpu(config["device"]) else 0
+
+
+def captions_with_model(wildcards):
+    return DATASETS[wildcards.ds]["caption"]["backend"] != "template"
+
+
+def model_mem_mb(training):
+    """Resources helper: memory for a model job, from the base model's size."""
+
+    def mem_mb(wildcards):
+        settings = DATASETS[wildcards.ds]
+        batch = settings["train"]["train_batch_size"] if training else 1
+        resolution = settings["resize"]["resolution"]
+        return job_mem_mb(config["base_model"], resolution, batch, training)
+
+    return mem_mb
 
 
 def dataset_dir(wildcards, subdir):

@@ -16,7 +16,8 @@ rule grid:
     conda:
         ENV
     resources:
-        mem_mb=4000,
+        mem_mb=model_mem_mb(training=False),
+        gpu=gpus,
     params:
         base_model=lambda wildcards: config["base_model"],
         allow_unsafe_weights=config["allow_unsafe_weights"],
@@ -26,5 +27,6 @@ rule grid:
             DATASETS[wildcards.ds]["trigger"],
         ),
         resolution=setting("resize", "resolution"),
+        device=config["device"],
     script:
         "../scripts/grid.py"

@@ -33,10 +33,13 @@ rule caption:
         "benchmarks/caption/{ds}.tsv"
     conda:
         ENV
+    resources:
+        gpu=lambda wildcards: gpus(wildcards) if captions_with_model(wildcards) else 0,
     params:
         caption=setting("caption"),
         trigger=setting("trigger"),
         allow_unsafe_weights=config["allow_unsafe_weights"],
+        device=config["device"],
     script:
         "../scripts/caption.py"
 

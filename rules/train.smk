@@ -9,6 +9,7 @@ rule train:
     output:
         checkpoints=directory("results/{ds}/checkpoints"),
         tensorboard=directory("results/{ds}/tensorboard"),
+        loss="results/{ds}/loss.png",
         done=done("train"),
     log:
         "logs/train/{ds}.log",
@@ -18,7 +19,8 @@ rule train:
         ENV
     threads: lambda wildcards: DATASETS[wildcards.ds]["train"]["threads"]
     resources:
-        mem_mb=4000,
+        mem_mb=model_mem_mb(training=True),
+        gpu=gpus,
     params:
         # a folder or a hub id, so a parameter rather than an input: its content is part of
         # the stage's fingerprint
@@ -26,6 +28,7 @@ rule train:
         allow_unsafe_weights=config["allow_unsafe_weights"],
         train=setting("train"),
         trigger=setting("trigger"),
+        device=config["device"],
     script:
         "../scripts/train.py"
 

@@ -9,6 +9,7 @@ run(
     config={
         **snakemake.params.caption,
         "allow_unsafe_weights": snakemake.params.allow_unsafe_weights,
+        "device": snakemake.params.device,
     },
     dataset=snakemake.wildcards.ds,
     trigger=snakemake.params.trigger,

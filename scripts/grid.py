@@ -19,5 +19,6 @@ run(
         negative_prompt=grid["negative_prompt"],
         dtype=grid["dtype"],
         allow_unsafe_weights=snakemake.params.allow_unsafe_weights,
+        device=snakemake.params.device,
     ),
 )

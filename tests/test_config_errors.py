@@ -67,6 +67,24 @@ def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
             "caption.backend 'wd14': unknown captioner; choose one of: blip, template",
         ),
         ({"grid": {"strengths": []}}, "config: grid.strengths: [] should be non-empty"),
+        (
+            {"train": {"dtype": "float16"}},
+            "loramill: config: train.dtype: replaced by train.mixed_precision (no | fp16 | bf16)",
+        ),
+        (
+            {"train": {"lr_warmup_steps": 5}},
+            "config: datasets.neon_circles.train.lr_warmup_steps: 5 has no effect with "
+            "lr_scheduler: constant; use lr_scheduler: constant_with_warmup",
+        ),
+        (
+            {"device": "cpu", "train": {"mixed_precision": "fp16"}},
+            "config: datasets.neon_circles.train.mixed_precision: fp16 needs a CUDA GPU",
+        ),
+        (
+            {"train": {"init_from": "exports/none.safetensors"}},
+            "config: datasets.neon_circles.train.init_from: exports/none.safetensors is not a",
+        ),
+        ({"device": "gpu"}, "config: device: 'gpu' is not one of ['auto', 'cpu', 'cuda']"),
     ],
 )
 def test_invalid_values_name_the_key(workdir, tmp_path, override, expected):

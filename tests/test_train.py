@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 from loramill import LoramillError
 from loramill.demo_data import generate_dataset
@@ -13,7 +16,9 @@ from loramill.files import write_jsonl
 from loramill.lora import list_checkpoints, read_checkpoint
 from loramill.merge import merge_captions
 from loramill.resize import resize_dataset
-from loramill.train import checkpoint_steps, train_lora
+from loramill.train import train_lora
+from loramill.train_config import TrainConfig, checkpoint_steps
+from loramill.train_state import state_key
 
 CONFIG = {
     "rank": 4,
@@ -37,7 +42,8 @@ def prepared(tmp_path_factory):
     return root
 
 
-def train(prepared, out, tiny_sd, **overrides):
+def train(prepared, out, tiny_sd, call=None, **overrides):
+    """Train with CONFIG plus ``overrides``; ``call`` holds further train_lora arguments."""
     return train_lora(
         prepared / "resized",
         prepared / "captions.jsonl",
@@ -47,6 +53,7 @@ def train(prepared, out, tiny_sd, **overrides):
         {**CONFIG, **overrides},
         dataset="ds",
         trigger="zzt",
+        **(call or {}),
     )
 
 
@@ -95,3 +102,183 @@ def test_learning_rate_changes_the_result(prepared, tmp_path, tiny_sd):
 def test_unknown_option_is_named(prepared, tmp_path, tiny_sd):
     with pytest.raises(LoramillError, match=r"^train\.epochs: unknown option$"):
         train(prepared, tmp_path, tiny_sd, epochs=3)
+
+
+# --- real size: caches, precision, resume (issue #6) ----------------------------------------
+
+
+def train_logged(prepared, out, tiny_sd, caplog, config=None, **kwargs):
+    """Train and return the loramill log lines it wrote."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="loramill"):
+        written = train(prepared, out, tiny_sd, call=kwargs, **(config or {}))
+    return written, [r.getMessage() for r in caplog.records]
+
+
+def test_vae_sees_at_most_vae_batch_size_images(prepared, tmp_path, tiny_sd, caplog, monkeypatch):
+    from diffusers import AutoencoderKL
+
+    seen = []
+    encode = AutoencoderKL.encode
+
+    def spy(self, pixels, *args, **kwargs):
+        seen.append(pixels.shape[0])
+        return encode(self, pixels, *args, **kwargs)
+
+    monkeypatch.setattr(AutoencoderKL, "encode", spy)
+    config = {"vae_batch_size": 2, "max_train_steps": 1}
+    _, lines = train_logged(
+        prepared, tmp_path, tiny_sd, caplog, config=config, cache_root=tmp_path / "cache"
+    )
+    # 5 images in chunks of 2: the last chunk is padded, never the whole dataset at once.
+    assert seen == [2, 2, 2]
+    assert "latents: 5 encoded, 0 reused" in lines
+
+
+def test_caches_are_reused_and_keyed_by_content(prepared, tmp_path, tiny_sd, caplog):
+    cache = tmp_path / "cache"
+    first, lines = train_logged(prepared, tmp_path / "a", tiny_sd, caplog, cache_root=cache)
+    assert {"latents: 5 encoded, 0 reused", "text embeddings: 5 encoded, 0 reused"} <= set(lines)
+    # Another learning rate: nothing to encode.
+    _, lines = train_logged(
+        prepared, tmp_path / "b", tiny_sd, caplog, cache_root=cache, config={"learning_rate": 5e-4}
+    )
+    assert {"latents: 0 encoded, 5 reused", "text embeddings: 0 encoded, 5 reused"} <= set(lines)
+    # A warm cache gives the very bytes a cold one gave.
+    again, _ = train_logged(prepared, tmp_path / "c", tiny_sd, caplog, cache_root=cache)
+    assert first[-1].read_bytes() == again[-1].read_bytes()
+    # One edited image: one latent.
+    edited = tmp_path / "edited"
+    shutil.copytree(prepared, edited)
+    image = sorted((edited / "resized").glob("*.png"))[0]
+    with Image.open(image) as original:
+        original.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(image)
+    _, lines = train_logged(edited, tmp_path / "d", tiny_sd, caplog, cache_root=cache)
+    assert "latents: 1 encoded, 4 reused" in lines
+
+
+def test_interrupted_run_resumes_bit_identical(prepared, tmp_path, tiny_sd, caplog, monkeypatch):
+    from loramill.train import Training
+
+    config = {"max_train_steps": 6, "save_steps": 2}
+    whole, _ = train_logged(prepared, tmp_path / "whole", tiny_sd, caplog, config=config)
+    step, calls = Training.step, []
+
+    def crash_at_step_5(self):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("killed")
+        return step(self)
+
+    monkeypatch.setattr(Training, "step", crash_at_step_5)
+    state = tmp_path / "state"
+    with pytest.raises(RuntimeError, match="killed"):
+        train_logged(
+            prepared, tmp_path / "crashed", tiny_sd, caplog, config=config, state_dir=state
+        )
+    monkeypatch.setattr(Training, "step", step)
+    resumed, lines = train_logged(
+        prepared, tmp_path / "resumed", tiny_sd, caplog, config=config, state_dir=state
+    )
+    assert "resumed from step 4" in lines
+    assert [p.read_bytes() for p in resumed] == [p.read_bytes() for p in whole]
+    # Finished with a constant schedule: the final state stays for a longer run, no other.
+    assert sorted(p.name for p in (state / "state").iterdir()) == ["step-000006.pt"]
+
+
+def test_longer_run_continues_and_matches_a_fresh_run(prepared, tmp_path, tiny_sd, caplog):
+    def run(name, steps, **kwargs):
+        config = {"max_train_steps": steps, "save_steps": 2}
+        return train_logged(prepared, tmp_path / name, tiny_sd, caplog, config=config, **kwargs)
+
+    run("short", 4, state_dir=tmp_path / "state")
+    longer, lines = run("long", 8, state_dir=tmp_path / "state")
+    assert "resumed from step 4" in lines
+    fresh, _ = run("fresh", 8)
+    assert [p.name for p in longer] == [p.name for p in fresh]
+    assert [p.read_bytes() for p in longer] == [p.read_bytes() for p in fresh]
+
+
+def test_state_key_ignores_stopping_options_only_for_total_free_schedules():
+    fingerprint = {"config": {"train": {"max_train_steps": 4, "save_steps": 2, "seed": 1}}}
+
+    def key(schedule, **train):
+        changed = {"config": {"train": {**fingerprint["config"]["train"], **train}}}
+        return state_key(changed, TrainConfig(lr_scheduler=schedule))
+
+    assert key("constant") == key("constant", max_train_steps=8, save_steps=3)
+    assert key("constant") != key("constant", seed=2)
+    assert key("cosine") == key("cosine", save_steps=3)
+    assert key("cosine") != key("cosine", max_train_steps=8)
+
+
+def test_init_from_starts_from_the_given_weights(
+    prepared, tmp_path, tiny_sd, caplog, monkeypatch, random_checkpoint
+):
+    from loramill.export import export_adapter
+    from loramill.train import Training
+
+    kohya, diffusers = tmp_path / "start.safetensors", tmp_path / "start.diffusers.safetensors"
+    export_adapter(random_checkpoint, kohya, diffusers, "start")
+    monkeypatch.setattr(Training, "step", lambda self: 1.0)  # a 0-step training
+    start = read_checkpoint(random_checkpoint).tensors
+    for source in (kohya, diffusers):
+        config = {"init_from": str(source), "train_text_encoder": True, "max_train_steps": 1}
+        written, lines = train_logged(
+            prepared, tmp_path / f"run-{source.stem}", tiny_sd, caplog, config=config
+        )
+        assert f"LoRA initialised from {source}" in lines
+        loaded = read_checkpoint(written[-1]).tensors
+        assert loaded.keys() == start.keys()
+        assert all(torch.equal(loaded[k], start[k]) for k in start)
+    with pytest.raises(
+        LoramillError,
+        match=r"^train\.init_from .*: the file has rank 4, alpha 2; "
+        r"the config has rank 8, alpha 2 \(set train\.rank and train\.alpha\)$",
+    ):
+        train(prepared, tmp_path / "bad", tiny_sd, init_from=str(kohya), rank=8)
+
+
+def test_bf16_mixed_precision_keeps_lora_weights_float32(prepared, tmp_path, tiny_sd):
+    bf16 = read_checkpoint(train(prepared, tmp_path / "bf16", tiny_sd, mixed_precision="bf16")[-1])
+    fp32 = read_checkpoint(train(prepared, tmp_path / "fp32", tiny_sd)[-1])
+    assert {t.dtype for t in bf16.tensors.values()} == {torch.float32}
+    assert all(torch.isfinite(t).all() for t in bf16.tensors.values())
+    # Autocast really ran: the result differs from float32 training.
+    assert any(not torch.equal(bf16.tensors[k], fp32.tensors[k]) for k in fp32.tensors)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"mixed_precision": "fp16"}, r"^train\.mixed_precision: fp16 needs a CUDA GPU"),
+        ({"train_batch_size": 6}, r"^train\.train_batch_size: 6 is more than the dataset's 5"),
+        ({"lr_warmup_steps": 10}, r"^train\.lr_warmup_steps: 10 has no effect with lr_sched"),
+        ({"dtype": "float16"}, r"^train\.dtype: replaced by train\.mixed_precision"),
+    ],
+)
+def test_refused_settings_say_what_to_change(prepared, tmp_path, tiny_sd, overrides, message):
+    with pytest.raises(LoramillError, match=message):
+        train(prepared, tmp_path, tiny_sd, call={"device": "cpu"}, **overrides)
+
+
+def test_progress_tensorboard_and_loss_curve(prepared, tmp_path, tiny_sd, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, lines = train_logged(
+        prepared,
+        tmp_path,
+        tiny_sd,
+        caplog,
+        loss_png=tmp_path / "loss.png",
+        config={"train_text_encoder": True},
+    )
+    progress = [line for line in lines if "step/s" in line or "?step" in line]
+    assert progress and "6/6" in progress[-1] and "loss=" in progress[-1]
+    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.*")).parent))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "lr/unet", "lr/text_encoder"} <= tags
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
+    with Image.open(tmp_path / "loss.png") as plot:
+        assert plot.size[0] > 100

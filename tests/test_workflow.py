@@ -106,3 +106,27 @@ def test_exported_adapter_changes_the_base_model(demo_run, tiny_sd):
 def test_second_run_has_nothing_to_do(demo_run):
     result = run_tool("snakemake", "-n", "--cores", "1", "train_all", cwd=demo_run)
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def planned_resources(result) -> dict[str, set[str]]:
+    """rule → the set of its jobs' `resources:` lines, from a dry run's report."""
+    found: dict[str, set[str]] = {}
+    rule = None
+    for line in result.stdout.splitlines():
+        if line.startswith("rule "):
+            rule = line[5:].rstrip(":")
+        elif line.strip().startswith("resources:") and rule:
+            found.setdefault(rule, set()).add(line.strip())
+    return found
+
+
+def test_gpu_jobs_declare_the_gpu_resource(demo_run):
+    # The README's GPU line: at most one GPU job at a time, CPU stages in parallel.
+    command = ("snakemake", "train_all", "-n", "-F", "--cores", "8", "--resources", "gpu=1")
+    planned = planned_resources(run_tool(*command, cwd=demo_run))
+    for rule in ("train", "grid"):
+        assert all("gpu=1" in line and "mem_mb=" in line for line in planned[rule]), planned
+    assert all("gpu=0" in line for line in planned["caption"])  # template captions: no model
+    assert not any("gpu" in line for line in planned["resize"] | planned["merge_captions"])
+    on_cpu = planned_resources(run_tool(*command, "--config", "device=cpu", cwd=demo_run))
+    assert all("gpu=0" in line for line in on_cpu["train"] | on_cpu["grid"])

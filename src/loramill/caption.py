@@ -177,7 +177,7 @@ def _load_blip(spec: str, allow_unsafe_weights: bool) -> tuple[Any, Any]:
 @register
 class BlipCaptioner(Captioner):
     name = "blip"
-    options = ("model", "max_new_tokens", "batch_size", "prompt", "allow_unsafe_weights")
+    options = ("model", "max_new_tokens", "batch_size", "prompt", "allow_unsafe_weights", "device")
     DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
 
     def __init__(
@@ -187,8 +187,13 @@ class BlipCaptioner(Captioner):
         batch_size: int = 8,
         prompt: str = "",
         allow_unsafe_weights: bool = False,
+        device: str = "auto",
     ) -> None:
+        from loramill.devices import resolve_device
+
         self.processor, self.model = _load_blip(model, allow_unsafe_weights)
+        self.device = resolve_device(device)
+        self.model.to(self.device)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
         self.prompt = prompt.strip()
@@ -209,6 +214,7 @@ class BlipCaptioner(Captioner):
             batch_size=_positive_int(config, "batch_size", 8),
             prompt=_string(config, "prompt", ""),
             allow_unsafe_weights=_flag(config, "allow_unsafe_weights"),
+            device=_string(config, "device", "auto"),
         )
 
     def caption(self, images: list[tuple[str, Image.Image]]) -> list[str]:
@@ -221,6 +227,7 @@ class BlipCaptioner(Captioner):
             )
         else:
             inputs = self.processor(images=pictures, return_tensors="pt")
+        inputs = inputs.to(self.device)
         with torch.inference_mode():
             # Greedy decoding: the same image and model always give the same caption.
             output = self.model.generate(

@@ -74,5 +74,16 @@ def dataset_config(
     return merged
 
 
+def check_replaced_keys(config: dict[str, Any]) -> None:
+    """Options that were renamed or replaced: say what took their place, not just "unknown"."""
+    from loramill.train_config import check_replaced
+
+    check_replaced(config.get("train") or {}, "config: train")
+    datasets = config.get("datasets")
+    for ds, entry in datasets.items() if isinstance(datasets, dict) else ():
+        if isinstance(entry, dict):
+            check_replaced(entry.get("train"), f"config: datasets.{ds}.train")
+
+
 def grid_prompts(prompts: list[str], trigger: str) -> list[str]:
     return [p.replace("{trigger}", trigger).strip(" ,") for p in prompts]

@@ -33,7 +33,7 @@ from loramill import LoramillError
 from loramill.files import write_json, write_text
 from loramill.hashing import DEFAULT_DB, HashCache, hash_value
 from loramill.model import base_model_hash
-from loramill.stages import STAGES, Stage, code_files, stage_config, versions
+from loramill.stages import STAGES, Stage, code_files, pick, stage_config, versions
 
 LOCKS = Path("locks")
 GATES = Path(".gates")
@@ -78,8 +78,10 @@ def base_model_fingerprint(spec: str, hashes: HashCache) -> str:
 
 
 def raw_inputs(stage: Stage, settings: dict[str, Any], hashes: HashCache) -> dict[str, str]:
+    """Dataset folders the stage reads, and files named by its config (``train.init_from``)."""
     folders = [f"{settings['path'].rstrip('/')}/{sub}" for sub in stage.raw_inputs]
-    return hashes.paths(folders)
+    named = [pick(settings, key) for key in stage.config_files]
+    return hashes.paths(folders + [path for path in named if path])
 
 
 def consumed_paths(stage: Stage, ds: str) -> list[str]:
@@ -276,22 +278,34 @@ def restore(fingerprint: str, paths: list[str]) -> bool:
     return True
 
 
-def run_keyed(
-    stage_name: str, ds: str, settings: dict[str, Any], compute: Callable[[], Any], log: Any
-) -> None:
-    """Run a stage job: restore from the run-cache when possible, else compute; then lock."""
-    stage = STAGES[stage_name]
-    hashes = HashCache(DEFAULT_DB)
+def job_components(stage: Stage, ds: str, settings: dict[str, Any], hashes: HashCache) -> dict:
+    """The fingerprint components of a job, from the inputs it actually has."""
     inputs = raw_inputs(stage, settings, hashes)
     inputs.update(digests(consumed_paths(stage, ds), hashes))
-    current = components(stage, settings, inputs, hashes)
+    return components(stage, settings, inputs, hashes)
+
+
+def run_keyed(
+    stage_name: str,
+    ds: str,
+    settings: dict[str, Any],
+    compute: Callable[[dict[str, Any]], Any],
+    log: Any,
+) -> None:
+    """Run a stage job: restore from the run-cache when possible, else compute; then lock.
+
+    ``compute`` receives the job's fingerprint components (train keys its resumable state
+    on them)."""
+    stage = STAGES[stage_name]
+    hashes = HashCache(DEFAULT_DB)
+    current = job_components(stage, ds, settings, hashes)
     fingerprint = hash_value(current)
     outputs = stage.paths(stage.outputs, ds)
     kept = outputs + stage.paths(stage.logs, ds)
     if restore(fingerprint, kept):
         log.info("restored from the run-cache (%s): nothing recomputed", fingerprint[:12])
     else:
-        compute()
+        compute(current)
         store(fingerprint, kept)
     lock = {
         "stage": stage_name,

@@ -185,6 +185,7 @@ def render_grid(
     negative_prompt: str = "",
     dtype: str = "float32",
     allow_unsafe_weights: bool = False,
+    device: str = "auto",
 ) -> None:
     """Render the step × strength × prompt grid to ``out_png`` and describe it in ``out_json``."""
     if not checkpoints:
@@ -204,6 +205,7 @@ def render_grid(
     import torch
     from PIL import Image, ImageDraw, ImageFont
 
+    from loramill.devices import resolve_device
     from loramill.model import load_pipeline
 
     columns = [f"Step: {c.step}" for c in ckpts]
@@ -218,6 +220,7 @@ def render_grid(
     canvas = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
 
     pipe = load_pipeline(base_model, dtype=dtype, allow_unsafe_weights=allow_unsafe_weights)
+    pipe.to(resolve_device(device))
 
     def render(prompt: str) -> Any:
         # A fresh CPU generator per cell: every cell starts from the same latent noise whatever

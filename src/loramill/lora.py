@@ -74,9 +74,9 @@ class Checkpoint:
         return float(self.adapter_configs["unet"]["lora_alpha"])
 
 
-def save_checkpoint(
-    path: str | os.PathLike, unet: Any, text_encoder: Any | None, metadata: dict[str, str]
-) -> None:
+def network_state(unet: Any, text_encoder: Any | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The LoRA tensors of both components (``unet.`` / ``text_encoder.`` prefixed) and their
+    adapter configs, as a checkpoint stores them."""
     tensors: dict[str, Any] = {}
     adapter_metadata: dict[str, Any] = {}
     for name, model in zip(COMPONENTS, (unet, text_encoder), strict=True):
@@ -85,12 +85,53 @@ def save_checkpoint(
         state, config = adapter_state(model)
         tensors.update({f"{name}.{k}": v for k, v in state.items()})
         adapter_metadata.update({f"{name}.{k}": v for k, v in config.items()})
+    return tensors, adapter_metadata
+
+
+def write_checkpoint(
+    path: str | os.PathLike,
+    tensors: dict[str, Any],
+    adapter_metadata: dict[str, Any],
+    metadata: dict[str, str],
+) -> None:
     header = {
         "format": "pt",
         ADAPTER_METADATA_KEY: json.dumps(adapter_metadata, indent=2, sort_keys=True),
         **metadata,
     }
     save_safetensors(tensors, path, header)
+
+
+def save_checkpoint(
+    path: str | os.PathLike, unet: Any, text_encoder: Any | None, metadata: dict[str, str]
+) -> None:
+    write_checkpoint(path, *network_state(unet, text_encoder), metadata)
+
+
+def load_network_state(unet: Any, text_encoder: Any | None, tensors: dict[str, Any]) -> None:
+    """Put saved LoRA tensors (``network_state`` keys) into the models' LoRA layers, exactly.
+
+    Every tensor must find its layer and every layer its tensor: a partial load would train
+    from a silently different start.
+    """
+    from peft.utils import set_peft_model_state_dict
+
+    checkpoint = Checkpoint(tensors=tensors, metadata={})
+    for name, model in zip(COMPONENTS, (unet, text_encoder), strict=True):
+        part = checkpoint.component(name)
+        if model is None:
+            if part:
+                raise LoramillError(f"{len(part)} {name} LoRA tensors but no {name} to train")
+            continue
+        expected = set(adapter_state(model)[0])
+        if set(part) != expected:
+            extra, missing = sorted(set(part) - expected), sorted(expected - set(part))
+            first = (extra or missing)[0]
+            raise LoramillError(
+                f"{name}: {len(extra)} LoRA tensors have no layer and {len(missing)} layers "
+                f"have no tensor (first: {first})"
+            )
+        set_peft_model_state_dict(model, part)
 
 
 def read_checkpoint(path: str | os.PathLike) -> Checkpoint:

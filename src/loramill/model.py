@@ -7,6 +7,7 @@ Weights load from safetensors only, unless the user opts in to pickle checkpoint
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -93,18 +94,66 @@ def load_pipeline(spec: str, dtype: str = "float32", allow_unsafe_weights: bool 
     return pipe
 
 
-def base_model_hash(spec: str, hashes: HashCache | None = None) -> str:
-    """Content hash of a local base model (every file), or of a hub id's cached snapshot."""
+def model_folder(spec: str) -> Path:
+    """The local folder of a base model: the path itself, or a hub id's cached snapshot."""
     source = resolve_base_model(spec)
     path = Path(source)
-    if not path.exists():
-        from huggingface_hub import snapshot_download
+    if path.exists():
+        return path
+    from huggingface_hub import snapshot_download
 
-        try:
-            path = Path(snapshot_download(source, local_files_only=True))
-        except Exception as error:  # any hub failure means: not in the local cache
-            raise _load_error(spec, error) from error
+    try:
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception as error:  # any hub failure means: not in the local cache
+        raise _load_error(spec, error) from error
+
+
+def base_model_hash(spec: str, hashes: HashCache | None = None) -> str:
+    """Content hash of a local base model (every file), or of a hub id's cached snapshot."""
+    return component_hash(spec, "", hashes)
+
+
+def component_hash(spec: str, component: str, hashes: HashCache | None = None) -> str:
+    """Content hash of one component folder (``vae``, ``text_encoder`` …) of a base model."""
+    path = model_folder(spec) / component if component else model_folder(spec)
     hashes = hashes or HashCache(DEFAULT_DB)
     digest = hashes.digest(path)
     hashes.save()
     return digest
+
+
+# Bytes per parameter of the safetensors dtypes a diffusers folder may hold.
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+TRAINED = ("unet", "vae", "text_encoder")
+
+
+@functools.cache
+def float32_bytes(spec: str) -> int:
+    """Size of the base model's UNet, VAE and text encoder in float32, read from the
+    safetensors headers only (a few KB each), for Snakemake's ``mem_mb``."""
+    try:
+        root = model_folder(spec)
+    except LoramillError:
+        return 0  # a hub model not downloaded yet: the job will say so
+    total = 0
+    for path in (f for c in TRAINED for f in sorted((root / c).glob("*.safetensors"))):
+        with open(path, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                count = 1
+                for size in entry["shape"]:
+                    count *= size
+                total += count * 4 if entry["dtype"] in DTYPE_BYTES else 0
+    return total
+
+
+def job_mem_mb(spec: str, resolution: int, batch_size: int, training: bool) -> int:
+    """A realistic memory request for a model job: float32 weights, plus activations.
+
+    Calibrated on the SD1.5 architecture (bench/README.md): a LoRA step at 512 px, batch 1,
+    peaks at about 6.5 GiB with 4 GiB of float32 weights.
+    """
+    weights_mb = float32_bytes(spec) / 2**20
+    per_image_mb = (1600 if training else 600) * (resolution / 512) ** 2
+    return int(weights_mb * 1.25 + per_image_mb * batch_size + 500)

@@ -12,7 +12,8 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.config import dataset_config
-from loramill.freshness import run_keyed
+from loramill.freshness import job_components, run_keyed
+from loramill.hashing import DEFAULT_DB, HashCache
 from loramill.stages import STAGES
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -34,8 +35,16 @@ def quiet_libraries() -> None:
         os.environ.setdefault(name, value)
 
 
-def run(snakemake: Any, function: Callable[..., Any], **kwargs: Any) -> Any:
-    """Call ``function(**kwargs)`` for a Snakemake job and report failures as one line."""
+def run(
+    snakemake: Any,
+    function: Callable[..., Any],
+    from_fingerprint: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Call ``function(**kwargs)`` for a Snakemake job and report failures as one line.
+
+    ``from_fingerprint`` maps the job's fingerprint components to further keyword arguments
+    (the train stage keys its resumable state on them)."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if snakemake.log:
         handlers.append(logging.FileHandler(snakemake.log[0], mode="w", encoding="utf-8"))
@@ -44,13 +53,21 @@ def run(snakemake: Any, function: Callable[..., Any], **kwargs: Any) -> Any:
     quiet_libraries()
     warnings.filterwarnings("ignore", category=FutureWarning)
     job = f"{snakemake.rule} {', '.join(str(v) for v in snakemake.wildcards)}".strip()
+
+    def compute(components: dict[str, Any]) -> Any:
+        extra = from_fingerprint(components) if from_fingerprint else {}
+        return function(**kwargs, **extra)
+
     try:
-        if snakemake.rule not in STAGES or not snakemake.config.get("content_keyed_reruns", True):
+        if snakemake.rule not in STAGES:
             return function(**kwargs)
         ds = snakemake.wildcards.ds
         settings = dataset_config(snakemake.config, ds)
+        if not snakemake.config.get("content_keyed_reruns", True):
+            hashes = HashCache(DEFAULT_DB)
+            return compute(job_components(STAGES[snakemake.rule], ds, settings, hashes))
         logger = logging.getLogger("loramill")
-        return run_keyed(snakemake.rule, ds, settings, lambda: function(**kwargs), logger)
+        return run_keyed(snakemake.rule, ds, settings, compute, logger)
     except LoramillError as error:
         logging.getLogger("loramill").error("%s", error)
         sys.exit(f"{job}: {error}")

@@ -28,6 +28,7 @@ class Stage:
     packages: tuple[str, ...] = ()
     base_model: bool = False
     raw_inputs: tuple[str, ...] = ()  # folders of the dataset: "images", "captions"
+    config_files: tuple[str, ...] = ()  # dotted config keys naming files read by content
     consumes: tuple[tuple[str, str], ...] = ()  # (upstream stage, output template)
     logs: tuple[str, ...] = field(default=())  # restored from the run-cache, never hashed
 
@@ -54,7 +55,7 @@ STAGES: dict[str, Stage] = {
             "caption",
             "caption",
             outputs=("results/{ds}/auto_captions.jsonl",),
-            config_keys=("caption", "trigger", "allow_unsafe_weights"),
+            config_keys=("caption", "trigger", "allow_unsafe_weights", "device"),
             packages=ML_STACK,
             consumes=(("resize", "results/{ds}/resized"),),
         ),
@@ -70,14 +71,15 @@ STAGES: dict[str, Stage] = {
             "train",
             "train",
             outputs=("results/{ds}/checkpoints",),
-            config_keys=("train", "trigger", "allow_unsafe_weights"),
+            config_keys=("train", "trigger", "allow_unsafe_weights", "device"),
+            config_files=("train.init_from",),
             packages=(*ML_STACK, "accelerate"),
             base_model=True,
             consumes=(
                 ("resize", "results/{ds}/resized"),
                 ("merge_captions", "results/{ds}/captions.jsonl"),
             ),
-            logs=("results/{ds}/tensorboard",),
+            logs=("results/{ds}/tensorboard", "results/{ds}/loss.png"),
         ),
         Stage(
             "export",
@@ -91,7 +93,7 @@ STAGES: dict[str, Stage] = {
             "grid",
             "grid",
             outputs=("grids/{ds}.png", "grids/{ds}.json"),
-            config_keys=("grid", "trigger", "resize.resolution", "allow_unsafe_weights"),
+            config_keys=("grid", "trigger", "resize.resolution", "allow_unsafe_weights", "device"),
             packages=ML_STACK,
             base_model=True,
             consumes=(("train", "results/{ds}/checkpoints"),),

@@ -1,9 +1,17 @@
 """Stage 4: train a LoRA adapter (peft) on a dataset's resized images and merged captions.
 
-One readable loop in the style of diffusers' train_text_to_image_lora example: frozen base
-model, LoRA on the UNet attention projections (text encoder optional), noise-prediction loss
-against the model's own noise scheduler. Every random draw comes from one seeded CPU generator,
-so the same inputs and config give a bit-identical adapter on CPU.
+One readable loop in the style of diffusers' train_text_to_image_lora example, changed where
+real datasets need it:
+
+- memory is bounded by the batch: latents (and, with a frozen text encoder, text embeddings)
+  are encoded once into a content-keyed disk cache (loramill.latents) and read per batch;
+- mixed precision through accelerate: frozen weights in half precision, LoRA parameters and
+  optimizer state in float32;
+- exact resume: every checkpoint step saves the full state outside Snakemake's outputs
+  (loramill.train_state); a rerun continues from it bit for bit, and so does a longer run.
+
+Every random draw comes from seeded generators, so the same inputs and config give a
+bit-identical adapter on CPU.
 """
 
 from __future__ import annotations
@@ -12,60 +20,38 @@ import json
 import logging
 import math
 import os
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from loramill import LoramillError, __version__
+from loramill.devices import resolve_device
 from loramill.files import read_jsonl
-from loramill.hashing import hash_file, hash_tree
-from loramill.lora import add_lora, save_checkpoint
+from loramill.hashing import DEFAULT_DB, HashCache
+from loramill.init_from import read_init_weights
+from loramill.latents import (
+    CACHE_ROOT,
+    TensorCache,
+    encode_latents,
+    encode_prompts,
+    encode_texts,
+    latent_keys,
+    load_batch,
+    text_keys,
+)
+from loramill.lora import add_lora, load_network_state, network_state, write_checkpoint
 from loramill.merge import tag_frequency
-from loramill.model import base_model_hash, load_pipeline
+from loramill.model import base_model_hash, component_hash, load_pipeline
 from loramill.resize import MANIFEST
+from loramill.train_config import TrainConfig, checkpoint_steps
+from loramill.train_log import Progress, plot_loss
+from loramill.train_state import RunState
 
 log = logging.getLogger(__name__)
 VERSIONED = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    rank: int = 8
-    alpha: float = 8.0
-    learning_rate: float = 1e-4
-    text_encoder_lr: float = 5e-5
-    train_text_encoder: bool = False
-    max_train_steps: int = 100
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    save_steps: int = 50
-    seed: int = 42
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    max_grad_norm: float = 1.0
-    noise_offset: float = 0.0
-    dtype: str = "float32"
-    # CPU kernels split reductions by thread count, so it is part of what makes a run
-    # bit-reproducible: fixed here rather than taken from the scheduler.
-    threads: int = 2
-
-    @classmethod
-    def from_dict(cls, config: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(config) - known)
-        if unknown:
-            raise LoramillError(f"train.{unknown[0]}: unknown option")
-        return cls(**config)
-
-
-def checkpoint_steps(max_train_steps: int, save_steps: int) -> list[int]:
-    """Steps at which checkpoints are written: every save_steps, and always the last step."""
-    return sorted({*range(save_steps, max_train_steps + 1, save_steps), max_train_steps})
+HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def library_versions() -> dict[str, str]:
@@ -74,8 +60,8 @@ def library_versions() -> dict[str, str]:
     return {"loramill": __version__} | {name: md.version(name) for name in VERSIONED}
 
 
-def load_training_images(resized_dir: Path, captions_jsonl: Path) -> tuple[torch.Tensor, list[str]]:
-    """Images as a [-1, 1] float tensor (N, 3, H, W) and their captions, in caption order."""
+def read_examples(resized_dir: Path, captions_jsonl: Path) -> tuple[list[Path], list[str], int]:
+    """Image paths and captions in caption order, and the resolution; no pixels are read."""
     manifest = json.loads((resized_dir / MANIFEST).read_text())
     available = {entry["file"] for entry in manifest["images"]}
     records = read_jsonl(captions_jsonl)
@@ -84,45 +70,296 @@ def load_training_images(resized_dir: Path, captions_jsonl: Path) -> tuple[torch
         raise LoramillError(f"{captions_jsonl}: caption for unknown image '{missing[0]}'")
     if not records:
         raise LoramillError(f"{captions_jsonl}: no captioned images to train on")
-    arrays = [np.asarray(Image.open(resized_dir / r["image"]).convert("RGB")) for r in records]
-    pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return pixels, [r["caption"] for r in records]
+    images = [resized_dir / r["image"] for r in records]
+    return images, [r["caption"] for r in records], manifest["resolution"]
 
 
 def provenance(
     dataset: str,
     trigger: str,
-    resized_dir: Path,
-    captions_jsonl: Path,
     base_model: str,
-    config: TrainConfig,
+    cfg: TrainConfig,
     captions: list[str],
+    resolution: int,
+    data_fingerprint: str,
+    device: str,
 ) -> dict[str, Any]:
-    resolution = json.loads((resized_dir / MANIFEST).read_text())["resolution"]
+    init_from = (
+        {"init_from_hash": HashCache(DEFAULT_DB).file(cfg.init_from)} if cfg.init_from else {}
+    )
     return {
         "dataset": dataset,
         "trigger": trigger,
-        "data_fingerprint": hash_tree(resized_dir) + ":" + hash_file(captions_jsonl),
+        "data_fingerprint": data_fingerprint,
         "base_model": base_model,
         "base_model_hash": base_model_hash(base_model),
-        "train_config": asdict(config),
-        "seed": config.seed,
+        "train_config": cfg.as_dict(),
+        "seed": cfg.seed,
         "resolution": resolution,
         "num_images": len(captions),
         "tag_frequency": tag_frequency(captions),
+        "device": device,
         "versions": library_versions(),
-    }
+    } | init_from
 
 
-def encode_prompts(tokenizer: Any, text_encoder: Any, captions: list[str]) -> torch.Tensor:
-    tokens = tokenizer(
-        captions,
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(text_encoder.device)
-    return text_encoder(tokens)[0]
+class Encoded:
+    """Cache keys of every example's latent and (frozen text encoder) text embedding."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        images: list[Path],
+        captions: list[str],
+        cfg: TrainConfig,
+        base_model: str,
+        device: Any,
+        cache_root: Path,
+    ) -> None:
+        hashes = HashCache(DEFAULT_DB)
+        versions = {"torch": torch.__version__, "diffusers": library_versions()["diffusers"]}
+        # float32 whatever the training precision: encoding happens once per image, and
+        # half-precision VAEs are known to overflow.
+        encoder = {
+            "vae": component_hash(base_model, "vae", hashes),
+            "dtype": "float32",
+            "device": device.type,
+            "batch": cfg.vae_batch_size,
+            "versions": versions,
+        }
+        self.latents = TensorCache(cache_root / "latents")
+        self.latent_keys = latent_keys([hashes.file(p) for p in images], encoder)
+        hashes.save()
+        vae = pipe.vae.to(device)
+        counts = encode_latents(vae, self.latents, self.latent_keys, images, cfg.vae_batch_size)
+        log.info("%s", counts.line("latents"))
+        self.scaling = vae.config.scaling_factor
+        self.texts: TensorCache | None = None
+        if not cfg.train_text_encoder:
+            text_encoder = {
+                "tokenizer": component_hash(base_model, "tokenizer", hashes),
+                "text_encoder": component_hash(base_model, "text_encoder", hashes),
+                "device": device.type,
+                "versions": versions,
+            }
+            self.texts = TensorCache(cache_root / "text_embeddings")
+            self.text_keys = text_keys(captions, text_encoder)
+            te = pipe.text_encoder.to(device)
+            counts = encode_texts(pipe.tokenizer, te, self.texts, self.text_keys, captions)
+            log.info("%s", counts.line("text embeddings"))
+
+
+def make_accelerator(cfg: TrainConfig, device_spec: str, logdir: str | os.PathLike) -> Any:
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    device = resolve_device(device_spec)
+    cfg.check_device(device.type)
+    # accelerate keeps its settings in a process-wide singleton; a second training in one
+    # process (tests, notebooks) with other settings must start from a clean one.
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        cpu=device.type == "cpu",
+        log_with="tensorboard",
+        project_dir=str(logdir),
+    )
+
+
+class Training:
+    """The models, optimizer and data order of one run, and the step that advances them."""
+
+    def __init__(
+        self, cfg: TrainConfig, accelerator: Any, pipe: Any, encoded: Encoded, captions: list[str]
+    ) -> None:
+        from diffusers import DDPMScheduler
+
+        self.cfg, self.accelerator, self.encoded, self.captions = (
+            cfg,
+            accelerator,
+            encoded,
+            captions,
+        )
+        self.device = accelerator.device
+        self.rng = torch.Generator().manual_seed(cfg.seed)  # every draw of the loop
+        self.order = torch.empty(0, dtype=torch.long)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.tokenizer = pipe.tokenizer
+        unet, text_encoder = self._network(pipe)
+        trained = [m for m in (unet, text_encoder) if m is not None]
+        *models, self.optimizer, self.lr_scheduler = accelerator.prepare(
+            *trained, *self._optimizer(unet, text_encoder)
+        )
+        self.unet, self.text_encoder = (*models, None)[:2]
+        for model in models:
+            model.train()
+
+    def _network(self, pipe: Any) -> tuple[Any, Any]:
+        """Frozen base weights (half precision under mixed precision), fp32 LoRA layers."""
+        from diffusers.training_utils import cast_training_params
+
+        cfg, weight_dtype = self.cfg, HALF.get(self.cfg.mixed_precision, torch.float32)
+        unet, text_encoder = pipe.unet, pipe.text_encoder if cfg.train_text_encoder else None
+        torch.manual_seed(cfg.seed)  # LoRA init draws from the global generator
+        add_lora(unet, text_encoder, cfg.rank, cfg.alpha)
+        trained = [m for m in (unet, text_encoder) if m is not None]
+        if cfg.init_from:
+            models = dict(zip(("unet", "text_encoder"), trained, strict=False))
+            start, _ = network_state(unet, text_encoder)
+            start.update(read_init_weights(cfg.init_from, models, cfg.rank, cfg.alpha))
+            load_network_state(unet, text_encoder, start)
+            log.info("LoRA initialised from %s", cfg.init_from)
+        for model in trained:
+            model.to(self.device, dtype=weight_dtype)
+        if weight_dtype != torch.float32:
+            cast_training_params(trained, dtype=torch.float32)
+            unet.to(memory_format=torch.channels_last)  # measured faster with bf16 on CPU
+        return unet, text_encoder
+
+    def _optimizer(self, unet: Any, text_encoder: Any) -> tuple[Any, Any]:
+        from diffusers.optimization import get_scheduler
+
+        cfg = self.cfg
+        groups = [
+            {"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}
+        ]
+        if cfg.train_text_encoder:
+            groups.append(
+                {
+                    "params": [p for p in text_encoder.parameters() if p.requires_grad],
+                    "lr": cfg.text_encoder_lr,
+                }
+            )
+        optimizer = torch.optim.AdamW(groups)
+        processes = self.accelerator.num_processes
+        scheduler = get_scheduler(
+            cfg.lr_scheduler,
+            optimizer=optimizer,
+            num_warmup_steps=cfg.lr_warmup_steps * processes,
+            num_training_steps=cfg.max_train_steps * processes,
+        )
+        return optimizer, scheduler
+
+    def _next_batch(self) -> list[int]:
+        size = self.cfg.train_batch_size
+        if len(self.order) < size:  # new epoch: reshuffle
+            fresh = torch.randperm(len(self.captions), generator=self.rng)
+            self.order = torch.cat([self.order, fresh])
+        batch, self.order = self.order[:size], self.order[size:]
+        return batch.tolist()
+
+    def _loss(self, batch: list[int]) -> torch.Tensor:
+        encoded, rng, scheduler = self.encoded, self.rng, self.noise_scheduler
+        cached = load_batch(encoded.latents, [encoded.latent_keys[i] for i in batch])
+        mean, std = cached["mean"], cached["std"]
+        latents = (mean + std * torch.randn(mean.shape, generator=rng)) * encoded.scaling
+        noise = torch.randn(latents.shape, generator=rng)
+        if self.cfg.noise_offset:
+            offset = torch.randn((len(batch), latents.shape[1], 1, 1), generator=rng)
+            noise += self.cfg.noise_offset * offset
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (len(batch),), generator=rng
+        )
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        if encoded.texts is None:
+            hidden = encode_prompts(
+                self.tokenizer, self.text_encoder, [self.captions[i] for i in batch]
+            )
+        else:
+            hidden = load_batch(encoded.texts, [encoded.text_keys[i] for i in batch])["hidden"]
+        if scheduler.config.prediction_type == "v_prediction":
+            target = scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        pred = self.unet(
+            noisy.to(self.device), timesteps.to(self.device), hidden.to(self.device)
+        ).sample
+        return F.mse_loss(pred.float(), target.to(self.device).float(), reduction="mean")
+
+    def step(self) -> float:
+        """One optimizer step over gradient_accumulation_steps batches; the mean loss."""
+        accumulation, total = self.cfg.gradient_accumulation_steps, 0.0
+        for _ in range(accumulation):
+            loss = self._loss(self._next_batch())
+            self.accelerator.backward(loss / accumulation)
+            total += loss.item()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / accumulation
+
+    def lrs(self) -> dict[str, float]:
+        names = ("unet", "text_encoder")
+        return dict(zip(names, self.lr_scheduler.get_last_lr(), strict=False))
+
+    def adapters(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        unwrap = self.accelerator.unwrap_model
+        text_encoder = unwrap(self.text_encoder) if self.text_encoder is not None else None
+        return network_state(unwrap(self.unet), text_encoder)
+
+    def state(self, step: int, history: list[dict[str, Any]]) -> dict[str, Any]:
+        scaler = self.accelerator.scaler
+        return {
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "rng": self.rng.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
+            "order": self.order.clone(),
+            "history": history,
+            "device": self.device.type,
+        }
+
+    def restore(self, adapters: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        unwrap = self.accelerator.unwrap_model
+        text_encoder = unwrap(self.text_encoder) if self.text_encoder is not None else None
+        load_network_state(unwrap(self.unet), text_encoder, adapters)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if state["scaler"] is not None and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(state["scaler"])
+        self.rng.set_state(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.order = state["order"]
+
+
+def resume(training: Training, run: RunState | None, needed: list[int]) -> tuple[int, list[dict]]:
+    """Load the newest usable saved state; return its step and the loss history so far."""
+    start = run.resume_point(needed) if run else 0
+    if not start:
+        return 0, []
+    state = run.load_state(start)
+    if state["device"] != training.device.type:
+        log.warning(
+            "state saved on %s, resuming on %s: the result will not be bit-identical "
+            "to an uninterrupted run",
+            state["device"],
+            training.device.type,
+        )
+    if state["step"] == start:
+        training.restore(run.load_adapters(start), state)
+    log.info("resumed from step %d", start)
+    return start, [r for r in state["history"] if r["step"] <= start]
+
+
+class CheckpointWriter:
+    def __init__(
+        self, folder: str | os.PathLike, adapter_metadata: dict[str, Any], record: dict[str, Any]
+    ) -> None:
+        self.folder, self.adapter_metadata, self.written = Path(folder), adapter_metadata, []
+        self.provenance = json.dumps(record, sort_keys=True)
+
+    def write(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
+        path = self.folder / f"step-{step:06d}.safetensors"
+        metadata = {"loramill.step": str(step), "loramill.provenance": self.provenance}
+        write_checkpoint(path, tensors, self.adapter_metadata, metadata)
+        self.written.append(path)
 
 
 def train_lora(
@@ -135,126 +372,80 @@ def train_lora(
     dataset: str,
     trigger: str = "",
     allow_unsafe_weights: bool = False,
+    device: str = "auto",
+    state_dir: str | os.PathLike | None = None,
+    loss_png: str | os.PathLike | None = None,
+    cache_root: str | os.PathLike = CACHE_ROOT,
 ) -> list[Path]:
-    """Train and write ``step-NNNNNN.safetensors`` checkpoints; return their paths."""
-    from accelerate import Accelerator
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
+    """Train and write ``step-NNNNNN.safetensors`` checkpoints; return their paths.
 
+    With ``state_dir``, the full state is saved there at every checkpoint step and a rerun
+    resumes from it (see loramill.train_state).
+    """
     cfg = TrainConfig.from_dict(config)
     torch.set_num_threads(cfg.threads)
-    resized_dir, captions_jsonl = Path(resized_dir), Path(captions_jsonl)
-    checkpoints_dir = Path(checkpoints_dir)
-    pixels, captions = load_training_images(resized_dir, captions_jsonl)
-    record = provenance(dataset, trigger, resized_dir, captions_jsonl, base_model, cfg, captions)
-
-    accelerator = Accelerator(
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        log_with="tensorboard",
-        project_dir=str(logdir),
+    images, captions, resolution = read_examples(Path(resized_dir), Path(captions_jsonl))
+    cfg.check_dataset(len(images))
+    accelerator = make_accelerator(cfg, device, logdir)
+    accelerator.init_trackers(dataset, config={k: str(v) for k, v in cfg.as_dict().items()})
+    data_fingerprint = (
+        HashCache(DEFAULT_DB).digest(resized_dir) + ":" + HashCache(DEFAULT_DB).file(captions_jsonl)
     )
-    accelerator.init_trackers(dataset, config={k: str(v) for k, v in asdict(cfg).items()})
-    torch.manual_seed(cfg.seed)  # LoRA weight init draws from the global generator
-    rng = torch.Generator().manual_seed(cfg.seed)  # every other draw comes from here
-
-    pipe = load_pipeline(base_model, cfg.dtype, allow_unsafe_weights)
-    unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
-    add_lora(unet, text_encoder if cfg.train_text_encoder else None, cfg.rank, cfg.alpha)
-    device = accelerator.device
-    for module in (unet, vae, text_encoder):
-        module.to(device)
-
-    # The VAE is frozen and there is no augmentation, so each image's latent distribution is
-    # computed once; a fresh sample is still drawn every step, as the diffusers example does.
-    with torch.no_grad():
-        dist = vae.encode(pixels.to(device, vae.dtype)).latent_dist
-        latent_mean, latent_std = dist.mean.float().cpu(), dist.std.float().cpu()
-        prompt_embeds = (
-            None if cfg.train_text_encoder else encode_prompts(tokenizer, text_encoder, captions)
-        )
-    scaling = vae.config.scaling_factor
-
-    groups = [
-        {"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}
-    ]
-    if cfg.train_text_encoder:
-        text_params = [p for p in text_encoder.parameters() if p.requires_grad]
-        groups.append({"params": text_params, "lr": cfg.text_encoder_lr})
-    optimizer = torch.optim.AdamW(groups)
-    lr_scheduler = get_scheduler(
-        cfg.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=cfg.max_train_steps * accelerator.num_processes,
+    record = provenance(
+        dataset,
+        trigger,
+        base_model,
+        cfg,
+        captions,
+        resolution,
+        data_fingerprint,
+        accelerator.device.type,
     )
-    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(
-        unet, text_encoder, optimizer, lr_scheduler
-    )
-    trained = [unet, text_encoder] if cfg.train_text_encoder else [unet]
-    for module in trained:
-        module.train()
 
-    saves = set(checkpoint_steps(cfg.max_train_steps, cfg.save_steps))
-    written: list[Path] = []
-    order = torch.empty(0, dtype=torch.long)
-    step = micro_step = 0
-    log.info("training %s: %d images, %d steps", dataset, len(captions), cfg.max_train_steps)
-    while step < cfg.max_train_steps:
-        if len(order) < cfg.train_batch_size:  # new epoch: reshuffle
-            order = torch.cat([order, torch.randperm(len(captions), generator=rng)])
-        batch, order = order[: cfg.train_batch_size], order[cfg.train_batch_size :]
-        with accelerator.accumulate(*trained):
-            eps = torch.randn(latent_mean[batch].shape, generator=rng)
-            latents = (latent_mean[batch] + latent_std[batch] * eps) * scaling
-            noise = torch.randn(latents.shape, generator=rng)
-            if cfg.noise_offset:
-                noise += cfg.noise_offset * torch.randn(
-                    (len(batch), latents.shape[1], 1, 1), generator=rng
-                )
-            timesteps = torch.randint(
-                0, noise_scheduler.config.num_train_timesteps, (len(batch),), generator=rng
-            )
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-            if prompt_embeds is None:
-                hidden = encode_prompts(tokenizer, text_encoder, [captions[i] for i in batch])
-            else:
-                hidden = prompt_embeds[batch]
-            if noise_scheduler.config.prediction_type == "v_prediction":
-                target = noise_scheduler.get_velocity(latents, noise, timesteps)
-            else:
-                target = noise
-            pred = unet(noisy.to(device, unet.dtype), timesteps.to(device), hidden).sample
-            loss = F.mse_loss(pred.float(), target.to(device).float(), reduction="mean")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients:
-                params = [p for m in trained for p in m.parameters() if p.requires_grad]
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad()
-        micro_step += 1
-        if not accelerator.sync_gradients:
-            continue
-        step += 1
-        if not math.isfinite(loss.item()):
-            raise LoramillError(f"train {dataset}: loss became {loss.item()} at step {step}")
-        accelerator.log({"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}, step=step)
-        if step in saves:
-            path = checkpoints_dir / f"step-{step:06d}.safetensors"
-            metadata = {
-                "loramill.step": str(step),
-                "loramill.provenance": json.dumps(record, sort_keys=True),
-            }
-            save_checkpoint(
-                path,
-                accelerator.unwrap_model(unet),
-                accelerator.unwrap_model(text_encoder) if cfg.train_text_encoder else None,
-                metadata,
-            )
-            written.append(path)
-            log.info("step %d: loss %.5f, wrote %s", step, loss.item(), path.name)
+    pipe = load_pipeline(base_model, "float32", allow_unsafe_weights)
+    encoded = Encoded(pipe, images, captions, cfg, base_model, accelerator.device, Path(cache_root))
+    training = Training(cfg, accelerator, pipe, encoded, captions)
+    del pipe  # the VAE (and a cached text encoder) are no longer needed
+    run = RunState(state_dir) if state_dir else None
+    needed = checkpoint_steps(cfg.max_train_steps, cfg.save_steps)
+    start, history = resume(training, run, needed)
+    writer = CheckpointWriter(checkpoints_dir, training.adapters()[1], record)
+    for step in (s for s in needed if s <= start):
+        writer.write(step, run.load_adapters(step))
+
+    log.info(
+        "training %s: %d images, steps %d → %d", dataset, len(images), start, cfg.max_train_steps
+    )
+    history = run_steps(training, start, history, writer, run, needed)
     accelerator.end_training()
-    return written
+    if loss_png:
+        plot_loss(history, loss_png, f"{dataset}: training loss")
+    if run:
+        run.finish(keep=cfg.continues)
+    return writer.written
+
+
+def run_steps(
+    training: Training,
+    start: int,
+    history: list[dict],
+    writer: CheckpointWriter,
+    run: RunState | None,
+    needed: list[int],
+) -> list[dict]:
+    """Train from ``start`` to the last step, writing checkpoints (and states) at ``needed``;
+    return the whole loss history."""
+    total = training.cfg.max_train_steps
+    progress = Progress(training.accelerator, total, start, history)
+    for step in range(start + 1, total + 1):
+        loss = training.step()
+        if not math.isfinite(loss):
+            raise LoramillError(f"train: loss became {loss} at step {step}")
+        progress.update(step, loss, training.lrs())
+        if step in needed:
+            tensors, _ = training.adapters()
+            writer.write(step, tensors)
+            if run:
+                run.save(step, tensors, training.state(step, progress.history))
+    progress.close()
+    return progress.history

@@ -1,0 +1,96 @@
+"""Incremental training: start a LoRA from an existing adapter file (``train.init_from``).
+
+Accepts what loramill exports and what other trainers share: kohya-named files
+(``lora_unet_…`` / ``lora_te_…`` with per-module ``.alpha``) and diffusers-format files
+(``unet.…lora_A.weight``). The rank is read from the file; a rank or alpha that differs from
+the configured one is refused, because the adapter would then load at another strength.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from loramill import LoramillError
+from loramill.export import KOHYA_PREFIXES, PEFT_SUFFIXES, _kohya_module
+from loramill.lora import adapter_state, read_checkpoint
+
+KOHYA_SUFFIXES = {kohya: peft for peft, kohya in PEFT_SUFFIXES.items()}
+
+
+def _kohya_names(models: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """kohya module name → (component, peft module path), for the layers being trained."""
+    names = {}
+    for component, model in models.items():
+        for key in adapter_state(model)[0]:
+            module = key.removesuffix(".lora_A.weight").removesuffix(".lora_B.weight")
+            names[_kohya_module(component, module)] = (component, module)
+    return names
+
+
+def _from_kohya(tensors: dict[str, Any], models: dict[str, Any], path: str) -> dict[str, Any]:
+    names = _kohya_names(models)
+    converted = {}
+    for key, tensor in sorted(tensors.items()):
+        module, _, suffix = key.partition(".")
+        if suffix == "alpha":
+            continue
+        if module.startswith(KOHYA_PREFIXES["text_encoder"]) and "text_encoder" not in models:
+            raise LoramillError(
+                f"train.init_from {path}: the file has text_encoder layers; set "
+                "train.train_text_encoder: true to train them"
+            )
+        if module not in names:
+            raise LoramillError(
+                f"train.init_from {path}: '{module}' is not a layer of the configured network"
+            )
+        if suffix not in KOHYA_SUFFIXES:
+            raise LoramillError(f"train.init_from {path}: key '{key}' is not a LoRA weight")
+        component, peft_module = names[module]
+        converted[f"{component}.{peft_module}{KOHYA_SUFFIXES[suffix]}"] = tensor
+    return converted
+
+
+def _rank_and_alphas(checkpoint: Any) -> tuple[list[int], list[float]]:
+    """Ranks of the down (A) matrices and the alphas the file stores, in either format."""
+    tensors = checkpoint.tensors
+    down = (".lora_down.weight", ".lora_A.weight")
+    ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith(down)})
+    alphas = [float(t) for k, t in tensors.items() if k.endswith(".alpha")]
+    config = checkpoint.adapter_configs.get("unet", {})
+    if not alphas and "lora_alpha" in config:
+        alphas = [float(config["lora_alpha"])]
+    # Neither format must store alpha; both then mean alpha = rank (scale 1).
+    return ranks, sorted(set(alphas)) or [float(r) for r in ranks]
+
+
+def read_init_weights(
+    path: str | os.PathLike, models: dict[str, Any], rank: int, alpha: float
+) -> dict[str, Any]:
+    """The file's LoRA tensors under checkpoint keys (``unet.<module>.lora_A.weight`` …),
+    checked against the configured rank and alpha and the layers being trained."""
+    if not Path(path).is_file():
+        raise LoramillError(f"train.init_from {path}: no such file")
+    try:
+        checkpoint = read_checkpoint(path)
+    except Exception as error:  # safetensors reports a bad file in several exception types
+        raise LoramillError(f"train.init_from {path}: not a safetensors file ({error})") from None
+    ranks, alphas = _rank_and_alphas(checkpoint)
+    if not ranks:
+        raise LoramillError(f"train.init_from {path}: no LoRA tensors")
+    if ranks != [rank] or alphas != [float(alpha)]:
+        shown_rank, shown_alpha = "/".join(map(str, ranks)), "/".join(f"{a:g}" for a in alphas)
+        raise LoramillError(
+            f"train.init_from {path}: the file has rank {shown_rank}, alpha {shown_alpha}; "
+            f"the config has rank {rank}, alpha {alpha:g} (set train.rank and train.alpha)"
+        )
+    tensors = checkpoint.tensors
+    if any(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in tensors):
+        return _from_kohya(tensors, models, str(path))
+    for component in sorted({key.partition(".")[0] for key in tensors} - set(models)):
+        raise LoramillError(
+            f"train.init_from {path}: the file has {component} layers; set "
+            "train.train_text_encoder: true to train them"
+        )
+    return tensors

@@ -1,0 +1,108 @@
+"""The train section of the config: its options, their checks, and what they imply.
+
+Checks that need only the config run at parse time (rules/common.smk) as well as in the job,
+so a mistake stops Snakemake before any job runs; the dataset-size check runs in the job,
+after resize has decided which images are usable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from loramill import LoramillError
+
+# Schedules whose learning rate at step N does not depend on max_train_steps: a longer run
+# follows the shorter one's trajectory exactly, so it can continue from its saved state.
+TOTAL_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+# Options that only decide where a run stops and what it writes out, not its trajectory.
+STOPPING_OPTIONS = ("max_train_steps", "save_steps")
+REPLACED = {
+    "dtype": "replaced by train.mixed_precision (no | fp16 | bf16); LoRA weights and "
+    "optimizer state always stay float32",
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rank: int = 8
+    alpha: float = 8.0
+    learning_rate: float = 1e-4
+    text_encoder_lr: float = 5e-5
+    train_text_encoder: bool = False
+    max_train_steps: int = 100
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    save_steps: int = 50
+    seed: int = 42
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    noise_offset: float = 0.0
+    mixed_precision: str = "no"
+    # Images per vae.encode call. Latents are cached per image, so a call always gets exactly
+    # this many images (the last chunk is padded): on CPU a latent's bits depend on the batch
+    # shape it was encoded in, and a fresh run must match an incremental one.
+    vae_batch_size: int = 1
+    init_from: str = ""
+    # CPU kernels split reductions by thread count, so it is part of what makes a run
+    # bit-reproducible: fixed here rather than taken from the scheduler.
+    threads: int = 2
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> TrainConfig:
+        check_replaced(config)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise LoramillError(f"train.{unknown[0]}: unknown option")
+        cfg = cls(**config)
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Combinations the schema cannot express; each error names the key to change."""
+        if self.mixed_precision not in MIXED_PRECISION:
+            choices = " | ".join(MIXED_PRECISION)
+            raise LoramillError(f"train.mixed_precision '{self.mixed_precision}': use {choices}")
+        if self.lr_scheduler == "constant" and self.lr_warmup_steps:
+            raise LoramillError(
+                f"train.lr_warmup_steps: {self.lr_warmup_steps} has no effect with "
+                "lr_scheduler: constant; use lr_scheduler: constant_with_warmup"
+            )
+
+    def check_dataset(self, images: int) -> None:
+        if self.train_batch_size > images:
+            raise LoramillError(
+                f"train.train_batch_size: {self.train_batch_size} is more than the dataset's "
+                f"{images} usable image{'s' if images != 1 else ''}; lower it or add images"
+            )
+
+    def check_device(self, device_type: str) -> None:
+        if self.mixed_precision == "fp16" and device_type != "cuda":
+            raise LoramillError(
+                "train.mixed_precision: fp16 needs a CUDA GPU (gradient scaling); on CPU use "
+                "bf16 or no"
+            )
+
+    @property
+    def continues(self) -> bool:
+        """Whether a longer run of this config may continue a shorter one's saved state."""
+        return self.lr_scheduler in TOTAL_FREE_SCHEDULES
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_replaced(section: Any, where: str = "train") -> None:
+    if not isinstance(section, dict):
+        return  # the schema reports it
+    for key, hint in REPLACED.items():
+        if key in section:
+            raise LoramillError(f"{where}.{key}: {hint}")
+
+
+def checkpoint_steps(max_train_steps: int, save_steps: int) -> list[int]:
+    """Steps at which checkpoints are written: every save_steps, and always the last step."""
+    return sorted({*range(save_steps, max_train_steps + 1, save_steps), max_train_steps})
