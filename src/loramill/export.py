@@ -19,18 +19,13 @@ from typing import TYPE_CHECKING, Any
 from loramill import LoramillError
 from loramill.files import serialize_safetensors as serialize
 from loramill.files import write_bytes
+from loramill.kohya_names import KOHYA_PREFIXES, PEFT_SUFFIXES, kohya_module
 from loramill.lora import ADAPTER_METADATA_KEY, Checkpoint, read_checkpoint
 
 if TYPE_CHECKING:
     import torch
 
-KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
-# peft suffix -> kohya suffix; nothing else (biases, DoRA magnitudes) has a kohya spelling.
-PEFT_SUFFIXES = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight"}
 MODULE_NAME = re.compile(r"^[a-z0-9_.]+$")
-# A1111 and ComfyUI map SD1.x text-encoder keys by the transformers-4 module path, which had
-# a `text_model.` level that transformers 5's CLIPTextModel no longer has.
-TE_ROOT = "text_model."
 PROVENANCE_KEY = "loramill.provenance"
 STEP_KEY = "loramill.step"
 MODELSPEC = {
@@ -60,12 +55,6 @@ def _split_key(key: str) -> tuple[str, str, str]:
     )
 
 
-def _kohya_module(component: str, module: str) -> str:
-    if component == "text_encoder" and not module.startswith(TE_ROOT):
-        module = TE_ROOT + module
-    return KOHYA_PREFIXES[component] + module.replace(".", "_")
-
-
 def _component_alpha(checkpoint: Checkpoint, component: str) -> float:
     config = checkpoint.adapter_configs.get(component)
     if not config or "lora_alpha" not in config:
@@ -92,7 +81,7 @@ def to_kohya(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     modules: dict[str, tuple[str, str]] = {}
     for key in sorted(checkpoint.tensors):
         component, module, suffix = _split_key(key)
-        name = _kohya_module(component, module)
+        name = kohya_module(component, module)
         target = f"{name}.{suffix}"
         # dots -> underscores is lossy; two modules must never share one kohya name.
         if target in out:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
-from loramill.export import KOHYA_PREFIXES, PEFT_SUFFIXES, _kohya_module
+from loramill.kohya_names import KOHYA_PREFIXES, PEFT_SUFFIXES, kohya_module
 from loramill.lora import adapter_state, read_checkpoint
 
 KOHYA_SUFFIXES = {kohya: peft for peft, kohya in PEFT_SUFFIXES.items()}
@@ -25,7 +25,7 @@ def _kohya_names(models: dict[str, Any]) -> dict[str, tuple[str, str]]:
     for component, model in models.items():
         for key in adapter_state(model)[0]:
             module = key.removesuffix(".lora_A.weight").removesuffix(".lora_B.weight")
-            names[_kohya_module(component, module)] = (component, module)
+            names[kohya_module(component, module)] = (component, module)
     return names
 
 
