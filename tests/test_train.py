@@ -156,6 +156,11 @@ def test_caches_are_reused_and_keyed_by_content(prepared, tmp_path, tiny_sd, cap
         original.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(image)
     _, lines = train_logged(edited, tmp_path / "d", tiny_sd, caplog, cache_root=cache)
     assert "latents: 1 encoded, 4 reused" in lines
+    # Another CPU thread count gives other bits: not reused.
+    _, lines = train_logged(
+        prepared, tmp_path / "e", tiny_sd, caplog, config={"threads": 1}, cache_root=cache
+    )
+    assert "latents: 5 encoded, 0 reused" in lines
 
 
 def test_interrupted_run_resumes_bit_identical(prepared, tmp_path, tiny_sd, caplog, monkeypatch):

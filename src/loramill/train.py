@@ -117,7 +117,13 @@ class Encoded:
         cache_root: Path,
     ) -> None:
         hashes = HashCache(DEFAULT_DB)
-        versions = {"torch": torch.__version__, "diffusers": library_versions()["diffusers"]}
+        # What decides an encoding's bits besides the input: CPU kernels split work by thread
+        # count, so it belongs to the key like the device type and the library versions.
+        versions = {
+            "torch": torch.__version__,
+            "diffusers": library_versions()["diffusers"],
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        }
         # float32 whatever the training precision: encoding happens once per image, and
         # half-precision VAEs are known to overflow.
         encoder = {
@@ -135,6 +141,7 @@ class Encoded:
         log.info("%s", counts.line("latents"))
         self.scaling = vae.config.scaling_factor
         self.texts: TensorCache | None = None
+        self.text_keys: list[str] = []
         if not cfg.train_text_encoder:
             text_encoder = {
                 "tokenizer": component_hash(base_model, "tokenizer", hashes),
