@@ -146,21 +146,11 @@ def test_real_sd15_architecture_names():
     from peft.utils import get_peft_model_state_dict
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from loramill.tiny_models import CLIP_TEXT, SD15
+
     with init_empty_weights():
-        unet = UNet2DConditionModel(
-            block_out_channels=(320, 640, 1280, 1280),
-            cross_attention_dim=768,
-            attention_head_dim=8,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                hidden_size=768,
-                intermediate_size=3072,
-                num_hidden_layers=12,
-                num_attention_heads=12,
-                hidden_act="quick_gelu",
-            )
-        )
+        unet = UNet2DConditionModel(**SD15["unet"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **SD15["text_encoder"]))
     add_lora(unet, text_encoder, rank=4, alpha=2.0)
     tensors, configs = {}, {}
     for name, model in (("unet", unet), ("text_encoder", text_encoder)):

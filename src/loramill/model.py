@@ -151,8 +151,9 @@ def float32_bytes(spec: str) -> int:
 def job_mem_mb(spec: str, resolution: int, batch_size: int, training: bool) -> int:
     """A realistic memory request for a model job: float32 weights, plus activations.
 
-    Calibrated on the SD1.5 architecture (bench/README.md): a LoRA step at 512 px, batch 1,
-    peaks at about 6.5 GiB with 4 GiB of float32 weights.
+    Calibrated on the SD1.5 architecture (bench/README.md): with 4.0 GiB of float32 weights a
+    LoRA step peaked at 6.1 GiB at 512 px and 4.4 GiB (5.2 GiB in bf16) at 256 px, batch 1;
+    this asks 7.0 and 5.8 GiB.
     """
     weights_mb = float32_bytes(spec) / 2**20
     per_image_mb = (1600 if training else 600) * (resolution / 512) ** 2

@@ -45,8 +45,77 @@ def build_clip_tokenizer(bpe_path: str | os.PathLike | None = None):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def build_tiny_sd(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Build and save the tiny SD1.x pipeline; the same seed gives byte-identical files."""
+# Token ids and lengths every CLIP text encoder of SD1.x uses.
+CLIP_TEXT = {
+    "vocab_size": CLIP_VOCAB_SIZE,
+    "max_position_embeddings": 77,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+    "pad_token_id": 49407,
+}
+# Stable Diffusion 1.5's layer sizes (UNet 859.5 M, VAE 83.7 M, CLIP-L 123.1 M parameters);
+# UNet2DConditionModel's default block layout is SD1.5's.
+SD15 = {
+    "unet": {
+        "sample_size": 64,
+        "block_out_channels": (320, 640, 1280, 1280),
+        "layers_per_block": 2,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+    },
+    "vae": {
+        "block_out_channels": (128, 256, 512, 512),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "sample_size": 512,
+    },
+    "text_encoder": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 768,
+    },
+}
+# The embedded model: SD1.x module names (so LoRA keys and exports are the real ones), small
+# widths.
+TINY = {
+    "unet": {
+        "sample_size": 8,
+        "block_out_channels": (32, 64),
+        "layers_per_block": 1,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32,
+        "attention_head_dim": 8,
+        "norm_num_groups": 16,
+    },
+    "vae": {
+        "block_out_channels": (16, 16, 32, 32),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "latent_channels": 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+        "sample_size": 64,
+    },
+    "text_encoder": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "projection_dim": 32,
+    },
+}
+
+
+def sd_pipeline(sizes: dict[str, dict], seed: int = 0):
+    """A Stable Diffusion 1.x pipeline with random weights and the given layer sizes, built
+    offline: real CLIP tokenizer, the scheduler SD1.5 ships with. The same seed gives the same
+    weights."""
     from diffusers import (
         AutoencoderKL,
         PNDMScheduler,
@@ -56,40 +125,9 @@ def build_tiny_sd(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=16,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(16, 16, 32, 32),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=CLIP_VOCAB_SIZE,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=32,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=49407,
-        )
-    )
-    # The scheduler Stable Diffusion 1.5 ships with.
+    unet = UNet2DConditionModel(**sizes["unet"])
+    vae = AutoencoderKL(**sizes["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **sizes["text_encoder"]))
     scheduler = PNDMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
@@ -99,7 +137,7 @@ def build_tiny_sd(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         steps_offset=1,
         set_alpha_to_one=False,
     )
-    pipe = StableDiffusionPipeline(
+    return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=build_clip_tokenizer(),
@@ -109,6 +147,11 @@ def build_tiny_sd(out_dir: str | os.PathLike, seed: int = 0) -> Path:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+
+
+def build_tiny_sd(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build and save the tiny SD1.x pipeline; the same seed gives byte-identical files."""
+    pipe = sd_pipeline(TINY, seed)
     # fp16 on disk keeps the model under a few MB; loading upcasts to the configured dtype.
     pipe.to(torch.float16)
     pipe.save_pretrained(out_dir, safe_serialization=True)
