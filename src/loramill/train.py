@@ -83,16 +83,15 @@ def provenance(
     resolution: int,
     data_fingerprint: str,
     device: str,
+    hashes: HashCache,
 ) -> dict[str, Any]:
-    init_from = (
-        {"init_from_hash": HashCache(DEFAULT_DB).file(cfg.init_from)} if cfg.init_from else {}
-    )
+    init_from = {"init_from_hash": hashes.file(cfg.init_from)} if cfg.init_from else {}
     return {
         "dataset": dataset,
         "trigger": trigger,
         "data_fingerprint": data_fingerprint,
         "base_model": base_model,
-        "base_model_hash": base_model_hash(base_model),
+        "base_model_hash": base_model_hash(base_model, hashes),
         "train_config": cfg.as_dict(),
         "seed": cfg.seed,
         "resolution": resolution,
@@ -115,8 +114,8 @@ class Encoded:
         base_model: str,
         device: Any,
         cache_root: Path,
+        hashes: HashCache,
     ) -> None:
-        hashes = HashCache(DEFAULT_DB)
         # What decides an encoding's bits besides the input: CPU kernels split work by thread
         # count, so it belongs to the key like the device type and the library versions.
         versions = {
@@ -135,7 +134,6 @@ class Encoded:
         }
         self.latents = TensorCache(cache_root / "latents")
         self.latent_keys = latent_keys([hashes.file(p) for p in images], encoder)
-        hashes.save()
         vae = pipe.vae.to(device)
         counts = encode_latents(vae, self.latents, self.latent_keys, images, cfg.vae_batch_size)
         log.info("%s", counts.line("latents"))
@@ -395,9 +393,8 @@ def train_lora(
     cfg.check_dataset(len(images))
     accelerator = make_accelerator(cfg, device, logdir)
     accelerator.init_trackers(dataset, config={k: str(v) for k, v in cfg.as_dict().items()})
-    data_fingerprint = (
-        HashCache(DEFAULT_DB).digest(resized_dir) + ":" + HashCache(DEFAULT_DB).file(captions_jsonl)
-    )
+    hashes = HashCache(DEFAULT_DB)
+    data_fingerprint = f"{hashes.digest(resized_dir)}:{hashes.file(captions_jsonl)}"
     record = provenance(
         dataset,
         trigger,
@@ -407,10 +404,14 @@ def train_lora(
         resolution,
         data_fingerprint,
         accelerator.device.type,
+        hashes,
     )
 
     pipe = load_pipeline(base_model, "float32", allow_unsafe_weights)
-    encoded = Encoded(pipe, images, captions, cfg, base_model, accelerator.device, Path(cache_root))
+    encoded = Encoded(
+        pipe, images, captions, cfg, base_model, accelerator.device, Path(cache_root), hashes
+    )
+    hashes.save()
     training = Training(cfg, accelerator, pipe, encoded, captions)
     del pipe  # the VAE (and a cached text encoder) are no longer needed
     run = RunState(state_dir) if state_dir else None
