@@ -179,12 +179,8 @@ class Training:
     ) -> None:
         from diffusers import DDPMScheduler
 
-        self.cfg, self.accelerator, self.encoded, self.captions = (
-            cfg,
-            accelerator,
-            encoded,
-            captions,
-        )
+        self.cfg, self.accelerator = cfg, accelerator
+        self.encoded, self.captions = encoded, captions
         self.device = accelerator.device
         self.rng = torch.Generator().manual_seed(cfg.seed)  # every draw of the loop
         self.order = torch.empty(0, dtype=torch.long)
@@ -299,10 +295,13 @@ class Training:
         names = ("unet", "text_encoder")
         return dict(zip(names, self.lr_scheduler.get_last_lr(), strict=False))
 
-    def adapters(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def _unwrapped(self) -> tuple[Any, Any]:
         unwrap = self.accelerator.unwrap_model
         text_encoder = unwrap(self.text_encoder) if self.text_encoder is not None else None
-        return network_state(unwrap(self.unet), text_encoder)
+        return unwrap(self.unet), text_encoder
+
+    def adapters(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return network_state(*self._unwrapped())
 
     def state(self, step: int, history: list[dict[str, Any]]) -> dict[str, Any]:
         scaler = self.accelerator.scaler
@@ -320,9 +319,7 @@ class Training:
         }
 
     def restore(self, adapters: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        unwrap = self.accelerator.unwrap_model
-        text_encoder = unwrap(self.text_encoder) if self.text_encoder is not None else None
-        load_network_state(unwrap(self.unet), text_encoder, adapters)
+        load_network_state(*self._unwrapped(), adapters)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if state["scaler"] is not None and self.accelerator.scaler is not None:
