@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -122,8 +123,8 @@ def component_hash(spec: str, component: str, hashes: HashCache | None = None) -
     return digest
 
 
-# Bytes per parameter of the safetensors dtypes a diffusers folder may hold.
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+# Floating-point safetensors dtypes: weights that load as float32 (integer buffers do not).
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 TRAINED = ("unet", "vae", "text_encoder")
 
 
@@ -141,10 +142,7 @@ def float32_bytes(spec: str) -> int:
             header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
         for name, entry in header.items():
             if name != "__metadata__":
-                count = 1
-                for size in entry["shape"]:
-                    count *= size
-                total += count * 4 if entry["dtype"] in DTYPE_BYTES else 0
+                total += math.prod(entry["shape"]) * 4 if entry["dtype"] in FLOAT_DTYPES else 0
     return total
 
 
