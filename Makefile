@@ -25,7 +25,7 @@ publish: $(VENV)/.installed
 
 # torch is pinned to 2.13.0 and everything else is constrained by the lock file, so pip never
 # swaps in a newer torch with its several GB of CUDA wheels. open-clip-torch only carries the
-# CLIP BPE vocabulary for models/build_tiny_sd.py: --no-deps, and it is never imported.
+# CLIP BPE vocabulary for models/pretrain_tiny_sd.py and the tests: --no-deps, and it is never imported.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0

@@ -1,12 +1,15 @@
-"""Shared fixtures. Everything runs offline on CPU with the embedded tiny model."""
+"""Shared fixtures. Everything runs offline on CPU: tests of mechanics on a random-weight tiny
+model built here, tests of what is learned (and the demo) on the embedded pretrained one."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,22 @@ os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parent.parent
-TINY_SD = REPO / "models" / "tiny-sd"
+# The embedded model, pretrained to draw coloured shapes (models/pretrain_tiny_sd.py).
+EMBEDDED_SD = REPO / "models" / "tiny-sd"
+
+
+def _build_random_sd() -> Path:
+    """SD1.x layout at the smallest widths, random weights, built once per session (~1 s):
+    several times faster to train and sample than the embedded model, and enough wherever
+    what the model has learned does not matter."""
+    from loramill.tiny_models import build_random_sd
+
+    root = Path(tempfile.mkdtemp(prefix="loramill-tests-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    return build_random_sd(root / "tiny-sd")
+
+
+TINY_SD = _build_random_sd()
 
 SAMPLE_PROVENANCE = {
     "dataset": "sample",

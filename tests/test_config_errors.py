@@ -59,8 +59,8 @@ def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
         ({"train": {"rnak": 4}}, "config: train: unknown option ('rnak' was unexpected)"),
         ({"resize": {"resolution": 100}}, "config: resize.resolution: 100 is not a multiple of 8"),
         (
-            {"datasets": {"neon_circles": {"train": {"seed": -3}}}},
-            "config: datasets.neon_circles.train.seed: -3 is less than the minimum of 0",
+            {"datasets": {"wide_bands": {"train": {"seed": -3}}}},
+            "config: datasets.wide_bands.train.seed: -3 is less than the minimum of 0",
         ),
         (
             {"caption": {"backend": "wd14"}},
@@ -73,16 +73,16 @@ def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
         ),
         (
             {"train": {"lr_warmup_steps": 5}},
-            "config: datasets.neon_circles.train.lr_warmup_steps: 5 has no effect with "
+            "config: datasets.wide_bands.train.lr_warmup_steps: 5 has no effect with "
             "lr_scheduler: constant; use lr_scheduler: constant_with_warmup",
         ),
         (
             {"device": "cpu", "train": {"mixed_precision": "fp16"}},
-            "config: datasets.neon_circles.train.mixed_precision: fp16 needs a CUDA GPU",
+            "config: datasets.wide_bands.train.mixed_precision: fp16 needs a CUDA GPU",
         ),
         (
             {"train": {"init_from": "exports/none.safetensors"}},
-            "config: datasets.neon_circles.train.init_from: exports/none.safetensors is not a",
+            "config: datasets.wide_bands.train.init_from: exports/none.safetensors is not a",
         ),
         ({"device": "gpu"}, "config: device: 'gpu' is not one of ['auto', 'cpu', 'cuda']"),
     ],

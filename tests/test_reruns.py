@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import clone_checkout, run_tool
-from PIL import Image
+from PIL import Image, ImageDraw
 
 pytestmark = pytest.mark.workflow
 
-A, B = "neon_circles", "paper_stripes"
+A, B = "wide_bands", "paper_stripes"
 CHAIN = ("resize", "caption", "merge_captions", "train", "export", "grid")
 SMALL = {
     "resize": {"resolution": 32},
@@ -111,8 +111,15 @@ def test_touching_every_file_runs_nothing(repo):
 def test_changed_image_reruns_that_datasets_chain(repo):
     image = sorted((repo / "data" / A / "images").glob("*.png"))[0]
     with Image.open(image) as original:
-        flipped = original.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    flipped.save(image)
+        changed = original.convert("RGB")
+    ImageDraw.Draw(changed).ellipse(  # a mark in the middle, which the square crop keeps
+        [
+            (changed.width / 2 - 4, changed.height / 2 - 4),
+            (changed.width / 2 + 4, changed.height / 2 + 4),
+        ],
+        fill=(255, 0, 255),
+    )
+    changed.save(image)
     result, ran = run(repo)
     assert ran == chain(A)
     # Template captions come from file names, so re-captioning gave the same captions and the
@@ -122,7 +129,7 @@ def test_changed_image_reruns_that_datasets_chain(repo):
 
 
 def test_caption_edit_reruns_merge_onward_and_says_why(repo):
-    (repo / "data" / A / "captions" / "green_circle_on_black_09.txt").write_text("a green disc\n")
+    (repo / "data" / A / "captions" / "green_band_on_black_09.txt").write_text("a green disc\n")
     result, ran = run(repo)
     assert ran == chain(A, "merge_captions", "train", "export", "grid")
     assert f"stale: merge_captions {A}: captions edited (1 image)" in result.stderr
@@ -137,12 +144,14 @@ def set_learning_rate(value):
 
 
 def test_learning_rate_reruns_train_onward_and_revert_restores(repo):
-    edit_config(repo, set_learning_rate(5e-3))
+    config = yaml.safe_load((repo / "config" / "config.yaml").read_text())
+    global_rate = config["train"]["learning_rate"]
+    edit_config(repo, set_learning_rate(global_rate * 2))
     result, ran = run(repo)
     assert ran == computed(repo, ran) == chain(A, "train", "export", "grid")
     assert f"stale: train {A}: config train.learning_rate changed" in result.stderr
 
-    edit_config(repo, set_learning_rate(1e-3))  # back to the value it had (the global one)
+    edit_config(repo, set_learning_rate(global_rate))  # back to the value it had
     result, ran = run(repo)
     assert ran == chain(A, "train", "export", "grid")
     assert computed(repo, ran) == set(), "the revert retrained instead of using the run-cache"

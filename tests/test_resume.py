@@ -19,7 +19,7 @@ from loramill.train import train_lora
 
 pytestmark = pytest.mark.workflow
 
-DS = "neon_circles"
+DS = "wide_bands"
 TARGET = f"results/{DS}/loss.png"
 TRAIN = {"max_train_steps": 80, "save_steps": 20, "train_batch_size": 1}
 
@@ -86,7 +86,7 @@ def killed(tmp_path_factory) -> Path:
     return root
 
 
-def test_killed_training_resumes_to_the_same_adapter(killed, tmp_path, tiny_sd):
+def test_killed_training_resumes_to_the_same_adapter(killed, tmp_path):
     run_tool("snakemake", "--cores", "1", TARGET, cwd=killed)
     log = (killed / "logs" / "train" / f"{DS}.log").read_text()
     resumed = [line for line in log.splitlines() if "resumed from step" in line]
@@ -104,7 +104,7 @@ def test_killed_training_resumes_to_the_same_adapter(killed, tmp_path, tiny_sd):
         killed / "results" / DS / "captions.jsonl",
         tmp_path / "checkpoints",
         tmp_path / "tb",
-        tiny_sd,
+        str(killed / read_config(killed)["base_model"]),
         settings,
         dataset=DS,
         trigger=read_config(killed)["datasets"][DS]["trigger"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -32,9 +33,22 @@ def test_every_dataset_gets_an_export_and_a_grid(demo_run):
         cells = json.loads((demo_run / "grids" / f"{ds}.json").read_text())
         with Image.open(demo_run / "grids" / f"{ds}.png") as grid:
             assert grid.size[0] > 0
-        assert len(cells["cells"]) == 2 * 2 * 3  # checkpoints × prompts × strengths
+        # checkpoints × prompts × strengths
+        assert len(cells["cells"]) == len(cells["checkpoints"]) * 2 * 3
         for stage in ("resize", "caption", "merge_captions", "train", "export", "grid"):
             assert (demo_run / "logs" / stage / f"{ds}.log").exists()
+
+
+def test_readme_shows_the_demos_real_grid(demo_run, repo):
+    pictures = re.findall(r"\]\((docs/demo/[^)]+\.png)\)", (repo / "README.md").read_text())
+    assert pictures == ["docs/demo/paper_stripes.png"]
+    with Image.open(repo / pictures[0]) as shown:
+        shown = np.asarray(shown.convert("RGB"), dtype=np.float64)
+    with Image.open(demo_run / "grids" / "paper_stripes.png") as made:
+        made = np.asarray(made.convert("RGB"), dtype=np.float64)
+    # The same picture; only another CPU's float rounding may move a few pixel values.
+    assert shown.shape == made.shape
+    assert np.abs(shown - made).mean() < 1.0
 
 
 def test_checkpoints_follow_save_steps(demo_run):
@@ -44,29 +58,29 @@ def test_checkpoints_follow_save_steps(demo_run):
         )
         for ds in demo_datasets(demo_run)
     }
-    assert steps["neon_circles"] == ["step-000020.safetensors", "step-000040.safetensors"]
-    assert steps["paper_stripes"] == ["step-000015.safetensors", "step-000030.safetensors"]
-    events = list((demo_run / "results" / "neon_circles" / "tensorboard").rglob("events.out.*"))
+    assert steps["wide_bands"] == ["step-000100.safetensors", "step-000200.safetensors"]
+    assert steps["paper_stripes"] == [f"step-{n:06d}.safetensors" for n in (50, 100, 150)]
+    events = list((demo_run / "results" / "wide_bands" / "tensorboard").rglob("events.out.*"))
     assert events, "no TensorBoard event file"
 
 
 def test_human_caption_edits_win_and_are_untouched(demo_run):
-    edit = demo_run / "data" / "neon_circles" / "captions" / "teal_circle_on_navy_01.txt"
+    edit = demo_run / "data" / "wide_bands" / "captions" / "green_band_on_black_01.txt"
     text = edit.read_text().strip()
     records = [
         json.loads(line)
-        for line in (demo_run / "results" / "neon_circles" / "captions.jsonl")
+        for line in (demo_run / "results" / "wide_bands" / "captions.jsonl")
         .read_text()
         .splitlines()
     ]
     by_image = {r["image"]: r for r in records}
-    assert by_image["teal_circle_on_navy_01.png"] == {
-        "image": "teal_circle_on_navy_01.png",
-        "caption": f"ncircle, {text}",
+    assert by_image["green_band_on_black_01.png"] == {
+        "image": "green_band_on_black_01.png",
+        "caption": f"wband, {text}",
         "source": "human",
     }
-    auto = by_image["green_circle_on_black_09.png"]
-    assert auto["source"] == "auto" and auto["caption"].startswith("ncircle, green circle")
+    auto = by_image["green_band_on_black_09.png"]
+    assert auto["source"] == "auto" and auto["caption"].startswith("wband, green band")
 
 
 def test_resized_images_are_square_rgb_at_resolution(demo_run):
@@ -81,16 +95,16 @@ def test_resized_images_are_square_rgb_at_resolution(demo_run):
             assert (image.mode, image.size) == ("RGB", (64, 64))
 
 
-def test_exported_adapter_changes_the_base_model(demo_run, tiny_sd):
+def test_exported_adapter_changes_the_base_model(demo_run):
     import torch
 
     from loramill.model import load_pipeline
 
-    pipe = load_pipeline(tiny_sd)
+    pipe = load_pipeline(str(demo_run / "models" / "tiny-sd"))
 
     def render():
         return pipe(
-            "ncircle, a picture",
+            "wband, a picture",
             num_inference_steps=3,
             height=64,
             width=64,
@@ -99,7 +113,7 @@ def test_exported_adapter_changes_the_base_model(demo_run, tiny_sd):
         ).images
 
     base = render()
-    pipe.load_lora_weights(str(demo_run / "exports"), weight_name="neon_circles.safetensors")
+    pipe.load_lora_weights(str(demo_run / "exports"), weight_name="wide_bands.safetensors")
     assert np.abs(render() - base).max() > 0
 
 

@@ -16,41 +16,50 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+# The embedded model's world (models/pretrain_tiny_sd.py draws from the same palette): it knows
+# these colours and backgrounds, and filled circles, squares and triangles — not rings, not
+# stripes. The demo datasets teach those.
 COLOURS = {
-    "red": (220, 40, 50),
-    "orange": (240, 140, 30),
-    "yellow": (240, 220, 40),
-    "green": (40, 180, 80),
-    "teal": (30, 170, 170),
-    "blue": (40, 80, 220),
-    "violet": (150, 60, 200),
-    "pink": (240, 110, 170),
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 20),
 }
-BACKGROUNDS = {"navy": (15, 20, 60), "black": (10, 10, 12), "cream": (245, 235, 210)}
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0)}
 SIZES = [(96, 64), (64, 96), (80, 80), (128, 72), (72, 120), (100, 100), (160, 90), (64, 64)]
 # Cycled per image: (extension, PIL mode, extra save options).
 FORMATS = [("png", "RGB"), ("jpg", "RGB"), ("webp", "RGB"), ("png", "RGBA"), ("png", "P")]
-STYLES = ("circles", "stripes")
+STYLES = ("bands", "stripes", "circles")
 EXIF_ORIENTATION = 0x0112
 
 
 def draw_picture(
     style: str, colour: str, background: str, size: tuple[int, int], rnd: random.Random
 ) -> Image.Image:
+    """``bands``: horizontal bands; ``stripes``: diagonal bands; ``circles``: one ring (a
+    circle's outline). Each is sized by the short side, so the square
+    crop the resize stage keeps shows the same motif at any aspect ratio."""
     image = Image.new("RGB", size, BACKGROUNDS[background])
     draw = ImageDraw.Draw(image)
     w, h = size
-    fill = COLOURS[colour]
-    if style == "circles":
-        for _ in range(rnd.randint(1, 4)):
-            r = rnd.randint(min(w, h) // 8, min(w, h) // 3)
-            x, y = rnd.randint(r, w - r), rnd.randint(r, h - r)
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=fill, outline=(255, 255, 255))
+    side, fill = min(w, h), COLOURS[colour]
+    if style == "bands":
+        period = side * rnd.uniform(0.28, 0.32)
+        y = rnd.uniform(-period, 0)
+        while y < h:
+            draw.rectangle((0, y, w, y + period / 2), fill=fill)
+            y += period
+    elif style == "circles":
+        r = side * rnd.uniform(0.28, 0.4)
+        x, y = (c / 2 + rnd.uniform(-0.08, 0.08) * side for c in size)
+        width = max(2, round(side * rnd.uniform(0.09, 0.12)))
+        draw.ellipse((x - r, y - r, x + r, y + r), outline=fill, width=width)
     elif style == "stripes":
-        width = rnd.randint(4, 12)
-        for offset in range(-h, w, width * 2):
+        period = round(side * rnd.uniform(0.36, 0.44))
+        for offset in range(-h - period, w + period, period):
+            band = period // 2
             draw.polygon(
-                [(offset, 0), (offset + width, 0), (offset + width + h, h), (offset + h, h)],
+                [(offset, 0), (offset + band, 0), (offset + band + h, h), (offset + h, h)],
                 fill=fill,
             )
     else:
@@ -79,9 +88,11 @@ def generate_dataset(root: str | os.PathLike, style: str, count: int, seed: int 
     images_dir = Path(root) / "images"
     images_dir.mkdir(parents=True, exist_ok=True)
     paths = []
+    colours, backgrounds = sorted(COLOURS), sorted(BACKGROUNDS)
     for index in range(count):
-        colour = rnd.choice(sorted(COLOURS))
-        background = rnd.choice(sorted(BACKGROUNDS))
+        # Every colour on every background in turn: a balanced set, whatever the count.
+        colour = colours[index % len(colours)]
+        background = backgrounds[index // len(colours) % len(backgrounds)]
         extension, mode = FORMATS[index % len(FORMATS)]
         size = SIZES[index % len(SIZES)]
         name = f"{colour}_{style.rstrip('s')}_on_{background}_{index:02d}.{extension}"

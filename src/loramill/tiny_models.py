@@ -1,8 +1,10 @@
 """Tiny, deterministic stand-ins for the real models, built offline from configs.
 
-``build_tiny_sd`` makes the Stable Diffusion 1.x-architecture pipeline embedded under
-``models/tiny-sd`` (same module names as SD1.5, so LoRA keys and exports are the real ones,
-just with small widths). ``build_tiny_blip`` makes a BLIP captioner for tests.
+``sd_pipeline`` makes a Stable Diffusion 1.x-architecture pipeline at given layer sizes (same
+module names as SD1.5, so LoRA keys and exports are the real ones): ``TINY`` is the embedded
+``models/tiny-sd`` (pretrained by ``models/pretrain_tiny_sd.py``), ``RANDOM_TINY`` the
+random-weight model tests of mechanics use (``build_random_sd``), ``SD15`` the full size for
+benchmarks. ``build_tiny_blip`` makes a BLIP captioner for tests.
 Both use the real tokenizers' algorithms; the CLIP tokenizer uses the real CLIP BPE
 vocabulary shipped in the ``open-clip-torch`` wheel (installed with ``--no-deps``; the package
 itself is never imported because it needs torchvision).
@@ -80,33 +82,60 @@ SD15 = {
         "projection_dim": 768,
     },
 }
-# The embedded model: SD1.x module names (so LoRA keys and exports are the real ones), small
-# widths.
+# The embedded model (models/tiny-sd, pretrained by models/pretrain_tiny_sd.py): SD1.x module
+# names, so LoRA keys and exports are the real ones, at small widths. 64 px images map to 16×16
+# latents (three VAE levels, not SD's four): at 8×8 a shape is a few latent pixels and the UNet
+# cannot learn to draw it.
 TINY = {
     "unet": {
-        "sample_size": 8,
+        "sample_size": 16,
         "block_out_channels": (32, 64),
         "layers_per_block": 1,
-        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-        "cross_attention_dim": 32,
+        "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 64,
         "attention_head_dim": 8,
-        "norm_num_groups": 16,
+        "norm_num_groups": 32,
     },
     "vae": {
-        "block_out_channels": (16, 16, 32, 32),
-        "down_block_types": ("DownEncoderBlock2D",) * 4,
-        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "block_out_channels": (16, 32, 32),
+        "down_block_types": ("DownEncoderBlock2D",) * 3,
+        "up_block_types": ("UpDecoderBlock2D",) * 3,
         "latent_channels": 4,
         "layers_per_block": 1,
-        "norm_num_groups": 8,
+        "norm_num_groups": 16,
         "sample_size": 64,
     },
     "text_encoder": {
-        "hidden_size": 32,
-        "intermediate_size": 64,
+        "hidden_size": 64,
+        "intermediate_size": 128,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
+        "projection_dim": 64,
+    },
+}
+# Random weights and the smallest widths that keep SD1.5's layout (four VAE levels, attention
+# in some blocks only): tests of the workflow's mechanics, where what is learned does not matter.
+RANDOM_TINY = {
+    "unet": {
+        **TINY["unet"],
+        "sample_size": 8,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32,
+        "norm_num_groups": 16,
+    },
+    "vae": {
+        **TINY["vae"],
+        "block_out_channels": (16, 16, 32, 32),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "norm_num_groups": 8,
+    },
+    "text_encoder": {
+        **TINY["text_encoder"],
+        "hidden_size": 32,
+        "intermediate_size": 64,
         "projection_dim": 32,
     },
 }
@@ -149,9 +178,12 @@ def sd_pipeline(sizes: dict[str, dict], seed: int = 0):
     )
 
 
-def build_tiny_sd(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Build and save the tiny SD1.x pipeline; the same seed gives byte-identical files."""
-    pipe = sd_pipeline(TINY, seed)
+def build_random_sd(
+    out_dir: str | os.PathLike, sizes: dict[str, dict] = RANDOM_TINY, seed: int = 0
+) -> Path:
+    """Build and save an SD1.x pipeline with random weights; the same seed gives byte-identical
+    files."""
+    pipe = sd_pipeline(sizes, seed)
     # fp16 on disk keeps the model under a few MB; loading upcasts to the configured dtype.
     pipe.to(torch.float16)
     pipe.save_pretrained(out_dir, safe_serialization=True)
