@@ -34,8 +34,8 @@ def same_files(a: Path, b: Path) -> bool:
     return not mismatch and not errors
 
 
-def pretrain(out: Path, *args: str) -> Path:
-    run_tool("python", str(SCRIPT), str(out), *args, cwd=out.parent)
+def pretrain(out: Path, *args: str, timeout: int = 900) -> Path:
+    run_tool("python", str(SCRIPT), str(out), *args, cwd=out.parent, timeout=timeout)
     return out
 
 
@@ -52,7 +52,7 @@ def test_pretraining_rebuilds_the_same_bytes(tmp_path):
 )
 def test_script_rebuilds_the_committed_model(tmp_path):
     # The README's command itself, with the defaults that built models/tiny-sd.
-    assert same_files(EMBEDDED_SD, pretrain(tmp_path / "tiny-sd"))
+    assert same_files(EMBEDDED_SD, pretrain(tmp_path / "tiny-sd", timeout=3 * 3600))
 
 
 def test_sd_layout_and_vae_scale_factor():
