@@ -31,12 +31,12 @@ import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from loramill.demo_data import BACKGROUNDS, COLOURS
+from loramill.latents import to_pixels
 from loramill.tiny_models import TINY, sd_pipeline
 
 RES = 64
@@ -111,16 +111,10 @@ def busy_scene(rnd: random.Random) -> Image.Image:
     return image.resize((RES, RES), Image.LANCZOS)
 
 
-def to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    pixels = np.stack([np.asarray(image, dtype=np.float32) for image in images])
-    return torch.from_numpy(pixels / 127.5 - 1).permute(0, 3, 1, 2).contiguous()
-
-
 def train_vae(vae, steps: int, batch: int, count: int, seed: int) -> float:
     rnd, generator = random.Random(f"vae:{seed}"), torch.Generator().manual_seed(seed)
-    pixels = to_tensor(
-        [busy_scene(rnd) if i % 2 else captioned_picture(rnd)[0] for i in range(count)]
-    )
+    pictures = [busy_scene(rnd) if i % 2 else captioned_picture(rnd)[0] for i in range(count)]
+    pixels = to_pixels(pictures).contiguous()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     vae.train()
     mse = torch.tensor(float("nan"))
@@ -163,7 +157,7 @@ def train_denoiser(pipe, steps: int, batch: int, count: int, seed: int) -> float
     images, captions = zip(*(captioned_picture(rnd) for _ in range(count)), strict=True)
     vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
     with torch.no_grad():
-        pixels = to_tensor(list(images))
+        pixels = to_pixels(images).contiguous()
         latents = torch.cat(
             [vae.encode(pixels[i : i + 256]).latent_dist.mean for i in range(0, count, 256)]
         )

@@ -69,13 +69,19 @@ def chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+def to_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
+    """Equal-sized images as the [-1, 1] float tensor (N, 3, H, W) SD's VAE takes."""
+    arrays = [np.asarray(image.convert("RGB")) for image in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def read_pixels(paths: Sequence[Path]) -> torch.Tensor:
     """Images as a [-1, 1] float tensor (N, 3, H, W); only these images are in memory."""
-    arrays = []
+    images = []
     for path in paths:
         with Image.open(path) as image:
-            arrays.append(np.asarray(image.convert("RGB")))
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+            images.append(image.convert("RGB"))
+    return to_pixels(images)
 
 
 def latent_keys(image_hashes: Sequence[str], encoder: dict[str, Any]) -> list[str]:
