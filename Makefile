@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install lock publish
+.PHONY: demo test install lock publish gc
 
 demo: $(VENV)/.installed
 	$(BIN)/dvc pull
@@ -22,6 +22,11 @@ install: $(VENV)/.installed
 # Push changed exports and grids (one .dvc file each) and data/ to your own DVC remote.
 publish: $(VENV)/.installed
 	$(BIN)/python -m loramill.publish
+
+# Free disk: drop the run-cache entries (.cache/runs) that no lock in locks/ references.
+# `$(BIN)/python -m loramill.run_cache gc --max-size 20G` keeps the most recently used instead.
+gc: $(VENV)/.installed
+	$(BIN)/python -m loramill.run_cache gc
 
 # torch is pinned to 2.13.0 and everything else is constrained by the lock file, so pip never
 # swaps in a newer torch with its several GB of CUDA wheels. open-clip-torch only carries the

@@ -1,11 +1,15 @@
 # Configuration, the dataset table and input helpers shared by every rule.
 
+import functools
+import logging
 import os
 import sys
 from pathlib import Path
 
 from snakemake.settings.enums import RerunTrigger
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
+import snakemake
 
 # Jobs import the package from the checkout, with or without `pip install` (conda envs and
 # cluster jobs too: envvars passes PYTHONPATH on to remote executors).
@@ -21,13 +25,22 @@ envvars:
 
 
 from loramill import LoramillError
+from loramill.snakemake_compat import check_snakemake_version
+
+try:
+    check_snakemake_version(snakemake.__version__)
+except LoramillError as error:
+    sys.exit(f"loramill: {error}")
+
 from loramill.caption import captioner_class
 from loramill.config import check_replaced_keys, dataset_config, describe, grid_prompts
 from loramill.devices import uses_gpu
-from loramill.freshness import assess, done_marker, write_gates
-from loramill.hashing import DEFAULT_DB, HashCache
+from loramill.fingerprints import CONDA_ENV_VAR
+from loramill.gates import done_marker, ensure_markers, stale_gate
+from loramill.hashing import DEFAULT_DB, HashCache, hash_file
 from loramill.model import job_mem_mb, resolve_base_model
-from loramill.stages import STAGES
+from loramill.stage_rules import rule_stage
+from loramill.verdicts import Planner
 from loramill.train_config import TrainConfig
 
 SCHEMA = str(Path(workflow.basedir) / "config" / "config.schema.yaml")
@@ -80,13 +93,14 @@ def load_datasets():
 DATASETS = load_datasets()
 
 
-# ---- content-keyed reruns (see src/loramill/freshness.py) ---------------------------------
+# ---- content-keyed reruns (src/loramill/verdicts.py, gates.py) ---------------------------
 # Rules read data inputs through keyed() (ancient: modification times never trigger a rerun),
-# list gate(stage) among their inputs and done(stage) among their outputs. The gate file's
-# mtime says whether the stage's fingerprint still matches its committed lock. Because
-# Snakemake does not re-check a job whose ancient input's producer reruns (issue #4166), a
-# consumer of a stage that will rerun also takes that stage's touch() marker. Only the main
-# process decides; cluster jobs re-parse this file.
+# list gate(stage) among their inputs and done() among their outputs. A stage's description is
+# its rule: the planner evaluates the rule's params and inputs for each dataset and
+# fingerprints them exactly as the job will (loramill.fingerprints). It runs from the first
+# gate() input function, once per dataset, so Snakemake's DAG settings (-R …) are known and
+# --lint or a target of one dataset hashes nothing else. Only the main process decides:
+# cluster jobs re-parse this file.
 
 CONTENT_KEYED = config["content_keyed_reruns"]
 PROFILE_HINT = (
@@ -94,7 +108,16 @@ PROFILE_HINT = (
     "max-checksum-file-size: 0), or Snakemake reruns by modification time; drop "
     "--workflow-profile none / --rerun-triggers / --max-checksum-file-size"
 )
-STALE = set()
+STAGE_RULES = []  # in definition order, registered by gate()
+# What the planner warns about (a lock it cannot use, a dataset that took over another's
+# results) reaches the terminal as one line each.
+logging.getLogger("loramill").addHandler(logging.StreamHandler(sys.stderr))
+if workflow.deployment_settings and DeploymentMethod.CONDA in (
+    workflow.deployment_settings.deployment_method
+):
+    os.environ[CONDA_ENV_VAR] = hash_file(
+        Path(workflow.basedir) / "envs" / "loramill.yaml"
+    )
 
 
 def check_profile():
@@ -108,19 +131,22 @@ def check_profile():
         sys.exit(f"loramill: {PROFILE_HINT}")
 
 
-def decide_gates():
-    hashes = HashCache(DEFAULT_DB)
-    verdicts = assess(DATASETS, hashes)
-    hashes.save()
-    write_gates(verdicts)
-    for verdict in verdicts:
+@functools.cache
+def planner():
+    check_profile()
+    stages = [rule_stage(workflow.get_rule(name), DATASETS) for name in STAGE_RULES]
+    return Planner(stages, HashCache(DEFAULT_DB), set(workflow.dag_settings.forcerun))
+
+
+@functools.cache
+def verdicts(ds):
+    found = planner().plan(ds)
+    planner().hashes.save()
+    ensure_markers(ds, STAGE_RULES)
+    for verdict in found.values():
         if not verdict.fresh:
-            STALE.add((verdict.dataset, verdict.stage))
             print(f"stale: {verdict.line()}", file=sys.stderr)
-
-
-if CONTENT_KEYED and workflow.is_main_process:
-    decide_gates()
+    return found
 
 
 def keyed(path):
@@ -133,21 +159,26 @@ def keyed(path):
 
 
 def gate(stage):
-    """Input helper: the stage's gate, plus the done markers of upstream stages that rerun."""
+    """Input helper: the stale gate when the stage must run, plus the done markers of the
+    stages it reads from that will run."""
+    STAGE_RULES.append(stage)
 
     def paths(wildcards):
-        check_profile()
-        rerun = [u for u in STAGES[stage].upstream if (wildcards.ds, u) in STALE]
-        return [f".gates/{wildcards.ds}/{stage}"] + [
-            done_marker(wildcards.ds, u) for u in rerun
+        if not workflow.is_main_process:
+            return []  # a cluster job re-parsing the workflow: the main process decided
+        verdict = verdicts(wildcards.ds)
+        rerun = [
+            u for u in planner().upstream(wildcards.ds, stage) if not verdict[u].fresh
         ]
+        gates = [] if verdict[stage].fresh else [stale_gate()]
+        return gates + [done_marker(wildcards.ds, u) for u in rerun]
 
     return paths if CONTENT_KEYED else []
 
 
 def done(stage):
-    """Output helper: the marker a rerun of this stage touches."""
-    return touch(f".done/{{ds}}/{stage}")
+    """Output helper: the marker a run of this stage touches."""
+    return touch(done_marker("{ds}", stage))
 
 
 # ---- dataset helpers ---------------------------------------------------------------------
@@ -194,3 +225,19 @@ def dataset_dir(wildcards, subdir):
 
 def dataset_images(wildcards):
     return dataset_dir(wildcards, "images")
+
+
+def caption_edits(wildcards):
+    """The human caption edits folder, when the dataset has one."""
+    folder = dataset_dir(wildcards, "captions")
+    return [folder] if os.path.isdir(folder) else []
+
+
+def name_if_captioned(wildcards):
+    """The dataset name for a caption template that writes it: renaming the dataset then
+    changes the captions, and otherwise changes nothing."""
+    return (
+        wildcards.ds
+        if "{dataset}" in DATASETS[wildcards.ds]["caption"]["template"]
+        else ""
+    )

@@ -38,6 +38,7 @@ rule caption:
     params:
         caption=setting("caption"),
         trigger=setting("trigger"),
+        dataset=name_if_captioned,
         allow_unsafe_weights=config["allow_unsafe_weights"],
         device=config["device"],
     script:
@@ -47,6 +48,7 @@ rule caption:
 rule merge_captions:
     input:
         auto_captions=keyed("results/{ds}/auto_captions.jsonl"),
+        edits=keyed(caption_edits),
         gate=gate("merge_captions"),
     output:
         captions="results/{ds}/captions.jsonl",
@@ -57,7 +59,6 @@ rule merge_captions:
     conda:
         ENV
     params:
-        human_dir=lambda wildcards: dataset_dir(wildcards, "captions"),
         trigger=setting("trigger"),
     script:
         "../scripts/merge_captions.py"

@@ -8,11 +8,12 @@ rule train:
         gate=gate("train"),
     output:
         checkpoints=directory("results/{ds}/checkpoints"),
-        tensorboard=directory("results/{ds}/tensorboard"),
-        loss="results/{ds}/loss.png",
         done=done("train"),
     log:
         "logs/train/{ds}.log",
+        # logs of the run, kept with it in the run-cache but no part of its result
+        tensorboard=directory("results/{ds}/tensorboard"),
+        loss="results/{ds}/loss.png",
     benchmark:
         "benchmarks/train/{ds}.tsv"
     conda:
@@ -45,5 +46,7 @@ rule export:
         "logs/export/{ds}.log",
     conda:
         ENV
+    params:
+        name=lambda wildcards: wildcards.ds,  # the adapter's name in its metadata
     script:
         "../scripts/export.py"

@@ -1,5 +1,5 @@
 from loramill.caption import caption_dataset
-from loramill.stage import run
+from loramill.job import run
 
 run(
     snakemake,
@@ -11,6 +11,6 @@ run(
         "allow_unsafe_weights": snakemake.params.allow_unsafe_weights,
         "device": snakemake.params.device,
     },
-    dataset=snakemake.wildcards.ds,
+    dataset=snakemake.params.dataset,
     trigger=snakemake.params.trigger,
 )

@@ -1,6 +1,6 @@
 from loramill.export import export_adapter
+from loramill.job import run
 from loramill.lora import list_checkpoints
-from loramill.stage import run
 
 run(
     snakemake,
@@ -8,6 +8,6 @@ run(
         checkpoint_path=list_checkpoints(snakemake.input.checkpoints)[-1],
         kohya_path=snakemake.output.kohya,
         diffusers_path=snakemake.output.diffusers,
-        output_name=snakemake.wildcards.ds,
+        output_name=snakemake.params.name,
     ),
 )

@@ -1,6 +1,6 @@
 from loramill.grid import render_grid
+from loramill.job import run
 from loramill.lora import list_checkpoints
-from loramill.stage import run
 
 grid = snakemake.params.grid
 run(

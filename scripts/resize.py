@@ -1,5 +1,5 @@
+from loramill.job import run
 from loramill.resize import resize_dataset
-from loramill.stage import run
 
 run(
     snakemake,

@@ -1,4 +1,4 @@
-from loramill.stage import run
+from loramill.job import run
 from loramill.train import train_lora
 from loramill.train_state import state_dir
 
@@ -7,17 +7,14 @@ run(
     train_lora,
     # Resumable state is keyed on what the job receives, so only a run of the same
     # trajectory picks it up.
-    from_fingerprint=lambda fingerprint: {
-        "state_dir": state_dir(fingerprint, snakemake.params.train)
-    },
+    from_fingerprint=lambda parts: {"state_dir": state_dir(parts, snakemake.params.train)},
     resized_dir=snakemake.input.resized,
     captions_jsonl=snakemake.input.captions,
     checkpoints_dir=snakemake.output.checkpoints,
-    logdir=snakemake.output.tensorboard,
-    loss_png=snakemake.output.loss,
+    logdir=snakemake.log.tensorboard,
+    loss_png=snakemake.log.loss,
     base_model=snakemake.params.base_model,
     config=snakemake.params.train,
-    dataset=snakemake.wildcards.ds,
     trigger=snakemake.params.trigger,
     allow_unsafe_weights=snakemake.params.allow_unsafe_weights,
     device=snakemake.params.device,

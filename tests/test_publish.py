@@ -21,10 +21,12 @@ GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
 
 def artifacts(ds):
-    return [f"exports/{ds}{s}" for s in SUFFIXES] + [f"grids/{ds}.png", f"grids/{ds}.json"]
+    exports = [f"exports/{ds}{s}" for s in SUFFIXES]
+    return [f"results/{ds}/checkpoints", *exports, f"grids/{ds}.png", f"grids/{ds}.json"]
 
 
 ALL = [path for ds in DATASETS for path in artifacts(ds)]
+FILES = [path for path in ALL if not path.endswith("checkpoints")]
 
 
 def git(*args, cwd):
@@ -75,7 +77,10 @@ def project(template, tmp_path):
         f"['remote \"store\"']\n    url = {store}\n"
     )
     for path in ALL:
-        write(root / path, os.urandom(256) + path.encode())
+        file = (
+            root / path / "step-000001.safetensors" if path.endswith("checkpoints") else root / path
+        )
+        write(file, os.urandom(256) + path.encode())
     return root, store
 
 
@@ -83,14 +88,15 @@ def test_publish_tracks_each_artifact_and_pushes_it(project):
     root, store = project
     report = publish(root, DATASETS)
     assert sorted(report.new) == sorted(ALL) and not report.modified and not report.unchanged
-    for path in ALL:
+    for path in FILES:
         recorded = (root / f"{path}.dvc").read_text()
         assert hashlib.md5((root / path).read_bytes()).hexdigest() in recorded
     assert not (root / "exports.dvc").exists() and not (root / "grids.dvc").exists()
     # Everything, data included, is on the remote: nothing new or missing there.
     status = run_tool("dvc", "status", "-c", "--json", cwd=root).stdout
     assert json.loads(status) == {}
-    assert len(remote_objects(store)) == len(ALL) + 1 + 2  # artifacts, data manifest, 2 images
+    # artifacts (a folder: its manifest and file), data manifest, 2 images
+    assert len(remote_objects(store)) == len(ALL) + len(DATASETS) + 1 + 2
     # git sees the .dvc files but not the artifacts, and the printed line stages all of them.
     for path in ALL:
         assert git("check-ignore", "-q", path, cwd=root).returncode == 0
@@ -141,7 +147,7 @@ def test_unchanged_artifact_missing_from_cache_is_pushed_anyway(project):
     run_tool("dvc", "add", "-q", "data", cwd=root)
     report = publish(root, DATASETS)
     assert not report.changed
-    assert len(remote_objects(store)) == len(ALL) + 3
+    assert len(remote_objects(store)) == len(ALL) + len(DATASETS) + 3
 
 
 @pytest.mark.parametrize("how", ["by name", "by url"])
@@ -216,5 +222,6 @@ def test_fresh_clone_pulls_identical_artifacts(project, tmp_path):
     subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
     assert not (clone / "exports" / "alpha.safetensors").exists()
     run_tool("dvc", "pull", "-q", cwd=clone)
-    for path in [*ALL, "data/alpha/images/a.png", "data/beta/images/b.png"]:
+    checkpoints = [f"results/{ds}/checkpoints/step-000001.safetensors" for ds in DATASETS]
+    for path in [*FILES, *checkpoints, "data/alpha/images/a.png", "data/beta/images/b.png"]:
         assert (clone / path).read_bytes() == (root / path).read_bytes(), path

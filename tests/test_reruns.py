@@ -1,11 +1,14 @@
-"""Content-keyed reruns, run for real: each scenario asserts the exact set of jobs that ran.
+"""Content-keyed reruns: each scenario asserts the exact set of jobs Snakemake schedules.
 
-One small base state (two datasets, a few images, a few training steps) is built once with a
-local DVC remote and committed; every scenario works on its own copy of it.
+One small base state (two datasets, a few images, a few training steps) is built once for
+real, published to a local DVC remote and committed. Scenarios that exercise decisions ask
+Snakemake for its plan (`snakemake -n`, no ML, about two seconds each); the few that must
+show what a job did — restored from the run-cache or recomputed — run for real.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -44,7 +47,7 @@ def snakemake(root: Path, *args: str):
 
 
 def jobs(result) -> set[tuple[str, str]]:
-    """(rule, dataset) of every job Snakemake started, from its own report."""
+    """(rule, dataset) of every job Snakemake planned or started, from its own report."""
     found = set()
     for block in re.split(r"\n(?=\[[^\]]+\]\n)", result.stdout + "\n" + result.stderr):
         rule = re.search(r"^(?:local)?rule (\w+):", block, re.MULTILINE)
@@ -72,9 +75,21 @@ def run(root: Path, *args: str):
     return result, jobs(result)
 
 
+def plan(root: Path, *args: str):
+    """What Snakemake would run: a dry run, no job started."""
+    result = snakemake(root, "-n", "train_all", *args)
+    return result, jobs(result)
+
+
+def clone_and_pull(source: Path, dest: Path) -> Path:
+    git(dest.parent, "clone", "-q", str(source), str(dest))
+    run_tool("dvc", "pull", cwd=dest)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    """A committed repository whose datasets are all built, with its own DVC remote."""
+    """A committed, published repository whose datasets are all built, with its own remote."""
     root = clone_checkout(tmp_path_factory.mktemp("base") / "repo")
     run_tool("dvc", "pull", cwd=root)
     edit_config(root, lambda c: [c[section].update(values) for section, values in SMALL.items()])
@@ -96,15 +111,10 @@ def repo(base, tmp_path) -> Path:
     return copy
 
 
+# --- end to end: what jobs did ----------------------------------------------------------------
+
+
 def test_no_change_runs_nothing(repo):
-    assert run(repo)[1] == set()
-
-
-def test_touching_every_file_runs_nothing(repo):
-    for folder in ("data", "scripts", "src", "config"):
-        for path in (repo / folder).rglob("*"):
-            if path.is_file():
-                path.touch()
     assert run(repo)[1] == set()
 
 
@@ -112,13 +122,9 @@ def test_changed_image_reruns_that_datasets_chain(repo):
     image = sorted((repo / "data" / A / "images").glob("*.png"))[0]
     with Image.open(image) as original:
         changed = original.convert("RGB")
-    ImageDraw.Draw(changed).ellipse(  # a mark in the middle, which the square crop keeps
-        [
-            (changed.width / 2 - 4, changed.height / 2 - 4),
-            (changed.width / 2 + 4, changed.height / 2 + 4),
-        ],
-        fill=(255, 0, 255),
-    )
+    middle = (changed.width / 2, changed.height / 2)
+    box = [(middle[0] - 4, middle[1] - 4), (middle[0] + 4, middle[1] + 4)]
+    ImageDraw.Draw(changed).ellipse(box, fill=(255, 0, 255))  # the square crop keeps it
     changed.save(image)
     result, ran = run(repo)
     assert ran == chain(A)
@@ -126,14 +132,6 @@ def test_changed_image_reruns_that_datasets_chain(repo):
     # merge was restored from the run-cache (early cutoff); training used the new pixels.
     assert computed(repo, ran) == chain(A) - {("merge_captions", A)}
     assert f"stale: resize {A}: images changed (1 changed)" in result.stderr
-
-
-def test_caption_edit_reruns_merge_onward_and_says_why(repo):
-    (repo / "data" / A / "captions" / "green_band_on_black_09.txt").write_text("a green disc\n")
-    result, ran = run(repo)
-    assert ran == chain(A, "merge_captions", "train", "export", "grid")
-    assert f"stale: merge_captions {A}: captions edited (1 image)" in result.stderr
-    assert f"stale: train {A}: after merge_captions" in result.stderr
 
 
 def set_learning_rate(value):
@@ -144,69 +142,169 @@ def set_learning_rate(value):
 
 
 def test_learning_rate_reruns_train_onward_and_revert_restores(repo):
-    config = yaml.safe_load((repo / "config" / "config.yaml").read_text())
-    global_rate = config["train"]["learning_rate"]
-    edit_config(repo, set_learning_rate(global_rate * 2))
+    global_rate = yaml.safe_load((repo / "config" / "config.yaml").read_text())["train"]
+    edit_config(repo, set_learning_rate(global_rate["learning_rate"] * 2))
     result, ran = run(repo)
     assert ran == computed(repo, ran) == chain(A, "train", "export", "grid")
     assert f"stale: train {A}: config train.learning_rate changed" in result.stderr
 
-    edit_config(repo, set_learning_rate(global_rate))  # back to the value it had
+    edit_config(repo, set_learning_rate(global_rate["learning_rate"]))  # back to the value it had
     result, ran = run(repo)
     assert ran == chain(A, "train", "export", "grid")
     assert computed(repo, ran) == set(), "the revert retrained instead of using the run-cache"
     assert run(repo)[1] == set()
 
 
-def test_grid_axis_change_reruns_grids_only(repo):
+def test_teammate_changes_a_grid_axis_after_clone_and_pull(base, tmp_path):
+    teammate = clone_and_pull(base, tmp_path / "teammate")
+    assert plan(teammate)[1] == set()
+    edit_config(teammate, lambda c: c["grid"].update(strengths=[0.0, 0.5, 1.0]))
+    ran = run(teammate)[1]
+    assert ran == computed(teammate, ran) == {("grid", A), ("grid", B)}
+    cells = json.loads((teammate / "grids" / f"{A}.json").read_text())["cells"]
+    assert {cell["strength"] for cell in cells} == {0.0, 0.5, 1.0}
+
+
+# --- plans: what Snakemake would schedule -----------------------------------------------------
+
+
+def test_touching_every_file_plans_nothing(repo):
+    for folder in ("data", "scripts", "src", "config", "models", "results"):
+        for path in (repo / folder).rglob("*"):
+            if path.is_file():
+                path.touch()
+    assert plan(repo)[1] == set()
+
+
+def test_system_files_in_dataset_folders_plan_nothing(repo):
+    for folder in ("images", "captions"):
+        (repo / "data" / A / folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+        (repo / "data" / A / folder / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (repo / "data" / A / "captions" / "notes.md").write_text("to do: recaption the red ones\n")
+    assert plan(repo)[1] == set()
+
+
+def test_comment_docstring_and_format_edits_in_a_shared_module_plan_nothing(repo):
+    # files.py: every stage writes through it.
+    edit_code(repo, "files.py", '"""Atomic output writing', '"""Atomic (really) output writing')
+    edit_code(repo, "files.py", "def write_text(", "# a comment\ndef write_text(  ")
+    edit_code(repo, "files.py", "\n\n\n", "\n\n\n# between functions\n\n")
+    assert plan(repo)[1] == set()
+
+
+def edit_code(repo: Path, module: str, old: str, new: str) -> None:
+    path = repo / "src" / "loramill" / module
+    source = path.read_text()
+    assert old in source
+    path.write_text(source.replace(old, new, 1))
+
+
+def test_code_change_plans_the_stages_that_reach_it(repo):
+    # to_kohya: the export writes through it, and the grid renders what the export holds.
+    edit_code(repo, "export.py", '"checkpoint holds no LoRA tensors"', '"no LoRA tensors"')
+    assert plan(repo)[1] == chain(A, "export", "grid") | chain(B, "export", "grid")
+
+
+def test_code_change_the_grid_never_reaches_plans_exports_only(repo):
+    edit_code(repo, "export.py", 'diffusers_meta["format"] = ', 'diffusers_meta["format"] = "" or ')
+    assert plan(repo)[1] == {("export", A), ("export", B)}
+
+
+def test_change_to_the_code_that_builds_grid_prompts_plans_grids_only(repo):
+    edit_code(repo, "config.py", '.strip(" ,")', '.strip(" ,") + ", high quality"')
+    result, ran = plan(repo)
+    assert ran == {("grid", A), ("grid", B)}
+    assert f"stale: grid {A}: config prompts changed" in result.stderr
+
+
+def test_caption_edit_plans_merge_onward_and_says_why(repo):
+    (repo / "data" / A / "captions" / "green_band_on_black_09.txt").write_text("a green disc\n")
+    result, ran = plan(repo)
+    assert ran == chain(A, "merge_captions", "train", "export", "grid")
+    assert f"stale: merge_captions {A}: captions edited (1 image)" in result.stderr
+    assert f"stale: train {A}: after merge_captions" in result.stderr
+
+
+def test_grid_axis_change_plans_grids_only(repo):
     edit_config(repo, lambda c: c["grid"].update(strengths=[0.0, 0.5, 1.0]))
-    assert run(repo)[1] == {("grid", A), ("grid", B)}
+    assert plan(repo)[1] == {("grid", A), ("grid", B)}
 
 
-def test_export_code_change_reruns_export_and_grid_everywhere(repo):
-    export = repo / "src" / "loramill" / "export.py"
-    export.write_text(export.read_text() + "\n# a changed export module\n")
-    ran = run(repo)[1]
-    assert ran == chain(A, "export", "grid") | chain(B, "export", "grid")
+def test_forcerun_train_plans_its_consumers_too(repo):
+    result, ran = plan(repo, "-R", "train")
+    assert ran == chain(A, "train", "export", "grid") | chain(B, "train", "export", "grid")
+    assert f"stale: export {A}: after train" in result.stderr
 
 
-def test_identical_captions_after_a_recaption_do_not_retrain(repo):
-    caption = repo / "src" / "loramill" / "caption.py"
-    caption.write_text(caption.read_text() + "\n# same captions, different code\n")
-    ran = run(repo)[1]
-    assert {("caption", A), ("caption", B)} <= ran
-    # Everything downstream found byte-identical inputs: restored, not recomputed (early cutoff).
-    assert computed(repo, ran) == {("caption", A), ("caption", B)}
+def test_renamed_dataset_runs_no_training(repo):
+    shutil.move(repo / "data" / A, repo / "data" / "renamed")  # data/ is DVC's, not git's
+    edit_config(repo, lambda c: c["datasets"].update(renamed=c["datasets"].pop(A)))
+    result, ran = run(repo)
+    # The export names the adapter; nothing before it depends on the name.
+    assert ran == {("export", "renamed")}
+    assert f"train renamed: built as {A} before" in result.stderr
+    assert plan(repo)[1] == set()
 
 
-def test_new_dataset_runs_only_its_chain(repo):
+def test_removed_results_are_restored_not_rebuilt(repo, base):
+    shutil.rmtree(repo / "results" / A)
+    (repo / "exports" / f"{A}.safetensors").unlink()
+    assert plan(repo)[1] == set()
+    for path in (f"exports/{A}.safetensors", f"results/{A}/checkpoints/step-000002.safetensors"):
+        assert (repo / path).read_bytes() == (base / path).read_bytes()
+
+
+def test_dataset_moved_with_path_plans_nothing(repo):
+    (repo / "elsewhere").mkdir()
+    shutil.move(repo / "data" / A, repo / "elsewhere" / "bands")
+    edit_config(repo, lambda c: c["datasets"][A].update(path="elsewhere/bands"))
+    assert plan(repo)[1] == set()
+
+
+def test_git_folder_inside_the_base_model_plans_nothing(repo):
+    model = repo / yaml.safe_load((repo / "config" / "config.yaml").read_text())["base_model"]
+    (model / ".git" / "objects").mkdir(parents=True)
+    (model / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (model / "v1-5-pruned-emaonly.safetensors").write_bytes(b"an unused single-file checkpoint")
+    assert plan(repo)[1] == set()
+
+
+def test_lock_missing_a_key_replans_that_stage_with_a_warning(repo):
+    lock_file = repo / "locks" / B / "grid.json"
+    lock = json.loads(lock_file.read_text())
+    del lock["outputs"]
+    lock_file.write_text(json.dumps(lock))
+    result, ran = plan(repo)
+    assert ran == {("grid", B)}
+    warnings = [line for line in result.stderr.splitlines() if "grid.json" in line]
+    assert warnings == [f"loramill: locks/{B}/grid.json: missing outputs; grid {B} will be rebuilt"]
+
+
+def test_new_dataset_plans_only_its_chain(repo):
     shutil.copytree(repo / "data" / B, repo / "data" / "extra")
+    sorted((repo / "data" / "extra" / "images").iterdir())[0].unlink()  # not a copy of B's
     edit_config(repo, lambda c: c["datasets"].update(extra={"trigger": "xtra"}))
-    assert run(repo)[1] == chain("extra")
+    assert plan(repo)[1] == chain("extra")
 
 
 def test_removed_dataset_leaves_the_rest_alone(repo):
     edit_config(repo, lambda c: c["datasets"].pop(B))
-    assert run(repo)[1] == set()
+    assert plan(repo)[1] == set()
 
 
-def test_fresh_clone_and_dvc_pull_schedules_no_training(base, tmp_path):
-    clone = tmp_path / "clone"
-    git(tmp_path, "clone", "-q", str(base), str(clone))
-    run_tool("dvc", "pull", cwd=clone)
-    result = snakemake(clone, "-n", "train_all")
+def test_fresh_clone_and_dvc_pull_plans_nothing(base, tmp_path):
+    clone = clone_and_pull(base, tmp_path / "clone")
+    result, ran = plan(clone)
     assert "Nothing to be done" in result.stdout + result.stderr
-    assert jobs(result) == set()
+    assert ran == set()
     for ds in (A, B):
         assert (clone / "exports" / f"{ds}.safetensors").read_bytes() == (
             base / "exports" / f"{ds}.safetensors"
         ).read_bytes()
 
 
-def test_teammates_new_image_reruns_that_chain_after_clone(base, tmp_path):
-    teammate = tmp_path / "teammate"
-    git(tmp_path, "clone", "-q", str(base), str(teammate))
-    run_tool("dvc", "pull", cwd=teammate)
+def test_teammates_new_image_plans_that_chain_after_clone(base, tmp_path):
+    teammate = clone_and_pull(base, tmp_path / "teammate")
     shutil.copy(
         sorted((teammate / "data" / A / "images").glob("*.png"))[0],
         teammate / "data" / A / "images" / "new_image.png",
@@ -215,26 +313,10 @@ def test_teammates_new_image_reruns_that_chain_after_clone(base, tmp_path):
     run_tool("dvc", "push", cwd=teammate)
     git(teammate, "commit", "-q", "-am", "new image, not retrained")
 
-    mine = tmp_path / "mine"
-    git(tmp_path, "clone", "-q", str(teammate), str(mine))
-    run_tool("dvc", "pull", cwd=mine)
-    result = snakemake(mine, "-n", "train_all")
-    assert jobs(result) == chain(A)
+    mine = clone_and_pull(teammate, tmp_path / "mine")
+    result, ran = plan(mine)
+    assert ran == chain(A)
     assert f"stale: resize {A}: images changed (1 added)" in result.stderr
-
-
-def test_two_cores_end_in_the_same_state_as_one(base, tmp_path):
-    parallel = clone_checkout(tmp_path / "parallel", source=base)
-    run_tool("dvc", "pull", cwd=parallel)
-    shutil.rmtree(parallel / "locks")
-    result = snakemake(parallel, "--cores", "2", "train_all")
-    assert jobs(result) == chain(A) | chain(B)
-    outputs = ["locks", "exports", "grids", "results"]
-    for folder in outputs:
-        for path in (base / folder).rglob("*"):
-            if path.is_file() and "tensorboard" not in path.parts and path.suffix != ".dvc":
-                twin = parallel / path.relative_to(base)
-                assert twin.read_bytes() == path.read_bytes(), path.relative_to(base)
 
 
 def test_without_the_profile_it_stops_and_says_how(repo):

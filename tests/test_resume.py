@@ -20,7 +20,7 @@ from loramill.train import train_lora
 pytestmark = pytest.mark.workflow
 
 DS = "wide_bands"
-TARGET = f"results/{DS}/loss.png"
+TARGET = f"results/{DS}/checkpoints"
 TRAIN = {"max_train_steps": 80, "save_steps": 20, "train_batch_size": 1}
 
 
@@ -106,7 +106,6 @@ def test_killed_training_resumes_to_the_same_adapter(killed, tmp_path):
         tmp_path / "tb",
         str(killed / read_config(killed)["base_model"]),
         settings,
-        dataset=DS,
         trigger=read_config(killed)["datasets"][DS]["trigger"],
         device="cpu",
         cache_root=tmp_path / "cache",

@@ -52,7 +52,6 @@ def train(prepared, out, tiny_sd, call=None, **overrides):
         out / "tb",
         tiny_sd,
         {**CONFIG, **overrides},
-        dataset="ds",
         trigger="zzt",
         **(call or {}),
     )
@@ -206,10 +205,10 @@ def test_longer_run_continues_and_matches_a_fresh_run(prepared, tmp_path, tiny_s
 
 
 def test_state_key_ignores_stopping_options_only_for_total_free_schedules():
-    fingerprint = {"config": {"train": {"max_train_steps": 4, "save_steps": 2, "seed": 1}}}
+    fingerprint = {"params": {"train": {"max_train_steps": 4, "save_steps": 2, "seed": 1}}}
 
     def key(schedule, **train):
-        changed = {"config": {"train": {**fingerprint["config"]["train"], **train}}}
+        changed = {"params": {"train": {**fingerprint["params"]["train"], **train}}}
         return state_key(changed, TrainConfig(lr_scheduler=schedule))
 
     assert key("constant") == key("constant", max_train_steps=8, save_steps=3)

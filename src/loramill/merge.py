@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
+from loramill.dataset_files import entries
 from loramill.files import read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ def read_human_captions(captions_dir: str | os.PathLike | None) -> dict[str, str
     """Human captions by image stem; a missing folder means no edits."""
     if captions_dir is None or not Path(captions_dir).is_dir():
         return {}
-    return {p.stem: read_human_caption(p) for p in sorted(Path(captions_dir).glob("*.txt"))}
+    edits = (Path(entry.path) for entry in entries(captions_dir, "captions"))
+    return {path.stem: read_human_caption(path) for path in edits}
 
 
 def with_trigger(caption: str, trigger: str) -> str:

@@ -1,5 +1,8 @@
 """Publish trained adapters with DVC: one .dvc file per artifact, pushed to your own remote.
 
+Checkpoints are published too: a teammate who clones and pulls can then change a grid axis
+or an export option and rerun just that stage, never training.
+
     python -m loramill.publish [--remote NAME] [--dry-run] [DATASET ...]
 
 Only artifacts whose content changed are re-added, so an unchanged dataset's .dvc files are
@@ -26,6 +29,7 @@ import yaml
 from loramill import LoramillError
 
 ARTIFACTS = (
+    "results/{ds}/checkpoints",  # a folder: one .dvc file for the dataset's checkpoints
     "exports/{ds}.safetensors",
     "exports/{ds}.diffusers.safetensors",
     "grids/{ds}.png",
@@ -131,7 +135,7 @@ def publish(
     root = Path(root).resolve()
     artifacts = [t.format(ds=ds) for ds in dict.fromkeys(datasets) for t in ARTIFACTS]
     # All or nothing: a half-published dataset would leave a teammate's pull inconsistent.
-    missing = [path for path in artifacts if not (root / path).is_file()]
+    missing = [path for path in artifacts if not (root / path).exists()]
     if missing:
         raise LoramillError(
             f"missing {', '.join(missing)}: run `snakemake --cores 1 train_all` first, "
@@ -142,10 +146,13 @@ def publish(
     report = PublishReport(target_remote(root, remote), dry_run=dry_run)
     report.dvc_files = [f"{path}.dvc" for path in artifacts]
     report.has_locks = (root / "locks").is_dir()
+    folders = []
     for path in artifacts:
         recorded = recorded_md5(root / f"{path}.dvc")
-        if recorded is None:
+        if not (root / f"{path}.dvc").exists():
             report.new.append(path)
+        elif (root / path).is_dir():
+            folders.append(path)  # DVC's folder hash is its own: ask `dvc status` below
         elif recorded != md5_file(root / path):
             report.modified.append(path)
         else:
@@ -154,8 +161,10 @@ def publish(
     # An unchanged file whose object is not in the cache (new clone, cleared cache) would make
     # `dvc push` skip it with only a warning and exit 0: re-add those. data/ must match data.dvc,
     # or the pushed images would not be the ones the adapters were trained on.
-    checked = [f"{path}.dvc" for path in report.unchanged] + ["data.dvc"]
+    checked = [f"{path}.dvc" for path in report.unchanged + folders] + ["data.dvc"]
     stale = json.loads(_dvc(root, "status", "--json", *checked, capture=True) or "{}")
+    for path in folders:
+        (report.modified if _modified(stale, f"{path}.dvc") else report.unchanged).append(path)
     if "data.dvc" in stale:
         raise LoramillError(
             "data/ differs from data.dvc or is not in the DVC cache: "
@@ -172,6 +181,13 @@ def publish(
     report.gitignores = [n for n in ignore_files if _read_or_none(root / n) != before[n]]
     _dvc(root, "push", "--remote", report.remote, *report.dvc_files, "data.dvc")
     return report
+
+
+def _modified(status: dict, dvc_file: str) -> bool:
+    """Whether `dvc status --json` says the output changed (not merely "not in cache")."""
+    entries = status.get(dvc_file) or []
+    states = [v for e in entries if isinstance(e, dict) for v in e.get("changed outs", {}).values()]
+    return "modified" in states
 
 
 def _read_or_none(path: Path) -> bytes | None:

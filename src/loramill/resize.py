@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from loramill import LoramillError
+from loramill.dataset_files import entries
 from loramill.files import atomic_path, inside, write_json
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,8 @@ def center_square(image: Image.Image, resolution: int) -> Image.Image:
 def list_sources(images_dir: Path) -> tuple[list[Path], list[dict[str, str]]]:
     """Candidate image files, plus entries that are quarantined on sight."""
     sources, quarantined = [], []
-    for path in sorted(images_dir.iterdir()):
-        if path.name.startswith("."):
-            continue
+    for entry in entries(images_dir, "images"):
+        path = Path(entry.path)
         relative = path.relative_to(images_dir.parent).as_posix()
         if path.is_dir():
             quarantined.append({"source": relative, "reason": "subfolders are not read"})

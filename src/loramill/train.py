@@ -75,7 +75,6 @@ def read_examples(resized_dir: Path, captions_jsonl: Path) -> tuple[list[Path], 
 
 
 def provenance(
-    dataset: str,
     trigger: str,
     base_model: str,
     cfg: TrainConfig,
@@ -86,8 +85,9 @@ def provenance(
     hashes: HashCache,
 ) -> dict[str, Any]:
     init_from = {"init_from_hash": hashes.file(cfg.init_from)} if cfg.init_from else {}
+    # No dataset name: training must not depend on it, so a renamed dataset keeps its adapter
+    # (the export names it).
     return {
-        "dataset": dataset,
         "trigger": trigger,
         "data_fingerprint": data_fingerprint,
         "base_model": base_model,
@@ -371,7 +371,6 @@ def train_lora(
     logdir: str | os.PathLike,
     base_model: str,
     config: dict[str, Any],
-    dataset: str,
     trigger: str = "",
     allow_unsafe_weights: bool = False,
     device: str = "auto",
@@ -389,11 +388,10 @@ def train_lora(
     images, captions, resolution = read_examples(Path(resized_dir), Path(captions_jsonl))
     cfg.check_dataset(len(images))
     accelerator = make_accelerator(cfg, device, logdir)
-    accelerator.init_trackers(dataset, config={k: str(v) for k, v in cfg.as_dict().items()})
+    accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.as_dict().items()})
     hashes = HashCache(DEFAULT_DB)
     data_fingerprint = f"{hashes.digest(resized_dir)}:{hashes.file(captions_jsonl)}"
     record = provenance(
-        dataset,
         trigger,
         base_model,
         cfg,
@@ -418,13 +416,11 @@ def train_lora(
     for step in (s for s in needed if s <= start):
         writer.write(step, run.load_adapters(step))
 
-    log.info(
-        "training %s: %d images, steps %d → %d", dataset, len(images), start, cfg.max_train_steps
-    )
+    log.info("training: %d images, steps %d → %d", len(images), start, cfg.max_train_steps)
     history = run_steps(training, start, history, writer, run, needed)
     accelerator.end_training()
     if loss_png:
-        plot_loss(history, loss_png, f"{dataset}: training loss")
+        plot_loss(history, loss_png, "training loss")
     if run:
         run.finish(keep=cfg.continues)
     return writer.written

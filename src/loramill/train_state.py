@@ -42,7 +42,7 @@ STEP_FILE = re.compile(r"^step-(\d{6,})\.(safetensors|pt)$")
 def state_key(fingerprint: dict[str, Any], cfg: TrainConfig) -> str:
     """The trajectory a train job follows: its fingerprint less the stopping options."""
     trajectory = copy.deepcopy(fingerprint)
-    train = trajectory.get("config", {}).get("train", {})
+    train = trajectory.get("params", {}).get("train", {})
     for option in STOPPING_OPTIONS if cfg.continues else ("save_steps",):
         train.pop(option, None)
     return hash_value(trajectory)

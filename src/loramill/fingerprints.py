@@ -1,0 +1,113 @@
+"""What a stage's result depends on, computed from what its job receives.
+
+A job receives its params and its inputs; its result depends on those, on the code that
+runs and on the libraries underneath. :func:`components` turns exactly that into data, and the
+workflow calls it twice: when planning (with the rule's params evaluated for the dataset and
+produced inputs taken from their producers' locks) and inside the job (with what Snakemake
+passed it). No list of config keys or consumed paths is kept by hand, so nothing can drift:
+a setting reaches a stage only through its params, and then it is in the fingerprint.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from packaging.version import InvalidVersion, Version
+
+from loramill.base_model_files import base_model_fingerprint
+from loramill.code_hash import code_fingerprint
+from loramill.dataset_files import SUFFIXES, folder_hashes
+from loramill.hashing import HashCache, hash_value
+
+# Under `--sdm conda` jobs run in the env built from this file, not in Snakemake's own: the
+# main process puts the file's hash here and jobs inherit it, so both sides compare the same
+# thing (the versions Snakemake's interpreter sees would say nothing about the job's).
+CONDA_ENV_VAR = "LORAMILL_CONDA_ENV"
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a stage's job receives, for one dataset."""
+
+    rule: str
+    script: Path
+    params: dict[str, Any]
+    inputs: dict[str, list[str]]  # named inputs (the gate excluded), each a list of paths
+    dataset_root: str
+
+
+def release(version: str) -> str:
+    """``2.13.0+cpu`` and ``2.13.0+cu128`` are one release: local labels say how it was built."""
+    try:
+        return Version(version).public
+    except InvalidVersion:
+        return version.split("+", 1)[0]
+
+
+@cache
+def versions(packages: tuple[str, ...]) -> dict[str, str]:
+    found = {}
+    for package in packages:
+        try:
+            found[package] = release(importlib.metadata.version(package))
+        except importlib.metadata.PackageNotFoundError:
+            found[package] = "absent"
+    return found
+
+
+def software(packages: tuple[str, ...]) -> dict[str, str]:
+    conda_env = os.environ.get(CONDA_ENV_VAR)
+    return {"conda env": conda_env} if conda_env else versions(packages)
+
+
+def _by_content(key: str, value: Any, params: dict[str, Any], hashes: HashCache) -> Any:
+    """Params that name files the job reads stand for those files' content, not their path."""
+    if key == "base_model":
+        return base_model_fingerprint(value, hashes, bool(params.get("allow_unsafe_weights")))
+    if key == "init_from":
+        return hashes.file(value) if value else ""
+    return value
+
+
+def _params(value: Any, params: dict[str, Any], hashes: HashCache, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _params(v, params, hashes, str(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_params(v, params, hashes) for v in value]
+    return _by_content(key, value, params, hashes)
+
+
+def _dataset_folder(job: Job, path: str) -> str | None:
+    """The dataset folder (``images``, ``captions``) ``path`` is, if it is one."""
+    relative = os.path.relpath(path, job.dataset_root)
+    return relative if relative in SUFFIXES else None
+
+
+def components(job: Job, produced: Callable[[str, str], str], hashes: HashCache) -> dict[str, Any]:
+    """The fingerprint's parts. ``produced(name, path)`` is the hash of an input another stage
+    makes: its producer's lock when planning, the file itself inside the job."""
+    inputs: dict[str, Any] = {}
+    for name, paths in job.inputs.items():
+        hashed = []
+        for path in paths:
+            kind = _dataset_folder(job, path)
+            hashed.append(folder_hashes(path, kind, hashes) if kind else produced(name, path))
+        inputs[name] = hashed
+    code = code_fingerprint(job.script)
+    return {
+        "rule": job.rule,
+        "params": _params(job.params, job.params, hashes),
+        "inputs": inputs,
+        "code": code.parts,
+        "software": software(code.packages),
+    }
+
+
+def fingerprint(parts: dict[str, Any]) -> str:
+    return hash_value(parts)

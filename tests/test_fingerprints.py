@@ -1,0 +1,165 @@
+"""Units of the rerun decision: fingerprints, dataset folders, locks and reasons."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from test_base_model_files import HUB_ID, SHA, hub_cache  # noqa: F401 (a fixture)
+
+from loramill import fingerprints
+from loramill.dataset_files import folder_hashes
+from loramill.explain import explain
+from loramill.fingerprints import CONDA_ENV_VAR, Job, components, fingerprint, release
+from loramill.hashing import HashCache
+from loramill.locks import read_lock, write_lock
+
+SCRIPT = REPO / "scripts" / "grid.py"
+
+
+def job(**params) -> Job:
+    return Job("grid", SCRIPT, params, {}, "data/ds")
+
+
+def parts(job: Job, hashes: HashCache | None = None) -> dict:
+    return components(job, lambda name, path: "produced", hashes or HashCache())
+
+
+def test_versions_compare_on_the_release(monkeypatch):
+    assert release("2.13.0+cpu") == release("2.13.0+cu128") == release("2.13.0") == "2.13.0"
+    seen = {}
+    for label in ("2.13.0+cpu", "2.13.0"):
+        fingerprints.versions.cache_clear()
+        monkeypatch.setattr(importlib.metadata, "version", lambda package, v=label: v)
+        seen[label] = fingerprint(parts(job()))
+    fingerprints.versions.cache_clear()
+    assert seen["2.13.0+cpu"] == seen["2.13.0"]
+    monkeypatch.setattr(importlib.metadata, "version", lambda package: "2.14.0")
+    assert fingerprint(parts(job())) != seen["2.13.0"]
+    fingerprints.versions.cache_clear()
+
+
+def test_under_conda_the_env_file_stands_for_the_versions(monkeypatch):
+    monkeypatch.setenv(CONDA_ENV_VAR, "e" * 64)
+    assert parts(job())["software"] == {"conda env": "e" * 64}
+
+
+def test_a_hub_model_is_the_commit_the_job_fetched(hub_cache, monkeypatch):  # noqa: F811
+    """A hub id not yet downloaded is stale at the first plan; the job fetches it before taking
+    its fingerprint, so the next plan sees the same commit and has nothing to do."""
+    import huggingface_hub
+
+    snapshot = hub_cache.parent / "saved"
+    shutil.move(hub_cache, snapshot)  # not downloaded yet
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda *a, **k: shutil.copytree(snapshot, hub_cache)
+    )
+    planned = parts(job(base_model=HUB_ID))
+    assert planned["params"]["base_model"] == f"hub:{HUB_ID}@not-downloaded"
+
+    from loramill.base_model_files import fetch_base_model
+
+    fetch_base_model(HUB_ID)  # what the job does first
+    ran = parts(job(base_model=HUB_ID))
+    assert ran["params"]["base_model"] == f"hub:{HUB_ID}@{SHA}"
+    assert fingerprint(parts(job(base_model=HUB_ID))) == fingerprint(ran)  # the next plan
+
+
+def test_files_named_by_params_count_by_content(tmp_path):
+    weights = tmp_path / "init.safetensors"
+    weights.write_bytes(b"one")
+    first = parts(job(train={"init_from": str(weights), "rank": 4}))
+    moved = tmp_path / "elsewhere.safetensors"
+    weights.rename(moved)
+    assert parts(job(train={"init_from": str(moved), "rank": 4})) == first
+    moved.write_bytes(b"two")
+    assert parts(job(train={"init_from": str(moved), "rank": 4})) != first
+
+
+def test_dataset_folders_count_what_stages_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    images = tmp_path / "data" / "ds" / "images"
+    images.mkdir(parents=True)
+    (images / "a.png").write_bytes(b"png")
+    first = folder_hashes(images, "images", HashCache())
+    for junk in (".DS_Store", "Thumbs.db", "desktop.ini", "._a.png"):
+        (images / junk).write_bytes(b"junk")
+    assert folder_hashes(images, "images", HashCache()) == first
+    (images / "b.txt").write_text("not an image: resize reports it, so it counts")
+    assert set(folder_hashes(images, "images", HashCache())) == {"a.png", "b.txt"}
+    captions = images.parent / "captions"
+    captions.mkdir()
+    (captions / "a.txt").write_text("edit")
+    (captions / "notes.md").write_text("not an edit")
+    assert set(folder_hashes(captions, "captions", HashCache())) == {"a.txt"}
+
+
+def test_links_out_of_the_dataset_are_never_read(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    images = tmp_path / "data" / "ds" / "images"
+    images.mkdir(parents=True)
+    os.symlink("/dev/zero", images / "endless.png")  # reading it would never finish
+    os.symlink(images / "loop.png", images / "loop.png")
+    os.symlink(images, images / "self")
+    cached = tmp_path / ".dvc" / "cache" / "files" / "md5" / "ab" / "cdef"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"pulled with cache.type symlink")
+    os.symlink(cached, images / "pulled.png")
+    found = folder_hashes(images, "images", HashCache())
+    assert found["endless.png"] == "link:/dev/zero"
+    assert found["loop.png"].startswith("link:") and found["self"].startswith("link:")
+    assert found["pulled.png"] == HashCache().file(cached)
+
+
+def test_reasons_are_in_the_users_terms():
+    old = {
+        "params": {"train": {"learning_rate": 1e-4, "rank": 4}},
+        "code": {"scripts/train.py": "a", "loramill.train:train_lora": "a"},
+        "software": {"torch": "2.13.0"},
+        "inputs": {"images": [{"a.png": "1"}], "edits": [{"a.txt": "x"}], "resized": ["r"]},
+    }
+    new = {
+        "params": {"train": {"learning_rate": 2e-4, "rank": 4}},
+        "code": {"scripts/train.py": "a", "loramill.train:train_lora": "b"},
+        "software": {"torch": "2.14.0"},
+        "inputs": {
+            "images": [{"a.png": "2", "b.png": "3"}],
+            "edits": [{"a.txt": "y"}],
+            "resized": ["s"],
+        },
+    }
+    assert explain(old, new) == [
+        "config train.learning_rate changed",
+        "code changed (loramill.train)",
+        "torch 2.13.0 → 2.14.0",
+        "captions edited (1 image)",
+        "images changed (1 changed, 1 added)",
+        "input resized changed",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("{not json", "unreadable"),
+        ('{"format": 2, "fingerprint": "f", "components": {}}', "missing outputs"),
+        ('{"fingerprint": "f", "components": {}, "outputs": {}}', "format 1"),
+        ("[1, 2]", "not a JSON object"),
+    ],
+)
+def test_an_unusable_lock_is_a_warning_not_a_traceback(tmp_path, monkeypatch, caplog, content, why):
+    monkeypatch.chdir(tmp_path)
+    write_lock("ds", "grid", "f", {}, {})
+    assert read_lock("ds", "grid")["fingerprint"] == "f"
+    Path("locks/ds/grid.json").write_text(content)
+    with caplog.at_level(logging.WARNING, logger="loramill"):
+        assert read_lock("ds", "grid") is None
+    [record] = caplog.records
+    assert why in record.getMessage() and "grid ds will be rebuilt" in record.getMessage()
+    assert read_lock("other", "grid") is None  # no lock at all: no warning
+    assert len(caplog.records) == 1
