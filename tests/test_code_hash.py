@@ -190,6 +190,11 @@ UNRESOLVABLE = {
         {"dyn.py": 'globals()["made"] = lambda: 1\n\n\ndef other():\n    return 2\n'},
         "fakepkg.dyn:*",
     ),
+    "read through globals()": (
+        "from fakepkg.dyn import call\ncall()\n",
+        {"dyn.py": "def call():\n    return globals()['other']()\n\n\nother = print\n"},
+        "fakepkg.dyn:*",
+    ),
     "star import": (
         "from fakepkg.star import thing\nthing()\n",
         {"star.py": "from fakepkg.util import *\n\n\ndef thing():\n    return helper(1)\n"},

@@ -29,6 +29,9 @@ from loramill.hashing import HashCache, hash_value
 # main process puts the file's hash here and jobs inherit it, so both sides compare the same
 # thing (the versions Snakemake's interpreter sees would say nothing about the job's).
 CONDA_ENV_VAR = "LORAMILL_CONDA_ENV"
+# Libraries that run code of another without the stage importing it: diffusers builds the
+# pipeline's CLIP text encoder and tokenizer with transformers.
+RUNS_ALSO = {"diffusers": ("transformers",)}
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,10 @@ def versions(packages: tuple[str, ...]) -> dict[str, str]:
 
 def software(packages: tuple[str, ...]) -> dict[str, str]:
     conda_env = os.environ.get(CONDA_ENV_VAR)
-    return {"conda env": conda_env} if conda_env else versions(packages)
+    if conda_env:
+        return {"conda env": conda_env}
+    also = (extra for package in packages for extra in RUNS_ALSO.get(package, ()))
+    return versions(tuple(sorted({*packages, *also})))
 
 
 def _by_content(key: str, value: Any, params: dict[str, Any], hashes: HashCache) -> Any:

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loramill import LoramillError, __version__
+from loramill import LoramillError
 from loramill.devices import resolve_device
 from loramill.files import read_jsonl
 from loramill.hashing import DEFAULT_DB, HashCache
@@ -55,9 +55,11 @@ HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def library_versions() -> dict[str, str]:
+    """The libraries that computed the adapter. loramill's own release is not among them: a
+    version bump alone must not retrain (the code that runs is fingerprinted instead)."""
     import importlib.metadata as md
 
-    return {"loramill": __version__} | {name: md.version(name) for name in VERSIONED}
+    return {name: md.version(name) for name in VERSIONED}
 
 
 def read_examples(resized_dir: Path, captions_jsonl: Path) -> tuple[list[Path], list[str], int]:
