@@ -5,7 +5,7 @@ these tests passed with.
 Each test writes a tiny Snakefile into tmp_path, lays out files with chosen modification times
 and runs the real snakemake CLI (a dry run wherever that shows the decision), asserting the
 exact jobs. They pin what Snakemake does, not what it documents: when one fails after an
-upgrade, the mechanism in rules/common.smk and src/loramill/freshness.py needs rethinking
+upgrade, the mechanism in rules/common.smk and src/loramill/verdicts.py / gates.py needs rethinking
 before TESTED in snakemake_compat.py may move. Cluster jobs re-parse the Snakefile with
 workflow.is_main_process False; that is not exercised here (no cluster).
 """

@@ -43,6 +43,7 @@ def folder_hashes(folder: str | os.PathLike, kind: str, hashes: HashCache) -> di
     dataset or into the project's DVC cache, else by its target, never read: a link to
     ``/dev/zero`` or a loop must not hang the parse (resize quarantines such links).
     """
+    folder = os.path.abspath(folder)  # absolute entries: the hash cache skips abspath per file
     root = Path(folder).resolve().parent
     allowed = (root, Path(".dvc/cache").resolve())
     found = {}

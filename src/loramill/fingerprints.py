@@ -21,7 +21,7 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from loramill.base_model_files import base_model_fingerprint
-from loramill.code_hash import code_fingerprint
+from loramill.code_hash import PACKAGE_DIR, CodeFingerprint, code_fingerprint
 from loramill.dataset_files import SUFFIXES, folder_hashes
 from loramill.hashing import HashCache, hash_value
 
@@ -72,10 +72,28 @@ def software(packages: tuple[str, ...]) -> dict[str, str]:
     return versions(tuple(sorted({*packages, *also})))
 
 
+def stage_code(script: Path, hashes: HashCache) -> CodeFingerprint:
+    """The code a stage's script runs; remembered across runs while no file it read changed
+    (a planning pass asks for every dataset, and parsing the package costs ~0.1 s)."""
+
+    def compute() -> tuple[dict[str, Any], list[str]]:
+        code = code_fingerprint(script)
+        modules = {part.split(":")[0] for part in code.parts if part.startswith("loramill")}
+        files = [PACKAGE_DIR / f"{m.partition('.')[2] or '__init__'}.py" for m in modules]
+        value = {"parts": code.parts, "packages": list(code.packages)}
+        return value, [str(script), *map(str, files)]
+
+    key = f"code:{Path(script).resolve()}"
+    found = hashes.remember(key, lambda: hashes.derived(key, compute))
+    return CodeFingerprint(found["parts"], tuple(found["packages"]))
+
+
 def _by_content(key: str, value: Any, params: dict[str, Any], hashes: HashCache) -> Any:
     """Params that name files the job reads stand for those files' content, not their path."""
     if key == "base_model":
-        return base_model_fingerprint(value, hashes, bool(params.get("allow_unsafe_weights")))
+        unsafe = bool(params.get("allow_unsafe_weights"))
+        fingerprint = lambda: base_model_fingerprint(value, hashes, unsafe)  # noqa: E731
+        return hashes.remember(f"base_model:{value}:{unsafe}", fingerprint)
     if key == "init_from":
         return hashes.file(value) if value else ""
     return value
@@ -105,7 +123,7 @@ def components(job: Job, produced: Callable[[str, str], str], hashes: HashCache)
             kind = _dataset_folder(job, path)
             hashed.append(folder_hashes(path, kind, hashes) if kind else produced(name, path))
         inputs[name] = hashed
-    code = code_fingerprint(job.script)
+    code = stage_code(job.script, hashes)
     return {
         "rule": job.rule,
         "params": _params(job.params, job.params, hashes),

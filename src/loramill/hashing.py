@@ -10,7 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,9 +81,14 @@ class HashCache:
         self._rows: dict[str, tuple[int, int, int, str]] = {}
         self._dirty: dict[str, tuple[int, int, int, str]] = {}
         self._folders: dict[str, str] = {}  # one parse asks for the base model many times
+        self._memo: dict[str, Any] = {}
+        self._derived: dict[str, tuple[str, str]] = {}
+        self._derived_dirty: dict[str, tuple[str, str]] = {}
         if self.db_path and self.db_path.exists():
             with self._connect() as db:
                 self._rows = {r[0]: tuple(r[1:]) for r in db.execute("SELECT * FROM hashes")}
+                rows = db.execute("SELECT * FROM derived")
+                self._derived = {r[0]: (r[1], r[2]) for r in rows}
 
     @contextlib.contextmanager
     def _connect(self) -> Iterator[Any]:
@@ -95,6 +100,9 @@ class HashCache:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS hashes (path TEXT PRIMARY KEY, inode INTEGER, "
                 "size INTEGER, mtime_ns INTEGER, sha256 TEXT)"
+            )
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS derived (key TEXT PRIMARY KEY, files TEXT, value TEXT)"
             )
             with db:
                 yield db
@@ -140,12 +148,49 @@ class HashCache:
                 hashes[path] = self.file(path)
         return hashes
 
+    def remember(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()`` once for the life of this cache (one parse, one job)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def derived(self, key: str, compute: Callable[[], tuple[Any, list[str]]]) -> Any:
+        """A value computed from files, kept across runs while none of them changed.
+
+        ``compute()`` returns the value (JSON data) and the files it read; a warm lookup
+        costs one stat per file, like a file hash.
+        """
+        row = self._derived_dirty.get(key) or self._derived.get(key)
+        if row and json.loads(row[0]) == _signatures(json.loads(row[0])):
+            return json.loads(row[1])
+        value, files = compute()
+        signed = [[path, *_signature(path)] for path in sorted(map(os.path.abspath, files))]
+        self._derived_dirty[key] = (json.dumps(signed), json.dumps(value))
+        return value
+
     def save(self) -> None:
-        if not (self.db_path and self._dirty):
+        if not (self.db_path and (self._dirty or self._derived_dirty)):
             return
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
             rows = [(k, *v) for k, v in self._dirty.items()]
             db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?, ?, ?)", rows)
+            derived = [(k, *v) for k, v in self._derived_dirty.items()]
+            db.executemany("INSERT OR REPLACE INTO derived VALUES (?, ?, ?)", derived)
         self._rows.update(self._dirty)
         self._dirty.clear()
+        self._derived.update(self._derived_dirty)
+        self._derived_dirty.clear()
+
+
+def _signature(path: str) -> list[int]:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return [-1, -1, -1]
+    return [stat.st_ino, stat.st_size, stat.st_mtime_ns]
+
+
+def _signatures(signed: list[list[Any]]) -> list[list[Any]]:
+    """The same list, with each file's (inode, size, mtime) as it is now."""
+    return [[entry[0], *_signature(entry[0])] for entry in signed]
