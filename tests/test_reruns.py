@@ -1,9 +1,10 @@
 """Content-keyed reruns: each scenario asserts the exact set of jobs Snakemake schedules.
 
 One small base state (two datasets, a few images, a few training steps) is built once for
-real, published to a local DVC remote and committed. Scenarios that exercise decisions ask
-Snakemake for its plan (`snakemake -n`, no ML, about two seconds each); the few that must
-show what a job did — restored from the run-cache or recomputed — run for real.
+real (two jobs at a time), published to a local DVC remote and committed. Scenarios that
+exercise decisions ask Snakemake for its plan (`snakemake -n`, no ML, about two seconds
+each); the few that must show what a job did — restored from the run-cache or recomputed —
+run for real.
 """
 
 from __future__ import annotations
@@ -96,7 +97,9 @@ def base(tmp_path_factory) -> Path:
     remote = tmp_path_factory.mktemp("remote")
     run_tool("dvc", "remote", "add", "-d", "team", str(remote), cwd=root)
     run_tool("dvc", "push", cwd=root)
-    ran = run(root)[1]
+    # Two jobs at a time: parallel jobs share the hash database, the run-cache and the locks,
+    # and every scenario below starts from what they left.
+    ran = jobs(snakemake(root, "--cores", "2", "train_all"))
     assert ran == chain(A) | chain(B)
     run_tool("python", "-m", "loramill.publish", cwd=root)
     git(root, "add", "-A")
@@ -234,6 +237,7 @@ def test_forcerun_train_plans_its_consumers_too(repo):
     result, ran = plan(repo, "-R", "train")
     assert ran == chain(A, "train", "export", "grid") | chain(B, "train", "export", "grid")
     assert f"stale: export {A}: after train" in result.stderr
+    assert plan(repo, "-R", f"results/{A}/checkpoints")[1] == chain(A, "train", "export", "grid")
 
 
 def test_renamed_dataset_runs_no_training(repo):

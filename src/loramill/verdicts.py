@@ -60,7 +60,8 @@ class Planner:
     """Verdicts for every stage of a dataset, in stage order."""
 
     def __init__(self, stages: list[Stage], hashes: HashCache, forced: set[str]) -> None:
-        self.stages, self.hashes, self.forced = stages, hashes, forced
+        self.stages, self.hashes = stages, hashes
+        self.forced = forced  # what --forcerun names: rules or output files
 
     def producers(self, ds: str) -> dict[str, tuple[str, str]]:
         """Which stage makes which path: ``{path: (stage, output name)}``."""
@@ -82,7 +83,7 @@ class Planner:
             job = stage.job(ds)
             verdict = verdicts[stage.name] = Verdict(stage.name, ds)
             after = [u for u in self.upstream(ds, stage.name) if not verdicts[u].fresh]
-            if stage.name in self.forced:
+            if self.forced & {stage.name, *stage.outputs(ds).values()}:  # -R rule or file
                 verdict.reasons.append("forced (--forcerun)")
             elif after:
                 verdict.reasons.append(f"after {', '.join(after)}")
