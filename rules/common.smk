@@ -167,9 +167,7 @@ def gate(stage):
         if not workflow.is_main_process:
             return []  # a cluster job re-parsing the workflow: the main process decided
         verdict = verdicts(wildcards.ds)
-        rerun = [
-            u for u in planner().upstream(wildcards.ds, stage) if not verdict[u].fresh
-        ]
+        rerun = [u for u in verdict[stage].upstream if not verdict[u].fresh]
         gates = [] if verdict[stage].fresh else [stale_gate()]
         return gates + [done_marker(wildcards.ds, u) for u in rerun]
 

@@ -59,10 +59,6 @@ def manifest_hash(files: dict[str, str]) -> str:
     return digest.hexdigest()
 
 
-def hash_tree(root: str | os.PathLike) -> str:
-    return manifest_hash({relative: hash_file(entry.path) for relative, entry in walk(root)})
-
-
 def hash_value(value: Any) -> str:
     """Hash parsed data (config sections) so formatting and key order do not matter."""
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
@@ -80,8 +76,7 @@ class HashCache:
         self.db_path = Path(db_path) if db_path else None
         self._rows: dict[str, tuple[int, int, int, str]] = {}
         self._dirty: dict[str, tuple[int, int, int, str]] = {}
-        self._folders: dict[str, str] = {}  # one parse asks for the base model many times
-        self._memo: dict[str, Any] = {}
+        self._memo: dict[str, Any] = {}  # one parse asks for the same folders many times
         self._derived: dict[str, tuple[str, str]] = {}
         self._derived_dirty: dict[str, tuple[str, str]] = {}
         if self.db_path and self.db_path.exists():
@@ -134,19 +129,7 @@ class HashCache:
         if not os.path.isdir(path):
             return self.file(path)
         key = os.path.abspath(path)
-        if key not in self._folders:
-            self._folders[key] = manifest_hash(self.tree(key))
-        return self._folders[key]
-
-    def paths(self, paths: list[str]) -> dict[str, str]:
-        """Hashes of files and of every file inside folders, keyed by workdir-relative path."""
-        hashes: dict[str, str] = {}
-        for path in paths:
-            if os.path.isdir(path):
-                hashes.update(self.tree(path, prefix=path.rstrip("/") + "/"))
-            elif os.path.isfile(path):
-                hashes[path] = self.file(path)
-        return hashes
+        return self.remember(f"tree:{key}", lambda: manifest_hash(self.tree(key)))
 
     def remember(self, key: str, compute: Callable[[], Any]) -> Any:
         """``compute()`` once for the life of this cache (one parse, one job)."""

@@ -42,6 +42,7 @@ class Verdict:
     dataset: str
     reasons: list[str] = field(default_factory=list)
     lock: dict[str, Any] | None = None
+    upstream: list[str] = field(default_factory=list)  # the stages whose outputs it reads
 
     @property
     def fresh(self) -> bool:
@@ -70,19 +71,14 @@ class Planner:
             made.update({path: (stage.name, name) for name, path in stage.outputs(ds).items()})
         return made
 
-    def upstream(self, ds: str, stage: str) -> list[str]:
-        """The stages whose outputs ``stage`` reads."""
-        made = self.producers(ds)
-        (job,) = (s.job(ds) for s in self.stages if s.name == stage)
-        found = {made[p][0] for paths in job.inputs.values() for p in paths if p in made}
-        return sorted(found)
-
     def plan(self, ds: str) -> dict[str, Verdict]:
         made, verdicts = self.producers(ds), {}
         for stage in self.stages:
             job = stage.job(ds)
             verdict = verdicts[stage.name] = Verdict(stage.name, ds)
-            after = [u for u in self.upstream(ds, stage.name) if not verdicts[u].fresh]
+            read = {made[p][0] for paths in job.inputs.values() for p in paths if p in made}
+            verdict.upstream = sorted(read)
+            after = [u for u in verdict.upstream if not verdicts[u].fresh]
             if self.forced & {stage.name, *stage.outputs(ds).values()}:  # -R rule or file
                 verdict.reasons.append("forced (--forcerun)")
             elif after:
