@@ -139,6 +139,11 @@ def planner():
 
 
 @functools.cache
+def gate_file():
+    return stale_gate()  # dated once per pass
+
+
+@functools.cache
 def verdicts(ds):
     found = planner().plan(ds)
     planner().hashes.save()
@@ -168,7 +173,7 @@ def gate(stage):
             return []  # a cluster job re-parsing the workflow: the main process decided
         verdict = verdicts(wildcards.ds)
         rerun = [u for u in verdict[stage].upstream if not verdict[u].fresh]
-        gates = [] if verdict[stage].fresh else [stale_gate()]
+        gates = [] if verdict[stage].fresh else [gate_file()]
         return gates + [done_marker(wildcards.ds, u) for u in rerun]
 
     return paths if CONTENT_KEYED else []

@@ -2,23 +2,32 @@
 
 One small base state (two datasets, a few images, a few training steps) is built once for
 real (two jobs at a time), published to a local DVC remote and committed. Scenarios that
-exercise decisions ask Snakemake for its plan (`snakemake -n`, no ML, about two seconds
-each); the few that must show what a job did — restored from the run-cache or recomputed —
-run for real.
+exercise decisions ask Snakemake for its plan in this process (the workflow parsed and its
+DAG built through Snakemake's API: a fraction of a second, no job started). Scenarios about
+edited code ask `snakemake -n` in a fresh interpreter, which imports the edited package. The
+few that must show what a job did — restored from the run-cache or recomputed — run for real.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
+import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from conftest import clone_checkout, run_tool
 from PIL import Image, ImageDraw
+from snakemake.api import SnakemakeApi
+from snakemake.settings import types
+from snakemake.settings.enums import Quietness, RerunTrigger
 
 pytestmark = pytest.mark.workflow
 
@@ -76,10 +85,54 @@ def run(root: Path, *args: str):
     return result, jobs(result)
 
 
-def plan(root: Path, *args: str):
-    """What Snakemake would run: a dry run, no job started."""
+def dry_run(root: Path, *args: str):
+    """What Snakemake would run, from `snakemake -n` in a fresh interpreter."""
     result = snakemake(root, "-n", "train_all", *args)
     return result, jobs(result)
+
+
+@contextlib.contextmanager
+def restored_process_state():
+    """The workflow adds its source folder to sys.path and PYTHONPATH, and a log handler."""
+    path, pythonpath = sys.path[:], os.environ.get("PYTHONPATH")
+    handlers = logging.getLogger("loramill").handlers[:]
+    cwd = os.getcwd()
+    try:
+        yield
+    finally:
+        sys.path[:] = path
+        os.environ.pop("PYTHONPATH", None)
+        os.environ.update({} if pythonpath is None else {"PYTHONPATH": pythonpath})
+        logging.getLogger("loramill").handlers[:] = handlers
+        os.chdir(cwd)
+
+
+def plan(root: Path, *forcerun: str) -> tuple[str, set[tuple[str, str]]]:
+    """What Snakemake would run, asked in this process with the workflow profile's settings:
+    what the workflow printed to stderr, and the (rule, dataset) of every job it plans."""
+    stderr = io.StringIO()
+    quiet = types.OutputSettings(quiet={Quietness.ALL})
+    with restored_process_state(), contextlib.redirect_stderr(stderr), SnakemakeApi(quiet) as api:
+        workflow_api = api.workflow(
+            resource_settings=types.ResourceSettings(cores=1),
+            config_settings=types.ConfigSettings(),
+            storage_settings=types.StorageSettings(),
+            workflow_settings=types.WorkflowSettings(),
+            deployment_settings=types.DeploymentSettings(),
+            snakefile=root / "Snakefile",
+            workdir=root,
+        )
+        profile = yaml.safe_load((root / "profiles" / "default" / "config.yaml").read_text())
+        settings = types.DAGSettings(
+            targets={"train_all"},
+            forcerun=set(forcerun),
+            rerun_triggers={RerunTrigger[t.upper()] for t in profile["rerun-triggers"]},
+            max_checksum_file_size=profile["max-checksum-file-size"],
+        )
+        workflow_api.dag(settings).execute_workflow(executor="dryrun")
+        planned = workflow_api._workflow.dag.needrun_jobs(exclude_finished=False)
+        found = {(job.rule.name, job.wildcards.get("ds")) for job in planned}
+    return stderr.getvalue(), {(rule, ds) for rule, ds in found if ds is not None}
 
 
 def clone_and_pull(source: Path, dest: Path) -> Path:
@@ -121,10 +174,11 @@ def test_no_change_runs_nothing(repo):
     assert run(repo)[1] == set()
 
 
-def test_changed_image_reruns_that_datasets_chain(repo):
+def test_changed_image_reruns_that_datasets_chain_and_its_revert_restores(repo):
     image = sorted((repo / "data" / A / "images").glob("*.png"))[0]
-    with Image.open(image) as original:
-        changed = original.convert("RGB")
+    original = image.read_bytes()
+    with Image.open(image) as opened:
+        changed = opened.convert("RGB")
     middle = (changed.width / 2, changed.height / 2)
     box = [(middle[0] - 4, middle[1] - 4), (middle[0] + 4, middle[1] + 4)]
     ImageDraw.Draw(changed).ellipse(box, fill=(255, 0, 255))  # the square crop keeps it
@@ -136,26 +190,11 @@ def test_changed_image_reruns_that_datasets_chain(repo):
     assert computed(repo, ran) == chain(A) - {("merge_captions", A)}
     assert f"stale: resize {A}: images changed (1 changed)" in result.stderr
 
-
-def set_learning_rate(value):
-    def change(config):
-        config["datasets"][A].setdefault("train", {})["learning_rate"] = value
-
-    return change
-
-
-def test_learning_rate_reruns_train_onward_and_revert_restores(repo):
-    global_rate = yaml.safe_load((repo / "config" / "config.yaml").read_text())["train"]
-    edit_config(repo, set_learning_rate(global_rate["learning_rate"] * 2))
-    result, ran = run(repo)
-    assert ran == computed(repo, ran) == chain(A, "train", "export", "grid")
-    assert f"stale: train {A}: config train.learning_rate changed" in result.stderr
-
-    edit_config(repo, set_learning_rate(global_rate["learning_rate"]))  # back to the value it had
-    result, ran = run(repo)
-    assert ran == chain(A, "train", "export", "grid")
-    assert computed(repo, ran) == set(), "the revert retrained instead of using the run-cache"
-    assert run(repo)[1] == set()
+    image.write_bytes(original)  # back to what it was: every stage has that result cached
+    ran = run(repo)[1]
+    assert ran == chain(A)
+    assert computed(repo, ran) == set(), "the revert recomputed instead of using the run-cache"
+    assert plan(repo)[1] == set()
 
 
 def test_teammate_changes_a_grid_axis_after_clone_and_pull(base, tmp_path):
@@ -192,7 +231,7 @@ def test_comment_docstring_and_format_edits_in_a_shared_module_plan_nothing(repo
     edit_code(repo, "files.py", '"""Atomic output writing', '"""Atomic (really) output writing')
     edit_code(repo, "files.py", "def write_text(", "# a comment\ndef write_text(  ")
     edit_code(repo, "files.py", "\n\n\n", "\n\n\n# between functions\n\n")
-    assert plan(repo)[1] == set()
+    assert dry_run(repo)[1] == set()
 
 
 def edit_code(repo: Path, module: str, old: str, new: str) -> None:
@@ -205,27 +244,27 @@ def edit_code(repo: Path, module: str, old: str, new: str) -> None:
 def test_code_change_plans_the_stages_that_reach_it(repo):
     # to_kohya: the export writes through it, and the grid renders what the export holds.
     edit_code(repo, "export.py", '"checkpoint holds no LoRA tensors"', '"no LoRA tensors"')
-    assert plan(repo)[1] == chain(A, "export", "grid") | chain(B, "export", "grid")
+    assert dry_run(repo)[1] == chain(A, "export", "grid") | chain(B, "export", "grid")
 
 
 def test_code_change_the_grid_never_reaches_plans_exports_only(repo):
     edit_code(repo, "export.py", 'diffusers_meta["format"] = ', 'diffusers_meta["format"] = "" or ')
-    assert plan(repo)[1] == {("export", A), ("export", B)}
+    assert dry_run(repo)[1] == {("export", A), ("export", B)}
 
 
 def test_change_to_the_code_that_builds_grid_prompts_plans_grids_only(repo):
     edit_code(repo, "config.py", '.strip(" ,")', '.strip(" ,") + ", high quality"')
-    result, ran = plan(repo)
+    result, ran = dry_run(repo)
     assert ran == {("grid", A), ("grid", B)}
     assert f"stale: grid {A}: config prompts changed" in result.stderr
 
 
 def test_caption_edit_plans_merge_onward_and_says_why(repo):
     (repo / "data" / A / "captions" / "green_band_on_black_09.txt").write_text("a green disc\n")
-    result, ran = plan(repo)
+    stderr, ran = plan(repo)
     assert ran == chain(A, "merge_captions", "train", "export", "grid")
-    assert f"stale: merge_captions {A}: captions edited (1 image)" in result.stderr
-    assert f"stale: train {A}: after merge_captions" in result.stderr
+    assert f"stale: merge_captions {A}: captions edited (1 image)" in stderr
+    assert f"stale: train {A}: after merge_captions" in stderr
 
 
 def test_grid_axis_change_plans_grids_only(repo):
@@ -233,21 +272,37 @@ def test_grid_axis_change_plans_grids_only(repo):
     assert plan(repo)[1] == {("grid", A), ("grid", B)}
 
 
+def set_learning_rate(value):
+    def change(config):
+        config["datasets"][A].setdefault("train", {})["learning_rate"] = value
+
+    return change
+
+
+def test_learning_rate_plans_train_onward_and_its_revert_nothing(repo):
+    global_rate = yaml.safe_load((repo / "config" / "config.yaml").read_text())["train"]
+    edit_config(repo, set_learning_rate(global_rate["learning_rate"] * 2))
+    stderr, ran = plan(repo)
+    assert ran == chain(A, "train", "export", "grid")
+    assert f"stale: train {A}: config train.learning_rate changed" in stderr
+    edit_config(repo, set_learning_rate(global_rate["learning_rate"]))  # the value it had
+    assert plan(repo)[1] == set()
+
+
 def test_forcerun_train_plans_its_consumers_too(repo):
-    result, ran = plan(repo, "-R", "train")
+    result, ran = dry_run(repo, "-R", "train")  # the command line users type
     assert ran == chain(A, "train", "export", "grid") | chain(B, "train", "export", "grid")
     assert f"stale: export {A}: after train" in result.stderr
-    assert plan(repo, "-R", f"results/{A}/checkpoints")[1] == chain(A, "train", "export", "grid")
+    assert plan(repo, f"results/{A}/checkpoints")[1] == chain(A, "train", "export", "grid")
 
 
-def test_renamed_dataset_runs_no_training(repo):
+def test_renamed_dataset_plans_no_training(repo):
     shutil.move(repo / "data" / A, repo / "data" / "renamed")  # data/ is DVC's, not git's
     edit_config(repo, lambda c: c["datasets"].update(renamed=c["datasets"].pop(A)))
-    result, ran = run(repo)
+    stderr, ran = plan(repo)
     # The export names the adapter; nothing before it depends on the name.
     assert ran == {("export", "renamed")}
-    assert f"train renamed: built as {A} before" in result.stderr
-    assert plan(repo)[1] == set()
+    assert f"train renamed: built as {A} before" in stderr
 
 
 def test_removed_results_are_restored_not_rebuilt(repo, base):
@@ -278,9 +333,9 @@ def test_lock_missing_a_key_replans_that_stage_with_a_warning(repo):
     lock = json.loads(lock_file.read_text())
     del lock["outputs"]
     lock_file.write_text(json.dumps(lock))
-    result, ran = plan(repo)
+    stderr, ran = plan(repo)
     assert ran == {("grid", B)}
-    warnings = [line for line in result.stderr.splitlines() if "grid.json" in line]
+    warnings = [line for line in stderr.splitlines() if "grid.json" in line]
     assert warnings == [f"loramill: locks/{B}/grid.json: missing outputs; grid {B} will be rebuilt"]
 
 
@@ -298,9 +353,7 @@ def test_removed_dataset_leaves_the_rest_alone(repo):
 
 def test_fresh_clone_and_dvc_pull_plans_nothing(base, tmp_path):
     clone = clone_and_pull(base, tmp_path / "clone")
-    result, ran = plan(clone)
-    assert "Nothing to be done" in result.stdout + result.stderr
-    assert ran == set()
+    assert plan(clone)[1] == set()
     for ds in (A, B):
         assert (clone / "exports" / f"{ds}.safetensors").read_bytes() == (
             base / "exports" / f"{ds}.safetensors"
@@ -318,9 +371,9 @@ def test_teammates_new_image_plans_that_chain_after_clone(base, tmp_path):
     git(teammate, "commit", "-q", "-am", "new image, not retrained")
 
     mine = clone_and_pull(teammate, tmp_path / "mine")
-    result, ran = plan(mine)
+    stderr, ran = plan(mine)
     assert ran == chain(A)
-    assert f"stale: resize {A}: images changed (1 added)" in result.stderr
+    assert f"stale: resize {A}: images changed (1 added)" in stderr
 
 
 def test_without_the_profile_it_stops_and_says_how(repo):

@@ -19,7 +19,6 @@ output is missing. Beyond those, a run (dry or not) only re-dates the stale gate
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
@@ -31,9 +30,9 @@ DONE = Path(".cache/done")
 LONG_AGO = 1
 
 
-@functools.cache
 def stale_gate() -> str:
-    """The stale gate, dated now: once per planning pass, which ends before any job starts."""
+    """The stale gate, dated now. Called once per planning pass (the workflow caches it), which
+    ends before any job starts: a later call would date it after outputs already written."""
     if not STALE_GATE.exists():
         write_text(STALE_GATE, "the input of every stale stage, dated when it was planned\n")
     os.utime(STALE_GATE)
