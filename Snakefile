@@ -3,7 +3,8 @@
 #   snakemake --cores 1 train_all     every dataset: resize → caption → merge → train → export → grid
 #
 # Per dataset (data/<ds>/images + optional human edits in data/<ds>/captions):
-#   results/<ds>/resized/               training-resolution PNGs + manifest.json (quarantine list)
+#   results/<ds>/resized/               PNGs at their aspect-ratio bucket + manifest.json
+#   results/<ds>/quarantine.csv         files left out, with the reason (file,reason)
 #   results/<ds>/auto_captions.jsonl    captioner output
 #   results/<ds>/captions.jsonl         training captions (human edits win, trigger prepended)
 #   results/<ds>/checkpoints/           step-NNNNNN.safetensors (diffusers LoRA format)

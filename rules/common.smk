@@ -32,6 +32,7 @@ try:
 except LoramillError as error:
     sys.exit(f"loramill: {error}")
 
+from loramill.buckets import BucketSpec
 from loramill.caption import captioner_class
 from loramill.config import check_replaced_keys, dataset_config, describe, grid_prompts
 from loramill.devices import uses_gpu
@@ -55,6 +56,7 @@ def check_dataset(ds, settings):
     """Problems a user can fix before any job runs: unknown captioner, train options that
     contradict each other, a missing init_from file, data not pulled."""
     try:
+        BucketSpec.from_settings(settings["resize"])
         captioner_class(settings["caption"])
         train = TrainConfig.from_dict(settings["train"])
         if settings["device"] == "cpu":

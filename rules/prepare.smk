@@ -7,6 +7,7 @@ rule resize:
         gate=gate("resize"),
     output:
         resized=directory("results/{ds}/resized"),
+        quarantine="results/{ds}/quarantine.csv",
         done=done("resize"),
     log:
         "logs/resize/{ds}.log",
@@ -14,8 +15,12 @@ rule resize:
         "benchmarks/resize/{ds}.tsv"
     conda:
         ENV
+    threads: lambda wildcards: DATASETS[wildcards.ds]["resize"]["threads"]
     params:
-        resolution=setting("resize", "resolution"),
+        # threads only spread the work: the pixels do not depend on them
+        settings=lambda wildcards: {
+            k: v for k, v in DATASETS[wildcards.ds]["resize"].items() if k != "threads"
+        },
     script:
         "../scripts/resize.py"
 

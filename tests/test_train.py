@@ -36,7 +36,13 @@ CONFIG = {
 def prepared(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     generate_dataset(root / "ds", "stripes", 5)
-    manifest = resize_dataset(root / "ds" / "images", root / "resized", 32)
+    # Buckets 16×64 … 64×16 around 32²: the five images land in two of them.
+    buckets = {"resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64}
+    settings = {**buckets, "bucket_reso_steps": 16}
+    manifest = resize_dataset(
+        root / "ds" / "images", root / "resized", settings, cache_dir=root / "cache"
+    )
+    assert len({tuple(e["bucket"]) for e in manifest["images"]}) == 2
     auto = [{"image": e["file"], "caption": e["file"][:-4]} for e in manifest["images"]]
     write_jsonl(root / "auto.jsonl", auto)
     merge_captions(root / "auto.jsonl", None, root / "captions.jsonl", root / "r.json", "zzt")

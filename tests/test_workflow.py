@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import yaml
-from conftest import run_tool
+from conftest import clone_checkout, run_tool
 from PIL import Image
 from safetensors import safe_open
 
@@ -144,3 +144,22 @@ def test_gpu_jobs_declare_the_gpu_resource(demo_run):
     assert not any("gpu" in line for line in planned["resize"] | planned["merge_captions"])
     on_cpu = planned_resources(run_tool(*command, "--config", "device=cpu", cwd=demo_run))
     assert all("gpu=0" in line for line in on_cpu["train"] | on_cpu["grid"])
+
+
+def test_dataset_checked_out_as_links_into_the_dvc_cache_trains(tmp_path):
+    """DVC's `cache.type: symlink` (its choice when the cache is on another disk): every image
+    is a link into the cache, and is read as the image it is."""
+    checkout = clone_checkout(tmp_path / "linked")
+    run_tool("dvc", "config", "--local", "cache.type", "symlink", cwd=checkout)
+    run_tool("dvc", "pull", cwd=checkout)
+    ds = "wide_bands"
+    images = sorted((checkout / "data" / ds / "images").iterdir())
+    assert images and all(p.is_symlink() for p in images)
+    config_file = checkout / "config" / "config.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config["train"].update(max_train_steps=1, save_steps=1)
+    config_file.write_text(yaml.safe_dump(config))
+    run_tool("snakemake", "--cores", "2", f"results/{ds}/checkpoints", cwd=checkout)
+    manifest = json.loads((checkout / "results" / ds / "resized" / "manifest.json").read_text())
+    assert len(manifest["images"]) == len(images) and manifest["quarantined"] == []
+    assert (checkout / "results" / ds / "checkpoints" / "step-000001.safetensors").is_file()

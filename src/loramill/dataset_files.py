@@ -8,6 +8,8 @@ dataset or moving it elsewhere with ``path:`` changes no fingerprint.
 
 from __future__ import annotations
 
+import configparser
+import functools
 import os
 from pathlib import Path
 
@@ -17,6 +19,36 @@ from loramill.hashing import HashCache
 SYSTEM_FILES = frozenset({"Thumbs.db", "ehthumbs.db", "desktop.ini", "Icon\r"})
 # The layout of data/<ds>/: each folder a stage reads, with the names it reads there.
 SUFFIXES = {"images": None, "captions": (".txt",)}  # None: every file (resize reports the rest)
+
+
+def dvc_cache_dirs(project: str | os.PathLike = ".") -> tuple[Path, ...]:
+    """Where the project's DVC cache lives: ``.dvc/cache`` unless ``cache.dir`` in
+    ``.dvc/config`` or ``.dvc/config.local`` moves it (relative to ``.dvc/``). With
+    ``cache.type: symlink`` (DVC's choice when the cache sits on another disk) every image
+    is a link into it."""
+    return _cache_dirs(Path(project).resolve())
+
+
+@functools.cache  # read once per process and project: a planning pass asks per linked file
+def _cache_dirs(project: Path) -> tuple[Path, ...]:
+    dvc = project / ".dvc"
+    found = [dvc / "cache"]
+    for name in ("config", "config.local"):
+        parser = configparser.ConfigParser()
+        try:
+            parser.read(dvc / name)
+        except configparser.Error:
+            continue  # DVC itself reports a broken config
+        if parser.has_option("cache", "dir"):
+            found.append((dvc / parser.get("cache", "dir")).resolve())
+    return tuple(found)
+
+
+def link_allowed(path: str | os.PathLike, dataset_root: str | os.PathLike) -> bool:
+    """Whether the link ``path`` resolves to a file inside the dataset or the DVC cache."""
+    target = Path(os.path.realpath(path))
+    roots = [Path(dataset_root).resolve(), *dvc_cache_dirs()]
+    return target.is_file() and any(target.is_relative_to(root) for root in roots)
 
 
 def is_read(kind: str, name: str) -> bool:
@@ -44,15 +76,12 @@ def folder_hashes(folder: str | os.PathLike, kind: str, hashes: HashCache) -> di
     ``/dev/zero`` or a loop must not hang the parse (resize quarantines such links).
     """
     folder = os.path.abspath(folder)  # absolute entries: the hash cache skips abspath per file
-    root = Path(folder).resolve().parent
-    allowed = (root, Path(".dvc/cache").resolve())
+    root = os.path.dirname(folder)
     found = {}
     for entry in entries(folder, kind):
-        if entry.is_symlink():
-            target = Path(os.path.realpath(entry.path))
-            if not any(target.is_relative_to(base) for base in allowed) or not target.is_file():
-                found[entry.name] = f"link:{os.readlink(entry.path)}"
-                continue
+        if entry.is_symlink() and not link_allowed(entry.path, root):
+            found[entry.name] = f"link:{os.readlink(entry.path)}"
+            continue
         if entry.is_dir():
             found[entry.name] = "folder"  # resize reports subfolders, never reads them
         elif entry.is_file():

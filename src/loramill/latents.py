@@ -60,6 +60,9 @@ class Counts:
     encoded: int
     reused: int
 
+    def __add__(self, other: Counts) -> Counts:
+        return Counts(self.encoded + other.encoded, self.reused + other.reused)
+
     def line(self, what: str) -> str:
         return f"{what}: {self.encoded} encoded, {self.reused} reused"
 

@@ -1,124 +1,242 @@
-"""Stage 1: bring every image of a dataset to the training resolution.
+"""Stage 1: bring every image of a dataset to its training size (loramill.pixels, .buckets).
 
-Each image is EXIF-rotated, converted to RGB (transparency composited on white, the usual
-convention of SD trainers), center-cropped to a square and resized with Lanczos. A file that
-cannot be used is quarantined: left untouched in the dataset, listed with its reason in the
-manifest and the log, and skipped. Pillow's decompression-bomb limit stays on.
+A file that cannot be used is quarantined: left untouched in the dataset, listed with its
+reason in the manifest, in ``quarantine.csv`` (``file,reason``) and in one warning line. The
+reasons: a subfolder, an unsupported type, a link leading out of the dataset (links into the
+project's DVC cache are how DVC checks files out, and are read), an empty file, a name that
+differs from another only in case or extension, a byte-identical duplicate (the later name
+in sort order), a file that does not decode, one over the decompression-bomb limit, and one
+smaller than ``resize.min_side``.
+
+Per image the result is cached under ``.cache/resized``, keyed by the image's content, the
+resize settings and the stage's code, so adding one image to 500 processes one. Images are
+processed over the job's threads, one worker process each.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 import logging
 import os
-import warnings
+import unicodedata
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
-
 from loramill import LoramillError
-from loramill.dataset_files import entries
-from loramill.files import atomic_path, inside, write_json
+from loramill.buckets import BucketSpec, bucket_for, bucket_sizes
+from loramill.dataset_files import entries, link_allowed
+from loramill.files import atomic_path, write_bytes, write_json
+from loramill.hashing import HashCache, hash_value
+from loramill.pixels import Unusable, decode, displayed_size, fit, open_image, to_rgb
+from loramill.run_cache import link_data
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MANIFEST = "manifest.json"
-WHITE = (255, 255, 255)
+CACHE_DIR = Path(".cache/resized")
+PNG_LEVEL = 1  # intermediate files: fast to write, read once into the latent cache
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with any transparency flattened onto white."""
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, WHITE)
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # 16/32-bit greyscale: scale to 8 bits instead of clipping everything to white.
-        image = image.point(lambda v: v / 256).convert("L")
-    return image.convert("RGB")
+@dataclass(frozen=True)
+class Settings:
+    """The ``resize`` config section, as the stage uses it."""
+
+    buckets: BucketSpec
+    background: str = "white"
+    min_side: int | None = None  # default: half the resolution
+
+    @classmethod
+    def from_config(cls, resize: dict[str, Any]) -> Settings:
+        min_side = resize.get("min_side")
+        return cls(BucketSpec.from_settings(resize), resize.get("background", "white"), min_side)
+
+    @property
+    def smallest(self) -> int:
+        return self.min_side if self.min_side is not None else self.buckets.resolution // 2
 
 
-def load_image(path: Path) -> Image.Image:
-    """Open, fully decode and orient an image; raise ValueError with a readable reason."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
-                opened.load()
-                return ImageOps.exif_transpose(opened)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ValueError(f"decompression-bomb limit: {error}") from None
-    except UnidentifiedImageError:
-        raise ValueError("not a readable image (unknown or corrupt format)") from None
-    except (OSError, SyntaxError) as error:
-        raise ValueError(f"corrupt image: {error}") from None
+@dataclass(frozen=True)
+class Task:
+    source: str
+    entry: str  # cache entry path, without suffix
+    settings: Settings
 
 
-def center_square(image: Image.Image, resolution: int) -> Image.Image:
-    return ImageOps.fit(image, (resolution, resolution), method=Image.Resampling.LANCZOS)
+def output_name(path: Path) -> str:
+    """``<stem>.png``, the stem NFC-normalised (a name typed on macOS matches one from Linux)."""
+    return unicodedata.normalize("NFC", path.stem) + ".png"
 
 
-def list_sources(images_dir: Path) -> tuple[list[Path], list[dict[str, str]]]:
-    """Candidate image files, plus entries that are quarantined on sight."""
-    sources, quarantined = [], []
+def listed(images_dir: Path) -> Iterator[tuple[Path, str | None]]:
+    """Each entry of the folder, with the reason it is quarantined on sight (or None)."""
+    seen: dict[str, str] = {}
     for entry in entries(images_dir, "images"):
         path = Path(entry.path)
-        relative = path.relative_to(images_dir.parent).as_posix()
-        if path.is_dir():
-            quarantined.append({"source": relative, "reason": "subfolders are not read"})
+        name = output_name(path).casefold()
+        if entry.is_symlink() and not link_allowed(path, images_dir.parent):
+            yield path, f"link escapes the dataset (to {os.readlink(path)})"
+        elif path.is_dir():
+            yield path, "subfolders are not read"
         elif path.suffix.lower() not in IMAGE_SUFFIXES:
-            quarantined.append({"source": relative, "reason": f"unsupported type '{path.suffix}'"})
+            yield path, f"unsupported type '{path.suffix}'"
+        elif path.stat().st_size == 0:
+            yield path, "empty file (0 bytes)"
+        elif name in seen:
+            yield (
+                path,
+                (
+                    f"same name as images/{seen[name]} apart from case or extension "
+                    "(outputs and captions are matched by name): rename one"
+                ),
+            )
         else:
-            sources.append(path)
-    return sources, quarantined
+            seen[name] = path.name
+            yield path, None
+
+
+def prepare(task: Task) -> dict[str, Any]:
+    """Process one image into its cache entry; the entry's record (or a quarantine reason)."""
+    settings = task.settings
+    try:
+        with open_image(Path(task.source)) as image:
+            size = displayed_size(image)
+            if min(size) < settings.smallest:
+                raise Unusable(
+                    f"too small: {size[0]}×{size[1]} px (resize.min_side is {settings.smallest})"
+                )
+            spec = settings.buckets
+            bucket = bucket_for(size, spec, bucket_sizes(spec))
+            pixels = fit(to_rgb(decode(image, bucket), settings.background), bucket)
+    except Unusable as error:
+        record: dict[str, Any] = {"reason": str(error)}
+    except Exception as error:  # a decoder's own failure must not stop the dataset
+        record = {"reason": f"could not be processed ({type(error).__name__}: {error})"}
+    else:
+        buffer = io.BytesIO()
+        pixels.save(buffer, format="PNG", compress_level=PNG_LEVEL)
+        write_bytes(f"{task.entry}.png", buffer.getvalue())
+        record = {"original_size": list(size), "bucket": list(bucket)}
+    write_json(f"{task.entry}.json", record)
+    return record
+
+
+def run_all(tasks: list[Task], threads: int) -> list[dict[str, Any]]:
+    if threads <= 1 or len(tasks) <= 1:
+        return [prepare(task) for task in tasks]
+    with ProcessPoolExecutor(max_workers=min(threads, len(tasks))) as pool:
+        return list(pool.map(prepare, tasks))
+
+
+def cached(entry: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(entry.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return None
+    usable = "reason" in record or entry.with_suffix(".png").is_file()
+    return record if usable else None
+
+
+def write_quarantine(path: Path, quarantined: list[dict[str, str]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file", "reason"])
+        writer.writerows([q["source"], q["reason"]] for q in quarantined)
+
+
+@dataclass
+class Found:
+    """An image to train on: its file, its cache entry, and the entry's record once known."""
+
+    path: Path
+    entry: Path
+    record: dict[str, Any] | None
+
+
+def survey(
+    images_dir: Path, chosen: Settings, cache_dir: Path, code: str, hashes: HashCache
+) -> tuple[dict[str, Found], list[dict[str, str]]]:
+    """The images by source (``images/<name>``), with their cached records where there are
+    some, and what is quarantined before decoding anything."""
+    found: dict[str, Found] = {}
+    quarantined, by_hash = [], {}
+    for path, reason in listed(images_dir):
+        source = f"images/{path.name}"
+        digest = None if reason else hashes.file(path)
+        if digest in by_hash:
+            reason = f"duplicate of {by_hash[digest]} (identical bytes)"
+        if reason:
+            quarantined.append({"source": source, "reason": reason})
+            continue
+        by_hash[digest] = source
+        key = hash_value({"image": digest, "settings": asdict(chosen), "code": code})
+        entry = cache_dir / key[:2] / key
+        found[source] = Found(path, entry, cached(entry))
+    return found, quarantined
 
 
 def resize_dataset(
-    images_dir: str | os.PathLike, out_dir: str | os.PathLike, resolution: int
+    images_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    settings: dict[str, Any],
+    quarantine_csv: str | os.PathLike | None = None,
+    name: str = "",
+    threads: int = 1,
+    cache_dir: str | os.PathLike = CACHE_DIR,
+    code: str = "",
+    hashes: HashCache | None = None,
 ) -> dict[str, Any]:
-    """Write ``<stem>.png`` per usable image and ``manifest.json`` into ``out_dir``."""
+    """Write ``<stem>.png`` per usable image and ``manifest.json`` into ``out_dir``.
+
+    ``settings`` is the ``resize`` config section; ``code`` identifies the stage's code in
+    the per-image cache keys; ``name`` is the dataset's, for the log line only."""
     images_dir, out_dir = Path(images_dir), Path(out_dir)
     if not images_dir.is_dir():
         raise LoramillError(f"{images_dir}: image folder does not exist")
-    dataset_root = images_dir.parent
-    sources, quarantined = list_sources(images_dir)
-
-    by_stem: dict[str, Path] = {}
-    for path in sources:
-        if path.stem in by_stem:
-            raise LoramillError(
-                f"{by_stem[path.stem]} and {path}: two images share the name '{path.stem}'; "
-                "rename one (captions are matched by name)"
-            )
-        by_stem[path.stem] = path
+    chosen, hashes = Settings.from_config(settings), hashes or HashCache()
+    found, quarantined = survey(images_dir, chosen, Path(cache_dir), code, hashes)
+    todo = [f for f in found.values() if f.record is None]
+    tasks = [Task(str(f.path), str(f.entry), chosen) for f in todo]
+    for image, record in zip(todo, run_all(tasks, threads), strict=True):
+        image.record = record
 
     out_dir.mkdir(parents=True, exist_ok=True)
     images = []
-    for stem, path in by_stem.items():
-        relative = path.relative_to(dataset_root).as_posix()
-        try:
-            inside(dataset_root, path.relative_to(dataset_root))
-            image = load_image(path)
-        except (ValueError, LoramillError) as error:
-            quarantined.append({"source": relative, "reason": str(error)})
+    for source, image in found.items():
+        if "reason" in image.record:
+            quarantined.append({"source": source, "reason": image.record["reason"]})
             continue
-        original_size = list(image.size)
-        resized = center_square(to_rgb(image), resolution)
-        with atomic_path(out_dir / f"{stem}.png") as tmp:
-            resized.save(tmp, format="PNG")
-        images.append({"file": f"{stem}.png", "source": relative, "original_size": original_size})
-
-    for entry in quarantined:
-        log.warning("quarantined %s: %s", entry["source"], entry["reason"])
+        with atomic_path(out_dir / output_name(image.path)) as tmp:
+            link_data(str(image.entry.with_suffix(".png")), str(tmp), share=True)
+        images.append({"file": output_name(image.path), "source": source, **image.record})
+    quarantined.sort(key=lambda q: q["source"])
+    report(quarantined, quarantine_csv)
+    hashes.save()
     if not images:
         raise LoramillError(f"{images_dir}: no usable images ({len(quarantined)} quarantined)")
-    manifest = {"resolution": resolution, "images": images, "quarantined": quarantined}
+    manifest = {
+        "resolution": chosen.buckets.resolution,
+        "settings": asdict(chosen),
+        "images": images,
+        "quarantined": quarantined,
+    }
     write_json(out_dir / MANIFEST, manifest)
+    new = sum("reason" not in image.record for image in todo)
+    counts = (new, len(images) - new, len(quarantined))
     log.info(
-        "resized %d images to %d px, quarantined %d", len(images), resolution, len(quarantined)
+        "resize %s: %d new, %d reused, %d quarantined", name or images_dir.parent.name, *counts
     )
     return manifest
+
+
+def report(quarantined: list[dict[str, str]], quarantine_csv: str | os.PathLike | None) -> None:
+    if quarantined:
+        reasons = "; ".join(f"{q['source']}: {q['reason']}" for q in quarantined)
+        log.warning("quarantined %d file(s): %s", len(quarantined), reasons)
+    if quarantine_csv is not None:
+        write_quarantine(Path(quarantine_csv), quarantined)

@@ -110,7 +110,7 @@ def _reflink(source: str, destination: str) -> bool:
     return True
 
 
-def _link(source: str, destination: str, share: bool) -> None:
+def link_data(source: str, destination: str, share: bool) -> None:
     """A new name for ``source``'s data: a hardlink if ``share``, else (or across filesystems)
     a reflink, else a copy."""
     if share:
@@ -138,7 +138,7 @@ def _place(source: Path, destination: Path, restoring: bool = False) -> None:
     output file (its ``protected()`` check), and folder outputs are not checked that way.
     """
     if not source.is_dir():
-        _link(os.fspath(source), os.fspath(destination), share=False)
+        link_data(os.fspath(source), os.fspath(destination), share=False)
         _set_writable(destination, restoring)  # the cache's copy is read-only, the output not
         return
     for folder, _, files in os.walk(source):
@@ -146,7 +146,7 @@ def _place(source: Path, destination: Path, restoring: bool = False) -> None:
         target.mkdir(parents=True, exist_ok=True)
         for name in files:
             if name not in IGNORED_NAMES:
-                _link(os.path.join(folder, name), os.fspath(target / name), share=True)
+                link_data(os.path.join(folder, name), os.fspath(target / name), share=True)
                 _set_writable(target / name, False)
 
 

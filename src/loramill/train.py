@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -27,61 +28,28 @@ import torch
 import torch.nn.functional as F
 
 from loramill import LoramillError
+from loramill.buckets import batches
 from loramill.devices import resolve_device
-from loramill.files import read_jsonl
 from loramill.hashing import DEFAULT_DB, HashCache
 from loramill.init_from import read_init_weights
-from loramill.latents import (
-    CACHE_ROOT,
-    TensorCache,
-    encode_latents,
-    encode_prompts,
-    encode_texts,
-    latent_keys,
-    load_batch,
-    text_keys,
-)
+from loramill.latents import CACHE_ROOT, encode_prompts, load_batch
 from loramill.lora import add_lora, load_network_state, network_state, write_checkpoint
 from loramill.merge import tag_frequency
-from loramill.model import base_model_hash, component_hash, load_pipeline
-from loramill.resize import MANIFEST
+from loramill.model import base_model_hash, load_pipeline
 from loramill.train_config import TrainConfig, checkpoint_steps
+from loramill.train_data import Encoded, Examples, library_versions, read_examples
 from loramill.train_log import Progress, plot_loss
 from loramill.train_state import RunState
 
 log = logging.getLogger(__name__)
-VERSIONED = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def library_versions() -> dict[str, str]:
-    """The libraries that computed the adapter. loramill's own release is not among them: a
-    version bump alone must not retrain (the code that runs is fingerprinted instead)."""
-    import importlib.metadata as md
-
-    return {name: md.version(name) for name in VERSIONED}
-
-
-def read_examples(resized_dir: Path, captions_jsonl: Path) -> tuple[list[Path], list[str], int]:
-    """Image paths and captions in caption order, and the resolution; no pixels are read."""
-    manifest = json.loads((resized_dir / MANIFEST).read_text())
-    available = {entry["file"] for entry in manifest["images"]}
-    records = read_jsonl(captions_jsonl)
-    missing = [r["image"] for r in records if r["image"] not in available]
-    if missing:
-        raise LoramillError(f"{captions_jsonl}: caption for unknown image '{missing[0]}'")
-    if not records:
-        raise LoramillError(f"{captions_jsonl}: no captioned images to train on")
-    images = [resized_dir / r["image"] for r in records]
-    return images, [r["caption"] for r in records], manifest["resolution"]
 
 
 def provenance(
     trigger: str,
     base_model: str,
     cfg: TrainConfig,
-    captions: list[str],
-    resolution: int,
+    examples: Examples,
     data_fingerprint: str,
     device: str,
     hashes: HashCache,
@@ -96,64 +64,13 @@ def provenance(
         "base_model_hash": base_model_hash(base_model, hashes),
         "train_config": cfg.as_dict(),
         "seed": cfg.seed,
-        "resolution": resolution,
-        "num_images": len(captions),
-        "tag_frequency": tag_frequency(captions),
+        "resolution": examples.resolution,
+        "buckets": dict(Counter(f"{w}x{h}" for w, h in sorted(examples.buckets))),
+        "num_images": len(examples.captions),
+        "tag_frequency": tag_frequency(examples.captions),
         "device": device,
         "versions": library_versions(),
     } | init_from
-
-
-class Encoded:
-    """Cache keys of every example's latent and (frozen text encoder) text embedding."""
-
-    def __init__(
-        self,
-        pipe: Any,
-        images: list[Path],
-        captions: list[str],
-        cfg: TrainConfig,
-        base_model: str,
-        device: Any,
-        cache_root: Path,
-        hashes: HashCache,
-    ) -> None:
-        # What decides an encoding's bits besides the input: CPU kernels split work by thread
-        # count, so it belongs to the key like the device type and the library versions.
-        versions = {
-            "torch": torch.__version__,
-            "diffusers": library_versions()["diffusers"],
-            "threads": torch.get_num_threads() if device.type == "cpu" else None,
-        }
-        # float32 whatever the training precision: encoding happens once per image, and
-        # half-precision VAEs are known to overflow.
-        encoder = {
-            "vae": component_hash(base_model, "vae", hashes),
-            "dtype": "float32",
-            "device": device.type,
-            "batch": cfg.vae_batch_size,
-            "versions": versions,
-        }
-        self.latents = TensorCache(cache_root / "latents")
-        self.latent_keys = latent_keys([hashes.file(p) for p in images], encoder)
-        vae = pipe.vae.to(device)
-        counts = encode_latents(vae, self.latents, self.latent_keys, images, cfg.vae_batch_size)
-        log.info("%s", counts.line("latents"))
-        self.scaling = vae.config.scaling_factor
-        self.texts: TensorCache | None = None
-        self.text_keys: list[str] = []
-        if not cfg.train_text_encoder:
-            text_encoder = {
-                "tokenizer": component_hash(base_model, "tokenizer", hashes),
-                "text_encoder": component_hash(base_model, "text_encoder", hashes),
-                "device": device.type,
-                "versions": versions,
-            }
-            self.texts = TensorCache(cache_root / "text_embeddings")
-            self.text_keys = text_keys(captions, text_encoder)
-            te = pipe.text_encoder.to(device)
-            counts = encode_texts(pipe.tokenizer, te, self.texts, self.text_keys, captions)
-            log.info("%s", counts.line("text embeddings"))
 
 
 def make_accelerator(cfg: TrainConfig, device_spec: str, logdir: str | os.PathLike) -> Any:
@@ -177,15 +94,15 @@ class Training:
     """The models, optimizer and data order of one run, and the step that advances them."""
 
     def __init__(
-        self, cfg: TrainConfig, accelerator: Any, pipe: Any, encoded: Encoded, captions: list[str]
+        self, cfg: TrainConfig, accelerator: Any, pipe: Any, encoded: Encoded, examples: Examples
     ) -> None:
         from diffusers import DDPMScheduler
 
         self.cfg, self.accelerator = cfg, accelerator
-        self.encoded, self.captions = encoded, captions
+        self.encoded, self.captions, self.buckets = encoded, examples.captions, examples.buckets
         self.device = accelerator.device
         self.rng = torch.Generator().manual_seed(cfg.seed)  # every draw of the loop
-        self.order = torch.empty(0, dtype=torch.long)
+        self.order: list[list[int]] = []  # the epoch's batches still to train on
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.tokenizer = pipe.tokenizer
         unet, text_encoder = self._network(pipe)
@@ -244,12 +161,10 @@ class Training:
         return optimizer, scheduler
 
     def _next_batch(self) -> list[int]:
-        size = self.cfg.train_batch_size
-        if len(self.order) < size:  # new epoch: reshuffle
-            fresh = torch.randperm(len(self.captions), generator=self.rng)
-            self.order = torch.cat([self.order, fresh])
-        batch, self.order = self.order[:size], self.order[size:]
-        return batch.tolist()
+        """The next batch of example indices, all from one bucket (loramill.buckets)."""
+        if not self.order:  # new epoch: reshuffle
+            self.order = batches(self.buckets, self.cfg.train_batch_size, self.rng)
+        return self.order.pop(0)
 
     def _loss(self, batch: list[int]) -> torch.Tensor:
         encoded, rng, scheduler = self.encoded, self.rng, self.noise_scheduler
@@ -315,7 +230,7 @@ class Training:
             "rng": self.rng.get_state(),
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else [],
-            "order": self.order.clone(),
+            "order": [list(batch) for batch in self.order],
             "history": history,
             "device": self.device.type,
         }
@@ -330,7 +245,7 @@ class Training:
         torch.set_rng_state(state["torch_rng"])
         if state["cuda_rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.order = state["order"]
+        self.order = [list(batch) for batch in state["order"]]
 
 
 def resume(training: Training, run: RunState | None, needed: list[int]) -> tuple[int, list[dict]]:
@@ -387,8 +302,8 @@ def train_lora(
     """
     cfg = TrainConfig.from_dict(config)
     torch.set_num_threads(cfg.threads)
-    images, captions, resolution = read_examples(Path(resized_dir), Path(captions_jsonl))
-    cfg.check_dataset(len(images))
+    examples = read_examples(Path(resized_dir), Path(captions_jsonl))
+    cfg.check_dataset(len(examples.images))
     accelerator = make_accelerator(cfg, device, logdir)
     accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.as_dict().items()})
     hashes = HashCache(DEFAULT_DB)
@@ -397,19 +312,16 @@ def train_lora(
         trigger,
         base_model,
         cfg,
-        captions,
-        resolution,
+        examples,
         data_fingerprint,
         accelerator.device.type,
         hashes,
     )
 
     pipe = load_pipeline(base_model, "float32", allow_unsafe_weights)
-    encoded = Encoded(
-        pipe, images, captions, cfg, base_model, accelerator.device, Path(cache_root), hashes
-    )
+    encoded = Encoded(pipe, examples, cfg, base_model, accelerator.device, Path(cache_root), hashes)
     hashes.save()
-    training = Training(cfg, accelerator, pipe, encoded, captions)
+    training = Training(cfg, accelerator, pipe, encoded, examples)
     del pipe  # the VAE (and a cached text encoder) are no longer needed
     run = RunState(state_dir) if state_dir else None
     needed = checkpoint_steps(cfg.max_train_steps, cfg.save_steps)
@@ -418,7 +330,14 @@ def train_lora(
     for step in (s for s in needed if s <= start):
         writer.write(step, run.load_adapters(step))
 
-    log.info("training: %d images, steps %d → %d", len(images), start, cfg.max_train_steps)
+    count, buckets = len(examples.images), len(set(examples.buckets))
+    log.info(
+        "training: %d images in %d bucket(s), steps %d → %d",
+        count,
+        buckets,
+        start,
+        cfg.max_train_steps,
+    )
     history = run_steps(training, start, history, writer, run, needed)
     accelerator.end_training()
     if loss_png:

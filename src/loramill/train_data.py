@@ -1,0 +1,126 @@
+"""Training data: the examples a run trains on, and their cached encodings.
+
+An example is a resized image, its caption and its bucket (the size it was resized to).
+Latents are encoded bucket by bucket, so every encoder call has one shape, and cached on disk
+(loramill.latents): training then holds one batch at a time whatever the dataset's size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramill import LoramillError
+from loramill.buckets import Size
+from loramill.files import read_jsonl
+from loramill.hashing import HashCache
+from loramill.latents import (
+    Counts,
+    TensorCache,
+    encode_latents,
+    encode_texts,
+    latent_keys,
+    text_keys,
+)
+from loramill.model import component_hash
+from loramill.resize import MANIFEST
+from loramill.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
+VERSIONED = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
+
+
+@dataclass(frozen=True)
+class Examples:
+    images: list[Path]
+    captions: list[str]
+    buckets: list[Size]
+    resolution: int
+
+
+def library_versions() -> dict[str, str]:
+    """The libraries that computed the adapter. loramill's own release is not among them: a
+    version bump alone must not retrain (the code that runs is fingerprinted instead)."""
+    import importlib.metadata as md
+
+    return {name: md.version(name) for name in VERSIONED}
+
+
+def read_examples(resized_dir: Path, captions_jsonl: Path) -> Examples:
+    """The examples in caption order, with the base resolution; no pixels are read."""
+    manifest = json.loads((resized_dir / MANIFEST).read_text())
+    bucket = {entry["file"]: tuple(entry["bucket"]) for entry in manifest["images"]}
+    records = read_jsonl(captions_jsonl)
+    missing = [r["image"] for r in records if r["image"] not in bucket]
+    if missing:
+        raise LoramillError(f"{captions_jsonl}: caption for unknown image '{missing[0]}'")
+    if not records:
+        raise LoramillError(f"{captions_jsonl}: no captioned images to train on")
+    return Examples(
+        images=[resized_dir / r["image"] for r in records],
+        captions=[r["caption"] for r in records],
+        buckets=[bucket[r["image"]] for r in records],
+        resolution=manifest["resolution"],
+    )
+
+
+class Encoded:
+    """Cache keys of every example's latent and (frozen text encoder) text embedding."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        examples: Examples,
+        cfg: TrainConfig,
+        base_model: str,
+        device: Any,
+        cache_root: Path,
+        hashes: HashCache,
+    ) -> None:
+        # What decides an encoding's bits besides the input: CPU kernels split work by thread
+        # count, so it belongs to the key like the device type and the library versions.
+        versions = {
+            "torch": torch.__version__,
+            "diffusers": library_versions()["diffusers"],
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        }
+        # float32 whatever the training precision: encoding happens once per image, and
+        # half-precision VAEs are known to overflow.
+        encoder = {
+            "vae": component_hash(base_model, "vae", hashes),
+            "dtype": "float32",
+            "device": device.type,
+            "batch": cfg.vae_batch_size,
+            "versions": versions,
+        }
+        self.latents = TensorCache(cache_root / "latents")
+        images = examples.images
+        self.latent_keys = latent_keys([hashes.file(p) for p in images], encoder)
+        vae = pipe.vae.to(device)
+        counts = Counts(0, 0)
+        for bucket in sorted(set(examples.buckets)):  # one shape per encoder call
+            chosen = [i for i, b in enumerate(examples.buckets) if b == bucket]
+            keys, paths = [self.latent_keys[i] for i in chosen], [images[i] for i in chosen]
+            counts += encode_latents(vae, self.latents, keys, paths, cfg.vae_batch_size)
+        log.info("%s", counts.line("latents"))
+        self.scaling = vae.config.scaling_factor
+        self.texts: TensorCache | None = None
+        self.text_keys: list[str] = []
+        if not cfg.train_text_encoder:
+            text_encoder = {
+                "tokenizer": component_hash(base_model, "tokenizer", hashes),
+                "text_encoder": component_hash(base_model, "text_encoder", hashes),
+                "device": device.type,
+                "versions": versions,
+            }
+            self.texts = TensorCache(cache_root / "text_embeddings")
+            captions = examples.captions
+            self.text_keys = text_keys(captions, text_encoder)
+            te = pipe.text_encoder.to(device)
+            counts = encode_texts(pipe.tokenizer, te, self.texts, self.text_keys, captions)
+            log.info("%s", counts.line("text embeddings"))
