@@ -1,4 +1,5 @@
 from loramill.caption import caption_dataset
+from loramill.hashing import DEFAULT_DB, HashCache
 from loramill.job import run
 
 run(
@@ -13,4 +14,6 @@ run(
     },
     dataset=snakemake.params.dataset,
     trigger=snakemake.params.trigger,
+    hashes=HashCache(DEFAULT_DB),
+    name=snakemake.wildcards.ds,
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from loramill.caption import (
     make_captioner,
 )
 from loramill.files import read_jsonl
+from loramill.hashing import hash_file
 from loramill.tiny_models import build_tiny_blip
 
 IMAGES = {  # file -> colour; listed out of order on purpose
@@ -49,6 +51,12 @@ def make_resized(root: Path, images: dict[str, tuple[int, int, int]] = IMAGES) -
     manifest = {"images": entries, "quarantined": [{"source": "images/bad.jpg", "reason": "x"}]}
     (resized / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
     return resized
+
+
+@pytest.fixture(autouse=True)
+def caption_cache_in_tmp(tmp_path, monkeypatch):
+    """The per-image caption cache lives under the working directory's .cache/."""
+    monkeypatch.chdir(tmp_path)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +111,7 @@ def test_unknown_backend_message():
     with pytest.raises(LoramillError) as error:
         make_captioner({"backend": "xyz"})
     assert str(error.value) == (
-        "caption.backend 'xyz': unknown captioner; choose one of: blip, template"
+        "caption.backend 'xyz': unknown captioner; choose one of: blip, none, template"
     )
 
 
@@ -131,15 +139,19 @@ def test_caption_dataset_template(tmp_path):
     out = tmp_path / "captions" / "captions.jsonl"
     config = {"backend": "template", "template": "{trigger}, {words}, {dataset}"}
     caption_dataset(resized, out, config, dataset="my_shapes", trigger="smplx")
-    assert out.read_text(encoding="utf-8") == (
-        '{"caption": "smplx, my shapes", "captioner": "template", "image": "0007.png"}\n'
-        '{"caption": "smplx, blue square, my shapes", "captioner": "template", '
-        '"image": "blue.square 3.png"}\n'
-        '{"caption": "smplx, green star, my shapes", "captioner": "template", '
-        '"image": "green-star.png"}\n'
-        '{"caption": "smplx, red circle, my shapes", "captioner": "template", '
-        '"image": "red_circle-02.png"}\n'
-    )
+    records = read_jsonl(out)
+    assert [(r["image"], r["caption"]) for r in records] == [
+        ("0007.png", "smplx, my shapes"),
+        ("blue.square 3.png", "smplx, blue square, my shapes"),
+        ("green-star.png", "smplx, green star, my shapes"),
+        ("red_circle-02.png", "smplx, red circle, my shapes"),
+    ]
+    for record in records:
+        assert record["image_sha256"] == hash_file(resized / record["image"])
+        assert record["source"] == "template"
+    # one line per image, keys in a stable order
+    first = out.read_text(encoding="utf-8").splitlines()[0]
+    assert list(json.loads(first)) == ["caption", "image", "image_sha256", "source"]
     # Atomic writer: nothing but the output is left in the folder.
     assert sorted(p.name for p in out.parent.iterdir()) == ["captions.jsonl"]
 
@@ -149,7 +161,7 @@ def test_caption_dataset_replaces_existing_output(tmp_path):
     out = tmp_path / "captions.jsonl"
     out.write_text("stale\n", encoding="utf-8")
     caption_dataset(resized, out, {"template": "{words}"}, dataset="d", trigger="t")
-    assert read_jsonl(out) == [{"image": "a_b.png", "caption": "a b", "captioner": "template"}]
+    assert [(r["image"], r["caption"]) for r in read_jsonl(out)] == [("a_b.png", "a b")]
 
 
 def test_caption_dataset_manifest_errors(tmp_path):
@@ -190,7 +202,7 @@ def test_blip_caption_dataset(tmp_path, tiny_blip):
     caption_dataset(resized, second, config, dataset="my_shapes", trigger="smplx")
     records = read_jsonl(first)
     assert [r["image"] for r in records] == sorted(IMAGES)
-    assert {r["captioner"] for r in records} == {"blip"}
+    assert {r["source"] for r in records} == {f"blip:{tiny_blip}"}
     for record in records:
         assert isinstance(record["caption"], str) and record["caption"].strip()
         assert "\n" not in record["caption"]
@@ -258,10 +270,81 @@ def test_blip_pickle_weights_need_opt_in(tmp_path, tiny_blip):
     weights = load_file(pickled / "model.safetensors")
     torch.save(weights, pickled / "pytorch_model.bin")
     (pickled / "model.safetensors").unlink()
-    with pytest.raises(LoramillError, match=r"caption\.allow_unsafe_weights"):
+    with pytest.raises(LoramillError, match=r"set allow_unsafe_weights: true \(top level"):
         make_captioner({"backend": "blip", "model": str(pickled)})
     config = {"backend": "blip", "model": str(pickled), "max_new_tokens": 6}
     safe = make_captioner({**config, "model": tiny_blip})
     unsafe = make_captioner({**config, "allow_unsafe_weights": True})
     images = [("x.png", Image.new("RGB", (40, 40), (9, 99, 199)))]
     assert unsafe.caption(images) == safe.caption(images)
+    # With both present, the opt-in still loads the safetensors file.
+    torch.save({k: torch.zeros_like(v) for k, v in weights.items()}, pickled / "pytorch_model.bin")
+    shutil.copy(Path(tiny_blip) / "model.safetensors", pickled / "model.safetensors")
+    both = make_captioner({**config, "allow_unsafe_weights": True})
+    assert both.caption(images) == safe.caption(images)
+
+
+# --- per-image cache -------------------------------------------------------------------------
+
+
+def caption_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("caption ds:")]
+
+
+def test_cache_captions_only_what_is_new(tmp_path, tiny_blip, caplog):
+    resized = make_resized(tmp_path)
+    model = tmp_path / "model"
+    shutil.copytree(tiny_blip, model)
+    config = {"backend": "blip", "model": str(model), "max_new_tokens": 6, "batch_size": 2}
+
+    def caption(out="out.jsonl", **changes):
+        kwargs = dict(dataset="", trigger="t", name="ds")
+        with caplog.at_level(logging.INFO, logger="loramill"):
+            caption_dataset(resized, tmp_path / out, {**config, **changes}, **kwargs)
+        return read_jsonl(tmp_path / out)
+
+    first = caption()
+    assert caption("again.jsonl") == first
+    Image.new("RGB", (48, 40), (90, 90, 0)).save(resized / "zz_new.png")
+    manifest = json.loads((resized / "manifest.json").read_text())
+    manifest["images"].append({"file": "zz_new.png"})
+    (resized / "manifest.json").write_text(json.dumps(manifest))
+    assert caption()[:4] == first
+    caption(batch_size=4)  # batch size changes speed, never captions
+    caption(max_new_tokens=3)  # an option that changes captions
+    (model / "config.json").write_text((model / "config.json").read_text() + "\n")
+    caption()  # the model folder replaced in place
+    assert caption_lines(caplog) == [
+        "caption ds: 4 captioned, 0 reused",
+        "caption ds: 0 captioned, 4 reused",
+        "caption ds: 1 captioned, 4 reused",
+        "caption ds: 0 captioned, 5 reused",
+        "caption ds: 5 captioned, 0 reused",
+        "caption ds: 5 captioned, 0 reused",
+    ]
+
+
+def test_none_backend_leaves_captions_to_edits(tmp_path, caplog):
+    resized = make_resized(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="loramill"):
+        caption_dataset(resized, tmp_path / "o.jsonl", {"backend": "none"}, dataset="", trigger="")
+    assert {r["caption"] for r in read_jsonl(tmp_path / "o.jsonl")} == {""}
+    assert {r["source"] for r in read_jsonl(tmp_path / "o.jsonl")} == {"none"}
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    ("names", "warned"),
+    [
+        (["DSC_0001.png", "DSC_0002.png", "DSC_0003.png", "cat.png"], "3 of 4 auto captions"),
+        (["0001.png", "0002.png", "0003.png", "0004.png"], "4 of 4 auto captions are empty"),
+        (["cat.png", "dog.png", "fox.png", "owl.png"], None),
+    ],
+)
+def test_a_warning_when_most_captions_say_the_same(tmp_path, caplog, names, warned):
+    resized = make_resized(tmp_path, {name: (9, 9, 9) for name in names})
+    config = {"backend": "template", "template": "{words}"}
+    with caplog.at_level(logging.WARNING, logger="loramill"):
+        caption_dataset(resized, tmp_path / "o.jsonl", config, dataset="", trigger="")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w.startswith(warned) for w in warnings] == ([True] if warned else [])

@@ -14,7 +14,7 @@ import re
 import string
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,7 +22,9 @@ from typing import Any, ClassVar
 from PIL import Image, UnidentifiedImageError
 
 from loramill import LoramillError
+from loramill.caption_cache import CACHE_DIR, CaptionCache, captioner_key
 from loramill.files import inside, write_jsonl
+from loramill.hashing import HashCache
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,21 @@ class TemplateCaptioner(Captioner):
         ]
 
 
+@register
+class NoCaptioner(Captioner):
+    """Captions come from human edits only: every auto caption is empty."""
+
+    name = "none"
+    batch_size = 1024
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], context: CaptionContext) -> Captioner:
+        return cls()
+
+    def caption(self, images: list[tuple[str, Image.Image]]) -> list[str]:
+        return ["" for _ in images]
+
+
 # --- blip: transformers image-captioning model ---------------------------------------------
 
 
@@ -154,14 +171,17 @@ def _load_blip(spec: str, allow_unsafe_weights: bool) -> tuple[Any, Any]:
         if any(path.glob("*.bin*")):
             raise LoramillError(
                 f"caption.model '{spec}': only pickle weights (*.bin); convert them to "
-                "safetensors or set caption.allow_unsafe_weights: true"
+                "safetensors or set allow_unsafe_weights: true (top level of the config)"
             )
         raise LoramillError(f"caption.model '{spec}': no model weights in this folder")
     source = str(path) if local else spec
     try:
         processor = AutoProcessor.from_pretrained(source, local_files_only=local)
         model = BlipForConditionalGeneration.from_pretrained(
-            source, use_safetensors=not allow_unsafe_weights, local_files_only=local
+            # the opt-in allows pickle weights; safetensors still win where both exist
+            source,
+            use_safetensors=None if allow_unsafe_weights else True,
+            local_files_only=local,
         )
     # from_pretrained reports a bad folder or hub id as any of these, with multi-line text.
     except (OSError, ValueError, KeyError, TypeError) as error:
@@ -303,31 +323,88 @@ def _open_rgb(resized_dir: Path, name: str) -> Image.Image:
         raise LoramillError(f"{path}: cannot read image ({error})") from None
 
 
+def _digest(resized_dir: Path, name: str, hashes: HashCache) -> str:
+    path = inside(resized_dir, name)
+    try:
+        return hashes.file(path)
+    except FileNotFoundError:
+        raise LoramillError(f"{path}: listed in manifest.json but missing") from None
+
+
+def _caption_all(
+    captioner: Captioner, resized: Path, files: list[str]
+) -> Iterator[tuple[str, str]]:
+    """(file, caption) for each of ``files``, loading one batch of images at a time so
+    memory stays flat on large datasets."""
+    size = captioner.batch_size
+    for start in range(0, len(files), size):
+        batch = files[start : start + size]
+        texts = captioner.caption([(file, _open_rgb(resized, file)) for file in batch])
+        # strict: a backend returning too few captions is a bug, never a silent truncation.
+        for file, text in zip(batch, texts, strict=True):
+            # One line per caption keeps the later caption .txt files and tag counts clean.
+            yield file, " ".join(text.split())
+        log.info("captioned %d/%d images with %s", start + len(batch), len(files), captioner.name)
+
+
 def caption_dataset(
     resized_dir: str | os.PathLike,
     out_jsonl: str | os.PathLike,
     config: Mapping[str, Any],
     dataset: str,
     trigger: str,
+    cache_dir: str | os.PathLike = CACHE_DIR,
+    hashes: HashCache | None = None,
+    name: str = "",
 ) -> None:
     """Caption every image in ``resized_dir/manifest.json``; write sorted JSONL atomically.
 
-    Records are ``{"image": file, "caption": text, "captioner": backend}``.
+    Records are ``{"image", "image_sha256", "caption", "source"}`` (source: the backend, and
+    its model where it has one). Images with a cached caption are not captioned again;
+    ``name`` is the dataset's, for the log line only.
     """
-    resized = Path(resized_dir)
+    resized, hashes = Path(resized_dir), hashes or HashCache()
     files = _read_manifest(resized)
-    captioner = make_captioner(config, dataset=dataset, trigger=trigger)
-    records = []
-    # Images load one batch at a time so memory stays flat on large datasets.
-    for start in range(0, len(files), captioner.batch_size):
-        names = files[start : start + captioner.batch_size]
-        captions = captioner.caption([(name, _open_rgb(resized, name)) for name in names])
-        # strict: a backend returning too few captions is a bug, never a silent truncation.
-        for name, text in zip(names, captions, strict=True):
-            # One line per caption keeps the later caption .txt files and tag counts clean.
-            records.append(
-                {"image": name, "caption": " ".join(text.split()), "captioner": captioner.name}
-            )
-        done = start + len(names)
-        log.info("captioned %d/%d images with %s", done, len(files), captioner.name)
+    backend = captioner_class(config)
+    context = {"dataset": dataset, "trigger": trigger}
+    cache = CaptionCache(
+        cache_dir, captioner_key(backend.name, backend.options, dict(config), context, hashes)
+    )
+    digests = {file: _digest(resized, file, hashes) for file in files}
+    captions = {file: cache.get(digests[file]) for file in files}
+    todo = [file for file in files if captions[file] is None]
+    if todo:
+        captioner = make_captioner(config, dataset=dataset, trigger=trigger)
+        for file, text in _caption_all(captioner, resized, todo):
+            captions[file] = text
+            cache.put(digests[file], text)
+    model = config.get("model") if "model" in backend.options else None
+    source = f"{backend.name}:{model}" if model else backend.name
+    records = [
+        {"image": f, "image_sha256": digests[f], "caption": captions[f], "source": source}
+        for f in files
+    ]
     write_jsonl(out_jsonl, records)
+    hashes.save()
+    log.info(
+        "caption %s: %d captioned, %d reused",
+        name or resized.parent.name,
+        len(todo),
+        len(files) - len(todo),
+    )
+    warn_if_uninformative(backend.name, [r["caption"] for r in records])
+
+
+def warn_if_uninformative(backend: str, captions: list[str]) -> None:
+    """Most captions the same (or empty): the captioner does not tell the images apart."""
+    if backend == "none" or len(captions) < 4:
+        return
+    text, count = Counter(captions).most_common(1)[0]
+    if count * 2 > len(captions):
+        what = "empty" if not text else f"identical ({text!r})"
+        log.warning(
+            "%d of %d auto captions are %s: check caption.backend, or write caption edits",
+            count,
+            len(captions),
+            what,
+        )
