@@ -20,7 +20,7 @@ from loramill.caption import (
 )
 from loramill.files import read_jsonl
 from loramill.hashing import hash_file
-from loramill.tiny_models import build_tiny_blip
+from loramill.tiny_models import build_tiny_blip, build_tiny_clip
 
 IMAGES = {  # file -> colour; listed out of order on purpose
     "red_circle-02.png": (200, 30, 30),
@@ -111,7 +111,7 @@ def test_unknown_backend_message():
     with pytest.raises(LoramillError) as error:
         make_captioner({"backend": "xyz"})
     assert str(error.value) == (
-        "caption.backend 'xyz': unknown captioner; choose one of: blip, none, template"
+        "caption.backend 'xyz': unknown captioner; choose one of: blip, clip, none, template"
     )
 
 
@@ -348,3 +348,76 @@ def test_a_warning_when_most_captions_say_the_same(tmp_path, caplog, names, warn
         caption_dataset(resized, tmp_path / "o.jsonl", config, dataset="", trigger="")
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert [w.startswith(warned) for w in warnings] == ([True] if warned else [])
+
+
+# --- clip ------------------------------------------------------------------------------------
+
+VOCABULARY = {"colour": ["red", "green", "blue"], "shape": ["circle", "square"], "only": ["thing"]}
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> str:
+    return str(build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip"))
+
+
+def clip_captions(model, images, **options):
+    config = {"backend": "clip", "clip_model": model, "vocabulary": VOCABULARY, **options}
+    return make_captioner(config).caption([(f"{i}.png", im) for i, im in enumerate(images)])
+
+
+def reference_best(model, image, template):
+    """Each category's most probable term, computed straight from transformers."""
+    import torch
+    from transformers import CLIPModel, CLIPProcessor
+
+    processor, clip = CLIPProcessor.from_pretrained(model), CLIPModel.from_pretrained(model)
+    best = []
+    for terms in VOCABULARY.values():
+        prompts = [template.format(term=t) for t in terms]
+        inputs = processor(text=prompts, images=[image], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            best.append(terms[int(clip(**inputs).logits_per_image[0].argmax())])
+    return ", ".join(best)
+
+
+COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (250, 250, 250)]
+
+
+def test_clip_keeps_the_best_term_of_each_category(tiny_clip):
+    images = [Image.new("RGB", (40, 40), colour) for colour in COLOURS]
+    for template in ("a photo of {term}", "{term}, flat colour"):
+        ours = clip_captions(tiny_clip, images, top_k=1, threshold=0.0, clip_template=template)
+        assert ours == [reference_best(tiny_clip, image, template) for image in images]
+    assert len(set(ours)) > 1  # the pixels move the scores
+
+
+def test_clip_thresholds_and_order(tiny_clip):
+    image = [Image.new("RGB", (40, 40), COLOURS[0])]
+    everything = "red, green, blue, circle, square, thing"  # vocabulary order, not score order
+    assert clip_captions(tiny_clip, image, top_k=5, threshold=0.0) == [everything]
+    # a probability of 1 only where a category has one term
+    assert clip_captions(tiny_clip, image, top_k=5, threshold=0.999) == ["thing"]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"vocabulary": {"colour": []}}, r"^caption\.vocabulary: expected a mapping"),
+        ({"vocabulary": ["red"]}, r"^caption\.vocabulary: expected a mapping"),
+        ({"clip_template": "a photo"}, r"^caption\.clip_template 'a photo': needs \{term\}"),
+        ({"threshold": "high"}, r"^caption\.threshold 'high': expected a number"),
+        ({"clip_model": "/no/such/model"}, r"^caption\.clip_model '/no/such/model': no such"),
+    ],
+)
+def test_clip_option_errors(tiny_clip, options, message):
+    with pytest.raises(LoramillError, match=message):
+        make_captioner({"backend": "clip", "clip_model": tiny_clip, **options})
+
+
+def test_clip_default_vocabulary_is_in_the_cache_key(tiny_clip):
+    from loramill.caption_models import ClipCaptioner
+    from loramill.clip_vocabulary import DEFAULT_VOCABULARY
+
+    options = ClipCaptioner.output_options({"clip_model": tiny_clip})
+    assert options["vocabulary"] == DEFAULT_VOCABULARY
+    assert "batch_size" not in options

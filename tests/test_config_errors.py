@@ -63,8 +63,8 @@ def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
             "config: datasets.wide_bands.train.seed: -3 is less than the minimum of 0",
         ),
         (
-            {"caption": {"backend": "wd14"}},
-            "caption.backend 'wd14': unknown captioner; choose one of: blip, template",
+            {"caption": {"backend": "magic"}},
+            "caption.backend 'magic': unknown captioner; choose one of: blip, clip, none, template",
         ),
         ({"grid": {"strengths": []}}, "config: grid.strengths: [] should be non-empty"),
         (

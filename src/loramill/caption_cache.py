@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loramill.base_model_files import hub_commit
 from loramill.files import write_json
 from loramill.hashing import HashCache, hash_value
 
+if TYPE_CHECKING:
+    from loramill.captioners import Captioner
+
 CACHE_DIR = Path(".cache/captions")
-# Options that change how fast captions come, never what they say.
-NOT_OUTPUT = frozenset({"batch_size", "allow_unsafe_weights"})
 
 
 def model_fingerprint(spec: str, hashes: HashCache) -> str:
@@ -37,17 +38,15 @@ def model_fingerprint(spec: str, hashes: HashCache) -> str:
 
 
 def captioner_key(
-    backend: str,
-    options: tuple[str, ...],
-    config: dict[str, Any],
-    context: dict[str, str],
-    hashes: HashCache,
+    backend: type[Captioner], config: dict[str, Any], context: dict[str, str], hashes: HashCache
 ) -> dict[str, Any]:
-    """What decides a captioner's output, besides the image."""
-    chosen = {k: config.get(k) for k in options if k not in NOT_OUTPUT}
-    if chosen.get("model"):
-        chosen["model"] = model_fingerprint(str(chosen["model"]), hashes)
-    return {"backend": backend, "options": chosen, "context": context}
+    """What decides a captioner's output, besides the image: its output options, with each
+    model (an option named ``*model``) by content."""
+    chosen = backend.output_options(config)
+    for key, value in chosen.items():
+        if key.endswith("model") and value:
+            chosen[key] = model_fingerprint(str(value), hashes)
+    return {"backend": backend.name, "options": chosen, "context": context}
 
 
 class CaptionCache:

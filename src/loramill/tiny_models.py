@@ -261,3 +261,27 @@ def build_tiny_blip(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build and save a tiny CLIP (model, the real BPE tokenizer, processor) for the ``clip``
+    captioner. Random weights scaled up so an image's pixels move its scores."""
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
+
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=build_clip_tokenizer(),
+    )
+    layer = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    config = CLIPConfig(
+        text_config={**layer, "num_attention_heads": 4, "vocab_size": CLIP_VOCAB_SIZE},
+        vision_config={**layer, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+        initializer_factor=20.0,
+    )
+    torch.manual_seed(seed)
+    CLIPModel(config).eval().save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return Path(out_dir)

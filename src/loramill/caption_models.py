@@ -1,0 +1,264 @@
+"""Captioners that run a transformers model: ``blip`` (image-to-text: BLIP, GIT).
+
+Models load from a local folder or a hub id in the local cache; weights from safetensors
+unless the ``allow_unsafe_weights`` opt-in allows pickle files too.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from loramill import LoramillError
+from loramill.captioners import (
+    CaptionContext,
+    Captioner,
+    flag,
+    positive_int,
+    register,
+    string_option,
+)
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def load_model(
+    spec: str, key: str, model_class: str, allow_unsafe_weights: bool
+) -> tuple[Any, Any]:
+    """``(processor, model)`` from a local folder or a hub id in the local cache; errors are
+    one line naming the config ``key``."""
+    import transformers
+
+    from loramill.model import HUB_ID
+
+    path = Path(spec).expanduser()
+    local = path.exists()
+    if not local and not (HUB_ID.match(spec) and not spec.startswith((".", "/", "~"))):
+        raise LoramillError(f"{key} '{spec}': no such folder, and not a hub id (owner/name)")
+    if local and not allow_unsafe_weights and not any(path.glob("*.safetensors*")):
+        if any(path.glob("*.bin*")):
+            raise LoramillError(
+                f"{key} '{spec}': only pickle weights (*.bin); convert them to "
+                "safetensors or set allow_unsafe_weights: true (top level of the config)"
+            )
+        raise LoramillError(f"{key} '{spec}': no model weights in this folder")
+    source = str(path) if local else spec
+    try:
+        processor = transformers.AutoProcessor.from_pretrained(source, local_files_only=local)
+        model = getattr(transformers, model_class).from_pretrained(
+            # the opt-in allows pickle weights; safetensors still win where both exist
+            source,
+            use_safetensors=None if allow_unsafe_weights else True,
+            local_files_only=local,
+        )
+    # from_pretrained reports a bad folder or hub id as any of these, with multi-line text.
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LoramillError(
+            f"{key} '{spec}': cannot load{_offline_hint(local)}: {reason}"
+        ) from error
+    if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
+        raise LoramillError(f"{key} '{spec}': its processor lacks a tokenizer or image processor")
+    return processor, model.eval()
+
+
+def _offline_hint(local: bool) -> str:
+    if local or os.environ.get("HF_HUB_OFFLINE", "") in ("", "0", "false"):
+        return ""
+    return (
+        " (offline: name a local model folder, or fill the hub cache where there is network,"
+        " e.g. `hf download <id>`)"
+    )
+
+
+# --- blip: transformers image-captioning model ---------------------------------------------
+
+
+@register
+class BlipCaptioner(Captioner):
+    name = "blip"
+    options = ("model", "max_new_tokens", "batch_size", "prompt", "allow_unsafe_weights", "device")
+    DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
+
+    def __init__(
+        self,
+        model: str,
+        max_new_tokens: int = 30,
+        batch_size: int = 8,
+        prompt: str = "",
+        allow_unsafe_weights: bool = False,
+        device: str = "auto",
+    ) -> None:
+        from loramill.devices import resolve_device
+
+        self.processor, self.model = load_model(
+            model, "caption.model", "BlipForConditionalGeneration", allow_unsafe_weights
+        )
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.prompt = prompt.strip()
+        # The output repeats the prompt as the tokenizer normalised it (lowercased, re-spaced),
+        # so strip that spelling, not the raw config text.
+        tokenizer = self.processor.tokenizer
+        prompt_ids = tokenizer(self.prompt, add_special_tokens=False)["input_ids"]
+        self.prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], context: CaptionContext) -> Captioner:
+        model = string_option(config, "model", cls.DEFAULT_MODEL).strip()
+        if not model:  # Path("") is the working directory: never load from it by accident
+            raise LoramillError("caption.model '': name a hub id or a local model folder")
+        return cls(
+            model=model,
+            max_new_tokens=positive_int(config, "max_new_tokens", 30),
+            batch_size=positive_int(config, "batch_size", 8),
+            prompt=string_option(config, "prompt", ""),
+            allow_unsafe_weights=flag(config, "allow_unsafe_weights"),
+            device=string_option(config, "device", "auto"),
+        )
+
+    def caption(self, images: list[tuple[str, Image.Image]]) -> list[str]:
+        import torch
+
+        pictures = [image for _, image in images]
+        if self.prompt:
+            inputs = self.processor(
+                images=pictures, text=[self.prompt] * len(pictures), return_tensors="pt"
+            )
+        else:
+            inputs = self.processor(images=pictures, return_tensors="pt")
+        inputs = inputs.to(self.device)
+        with torch.inference_mode():
+            # Greedy decoding: the same image and model always give the same caption.
+            output = self.model.generate(
+                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1
+            )
+        texts = self.processor.batch_decode(output, skip_special_tokens=True)
+        return [self._strip_prompt(text.strip()) for text in texts]
+
+    def _strip_prompt(self, text: str) -> str:
+        if self.prompt_text and text.startswith(self.prompt_text):
+            return text[len(self.prompt_text) :].strip()
+        return text
+
+
+# --- clip: zero-shot labels from a vocabulary --------------------------------------------
+
+
+@register
+class ClipCaptioner(Captioner):
+    """Scores each image against every term of the vocabulary with CLIP; per category, keeps
+    the ``top_k`` best terms whose probability (softmax within the category) reaches
+    ``threshold``, and writes them in vocabulary order."""
+
+    name = "clip"
+    options = (
+        "clip_model",
+        "vocabulary",
+        "top_k",
+        "threshold",
+        "clip_template",
+        "batch_size",
+        "allow_unsafe_weights",
+        "device",
+    )
+    DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        import torch
+
+        from loramill.devices import resolve_device
+
+        self.settings = settings
+        self.batch_size = settings["batch_size"]
+        self.processor, self.model = load_model(
+            settings["clip_model"], "caption.clip_model", "CLIPModel", settings["allow_unsafe"]
+        )
+        self.device = resolve_device(settings["device"])
+        self.model.to(self.device)
+        vocabulary = settings["vocabulary"]
+        self.categories = [(c, len(terms)) for c, terms in vocabulary.items()]
+        self.terms = [t for terms in vocabulary.values() for t in terms]
+        prompts = [settings["clip_template"].format(term=t) for t in self.terms]
+        text = self.processor(text=prompts, return_tensors="pt", padding=True).to(self.device)
+        with torch.inference_mode():
+            self.text = _unit(self.model.get_text_features(**text))
+
+    @classmethod
+    def output_options(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        resolved = super().output_options(config)
+        return resolved | {"vocabulary": _vocabulary(config)}  # the shipped list by content
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], context: CaptionContext) -> Captioner:
+        threshold = config.get("threshold", 0.2)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+            raise LoramillError(f"caption.threshold {threshold!r}: expected a number in 0…1")
+        template = string_option(config, "clip_template", "a photo of {term}")
+        if "{term}" not in template:
+            raise LoramillError(f"caption.clip_template {template!r}: needs {{term}}")
+        return cls(
+            {
+                "clip_model": string_option(config, "clip_model", cls.DEFAULT_MODEL),
+                "vocabulary": _vocabulary(config),
+                "top_k": positive_int(config, "top_k", 2),
+                "threshold": float(threshold),
+                "clip_template": template,
+                "batch_size": positive_int(config, "batch_size", 8),
+                "allow_unsafe": flag(config, "allow_unsafe_weights"),
+                "device": string_option(config, "device", "auto"),
+            }
+        )
+
+    def scores(self, images: list[Image.Image]) -> Any:
+        """Per image, each term's probability within its category."""
+        import torch
+
+        pixels = self.processor(images=images, return_tensors="pt").to(self.device)
+        with torch.inference_mode():
+            image = _unit(self.model.get_image_features(**pixels))
+            logits = self.model.logit_scale.exp() * image @ self.text.T
+        sizes = [size for _, size in self.categories]
+        return torch.cat([part.softmax(-1) for part in logits.split(sizes, -1)], -1).cpu()
+
+    def caption(self, images: list[tuple[str, Image.Image]]) -> list[str]:
+        captions = []
+        for row in self.scores([image for _, image in images]):
+            kept, start = [], 0
+            for _, size in self.categories:
+                part = row[start : start + size]
+                best = part.argsort(descending=True, stable=True)[: self.settings["top_k"]]
+                chosen = {int(i) for i in best if part[i] >= self.settings["threshold"]}
+                kept += [self.terms[start + i] for i in sorted(chosen)]
+                start += size
+            captions.append(", ".join(kept))
+        return captions
+
+
+def _unit(features: Any) -> Any:
+    """Projected embeddings at unit length (transformers 5 wraps them in a model output)."""
+    import torch
+
+    tensor = getattr(features, "pooler_output", features)
+    return torch.nn.functional.normalize(tensor, dim=-1)
+
+
+def _vocabulary(config: Mapping[str, Any]) -> dict[str, list[str]]:
+    from loramill.clip_vocabulary import DEFAULT_VOCABULARY
+
+    vocabulary = config.get("vocabulary") or DEFAULT_VOCABULARY
+    valid = isinstance(vocabulary, Mapping) and all(
+        isinstance(terms, list) and terms and all(isinstance(t, str) and t.strip() for t in terms)
+        for terms in vocabulary.values()
+    )
+    if not valid:
+        raise LoramillError(
+            "caption.vocabulary: expected a mapping of category to a non-empty list of terms"
+        )
+    return {str(category): list(terms) for category, terms in vocabulary.items()}
