@@ -421,3 +421,33 @@ def test_clip_default_vocabulary_is_in_the_cache_key(tiny_clip):
     options = ClipCaptioner.output_options({"clip_model": tiny_clip})
     assert options["vocabulary"] == DEFAULT_VOCABULARY
     assert "batch_size" not in options
+
+
+def test_a_model_failing_on_one_image_leaves_the_others(tmp_path, caplog, monkeypatch):
+    class Fussy(TemplateCaptioner):
+        name = "fussy"
+
+        def caption(self, images):
+            if any("broken" in name for name, _ in images):
+                raise RuntimeError("bad tensor")
+            return super().caption(images)
+
+    monkeypatch.setitem(CAPTIONERS, "fussy", Fussy)
+    names = ["a_cat.png", "b_broken.png", "c_dog.png", "d_owl.png"]
+    resized = make_resized(tmp_path, {name: (9, 9, 9) for name in names})
+    out = tmp_path / "o.jsonl"
+    with caplog.at_level(logging.INFO, logger="loramill"):
+        for _ in range(2):
+            caption_dataset(resized, out, {"backend": "fussy"}, dataset="", trigger="", name="ds")
+    captions = [r["caption"] for r in read_jsonl(out)]
+    assert captions == ["a cat", "", "c dog", "d owl"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        warnings
+        == ["b_broken.png: fussy failed (RuntimeError: bad tensor); empty auto caption"] * 2
+    )
+    # the failure is not cached: the next run tries that image again
+    assert caption_lines(caplog) == [
+        "caption ds: 4 captioned, 0 reused",
+        "caption ds: 1 captioned, 3 reused",
+    ]

@@ -79,18 +79,41 @@ def _digest(resized_dir: Path, name: str, hashes: HashCache) -> str:
 
 def _caption_all(
     captioner: Captioner, resized: Path, files: list[str]
-) -> Iterator[tuple[str, str]]:
+) -> Iterator[tuple[str, str | None]]:
     """(file, caption) for each of ``files``, loading one batch of images at a time so
-    memory stays flat on large datasets."""
+    memory stays flat on large datasets; None for an image the model failed on."""
     size = captioner.batch_size
     for start in range(0, len(files), size):
-        batch = files[start : start + size]
-        texts = captioner.caption([(file, _open_rgb(resized, file)) for file in batch])
-        # strict: a backend returning too few captions is a bug, never a silent truncation.
-        for file, text in zip(batch, texts, strict=True):
-            # One line per caption keeps the later caption .txt files and tag counts clean.
-            yield file, " ".join(text.split())
+        batch = [(file, _open_rgb(resized, file)) for file in files[start : start + size]]
+        yield from _caption_batch(captioner, batch)
         log.info("captioned %d/%d images with %s", start + len(batch), len(files), captioner.name)
+
+
+def _caption_batch(
+    captioner: Captioner, batch: list[tuple[str, Image.Image]]
+) -> Iterator[tuple[str, str | None]]:
+    try:
+        texts = captioner.caption(batch)
+    except LoramillError:
+        raise
+    except Exception as error:
+        if len(batch) > 1:  # find the image at fault; the others still get their captions
+            for one in batch:
+                yield from _caption_batch(captioner, [one])
+            return
+        log.warning(
+            "%s: %s failed (%s: %s); empty auto caption",
+            batch[0][0],
+            captioner.name,
+            type(error).__name__,
+            error,
+        )
+        yield batch[0][0], None
+        return
+    # strict: a backend returning too few captions is a bug, never a silent truncation.
+    for (file, _), text in zip(batch, texts, strict=True):
+        # One line per caption keeps the later caption .txt files and tag counts clean.
+        yield file, " ".join(text.split())
 
 
 def caption_dataset(
@@ -120,8 +143,9 @@ def caption_dataset(
     if todo:
         captioner = make_captioner(config, dataset=dataset, trigger=trigger)
         for file, text in _caption_all(captioner, resized, todo):
-            captions[file] = text
-            cache.put(digests[file], text)
+            captions[file] = text or ""
+            if text is not None:  # a failure is retried on the next run, not cached
+                cache.put(digests[file], text)
     model = config.get("model") if "model" in backend.options else None
     source = f"{backend.name}:{model}" if model else backend.name
     records = [
