@@ -20,7 +20,7 @@ from loramill.caption import (
 )
 from loramill.files import read_jsonl
 from loramill.hashing import hash_file
-from loramill.tiny_models import build_tiny_blip, build_tiny_clip
+from loramill.tiny_models import build_tiny_blip, build_tiny_clip, build_tiny_wd14
 
 IMAGES = {  # file -> colour; listed out of order on purpose
     "red_circle-02.png": (200, 30, 30),
@@ -111,7 +111,7 @@ def test_unknown_backend_message():
     with pytest.raises(LoramillError) as error:
         make_captioner({"backend": "xyz"})
     assert str(error.value) == (
-        "caption.backend 'xyz': unknown captioner; choose one of: blip, clip, none, template"
+        "caption.backend 'xyz': unknown captioner; choose one of: blip, clip, none, template, wd14"
     )
 
 
@@ -451,3 +451,66 @@ def test_a_model_failing_on_one_image_leaves_the_others(tmp_path, caplog, monkey
         "caption ds: 4 captioned, 0 reused",
         "caption ds: 1 captioned, 3 reused",
     ]
+
+
+# --- wd14 ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_wd14(tmp_path_factory) -> str:
+    return str(build_tiny_wd14(tmp_path_factory.mktemp("models") / "tiny-wd14"))
+
+
+def wd14_captions(model, images, **options):
+    config = {"backend": "wd14", "wd14_model": model, **options}
+    return make_captioner(config).caption([(f"{i}.png", im) for i, im in enumerate(images)])
+
+
+def test_wd14_tags_above_their_thresholds(tiny_wd14):
+    red = Image.new("RGB", (40, 40), (230, 10, 10))  # the tagger reads BGR: red is channel 2
+    teal = Image.new("RGB", (40, 40), (10, 200, 230))
+    # character tags first, then general tags by falling probability; underscores become
+    # spaces except in emoticons; no rating tag unless asked
+    assert wd14_captions(tiny_wd14, [red, teal]) == [
+        "red theme, simple background, ^_^",
+        "green hair, blue theme, simple background, ^_^",
+    ]
+    assert wd14_captions(tiny_wd14, [teal], character_threshold=0.99) == [
+        "blue theme, simple background, ^_^"  # green hair at 0.97 is below 0.99
+    ]
+    assert wd14_captions(tiny_wd14, [teal], general_threshold=0.85) == [
+        "green hair, blue theme, simple background"  # ^_^ at 0.8 is below 0.85
+    ]
+    options = {"rating_tags": True, "exclude_tags": ["simple_background", "^_^"]}
+    assert wd14_captions(tiny_wd14, [red], **options) == ["red theme, sensitive"]
+
+
+def test_wd14_pads_to_a_square_on_white(tiny_wd14):
+    # a red band 40×10, padded to 40×40 with white: every channel's mean is high, so the
+    # green and blue tags come up too (stretched, or padded with black, they would not)
+    band = Image.new("RGB", (40, 10), (230, 10, 10))
+    assert wd14_captions(tiny_wd14, [band]) == [
+        "green hair, red theme, blue theme, simple background, ^_^"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("selected_tags.csv", r"no selected_tags\.csv"),
+        ("model.onnx", r"no model\.onnx"),
+    ],
+)
+def test_wd14_missing_files(tmp_path, tiny_wd14, change, message):
+    model = tmp_path / "tagger"
+    shutil.copytree(tiny_wd14, model)
+    (model / change).unlink()
+    with pytest.raises(LoramillError, match=rf"^caption\.wd14_model '{model}': {message}"):
+        make_captioner({"backend": "wd14", "wd14_model": str(model)})
+
+
+def test_wd14_model_not_in_the_hub_cache_says_how_to_provide_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(LoramillError) as error:
+        make_captioner({"backend": "wd14", "wd14_model": "someone/some-tagger"})
+    assert "local folder" in str(error.value) and "\n" not in str(error.value)

@@ -64,7 +64,8 @@ def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
         ),
         (
             {"caption": {"backend": "magic"}},
-            "caption.backend 'magic': unknown captioner; choose one of: blip, clip, none, template",
+            "caption.backend 'magic': unknown captioner; "
+            "choose one of: blip, clip, none, template, wd14",
         ),
         ({"grid": {"strengths": []}}, "config: grid.strengths: [] should be non-empty"),
         (

@@ -83,16 +83,16 @@ def test_human_caption_edits_win_and_are_untouched(demo_run):
     assert auto["source"] == "auto" and auto["caption"].startswith("wband, green band")
 
 
-def test_resized_images_are_square_rgb_at_resolution(demo_run):
-    manifest = json.loads(
-        (demo_run / "results" / "paper_stripes" / "resized" / "manifest.json").read_text()
-    )
+def test_resized_images_are_rgb_at_their_aspect_ratio_bucket(demo_run):
+    resized = demo_run / "results" / "paper_stripes" / "resized"
+    manifest = json.loads((resized / "manifest.json").read_text())
     assert manifest["quarantined"] == []
     for entry in manifest["images"]:
-        with Image.open(
-            demo_run / "results" / "paper_stripes" / "resized" / entry["file"]
-        ) as image:
-            assert (image.mode, image.size) == ("RGB", (64, 64))
+        with Image.open(resized / entry["file"]) as image:
+            assert (image.mode, list(image.size)) == ("RGB", entry["bucket"])
+    # the demo's mixed sizes (3:2, 2:3, square, 16:9 …) land in three buckets of 64²
+    buckets = {tuple(entry["bucket"]) for entry in manifest["images"]}
+    assert buckets == {(64, 64), (80, 48), (48, 80)}
 
 
 def test_exported_adapter_changes_the_base_model(demo_run):

@@ -1,4 +1,5 @@
-"""Captioners that run a transformers model: ``blip`` (image-to-text: BLIP, GIT).
+"""Captioners that run a model: ``blip`` (transformers image-to-text: BLIP, GIT), ``clip``
+(zero-shot labels from a vocabulary) and ``wd14`` (WD14-style ONNX taggers, onnxruntime).
 
 Models load from a local folder or a hub id in the local cache; weights from safetensors
 unless the ``allow_unsafe_weights`` opt-in allows pickle files too.
@@ -197,9 +198,6 @@ class ClipCaptioner(Captioner):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], context: CaptionContext) -> Captioner:
-        threshold = config.get("threshold", 0.2)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-            raise LoramillError(f"caption.threshold {threshold!r}: expected a number in 0…1")
         template = string_option(config, "clip_template", "a photo of {term}")
         if "{term}" not in template:
             raise LoramillError(f"caption.clip_template {template!r}: needs {{term}}")
@@ -208,7 +206,7 @@ class ClipCaptioner(Captioner):
                 "clip_model": string_option(config, "clip_model", cls.DEFAULT_MODEL),
                 "vocabulary": _vocabulary(config),
                 "top_k": positive_int(config, "top_k", 2),
-                "threshold": float(threshold),
+                "threshold": _probability(config, "threshold", 0.2),
                 "clip_template": template,
                 "batch_size": positive_int(config, "batch_size", 8),
                 "allow_unsafe": flag(config, "allow_unsafe_weights"),
@@ -262,3 +260,136 @@ def _vocabulary(config: Mapping[str, Any]) -> dict[str, list[str]]:
             "caption.vocabulary: expected a mapping of category to a non-empty list of terms"
         )
     return {str(category): list(terms) for category, terms in vocabulary.items()}
+
+
+# --- wd14: ONNX tagger -------------------------------------------------------------------
+
+RATING, GENERAL, CHARACTER = 9, 0, 4  # selected_tags.csv categories
+
+
+def _hub_file(spec: str, name: str) -> Path:
+    """``name`` in a local folder, or in the hub cache's snapshot of the hub id ``spec``."""
+    folder = Path(spec).expanduser()
+    if folder.is_dir():
+        path = folder / name
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(spec, name)
+        path = Path(found) if isinstance(found, str) else folder / name
+    if not path.is_file():
+        raise LoramillError(
+            f"caption.wd14_model '{spec}': no {name} (name a local folder holding model.onnx "
+            "and selected_tags.csv, or fill the hub cache where there is network)"
+        )
+    return path
+
+
+def read_tags(path: Path) -> list[tuple[str, int]]:
+    """(name, category) per output of the tagger, from ``selected_tags.csv``."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    try:
+        return [(row["name"], int(row["category"])) for row in rows]
+    except (KeyError, TypeError, ValueError):
+        raise LoramillError(f"{path}: expected columns name and category (an integer)") from None
+
+
+@register
+class Wd14Captioner(Captioner):
+    """Tags an image with the tagger's general (and character) tags above their thresholds:
+    characters first, then general tags, each by falling probability (ties in file order)."""
+
+    name = "wd14"
+    options = (
+        "wd14_model",
+        "general_threshold",
+        "character_threshold",
+        "rating_tags",
+        "exclude_tags",
+        "batch_size",
+        "device",
+    )
+    DEFAULT_MODEL = "SmilingWolf/wd-v1-4-convnextv2-tagger-v2"
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        import onnxruntime
+
+        spec = settings["wd14_model"]
+        self.settings, self.batch_size = settings, settings["batch_size"]
+        self.tags = read_tags(_hub_file(spec, "selected_tags.csv"))
+        providers = ["CPUExecutionProvider"]
+        if settings["device"] != "cpu" and "CUDAExecutionProvider" in (
+            onnxruntime.get_available_providers()
+        ):
+            providers.insert(0, "CUDAExecutionProvider")
+        model = _hub_file(spec, "model.onnx")
+        try:
+            self.session = onnxruntime.InferenceSession(str(model), providers=providers)
+        except Exception as error:  # onnxruntime raises its own exception types
+            raise LoramillError(f"caption.wd14_model '{spec}': cannot load: {error}") from error
+        self.input = self.session.get_inputs()[0]
+        self.size = self.input.shape[1] if isinstance(self.input.shape[1], int) else 448
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], context: CaptionContext) -> Captioner:
+        exclude = config.get("exclude_tags") or []
+        if not isinstance(exclude, list) or not all(isinstance(t, str) for t in exclude):
+            raise LoramillError(f"caption.exclude_tags {exclude!r}: expected a list of tags")
+        return cls(
+            {
+                "wd14_model": string_option(config, "wd14_model", cls.DEFAULT_MODEL),
+                "general": _probability(config, "general_threshold", 0.35),
+                "character": _probability(config, "character_threshold", 0.85),
+                "rating_tags": flag(config, "rating_tags"),
+                "exclude": {_tag_text(t) for t in exclude},
+                "batch_size": positive_int(config, "batch_size", 8),
+                "device": string_option(config, "device", "auto"),
+            }
+        )
+
+    def pixels(self, image: Image.Image) -> Any:
+        """The WD14 input: padded square on white, resized, BGR, 0–255 floats."""
+        import numpy as np
+
+        side = max(image.size)
+        square = Image.new("RGB", (side, side), (255, 255, 255))
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        resized = square.resize((self.size, self.size), Image.Resampling.BICUBIC)
+        return np.asarray(resized, dtype=np.float32)[:, :, ::-1]
+
+    def caption(self, images: list[tuple[str, Image.Image]]) -> list[str]:
+        import numpy as np
+
+        batch = np.stack([self.pixels(image) for _, image in images])
+        probabilities = self.session.run(None, {self.input.name: batch})[0]
+        return [", ".join(self._chosen(row)) for row in probabilities]
+
+    def _chosen(self, row: Any) -> list[str]:
+        settings, picked = self.settings, {CHARACTER: [], GENERAL: [], RATING: []}
+        for index, ((tag, category), probability) in enumerate(zip(self.tags, row, strict=True)):
+            text = _tag_text(tag)
+            if text in settings["exclude"] or category not in picked:
+                continue
+            if category == RATING and not settings["rating_tags"]:
+                continue
+            threshold = settings["character"] if category == CHARACTER else settings["general"]
+            if category == RATING or probability >= threshold:
+                picked[category].append((-float(probability), index, text))
+        ratings = sorted(picked[RATING])[:1]  # the one most probable rating
+        ordered = sorted(picked[CHARACTER]) + sorted(picked[GENERAL]) + ratings
+        return [text for _, _, text in ordered]
+
+
+def _tag_text(tag: str) -> str:
+    """``long_hair`` → ``long hair``; emoticons such as ``^_^`` keep their underscores."""
+    return tag.replace("_", " ") if len(tag) > 3 else tag
+
+
+def _probability(config: Mapping[str, Any], key: str, default: float) -> float:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise LoramillError(f"caption.{key} {value!r}: expected a number in 0…1")
+    return float(value)

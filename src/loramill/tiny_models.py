@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.metadata
+import math
 import os
 from pathlib import Path
 
@@ -285,3 +286,50 @@ def build_tiny_clip(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     CLIPModel(config).eval().save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return Path(out_dir)
+
+
+# The tiny tagger's outputs, as selected_tags.csv lists them: (name, category, what drives it).
+# Categories as in WD14's file: 9 rating, 0 general, 4 character.
+WD14_TAGS = [
+    ("general", 9, 0.3),
+    ("sensitive", 9, 0.6),
+    ("red_theme", 0, "R"),
+    ("blue_theme", 0, "B"),
+    ("green_hair", 4, "G"),
+    ("simple_background", 0, 0.9),
+    ("^_^", 0, 0.8),
+]
+
+
+def build_tiny_wd14(out_dir: str | os.PathLike, size: int = 32) -> Path:
+    """A WD14-style tagger (``model.onnx`` + ``selected_tags.csv``) whose answers are known:
+    a colour tag's probability rises with the mean of its channel (the input is BGR, 0–255,
+    as WD14's), the other tags have fixed probabilities. Needs the ``onnx`` package."""
+    import csv
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    channel = {"B": 0, "G": 1, "R": 2}
+    weight, bias = torch.zeros(len(WD14_TAGS), 3), torch.zeros(len(WD14_TAGS))
+    for index, (_, _, drive) in enumerate(WD14_TAGS):
+        if isinstance(drive, str):  # sigmoid(12 · (mean/255 − 0.5))
+            weight[index, channel[drive]], bias[index] = 12 / 255, -6.0
+        else:
+            bias[index] = math.log(drive / (1 - drive))
+
+    class Tagger(torch.nn.Module):
+        def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(pixels.mean(dim=(1, 2)) @ weight.T + bias)
+
+    example = torch.zeros(1, size, size, 3)
+    torch.onnx.export(
+        Tagger(), (example,), str(out / "model.onnx"), input_names=["input_1"],
+        output_names=["predictions_sigmoid"], dynamic_axes={"input_1": {0: "batch"}},
+        dynamo=False,
+    )  # fmt: skip
+    with open(out / "selected_tags.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["tag_id", "name", "category", "count"])
+        for index, (name, category, _) in enumerate(WD14_TAGS):
+            writer.writerow([index, name, category, 100 - index])
+    return out
