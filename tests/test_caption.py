@@ -20,7 +20,12 @@ from loramill.caption import (
 )
 from loramill.files import read_jsonl
 from loramill.hashing import hash_file
-from loramill.tiny_models import build_tiny_blip, build_tiny_clip, build_tiny_wd14
+from loramill.tiny_models import (
+    build_tiny_blip,
+    build_tiny_clip,
+    build_tiny_vlm,
+    build_tiny_wd14,
+)
 
 IMAGES = {  # file -> colour; listed out of order on purpose
     "red_circle-02.png": (200, 30, 30),
@@ -111,7 +116,8 @@ def test_unknown_backend_message():
     with pytest.raises(LoramillError) as error:
         make_captioner({"backend": "xyz"})
     assert str(error.value) == (
-        "caption.backend 'xyz': unknown captioner; choose one of: blip, clip, none, template, wd14"
+        "caption.backend 'xyz': unknown captioner; "
+        "choose one of: blip, clip, none, template, vlm, wd14"
     )
 
 
@@ -415,7 +421,7 @@ def test_clip_option_errors(tiny_clip, options, message):
 
 
 def test_clip_default_vocabulary_is_in_the_cache_key(tiny_clip):
-    from loramill.caption_models import ClipCaptioner
+    from loramill.caption_taggers import ClipCaptioner
     from loramill.clip_vocabulary import DEFAULT_VOCABULARY
 
     options = ClipCaptioner.output_options({"clip_model": tiny_clip})
@@ -514,3 +520,54 @@ def test_wd14_model_not_in_the_hub_cache_says_how_to_provide_it(tmp_path, monkey
     with pytest.raises(LoramillError) as error:
         make_captioner({"backend": "wd14", "wd14_model": "someone/some-tagger"})
     assert "local folder" in str(error.value) and "\n" not in str(error.value)
+
+
+# --- vlm -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory) -> str:
+    return str(build_tiny_vlm(tmp_path_factory.mktemp("models") / "tiny-vlm"))
+
+
+def reference_answer(model, image, text):
+    """What transformers generates for ``text`` (already templated) and one image."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model)
+    vlm = AutoModelForImageTextToText.from_pretrained(model)
+    inputs = processor(images=[image], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        output = vlm.generate(**inputs, max_new_tokens=5, do_sample=False)
+    new = output[:, inputs["input_ids"].shape[1] :]
+    return processor.batch_decode(new, skip_special_tokens=True)[0].strip()
+
+
+def vlm_captions(model, images, **options):
+    config = {"backend": "vlm", "vlm_model": model, "max_new_tokens": 5, **options}
+    return make_captioner(config).caption([(f"{i}.png", im) for i, im in enumerate(images)])
+
+
+def test_vlm_answers_the_prompt_in_a_chat_turn(tiny_vlm):
+    images = [Image.new("RGB", (40, 40), colour) for colour in COLOURS]
+    prompt = "describe the picture"
+    ours = vlm_captions(tiny_vlm, images, vlm_prompt=prompt, batch_size=4)
+    templated = f"<image>{prompt} answer :"  # the tiny model's chat template
+    assert ours == [reference_answer(tiny_vlm, image, templated) for image in images]
+    assert len(set(ours)) > 1 and all(prompt not in caption for caption in ours)
+    assert vlm_captions(tiny_vlm, images, vlm_prompt="a cat ?", batch_size=4) != ours
+
+
+def test_vlm_without_a_chat_template_sends_the_prompt_as_is(tmp_path, tiny_vlm):
+    model = tmp_path / "task-prompt-model"
+    shutil.copytree(tiny_vlm, model)
+    (model / "chat_template.jinja").unlink()
+    image = Image.new("RGB", (40, 40), COLOURS[1])
+    ours = vlm_captions(str(model), [image], vlm_prompt="<image>red or blue")
+    assert ours == [reference_answer(str(model), image, "<image>red or blue")]
+
+
+def test_vlm_empty_prompt(tiny_vlm):
+    with pytest.raises(LoramillError, match=r"^caption\.vlm_prompt: empty"):
+        make_captioner({"backend": "vlm", "vlm_model": tiny_vlm, "vlm_prompt": " "})

@@ -65,7 +65,7 @@ def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
         (
             {"caption": {"backend": "magic"}},
             "caption.backend 'magic': unknown captioner; "
-            "choose one of: blip, clip, none, template, wd14",
+            "choose one of: blip, clip, none, template, vlm, wd14",
         ),
         ({"grid": {"strengths": []}}, "config: grid.strengths: [] should be non-empty"),
         (

@@ -17,7 +17,8 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-import loramill.caption_models  # noqa: F401  (registers the model backends)
+import loramill.caption_models
+import loramill.caption_taggers  # noqa: F401
 from loramill import LoramillError
 from loramill.caption_cache import CACHE_DIR, CaptionCache, captioner_key
 from loramill.captioners import (  # noqa: F401  (the stage's interface, re-exported)
@@ -146,8 +147,8 @@ def caption_dataset(
             captions[file] = text or ""
             if text is not None:  # a failure is retried on the next run, not cached
                 cache.put(digests[file], text)
-    model = config.get("model") if "model" in backend.options else None
-    source = f"{backend.name}:{model}" if model else backend.name
+    models = [config.get(key) for key in backend.options if key.endswith("model")]
+    source = ":".join([backend.name, *filter(None, models)])
     records = [
         {"image": f, "image_sha256": digests[f], "caption": captions[f], "source": source}
         for f in files

@@ -333,3 +333,63 @@ def build_tiny_wd14(out_dir: str | os.PathLike, size: int = 32) -> Path:
         for index, (name, category, _) in enumerate(WD14_TAGS):
             writer.writerow([index, name, category, 100 - index])
     return out
+
+
+# A chat template in the shape instruction VLMs ship: the user's turn (image, then text),
+# then where the answer starts.
+VLM_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}{% endfor %}{% if add_generation_prompt %} answer :{% endif %}"
+)
+
+
+def build_tiny_vlm(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build and save a tiny LLaVA (CLIP vision tower, Llama language model, a WordPiece
+    tokenizer and a chat template) that ``AutoModelForImageTextToText`` loads: the plumbing
+    of the ``vlm`` captioner, with random weights."""
+    from transformers import (
+        BertTokenizer,
+        CLIPImageProcessorPil,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    tokens = [*BLIP_SPECIAL_TOKENS, "<image>", *BLIP_WORDS, *BLIP_CHARACTERS]
+    tokens += [f"##{c}" for c in BLIP_CHARACTERS] + BLIP_PUNCTUATION
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    tokenizer = BertTokenizer(
+        vocab=vocab, model_max_length=128, additional_special_tokens=["<image>"]
+    )
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
+        ),
+        tokenizer=tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by "default"
+        chat_template=VLM_CHAT_TEMPLATE,
+        image_token="<image>",
+    )
+    layer = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1}
+    config = LlavaConfig(
+        vision_config={
+            **layer, "model_type": "clip_vision_model", "num_attention_heads": 4,
+            "image_size": 32, "patch_size": 8,
+        },
+        text_config={
+            **layer, "model_type": "llama", "num_attention_heads": 4, "num_key_value_heads": 4,
+            "vocab_size": len(vocab), "max_position_embeddings": 128,
+            "pad_token_id": vocab["[PAD]"], "bos_token_id": vocab["[CLS]"],
+            "eos_token_id": vocab["[SEP]"], "initializer_range": 0.3,
+        },
+        image_token_index=vocab["<image>"],
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    LlavaForConditionalGeneration(config).eval().save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return Path(out_dir)
