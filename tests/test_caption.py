@@ -571,3 +571,42 @@ def test_vlm_without_a_chat_template_sends_the_prompt_as_is(tmp_path, tiny_vlm):
 def test_vlm_empty_prompt(tiny_vlm):
     with pytest.raises(LoramillError, match=r"^caption\.vlm_prompt: empty"):
         make_captioner({"backend": "vlm", "vlm_model": tiny_vlm, "vlm_prompt": " "})
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({"prefix": "photo of "}, ["photo of red circle", "photo of blue square big"]),
+        ({"suffix": ", flat"}, ["red circle, flat", "blue square big, flat"]),
+        ({"max_length": 11}, ["red circle", "blue square"]),
+        ({"max_length": 4}, ["red", "blue"]),
+    ],
+)
+def test_prefix_suffix_and_max_length_apply_to_every_caption(tmp_path, options, expected):
+    resized = make_resized(
+        tmp_path, {"red_circle.png": (1, 1, 1), "blue_square_big.png": (2, 2, 2)}
+    )
+    config = {"backend": "template", **options}
+    caption_dataset(resized, tmp_path / "o.jsonl", config, dataset="", trigger="")
+    by_image = {r["image"]: r["caption"] for r in read_jsonl(tmp_path / "o.jsonl")}
+    assert [by_image["red_circle.png"], by_image["blue_square_big.png"]] == expected
+
+
+def test_generation_settings_and_dtype(tiny_blip):
+    image = [("x.png", Image.new("RGB", (40, 40), (9, 99, 199)))]
+    base = {"backend": "blip", "model": tiny_blip, "max_new_tokens": 6}
+    for options in ({"dtype": "bfloat16"}, {"num_beams": 2, "repetition_penalty": 1.3}):
+        (caption,) = make_captioner({**base, **options}).caption(image)
+        assert caption.strip()
+    with pytest.raises(LoramillError, match=r"^caption\.dtype 'half': choose one of"):
+        make_captioner({**base, "dtype": "half"})
+
+
+def test_a_hub_model_missing_offline_says_how_to_provide_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(LoramillError) as error:
+        make_captioner({"backend": "vlm", "vlm_model": "someone/some-vlm"})
+    message = str(error.value)
+    assert message.startswith("caption.vlm_model 'someone/some-vlm': cannot load (offline")
+    assert "local model folder" in message and "\n" not in message

@@ -28,6 +28,8 @@ from loramill.captioners import (  # noqa: F401  (the stage's interface, re-expo
     TemplateCaptioner,
     captioner_class,
     make_captioner,
+    positive_int,
+    string_option,
 )
 from loramill.files import inside, write_jsonl
 from loramill.hashing import HashCache
@@ -150,7 +152,12 @@ def caption_dataset(
     models = [config.get(key) for key in backend.options if key.endswith("model")]
     source = ":".join([backend.name, *filter(None, models)])
     records = [
-        {"image": f, "image_sha256": digests[f], "caption": captions[f], "source": source}
+        {
+            "image": f,
+            "image_sha256": digests[f],
+            "caption": finish(captions[f], config),
+            "source": source,
+        }
         for f in files
     ]
     write_jsonl(out_jsonl, records)
@@ -162,6 +169,20 @@ def caption_dataset(
         len(files) - len(todo),
     )
     warn_if_uninformative(backend.name, [r["caption"] for r in records])
+
+
+def finish(caption: str, config: Mapping[str, Any]) -> str:
+    """The backend's caption cut to ``max_length`` characters (at a word), then ``prefix``
+    and ``suffix`` added; an empty caption stays empty. Applied after the per-image cache,
+    so changing these never re-runs a model."""
+    prefix, suffix = string_option(config, "prefix", ""), string_option(config, "suffix", "")
+    limit = positive_int(config, "max_length", 10**9) if config.get("max_length") else None
+    if not caption:
+        return ""
+    if limit and len(caption) > limit:
+        cut = caption[: limit + 1]
+        caption = (cut.rsplit(" ", 1)[0] if " " in cut else cut[:limit]).rstrip(" ,;")
+    return " ".join(f"{prefix}{caption}{suffix}".split())
 
 
 def warn_if_uninformative(backend: str, captions: list[str]) -> None:

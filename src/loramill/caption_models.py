@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 
@@ -77,72 +77,111 @@ def _offline_hint(local: bool) -> str:
     )
 
 
-# --- blip: transformers image-captioning model ---------------------------------------------
+# --- captioners that generate text ----------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class GeneratingCaptioner(Captioner):
+    """A transformers model that writes each caption by greedy (or beam) decoding: the same
+    image and settings always give the same text."""
+
+    MODEL_KEY: ClassVar[str]
+    DEFAULT_MODEL: ClassVar[str]
+    GENERATION = (
+        "max_new_tokens",
+        "num_beams",
+        "repetition_penalty",
+        "dtype",
+        "batch_size",
+        "allow_unsafe_weights",
+        "device",
+    )
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        import torch
+
+        from loramill.devices import resolve_device
+
+        self.settings, self.batch_size = settings, settings["batch_size"]
+        self.processor, self.model = load_model(
+            settings["model"],
+            f"caption.{self.MODEL_KEY}",
+            "AutoModelForImageTextToText",
+            settings["allow_unsafe"],
+        )
+        self.device = resolve_device(settings["device"])
+        self.model.to(self.device, dtype=getattr(torch, settings["dtype"]))
+
+    @classmethod
+    def settings_from(cls, config: Mapping[str, Any]) -> dict[str, Any]:
+        model = string_option(config, cls.MODEL_KEY, cls.DEFAULT_MODEL).strip()
+        if not model:  # Path("") is the working directory: never load from it by accident
+            raise LoramillError(f"caption.{cls.MODEL_KEY} '': name a hub id or a local folder")
+        dtype = string_option(config, "dtype", "float32")
+        if dtype not in DTYPES:
+            raise LoramillError(f"caption.dtype '{dtype}': choose one of {', '.join(DTYPES)}")
+        penalty = config.get("repetition_penalty", 1.0)
+        if isinstance(penalty, bool) or not isinstance(penalty, (int, float)) or penalty <= 0:
+            raise LoramillError(f"caption.repetition_penalty {penalty!r}: expected a number > 0")
+        return {
+            "model": model,
+            "max_new_tokens": positive_int(config, "max_new_tokens", 30),
+            "num_beams": positive_int(config, "num_beams", 1),
+            "repetition_penalty": float(penalty),
+            "dtype": dtype,
+            "batch_size": positive_int(config, "batch_size", 8),
+            "allow_unsafe": flag(config, "allow_unsafe_weights"),
+            "device": string_option(config, "device", "auto"),
+        }
+
+    def generate(self, inputs: Any, cut_prompt: bool) -> list[str]:
+        """Decoded text for a processed batch; ``cut_prompt``: without the prompt tokens a
+        decoder-only model echoes first."""
+        import torch
+
+        inputs = inputs.to(self.device, dtype=self.model.dtype)  # casts float tensors only
+        settings = self.settings
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=settings["max_new_tokens"],
+                num_beams=settings["num_beams"],
+                repetition_penalty=settings["repetition_penalty"],
+                do_sample=False,
+            )
+        if cut_prompt and not self.model.config.is_encoder_decoder:
+            output = output[:, inputs["input_ids"].shape[1] :]
+        return [t.strip() for t in self.processor.batch_decode(output, skip_special_tokens=True)]
 
 
 @register
-class BlipCaptioner(Captioner):
+class BlipCaptioner(GeneratingCaptioner):
+    """Image-to-text models (BLIP, BLIP-2, GIT); ``prompt`` is text the caption continues."""
+
     name = "blip"
-    options = ("model", "max_new_tokens", "batch_size", "prompt", "allow_unsafe_weights", "device")
+    MODEL_KEY = "model"
     DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
+    options = ("model", "prompt", *GeneratingCaptioner.GENERATION)
 
-    def __init__(
-        self,
-        model: str,
-        max_new_tokens: int = 30,
-        batch_size: int = 8,
-        prompt: str = "",
-        allow_unsafe_weights: bool = False,
-        device: str = "auto",
-    ) -> None:
-        from loramill.devices import resolve_device
-
-        self.processor, self.model = load_model(
-            model, "caption.model", "BlipForConditionalGeneration", allow_unsafe_weights
-        )
-        self.device = resolve_device(device)
-        self.model.to(self.device)
-        self.max_new_tokens = max_new_tokens
-        self.batch_size = batch_size
-        self.prompt = prompt.strip()
-        # The output repeats the prompt as the tokenizer normalised it (lowercased, re-spaced),
-        # so strip that spelling, not the raw config text.
+    def __init__(self, settings: dict[str, Any]) -> None:
+        super().__init__(settings)
+        self.prompt = settings["prompt"].strip()
+        # BLIP's output repeats the prompt as the tokenizer normalised it (lowercased,
+        # re-spaced), so strip that spelling, not the raw config text.
         tokenizer = self.processor.tokenizer
         prompt_ids = tokenizer(self.prompt, add_special_tokens=False)["input_ids"]
         self.prompt_text = tokenizer.decode(prompt_ids, skip_special_tokens=True).strip()
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], context: CaptionContext) -> Captioner:
-        model = string_option(config, "model", cls.DEFAULT_MODEL).strip()
-        if not model:  # Path("") is the working directory: never load from it by accident
-            raise LoramillError("caption.model '': name a hub id or a local model folder")
-        return cls(
-            model=model,
-            max_new_tokens=positive_int(config, "max_new_tokens", 30),
-            batch_size=positive_int(config, "batch_size", 8),
-            prompt=string_option(config, "prompt", ""),
-            allow_unsafe_weights=flag(config, "allow_unsafe_weights"),
-            device=string_option(config, "device", "auto"),
-        )
+        return cls({**cls.settings_from(config), "prompt": string_option(config, "prompt", "")})
 
     def caption(self, images: list[tuple[str, Image.Image]]) -> list[str]:
-        import torch
-
         pictures = [image for _, image in images]
-        if self.prompt:
-            inputs = self.processor(
-                images=pictures, text=[self.prompt] * len(pictures), return_tensors="pt"
-            )
-        else:
-            inputs = self.processor(images=pictures, return_tensors="pt")
-        inputs = inputs.to(self.device)
-        with torch.inference_mode():
-            # Greedy decoding: the same image and model always give the same caption.
-            output = self.model.generate(
-                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False, num_beams=1
-            )
-        texts = self.processor.batch_decode(output, skip_special_tokens=True)
-        return [self._strip_prompt(text.strip()) for text in texts]
+        text = {"text": [self.prompt] * len(pictures)} if self.prompt else {}
+        inputs = self.processor(images=pictures, return_tensors="pt", **text)
+        return [self._strip_prompt(text) for text in self.generate(inputs, cut_prompt=False)]
 
     def _strip_prompt(self, text: str) -> str:
         if self.prompt_text and text.startswith(self.prompt_text):
@@ -150,40 +189,21 @@ class BlipCaptioner(Captioner):
         return text
 
 
-# --- vlm: instruction vision-language models --------------------------------------------
-
-
 @register
-class VlmCaptioner(Captioner):
+class VlmCaptioner(GeneratingCaptioner):
     """Asks an image-text-to-text model (Qwen-VL, SmolVLM, LLaVA, Florence-2 …) to describe
     each image. With a chat template the prompt is sent as a user turn holding the image;
     without one (Florence-2) it is sent as is, e.g. a task prompt such as
-    ``<MORE_DETAILED_CAPTION>``. Greedy decoding: the same image always gets the same text."""
+    ``<MORE_DETAILED_CAPTION>``."""
 
     name = "vlm"
-    options = (
-        "vlm_model",
-        "vlm_prompt",
-        "max_new_tokens",
-        "batch_size",
-        "allow_unsafe_weights",
-        "device",
-    )
+    MODEL_KEY = "vlm_model"
     DEFAULT_MODEL = "HuggingFaceTB/SmolVLM-256M-Instruct"
     DEFAULT_PROMPT = "Describe this image in one sentence."
+    options = ("vlm_model", "vlm_prompt", *GeneratingCaptioner.GENERATION)
 
     def __init__(self, settings: dict[str, Any]) -> None:
-        from loramill.devices import resolve_device
-
-        self.settings, self.batch_size = settings, settings["batch_size"]
-        self.processor, self.model = load_model(
-            settings["vlm_model"],
-            "caption.vlm_model",
-            "AutoModelForImageTextToText",
-            settings["allow_unsafe"],
-        )
-        self.device = resolve_device(settings["device"])
-        self.model.to(self.device)
+        super().__init__(settings)
         self.processor.tokenizer.padding_side = "left"  # batched generation continues the prompt
         prompt = settings["vlm_prompt"]
         if getattr(self.processor, "chat_template", None):
@@ -197,31 +217,10 @@ class VlmCaptioner(Captioner):
         prompt = string_option(config, "vlm_prompt", cls.DEFAULT_PROMPT)
         if not prompt.strip():
             raise LoramillError("caption.vlm_prompt: empty; say what to write about the image")
-        return cls(
-            {
-                "vlm_model": string_option(config, "vlm_model", cls.DEFAULT_MODEL),
-                "vlm_prompt": prompt,
-                "max_new_tokens": positive_int(config, "max_new_tokens", 30),
-                "batch_size": positive_int(config, "batch_size", 8),
-                "allow_unsafe": flag(config, "allow_unsafe_weights"),
-                "device": string_option(config, "device", "auto"),
-            }
-        )
+        return cls({**cls.settings_from(config), "vlm_prompt": prompt})
 
     def caption(self, images: list[tuple[str, Image.Image]]) -> list[str]:
-        import torch
-
         pictures = [image for _, image in images]
-        inputs = self.processor(
-            images=pictures, text=[self.prompt] * len(pictures), return_tensors="pt", padding=True
-        ).to(self.device)
-        with torch.inference_mode():
-            output = self.model.generate(
-                **inputs,
-                max_new_tokens=self.settings["max_new_tokens"],
-                do_sample=False,
-                num_beams=1,
-            )
-        if not self.model.config.is_encoder_decoder:  # the output repeats the prompt first
-            output = output[:, inputs["input_ids"].shape[1] :]
-        return [t.strip() for t in self.processor.batch_decode(output, skip_special_tokens=True)]
+        text = [self.prompt] * len(pictures)
+        inputs = self.processor(images=pictures, text=text, return_tensors="pt", padding=True)
+        return self.generate(inputs, cut_prompt=True)

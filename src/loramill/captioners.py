@@ -29,6 +29,8 @@ class CaptionContext:
 # Options that change how fast captions come, or whether weights may be pickle, never what
 # they say.
 SPEED_ONLY = frozenset({"batch_size", "allow_unsafe_weights"})
+# Options of the stage, applied to every backend's captions (loramill.caption.finish).
+STAGE_OPTIONS = ("prefix", "suffix", "max_length")
 
 
 class Captioner(ABC):
@@ -162,7 +164,7 @@ def captioner_class(config: Mapping[str, Any]) -> type[Captioner]:
             f"caption.backend '{backend}': unknown captioner; choose one of: {choices}"
         )
     # Keys of other backends may stay in the section when switching; only typos are refused.
-    known = {"backend"}.union(*(cls.options for cls in CAPTIONERS.values()))
+    known = {"backend", *STAGE_OPTIONS}.union(*(cls.options for cls in CAPTIONERS.values()))
     unknown = sorted(set(config) - known)
     if unknown:
         keys = ", ".join(sorted(known))
