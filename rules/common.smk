@@ -238,6 +238,15 @@ def caption_edits(wildcards):
     return [folder] if os.path.isdir(folder) else []
 
 
+def caption_model(wildcards):
+    """The model the dataset's captioner loads, as a param: its content is part of the
+    caption stage's fingerprint (loramill.fingerprints), so a folder replaced in place
+    recaptions."""
+    settings = DATASETS[wildcards.ds]["caption"]
+    keys = [k for k in captioner_class(settings).options if k.endswith("model")]
+    return settings[keys[0]] if keys else ""
+
+
 def name_if_captioned(wildcards):
     """The dataset name for a caption template that writes it: renaming the dataset then
     changes the captions, and otherwise changes nothing."""

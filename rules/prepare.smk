@@ -42,6 +42,7 @@ rule caption:
         gpu=lambda wildcards: gpus(wildcards) if captions_with_model(wildcards) else 0,
     params:
         caption=setting("caption"),
+        caption_model=caption_model,
         trigger=setting("trigger"),
         dataset=name_if_captioned,
         allow_unsafe_weights=config["allow_unsafe_weights"],

@@ -81,6 +81,19 @@ def test_files_named_by_params_count_by_content(tmp_path):
     assert parts(job(train={"init_from": str(moved), "rank": 4})) != first
 
 
+def test_a_caption_model_counts_by_its_files(tmp_path):
+    model = tmp_path / "blip"
+    (model / ".git").mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    first = parts(job(caption_model=str(model)))
+    (model / ".git" / "HEAD").write_text("ref: refs/heads/main\n")  # not the model
+    assert parts(job(caption_model=str(model))) == first
+    (model / "model.safetensors").write_bytes(b"other weights")  # replaced in place
+    assert parts(job(caption_model=str(model))) != first
+    assert parts(job(caption_model=""))["params"] == {"caption_model": ""}
+
+
 def test_dataset_folders_count_what_stages_read(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     images = tmp_path / "data" / "ds" / "images"

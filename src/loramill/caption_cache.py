@@ -25,7 +25,9 @@ CACHE_DIR = Path(".cache/captions")
 
 def model_fingerprint(spec: str, hashes: HashCache) -> str:
     """A caption model by content: every file of a local folder (``.git`` and other hidden
-    entries aside), or a hub id's cached commit."""
+    entries aside), or a hub id's cached commit; "" for none."""
+    if not spec:
+        return ""
     folder = Path(spec).expanduser()
     if folder.is_dir():
         files = {

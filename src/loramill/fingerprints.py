@@ -21,6 +21,7 @@ from typing import Any
 from packaging.version import InvalidVersion, Version
 
 from loramill.base_model_files import base_model_fingerprint
+from loramill.caption_cache import model_fingerprint
 from loramill.code_hash import PACKAGE_DIR, CodeFingerprint, code_fingerprint
 from loramill.dataset_files import SUFFIXES, folder_hashes
 from loramill.hashing import HashCache, hash_value
@@ -96,6 +97,8 @@ def _by_content(key: str, value: Any, params: dict[str, Any], hashes: HashCache)
         return hashes.remember(f"base_model:{value}:{unsafe}", fingerprint)
     if key == "init_from":
         return hashes.file(value) if value else ""
+    if key == "caption_model":  # a folder replaced in place recaptions
+        return hashes.remember(f"caption_model:{value}", lambda: model_fingerprint(value, hashes))
     return value
 
 
