@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 from test_base_model_files import HUB_ID, SHA, hub_cache  # noqa: F401 (a fixture)
 
-from loramill import fingerprints
+from loramill import LoramillError, fingerprints
 from loramill.dataset_files import folder_hashes
 from loramill.explain import explain
 from loramill.fingerprints import CONDA_ENV_VAR, Job, components, fingerprint, release
@@ -92,6 +92,21 @@ def test_a_caption_model_counts_by_its_files(tmp_path):
     (model / "model.safetensors").write_bytes(b"other weights")  # replaced in place
     assert parts(job(caption_model=str(model))) != first
     assert parts(job(caption_model=""))["params"] == {"caption_model": ""}
+
+
+def test_a_hub_caption_model_is_its_cached_commit(hub_cache):  # noqa: F811
+    from loramill.caption_cache import fetch_caption_model, model_fingerprint
+
+    assert model_fingerprint(HUB_ID, HashCache()) == f"hub:{HUB_ID}@{SHA}"
+    fetch_caption_model(HUB_ID)  # cached: nothing to download, offline is fine
+    assert (
+        model_fingerprint("someone/not-cached", HashCache())
+        == "hub:someone/not-cached@not-downloaded"
+    )
+    with pytest.raises(
+        LoramillError, match=r"^caption model 'someone/not-cached': cannot download"
+    ):
+        fetch_caption_model("someone/not-cached")
 
 
 def test_dataset_folders_count_what_stages_read(tmp_path, monkeypatch):

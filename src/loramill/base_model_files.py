@@ -108,8 +108,9 @@ def _hub_repo_folder(repo_id: str) -> Path:
     return Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
 
 
-def hub_commit(repo_id: str) -> str | None:
-    """The commit the local Hugging Face cache resolves ``repo_id`` to, or None; offline."""
+def hub_commit(repo_id: str, marker: str = "model_index.json") -> str | None:
+    """The commit the local Hugging Face cache resolves ``repo_id`` to, or None; offline.
+    ``marker``: a file the snapshot must hold (a diffusers pipeline's model_index.json)."""
     repo = _hub_repo_folder(repo_id)
     try:
         commit = (repo / "refs" / "main").read_text(encoding="utf-8").strip()
@@ -118,7 +119,7 @@ def hub_commit(repo_id: str) -> str | None:
     if not COMMIT.fullmatch(commit):  # a hand-edited ref must not point outside snapshots/
         return None
     # A ref without its snapshot's model_index.json is a download that never got going.
-    return commit if (repo / "snapshots" / commit / "model_index.json").is_file() else None
+    return commit if (repo / "snapshots" / commit / marker).exists() else None
 
 
 def base_model_fingerprint(spec: str, hashes: HashCache, allow_unsafe_weights: bool = False) -> str:

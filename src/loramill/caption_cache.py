@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from loramill import LoramillError
 from loramill.base_model_files import hub_commit
 from loramill.files import write_json
 from loramill.hashing import HashCache, hash_value
@@ -36,7 +37,29 @@ def model_fingerprint(spec: str, hashes: HashCache) -> str:
             if path.is_file() and not any(p.startswith(".") for p in path.relative_to(folder).parts)
         }
         return f"files:{hash_value(files)}"
-    return f"hub:{spec}@{hub_commit(spec) or 'not-downloaded'}"
+    return f"hub:{spec}@{hub_commit(spec, marker='') or 'not-downloaded'}"
+
+
+# What a captioner loads from a hub repository: configs, tokenizers, safetensors, ONNX taggers.
+DOWNLOADED = ["*.json", "*.txt", "*.jinja", "*.model", "*.safetensors", "*.onnx", "*.csv"]
+
+
+def fetch_caption_model(spec: str, allow_unsafe_weights: bool = False) -> None:
+    """Download a hub model that is not cached yet before the job's fingerprint is taken, so
+    the job records the commit later parses see (as loramill.base_model_files does)."""
+    if not spec or Path(spec).expanduser().exists() or hub_commit(spec, marker=""):
+        return
+    from huggingface_hub import snapshot_download
+
+    patterns = [*DOWNLOADED, "*.bin"] if allow_unsafe_weights else DOWNLOADED
+    try:
+        snapshot_download(spec, allow_patterns=patterns)
+    except Exception as error:  # offline, unknown repo, no access, network
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LoramillError(
+            f"caption model '{spec}': cannot download ({reason}); name a local model folder, "
+            "or fill the hub cache where there is network"
+        ) from error
 
 
 def captioner_key(

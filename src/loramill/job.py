@@ -19,6 +19,7 @@ from typing import Any
 
 from loramill import LoramillError, run_cache
 from loramill.base_model_files import fetch_base_model
+from loramill.caption_cache import fetch_caption_model
 from loramill.config import dataset_config
 from loramill.fingerprints import Job, components, fingerprint
 from loramill.hashing import DEFAULT_DB, HashCache
@@ -106,6 +107,10 @@ def run_keyed(
     job = received(snakemake)
     if "base_model" in job.params:  # a hub id is fingerprinted by the commit it resolves to
         fetch_base_model(job.params["base_model"], bool(job.params.get("allow_unsafe_weights")))
+    if job.params.get("caption_model"):  # the same for a captioner's model
+        fetch_caption_model(
+            job.params["caption_model"], bool(job.params.get("allow_unsafe_weights"))
+        )
     hashes = HashCache(DEFAULT_DB)
     present = lambda name, path: hashes.digest(path) if os.path.exists(path) else "missing"  # noqa: E731
     parts = components(job, present, hashes)
