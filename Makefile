@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install lock publish gc
+.PHONY: demo test install lock publish gc seed-edits
 
 demo: $(VENV)/.installed
 	$(BIN)/dvc pull
@@ -22,6 +22,11 @@ install: $(VENV)/.installed
 # Push changed exports and grids (one .dvc file each) and data/ to your own DVC remote.
 publish: $(VENV)/.installed
 	$(BIN)/python -m loramill.publish
+
+# Start caption review: append the auto captions of images that have no edit yet to
+# data/<DS>/metadata.csv (existing rows are never changed or reordered).
+seed-edits: $(VENV)/.installed
+	$(BIN)/python -m loramill.seed_edits $(DS)
 
 # Free disk: drop the run-cache entries (.cache/runs) that no lock in locks/ references.
 # `$(BIN)/python -m loramill.run_cache gc --max-size 20G` keeps the most recently used instead.

@@ -247,6 +247,12 @@ def caption_model(wildcards):
     return settings[keys[0]] if keys else ""
 
 
+def metadata_csv(wildcards):
+    """The human caption edits table, when the dataset has one."""
+    path = os.path.join(DATASETS[wildcards.ds]["path"], "metadata.csv")
+    return [path] if os.path.isfile(path) else []
+
+
 def name_if_captioned(wildcards):
     """The dataset name for a caption template that writes it: renaming the dataset then
     changes the captions, and otherwise changes nothing."""

@@ -55,16 +55,21 @@ rule merge_captions:
     input:
         auto_captions=keyed("results/{ds}/auto_captions.jsonl"),
         edits=keyed(caption_edits),
+        metadata=keyed(metadata_csv),
         gate=gate("merge_captions"),
     output:
         captions="results/{ds}/captions.jsonl",
         report="results/{ds}/caption_report.json",
+        report_csv="results/{ds}/caption_report.csv",
         done=done("merge_captions"),
     log:
         "logs/merge_captions/{ds}.log",
     conda:
         ENV
     params:
-        trigger=setting("trigger"),
+        trigger=setting("trigger_words"),
+        settings=setting("merge"),
+        # its tokenizer counts caption tokens
+        base_model=lambda wildcards: config["base_model"],
     script:
         "../scripts/merge_captions.py"

@@ -1,52 +1,149 @@
-"""Caption merge: human edits win, are never written, and bad edit files are named."""
+"""Caption merge: edits from metadata.csv and sidecars, the merge rules in their order, stale
+and orphaned edits, and bad edit files named by file and line. Edits are never written."""
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
+import unicodedata
 
 import pytest
 
 from loramill import LoramillError
+from loramill.caption_edits import Edit, match_key, read_edits
+from loramill.caption_rules import Rules, training_caption
 from loramill.files import read_jsonl, write_jsonl
-from loramill.merge import merge_captions, with_trigger
+from loramill.merge import merge_captions
+
+AUTO = [
+    {"image": "b.png", "caption": "blue circle", "image_sha256": "bb"},
+    {"image": "a.png", "caption": "red circle", "image_sha256": "aa"},
+    {"image": "café photo.png", "caption": "a cup", "image_sha256": "cc"},
+]
 
 
 @pytest.fixture
-def auto(tmp_path):
-    path = tmp_path / "auto.jsonl"
-    write_jsonl(
-        path,
-        [
-            {"image": "b.png", "caption": "blue circle", "captioner": "template"},
-            {"image": "a.png", "caption": "red circle", "captioner": "template"},
-        ],
+def ds(tmp_path):
+    """A dataset folder with auto captions beside it."""
+    (tmp_path / "ds").mkdir()
+    write_jsonl(tmp_path / "auto.jsonl", AUTO)
+    return tmp_path / "ds"
+
+
+def merge(ds, trigger="zzt", **kwargs):
+    out = ds.parent
+    merge_captions(
+        out / "auto.jsonl",
+        ds / "captions",
+        out / "captions.jsonl",
+        out / "report.json",
+        trigger,
+        metadata_csv=ds / "metadata.csv",
+        report_csv=out / "report.csv",
+        **kwargs,
     )
-    return path
+    captions = {r["image"]: r["caption"] for r in read_jsonl(out / "captions.jsonl")}
+    return captions, json.loads((out / "report.json").read_text())
 
 
-def test_human_edit_overrides_and_trigger_is_prepended(tmp_path, auto):
-    edits = tmp_path / "captions"
-    edits.mkdir()
-    (edits / "a.txt").write_text("a crimson disc, studio light\n")
-    (edits / "gone.txt").write_text("an image that was deleted\n")
-    before = (edits / "a.txt").read_bytes()
-
-    report = merge_captions(auto, edits, tmp_path / "out.jsonl", tmp_path / "report.json", "zzt")
-
-    assert read_jsonl(tmp_path / "out.jsonl") == [
-        {"image": "a.png", "caption": "zzt, a crimson disc, studio light", "source": "human"},
-        {"image": "b.png", "caption": "zzt, blue circle", "source": "auto"},
-    ]
-    assert report["stale_edits"] == ["gone.txt"]
-    assert report["tag_frequency"]["zzt"] == 2
-    assert json.loads((tmp_path / "report.json").read_text()) == report
-    assert (edits / "a.txt").read_bytes() == before
-    assert sorted(p.name for p in edits.iterdir()) == ["a.txt", "gone.txt"]
+def write_table(ds, *rows: str, header="filename,prompt,mode,image_sha256"):
+    (ds / "metadata.csv").write_text("\n".join([header, *rows]) + "\n", encoding="utf-8")
 
 
-def test_no_edits_folder_means_auto_captions(tmp_path, auto):
-    merge_captions(auto, tmp_path / "missing", tmp_path / "o.jsonl", tmp_path / "r.json", "")
-    assert [r["source"] for r in read_jsonl(tmp_path / "o.jsonl")] == ["auto", "auto"]
+# --- edits ------------------------------------------------------------------------------------
+
+
+def test_metadata_csv_rows_in_every_mode(ds):
+    write_table(
+        ds,
+        "a.png,a crimson disc,,aa",
+        "b.png,studio light,append,",
+        "café photo.png,hand drawn,prepend,",
+    )
+    before = (ds / "metadata.csv").read_bytes()
+    captions, report = merge(ds)
+    assert captions == {
+        "a.png": "zzt, a crimson disc",
+        "b.png": "zzt, blue circle, studio light",
+        "café photo.png": "zzt, hand drawn, a cup",
+    }
+    assert report["edits"] == {"applied": 3, "stale": [], "orphaned": []}
+    assert (ds / "metadata.csv").read_bytes() == before
+    write_table(ds, "a.png,,exclude,")
+    captions, report = merge(ds)
+    assert "a.png" not in captions and report["excluded"] == ["a.png"]
+
+
+def test_sidecars_match_by_stem_case_extension_and_nfc(ds):
+    (ds / "captions").mkdir()
+    (ds / "captions" / "A.TXT").write_text("a crimson disc\n")
+    (ds / "captions" / "b.png.caption").write_text("a navy disc\n")
+    decomposed = unicodedata.normalize("NFD", "café photo.txt")
+    (ds / "captions" / decomposed).write_text("a latte\n")
+    captions, _ = merge(ds, trigger="")
+    assert captions == {
+        "a.png": "a crimson disc",
+        "b.png": "a navy disc",
+        "café photo.png": "a latte",
+    }
+
+
+def test_one_image_edited_in_both_places_is_an_error_naming_both(ds):
+    write_table(ds, "a.png,a crimson disc,,")
+    (ds / "captions").mkdir()
+    (ds / "captions" / "a.txt").write_text("a red disc\n")
+    with pytest.raises(LoramillError, match=r"^metadata\.csv:2 and captions/a\.txt: two edits"):
+        merge(ds)
+
+
+def test_stale_and_orphaned_edits_are_reported_and_kept(ds, caplog):
+    write_table(ds, "a.png,a crimson disc,,0000", "gone.jpg,deleted image,,")
+    before = (ds / "metadata.csv").read_bytes()
+    with caplog.at_level(logging.INFO, logger="loramill"):
+        captions, report = merge(ds, name="ds")
+    assert captions["a.png"] == "zzt, a crimson disc"  # applied, and flagged
+    assert report["edits"] == {
+        "applied": 1,
+        "stale": ["metadata.csv:2"],
+        "orphaned": ["metadata.csv:3"],
+    }
+    with open(ds.parent / "report.csv", newline="") as handle:
+        assert list(csv.DictReader(handle)) == [
+            {
+                "edit": "metadata.csv:2",
+                "image": "a.png",
+                "problem": "stale: the image changed since this edit was written",
+            },
+            {"edit": "metadata.csv:3", "image": "", "problem": "orphaned: no such image"},
+        ]
+    messages = [r.getMessage() for r in caplog.records]
+    assert "merge ds: 1 edits applied, 1 stale, 1 orphaned; 3 captions (0 excluded)" in messages
+    assert (ds / "metadata.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\xef\xbb\xbffilename,prompt\na.png,x\n", r"metadata\.csv:1: starts with a byte-order"),
+        (b"filename,prompt\na.png,caf\xe9\n", r"metadata\.csv:2: not UTF-8 text"),
+        (b"name,prompt\na.png,x\n", r"metadata\.csv:1: unknown column 'name'"),
+        (b"filename\na.png\n", r"metadata\.csv:1: missing column 'prompt'"),
+        (b"filename,prompt\na.png,x,extra\n", r"metadata\.csv:2: 3 fields, the header has 2"),
+        (b"filename,prompt\na.png\n", r"metadata\.csv:2: 1 fields, the header has 2"),
+        (b'filename,prompt\na.png,"open quote\n', r"metadata\.csv:\d+: unexpected end of data"),
+        (b"filename,prompt\na.png,x\nA.PNG,y\n", r"csv:3: a second row for the image of metadata"),
+        (b"filename,prompt\n../x.png,x\n", r"csv:2: '\.\./x\.png' is not an image of this data"),
+        (b"filename,prompt,mode\na.png,x,merge\n", r"metadata\.csv:2: mode 'merge'; use one of"),
+        (b"filename,prompt\na.png,\n", r"metadata\.csv:2: empty prompt"),
+    ],
+)  # fmt: skip
+def test_malformed_metadata_names_file_and_line(ds, content, message):
+    (ds / "metadata.csv").write_bytes(content)
+    with pytest.raises(LoramillError, match=message):
+        merge(ds)
+    assert (ds / "metadata.csv").read_bytes() == content
+    assert not (ds.parent / "captions.jsonl").exists()
 
 
 @pytest.mark.parametrize(
@@ -54,19 +151,140 @@ def test_no_edits_folder_means_auto_captions(tmp_path, auto):
     [
         (b"first line\nsecond line\n", r"a\.txt:2: a caption file holds one caption"),
         (b"\n\n", r"a\.txt: empty caption"),
-        (b"caf\xe9 latin-1", r"a\.txt: not UTF-8 text \(byte 3\)"),
+        (b"caf\xe9 latin-1", r"a\.txt:1: not UTF-8 text"),
     ],
 )
-def test_malformed_edit_names_file_and_line(tmp_path, auto, content, message):
-    (tmp_path / "captions").mkdir()
-    (tmp_path / "captions" / "a.txt").write_bytes(content)
+def test_malformed_sidecar_names_file_and_line(ds, content, message):
+    (ds / "captions").mkdir()
+    (ds / "captions" / "a.txt").write_bytes(content)
     with pytest.raises(LoramillError, match=message):
-        merge_captions(auto, tmp_path / "captions", tmp_path / "o.jsonl", tmp_path / "r.json", "t")
-    assert not (tmp_path / "o.jsonl").exists()
+        merge(ds)
 
 
-def test_trigger_is_not_doubled():
-    assert with_trigger("zzt, a cat", "zzt") == "zzt, a cat"
-    assert with_trigger("ZZT on a mat", "zzt") == "ZZT on a mat"
-    assert with_trigger("zztop band", "zzt") == "zzt, zztop band"
-    assert with_trigger("a cat", "") == "a cat"
+def test_no_edits_means_auto_captions(ds):
+    captions, report = merge(ds, trigger="")
+    assert captions == {r["image"]: r["caption"] for r in AUTO}
+    assert report["auto"] == 3 and report["human"] == 0
+    assert read_edits(None, None) == {}
+
+
+# --- rules ------------------------------------------------------------------------------------
+
+
+def caption(auto, edit=None, trigger=(), **merge_settings):
+    return training_caption(auto, edit, Rules.from_config(merge_settings, list(trigger)))
+
+
+def test_tag_cleanup():
+    tags = "long_hair, Red Eyes,  blurry ,long hair, ^_^, smile"
+    assert caption(tags) == "long hair, Red Eyes, blurry, ^_^, smile"
+    assert caption(tags, remove_tags=["BLURRY", "smile"]) == "long hair, Red Eyes, ^_^"
+    assert caption(tags, replace_tags={"red eyes": "crimson eyes"}).startswith(
+        "long hair, crimson eyes"
+    )
+    assert caption(tags, dedupe_tags=False, underscores_to_spaces=False) == (
+        "long_hair, Red Eyes, blurry, long hair, ^_^, smile"
+    )
+
+
+def test_trigger_words_once_in_order():
+    assert caption("a cat", trigger=["zzt", "style"]) == "zzt, style, a cat"
+    assert caption("style, a cat", trigger=["zzt", "style"]) == "zzt, style, a cat"
+    assert caption("ZZT on a mat", trigger=["zzt"]) == "ZZT on a mat"
+    assert caption("zztop band", trigger=["zzt"]) == "zzt, zztop band"
+    assert caption("", trigger=["zzt"]) == "zzt"
+
+
+def test_normalisation():
+    assert caption("  a  cat ,, on a mat .  ") == "a cat, on a mat."
+    assert caption("a cat , sitting ; happily !") == "a cat, sitting; happily!"
+
+
+def test_modes_then_cleanup_then_trigger():
+    edit = Edit("long_hair, zzt", "prepend", "", "metadata.csv:2")
+    assert caption("smile, long hair", edit, trigger=["zzt"]) == "long hair, zzt, smile"
+    assert caption("anything", Edit("", "exclude", "", "x")) is None
+    assert caption("", Edit("a dog", "append", "", "x")) == "a dog"
+
+
+def test_match_key():
+    assert match_key("Photo.JPG") == match_key("photo") == match_key("photo.png")
+    assert match_key("photo.jpg.txt".removesuffix(".txt")) == "photo"
+    assert match_key("notes.v2") == "notes.v2"
+
+
+# --- seed command -----------------------------------------------------------------------------
+
+
+def test_seed_appends_drafts_only(tmp_path, monkeypatch, capsys):
+    from loramill.seed_edits import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "config.yaml").write_text("datasets:\n  shapes: {}\n")
+    results = tmp_path / "results" / "shapes"
+    (results / "resized").mkdir(parents=True)
+    write_jsonl(results / "auto_captions.jsonl", AUTO)
+    sources = {
+        "a.png": "images/a.jpg",
+        "b.png": "images/b.png",
+        "café photo.png": "images/café photo.webp",
+    }
+    manifest = {"images": [{"file": f, "source": s} for f, s in sources.items()]}
+    (results / "resized" / "manifest.json").write_text(json.dumps(manifest))
+    table = tmp_path / "data" / "shapes" / "metadata.csv"
+    table.parent.mkdir(parents=True)
+    table.write_bytes(
+        b"filename,prompt,mode,image_sha256\r\nb.png,my own words,,bb"
+    )  # no final newline
+
+    assert main(["shapes"]) == 0
+    before = b"filename,prompt,mode,image_sha256\r\nb.png,my own words,,bb"
+    after = table.read_bytes()
+    assert after.startswith(before)
+    assert after[len(before) :].decode() == "\na.jpg,red circle,,aa\ncafé photo.webp,a cup,,cc\n"
+    assert main(["shapes"]) == 0 and table.read_bytes() == after  # nothing new to add
+    assert "0 row(s) added" in capsys.readouterr().out
+    edits = read_edits(table, None)
+    assert edits[match_key("a.png")] == Edit("red circle", "replace", "aa", "metadata.csv:3")
+    assert main(["nope"]) == 1
+
+
+def test_seed_starts_a_table(tmp_path, monkeypatch):
+    from loramill.seed_edits import seed
+
+    results = tmp_path / "results"
+    (results / "resized").mkdir(parents=True)
+    write_jsonl(results / "auto_captions.jsonl", AUTO[:1])
+    manifest = {"images": [{"file": "b.png", "source": "images/b.png"}]}
+    (results / "resized" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "ds").mkdir()
+    assert seed(tmp_path / "ds", results) == 1
+    assert (tmp_path / "ds" / "metadata.csv").read_text() == (
+        "filename,prompt,mode,image_sha256\nb.png,blue circle,,bb\n"
+    )
+
+
+def test_make_seed_edits_runs_the_module(repo):
+    import subprocess
+
+    result = subprocess.run(
+        ["make", "-n", "-o", ".venv/.installed", "seed-edits", "DS=shapes"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert ".venv/bin/python -m loramill.seed_edits shapes" in result.stdout
+
+
+def test_captions_over_the_text_encoders_limit_are_reported(ds, tiny_sd, caplog):
+    long = ", ".join(f"tag{i}" for i in range(60))  # well over 75 CLIP tokens
+    write_table(ds, f'a.png,"{long}",,')
+    with caplog.at_level(logging.WARNING, logger="loramill"):
+        _, report = merge(ds, base_model=tiny_sd)
+    assert list(report["too_long"]) == ["a.png"] and report["too_long"]["a.png"] > 75
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        f"1 caption(s) exceed the text encoder's limit: a.png ({report['too_long']['a.png']})"
+    ]

@@ -37,11 +37,13 @@ from loramill.hashing import HashCache
 log = logging.getLogger(__name__)
 
 
-def _read_manifest(resized_dir: Path) -> list[str]:
+def _read_manifest(resized_dir: Path) -> dict[str, str]:
+    """The resized images, sorted, each with its source image's sha256 (if recorded)."""
     manifest_path = resized_dir / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         files = [entry["file"] for entry in manifest["images"]]
+        sources = {entry["file"]: entry.get("sha256", "") for entry in manifest["images"]}
     except FileNotFoundError:
         raise LoramillError(f"{manifest_path}: missing (run the resize stage first)") from None
     except json.JSONDecodeError as error:
@@ -58,7 +60,7 @@ def _read_manifest(resized_dir: Path) -> list[str]:
     if not files:
         quarantined = len(manifest.get("quarantined", []))
         raise LoramillError(f"{manifest_path}: no images to caption ({quarantined} quarantined)")
-    return sorted(files)
+    return {name: sources[name] for name in sorted(files)}
 
 
 def _open_rgb(resized_dir: Path, name: str) -> Image.Image:
@@ -131,12 +133,14 @@ def caption_dataset(
 ) -> None:
     """Caption every image in ``resized_dir/manifest.json``; write sorted JSONL atomically.
 
-    Records are ``{"image", "image_sha256", "caption", "source"}`` (source: the backend, and
-    its model where it has one). Images with a cached caption are not captioned again;
-    ``name`` is the dataset's, for the log line only.
+    Records are ``{"image", "image_sha256", "caption", "source"}``: the resized image, the
+    sha256 of its source image in the dataset (what caption edits record), the caption, and
+    the backend with its model where it has one. Images with a cached caption are not
+    captioned again; ``name`` is the dataset's, for the log line only.
     """
     resized, hashes = Path(resized_dir), hashes or HashCache()
-    files = _read_manifest(resized)
+    sources = _read_manifest(resized)
+    files = list(sources)
     backend = captioner_class(config)
     context = {"dataset": dataset, "trigger": trigger}
     cache = CaptionCache(cache_dir, captioner_key(backend, dict(config), context, hashes))
@@ -154,7 +158,7 @@ def caption_dataset(
     records = [
         {
             "image": f,
-            "image_sha256": digests[f],
+            "image_sha256": sources[f] or digests[f],
             "caption": finish(captions[f], config),
             "source": source,
         }

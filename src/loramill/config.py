@@ -13,7 +13,7 @@ from typing import Any
 
 from loramill import LoramillError
 
-SECTIONS = ("resize", "caption", "train", "grid")
+SECTIONS = ("resize", "caption", "merge", "train", "grid")
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -69,7 +69,9 @@ def dataset_config(
     except Exception as error:
         raise LoramillError(describe(error, prefix=f"datasets.{dataset}")) from None
     merged["path"] = entry.get("path", f"data/{dataset}")
-    merged["trigger"] = entry.get("trigger", "")
+    trigger = entry.get("trigger", "")
+    merged["trigger_words"] = [trigger] if isinstance(trigger, str) else list(trigger)
+    merged["trigger"] = ", ".join(w for w in merged["trigger_words"] if w)
     merged["name"] = dataset
     return merged
 

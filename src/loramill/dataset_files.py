@@ -18,7 +18,10 @@ from loramill.hashing import HashCache
 # Files operating systems and file managers drop into folders: never data.
 SYSTEM_FILES = frozenset({"Thumbs.db", "ehthumbs.db", "desktop.ini", "Icon\r"})
 # The layout of data/<ds>/: each folder a stage reads, with the names it reads there.
-SUFFIXES = {"images": None, "captions": (".txt",)}  # None: every file (resize reports the rest)
+SUFFIXES = {
+    "images": None,
+    "captions": (".txt", ".caption"),
+}  # None: every file (resize reports the rest)
 
 
 def dvc_cache_dirs(project: str | os.PathLike = ".") -> tuple[Path, ...]:

@@ -1,55 +1,27 @@
 """Stage 3: merge human caption edits over auto captions into the training captions.
 
-Human edits live in ``data/<ds>/captions/<image stem>.txt`` (kohya's sidecar convention, one
-caption on one line). They are only ever read: edits are never overwritten. The trigger word
-is prepended to every caption that does not already start with it.
+Edits (loramill.caption_edits: ``data/<ds>/metadata.csv`` and sidecars in
+``data/<ds>/captions/``) are only ever read. The rules and their order are in
+loramill.caption_rules. Besides the captions the stage reports, per dataset: edits applied,
+stale (the image changed since the row recorded its ``image_sha256``) and orphaned (no such
+image: kept, reported, never deleted), in ``caption_report.json`` and, row by row, in
+``caption_report.csv``; and it warns about captions longer than the text encoder reads.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loramill import LoramillError
-from loramill.dataset_files import entries
-from loramill.files import read_jsonl, write_json, write_jsonl
+from loramill.caption_edits import Edit, match_key, read_edits
+from loramill.caption_rules import Rules, training_caption
+from loramill.files import atomic_path, read_jsonl, write_json, write_jsonl
 
 log = logging.getLogger(__name__)
-
-
-def read_human_caption(path: Path) -> str:
-    """The caption in a sidecar file; errors name the file (and line)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise LoramillError(f"{path}: not UTF-8 text (byte {error.start})") from None
-    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1)]
-    lines = [(n, line) for n, line in lines if line]
-    if not lines:
-        raise LoramillError(f"{path}: empty caption (delete the file to use the auto caption)")
-    if len(lines) > 1:
-        raise LoramillError(f"{path}:{lines[1][0]}: a caption file holds one caption on one line")
-    return lines[0][1]
-
-
-def read_human_captions(captions_dir: str | os.PathLike | None) -> dict[str, str]:
-    """Human captions by image stem; a missing folder means no edits."""
-    if captions_dir is None or not Path(captions_dir).is_dir():
-        return {}
-    edits = (Path(entry.path) for entry in entries(captions_dir, "captions"))
-    return {path.stem: read_human_caption(path) for path in edits}
-
-
-def with_trigger(caption: str, trigger: str) -> str:
-    if not trigger:
-        return caption
-    first = caption.split(",", 1)[0].strip().lower()
-    if first == trigger.lower() or caption.lower().startswith(trigger.lower() + " "):
-        return caption
-    return f"{trigger}, {caption}" if caption else trigger
 
 
 def tag_frequency(captions: list[str]) -> dict[str, int]:
@@ -58,41 +30,107 @@ def tag_frequency(captions: list[str]) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
+def edit_problems(auto: list[dict[str, Any]], edits: dict[str, Edit]) -> list[dict[str, str]]:
+    """Stale and orphaned edits, as report rows."""
+    by_key = {match_key(record["image"]): record for record in auto}
+    rows = []
+    for key, edit in sorted(edits.items(), key=lambda item: item[1].origin):
+        record = by_key.get(key)
+        if record is None:
+            rows.append({"edit": edit.origin, "image": "", "problem": "orphaned: no such image"})
+        elif edit.image_sha256 and edit.image_sha256 != record.get("image_sha256"):
+            problem = "stale: the image changed since this edit was written"
+            rows.append({"edit": edit.origin, "image": record["image"], "problem": problem})
+    return rows
+
+
+def too_long(captions: dict[str, str], base_model: str | None) -> list[tuple[str, int]]:
+    """(image, tokens) of captions over the text encoder's limit, counted with its tokenizer."""
+    if not base_model:
+        return []
+    try:
+        from transformers import CLIPTokenizer
+
+        from loramill.model import resolve_base_model
+
+        source = resolve_base_model(base_model)
+        local = Path(source).exists()
+        tokenizer = CLIPTokenizer.from_pretrained(
+            source, subfolder="tokenizer", local_files_only=local
+        )
+    except Exception as error:  # the count is advice: never fail the merge for it
+        log.warning("cannot count caption tokens (%s: %s)", type(error).__name__, error)
+        return []
+    limit = tokenizer.model_max_length - 2  # start and end tokens
+    count = lambda text: len(tokenizer(text, verbose=False)["input_ids"]) - 2  # noqa: E731
+    counts = {image: count(text) for image, text in captions.items()}
+    return [(image, n) for image, n in sorted(counts.items()) if n > limit]
+
+
+def write_report_csv(path: str | os.PathLike, rows: list[dict[str, str]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["edit", "image", "problem"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def merge_captions(
     auto_jsonl: str | os.PathLike,
-    human_dir: str | os.PathLike | None,
+    captions_dir: str | os.PathLike | None,
     out_jsonl: str | os.PathLike,
     report_json: str | os.PathLike,
-    trigger: str,
+    trigger: str | list[str],
+    metadata_csv: str | os.PathLike | None = None,
+    report_csv: str | os.PathLike | None = None,
+    settings: dict[str, Any] | None = None,
+    base_model: str | None = None,
+    name: str = "",
 ) -> dict[str, Any]:
+    """Write the training captions (``{"image", "caption", "source"}`` per image, sorted)."""
     auto = read_jsonl(auto_jsonl)
-    human = read_human_captions(human_dir)
-    records, stems = [], set()
-    for record in auto:
-        stem = Path(record["image"]).stem
-        stems.add(stem)
-        edited = stem in human
-        caption = human[stem] if edited else record["caption"]
-        records.append(
-            {
-                "image": record["image"],
-                "caption": with_trigger(caption, trigger),
-                "source": "human" if edited else "auto",
-            }
-        )
-    # An edit whose image is gone (or quarantined) is reported, never deleted.
-    stale = sorted(f"{stem}.txt" for stem in human if stem not in stems)
-    for name in stale:
-        log.warning("caption edit %s has no usable image; it is ignored", name)
-    records.sort(key=lambda r: r["image"])
+    edits = read_edits(metadata_csv, captions_dir)
+    words = [trigger] if isinstance(trigger, str) else list(trigger)
+    rules = Rules.from_config(settings or {}, words)
+    records, excluded = [], []
+    for record in sorted(auto, key=lambda r: r["image"]):
+        edit = edits.get(match_key(record["image"]))
+        caption = training_caption(record["caption"], edit, rules)
+        if caption is None:
+            excluded.append(record["image"])
+            continue
+        source = "auto" if edit is None else "human"
+        records.append({"image": record["image"], "caption": caption, "source": source})
     write_jsonl(out_jsonl, records)
+    problems = edit_problems(auto, edits)
+    for row in problems:
+        log.warning("caption edit %s: %s", row["edit"], row["problem"])
+    long = too_long({r["image"]: r["caption"] for r in records}, base_model)
+    if long:
+        listed = ", ".join(f"{image} ({n})" for image, n in long[:5])
+        log.warning("%d caption(s) exceed the text encoder's limit: %s", len(long), listed)
     report = {
         "images": len(records),
         "human": sum(r["source"] == "human" for r in records),
         "auto": sum(r["source"] == "auto" for r in records),
-        "stale_edits": stale,
+        "excluded": excluded,
+        "edits": {
+            "applied": len(edits) - sum(p["problem"].startswith("orphaned") for p in problems),
+            "stale": [p["edit"] for p in problems if p["problem"].startswith("stale")],
+            "orphaned": [p["edit"] for p in problems if p["problem"].startswith("orphaned")],
+        },
+        "too_long": dict(long),
         "tag_frequency": tag_frequency([r["caption"] for r in records]),
     }
     write_json(report_json, report)
-    log.info("merged %(images)d captions: %(human)d human, %(auto)d auto", report)
+    if report_csv is not None:
+        write_report_csv(report_csv, problems)
+    log.info(
+        "merge %s: %d edits applied, %d stale, %d orphaned; %d captions (%d excluded)",
+        name or Path(auto_jsonl).parent.name,
+        report["edits"]["applied"],
+        len(report["edits"]["stale"]),
+        len(report["edits"]["orphaned"]),
+        len(records),
+        len(excluded),
+    )
     return report

@@ -154,6 +154,7 @@ class Found:
     """An image to train on: its file, its cache entry, and the entry's record once known."""
 
     path: Path
+    digest: str  # of the source file
     entry: Path
     record: dict[str, Any] | None
 
@@ -176,7 +177,7 @@ def survey(
         by_hash[digest] = source
         key = hash_value({"image": digest, "settings": asdict(chosen), "code": code})
         entry = cache_dir / key[:2] / key
-        found[source] = Found(path, entry, cached(entry))
+        found[source] = Found(path, digest, entry, cached(entry))
     return found, quarantined
 
 
@@ -213,7 +214,8 @@ def resize_dataset(
             continue
         with atomic_path(out_dir / output_name(image.path)) as tmp:
             link_data(str(image.entry.with_suffix(".png")), str(tmp), share=True)
-        images.append({"file": output_name(image.path), "source": source, **image.record})
+        names = {"file": output_name(image.path), "source": source, "sha256": image.digest}
+        images.append({**names, **image.record})
     quarantined.sort(key=lambda q: q["source"])
     report(quarantined, quarantine_csv)
     hashes.save()
