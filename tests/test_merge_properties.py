@@ -3,11 +3,13 @@ idempotent, and every edit's text lands exactly where its mode says."""
 
 from __future__ import annotations
 
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loramill.caption_edits import MODES, Edit
 from loramill.caption_rules import Rules, clean_tags, normalise, training_caption
+from loramill.train_captions import CaptionVariation
 
 # Tags as people and taggers write them: words, spaces, underscores, a little punctuation;
 # no commas inside a tag (commas separate tags).
@@ -64,3 +66,27 @@ def test_cleanup_keeps_order_and_never_adds_tags(caption, rules):
         assert len({t.casefold() for t in tags}) == len(tags)
     triggers = {w.casefold() for w in rules.trigger_words}  # never removed
     assert not any(t.casefold() in rules.remove_tags - triggers for t in tags)
+
+
+# --- captions at training time ----------------------------------------------------------------
+
+TAGS = st.lists(TAG.filter(lambda t: "," not in t), min_size=0, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    tags=TAGS, keep=st.integers(0, 4), seed=st.integers(0, 2**31), rate=st.sampled_from([0.0, 0.5])
+)
+def test_shuffle_keeps_the_first_keep_tokens_tags_in_place(tags, keep, seed, rate):
+    variation = CaptionVariation(
+        shuffle_caption=True, keep_tokens=keep, caption_tag_dropout_rate=rate
+    )
+    caption = ", ".join(tags)
+    drawn = variation.draw(caption, torch.Generator().manual_seed(seed))
+    out = [t.strip() for t in drawn.split(",") if t.strip()]
+    assert out[:keep] == tags[:keep]
+    rest = out[keep:]
+    assert all(t in tags[keep:] for t in rest)  # only the free tags move or go
+    if rate == 0.0:
+        assert sorted(rest) == sorted(tags[keep:])
+    assert drawn == variation.draw(caption, torch.Generator().manual_seed(seed))

@@ -294,3 +294,17 @@ def test_progress_tensorboard_and_loss_curve(prepared, tmp_path, tiny_sd, caplog
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
     with Image.open(tmp_path / "loss.png") as plot:
         assert plot.size[0] > 100
+
+
+def test_captions_that_vary_per_step_train_reproducibly_without_the_text_cache(
+    prepared, tmp_path, tiny_sd, caplog
+):
+    config = {"train_text_encoder": False, "shuffle_caption": True, "caption_dropout_rate": 0.3}
+    first, lines = train_logged(prepared, tmp_path / "a", tiny_sd, caplog, config=config)
+    again, _ = train_logged(prepared, tmp_path / "b", tiny_sd, caplog, config=config)
+    plain, _ = train_logged(
+        prepared, tmp_path / "c", tiny_sd, caplog, config={"train_text_encoder": False}
+    )
+    assert not any(line.startswith("text embeddings:") for line in lines)  # encoded per step
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
+    assert first[-1].read_bytes() != plain[-1].read_bytes()

@@ -36,6 +36,7 @@ from loramill.latents import CACHE_ROOT, encode_prompts, load_batch
 from loramill.lora import add_lora, load_network_state, network_state, write_checkpoint
 from loramill.merge import tag_frequency
 from loramill.model import base_model_hash, load_pipeline
+from loramill.train_captions import CaptionVariation
 from loramill.train_config import TrainConfig, checkpoint_steps
 from loramill.train_data import Encoded, Examples, library_versions, read_examples
 from loramill.train_log import Progress, plot_loss
@@ -105,6 +106,10 @@ class Training:
         self.order: list[list[int]] = []  # the epoch's batches still to train on
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.tokenizer = pipe.tokenizer
+        self.variation = CaptionVariation.from_config(cfg)
+        # Captions that vary per step are encoded per step, by the frozen encoder if untrained.
+        frozen = encoded.texts is None and not cfg.train_text_encoder
+        self.frozen_text_encoder = pipe.text_encoder.to(self.device).eval() if frozen else None
         unet, text_encoder = self._network(pipe)
         trained = [m for m in (unet, text_encoder) if m is not None]
         *models, self.optimizer, self.lr_scheduler = accelerator.prepare(
@@ -180,9 +185,12 @@ class Training:
         )
         noisy = scheduler.add_noise(latents, noise, timesteps)
         if encoded.texts is None:
-            hidden = encode_prompts(
-                self.tokenizer, self.text_encoder, [self.captions[i] for i in batch]
-            )
+            texts = [self.variation.draw(self.captions[i], rng) for i in batch]
+            if self.frozen_text_encoder is not None:
+                with torch.no_grad():
+                    hidden = encode_prompts(self.tokenizer, self.frozen_text_encoder, texts)
+            else:
+                hidden = encode_prompts(self.tokenizer, self.text_encoder, texts)
         else:
             hidden = load_batch(encoded.texts, [encoded.text_keys[i] for i in batch])["hidden"]
         if scheduler.config.prediction_type == "v_prediction":

@@ -46,6 +46,14 @@ class TrainConfig:
     # shape it was encoded in, and a fresh run must match an incremental one.
     vae_batch_size: int = 1
     init_from: str = ""
+    # Captions as training sees them (loramill.train_captions; kohya's names).
+    shuffle_caption: bool = False
+    keep_tokens: int = 0
+    keep_tokens_separator: str = ""
+    caption_dropout_rate: float = 0.0
+    caption_tag_dropout_rate: float = 0.0
+    caption_prefix: str = ""
+    caption_suffix: str = ""
     # CPU kernels split reductions by thread count, so it is part of what makes a run
     # bit-reproducible: fixed here rather than taken from the scheduler.
     threads: int = 2

@@ -29,6 +29,7 @@ from loramill.latents import (
 )
 from loramill.model import component_hash
 from loramill.resize import MANIFEST
+from loramill.train_captions import CaptionVariation
 from loramill.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ class Encoded:
         self.scaling = vae.config.scaling_factor
         self.texts: TensorCache | None = None
         self.text_keys: list[str] = []
-        if not cfg.train_text_encoder:
+        variation = CaptionVariation.from_config(cfg)
+        if not cfg.train_text_encoder and not variation.varies:
             text_encoder = {
                 "tokenizer": component_hash(base_model, "tokenizer", hashes),
                 "text_encoder": component_hash(base_model, "text_encoder", hashes),
@@ -119,7 +121,7 @@ class Encoded:
                 "versions": versions,
             }
             self.texts = TensorCache(cache_root / "text_embeddings")
-            captions = examples.captions
+            captions = [variation.fixed(caption) for caption in examples.captions]
             self.text_keys = text_keys(captions, text_encoder)
             te = pipe.text_encoder.to(device)
             counts = encode_texts(pipe.tokenizer, te, self.texts, self.text_keys, captions)
