@@ -61,6 +61,7 @@ rule merge_captions:
         captions="results/{ds}/captions.jsonl",
         report="results/{ds}/caption_report.json",
         report_csv="results/{ds}/caption_report.csv",
+        sidecars=directory("results/{ds}/kohya_captions"),
         done=done("merge_captions"),
     log:
         "logs/merge_captions/{ds}.log",

@@ -10,6 +10,7 @@ run(
     out_jsonl=snakemake.output.captions,
     report_json=snakemake.output.report,
     report_csv=snakemake.output.report_csv,
+    sidecars_dir=snakemake.output.sidecars,
     trigger=snakemake.params.trigger,
     settings=snakemake.params.settings,
     base_model=snakemake.params.base_model,

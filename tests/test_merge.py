@@ -161,6 +161,15 @@ def test_malformed_sidecar_names_file_and_line(ds, content, message):
         merge(ds)
 
 
+def test_kohya_sidecars_on_request(ds):
+    out = ds.parent / "kohya"
+    merge(ds, sidecars_dir=out)
+    assert list(out.iterdir()) == []
+    merge(ds, sidecars_dir=out, settings={"write_sidecars": True})
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt", "b.txt", "café photo.txt"]
+    assert (out / "b.txt").read_text() == "zzt, blue circle\n"
+
+
 def test_no_edits_means_auto_captions(ds):
     captions, report = merge(ds, trigger="")
     assert captions == {r["image"]: r["caption"] for r in AUTO}

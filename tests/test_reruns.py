@@ -381,3 +381,16 @@ def test_without_the_profile_it_stops_and_says_how(repo):
     result = run_tool("snakemake", "-n", "--workflow-profile", "none", cwd=repo, check=False)
     assert result.returncode != 0
     assert "loramill: content-keyed reruns need the workflow profile" in result.stderr
+
+
+def test_the_edits_file_is_never_written(repo):
+    """Merging, a forced rerun of the chain and re-captioning leave metadata.csv as it was."""
+    table = repo / "data" / A / "metadata.csv"
+    table.write_bytes(b"filename,prompt,mode\r\ngreen_band_on_black_09.png,a green disc,\r\n")
+    before = table.read_bytes()
+    target = f"results/{A}/captions.jsonl"
+    for args in (["--forcerun", "caption"], ["-F"]):
+        snakemake(repo, "--cores", "2", target, *args)
+        assert table.read_bytes() == before
+    captions = {r["image"]: r["caption"] for r in map(json.loads, (repo / target).open())}
+    assert captions["green_band_on_black_09.png"] == "wband, a green disc"

@@ -19,7 +19,7 @@ from typing import Any
 
 from loramill.caption_edits import Edit, match_key, read_edits
 from loramill.caption_rules import Rules, training_caption
-from loramill.files import atomic_path, read_jsonl, write_json, write_jsonl
+from loramill.files import atomic_path, read_jsonl, write_json, write_jsonl, write_text
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,14 @@ def write_report_csv(path: str | os.PathLike, rows: list[dict[str, str]]) -> Non
         writer.writerows(rows)
 
 
+def write_sidecars(folder: Path, records: list[dict[str, Any]], enabled: bool) -> None:
+    """kohya's ``<stem>.txt`` beside nothing: one per training caption, for other trainers
+    (the folder is made either way: it is the rule's output)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for record in records if enabled else []:
+        write_text(folder / f"{Path(record['image']).stem}.txt", record["caption"] + "\n")
+
+
 def merge_captions(
     auto_jsonl: str | os.PathLike,
     captions_dir: str | os.PathLike | None,
@@ -85,6 +93,7 @@ def merge_captions(
     settings: dict[str, Any] | None = None,
     base_model: str | None = None,
     name: str = "",
+    sidecars_dir: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Write the training captions (``{"image", "caption", "source"}`` per image, sorted)."""
     auto = read_jsonl(auto_jsonl)
@@ -101,6 +110,8 @@ def merge_captions(
         source = "auto" if edit is None else "human"
         records.append({"image": record["image"], "caption": caption, "source": source})
     write_jsonl(out_jsonl, records)
+    if sidecars_dir is not None:
+        write_sidecars(Path(sidecars_dir), records, bool((settings or {}).get("write_sidecars")))
     problems = edit_problems(auto, edits)
     for row in problems:
         log.warning("caption edit %s: %s", row["edit"], row["problem"])
