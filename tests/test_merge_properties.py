@@ -10,6 +10,12 @@ from hypothesis import strategies as st
 from loramill.caption_edits import MODES, Edit
 from loramill.caption_rules import Rules, clean_tags, normalise, training_caption
 from loramill.train_captions import CaptionVariation
+from loramill.train_config import TrainConfig
+
+
+def variation_of(**options) -> CaptionVariation:
+    return CaptionVariation(TrainConfig(**options))
+
 
 # Tags as people and taggers write them: words, spaces, underscores, a little punctuation;
 # no commas inside a tag (commas separate tags).
@@ -78,9 +84,7 @@ TAGS = st.lists(TAG.filter(lambda t: "," not in t), min_size=0, max_size=8)
     tags=TAGS, keep=st.integers(0, 4), seed=st.integers(0, 2**31), rate=st.sampled_from([0.0, 0.5])
 )
 def test_shuffle_keeps_the_first_keep_tokens_tags_in_place(tags, keep, seed, rate):
-    variation = CaptionVariation(
-        shuffle_caption=True, keep_tokens=keep, caption_tag_dropout_rate=rate
-    )
+    variation = variation_of(shuffle_caption=True, keep_tokens=keep, caption_tag_dropout_rate=rate)
     caption = ", ".join(tags)
     drawn = variation.draw(caption, torch.Generator().manual_seed(seed))
     out = [t.strip() for t in drawn.split(",") if t.strip()]

@@ -106,7 +106,7 @@ class Training:
         self.order: list[list[int]] = []  # the epoch's batches still to train on
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.tokenizer = pipe.tokenizer
-        self.variation = CaptionVariation.from_config(cfg)
+        self.variation = CaptionVariation(cfg)
         # Captions that vary per step are encoded per step, by the frozen encoder if untrained.
         frozen = encoded.texts is None and not cfg.train_text_encoder
         self.frozen_text_encoder = pipe.text_encoder.to(self.device).eval() if frozen else None

@@ -13,55 +13,46 @@ then encodes them every step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import torch
 
+from loramill.train_config import TrainConfig
 
-@dataclass(frozen=True)
+
 class CaptionVariation:
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    caption_dropout_rate: float = 0.0
-    caption_tag_dropout_rate: float = 0.0
-    caption_prefix: str = ""
-    caption_suffix: str = ""
+    """The caption options of a TrainConfig (their one definition), applied per draw."""
 
-    @classmethod
-    def from_config(cls, train: Any) -> CaptionVariation:
-        return cls(**{name: getattr(train, name) for name in cls.__dataclass_fields__})
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
 
     @property
     def varies(self) -> bool:
         """Whether a caption can differ from one step to the next."""
-        rates = self.caption_dropout_rate or self.caption_tag_dropout_rate
-        return bool(self.shuffle_caption or rates)
+        cfg = self.cfg
+        return bool(cfg.shuffle_caption or cfg.caption_dropout_rate or cfg.caption_tag_dropout_rate)
 
     def fixed(self, caption: str) -> str:
-        return f"{self.caption_prefix}{caption}{self.caption_suffix}"
+        return f"{self.cfg.caption_prefix}{caption}{self.cfg.caption_suffix}"
 
     def split(self, caption: str) -> tuple[list[str], list[str]]:
         """(kept in place, free) tags."""
-        separator = self.keep_tokens_separator
+        separator, keep = self.cfg.keep_tokens_separator, self.cfg.keep_tokens
         if separator and separator in caption:
             head, tail = caption.split(separator, 1)
             return _tags(head), _tags(tail)
         tags = _tags(caption)
-        return tags[: self.keep_tokens], tags[self.keep_tokens :]
+        return tags[:keep], tags[keep:]
 
     def draw(self, caption: str, generator: torch.Generator) -> str:
         """The caption for one step."""
-        caption = self.fixed(caption)
+        cfg, caption = self.cfg, self.fixed(caption)
         if not self.varies:
             return caption
-        if self.caption_dropout_rate and _uniform(generator) < self.caption_dropout_rate:
+        if cfg.caption_dropout_rate and _uniform(generator) < cfg.caption_dropout_rate:
             return ""
         kept, free = self.split(caption)
-        if self.caption_tag_dropout_rate:
-            free = [t for t in free if _uniform(generator) >= self.caption_tag_dropout_rate]
-        if self.shuffle_caption and len(free) > 1:
+        if cfg.caption_tag_dropout_rate:
+            free = [t for t in free if _uniform(generator) >= cfg.caption_tag_dropout_rate]
+        if cfg.shuffle_caption and len(free) > 1:
             free = [free[i] for i in torch.randperm(len(free), generator=generator).tolist()]
         return ", ".join(kept + free)
 

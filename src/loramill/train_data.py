@@ -112,7 +112,7 @@ class Encoded:
         self.scaling = vae.config.scaling_factor
         self.texts: TensorCache | None = None
         self.text_keys: list[str] = []
-        variation = CaptionVariation.from_config(cfg)
+        variation = CaptionVariation(cfg)
         if not cfg.train_text_encoder and not variation.varies:
             text_encoder = {
                 "tokenizer": component_hash(base_model, "tokenizer", hashes),
