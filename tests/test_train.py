@@ -308,3 +308,20 @@ def test_captions_that_vary_per_step_train_reproducibly_without_the_text_cache(
     assert not any(line.startswith("text embeddings:") for line in lines)  # encoded per step
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
     assert first[-1].read_bytes() != plain[-1].read_bytes()
+
+
+def test_other_optimizers_and_objectives_train(prepared, tmp_path, tiny_sd, caplog):
+    config = {
+        "optimizer_type": "Lion",
+        "optimizer_args": {"weight_decay": 0.01},
+        "unet_lr": 1e-4,
+        "min_snr_gamma": 5.0,
+        "loss_type": "huber",
+        "multires_noise_iterations": 2,
+        "ip_noise_gamma": 0.05,
+    }
+    first, _ = train_logged(prepared, tmp_path / "a", tiny_sd, caplog, config=config)
+    again, _ = train_logged(prepared, tmp_path / "b", tiny_sd, caplog, config=config)
+    plain, _ = train_logged(prepared, tmp_path / "c", tiny_sd, caplog)
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
+    assert first[-1].read_bytes() != plain[-1].read_bytes()

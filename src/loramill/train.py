@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from loramill import LoramillError
+from loramill import train_objective as objective
 from loramill.buckets import batches
 from loramill.devices import resolve_device
 from loramill.hashing import DEFAULT_DB, HashCache
@@ -36,6 +36,7 @@ from loramill.latents import CACHE_ROOT, encode_prompts, load_batch
 from loramill.lora import add_lora, load_network_state, network_state, write_checkpoint
 from loramill.merge import tag_frequency
 from loramill.model import base_model_hash, load_pipeline
+from loramill.optimizers import make_optimizer, make_scheduler
 from loramill.train_captions import CaptionVariation
 from loramill.train_config import TrainConfig, checkpoint_steps
 from loramill.train_data import Encoded, Examples, library_versions, read_examples
@@ -142,28 +143,13 @@ class Training:
         return unet, text_encoder
 
     def _optimizer(self, unet: Any, text_encoder: Any) -> tuple[Any, Any]:
-        from diffusers.optimization import get_scheduler
-
         cfg = self.cfg
-        groups = [
-            {"params": [p for p in unet.parameters() if p.requires_grad], "lr": cfg.learning_rate}
-        ]
+        trainable = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
+        groups = [{"params": trainable(unet), "lr": cfg.unet_lr or cfg.learning_rate}]
         if cfg.train_text_encoder:
-            groups.append(
-                {
-                    "params": [p for p in text_encoder.parameters() if p.requires_grad],
-                    "lr": cfg.text_encoder_lr,
-                }
-            )
-        optimizer = torch.optim.AdamW(groups)
-        processes = self.accelerator.num_processes
-        scheduler = get_scheduler(
-            cfg.lr_scheduler,
-            optimizer=optimizer,
-            num_warmup_steps=cfg.lr_warmup_steps * processes,
-            num_training_steps=cfg.max_train_steps * processes,
-        )
-        return optimizer, scheduler
+            groups.append({"params": trainable(text_encoder), "lr": cfg.text_encoder_lr})
+        optimizer = make_optimizer(cfg, groups)
+        return optimizer, make_scheduler(cfg, optimizer, self.accelerator.num_processes)
 
     def _next_batch(self) -> list[int]:
         """The next batch of example indices, all from one bucket (loramill.buckets)."""
@@ -176,14 +162,11 @@ class Training:
         cached = load_batch(encoded.latents, [encoded.latent_keys[i] for i in batch])
         mean, std = cached["mean"], cached["std"]
         latents = (mean + std * torch.randn(mean.shape, generator=rng)) * encoded.scaling
-        noise = torch.randn(latents.shape, generator=rng)
-        if self.cfg.noise_offset:
-            offset = torch.randn((len(batch), latents.shape[1], 1, 1), generator=rng)
-            noise += self.cfg.noise_offset * offset
+        noise = objective.sample_noise(latents, self.cfg, rng)
         timesteps = torch.randint(
             0, scheduler.config.num_train_timesteps, (len(batch),), generator=rng
         )
-        noisy = scheduler.add_noise(latents, noise, timesteps)
+        noisy = scheduler.add_noise(latents, objective.input_noise(noise, self.cfg, rng), timesteps)
         if encoded.texts is None:
             texts = [self.variation.draw(self.captions[i], rng) for i in batch]
             if self.frozen_text_encoder is not None:
@@ -200,7 +183,8 @@ class Training:
         pred = self.unet(
             noisy.to(self.device), timesteps.to(self.device), hidden.to(self.device)
         ).sample
-        return F.mse_loss(pred.float(), target.to(self.device).float(), reduction="mean")
+        weight = objective.weights(scheduler, timesteps, self.cfg)
+        return objective.loss(pred, target.to(self.device), weight, self.cfg)
 
     def step(self) -> float:
         """One optimizer step over gradient_accumulation_steps batches; the mean loss."""

@@ -7,15 +7,17 @@ after resize has decided which images are usable.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from loramill import LoramillError
+from loramill.optimizers import check_optimizer
 
 # Schedules whose learning rate at step N does not depend on max_train_steps: a longer run
 # follows the shorter one's trajectory exactly, so it can continue from its saved state.
 TOTAL_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
 # Options that only decide where a run stops and what it writes out, not its trajectory.
 STOPPING_OPTIONS = ("max_train_steps", "save_steps")
 REPLACED = {
@@ -40,6 +42,20 @@ class TrainConfig:
     lr_warmup_steps: int = 0
     max_grad_norm: float = 1.0
     noise_offset: float = 0.0
+    # Loss and noise (loramill.train_objective).
+    multires_noise_iterations: int = 0
+    multires_noise_discount: float = 0.3
+    ip_noise_gamma: float = 0.0
+    min_snr_gamma: float = 0.0
+    scale_v_pred_loss_like_noise_pred: bool = False
+    loss_type: str = "l2"
+    huber_c: float = 0.1
+    # Optimizer and schedule (loramill.optimizers).
+    optimizer_type: str = "AdamW"
+    optimizer_args: dict = field(default_factory=dict)
+    unet_lr: float | None = None
+    lr_scheduler_num_cycles: int = 1
+    lr_scheduler_power: float = 1.0
     mixed_precision: str = "no"
     # Images per vae.encode call. Latents are cached per image, so a call always gets exactly
     # this many images (the last chunk is padded): on CPU a latent's bits depend on the batch
@@ -74,6 +90,9 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             choices = " | ".join(MIXED_PRECISION)
             raise LoramillError(f"train.mixed_precision '{self.mixed_precision}': use {choices}")
+        if self.loss_type not in LOSS_TYPES:
+            raise LoramillError(f"train.loss_type '{self.loss_type}': use {' | '.join(LOSS_TYPES)}")
+        check_optimizer(self)
         if self.lr_scheduler == "constant" and self.lr_warmup_steps:
             raise LoramillError(
                 f"train.lr_warmup_steps: {self.lr_warmup_steps} has no effect with "
@@ -88,6 +107,11 @@ class TrainConfig:
             )
 
     def check_device(self, device_type: str) -> None:
+        if self.optimizer_type == "AdamW8bit" and device_type != "cuda":
+            raise LoramillError(
+                "train.optimizer_type: AdamW8bit (bitsandbytes) needs a CUDA GPU; on CPU use "
+                "AdamW, Lion, Prodigy or Adafactor"
+            )
         if self.mixed_precision == "fp16" and device_type != "cuda":
             raise LoramillError(
                 "train.mixed_precision: fp16 needs a CUDA GPU (gradient scaling); on CPU use "

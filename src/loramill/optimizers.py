@@ -1,0 +1,66 @@
+"""The optimizer and learning-rate schedule of a run (kohya's option names).
+
+``optimizer_type``: AdamW (torch), AdamW8bit (bitsandbytes, CUDA only), Lion (lion-pytorch),
+Prodigy (prodigyopt), Adafactor (transformers, with the learning rate given, not relative).
+``optimizer_args`` go to the optimizer as keyword arguments (``weight_decay``, ``betas``,
+``eps``, Prodigy's ``d_coef`` …); lists become tuples. Parameter groups: the UNet's LoRA
+layers at ``unet_lr`` (default ``learning_rate``), the text encoder's at ``text_encoder_lr``.
+``lr_scheduler`` is any of diffusers' schedules; ``cosine_with_restarts`` takes
+``lr_scheduler_num_cycles``, ``polynomial`` ``lr_scheduler_power``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from loramill import LoramillError
+
+# optimizer_type → (module, class, the pip package that provides it)
+OPTIMIZERS = {
+    "AdamW": ("torch.optim", "AdamW", "torch"),
+    "AdamW8bit": ("bitsandbytes.optim", "AdamW8bit", "bitsandbytes"),
+    "Lion": ("lion_pytorch", "Lion", "lion-pytorch"),
+    "Prodigy": ("prodigyopt", "Prodigy", "prodigyopt"),
+    "Adafactor": ("transformers.optimization", "Adafactor", "transformers"),
+}
+# Adafactor computes its own step size unless told not to; a configured learning rate wins.
+FIXED_STEP = {"Adafactor": {"scale_parameter": False, "relative_step": False, "warmup_init": False}}
+
+
+def check_optimizer(cfg: Any) -> None:
+    """What can be checked without importing anything (the config is checked at parse)."""
+    if cfg.optimizer_type not in OPTIMIZERS:
+        choices = " | ".join(OPTIMIZERS)
+        raise LoramillError(f"train.optimizer_type '{cfg.optimizer_type}': use {choices}")
+    if not isinstance(cfg.optimizer_args, dict):
+        raise LoramillError("train.optimizer_args: expected a mapping such as {weight_decay: 0.01}")
+
+
+def make_optimizer(cfg: Any, groups: list[dict[str, Any]]) -> Any:
+    module_name, class_name, package = OPTIMIZERS[cfg.optimizer_type]
+    try:
+        optimizer_class = getattr(importlib.import_module(module_name), class_name)
+    except ImportError:
+        raise LoramillError(
+            f"train.optimizer_type {cfg.optimizer_type}: needs the {package} package "
+            f"(pip install {package})"
+        ) from None
+    args = {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.optimizer_args.items()}
+    try:
+        return optimizer_class(groups, **{**FIXED_STEP.get(cfg.optimizer_type, {}), **args})
+    except (TypeError, ValueError) as error:
+        raise LoramillError(f"train.optimizer_args for {cfg.optimizer_type}: {error}") from None
+
+
+def make_scheduler(cfg: Any, optimizer: Any, processes: int) -> Any:
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps * processes,
+        num_training_steps=cfg.max_train_steps * processes,
+        num_cycles=cfg.lr_scheduler_num_cycles,
+        power=cfg.lr_scheduler_power,
+    )

@@ -1,0 +1,134 @@
+"""kohya's training options: each one's effect on state, not only that a run finishes."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from loramill import LoramillError
+from loramill.optimizers import make_optimizer, make_scheduler
+from loramill.train_config import TrainConfig
+from loramill.train_objective import input_noise, loss, sample_noise, weights
+
+
+def groups():
+    return [
+        {"params": [torch.nn.Parameter(torch.zeros(3))], "lr": 1e-3},
+        {"params": [torch.nn.Parameter(torch.zeros(2))], "lr": 5e-4},
+    ]
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "args", "check"),
+    [
+        ("AdamW", "AdamW", {"betas": [0.8, 0.9], "eps": 1e-6}, {"betas": (0.8, 0.9), "eps": 1e-6}),
+        ("Lion", "Lion", {"weight_decay": 0.1}, {"weight_decay": 0.1}),
+        ("Prodigy", "Prodigy", {"d_coef": 2.0}, {"d_coef": 2.0}),
+        ("Adafactor", "Adafactor", {}, {"relative_step": False, "scale_parameter": False}),
+    ],
+)  # fmt: skip
+def test_optimizer_class_groups_and_args(name, cls, args, check):
+    optimizer = make_optimizer(TrainConfig(optimizer_type=name, optimizer_args=args), groups())
+    assert type(optimizer).__name__ == cls
+    assert [g["lr"] for g in optimizer.param_groups] == [1e-3, 5e-4]
+    assert all(optimizer.param_groups[0][k] == v for k, v in check.items())
+
+
+def test_optimizer_errors_name_the_key():
+    with pytest.raises(LoramillError, match=r"^train\.optimizer_args for AdamW: .*momentum"):
+        make_optimizer(TrainConfig(optimizer_args={"momentum": 0.9}), groups())
+    with pytest.raises(LoramillError, match=r"^train\.optimizer_type 'SGD': use AdamW"):
+        TrainConfig(optimizer_type="SGD").check()
+    with pytest.raises(LoramillError, match=r"^train\.optimizer_type: AdamW8bit .* CUDA"):
+        TrainConfig(optimizer_type="AdamW8bit").check_device("cpu")
+    with pytest.raises(LoramillError, match=r"^train\.loss_type 'l1': use l2 \| huber"):
+        TrainConfig(loss_type="l1").check()
+
+
+def lrs(cfg, steps):
+    optimizer = make_optimizer(cfg, groups()[:1])
+    scheduler = make_scheduler(cfg, optimizer, processes=1)
+    seen = []
+    for _ in range(steps):
+        seen.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return seen
+
+
+def test_cosine_with_restarts_and_polynomial_schedules():
+    cfg = TrainConfig(
+        learning_rate=1e-3,
+        lr_scheduler="cosine_with_restarts",
+        max_train_steps=10,
+        lr_scheduler_num_cycles=2,
+    )
+    seen = lrs(cfg, 10)
+    assert seen[0] == pytest.approx(1e-3) and seen[5] == pytest.approx(1e-3)  # restarted
+    assert seen[2] == pytest.approx(
+        1e-3 * 0.5 * (1 + torch.cos(torch.tensor(0.4 * torch.pi)).item())
+    )
+    cfg = TrainConfig(
+        learning_rate=1e-3, lr_scheduler="polynomial", max_train_steps=10, lr_scheduler_power=2.0
+    )
+    seen = lrs(cfg, 10)
+    # (lr − lr_end) · (1 − t/N)² + lr_end, diffusers' lr_end being 1e-7
+    assert seen[5] == pytest.approx((1e-3 - 1e-7) * 0.25 + 1e-7)
+    assert seen[0] == pytest.approx(1e-3)
+
+
+SCHEDULER = SimpleNamespace(
+    alphas_cumprod=torch.tensor([0.8, 0.5, 0.1]),  # SNR 4, 1, 1/9
+    config=SimpleNamespace(prediction_type="epsilon"),
+)
+
+
+def test_min_snr_weights_a_hand_computed_batch():
+    timesteps = torch.tensor([0, 1, 2])
+    cfg = TrainConfig(min_snr_gamma=2.0)
+    assert weights(SCHEDULER, timesteps, cfg).tolist() == pytest.approx([0.5, 1.0, 1.0])
+    v = SimpleNamespace(
+        alphas_cumprod=SCHEDULER.alphas_cumprod,
+        config=SimpleNamespace(prediction_type="v_prediction"),
+    )
+    assert weights(v, timesteps, cfg).tolist() == pytest.approx([2 / 5, 1 / 2, (1 / 9) / (10 / 9)])
+    scaled = TrainConfig(scale_v_pred_loss_like_noise_pred=True)
+    assert weights(v, timesteps, scaled).tolist() == pytest.approx([4 / 5, 1 / 2, 1 / 10])
+    assert weights(SCHEDULER, timesteps, TrainConfig()) is None
+    # per-image squared errors 1, 2, 3 → (0.5·1 + 1·2 + 1·3) / 3
+    target = torch.zeros(3, 1, 2, 2)
+    pred = torch.stack([torch.full((1, 2, 2), e**0.5) for e in (1.0, 2.0, 3.0)])
+    value = loss(pred, target, weights(SCHEDULER, timesteps, cfg), cfg)
+    assert value.item() == pytest.approx(5.5 / 3)
+
+
+def test_robust_losses():
+    pred, target = torch.full((1, 1, 2, 2), 2.0), torch.zeros(1, 1, 2, 2)
+    huber = loss(pred, target, None, TrainConfig(loss_type="huber", huber_c=0.1))
+    smooth = loss(pred, target, None, TrainConfig(loss_type="smooth_l1", huber_c=0.1))
+    assert huber.item() == pytest.approx(0.1 * (2 - 0.05))
+    assert smooth.item() == pytest.approx(2 - 0.05)
+    assert loss(pred, target, None, TrainConfig()).item() == pytest.approx(4.0)
+
+
+def test_noise_options():
+    latents = torch.zeros(2, 4, 16, 16)
+
+    def draw(**options):
+        return sample_noise(latents, TrainConfig(**options), torch.Generator().manual_seed(0))
+
+    plain = draw()
+    assert torch.equal(
+        plain, torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+    )
+    pyramid = draw(multires_noise_iterations=3)
+    assert not torch.equal(pyramid, plain) and pyramid.std().item() == pytest.approx(1.0, abs=1e-5)
+    assert torch.equal(pyramid, draw(multires_noise_iterations=3))
+    offset = draw(noise_offset=0.5) - plain  # constant per image and channel
+    assert torch.allclose(offset, offset[:, :, :1, :1].expand_as(offset))
+    rng = torch.Generator().manual_seed(1)
+    perturbed = input_noise(plain, TrainConfig(ip_noise_gamma=0.1), rng)
+    assert 0 < (perturbed - plain).std().item() < 0.2
+    assert input_noise(plain, TrainConfig(), rng) is plain
