@@ -27,6 +27,8 @@ rule grid:
             DATASETS[wildcards.ds]["trigger"],
         ),
         resolution=setting("resize", "resolution"),
+        # the text-encoder layer the adapter was trained on
+        clip_skip=setting("train", "clip_skip"),
         device=config["device"],
     script:
         "../scripts/grid.py"

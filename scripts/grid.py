@@ -16,6 +16,7 @@ run(
         num_inference_steps=grid["num_inference_steps"],
         guidance_scale=grid["guidance_scale"],
         resolution=snakemake.params.resolution,
+        clip_skip=snakemake.params.clip_skip,
         negative_prompt=grid["negative_prompt"],
         dtype=grid["dtype"],
         allow_unsafe_weights=snakemake.params.allow_unsafe_weights,

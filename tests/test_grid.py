@@ -273,3 +273,17 @@ def test_partial_load_is_refused(grid, tiny_sd, tmp_path):
             **SETTINGS,
         )
     assert not (tmp_path / "g.png").exists()
+
+
+def test_clip_skip_renders_with_the_layer_training_used(grid, tiny_sd, tmp_path):
+    ckpt = grid["ckpts"][20]
+    render_grid(
+        tiny_sd, [ckpt], [0.0], PROMPTS[:1], tmp_path / "s.png", tmp_path / "s.json", **SETTINGS
+    )
+    render_grid(
+        tiny_sd, [ckpt], [0.0], PROMPTS[:1], tmp_path / "k.png", tmp_path / "k.json",
+        clip_skip=2, **SETTINGS,
+    )  # fmt: skip
+    same = np.asarray(Image.open(tmp_path / "s.png"))
+    skipped = np.asarray(Image.open(tmp_path / "k.png"))
+    assert same.shape == skipped.shape and np.abs(same.astype(int) - skipped).max() > 0

@@ -325,3 +325,24 @@ def test_other_optimizers_and_objectives_train(prepared, tmp_path, tiny_sd, capl
     plain, _ = train_logged(prepared, tmp_path / "c", tiny_sd, caplog)
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
     assert first[-1].read_bytes() != plain[-1].read_bytes()
+
+
+def test_gradient_checkpointing_changes_memory_not_results(
+    prepared, tmp_path, tiny_sd, caplog, monkeypatch
+):
+    from diffusers import UNet2DConditionModel
+
+    enabled, enable = [], UNet2DConditionModel.enable_gradient_checkpointing
+    monkeypatch.setattr(
+        UNet2DConditionModel,
+        "enable_gradient_checkpointing",
+        lambda self: (enabled.append(True), enable(self))[1],
+    )
+    checkpointed, _ = train_logged(
+        prepared, tmp_path / "a", tiny_sd, caplog, config={"gradient_checkpointing": True}
+    )
+    plain, _ = train_logged(prepared, tmp_path / "b", tiny_sd, caplog)
+    assert enabled == [True]
+    tensors = [read_checkpoint(p).tensors for p in (checkpointed[-1], plain[-1])]
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])

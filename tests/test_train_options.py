@@ -132,3 +132,19 @@ def test_noise_options():
     perturbed = input_noise(plain, TrainConfig(ip_noise_gamma=0.1), rng)
     assert 0 < (perturbed - plain).std().item() < 0.2
     assert input_noise(plain, TrainConfig(), rng) is plain
+
+
+def test_clip_skip_takes_the_earlier_layer_through_the_final_norm(tiny_sd):
+    from loramill.latents import encode_prompts
+    from loramill.model import load_pipeline
+
+    pipe = load_pipeline(tiny_sd)
+    encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
+    with torch.no_grad():
+        last = encode_prompts(tokenizer, encoder, ["a red circle"])
+        skipped = encode_prompts(tokenizer, encoder, ["a red circle"], clip_skip=2)
+        tokens = tokenizer(["a red circle"], padding="max_length", return_tensors="pt").input_ids
+        states = encoder(tokens, output_hidden_states=True).hidden_states
+    assert torch.equal(last, encoder(tokens)[0])
+    assert torch.allclose(skipped, encoder.final_layer_norm(states[-2]))
+    assert not torch.allclose(skipped, last)

@@ -170,6 +170,21 @@ def _check_loaded(pipe: Any, adapter: str, checkpoint: Checkpoint, path: Path) -
         )
 
 
+def _prompts(pipe: Any, prompt: str, negative: str, clip_skip: int) -> dict[str, Any]:
+    """The pipeline's prompt arguments. With clip_skip the embeddings are made here, the way
+    training made them (diffusers' own clip_skip expects transformers 4's CLIP layout)."""
+    if clip_skip <= 1:
+        return {"prompt": prompt, "negative_prompt": negative or None}
+    import torch
+
+    from loramill.latents import encode_prompts
+
+    with torch.no_grad():
+        embeds = [encode_prompts(pipe.tokenizer, pipe.text_encoder, [text], clip_skip)
+                  for text in (prompt, negative)]  # fmt: skip
+    return {"prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1]}
+
+
 def render_grid(
     base_model: str,
     checkpoints: list[str | os.PathLike],
@@ -186,6 +201,7 @@ def render_grid(
     dtype: str = "float32",
     allow_unsafe_weights: bool = False,
     device: str = "auto",
+    clip_skip: int = 1,
 ) -> None:
     """Render the step × strength × prompt grid to ``out_png`` and describe it in ``out_json``."""
     if not checkpoints:
@@ -227,8 +243,7 @@ def render_grid(
         # the render order, and a CPU generator gives the same noise on any device.
         generator = torch.Generator(device="cpu").manual_seed(seed)
         image = pipe(
-            prompt,
-            negative_prompt=negative_prompt or None,
+            **_prompts(pipe, prompt, negative_prompt, clip_skip),
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             height=resolution,

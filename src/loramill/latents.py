@@ -27,9 +27,6 @@ from loramill.hashing import hash_value
 
 log = logging.getLogger(__name__)
 CACHE_ROOT = Path(".cache")
-# The CLIP layer whose output conditions the UNet (1 = last, SD1.x's default). Part of the
-# text key so a clip-skip option can be added without reusing wrong entries.
-CLIP_LAYER = 1
 
 
 class TensorCache:
@@ -112,14 +109,18 @@ def encode_latents(
     return Counts(len(todo), len(keys) - len(todo))
 
 
-def text_keys(captions: Sequence[str], encoder: dict[str, Any]) -> list[str]:
+def text_keys(captions: Sequence[str], encoder: dict[str, Any], clip_skip: int = 1) -> list[str]:
+    """One cache key per caption; ``clip_skip`` is the CLIP layer counted from the last."""
     return [
-        hash_value({"caption": caption, "clip_layer": CLIP_LAYER, **encoder})
-        for caption in captions
+        hash_value({"caption": caption, "clip_layer": clip_skip, **encoder}) for caption in captions
     ]
 
 
-def encode_prompts(tokenizer: Any, text_encoder: Any, captions: Sequence[str]) -> torch.Tensor:
+def encode_prompts(
+    tokenizer: Any, text_encoder: Any, captions: Sequence[str], clip_skip: int = 1
+) -> torch.Tensor:
+    """The UNet's conditioning: CLIP's last layer, or with ``clip_skip`` N the N-th from last
+    through the final layer norm (kohya's clip_skip; NovelAI-style models use 2)."""
     tokens = tokenizer(
         list(captions),
         padding="max_length",
@@ -127,7 +128,11 @@ def encode_prompts(tokenizer: Any, text_encoder: Any, captions: Sequence[str]) -
         truncation=True,
         return_tensors="pt",
     ).input_ids.to(text_encoder.device)
-    return text_encoder(tokens)[0]
+    if clip_skip <= 1:
+        return text_encoder(tokens)[0]
+    hidden = text_encoder(tokens, output_hidden_states=True).hidden_states[-clip_skip]
+    # transformers 5's CLIPTextModel holds the norm itself; 4's inside .text_model
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
 
 def encode_texts(
@@ -136,6 +141,7 @@ def encode_texts(
     cache: TensorCache,
     keys: Sequence[str],
     captions: Sequence[str],
+    clip_skip: int = 1,
 ) -> Counts:
     """Encode each caption whose embedding is not cached, one caption per call (the same
     shape every time, as for latents). Equal captions share one entry."""
@@ -144,7 +150,8 @@ def encode_texts(
     )
     for key, caption in todo.items():
         with torch.no_grad():
-            cache.save(key, {"hidden": encode_prompts(tokenizer, text_encoder, [caption])[0]})
+            hidden = encode_prompts(tokenizer, text_encoder, [caption], clip_skip)[0]
+            cache.save(key, {"hidden": hidden})
     return Counts(len(todo), len(set(keys)) - len(todo))
 
 

@@ -137,6 +137,10 @@ class Training:
             log.info("LoRA initialised from %s", cfg.init_from)
         for model in trained:
             model.to(self.device, dtype=weight_dtype)
+        if cfg.gradient_checkpointing:  # recompute activations in backward: less memory
+            unet.enable_gradient_checkpointing()
+            if text_encoder is not None:
+                text_encoder.gradient_checkpointing_enable()
         if weight_dtype != torch.float32:
             cast_training_params(trained, dtype=torch.float32)
             unet.to(memory_format=torch.channels_last)  # measured faster with bf16 on CPU
@@ -168,12 +172,15 @@ class Training:
         )
         noisy = scheduler.add_noise(latents, objective.input_noise(noise, self.cfg, rng), timesteps)
         if encoded.texts is None:
-            texts = [self.variation.draw(self.captions[i], rng) for i in batch]
+            texts, skip = (
+                [self.variation.draw(self.captions[i], rng) for i in batch],
+                self.cfg.clip_skip,
+            )
             if self.frozen_text_encoder is not None:
                 with torch.no_grad():
-                    hidden = encode_prompts(self.tokenizer, self.frozen_text_encoder, texts)
+                    hidden = encode_prompts(self.tokenizer, self.frozen_text_encoder, texts, skip)
             else:
-                hidden = encode_prompts(self.tokenizer, self.text_encoder, texts)
+                hidden = encode_prompts(self.tokenizer, self.text_encoder, texts, skip)
         else:
             hidden = load_batch(encoded.texts, [encoded.text_keys[i] for i in batch])["hidden"]
         if scheduler.config.prediction_type == "v_prediction":

@@ -56,6 +56,8 @@ class TrainConfig:
     unet_lr: float | None = None
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
+    clip_skip: int = 1  # 1 = CLIP's last layer; 2 = the one before (kohya's clip_skip)
+    gradient_checkpointing: bool = False
     mixed_precision: str = "no"
     # Images per vae.encode call. Latents are cached per image, so a call always gets exactly
     # this many images (the last chunk is padded): on CPU a latent's bits depend on the batch
