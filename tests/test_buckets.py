@@ -96,3 +96,11 @@ def test_batches_come_from_one_bucket_and_follow_the_seed():
     assert epoch == batches(sizes, 2, torch.Generator().manual_seed(0))
     others = [batches(sizes, 2, torch.Generator().manual_seed(s)) for s in range(1, 6)]
     assert any(other != epoch for other in others)
+
+
+def test_repeats_put_each_image_in_the_epoch_that_many_times():
+    sizes = [(64, 32), (64, 32), (32, 64)]
+    epoch = batches(sizes, 2, torch.Generator().manual_seed(0), repeats=3)
+    flat = sorted(i for batch in epoch for i in batch)
+    assert flat == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(len({sizes[i] for i in batch}) == 1 for batch in epoch)

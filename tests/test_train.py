@@ -346,3 +346,13 @@ def test_gradient_checkpointing_changes_memory_not_results(
     tensors = [read_checkpoint(p).tensors for p in (checkpointed[-1], plain[-1])]
     assert tensors[0].keys() == tensors[1].keys()
     assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+
+
+def test_flip_and_repeats_train_reproducibly(prepared, tmp_path, tiny_sd, caplog):
+    config = {"flip_aug": True, "repeats": 3, "shuffle_caption": True, "caption_dropout_rate": 0.2}
+    first, lines = train_logged(prepared, tmp_path / "a", tiny_sd, caplog, config=config)
+    again, _ = train_logged(prepared, tmp_path / "b", tiny_sd, caplog, config=config)
+    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
+    # both orientations of the five images are cached: five more encodings than without
+    encoded = [line for line in lines if line.startswith("latents:")]
+    assert encoded and sum(int(n) for n in encoded[0].split()[1:4:2]) == 10

@@ -115,13 +115,16 @@ def bucket_for(size: Size, spec: BucketSpec, buckets: list[Size]) -> Size:
     return nearest(size, buckets)
 
 
-def batches(sizes: list[Size], batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    """One epoch of batches of example indices, each batch from a single bucket."""
+def batches(
+    sizes: list[Size], batch_size: int, generator: torch.Generator, repeats: int = 1
+) -> list[list[int]]:
+    """One epoch of batches of example indices, each batch from a single bucket; with
+    ``repeats`` every image is in the epoch that many times (kohya's folder repeats)."""
     import torch  # here: the workflow reads this module when it parses, and torch is slow
 
     by_bucket: dict[Size, list[int]] = {}
     for index, size in enumerate(sizes):
-        by_bucket.setdefault(tuple(size), []).append(index)
+        by_bucket.setdefault(tuple(size), []).extend([index] * repeats)
     epoch = []
     for bucket in sorted(by_bucket):
         members = torch.tensor(by_bucket[bucket])

@@ -75,12 +75,14 @@ def to_pixels(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def read_pixels(paths: Sequence[Path]) -> torch.Tensor:
-    """Images as a [-1, 1] float tensor (N, 3, H, W); only these images are in memory."""
+def read_pixels(paths: Sequence[Path], flip: bool = False) -> torch.Tensor:
+    """Images (mirrored left to right with ``flip``) as a [-1, 1] float tensor (N, 3, H, W);
+    only these images are in memory."""
     images = []
     for path in paths:
         with Image.open(path) as image:
-            images.append(image.convert("RGB"))
+            rgb = image.convert("RGB")
+            images.append(rgb.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else rgb)
     return to_pixels(images)
 
 
@@ -90,7 +92,12 @@ def latent_keys(image_hashes: Sequence[str], encoder: dict[str, Any]) -> list[st
 
 
 def encode_latents(
-    vae: Any, cache: TensorCache, keys: Sequence[str], paths: Sequence[Path], batch_size: int
+    vae: Any,
+    cache: TensorCache,
+    keys: Sequence[str],
+    paths: Sequence[Path],
+    batch_size: int,
+    flip: bool = False,
 ) -> Counts:
     """Encode the images whose latents are not cached, ``batch_size`` images per call.
 
@@ -101,7 +108,7 @@ def encode_latents(
     for chunk in chunks(todo, batch_size):
         chunk_paths = [path for _, path in chunk]
         chunk_paths += [chunk_paths[-1]] * (batch_size - len(chunk_paths))
-        pixels = read_pixels(chunk_paths).to(vae.device, vae.dtype)
+        pixels = read_pixels(chunk_paths, flip).to(vae.device, vae.dtype)
         with torch.no_grad():
             dist = vae.encode(pixels).latent_dist
         for index, (key, _) in enumerate(chunk):

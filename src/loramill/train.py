@@ -158,12 +158,22 @@ class Training:
     def _next_batch(self) -> list[int]:
         """The next batch of example indices, all from one bucket (loramill.buckets)."""
         if not self.order:  # new epoch: reshuffle
-            self.order = batches(self.buckets, self.cfg.train_batch_size, self.rng)
+            cfg = self.cfg
+            self.order = batches(self.buckets, cfg.train_batch_size, self.rng, cfg.repeats)
         return self.order.pop(0)
+
+    def _latent_keys(self, batch: list[int]) -> list[str]:
+        encoded = self.encoded
+        if not self.cfg.flip_aug:
+            return [encoded.latent_keys[i] for i in batch]
+        # each draw of an image is its mirror image half the time
+        flips = (torch.rand(len(batch), generator=self.rng) < 0.5).tolist()
+        keys = (encoded.latent_keys, encoded.flipped_keys)
+        return [keys[flip][i] for flip, i in zip(flips, batch, strict=True)]
 
     def _loss(self, batch: list[int]) -> torch.Tensor:
         encoded, rng, scheduler = self.encoded, self.rng, self.noise_scheduler
-        cached = load_batch(encoded.latents, [encoded.latent_keys[i] for i in batch])
+        cached = load_batch(encoded.latents, self._latent_keys(batch))
         mean, std = cached["mean"], cached["std"]
         latents = (mean + std * torch.randn(mean.shape, generator=rng)) * encoded.scaling
         noise = objective.sample_noise(latents, self.cfg, rng)

@@ -56,6 +56,8 @@ class TrainConfig:
     unet_lr: float | None = None
     lr_scheduler_num_cycles: int = 1
     lr_scheduler_power: float = 1.0
+    repeats: int = 1  # times each image is seen per epoch
+    flip_aug: bool = False  # mirror images left to right half the time
     clip_skip: int = 1  # 1 = CLIP's last layer; 2 = the one before (kohya's clip_skip)
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"

@@ -101,13 +101,19 @@ class Encoded:
         }
         self.latents = TensorCache(cache_root / "latents")
         images = examples.images
-        self.latent_keys = latent_keys([hashes.file(p) for p in images], encoder)
+        hashes_of = [hashes.file(p) for p in images]
+        self.latent_keys = latent_keys(hashes_of, encoder)
+        # flip_aug: each image's mirror image is encoded (and cached) too
+        self.flipped_keys = (
+            latent_keys(hashes_of, {**encoder, "flip": True}) if cfg.flip_aug else []
+        )
         vae = pipe.vae.to(device)
         counts = Counts(0, 0)
-        for bucket in sorted(set(examples.buckets)):  # one shape per encoder call
-            chosen = [i for i, b in enumerate(examples.buckets) if b == bucket]
-            keys, paths = [self.latent_keys[i] for i in chosen], [images[i] for i in chosen]
-            counts += encode_latents(vae, self.latents, keys, paths, cfg.vae_batch_size)
+        for flip, keys_of in ((False, self.latent_keys), (True, self.flipped_keys)):
+            for bucket in sorted(set(examples.buckets)) if keys_of else []:
+                chosen = [i for i, b in enumerate(examples.buckets) if b == bucket]
+                keys, paths = [keys_of[i] for i in chosen], [images[i] for i in chosen]
+                counts += encode_latents(vae, self.latents, keys, paths, cfg.vae_batch_size, flip)
         log.info("%s", counts.line("latents"))
         self.scaling = vae.config.scaling_factor
         self.texts: TensorCache | None = None
