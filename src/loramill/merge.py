@@ -82,6 +82,30 @@ def write_sidecars(folder: Path, records: list[dict[str, Any]], enabled: bool) -
         write_text(folder / f"{Path(record['image']).stem}.txt", record["caption"] + "\n")
 
 
+def summary(
+    records: list[dict[str, Any]],
+    excluded: list[str],
+    edits: dict[str, Edit],
+    problems: list[dict[str, str]],
+    long: list[tuple[str, int]],
+) -> dict[str, Any]:
+    """caption_report.json."""
+    orphaned = [p["edit"] for p in problems if p["problem"].startswith("orphaned")]
+    return {
+        "images": len(records),
+        "human": sum(r["source"] == "human" for r in records),
+        "auto": sum(r["source"] == "auto" for r in records),
+        "excluded": excluded,
+        "edits": {
+            "applied": len(edits) - len(orphaned),
+            "stale": [p["edit"] for p in problems if p["problem"].startswith("stale")],
+            "orphaned": orphaned,
+        },
+        "too_long": dict(long),
+        "tag_frequency": tag_frequency([r["caption"] for r in records]),
+    }
+
+
 def merge_captions(
     auto_jsonl: str | os.PathLike,
     captions_dir: str | os.PathLike | None,
@@ -119,19 +143,7 @@ def merge_captions(
     if long:
         listed = ", ".join(f"{image} ({n})" for image, n in long[:5])
         log.warning("%d caption(s) exceed the text encoder's limit: %s", len(long), listed)
-    report = {
-        "images": len(records),
-        "human": sum(r["source"] == "human" for r in records),
-        "auto": sum(r["source"] == "auto" for r in records),
-        "excluded": excluded,
-        "edits": {
-            "applied": len(edits) - sum(p["problem"].startswith("orphaned") for p in problems),
-            "stale": [p["edit"] for p in problems if p["problem"].startswith("stale")],
-            "orphaned": [p["edit"] for p in problems if p["problem"].startswith("orphaned")],
-        },
-        "too_long": dict(long),
-        "tag_frequency": tag_frequency([r["caption"] for r in records]),
-    }
+    report = summary(records, excluded, edits, problems, long)
     write_json(report_json, report)
     if report_csv is not None:
         write_report_csv(report_csv, problems)

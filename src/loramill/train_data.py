@@ -100,22 +100,8 @@ class Encoded:
             "versions": versions,
         }
         self.latents = TensorCache(cache_root / "latents")
-        images = examples.images
-        hashes_of = [hashes.file(p) for p in images]
-        self.latent_keys = latent_keys(hashes_of, encoder)
-        # flip_aug: each image's mirror image is encoded (and cached) too
-        self.flipped_keys = (
-            latent_keys(hashes_of, {**encoder, "flip": True}) if cfg.flip_aug else []
-        )
-        vae = pipe.vae.to(device)
-        counts = Counts(0, 0)
-        for flip, keys_of in ((False, self.latent_keys), (True, self.flipped_keys)):
-            for bucket in sorted(set(examples.buckets)) if keys_of else []:
-                chosen = [i for i, b in enumerate(examples.buckets) if b == bucket]
-                keys, paths = [keys_of[i] for i in chosen], [images[i] for i in chosen]
-                counts += encode_latents(vae, self.latents, keys, paths, cfg.vae_batch_size, flip)
-        log.info("%s", counts.line("latents"))
-        self.scaling = vae.config.scaling_factor
+        self._encode_latents(pipe.vae.to(device), examples, encoder, cfg, hashes)
+        self.scaling = pipe.vae.config.scaling_factor
         self.texts: TensorCache | None = None
         self.text_keys: list[str] = []
         variation = CaptionVariation(cfg)
@@ -134,3 +120,21 @@ class Encoded:
                 pipe.tokenizer, te, self.texts, self.text_keys, captions, cfg.clip_skip
             )
             log.info("%s", counts.line("text embeddings"))
+
+    def _encode_latents(
+        self, vae: Any, examples: Examples, encoder: dict, cfg: TrainConfig, hashes: HashCache
+    ) -> None:
+        """Cache every image's latent, bucket by bucket (one shape per encoder call), and with
+        flip_aug its mirror image's too."""
+        images = examples.images
+        image_hashes = [hashes.file(p) for p in images]
+        self.latent_keys = latent_keys(image_hashes, encoder)
+        flipped = latent_keys(image_hashes, {**encoder, "flip": True}) if cfg.flip_aug else []
+        self.flipped_keys = flipped
+        counts = Counts(0, 0)
+        for flip, keys_of in ((False, self.latent_keys), (True, flipped)):
+            for bucket in sorted(set(examples.buckets)) if keys_of else []:
+                chosen = [i for i, b in enumerate(examples.buckets) if b == bucket]
+                keys, paths = [keys_of[i] for i in chosen], [images[i] for i in chosen]
+                counts += encode_latents(vae, self.latents, keys, paths, cfg.vae_batch_size, flip)
+        log.info("%s", counts.line("latents"))
