@@ -255,7 +255,12 @@ def prepare_dataset(work: Path, count: int, resolution: int) -> Path:
     if (root / "captions.jsonl").exists():
         return root
     generate_dataset(root / "ds", "stripes", count)
-    manifest = resize_dataset(root / "ds" / "images", root / "resized", resolution)
+    # Squares (every image costs resolution²); the generated pictures are small, so let them
+    # be enlarged rather than quarantined as too small.
+    settings = {"resolution": resolution, "enable_bucket": False, "min_side": 1}
+    manifest = resize_dataset(
+        root / "ds" / "images", root / "resized", settings, cache_dir=root / "resize-cache"
+    )
     auto = [{"image": e["file"], "caption": e["file"][:-4]} for e in manifest["images"]]
     write_jsonl(root / "auto.jsonl", auto)
     merge_captions(root / "auto.jsonl", None, root / "captions.jsonl", root / "report.json", "zzt")
