@@ -309,3 +309,46 @@ def test_text_model_level_is_not_doubled():
         "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
         "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight",
     ]
+
+
+@pytest.mark.parametrize(
+    ("base_version", "labels"),
+    [
+        ("sd_v2-v", ("sd_v2", "True", "stable-diffusion-v2-768-v/lora")),
+        ("sd_v2", ("sd_v2", "True", "stable-diffusion-v2-512/lora")),
+        ("sd_v1", ("sd_v1", "False", "stable-diffusion-v1/lora")),
+    ],
+)
+def test_the_base_version_trained_on_labels_the_export(tmp_path, base_version, labels):
+    source = make_random_checkpoint(tmp_path / "raw.safetensors")
+    with safe_open(str(source), "pt") as handle:
+        metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    provenance = {**json.loads(metadata["loramill.provenance"]), "base_version": base_version}
+    save_file(
+        tensors,
+        tmp_path / "c.safetensors",
+        {**metadata, "loramill.provenance": json.dumps(provenance)},
+    )
+    export_adapter(
+        tmp_path / "c.safetensors", tmp_path / "k.safetensors", tmp_path / "d.safetensors", "x"
+    )
+    meta = metadata_of(tmp_path / "k.safetensors")
+    assert (meta["ss_base_model_version"], meta["ss_v2"], meta["modelspec.architecture"]) == labels
+
+
+def test_base_version_comes_from_the_model_config(tiny_sd):
+    from types import SimpleNamespace
+
+    from loramill.model import base_version
+
+    assert base_version(load_pipeline(tiny_sd)) == "sd_v1"
+
+    def pipe(width, prediction):
+        unet = SimpleNamespace(config=SimpleNamespace(cross_attention_dim=width))
+        return SimpleNamespace(
+            unet=unet, scheduler=SimpleNamespace(config={"prediction_type": prediction})
+        )
+
+    assert base_version(pipe(768, "epsilon")) == "sd_v1"
+    assert base_version(pipe(1024, "epsilon")) == "sd_v2"
+    assert base_version(pipe(1024, "v_prediction")) == "sd_v2-v"

@@ -84,6 +84,8 @@ def test_training_writes_checkpoints_that_moved_away_from_zero(prepared, tmp_pat
     assert record["num_images"] == 5 and record["tag_frequency"]["zzt"] == 5
     assert len(record["base_model_hash"]) == 64 and ":" in record["data_fingerprint"]
     assert record["versions"]["torch"].startswith("2.13")
+    assert record["base_version"] == "sd_v1"
+    assert sum(record["buckets"].values()) == 5 and len(record["buckets"]) == 2
     events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
     assert events
 

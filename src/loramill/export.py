@@ -30,8 +30,14 @@ PROVENANCE_KEY = "loramill.provenance"
 STEP_KEY = "loramill.step"
 MODELSPEC = {
     "modelspec.sai_model_spec": "1.0.0",
-    "modelspec.architecture": "stable-diffusion-v1/lora",
     "modelspec.implementation": "https://github.com/huggingface/diffusers",
+}
+# The base the adapter was trained on (loramill.model.base_version) as kohya and the
+# ModelSpec name it: ss_base_model_version, ss_v2, modelspec.architecture.
+BASE_LABELS = {
+    "sd_v1": ("sd_v1", "False", "stable-diffusion-v1/lora"),
+    "sd_v2": ("sd_v2", "True", "stable-diffusion-v2-512/lora"),
+    "sd_v2-v": ("sd_v2", "True", "stable-diffusion-v2-768-v/lora"),
 }
 # A1111's "legacy" (additional-networks) hash reads 64 KiB at 1 MiB into the file.
 LEGACY_OFFSET, LEGACY_LENGTH = 0x100000, 0x10000
@@ -180,9 +186,13 @@ def kohya_metadata(
         "ss_new_sd_model_hash": provenance.get("base_model_hash"),
         "ss_steps": checkpoint.metadata.get(STEP_KEY),
     }
+    # Checkpoints from before the label was recorded were all trained on SD1 bases.
+    version, v2, architecture = BASE_LABELS[provenance.get("base_version", "sd_v1")]
     metadata = {
         "ss_output_name": output_name,
-        "ss_base_model_version": "sd_v1",
+        "ss_base_model_version": version,
+        "ss_v2": v2,
+        "modelspec.architecture": architecture,
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(config["r"])),
         "ss_network_alpha": str(float(config["lora_alpha"])),

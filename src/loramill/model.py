@@ -95,6 +95,15 @@ def load_pipeline(spec: str, dtype: str = "float32", allow_unsafe_weights: bool 
     return pipe
 
 
+def base_version(pipe: Any) -> str:
+    """Which Stable Diffusion the pipeline is, from its config: ``sd_v2`` (a 1024-wide text
+    encoder, OpenCLIP ViT-H) with ``-v`` for v-prediction, else ``sd_v1``."""
+    if pipe.unet.config.cross_attention_dim != 1024:
+        return "sd_v1"
+    v_prediction = pipe.scheduler.config.get("prediction_type") == "v_prediction"
+    return "sd_v2-v" if v_prediction else "sd_v2"
+
+
 def model_folder(spec: str) -> Path:
     """The local folder of a base model: the path itself, or a hub id's cached snapshot."""
     source = resolve_base_model(spec)

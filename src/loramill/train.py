@@ -35,7 +35,7 @@ from loramill.init_from import read_init_weights
 from loramill.latents import CACHE_ROOT, encode_prompts, load_batch
 from loramill.lora import add_lora, load_network_state, network_state, write_checkpoint
 from loramill.merge import tag_frequency
-from loramill.model import base_model_hash, load_pipeline
+from loramill.model import base_model_hash, base_version, load_pipeline
 from loramill.optimizers import make_optimizer, make_scheduler
 from loramill.train_captions import CaptionVariation
 from loramill.train_config import TrainConfig, checkpoint_steps
@@ -328,6 +328,7 @@ def train_lora(
     )
 
     pipe = load_pipeline(base_model, "float32", allow_unsafe_weights)
+    record["base_version"] = base_version(pipe)  # what the export labels the adapter
     encoded = Encoded(pipe, examples, cfg, base_model, accelerator.device, Path(cache_root), hashes)
     hashes.save()
     training = Training(cfg, accelerator, pipe, encoded, examples)
