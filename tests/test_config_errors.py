@@ -69,6 +69,11 @@ def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
         ),
         ({"grid": {"strengths": []}}, "config: grid.strengths: [] should be non-empty"),
         (
+            {"train": {"lr_scheduler_num_cycles": 3}},
+            "config: datasets.wide_bands.train.lr_scheduler_num_cycles: 3 has no effect with "
+            "train.lr_scheduler: constant",
+        ),
+        (
             {"train": {"dtype": "float16"}},
             "loramill: config: train.dtype: replaced by train.mixed_precision (no | fp16 | bf16)",
         ),

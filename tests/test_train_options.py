@@ -148,3 +148,23 @@ def test_clip_skip_takes_the_earlier_layer_through_the_final_norm(tiny_sd):
     assert torch.equal(last, encoder(tokens)[0])
     assert torch.allclose(skipped, encoder.final_layer_norm(states[-2]))
     assert not torch.allclose(skipped, last)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr_scheduler_num_cycles": 3}, r"^train\.lr_scheduler_num_cycles: 3 has no effect with "
+         r"train\.lr_scheduler: constant; use lr_scheduler: cosine_with_restarts"),
+        ({"lr_scheduler": "cosine", "lr_scheduler_power": 2.0},
+         r"^train\.lr_scheduler_power: 2\.0 has no effect with train\.lr_scheduler: cosine"),
+        ({"huber_c": 0.5}, r"^train\.huber_c: 0\.5 has no effect with train\.loss_type: l2; "
+         r"use loss_type: huber or smooth_l1"),
+        ({"multires_noise_discount": 0.5}, r"^train\.multires_noise_discount has no effect "
+         r"with train\.multires_noise_iterations: 0"),
+    ],
+)  # fmt: skip
+def test_options_without_effect_are_refused_naming_both_keys(options, message):
+    with pytest.raises(LoramillError, match=message):
+        TrainConfig(**options).check()
+    TrainConfig(lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=3).check()
+    TrainConfig(loss_type="huber", huber_c=0.5).check()

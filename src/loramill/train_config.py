@@ -102,6 +102,28 @@ class TrainConfig:
                 f"train.lr_warmup_steps: {self.lr_warmup_steps} has no effect with "
                 "lr_scheduler: constant; use lr_scheduler: constant_with_warmup"
             )
+        self.check_no_effect()
+
+    def check_no_effect(self) -> None:
+        """An option set away from its default where the option it belongs to is off."""
+        needs = [
+            ("lr_scheduler_num_cycles", 1, "lr_scheduler", "cosine_with_restarts"),
+            ("lr_scheduler_power", 1.0, "lr_scheduler", "polynomial"),
+            ("huber_c", 0.1, "loss_type", ("huber", "smooth_l1")),
+        ]
+        for key, default, owner, wanted in needs:
+            value, current = getattr(self, key), getattr(self, owner)
+            allowed = wanted if isinstance(wanted, tuple) else (wanted,)
+            if value != default and current not in allowed:
+                raise LoramillError(
+                    f"train.{key}: {value} has no effect with train.{owner}: {current}; "
+                    f"use {owner}: {' or '.join(allowed)}, or drop {key}"
+                )
+        if self.multires_noise_discount != 0.3 and not self.multires_noise_iterations:
+            raise LoramillError(
+                "train.multires_noise_discount has no effect with "
+                "train.multires_noise_iterations: 0; set the iterations, or drop the discount"
+            )
 
     def check_dataset(self, images: int) -> None:
         if self.train_batch_size > images:
@@ -113,13 +135,13 @@ class TrainConfig:
     def check_device(self, device_type: str) -> None:
         if self.optimizer_type == "AdamW8bit" and device_type != "cuda":
             raise LoramillError(
-                "train.optimizer_type: AdamW8bit (bitsandbytes) needs a CUDA GPU; on CPU use "
-                "AdamW, Lion, Prodigy or Adafactor"
+                f"train.optimizer_type: AdamW8bit (bitsandbytes) needs a CUDA GPU, and the "
+                f"device is {device_type}; use AdamW, Lion, Prodigy or Adafactor"
             )
         if self.mixed_precision == "fp16" and device_type != "cuda":
             raise LoramillError(
-                "train.mixed_precision: fp16 needs a CUDA GPU (gradient scaling); on CPU use "
-                "bf16 or no"
+                f"train.mixed_precision: fp16 needs a CUDA GPU (gradient scaling), and the "
+                f"device is {device_type}; use bf16 or no"
             )
 
     @property
