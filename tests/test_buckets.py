@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from loramill import LoramillError
-from loramill.buckets import BucketSpec, batches, bucket_for, bucket_sizes, nearest
+from loramill.buckets import (
+    BucketSpec,
+    batches,
+    batches_per_epoch,
+    bucket_for,
+    bucket_sizes,
+    nearest,
+)
 
 SD15 = BucketSpec(512)  # kohya's defaults: 256–1024, steps of 64
 
@@ -104,3 +111,13 @@ def test_repeats_put_each_image_in_the_epoch_that_many_times():
     flat = sorted(i for batch in epoch for i in batch)
     assert flat == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     assert all(len({sizes[i] for i in batch}) == 1 for batch in epoch)
+
+
+def test_batches_per_epoch_counts_what_batches_makes():
+    sizes = [(64, 32)] * 3 + [(32, 64)] * 2 + [(48, 48)]
+    # per bucket ⌈n·repeats / batch⌉: 2 + 1 + 1, and with 2 repeats 3 + 2 + 1
+    assert batches_per_epoch(sizes, 2) == 4
+    assert batches_per_epoch(sizes, 2, repeats=2) == 6
+    for repeats in (1, 2):
+        epoch = batches(sizes, 2, torch.Generator().manual_seed(0), repeats)
+        assert len(epoch) == batches_per_epoch(sizes, 2, repeats)

@@ -6,6 +6,7 @@ import json
 import logging
 import re
 import shutil
+from collections import Counter
 
 import pytest
 import torch
@@ -358,3 +359,13 @@ def test_flip_and_repeats_train_reproducibly(prepared, tmp_path, tiny_sd, caplog
     # both orientations of the five images are cached: five more encodings than without
     encoded = [line for line in lines if line.startswith("latents:")]
     assert encoded and sum(int(n) for n in encoded[0].split()[1:4:2]) == 10
+
+
+def test_max_train_epochs_sets_the_steps(prepared, tmp_path, tiny_sd, caplog):
+    manifest = json.loads((prepared / "resized" / "manifest.json").read_text())
+    per_bucket = Counter(tuple(entry["bucket"]) for entry in manifest["images"])
+    per_epoch = sum(-(-n // CONFIG["train_batch_size"]) for n in per_bucket.values())
+    config = {"max_train_epochs": 2, "max_train_steps": 1000, "save_steps": 100}
+    written, lines = train_logged(prepared, tmp_path / "e", tiny_sd, caplog, config=config)
+    assert [p.name for p in written] == [f"step-{2 * per_epoch:06d}.safetensors"]
+    assert f"2 epochs: {2 * per_epoch} steps" in lines

@@ -115,6 +115,14 @@ def bucket_for(size: Size, spec: BucketSpec, buckets: list[Size]) -> Size:
     return nearest(size, buckets)
 
 
+def batches_per_epoch(sizes: list[Size], batch_size: int, repeats: int = 1) -> int:
+    """How many batches ``batches`` makes of one epoch."""
+    counts: dict[Size, int] = {}
+    for size in sizes:
+        counts[tuple(size)] = counts.get(tuple(size), 0) + repeats
+    return sum(-(-n // batch_size) for n in counts.values())
+
+
 def batches(
     sizes: list[Size], batch_size: int, generator: torch.Generator, repeats: int = 1
 ) -> list[list[int]]:

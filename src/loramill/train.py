@@ -28,7 +28,7 @@ import torch
 
 from loramill import LoramillError
 from loramill import train_objective as objective
-from loramill.buckets import batches
+from loramill.buckets import batches, batches_per_epoch
 from loramill.devices import resolve_device
 from loramill.hashing import DEFAULT_DB, HashCache
 from loramill.init_from import read_init_weights
@@ -313,6 +313,9 @@ def train_lora(
     torch.set_num_threads(cfg.threads)
     examples = read_examples(Path(resized_dir), Path(captions_jsonl))
     cfg.check_dataset(len(examples.images))
+    if cfg.max_train_epochs:
+        cfg = cfg.for_epochs(batches_per_epoch(examples.buckets, cfg.train_batch_size, cfg.repeats))
+        log.info("%d epochs: %d steps", cfg.max_train_epochs, cfg.max_train_steps)
     accelerator = make_accelerator(cfg, device, logdir)
     accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.as_dict().items()})
     hashes = HashCache(DEFAULT_DB)

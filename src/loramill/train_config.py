@@ -7,7 +7,7 @@ after resize has decided which images are usable.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from loramill import LoramillError
@@ -19,7 +19,7 @@ TOTAL_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOSS_TYPES = ("l2", "huber", "smooth_l1")
 # Options that only decide where a run stops and what it writes out, not its trajectory.
-STOPPING_OPTIONS = ("max_train_steps", "save_steps")
+STOPPING_OPTIONS = ("max_train_steps", "max_train_epochs", "save_steps")
 REPLACED = {
     "dtype": "replaced by train.mixed_precision (no | fp16 | bf16); LoRA weights and "
     "optimizer state always stay float32",
@@ -34,6 +34,7 @@ class TrainConfig:
     text_encoder_lr: float = 5e-5
     train_text_encoder: bool = False
     max_train_steps: int = 100
+    max_train_epochs: int | None = None  # when set, the steps those epochs take (wins)
     train_batch_size: int = 1
     gradient_accumulation_steps: int = 1
     save_steps: int = 50
@@ -124,6 +125,14 @@ class TrainConfig:
                 "train.multires_noise_discount has no effect with "
                 "train.multires_noise_iterations: 0; set the iterations, or drop the discount"
             )
+
+    def for_epochs(self, batches_per_epoch: int) -> TrainConfig:
+        """With ``max_train_epochs``, the config whose max_train_steps those epochs take."""
+        if not self.max_train_epochs:
+            return self
+        per_step = self.gradient_accumulation_steps
+        steps = -(-batches_per_epoch * self.max_train_epochs // per_step)  # ceiling
+        return replace(self, max_train_steps=steps)
 
     def check_dataset(self, images: int) -> None:
         if self.train_batch_size > images:
