@@ -27,8 +27,9 @@ rule grid:
             DATASETS[wildcards.ds]["trigger"],
         ),
         resolution=setting("resize", "resolution"),
-        # the text-encoder layer the adapter was trained on
+        # the caption encoding the adapter was trained with
         clip_skip=setting("train", "clip_skip"),
+        max_token_length=setting("train", "max_token_length"),
         device=config["device"],
     script:
         "../scripts/grid.py"

@@ -17,6 +17,7 @@ run(
         guidance_scale=grid["guidance_scale"],
         resolution=snakemake.params.resolution,
         clip_skip=snakemake.params.clip_skip,
+        max_token_length=snakemake.params.max_token_length,
         negative_prompt=grid["negative_prompt"],
         dtype=grid["dtype"],
         allow_unsafe_weights=snakemake.params.allow_unsafe_weights,

@@ -275,7 +275,7 @@ def test_partial_load_is_refused(grid, tiny_sd, tmp_path):
     assert not (tmp_path / "g.png").exists()
 
 
-def test_clip_skip_renders_with_the_layer_training_used(grid, tiny_sd, tmp_path):
+def test_the_grid_encodes_prompts_as_training_did(grid, tiny_sd, tmp_path):
     ckpt = grid["ckpts"][20]
     render_grid(
         tiny_sd, [ckpt], [0.0], PROMPTS[:1], tmp_path / "s.png", tmp_path / "s.json", **SETTINGS
@@ -284,6 +284,11 @@ def test_clip_skip_renders_with_the_layer_training_used(grid, tiny_sd, tmp_path)
         tiny_sd, [ckpt], [0.0], PROMPTS[:1], tmp_path / "k.png", tmp_path / "k.json",
         clip_skip=2, **SETTINGS,
     )  # fmt: skip
+    render_grid(
+        tiny_sd, [ckpt], [0.0], PROMPTS[:1], tmp_path / "l.png", tmp_path / "l.json",
+        max_token_length=150, **SETTINGS,
+    )  # fmt: skip
     same = np.asarray(Image.open(tmp_path / "s.png"))
-    skipped = np.asarray(Image.open(tmp_path / "k.png"))
-    assert same.shape == skipped.shape and np.abs(same.astype(int) - skipped).max() > 0
+    for other in ("k.png", "l.png"):  # another layer; a longer (padded) sequence
+        changed = np.asarray(Image.open(tmp_path / other))
+        assert same.shape == changed.shape and np.abs(same.astype(int) - changed).max() > 0

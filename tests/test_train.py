@@ -322,6 +322,8 @@ def test_other_optimizers_and_objectives_train(prepared, tmp_path, tiny_sd, capl
         "loss_type": "huber",
         "multires_noise_iterations": 2,
         "ip_noise_gamma": 0.05,
+        "clip_skip": 2,
+        "max_token_length": 150,
     }
     first, _ = train_logged(prepared, tmp_path / "a", tiny_sd, caplog, config=config)
     again, _ = train_logged(prepared, tmp_path / "b", tiny_sd, caplog, config=config)

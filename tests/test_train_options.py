@@ -135,14 +135,14 @@ def test_noise_options():
 
 
 def test_clip_skip_takes_the_earlier_layer_through_the_final_norm(tiny_sd):
-    from loramill.latents import encode_prompts
+    from loramill.latents import Conditioning, encode_prompts
     from loramill.model import load_pipeline
 
     pipe = load_pipeline(tiny_sd)
     encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
     with torch.no_grad():
         last = encode_prompts(tokenizer, encoder, ["a red circle"])
-        skipped = encode_prompts(tokenizer, encoder, ["a red circle"], clip_skip=2)
+        skipped = encode_prompts(tokenizer, encoder, ["a red circle"], Conditioning(clip_skip=2))
         tokens = tokenizer(["a red circle"], padding="max_length", return_tensors="pt").input_ids
         states = encoder(tokens, output_hidden_states=True).hidden_states
     assert torch.equal(last, encoder(tokens)[0])
@@ -168,3 +168,33 @@ def test_options_without_effect_are_refused_naming_both_keys(options, message):
         TrainConfig(**options).check()
     TrainConfig(lr_scheduler="cosine_with_restarts", lr_scheduler_num_cycles=3).check()
     TrainConfig(loss_type="huber", huber_c=0.5).check()
+
+
+def test_max_token_length_reads_long_captions_in_chunks(tiny_sd):
+    from loramill.latents import Conditioning, encode_prompts
+    from loramill.model import load_pipeline
+
+    pipe = load_pipeline(tiny_sd)
+    short = "a red circle"
+    words = []
+    while len(pipe.tokenizer(", ".join(words)).input_ids) < 100:  # past 75, within 150
+        words.append(f"word{len(words)}")
+    long = ", ".join(words)
+    with torch.no_grad():
+        standard = encode_prompts(pipe.tokenizer, pipe.text_encoder, [short, long])
+        chunked = encode_prompts(
+            pipe.tokenizer, pipe.text_encoder, [short, long], Conditioning(max_token_length=150)
+        )
+        other_tail = encode_prompts(
+            pipe.tokenizer,
+            pipe.text_encoder,
+            [long + ", zebra"],
+            Conditioning(max_token_length=150),
+        )
+        cut_tail = encode_prompts(pipe.tokenizer, pipe.text_encoder, [long + ", zebra"])
+    assert standard.shape[1] == 77 and chunked.shape[1] == 152
+    # a short caption: the first chunk is what 75 tokens give (start token and 75)
+    assert torch.allclose(chunked[0, :76], standard[0, :76])
+    # words past 75 tokens reach the conditioning only with the longer length
+    assert torch.equal(cut_tail[0], standard[1])
+    assert not torch.allclose(other_tail[0], chunked[1])

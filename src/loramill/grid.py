@@ -170,17 +170,18 @@ def _check_loaded(pipe: Any, adapter: str, checkpoint: Checkpoint, path: Path) -
         )
 
 
-def _prompts(pipe: Any, prompt: str, negative: str, clip_skip: int) -> dict[str, Any]:
-    """The pipeline's prompt arguments. With clip_skip the embeddings are made here, the way
-    training made them (diffusers' own clip_skip expects transformers 4's CLIP layout)."""
-    if clip_skip <= 1:
+def _prompts(pipe: Any, prompt: str, negative: str, how: Any) -> dict[str, Any]:
+    """The pipeline's prompt arguments. With clip_skip or longer captions the embeddings are
+    made here, the way training made them (loramill.latents.Conditioning; diffusers' own
+    clip_skip expects transformers 4's CLIP layout)."""
+    if how.clip_skip <= 1 and how.max_token_length <= 75:
         return {"prompt": prompt, "negative_prompt": negative or None}
     import torch
 
     from loramill.latents import encode_prompts
 
     with torch.no_grad():
-        embeds = [encode_prompts(pipe.tokenizer, pipe.text_encoder, [text], clip_skip)
+        embeds = [encode_prompts(pipe.tokenizer, pipe.text_encoder, [text], how)
                   for text in (prompt, negative)]  # fmt: skip
     return {"prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1]}
 
@@ -202,6 +203,7 @@ def render_grid(
     allow_unsafe_weights: bool = False,
     device: str = "auto",
     clip_skip: int = 1,
+    max_token_length: int = 75,
 ) -> None:
     """Render the step × strength × prompt grid to ``out_png`` and describe it in ``out_json``."""
     if not checkpoints:
@@ -222,6 +224,7 @@ def render_grid(
     from PIL import Image, ImageDraw, ImageFont
 
     from loramill.devices import resolve_device
+    from loramill.latents import Conditioning
     from loramill.model import load_pipeline
 
     columns = [f"Step: {c.step}" for c in ckpts]
@@ -236,6 +239,7 @@ def render_grid(
     canvas = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
 
     pipe = load_pipeline(base_model, dtype=dtype, allow_unsafe_weights=allow_unsafe_weights)
+    how = Conditioning(clip_skip, max_token_length)
     pipe.to(resolve_device(device))
 
     def render(prompt: str) -> Any:
@@ -243,7 +247,7 @@ def render_grid(
         # the render order, and a CPU generator gives the same noise on any device.
         generator = torch.Generator(device="cpu").manual_seed(seed)
         image = pipe(
-            **_prompts(pipe, prompt, negative_prompt, clip_skip),
+            **_prompts(pipe, prompt, negative_prompt, how),
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             height=resolution,

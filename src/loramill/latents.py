@@ -123,23 +123,54 @@ def text_keys(captions: Sequence[str], encoder: dict[str, Any], clip_skip: int =
     ]
 
 
-def encode_prompts(
-    tokenizer: Any, text_encoder: Any, captions: Sequence[str], clip_skip: int = 1
-) -> torch.Tensor:
-    """The UNet's conditioning: CLIP's last layer, or with ``clip_skip`` N the N-th from last
-    through the final layer norm (kohya's clip_skip; NovelAI-style models use 2)."""
-    tokens = tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(text_encoder.device)
+@dataclass(frozen=True)
+class Conditioning:
+    """How captions become the UNet's conditioning (kohya's options).
+
+    ``clip_skip`` N takes CLIP's N-th layer from the last through the final layer norm
+    (NovelAI-style models use 2). ``max_token_length`` 150 or 225 reads longer captions the
+    way kohya does: the tokens are cut into chunks of 75, each encoded between its own start
+    and end tokens, and the hidden states are joined, keeping the first start and the last
+    end token (sequence length ``max_token_length`` + 2).
+    """
+
+    clip_skip: int = 1
+    max_token_length: int = 75
+
+
+CHUNK = 75  # tokens CLIP reads between its start and end tokens
+
+
+def _encode(text_encoder: Any, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
     if clip_skip <= 1:
         return text_encoder(tokens)[0]
     hidden = text_encoder(tokens, output_hidden_states=True).hidden_states[-clip_skip]
     # transformers 5's CLIPTextModel holds the norm itself; 4's inside .text_model
     return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+
+
+def encode_prompts(
+    tokenizer: Any, text_encoder: Any, captions: Sequence[str], how: Conditioning = Conditioning()
+) -> torch.Tensor:
+    """The UNet's conditioning for ``captions`` (one row each)."""
+    tokens = tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=how.max_token_length + 2,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids.to(text_encoder.device)
+    if how.max_token_length <= CHUNK:
+        return _encode(text_encoder, tokens, how.clip_skip)
+    start, end = tokens[:, :1], tokens[:, -1:]
+    parts = []
+    for first in range(1, how.max_token_length + 1, CHUNK):
+        chunk = torch.cat([start, tokens[:, first : first + CHUNK], end], dim=1)
+        hidden = _encode(text_encoder, chunk, how.clip_skip)
+        keep_start = first == 1
+        keep_end = first + CHUNK > how.max_token_length
+        parts.append(hidden[:, (0 if keep_start else 1) : (None if keep_end else -1)])
+    return torch.cat(parts, dim=1)
 
 
 def encode_texts(
@@ -148,7 +179,7 @@ def encode_texts(
     cache: TensorCache,
     keys: Sequence[str],
     captions: Sequence[str],
-    clip_skip: int = 1,
+    how: Conditioning = Conditioning(),
 ) -> Counts:
     """Encode each caption whose embedding is not cached, one caption per call (the same
     shape every time, as for latents). Equal captions share one entry."""
@@ -157,7 +188,7 @@ def encode_texts(
     )
     for key, caption in todo.items():
         with torch.no_grad():
-            hidden = encode_prompts(tokenizer, text_encoder, [caption], clip_skip)[0]
+            hidden = encode_prompts(tokenizer, text_encoder, [caption], how)[0]
             cache.save(key, {"hidden": hidden})
     return Counts(len(todo), len(set(keys)) - len(todo))
 

@@ -171,6 +171,20 @@ class Training:
         keys = (encoded.latent_keys, encoded.flipped_keys)
         return [keys[flip][i] for flip, i in zip(flips, batch, strict=True)]
 
+    def _conditioning(self, batch: list[int]) -> torch.Tensor:
+        """The text encoder's output for the batch's captions: cached, or encoded now (by the
+        trained encoder, or the frozen one when captions change per step)."""
+        encoded = self.encoded
+        if encoded.texts is not None:
+            return load_batch(encoded.texts, [encoded.text_keys[i] for i in batch])["hidden"]
+        texts = [self.variation.draw(self.captions[i], self.rng) for i in batch]
+        if self.frozen_text_encoder is None:
+            return encode_prompts(self.tokenizer, self.text_encoder, texts, self.cfg.conditioning)
+        with torch.no_grad():
+            return encode_prompts(
+                self.tokenizer, self.frozen_text_encoder, texts, self.cfg.conditioning
+            )
+
     def _loss(self, batch: list[int]) -> torch.Tensor:
         encoded, rng, scheduler = self.encoded, self.rng, self.noise_scheduler
         cached = load_batch(encoded.latents, self._latent_keys(batch))
@@ -181,18 +195,7 @@ class Training:
             0, scheduler.config.num_train_timesteps, (len(batch),), generator=rng
         )
         noisy = scheduler.add_noise(latents, objective.input_noise(noise, self.cfg, rng), timesteps)
-        if encoded.texts is None:
-            texts, skip = (
-                [self.variation.draw(self.captions[i], rng) for i in batch],
-                self.cfg.clip_skip,
-            )
-            if self.frozen_text_encoder is not None:
-                with torch.no_grad():
-                    hidden = encode_prompts(self.tokenizer, self.frozen_text_encoder, texts, skip)
-            else:
-                hidden = encode_prompts(self.tokenizer, self.text_encoder, texts, skip)
-        else:
-            hidden = load_batch(encoded.texts, [encoded.text_keys[i] for i in batch])["hidden"]
+        hidden = self._conditioning(batch)
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:

@@ -60,6 +60,7 @@ class TrainConfig:
     repeats: int = 1  # times each image is seen per epoch
     flip_aug: bool = False  # mirror images left to right half the time
     clip_skip: int = 1  # 1 = CLIP's last layer; 2 = the one before (kohya's clip_skip)
+    max_token_length: int = 75  # 150 or 225: longer captions, read in chunks of 75
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"
     # Images per vae.encode call. Latents are cached per image, so a call always gets exactly
@@ -95,6 +96,10 @@ class TrainConfig:
         if self.mixed_precision not in MIXED_PRECISION:
             choices = " | ".join(MIXED_PRECISION)
             raise LoramillError(f"train.mixed_precision '{self.mixed_precision}': use {choices}")
+        if self.max_token_length not in (75, 150, 225):
+            raise LoramillError(
+                f"train.max_token_length {self.max_token_length}: use 75, 150 or 225"
+            )
         if self.loss_type not in LOSS_TYPES:
             raise LoramillError(f"train.loss_type '{self.loss_type}': use {' | '.join(LOSS_TYPES)}")
         check_optimizer(self)
@@ -152,6 +157,13 @@ class TrainConfig:
                 f"train.mixed_precision: fp16 needs a CUDA GPU (gradient scaling), and the "
                 f"device is {device_type}; use bf16 or no"
             )
+
+    @property
+    def conditioning(self) -> Any:
+        """How captions are encoded (loramill.latents.Conditioning)."""
+        from loramill.latents import Conditioning  # here: parsing the workflow skips torch
+
+        return Conditioning(self.clip_skip, self.max_token_length)
 
     @property
     def continues(self) -> bool:

@@ -114,10 +114,10 @@ class Encoded:
             }
             self.texts = TensorCache(cache_root / "text_embeddings")
             captions = [variation.fixed(caption) for caption in examples.captions]
-            self.text_keys = text_keys(captions, text_encoder, cfg.clip_skip)
+            self.text_keys = text_keys(captions, text_encoder, cfg.conditioning)
             te = pipe.text_encoder.to(device)
             counts = encode_texts(
-                pipe.tokenizer, te, self.texts, self.text_keys, captions, cfg.clip_skip
+                pipe.tokenizer, te, self.texts, self.text_keys, captions, cfg.conditioning
             )
             log.info("%s", counts.line("text embeddings"))
 
