@@ -322,23 +322,9 @@ def train_lora(
     accelerator = make_accelerator(cfg, device, logdir)
     accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.as_dict().items()})
     hashes = HashCache(DEFAULT_DB)
-    data_fingerprint = f"{hashes.digest(resized_dir)}:{hashes.file(captions_jsonl)}"
-    record = provenance(
-        trigger,
-        base_model,
-        cfg,
-        examples,
-        data_fingerprint,
-        accelerator.device.type,
-        hashes,
-    )
-
-    pipe = load_pipeline(base_model, "float32", allow_unsafe_weights)
-    record["base_version"] = base_version(pipe)  # what the export labels the adapter
-    encoded = Encoded(pipe, examples, cfg, base_model, accelerator.device, Path(cache_root), hashes)
-    hashes.save()
-    training = Training(cfg, accelerator, pipe, encoded, examples)
-    del pipe  # the VAE (and a cached text encoder) are no longer needed
+    data = f"{hashes.digest(resized_dir)}:{hashes.file(captions_jsonl)}"
+    source = (base_model, trigger, allow_unsafe_weights, data)
+    training, record = prepare(cfg, accelerator, examples, source, Path(cache_root), hashes)
     run = RunState(state_dir) if state_dir else None
     needed = checkpoint_steps(cfg.max_train_steps, cfg.save_steps)
     start, history = resume(training, run, needed)
@@ -361,6 +347,27 @@ def train_lora(
     if run:
         run.finish(keep=cfg.continues)
     return writer.written
+
+
+def prepare(
+    cfg: TrainConfig,
+    accelerator: Any,
+    examples: Examples,
+    source: tuple[str, str, bool, str],
+    cache_root: Path,
+    hashes: HashCache,
+) -> tuple[Training, dict[str, Any]]:
+    """The run's models and encoded data, and its provenance record. ``source``: the base
+    model, the trigger, whether pickle weights may load, and the data's fingerprint."""
+    base_model, trigger, allow_unsafe_weights, data_fingerprint = source
+    device = accelerator.device
+    record = provenance(trigger, base_model, cfg, examples, data_fingerprint, device.type, hashes)
+    pipe = load_pipeline(base_model, "float32", allow_unsafe_weights)
+    record["base_version"] = base_version(pipe)  # what the export labels the adapter
+    encoded = Encoded(pipe, examples, cfg, base_model, device, cache_root, hashes)
+    hashes.save()
+    # The VAE (and a cached text encoder) are not needed past here: only Training keeps refs.
+    return Training(cfg, accelerator, pipe, encoded, examples), record
 
 
 def run_steps(
