@@ -11,8 +11,9 @@ import unicodedata
 import pytest
 
 from loramill import LoramillError
-from loramill.caption_edits import Edit, match_key, read_edits
+from loramill.caption_edits import Edit, read_edits
 from loramill.caption_rules import Rules, training_caption
+from loramill.dataset_files import match_key
 from loramill.files import read_jsonl, write_jsonl
 from loramill.merge import merge_captions
 

@@ -19,19 +19,16 @@ from __future__ import annotations
 import csv
 import io
 import os
-import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from loramill import LoramillError
-from loramill.dataset_files import entries
+from loramill.dataset_files import entries, match_key
 
 METADATA = "metadata.csv"
 COLUMNS = ("filename", "prompt", "mode", "image_sha256")
 REQUIRED = ("filename", "prompt")
 MODES = ("replace", "prepend", "append", "exclude")
-SIDECAR_SUFFIXES = (".txt", ".caption")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
 @dataclass(frozen=True)
@@ -40,13 +37,6 @@ class Edit:
     mode: str  # one of MODES
     image_sha256: str  # "" when not recorded
     origin: str  # "metadata.csv:12" or "captions/photo.txt", for messages
-
-
-def match_key(name: str) -> str:
-    """The name an edit and an image are matched on: NFC, case-folded, no image extension."""
-    normal = unicodedata.normalize("NFC", name).casefold()
-    stem, suffix = os.path.splitext(normal)
-    return stem if suffix in IMAGE_SUFFIXES else normal
 
 
 def _decode(path: Path) -> str:

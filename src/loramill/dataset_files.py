@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import functools
 import os
+import unicodedata
 from pathlib import Path
 
 from loramill.hashing import HashCache
@@ -22,6 +23,15 @@ SUFFIXES = {
     "images": None,
     "captions": (".txt", ".caption"),
 }  # None: every file (resize reports the rest)
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+
+
+def match_key(name: str) -> str:
+    """The name images, their outputs and caption edits are matched on: NFC, case-folded,
+    without an image extension (``Café.JPG`` and ``café.png`` are one name)."""
+    normal = unicodedata.normalize("NFC", name).casefold()
+    stem, suffix = os.path.splitext(normal)
+    return stem if suffix in IMAGE_SUFFIXES else normal
 
 
 def dvc_cache_dirs(project: str | os.PathLike = ".") -> tuple[Path, ...]:

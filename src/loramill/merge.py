@@ -17,8 +17,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loramill.caption_edits import Edit, match_key, read_edits
+from loramill.caption_edits import Edit, read_edits
 from loramill.caption_rules import Rules, training_caption
+from loramill.dataset_files import match_key
 from loramill.files import atomic_path, read_jsonl, write_json, write_jsonl, write_text
 
 log = logging.getLogger(__name__)

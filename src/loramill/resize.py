@@ -29,7 +29,7 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.buckets import BucketSpec, bucket_for, bucket_sizes
-from loramill.dataset_files import entries, link_allowed
+from loramill.dataset_files import IMAGE_SUFFIXES, entries, link_allowed, match_key
 from loramill.files import atomic_path, write_bytes, write_json
 from loramill.hashing import HashCache, hash_value
 from loramill.pixels import Unusable, decode, displayed_size, fit, open_image, to_rgb
@@ -37,7 +37,6 @@ from loramill.run_cache import link_data
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 MANIFEST = "manifest.json"
 CACHE_DIR = Path(".cache/resized")
 PNG_LEVEL = 1  # intermediate files: fast to write, read once into the latent cache
@@ -78,7 +77,7 @@ def listed(images_dir: Path) -> Iterator[tuple[Path, str | None]]:
     seen: dict[str, str] = {}
     for entry in entries(images_dir, "images"):
         path = Path(entry.path)
-        name = output_name(path).casefold()
+        name = match_key(path.name)
         if entry.is_symlink() and not link_allowed(path, images_dir.parent):
             yield path, f"link escapes the dataset (to {os.readlink(path)})"
         elif path.is_dir():
@@ -165,7 +164,7 @@ def survey(
     """The images by source (``images/<name>``), with their cached records where there are
     some, and what is quarantined before decoding anything."""
     found: dict[str, Found] = {}
-    quarantined, by_hash = [], {}
+    quarantined, by_hash, settings = [], {}, asdict(chosen)
     for path, reason in listed(images_dir):
         source = f"images/{path.name}"
         digest = None if reason else hashes.file(path)
@@ -175,7 +174,7 @@ def survey(
             quarantined.append({"source": source, "reason": reason})
             continue
         by_hash[digest] = source
-        key = hash_value({"image": digest, "settings": asdict(chosen), "code": code})
+        key = hash_value({"image": digest, "settings": settings, "code": code})
         entry = cache_dir / key[:2] / key
         found[source] = Found(path, digest, entry, cached(entry))
     return found, quarantined

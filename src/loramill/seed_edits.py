@@ -20,8 +20,9 @@ from pathlib import Path
 import yaml
 
 from loramill import LoramillError
-from loramill.caption_edits import COLUMNS, METADATA, match_key, read_edits
+from loramill.caption_edits import COLUMNS, METADATA, read_edits
 from loramill.config import dataset_config
+from loramill.dataset_files import match_key
 from loramill.files import read_jsonl
 
 
