@@ -70,7 +70,7 @@ def proc_status_mib(field_name: str) -> float:
 def child_train(spec: dict[str, Any]) -> dict[str, Any]:
     """train_lora with timers around the encoders and Training.step (patched in this process
     only: the project's code runs unchanged)."""
-    from loramill import train
+    from loramill import train, train_data
 
     timings: dict[str, Any] = {"steps": [], "encode": {}}
 
@@ -78,13 +78,18 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             start = time.perf_counter()
             counts = function(*args, **kwargs)
-            timings["encode"][name] = (time.perf_counter() - start, counts.encoded)
+            # called once per bucket (latents): the phase's totals
+            seconds, encoded = timings["encode"].get(name, (0.0, 0))
+            timings["encode"][name] = (
+                seconds + time.perf_counter() - start,
+                encoded + counts.encoded,
+            )
             return counts
 
         return wrapper
 
-    train.encode_latents = timed("latents", train.encode_latents)
-    train.encode_texts = timed("texts", train.encode_texts)
+    train_data.encode_latents = timed("latents", train_data.encode_latents)
+    train_data.encode_texts = timed("texts", train_data.encode_texts)
     step, init = train.Training.step, train.Training.__init__
 
     def timed_step(self: Any) -> float:
@@ -277,7 +282,6 @@ def train_spec(
         "logdir": str(run_dir / "tb"),
         "base_model": model,
         "config": {**BASE_CONFIG, **config},
-        "dataset": data.name,
         "trigger": "zzt",
         "cache_root": str(cache_root),
     }
