@@ -45,6 +45,7 @@ MEMORY_TARGET = 1.15  # 64-image peak / 8-image peak
 SPEED_TARGET = 1.4  # baseline s/step / ours s/step
 RESULT = "RESULT "
 BASE_CONFIG = {
+    "network_target": "attention",  # what the diffusers example trains
     "rank": 4,
     "alpha": 4,
     "learning_rate": 1e-4,
@@ -122,8 +123,8 @@ class BaselineLoop:
         from diffusers.optimization import get_scheduler
 
         from loramill.files import read_jsonl
-        from loramill.lora import add_lora
         from loramill.model import load_pipeline
+        from loramill.network import NetworkSpec, add_lora
 
         pipe = load_pipeline(model)
         self.vae, self.text_encoder, self.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -131,7 +132,7 @@ class BaselineLoop:
         self.text_encoder.requires_grad_(False)
         self.unet = pipe.unet
         torch.manual_seed(seed)
-        add_lora(self.unet, None, rank, rank)
+        add_lora(self.unet, None, NetworkSpec("attention", rank, rank))
         self.unet.train()
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)

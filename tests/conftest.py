@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -67,12 +68,13 @@ def make_random_checkpoint(path: Path, rank: int = 4, alpha: float = 2.0, seed: 
     """A checkpoint whose LoRA weights are random (non-zero B), so strength visibly matters."""
     import torch
 
-    from loramill.lora import add_lora, save_checkpoint
+    from loramill.lora import save_checkpoint
     from loramill.model import load_pipeline
+    from loramill.network import NetworkSpec, add_lora
 
     pipe = load_pipeline(str(TINY_SD))
     torch.manual_seed(seed)
-    add_lora(pipe.unet, pipe.text_encoder, rank=rank, alpha=alpha, init=False)
+    add_lora(pipe.unet, pipe.text_encoder, NetworkSpec("attention", rank, alpha), init=False)
     metadata = {"loramill.step": "1", "loramill.provenance": json.dumps(SAMPLE_PROVENANCE)}
     save_checkpoint(path, pipe.unet, pipe.text_encoder, metadata)
     return path
@@ -140,3 +142,63 @@ def demo_run(tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, f"make demo failed:\n{result.stdout}\n{result.stderr}"
     return checkout
+
+
+# ---------------------------------------------------------------- training on a tiny dataset
+
+TRAIN_CONFIG = {
+    "rank": 4,
+    "alpha": 2,
+    "learning_rate": 1e-3,
+    "max_train_steps": 6,
+    "save_steps": 4,
+    "train_batch_size": 2,
+    "seed": 3,
+}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Five captioned stripe images resized into two buckets."""
+    from loramill.demo_data import generate_dataset
+    from loramill.files import write_jsonl
+    from loramill.merge import merge_captions
+    from loramill.resize import resize_dataset
+
+    root = tmp_path_factory.mktemp("train")
+    generate_dataset(root / "ds", "stripes", 5)
+    # Buckets 16×64 … 64×16 around 32²: the five images land in two of them.
+    buckets = {"resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64}
+    settings = {**buckets, "bucket_reso_steps": 16}
+    manifest = resize_dataset(
+        root / "ds" / "images", root / "resized", settings, cache_dir=root / "cache"
+    )
+    assert len({tuple(e["bucket"]) for e in manifest["images"]}) == 2
+    auto = [{"image": e["file"], "caption": e["file"][:-4]} for e in manifest["images"]]
+    write_jsonl(root / "auto.jsonl", auto)
+    merge_captions(root / "auto.jsonl", None, root / "captions.jsonl", root / "r.json", "zzt")
+    return root
+
+
+def train(prepared, out, tiny_sd, call=None, **overrides):
+    """Train with TRAIN_CONFIG plus ``overrides``; ``call`` holds further train_lora arguments."""
+    from loramill.train import train_lora
+
+    return train_lora(
+        prepared / "resized",
+        prepared / "captions.jsonl",
+        out / "checkpoints",
+        out / "tb",
+        tiny_sd,
+        {**TRAIN_CONFIG, **overrides},
+        trigger="zzt",
+        **(call or {}),
+    )
+
+
+def train_logged(prepared, out, tiny_sd, caplog, config=None, **kwargs):
+    """Train and return the loramill log lines it wrote."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="loramill"):
+        written = train(prepared, out, tiny_sd, call=kwargs, **(config or {}))
+    return written, [r.getMessage() for r in caplog.records]

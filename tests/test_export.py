@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save, save_file
 
 from loramill import LoramillError
 from loramill.export import export_adapter, to_kohya
-from loramill.lora import ADAPTER_METADATA_KEY, Checkpoint, add_lora, read_checkpoint
+from loramill.lora import ADAPTER_METADATA_KEY, Checkpoint, read_checkpoint
 from loramill.model import load_pipeline
+from loramill.network import NetworkSpec, add_lora
 
 KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 # The tiny model: 4 transformer blocks (1 down, 1 mid, 2 up) x 2 attentions x 4 projections
@@ -151,7 +152,7 @@ def test_real_sd15_architecture_names():
     with init_empty_weights():
         unet = UNet2DConditionModel(**SD15["unet"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **SD15["text_encoder"]))
-    add_lora(unet, text_encoder, rank=4, alpha=2.0)
+    add_lora(unet, text_encoder, NetworkSpec("attention", rank=4, alpha=2.0))
     tensors, configs = {}, {}
     for name, model in (("unet", unet), ("text_encoder", text_encoder)):
         # Meta tensors carry shapes but no data; small zeros stand in for the weights.

@@ -3,65 +3,20 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
 import shutil
 from collections import Counter
 
 import pytest
 import torch
+from conftest import TRAIN_CONFIG as CONFIG
+from conftest import train, train_logged
 from PIL import Image
 
 from loramill import LoramillError
-from loramill.demo_data import generate_dataset
-from loramill.files import write_jsonl
 from loramill.lora import list_checkpoints, read_checkpoint
-from loramill.merge import merge_captions
-from loramill.resize import resize_dataset
-from loramill.train import train_lora
 from loramill.train_config import TrainConfig, checkpoint_steps
 from loramill.train_state import state_key
-
-CONFIG = {
-    "rank": 4,
-    "alpha": 2,
-    "learning_rate": 1e-3,
-    "max_train_steps": 6,
-    "save_steps": 4,
-    "train_batch_size": 2,
-    "seed": 3,
-}
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    generate_dataset(root / "ds", "stripes", 5)
-    # Buckets 16×64 … 64×16 around 32²: the five images land in two of them.
-    buckets = {"resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64}
-    settings = {**buckets, "bucket_reso_steps": 16}
-    manifest = resize_dataset(
-        root / "ds" / "images", root / "resized", settings, cache_dir=root / "cache"
-    )
-    assert len({tuple(e["bucket"]) for e in manifest["images"]}) == 2
-    auto = [{"image": e["file"], "caption": e["file"][:-4]} for e in manifest["images"]]
-    write_jsonl(root / "auto.jsonl", auto)
-    merge_captions(root / "auto.jsonl", None, root / "captions.jsonl", root / "r.json", "zzt")
-    return root
-
-
-def train(prepared, out, tiny_sd, call=None, **overrides):
-    """Train with CONFIG plus ``overrides``; ``call`` holds further train_lora arguments."""
-    return train_lora(
-        prepared / "resized",
-        prepared / "captions.jsonl",
-        out / "checkpoints",
-        out / "tb",
-        tiny_sd,
-        {**CONFIG, **overrides},
-        trigger="zzt",
-        **(call or {}),
-    )
 
 
 def test_checkpoint_steps():
@@ -114,14 +69,6 @@ def test_unknown_option_is_named(prepared, tmp_path, tiny_sd):
 
 
 # --- real size: caches, precision, resume (issue #6) ----------------------------------------
-
-
-def train_logged(prepared, out, tiny_sd, caplog, config=None, **kwargs):
-    """Train and return the loramill log lines it wrote."""
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="loramill"):
-        written = train(prepared, out, tiny_sd, call=kwargs, **(config or {}))
-    return written, [r.getMessage() for r in caplog.records]
 
 
 def test_vae_sees_at_most_vae_batch_size_images(prepared, tmp_path, tiny_sd, caplog, monkeypatch):
@@ -238,6 +185,7 @@ def test_init_from_starts_from_the_given_weights(
     start = read_checkpoint(random_checkpoint).tensors
     for source in (kohya, diffusers):
         config = {"init_from": str(source), "train_text_encoder": True, "max_train_steps": 1}
+        config["network_target"] = "attention"  # the network random_checkpoint holds
         written, lines = train_logged(
             prepared, tmp_path / f"run-{source.stem}", tiny_sd, caplog, config=config
         )
@@ -251,6 +199,14 @@ def test_init_from_starts_from_the_given_weights(
         r"the config has rank 8, alpha 2 \(set train\.rank and train\.alpha\)$",
     ):
         train(prepared, tmp_path / "bad", tiny_sd, init_from=str(kohya), rank=8)
+    with pytest.raises(
+        LoramillError,
+        match=r"^train\.init_from .*: the file has LoRA layers for 40 of the 60 modules "
+        r"train\.network_target: kohya trains; set network_target to the file's",
+    ):
+        train(
+            prepared, tmp_path / "partial", tiny_sd, init_from=str(kohya), train_text_encoder=True
+        )
 
 
 def test_bf16_mixed_precision_keeps_lora_weights_float32(prepared, tmp_path, tiny_sd):

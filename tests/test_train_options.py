@@ -198,3 +198,51 @@ def test_max_token_length_reads_long_captions_in_chunks(tiny_sd):
     # words past 75 tokens reach the conditioning only with the longer length
     assert torch.equal(cut_tail[0], standard[1])
     assert not torch.allclose(other_tail[0], chunked[1])
+
+
+def test_latents_encoded_per_step_train_the_cached_runs_adapter(
+    prepared, tmp_path, tiny_sd, caplog
+):
+    """cache_latents: false encodes each batch every step and caches nothing; with batches
+    of one the encoder sees the same shapes as when caching, so the adapter is the same."""
+    from conftest import train_logged
+
+    from loramill.lora import read_checkpoint
+
+    config = {"train_batch_size": 1, "vae_batch_size": 1, "flip_aug": True}
+    cached, lines = train_logged(
+        prepared, tmp_path / "a", tiny_sd, caplog, config=config, cache_root=tmp_path / "c1"
+    )
+    assert any(line.startswith("latents: 10 encoded") for line in lines)
+    config["cache_latents"] = False
+    direct, lines = train_logged(
+        prepared, tmp_path / "b", tiny_sd, caplog, config=config, cache_root=tmp_path / "c2"
+    )
+    assert not any(line.startswith("latents:") for line in lines)
+    assert not (tmp_path / "c2" / "latents").exists() or not any(
+        (tmp_path / "c2" / "latents").rglob("*.safetensors")
+    )
+    ours, theirs = read_checkpoint(cached[-1]).tensors, read_checkpoint(direct[-1]).tensors
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_sdpa_off_uses_the_math_attention_with_the_same_result(tiny_sd):
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    from loramill.model import load_pipeline, use_sdpa
+
+    pipes = [load_pipeline(tiny_sd), load_pipeline(tiny_sd)]
+    use_sdpa(pipes[1], False)
+    kinds = [{type(p) for p in pipe.unet.attn_processors.values()} for pipe in pipes]
+    assert kinds == [{AttnProcessor2_0}, {AttnProcessor}]
+    assert pipes[1].text_encoder.config._attn_implementation == "eager"
+    torch.manual_seed(0)
+    sample, hidden = (
+        torch.randn(1, 4, 8, 8),
+        torch.randn(1, 77, pipes[0].unet.config.cross_attention_dim),
+    )
+    tokens = torch.randint(0, 1000, (1, 77))
+    with torch.no_grad():
+        outs = [pipe.unet(sample, 10, hidden).sample for pipe in pipes]
+        texts = [pipe.text_encoder(tokens)[0] for pipe in pipes]
+    assert torch.allclose(*outs, atol=1e-5) and torch.allclose(*texts, atol=1e-5)

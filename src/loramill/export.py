@@ -20,7 +20,7 @@ from loramill import LoramillError
 from loramill.files import serialize_safetensors as serialize
 from loramill.files import write_bytes
 from loramill.kohya_names import KOHYA_PREFIXES, PEFT_SUFFIXES, kohya_module
-from loramill.lora import ADAPTER_METADATA_KEY, Checkpoint, read_checkpoint
+from loramill.lora import ADAPTER_METADATA_KEY, Checkpoint, module_alpha, read_checkpoint
 
 if TYPE_CHECKING:
     import torch
@@ -61,7 +61,7 @@ def _split_key(key: str) -> tuple[str, str, str]:
     )
 
 
-def _component_alpha(checkpoint: Checkpoint, component: str) -> float:
+def _module_alpha(checkpoint: Checkpoint, component: str, module: str) -> float:
     config = checkpoint.adapter_configs.get(component)
     if not config or "lora_alpha" not in config:
         raise LoramillError(
@@ -70,10 +70,10 @@ def _component_alpha(checkpoint: Checkpoint, component: str) -> float:
         )
     # kohya stores one alpha per module and scales by alpha / rank; these peft options
     # scale differently and would load with the wrong strength.
-    for option in ("use_dora", "use_rslora", "alpha_pattern"):
+    for option in ("use_dora", "use_rslora"):
         if config.get(option):
             raise LoramillError(f"'{component}' adapter uses {option}: no kohya equivalent")
-    return float(config["lora_alpha"])
+    return module_alpha(config, module)
 
 
 def to_kohya(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
@@ -84,7 +84,7 @@ def to_kohya(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
         raise LoramillError("checkpoint holds no LoRA tensors")
     out: dict[str, torch.Tensor] = {}
     source: dict[str, str] = {}
-    modules: dict[str, tuple[str, str]] = {}
+    modules: dict[str, tuple[str, str, str]] = {}
     for key in sorted(checkpoint.tensors):
         component, module, suffix = _split_key(key)
         name = kohya_module(component, module)
@@ -96,20 +96,21 @@ def to_kohya(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
             )
         out[target] = checkpoint.tensors[key]
         source[target] = key
-        modules[name] = (component, key)
+        modules[name] = (component, module, key)
 
-    for name, (component, key) in sorted(modules.items()):
+    for name, (component, module, key) in sorted(modules.items()):
         down, up = out.get(f"{name}.lora_down.weight"), out.get(f"{name}.lora_up.weight")
         if down is None or up is None:
             missing = "lora_B" if up is None else "lora_A"
             raise LoramillError(f"checkpoint key '{key}': its {missing} partner is missing")
-        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+        # Linear pairs are 2-D; conv pairs 4-D (lora_down has the conv's kernel, lora_up 1×1).
+        if down.ndim != up.ndim or down.ndim not in (2, 4) or down.shape[0] != up.shape[1]:
             raise LoramillError(
                 f"checkpoint key '{key}': lora_A {tuple(down.shape)} and lora_B "
                 f"{tuple(up.shape)} are not a rank-r pair"
             )
         # float32 whatever the weights' dtype: alphas such as 0.1 are not exact in fp16.
-        alpha = _component_alpha(checkpoint, component)
+        alpha = _module_alpha(checkpoint, component, module)
         out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return out
 

@@ -170,22 +170,6 @@ def _check_loaded(pipe: Any, adapter: str, checkpoint: Checkpoint, path: Path) -
         )
 
 
-def _prompts(pipe: Any, prompt: str, negative: str, how: Any) -> dict[str, Any]:
-    """The pipeline's prompt arguments. With clip_skip or longer captions the embeddings are
-    made here, the way training made them (loramill.latents.Conditioning; diffusers' own
-    clip_skip expects transformers 4's CLIP layout)."""
-    if how.clip_skip <= 1 and how.max_token_length <= 75:
-        return {"prompt": prompt, "negative_prompt": negative or None}
-    import torch
-
-    from loramill.latents import encode_prompts
-
-    with torch.no_grad():
-        embeds = [encode_prompts(pipe.tokenizer, pipe.text_encoder, [text], how)
-                  for text in (prompt, negative)]  # fmt: skip
-    return {"prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1]}
-
-
 def render_grid(
     base_model: str,
     checkpoints: list[str | os.PathLike],
@@ -224,7 +208,7 @@ def render_grid(
     from PIL import Image, ImageDraw, ImageFont
 
     from loramill.devices import resolve_device
-    from loramill.latents import Conditioning
+    from loramill.latents import Conditioning, prompt_arguments
     from loramill.model import load_pipeline
 
     columns = [f"Step: {c.step}" for c in ckpts]
@@ -247,7 +231,7 @@ def render_grid(
         # the render order, and a CPU generator gives the same noise on any device.
         generator = torch.Generator(device="cpu").manual_seed(seed)
         image = pipe(
-            **_prompts(pipe, prompt, negative_prompt, how),
+            **prompt_arguments(pipe, prompt, negative_prompt, how),
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
             height=resolution,

@@ -15,6 +15,7 @@ from typing import Any
 from loramill import LoramillError
 from loramill.kohya_names import KOHYA_PREFIXES, PEFT_SUFFIXES, kohya_module
 from loramill.lora import adapter_state, read_checkpoint
+from loramill.network import NetworkSpec
 
 KOHYA_SUFFIXES = {kohya: peft for peft, kohya in PEFT_SUFFIXES.items()}
 
@@ -60,16 +61,17 @@ def _rank_and_alphas(checkpoint: Any) -> tuple[list[int], list[float]]:
     alphas = [float(t) for k, t in tensors.items() if k.endswith(".alpha")]
     config = checkpoint.adapter_configs.get("unet", {})
     if not alphas and "lora_alpha" in config:
-        alphas = [float(config["lora_alpha"])]
+        patterns = config.get("alpha_pattern") or {}
+        alphas = [float(config["lora_alpha"]), *map(float, patterns.values())]
     # Neither format must store alpha; both then mean alpha = rank (scale 1).
     return ranks, sorted(set(alphas)) or [float(r) for r in ranks]
 
 
 def read_init_weights(
-    path: str | os.PathLike, models: dict[str, Any], rank: int, alpha: float
+    path: str | os.PathLike, models: dict[str, Any], network: NetworkSpec
 ) -> dict[str, Any]:
     """The file's LoRA tensors under checkpoint keys (``unet.<module>.lora_A.weight`` …),
-    checked against the configured rank and alpha and the layers being trained."""
+    checked against the configured ranks and alphas and the layers being trained."""
     if not Path(path).is_file():
         raise LoramillError(f"train.init_from {path}: no such file")
     try:
@@ -79,7 +81,10 @@ def read_init_weights(
     ranks, alphas = _rank_and_alphas(checkpoint)
     if not ranks:
         raise LoramillError(f"train.init_from {path}: no LoRA tensors")
-    if ranks != [rank] or alphas != [float(alpha)]:
+    rank, alpha = network.rank, float(network.alpha)
+    # kohya_conv's 3×3 convs may have their own rank and alpha
+    conv = network.conv if network.target == "kohya_conv" else (rank, alpha)
+    if set(ranks) != {rank, conv[0]} or set(alphas) != {alpha, conv[1]}:
         shown_rank, shown_alpha = "/".join(map(str, ranks)), "/".join(f"{a:g}" for a in alphas)
         raise LoramillError(
             f"train.init_from {path}: the file has rank {shown_rank}, alpha {shown_alpha}; "
@@ -87,10 +92,24 @@ def read_init_weights(
         )
     tensors = checkpoint.tensors
     if any(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in tensors):
-        return _from_kohya(tensors, models, str(path))
+        tensors = _from_kohya(tensors, models, str(path))
     for component in sorted({key.partition(".")[0] for key in tensors} - set(models)):
         raise LoramillError(
             f"train.init_from {path}: the file has {component} layers; set "
             "train.train_text_encoder: true to train them"
         )
+    _check_covers(tensors, models, network.target, str(path))
     return tensors
+
+
+def _check_covers(tensors: dict[str, Any], models: dict[str, Any], target: str, path: str) -> None:
+    """A file with fewer layers than the configured network would leave some layers fresh
+    and train another network than the one it claims to continue."""
+    expected = {f"{c}.{k}" for c, model in models.items() for k in adapter_state(model)[0]}
+    if not expected <= set(tensors):
+        have, want = len(set(tensors) & expected) // 2, len(expected) // 2
+        raise LoramillError(
+            f"train.init_from {path}: the file has LoRA layers for {have} of the {want} "
+            f"modules train.network_target: {target} trains; set network_target to the "
+            "file's (attention, kohya or kohya_conv)"
+        )

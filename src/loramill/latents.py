@@ -197,3 +197,15 @@ def load_batch(cache: TensorCache, keys: Sequence[str]) -> dict[str, torch.Tenso
     """One batch of cached entries, each tensor stacked over the batch."""
     entries = [cache.load(key) for key in keys]
     return {name: torch.stack([entry[name] for entry in entries]) for name in entries[0]}
+
+
+def prompt_arguments(pipe: Any, prompt: str, negative: str, how: Any) -> dict[str, Any]:
+    """The pipeline's prompt arguments. With clip_skip or longer captions the embeddings are
+    made here, the way training made them (loramill.latents.Conditioning; diffusers' own
+    clip_skip expects transformers 4's CLIP layout)."""
+    if how.clip_skip <= 1 and how.max_token_length <= 75:
+        return {"prompt": prompt, "negative_prompt": negative or None}
+    with torch.no_grad():
+        embeds = [encode_prompts(pipe.tokenizer, pipe.text_encoder, [text], how)
+                  for text in (prompt, negative)]  # fmt: skip
+    return {"prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1]}

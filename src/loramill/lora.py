@@ -1,4 +1,4 @@
-"""LoRA layers (peft) and the training checkpoint format.
+"""The training checkpoint format (the network itself: loramill.network).
 
 A checkpoint is a diffusers-format LoRA file: peft keys prefixed ``unet.`` / ``text_encoder.``
 and the adapter configs under the ``lora_adapter_metadata`` key, so ``pipe.load_lora_weights``
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,33 +17,22 @@ from typing import Any
 from loramill import LoramillError
 from loramill.files import save_safetensors
 
-# Attention projections, the standard SD LoRA targets (DESIGN §5).
-UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 COMPONENTS = ("unet", "text_encoder")
-
-
-def lora_config(rank: int, alpha: float, targets: tuple[str, ...], init: bool | str = True):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=init
-    )
-
-
-def add_lora(unet: Any, text_encoder: Any | None, rank: int, alpha: float, init=True) -> None:
-    """Freeze the base weights and add trainable LoRA layers (text encoder if given)."""
-    unet.requires_grad_(False)
-    unet.add_adapter(lora_config(rank, alpha, UNET_TARGETS, init))
-    if text_encoder is not None:
-        text_encoder.requires_grad_(False)
-        text_encoder.add_adapter(lora_config(rank, alpha, TEXT_ENCODER_TARGETS, init))
 
 
 def _json_ready(config: dict[str, Any]) -> dict[str, Any]:
     # Sets iterate in hash-seed order; sorted lists keep the file bit-identical across runs.
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def module_alpha(config: dict[str, Any], module: str) -> float:
+    """A module's alpha as peft resolves it: the first ``alpha_pattern`` key that matches the
+    end of the module's dotted name, else ``lora_alpha`` (kohya_conv's convs have their own)."""
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(alpha)
+    return float(config["lora_alpha"])
 
 
 def adapter_state(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -165,3 +165,14 @@ def job_mem_mb(spec: str, resolution: int, batch_size: int, training: bool) -> i
     weights_mb = float32_bytes(spec) / 2**20
     per_image_mb = (1600 if training else 600) * (resolution / 512) ** 2
     return int(weights_mb * 1.25 + per_image_mb * batch_size + 500)
+
+
+def use_sdpa(pipe: Any, on: bool) -> None:
+    """torch's scaled_dot_product_attention in the UNet and text encoder (both libraries'
+    default), or with ``on`` False the plain math attention (train.sdpa)."""
+    if on:
+        return
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe.unet.set_attn_processor(AttnProcessor())
+    pipe.text_encoder.set_attn_implementation("eager")

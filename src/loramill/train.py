@@ -30,17 +30,20 @@ from loramill import LoramillError
 from loramill import train_objective as objective
 from loramill.buckets import batches, batches_per_epoch
 from loramill.devices import resolve_device
+from loramill.files import write_bytes
 from loramill.hashing import DEFAULT_DB, HashCache
 from loramill.init_from import read_init_weights
-from loramill.latents import CACHE_ROOT, encode_prompts, load_batch
-from loramill.lora import add_lora, load_network_state, network_state, write_checkpoint
+from loramill.latents import CACHE_ROOT, encode_prompts, load_batch, read_pixels
+from loramill.lora import load_network_state, network_state, write_checkpoint
 from loramill.merge import tag_frequency
-from loramill.model import base_model_hash, base_version, load_pipeline
+from loramill.model import base_model_hash, base_version, load_pipeline, use_sdpa
+from loramill.network import add_lora
 from loramill.optimizers import make_optimizer, make_scheduler
 from loramill.train_captions import CaptionVariation
 from loramill.train_config import TrainConfig, checkpoint_steps
 from loramill.train_data import Encoded, Examples, library_versions, read_examples
 from loramill.train_log import Progress, plot_loss
+from loramill.train_samples import SampleRenderer, sample_prompts, save_samples
 from loramill.train_state import RunState
 
 log = logging.getLogger(__name__)
@@ -96,13 +99,22 @@ class Training:
     """The models, optimizer and data order of one run, and the step that advances them."""
 
     def __init__(
-        self, cfg: TrainConfig, accelerator: Any, pipe: Any, encoded: Encoded, examples: Examples
+        self,
+        cfg: TrainConfig,
+        accelerator: Any,
+        pipe: Any,
+        encoded: Encoded,
+        examples: Examples,
+        samples: SampleRenderer | None = None,
     ) -> None:
         from diffusers import DDPMScheduler
 
         self.cfg, self.accelerator = cfg, accelerator
         self.encoded, self.captions, self.buckets = encoded, examples.captions, examples.buckets
+        self.images = examples.images
         self.device = accelerator.device
+        self.vae = None if cfg.cache_latents else pipe.vae.to(self.device).eval()
+        self.samples = samples
         self.rng = torch.Generator().manual_seed(cfg.seed)  # every draw of the loop
         self.order: list[list[int]] = []  # the epoch's batches still to train on
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -127,12 +139,12 @@ class Training:
         cfg, weight_dtype = self.cfg, HALF.get(self.cfg.mixed_precision, torch.float32)
         unet, text_encoder = pipe.unet, pipe.text_encoder if cfg.train_text_encoder else None
         torch.manual_seed(cfg.seed)  # LoRA init draws from the global generator
-        add_lora(unet, text_encoder, cfg.rank, cfg.alpha)
+        add_lora(unet, text_encoder, cfg.network)
         trained = [m for m in (unet, text_encoder) if m is not None]
         if cfg.init_from:
             models = dict(zip(("unet", "text_encoder"), trained, strict=False))
             start, _ = network_state(unet, text_encoder)
-            start.update(read_init_weights(cfg.init_from, models, cfg.rank, cfg.alpha))
+            start.update(read_init_weights(cfg.init_from, models, cfg.network))
             load_network_state(unet, text_encoder, start)
             log.info("LoRA initialised from %s", cfg.init_from)
         for model in trained:
@@ -162,14 +174,20 @@ class Training:
             self.order = batches(self.buckets, cfg.train_batch_size, self.rng, cfg.repeats)
         return self.order.pop(0)
 
-    def _latent_keys(self, batch: list[int]) -> list[str]:
-        encoded = self.encoded
-        if not self.cfg.flip_aug:
-            return [encoded.latent_keys[i] for i in batch]
-        # each draw of an image is its mirror image half the time
-        flips = (torch.rand(len(batch), generator=self.rng) < 0.5).tolist()
-        keys = (encoded.latent_keys, encoded.flipped_keys)
-        return [keys[flip][i] for flip, i in zip(flips, batch, strict=True)]
+    def _latent_dists(self, batch: list[int]) -> dict[str, torch.Tensor]:
+        """Mean and std of the batch's latents: cached, or encoded now (cache_latents off)."""
+        flips = [False] * len(batch)
+        if self.cfg.flip_aug:  # each draw of an image is its mirror image half the time
+            flips = (torch.rand(len(batch), generator=self.rng) < 0.5).tolist()
+        pairs = list(zip(flips, batch, strict=True))
+        if self.vae is None:
+            keys = (self.encoded.latent_keys, self.encoded.flipped_keys)
+            return load_batch(self.encoded.latents, [keys[flip][i] for flip, i in pairs])
+        pixels = torch.cat([read_pixels([self.images[i]], flip) for flip, i in pairs])
+        with torch.no_grad():
+            dist = self.vae.encode(pixels.to(self.device)).latent_dist
+        # contiguous as cached latents are: the UNet's kernels give other bits for other layouts
+        return {name: getattr(dist, name).float().cpu().contiguous() for name in ("mean", "std")}
 
     def _conditioning(self, batch: list[int]) -> torch.Tensor:
         """The text encoder's output for the batch's captions: cached, or encoded now (by the
@@ -187,8 +205,8 @@ class Training:
 
     def _loss(self, batch: list[int]) -> torch.Tensor:
         encoded, rng, scheduler = self.encoded, self.rng, self.noise_scheduler
-        cached = load_batch(encoded.latents, self._latent_keys(batch))
-        mean, std = cached["mean"], cached["std"]
+        dists = self._latent_dists(batch)
+        mean, std = dists["mean"], dists["std"]
         latents = (mean + std * torch.randn(mean.shape, generator=rng)) * encoded.scaling
         noise = objective.sample_noise(latents, self.cfg, rng)
         timesteps = torch.randint(
@@ -224,13 +242,13 @@ class Training:
         names = ("unet", "text_encoder")
         return dict(zip(names, self.lr_scheduler.get_last_lr(), strict=False))
 
-    def _unwrapped(self) -> tuple[Any, Any]:
+    def unwrapped(self) -> tuple[Any, Any]:
         unwrap = self.accelerator.unwrap_model
         text_encoder = unwrap(self.text_encoder) if self.text_encoder is not None else None
         return unwrap(self.unet), text_encoder
 
     def adapters(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return network_state(*self._unwrapped())
+        return network_state(*self.unwrapped())
 
     def state(self, step: int, history: list[dict[str, Any]]) -> dict[str, Any]:
         scaler = self.accelerator.scaler
@@ -248,7 +266,7 @@ class Training:
         }
 
     def restore(self, adapters: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        load_network_state(*self._unwrapped(), adapters)
+        load_network_state(*self.unwrapped(), adapters)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if state["scaler"] is not None and self.accelerator.scaler is not None:
@@ -280,11 +298,19 @@ def resume(training: Training, run: RunState | None, needed: list[int]) -> tuple
 
 
 class CheckpointWriter:
+    """Checkpoints, and the samples rendered during training in ``samples/`` beside them."""
+
     def __init__(
         self, folder: str | os.PathLike, adapter_metadata: dict[str, Any], record: dict[str, Any]
     ) -> None:
         self.folder, self.adapter_metadata, self.written = Path(folder), adapter_metadata, []
         self.provenance = json.dumps(record, sort_keys=True)
+        self.samples = self.folder / "samples"
+
+    def restore_samples(self, run: RunState, start: int) -> None:
+        """Samples of the steps a resumed run does not train again, from the run's state."""
+        for path in run.sample_files(start):
+            write_bytes(self.samples / path.name, path.read_bytes())
 
     def write(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
         path = self.folder / f"step-{step:06d}.safetensors"
@@ -331,6 +357,8 @@ def train_lora(
     writer = CheckpointWriter(checkpoints_dir, training.adapters()[1], record)
     for step in (s for s in needed if s <= start):
         writer.write(step, run.load_adapters(step))
+    if run:
+        writer.restore_samples(run, start)
 
     count, buckets = len(examples.images), len(set(examples.buckets))
     log.info(
@@ -363,11 +391,17 @@ def prepare(
     device = accelerator.device
     record = provenance(trigger, base_model, cfg, examples, data_fingerprint, device.type, hashes)
     pipe = load_pipeline(base_model, "float32", allow_unsafe_weights)
+    use_sdpa(pipe, cfg.sdpa)
     record["base_version"] = base_version(pipe)  # what the export labels the adapter
     encoded = Encoded(pipe, examples, cfg, base_model, device, cache_root, hashes)
     hashes.save()
-    # The VAE (and a cached text encoder) are not needed past here: only Training keeps refs.
-    return Training(cfg, accelerator, pipe, encoded, examples), record
+    samples = None
+    if cfg.sample_every_n_steps:
+        prompts = sample_prompts(cfg, trigger, examples.resolution)
+        samples = SampleRenderer(cfg, pipe, prompts)
+    # Past here only Training keeps references: the VAE, the frozen text encoder and the
+    # sample renderer's parts when they are needed, nothing else.
+    return Training(cfg, accelerator, pipe, encoded, examples, samples), record
 
 
 def run_steps(
@@ -387,6 +421,10 @@ def run_steps(
         if not math.isfinite(loss):
             raise LoramillError(f"train: loss became {loss} at step {step}")
         progress.update(step, loss, training.lrs())
+        if training.samples and training.samples.due(step):
+            images = training.samples.render(*training.unwrapped(), training.accelerator)
+            folders = [writer.samples] + ([run.samples] if run else [])
+            save_samples(images, step, folders, training.accelerator)
         if step in needed:
             tensors, _ = training.adapters()
             writer.write(step, tensors)

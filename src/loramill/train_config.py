@@ -18,6 +18,7 @@ from loramill.optimizers import check_optimizer
 TOTAL_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOSS_TYPES = ("l2", "huber", "smooth_l1")
+NETWORK_TARGETS = ("attention", "kohya", "kohya_conv")  # loramill.network
 # Options that only decide where a run stops and what it writes out, not its trajectory.
 STOPPING_OPTIONS = ("max_train_steps", "max_train_epochs", "save_steps")
 REPLACED = {
@@ -28,8 +29,15 @@ REPLACED = {
 
 @dataclass(frozen=True)
 class TrainConfig:
+    # The network (loramill.network).
+    network_target: str = "kohya"
     rank: int = 8
     alpha: float = 8.0
+    conv_rank: int | None = None  # kohya_conv's 3×3 convs; None = rank
+    conv_alpha: float | None = None  # None = alpha
+    network_dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
     learning_rate: float = 1e-4
     text_encoder_lr: float = 5e-5
     train_text_encoder: bool = False
@@ -62,6 +70,14 @@ class TrainConfig:
     clip_skip: int = 1  # 1 = CLIP's last layer; 2 = the one before (kohya's clip_skip)
     max_token_length: int = 75  # 150 or 225: longer captions, read in chunks of 75
     gradient_checkpointing: bool = False
+    sdpa: bool = True  # torch's scaled_dot_product_attention; False = the plain math attention
+    # False: encode each batch's images every step (no latent cache on disk; slower).
+    cache_latents: bool = True
+    # Samples during training (loramill.train_samples; kohya's names).
+    sample_every_n_steps: int = 0
+    sample_prompts: tuple[str, ...] = ("{trigger}",)
+    sample_sampler: str = "ddim"
+    sample_steps: int = 20
     mixed_precision: str = "no"
     # Images per vae.encode call. Latents are cached per image, so a call always gets exactly
     # this many images (the last chunk is padded): on CPU a latent's bits depend on the batch
@@ -87,7 +103,7 @@ class TrainConfig:
         unknown = sorted(set(config) - known)
         if unknown:
             raise LoramillError(f"train.{unknown[0]}: unknown option")
-        cfg = cls(**config)
+        cfg = cls(**{**config, **_tuples(config)})
         cfg.check()
         return cfg
 
@@ -100,6 +116,9 @@ class TrainConfig:
             raise LoramillError(
                 f"train.max_token_length {self.max_token_length}: use 75, 150 or 225"
             )
+        if self.network_target not in NETWORK_TARGETS:
+            choices = " | ".join(NETWORK_TARGETS)
+            raise LoramillError(f"train.network_target '{self.network_target}': use {choices}")
         if self.loss_type not in LOSS_TYPES:
             raise LoramillError(f"train.loss_type '{self.loss_type}': use {' | '.join(LOSS_TYPES)}")
         check_optimizer(self)
@@ -113,10 +132,15 @@ class TrainConfig:
     def check_no_effect(self) -> None:
         """An option set away from its default where the option it belongs to is off."""
         needs = [
+            ("conv_rank", None, "network_target", "kohya_conv"),
+            ("conv_alpha", None, "network_target", "kohya_conv"),
             ("lr_scheduler_num_cycles", 1, "lr_scheduler", "cosine_with_restarts"),
             ("lr_scheduler_power", 1.0, "lr_scheduler", "polynomial"),
             ("huber_c", 0.1, "loss_type", ("huber", "smooth_l1")),
         ]
+        if not self.sample_every_n_steps:  # every sample option needs samples
+            for key in ("sample_prompts", "sample_sampler", "sample_steps"):
+                needs.append((key, getattr(TrainConfig, key), "sample_every_n_steps", "N > 0"))
         for key, default, owner, wanted in needs:
             value, current = getattr(self, key), getattr(self, owner)
             allowed = wanted if isinstance(wanted, tuple) else (wanted,)
@@ -159,6 +183,13 @@ class TrainConfig:
             )
 
     @property
+    def network(self) -> Any:
+        """The LoRA network trained (loramill.network.NetworkSpec)."""
+        from loramill.network import NetworkSpec
+
+        return NetworkSpec.from_config(self)
+
+    @property
     def conditioning(self) -> Any:
         """How captions are encoded (loramill.latents.Conditioning)."""
         from loramill.latents import Conditioning  # here: parsing the workflow skips torch
@@ -172,6 +203,11 @@ class TrainConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _tuples(config: dict[str, Any]) -> dict[str, Any]:
+    # lists from YAML as tuples: the config is frozen and hashable
+    return {k: tuple(v) for k, v in config.items() if isinstance(v, list) and k != "optimizer_args"}
 
 
 def check_replaced(section: Any, where: str = "train") -> None:

@@ -100,7 +100,10 @@ class Encoded:
             "versions": versions,
         }
         self.latents = TensorCache(cache_root / "latents")
-        self._encode_latents(pipe.vae.to(device), examples, encoder, cfg, hashes)
+        self.latent_keys: list[str] = []
+        self.flipped_keys: list[str] = []
+        if cfg.cache_latents:
+            self._encode_latents(pipe.vae.to(device), examples, encoder, cfg, hashes)
         self.scaling = pipe.vae.config.scaling_factor
         self.texts: TensorCache | None = None
         self.text_keys: list[str] = []

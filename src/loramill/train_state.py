@@ -9,6 +9,7 @@ step for step, so their states are interchangeable:
 
     adapters/step-NNNNNN.safetensors   LoRA tensors at every checkpoint step (checkpoints are
                                        written from these, so none is lost to a crash)
+    samples/step-NNNNNN-II.png         samples rendered during training (sample_every_n_steps)
     state/step-NNNNNN.pt               full state at the newest checkpoint step: optimizer,
                                        LR scheduler, grad scaler, every RNG, the data order
                                        and the loss history (older ones are pruned)
@@ -37,6 +38,7 @@ from loramill.train_config import STOPPING_OPTIONS, TrainConfig
 log = logging.getLogger(__name__)
 STATE_ROOT = Path(".cache/train")
 STEP_FILE = re.compile(r"^step-(\d{6,})\.(safetensors|pt)$")
+SAMPLE_FILE = re.compile(r"^step-(\d{6,})-\d+\.png$")
 
 
 def state_key(fingerprint: dict[str, Any], cfg: TrainConfig) -> str:
@@ -59,6 +61,7 @@ class RunState:
         self.folder = Path(folder)
         self.adapters = self.folder / "adapters"
         self.states = self.folder / "state"
+        self.samples = self.folder / "samples"  # PNGs rendered during training, kept
 
     @staticmethod
     def _steps(folder: Path) -> list[int]:
@@ -98,6 +101,11 @@ class RunState:
         for older in self._steps(self.states):
             if older < step:
                 self.state_path(older).unlink(missing_ok=True)
+
+    def sample_files(self, up_to: int) -> list[Path]:
+        """Samples rendered at steps up to ``up_to`` (``step-NNNNNN-II.png``)."""
+        found = ((SAMPLE_FILE.match(p.name), p) for p in self.samples.glob("step-*.png"))
+        return sorted(p for match, p in found if match and int(match.group(1)) <= up_to)
 
     def load_adapters(self, step: int) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file

@@ -1,0 +1,190 @@
+"""Where AUTOMATIC1111 and ComfyUI put each module of a kohya-named LoRA.
+
+Both tools apply LoRAs to the original (CompVis / LDM) layout of Stable Diffusion, not to
+diffusers' one, and each has its own rule for turning a kohya key (``lora_unet_`` + the
+diffusers module path with dots as underscores) into an LDM module:
+
+- AUTOMATIC1111 rewrites the underscore name with regular expressions (block indices
+  1 + 3·block + layer, ResNet parts renamed), then looks it up among the LDM model's module
+  names with dots as underscores;
+- ComfyUI builds a table from the UNet's config pairing every diffusers module path with its
+  LDM module, and looks the kohya key up in it; its text-encoder keys are the CLIP layers'.
+
+Both are implemented here from the tools' documented behaviour, with the LDM layout they map
+into, generated from the diffusers UNet config. A key that lands nowhere is a LoRA module the
+tool silently skips: export verification (loramill.export_verify) refuses it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+# LDM ResBlock parts by their diffusers names (both tools use these pairs)
+RESNET_PARTS = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+TRANSFORMER_BLOCK_PARTS = (
+    "norm1", "norm2", "norm3", "ff.net.0.proj", "ff.net.2",
+    *(f"attn{a}.{p}" for a in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")),
+)  # fmt: skip
+CLIP_LAYER_PARTS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+    "mlp.fc1", "mlp.fc2",
+)  # fmt: skip
+
+
+def _resnet(ldm: str, diffusers: str, shortcut: bool) -> Iterator[tuple[str, str]]:
+    for part, ldm_part in RESNET_PARTS.items():
+        if part != "conv_shortcut" or shortcut:
+            yield f"{ldm}.{ldm_part}", f"{diffusers}.{part}"
+
+
+def _transformer(ldm: str, diffusers: str, depth: int) -> Iterator[tuple[str, str]]:
+    for part in ("norm", "proj_in", "proj_out"):
+        yield f"{ldm}.{part}", f"{diffusers}.{part}"
+    for block in range(depth):
+        for part in TRANSFORMER_BLOCK_PARTS:
+            name = f"transformer_blocks.{block}.{part}"
+            yield f"{ldm}.{name}", f"{diffusers}.{name}"
+
+
+def unet_pairs(config: Any) -> dict[str, str]:
+    """LDM module path → diffusers module path for every weighted module of a UNet with this
+    diffusers config (SD1.x/2.x: one transformer block per attention, as in their configs)."""
+    channels, per_block = list(config["block_out_channels"]), config["layers_per_block"]
+    attention = [t.startswith("CrossAttn") for t in config["down_block_types"]]
+    up_attention = [t.startswith("CrossAttn") for t in config["up_block_types"]]
+    pairs = {"input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
+    pairs |= {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2"}
+    out_channels = channels[0]
+    for i, width in enumerate(channels):
+        for j in range(per_block):
+            index = 1 + i * (per_block + 1) + j
+            ldm, diffusers = f"input_blocks.{index}", f"down_blocks.{i}"
+            pairs |= _resnet(f"{ldm}.0", f"{diffusers}.resnets.{j}", out_channels != width)
+            out_channels = width
+            if attention[i]:
+                pairs |= _transformer(f"{ldm}.1", f"{diffusers}.attentions.{j}", 1)
+        if i < len(channels) - 1:
+            index = (i + 1) * (per_block + 1)
+            pairs[f"input_blocks.{index}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
+    pairs |= _resnet("middle_block.0", "mid_block.resnets.0", False)
+    pairs |= _transformer("middle_block.1", "mid_block.attentions.0", 1)
+    pairs |= _resnet("middle_block.2", "mid_block.resnets.1", False)
+    for i in range(len(channels)):
+        for j in range(per_block + 1):
+            ldm, diffusers = f"output_blocks.{i * (per_block + 1) + j}", f"up_blocks.{i}"
+            # every output ResBlock takes the skip connection's channels too: a 1×1 shortcut
+            pairs |= _resnet(f"{ldm}.0", f"{diffusers}.resnets.{j}", True)
+            if up_attention[i]:
+                pairs |= _transformer(f"{ldm}.1", f"{diffusers}.attentions.{j}", 1)
+        if i < len(channels) - 1:
+            last = f"output_blocks.{i * (per_block + 1) + per_block}"
+            position = 2 if up_attention[i] else 1
+            pairs[f"{last}.{position}.conv"] = f"up_blocks.{i}.upsamplers.0.conv"
+    return pairs
+
+
+def text_encoder_layout(layers: int) -> set[str]:
+    """The SD1.x text encoder's LoRA-able modules as A1111 names them (the CLIP model sits at
+    ``transformer`` in the LDM model, transformers 4's ``text_model`` level included)."""
+    return {
+        f"transformer.text_model.encoder.layers.{i}.{part}"
+        for i in range(layers)
+        for part in CLIP_LAYER_PARTS
+    }
+
+
+def _numbers(match: re.Match) -> list[Any]:
+    return [int(g) if g.isdigit() else g for g in match.groups()]
+
+
+A1111_UNET_RULES = [
+    (r"lora_unet_conv_in(.*)", lambda m: f"input_blocks_0_0{m[0]}"),
+    (r"lora_unet_conv_out(.*)", lambda m: f"out_2{m[0]}"),
+    (r"lora_unet_time_embedding_linear_(\d+)(.*)", lambda m: f"time_embed_{m[0] * 2 - 2}{m[1]}"),
+    (
+        r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+        lambda m: (
+            f"input_blocks_{1 + m[0] * 3 + m[2]}_{1 if m[1] == 'attentions' else 0}_"
+            + _a1111_suffix(m[1], m[3])
+        ),
+    ),
+    (
+        r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)",
+        lambda m: (
+            f"middle_block_{1 if m[0] == 'attentions' else m[1] * 2}_" + _a1111_suffix(m[0], m[2])
+        ),
+    ),
+    (
+        r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)",
+        lambda m: (
+            f"output_blocks_{m[0] * 3 + m[2]}_{1 if m[1] == 'attentions' else 0}_"
+            + _a1111_suffix(m[1], m[3])
+        ),
+    ),
+    (
+        r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv",
+        lambda m: f"input_blocks_{3 + m[0] * 3}_0_op",
+    ),
+    (
+        r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
+        lambda m: f"output_blocks_{2 + m[0] * 3}_{2 if m[0] > 0 else 1}_conv",
+    ),
+]
+
+
+def _a1111_suffix(kind: str, rest: str) -> str:
+    if kind != "resnets":
+        return rest
+    return RESNET_PARTS.get(rest, rest).replace(".", "_")
+
+
+class LdmLayout:
+    """An SD1.x model's LDM modules (dotted names, UNet under ``diffusion_model.``, the text
+    encoder under ``transformer.``) and where each tool maps a kohya module into them."""
+
+    def __init__(self, unet_config: Any, text_layers: int) -> None:
+        pairs = unet_pairs(unet_config)
+        self.modules = {"diffusion_model." + ldm for ldm in pairs} | text_encoder_layout(
+            text_layers
+        )
+        # A1111 keys its table by the module names with dots as underscores
+        self._a1111 = {name.replace(".", "_"): name for name in self.modules}
+        # ComfyUI: kohya keys by diffusers path, or written with LDM names
+        comfy = {"lora_unet_" + d.replace(".", "_"): ldm for ldm, d in pairs.items()}
+        comfy |= {"lora_unet_" + ldm.replace(".", "_"): ldm for ldm in pairs}
+        self._comfyui = {key: "diffusion_model." + ldm for key, ldm in comfy.items()}
+        for layer in range(text_layers):
+            for part in CLIP_LAYER_PARTS:
+                key = f"lora_te_text_model_encoder_layers_{layer}_{part.replace('.', '_')}"
+                self._comfyui[key] = f"transformer.text_model.encoder.layers.{layer}.{part}"
+
+    def a1111(self, kohya_module: str) -> str | None:
+        """The module A1111 applies this kohya module to, or None (skipped)."""
+        converted = a1111_name(kohya_module)
+        return self._a1111.get(converted) if converted else None
+
+    def comfyui(self, kohya_module: str) -> str | None:
+        """The module ComfyUI applies this kohya module to, or None (skipped)."""
+        return self._comfyui.get(kohya_module)
+
+
+def a1111_name(kohya_module: str) -> str | None:
+    """A1111's rewrite of an SD1.x kohya module name into an LDM module name (underscores),
+    or None when none of its rules matches."""
+    for pattern, build in A1111_UNET_RULES:
+        match = re.fullmatch(pattern, kohya_module)
+        if match:
+            return "diffusion_model_" + build(_numbers(match))
+    match = re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", kohya_module)
+    if match:
+        return f"transformer_text_model_encoder_layers_{match[1]}_{match[2]}"
+    return None

@@ -1,0 +1,110 @@
+"""Samples during training: kohya prompt options, files beside the checkpoints and in
+TensorBoard, the same pixels every run, restored on resume, and no effect on the adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+from conftest import REPO, train_logged
+from PIL import Image
+
+from loramill import LoramillError
+from loramill.lora import read_checkpoint
+from loramill.samplers import SAMPLERS
+from loramill.train_config import TrainConfig
+from loramill.train_samples import SamplePrompt, parse_sample_prompt
+
+DEFAULT = SamplePrompt("", "", 64, 64, seed=5, guidance_scale=7.5, steps=20)
+SAMPLES = {"sample_every_n_steps": 2, "sample_steps": 2}
+SAMPLES["sample_prompts"] = ["{trigger} stripes --w 32 --h 48 --d 9", "plain --n {trigger}"]
+
+
+def test_kohya_prompt_options():
+    line = "a zzt cat, red --n blurry, dark --w 512 --h 768 --d 7 --l 5.5 --s 28"
+    assert parse_sample_prompt(line, DEFAULT) == SamplePrompt(
+        "a zzt cat, red", "blurry, dark", 512, 768, seed=7, guidance_scale=5.5, steps=28
+    )
+    assert parse_sample_prompt("just words", DEFAULT) == SamplePrompt("just words", *[
+        "", 64, 64, 5, 7.5, 20]
+    )  # fmt: skip
+    with pytest.raises(LoramillError, match=r"^train\.sample_prompts 'x --q 3': unknown option"):
+        parse_sample_prompt("x --q 3", DEFAULT)
+    with pytest.raises(LoramillError, match=r"--w needs a int, not 'wide'"):
+        parse_sample_prompt("x --w wide", DEFAULT)
+    with pytest.raises(LoramillError, match=r"multiples of 8"):
+        parse_sample_prompt("x --w 30", DEFAULT)
+
+
+def test_sample_options_need_sample_every_n_steps():
+    with pytest.raises(
+        LoramillError,
+        match=r"^train\.sample_steps: 5 has no effect with train\.sample_every_n_steps: 0",
+    ):
+        TrainConfig(sample_steps=5).check()
+    TrainConfig(sample_every_n_steps=10, sample_steps=5).check()
+
+
+def test_schema_offers_the_samplers_there_are():
+    schema = yaml.safe_load((REPO / "config" / "config.schema.yaml").read_text())
+    assert schema["$defs"]["train"]["properties"]["sample_sampler"]["enum"] == list(SAMPLERS)
+
+
+def test_samples_are_saved_reproducible_and_leave_training_alone(
+    prepared, tmp_path, tiny_sd, caplog
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    written, _ = train_logged(prepared, tmp_path / "a", tiny_sd, caplog, config=SAMPLES)
+    folder = tmp_path / "a" / "checkpoints" / "samples"
+    names = [f"step-{s:06d}-{i:02d}.png" for s in (2, 4, 6) for i in (0, 1)]
+    assert sorted(p.name for p in folder.iterdir()) == names
+    with Image.open(folder / names[0]) as first, Image.open(folder / names[1]) as second:
+        assert (first.size, second.size) == ((32, 48), (32, 32))  # --w/--h, else resolution
+    plain, _ = train_logged(prepared, tmp_path / "b", tiny_sd, caplog)
+    for ours, theirs in zip(written, plain, strict=True):  # the metadata names the samples
+        ours, theirs = read_checkpoint(ours).tensors, read_checkpoint(theirs).tensors
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    train_logged(prepared, tmp_path / "c", tiny_sd, caplog, config=SAMPLES)
+    for name in names:
+        assert (folder / name).read_bytes() == (
+            tmp_path / "c/checkpoints/samples" / name
+        ).read_bytes()
+    # the adapter changes between steps, and so do the samples of one prompt
+    assert (folder / names[0]).read_bytes() != (folder / names[4]).read_bytes()
+    events = EventAccumulator(str(next((tmp_path / "a" / "tb").rglob("events.out.*")).parent))
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == ["samples/00", "samples/01"]
+    assert [e.step for e in events.Images("samples/00")] == [2, 4, 6]
+
+
+def test_a_resumed_run_keeps_the_samples_it_does_not_render_again(
+    prepared, tmp_path, tiny_sd, caplog, monkeypatch
+):
+    from loramill.train import Training
+
+    config = {**SAMPLES, "max_train_steps": 6, "save_steps": 4}
+    train_logged(prepared, tmp_path / "whole", tiny_sd, caplog, config=config)
+    step, calls = Training.step, []
+
+    def crash_at_step_5(self):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("killed")
+        return step(self)
+
+    monkeypatch.setattr(Training, "step", crash_at_step_5)
+    state = tmp_path / "state"
+    with pytest.raises(RuntimeError, match="killed"):
+        train_logged(
+            prepared, tmp_path / "crashed", tiny_sd, caplog, config=config, state_dir=state
+        )
+    monkeypatch.setattr(Training, "step", step)
+    _, lines = train_logged(
+        prepared, tmp_path / "resumed", tiny_sd, caplog, config=config, state_dir=state
+    )
+    assert "resumed from step 4" in lines
+    whole, resumed = (tmp_path / run / "checkpoints" / "samples" for run in ("whole", "resumed"))
+    assert sorted(p.name for p in resumed.iterdir()) == sorted(p.name for p in whole.iterdir())
+    assert all((resumed / p.name).read_bytes() == p.read_bytes() for p in whole.iterdir())
