@@ -11,6 +11,7 @@
 #   results/<ds>/loss.png               loss curve (TensorBoard logs in results/<ds>/tensorboard)
 #   exports/<ds>.safetensors            kohya format for AUTOMATIC1111 / ComfyUI / diffusers
 #   exports/<ds>.diffusers.safetensors  diffusers format
+#   exports/<ds>.md                     model card: use, settings, tags, grid, provenance
 #   grids/<ds>.png                      XYZ grid: checkpoint step × strength × prompt
 
 

@@ -41,12 +41,21 @@ rule export:
     output:
         kohya="exports/{ds}.safetensors",
         diffusers="exports/{ds}.diffusers.safetensors",
+        card="exports/{ds}.md",
         done=done("export"),
     log:
         "logs/export/{ds}.log",
     conda:
         ENV
+    resources:
+        # verification loads the base model and the exports into it
+        mem_mb=model_mem_mb(training=False),
     params:
         name=lambda wildcards: wildcards.ds,  # the adapter's name in its metadata
+        export=setting("export"),
+        # what the exports are checked against: the base model and the network trained on it
+        base_model=lambda wildcards: config["base_model"],
+        allow_unsafe_weights=config["allow_unsafe_weights"],
+        train=setting("train"),
     script:
         "../scripts/export.py"

@@ -1,13 +1,16 @@
-from loramill.export import export_adapter
+from loramill.export_verify import export_and_verify
 from loramill.job import run
-from loramill.lora import list_checkpoints
 
 run(
     snakemake,
-    lambda: export_adapter(
-        checkpoint_path=list_checkpoints(snakemake.input.checkpoints)[-1],
-        kohya_path=snakemake.output.kohya,
-        diffusers_path=snakemake.output.diffusers,
-        output_name=snakemake.params.name,
-    ),
+    export_and_verify,
+    checkpoints_dir=snakemake.input.checkpoints,
+    kohya_path=snakemake.output.kohya,
+    diffusers_path=snakemake.output.diffusers,
+    card_path=snakemake.output.card,
+    output_name=snakemake.params.name,
+    export=snakemake.params.export,
+    base_model=snakemake.params.base_model,
+    allow_unsafe_weights=snakemake.params.allow_unsafe_weights,
+    train=snakemake.params.train,
 )

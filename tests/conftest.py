@@ -202,3 +202,28 @@ def train_logged(prepared, out, tiny_sd, caplog, config=None, **kwargs):
     with caplog.at_level(logging.INFO, logger="loramill"):
         written = train(prepared, out, tiny_sd, call=kwargs, **(config or {}))
     return written, [r.getMessage() for r in caplog.records]
+
+
+def crash_and_resume(prepared, tmp_path, tiny_sd, caplog, monkeypatch, config):
+    """Train ``config`` with a state folder, killed in its fifth step; then run it again.
+    Returns what the resumed run wrote and logged."""
+    from loramill.train import Training
+
+    step, calls = Training.step, []
+
+    def crash_at_step_5(self):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("killed")
+        return step(self)
+
+    monkeypatch.setattr(Training, "step", crash_at_step_5)
+    state = tmp_path / "state"
+    with pytest.raises(RuntimeError, match="killed"):
+        train_logged(
+            prepared, tmp_path / "crashed", tiny_sd, caplog, config=config, state_dir=state
+        )
+    monkeypatch.setattr(Training, "step", step)
+    return train_logged(
+        prepared, tmp_path / "resumed", tiny_sd, caplog, config=config, state_dir=state
+    )

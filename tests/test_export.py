@@ -197,7 +197,9 @@ def test_export_is_byte_identical_and_metadata_is_kohya_style(random_checkpoint,
     assert float(meta["ss_learning_rate"]) == 1e-4
     assert meta["ss_resolution"] == "(64, 64)" and meta["modelspec.resolution"] == "64x64"
     assert meta["ss_sd_model_name"] == "tiny-sd"
-    assert meta["ss_new_sd_model_hash"] == SAMPLE_PROVENANCE["base_model_hash"]
+    # A1111's model hashes are of a single checkpoint file; a diffusers folder has none, and
+    # its loramill hash (in the provenance) would match nothing A1111 shows
+    assert "ss_new_sd_model_hash" not in meta and "ss_sd_model_hash" not in meta
     assert meta["modelspec.sai_model_spec"] == "1.0.0"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["modelspec.implementation"] == "https://github.com/huggingface/diffusers"
@@ -207,13 +209,54 @@ def test_export_is_byte_identical_and_metadata_is_kohya_style(random_checkpoint,
 
     diffusers_meta = metadata_of(first[1])
     source_meta = read_checkpoint(random_checkpoint).metadata
-    assert diffusers_meta[ADAPTER_METADATA_KEY] == source_meta[ADAPTER_METADATA_KEY]
     assert diffusers_meta["ss_network_alpha"] == "2.0"
     assert diffusers_meta["loramill.provenance"] == source_meta["loramill.provenance"]
     diffusers_tensors = load_file(str(first[1]))
     checkpoint_tensors = load_file(str(random_checkpoint))
-    assert diffusers_tensors.keys() == checkpoint_tensors.keys()
-    assert all(torch.equal(diffusers_tensors[k], checkpoint_tensors[k]) for k in checkpoint_tensors)
+    # transformers 4's path for the text encoder (diffusers strips it for transformers 5)
+    renamed = {
+        k.replace("text_encoder.", "text_encoder.text_model.", 1): k for k in checkpoint_tensors
+    }
+    assert diffusers_tensors.keys() == renamed.keys()
+    assert all(torch.equal(diffusers_tensors[k], checkpoint_tensors[renamed[k]]) for k in renamed)
+
+
+# LoraConfig's fields in peft 0.20.0 (read from that release's dataclass), which refuses any
+# other: the diffusers file must load on transformers 4 stacks.
+PEFT_0_20_FIELDS = {
+    "alora_invocation_tokens", "alpha_pattern", "arrow_config", "auto_mapping",
+    "base_model_name_or_path", "bias", "corda_config", "ensure_weight_tying", "eva_config",
+    "exclude_modules", "fan_in_fan_out", "inference_mode", "init_lora_weights",
+    "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha",
+    "lora_bias", "lora_dropout", "lora_ga_config", "megatron_config", "megatron_core",
+    "modules_to_save", "monteclora_config", "peft_type", "peft_version", "qalora_group_size",
+    "r", "rank_pattern", "revision", "runtime_config", "target_modules", "target_parameters",
+    "task_type", "trainable_token_indices", "use_bdlora", "use_dora", "use_qalora",
+    "use_rslora", "velora_config",
+}  # fmt: skip
+
+
+def test_diffusers_adapter_metadata_is_what_older_peft_accepts(exported, random_checkpoint):
+    packed = json.loads(metadata_of(exported["diffusers"])[ADAPTER_METADATA_KEY])
+    fields = {key.partition(".")[2] for key in packed}
+    assert fields <= PEFT_0_20_FIELDS
+    assert {"r", "lora_alpha", "target_modules"} <= fields
+    source = read_checkpoint(random_checkpoint).adapter_configs
+    assert "kasa_config" in source["unet"]  # what peft 0.21 writes and 0.20 refuses
+    for component, config in source.items():
+        for field in fields:
+            assert packed[f"{component}.{field}"] == config[field]
+
+
+def test_save_precision_casts_weights_not_alphas(random_checkpoint, tmp_path):
+    paths = (tmp_path / "h.safetensors", tmp_path / "h.diffusers.safetensors")
+    export_adapter(random_checkpoint, *paths, "half", save_precision="fp16")
+    kohya, diffusers = load_file(str(paths[0])), load_file(str(paths[1]))
+    assert {t.dtype for k, t in kohya.items() if not k.endswith(".alpha")} == {torch.float16}
+    assert {t.dtype for k, t in kohya.items() if k.endswith(".alpha")} == {torch.float32}
+    assert {t.dtype for t in diffusers.values()} == {torch.float16}
+    with pytest.raises(LoramillError, match=r"export\.save_precision 'fp8': use fp32 \| fp16"):
+        export_adapter(random_checkpoint, *paths, "half", save_precision="fp8")
 
 
 def kohya_hashes(path: Path) -> tuple[str, str]:
@@ -353,3 +396,32 @@ def test_base_version_comes_from_the_model_config(tiny_sd):
     assert base_version(pipe(768, "epsilon")) == "sd_v1"
     assert base_version(pipe(1024, "epsilon")) == "sd_v2"
     assert base_version(pipe(1024, "v_prediction")) == "sd_v2-v"
+
+
+def test_training_fields_in_kohya_metadata():
+    from loramill.export import kohya_metadata
+
+    train_config = {
+        "network_target": "kohya_conv", "rank": 8, "alpha": 4, "conv_rank": None,
+        "conv_alpha": 1.0, "rank_dropout": 0.1, "module_dropout": 0.0, "network_dropout": 0.05,
+        "learning_rate": 1e-4, "unet_lr": 2e-4, "text_encoder_lr": 5e-5,
+        "gradient_accumulation_steps": 2, "max_train_epochs": 5,
+    }  # fmt: skip
+    provenance = {**SAMPLE_PROVENANCE, "train_config": train_config, "batches_per_epoch": 5}
+    metadata = {"loramill.provenance": json.dumps(provenance), "loramill.step": "12"}
+    tensors = {"lora_unet_x.lora_down.weight": torch.zeros(8, 2)}
+    meta = kohya_metadata(
+        Checkpoint({}, metadata, {"unet": {"r": 8, "lora_alpha": 4}}), tensors, "x"
+    )
+    assert meta["ss_epoch"] == "5"  # 12 steps × 2 batches, 5 batches an epoch: in the fifth
+    assert (meta["ss_unet_lr"], meta["ss_text_encoder_lr"]) == ("0.0002", "5e-05")
+    assert meta["ss_max_train_epochs"] == "5" and meta["ss_network_dropout"] == "0.05"
+    assert json.loads(meta["ss_network_args"]) == {
+        "conv_dim": "8", "conv_alpha": "1.0", "rank_dropout": "0.1",
+    }  # fmt: skip
+    plain = {**SAMPLE_PROVENANCE}  # no epochs recorded, no network options
+    metadata["loramill.provenance"] = json.dumps(plain)
+    meta = kohya_metadata(
+        Checkpoint({}, metadata, {"unet": {"r": 8, "lora_alpha": 4}}), tensors, "x"
+    )
+    assert "ss_epoch" not in meta and "ss_network_args" not in meta

@@ -39,6 +39,8 @@ def test_network_target_decides_the_modules(tiny_sd, spec, unet, conv, text):
     add_lora(pipe.unet, pipe.text_encoder, spec)
     unet_layers, text_layers = lora_layers(pipe.unet), lora_layers(pipe.text_encoder)
     assert (len(unet_layers), len(text_layers)) == (unet, text)
+    # a wrapped layer still counts as the layer it wraps (verification counts on such models)
+    assert len(network_modules(pipe.unet, "unet", spec.target)) == unet
     three_by_three = {n: s for n, s in unet_layers.items() if len(s) == 4 and s[2:] == (3, 3)}
     assert len(three_by_three) == conv
     assert all(s[0] == 2 for s in three_by_three.values())  # conv_rank

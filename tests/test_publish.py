@@ -16,7 +16,7 @@ from loramill import LoramillError
 from loramill.publish import publish
 
 DATASETS = ["alpha", "beta"]
-SUFFIXES = (".safetensors", ".diffusers.safetensors")
+SUFFIXES = (".safetensors", ".diffusers.safetensors", ".md")
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
 

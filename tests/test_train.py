@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 import torch
 from conftest import TRAIN_CONFIG as CONFIG
-from conftest import train, train_logged
+from conftest import crash_and_resume, train, train_logged
 from PIL import Image
 
 from loramill import LoramillError
@@ -119,32 +119,13 @@ def test_caches_are_reused_and_keyed_by_content(prepared, tmp_path, tiny_sd, cap
 
 
 def test_interrupted_run_resumes_bit_identical(prepared, tmp_path, tiny_sd, caplog, monkeypatch):
-    from loramill.train import Training
-
     config = {"max_train_steps": 6, "save_steps": 2}
     whole, _ = train_logged(prepared, tmp_path / "whole", tiny_sd, caplog, config=config)
-    step, calls = Training.step, []
-
-    def crash_at_step_5(self):
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("killed")
-        return step(self)
-
-    monkeypatch.setattr(Training, "step", crash_at_step_5)
-    state = tmp_path / "state"
-    with pytest.raises(RuntimeError, match="killed"):
-        train_logged(
-            prepared, tmp_path / "crashed", tiny_sd, caplog, config=config, state_dir=state
-        )
-    monkeypatch.setattr(Training, "step", step)
-    resumed, lines = train_logged(
-        prepared, tmp_path / "resumed", tiny_sd, caplog, config=config, state_dir=state
-    )
+    resumed, lines = crash_and_resume(prepared, tmp_path, tiny_sd, caplog, monkeypatch, config)
     assert "resumed from step 4" in lines
     assert [p.read_bytes() for p in resumed] == [p.read_bytes() for p in whole]
     # Finished with a constant schedule: the final state stays for a longer run, no other.
-    assert sorted(p.name for p in (state / "state").iterdir()) == ["step-000006.pt"]
+    assert sorted(p.name for p in (tmp_path / "state" / "state").iterdir()) == ["step-000006.pt"]
 
 
 def test_longer_run_continues_and_matches_a_fresh_run(prepared, tmp_path, tiny_sd, caplog):

@@ -161,6 +161,8 @@ def test_clip_skip_takes_the_earlier_layer_through_the_final_norm(tiny_sd):
          r"use loss_type: huber or smooth_l1"),
         ({"multires_noise_discount": 0.5}, r"^train\.multires_noise_discount has no effect "
          r"with train\.multires_noise_iterations: 0"),
+        ({"cache_latents": False, "vae_batch_size": 4}, r"^train\.vae_batch_size: 4 has no "
+         r"effect with train\.cache_latents: false; use cache_latents: true"),
     ],
 )  # fmt: skip
 def test_options_without_effect_are_refused_naming_both_keys(options, message):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import REPO, train_logged
+from conftest import REPO, crash_and_resume, train_logged
 from PIL import Image
 
 from loramill import LoramillError
@@ -82,28 +82,9 @@ def test_samples_are_saved_reproducible_and_leave_training_alone(
 def test_a_resumed_run_keeps_the_samples_it_does_not_render_again(
     prepared, tmp_path, tiny_sd, caplog, monkeypatch
 ):
-    from loramill.train import Training
-
     config = {**SAMPLES, "max_train_steps": 6, "save_steps": 4}
     train_logged(prepared, tmp_path / "whole", tiny_sd, caplog, config=config)
-    step, calls = Training.step, []
-
-    def crash_at_step_5(self):
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("killed")
-        return step(self)
-
-    monkeypatch.setattr(Training, "step", crash_at_step_5)
-    state = tmp_path / "state"
-    with pytest.raises(RuntimeError, match="killed"):
-        train_logged(
-            prepared, tmp_path / "crashed", tiny_sd, caplog, config=config, state_dir=state
-        )
-    monkeypatch.setattr(Training, "step", step)
-    _, lines = train_logged(
-        prepared, tmp_path / "resumed", tiny_sd, caplog, config=config, state_dir=state
-    )
+    _, lines = crash_and_resume(prepared, tmp_path, tiny_sd, caplog, monkeypatch, config)
     assert "resumed from step 4" in lines
     whole, resumed = (tmp_path / run / "checkpoints" / "samples" for run in ("whole", "resumed"))
     assert sorted(p.name for p in resumed.iterdir()) == sorted(p.name for p in whole.iterdir())

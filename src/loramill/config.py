@@ -13,7 +13,7 @@ from typing import Any
 
 from loramill import LoramillError
 
-SECTIONS = ("resize", "caption", "merge", "train", "grid")
+SECTIONS = ("resize", "caption", "merge", "train", "export", "grid")
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from loramill import LoramillError
 from loramill.files import serialize_safetensors as serialize
 from loramill.files import write_bytes
-from loramill.kohya_names import KOHYA_PREFIXES, PEFT_SUFFIXES, kohya_module
+from loramill.kohya_names import KOHYA_PREFIXES, PEFT_SUFFIXES, TE_ROOT, kohya_module
 from loramill.lora import ADAPTER_METADATA_KEY, Checkpoint, module_alpha, read_checkpoint
 
 if TYPE_CHECKING:
@@ -39,6 +39,14 @@ BASE_LABELS = {
     "sd_v2": ("sd_v2", "True", "stable-diffusion-v2-512/lora"),
     "sd_v2-v": ("sd_v2", "True", "stable-diffusion-v2-768-v/lora"),
 }
+# The LoraConfig fields an adapter needs to load as trained. peft's to_dict() writes every
+# field of the installed release, and older releases refuse the ones they do not know
+# (peft 0.20: "unexpected keyword argument 'kasa_config'").
+PORTABLE_FIELDS = (
+    "r", "lora_alpha", "target_modules", "rank_pattern", "alpha_pattern",
+    "lora_dropout", "bias", "use_dora", "use_rslora", "fan_in_fan_out",
+)  # fmt: skip
+SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
 # A1111's "legacy" (additional-networks) hash reads 64 KiB at 1 MiB into the file.
 LEGACY_OFFSET, LEGACY_LENGTH = 0x100000, 0x10000
 
@@ -115,6 +123,41 @@ def to_kohya(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     return out
 
 
+def to_diffusers(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], str]:
+    """The diffusers-format tensors and adapter metadata (JSON) of a checkpoint.
+
+    Text-encoder keys take transformers 4's ``text_model.`` path, which A1111-era stacks need
+    and diffusers strips again for transformers 5's CLIP; the adapter configs keep only
+    PORTABLE_FIELDS, so peft releases before the one that trained them load the file.
+    """
+    tensors = {}
+    for key, tensor in checkpoint.tensors.items():
+        component, _, rest = key.partition(".")
+        if component == "text_encoder" and not rest.startswith(TE_ROOT):
+            key = f"{component}.{TE_ROOT}{rest}"
+        tensors[key] = tensor
+    adapter_metadata = {
+        f"{component}.{field}": value
+        for component, config in sorted(checkpoint.adapter_configs.items())
+        for field, value in config.items()
+        if field in PORTABLE_FIELDS
+    }
+    return tensors, json.dumps(adapter_metadata, indent=2, sort_keys=True)
+
+
+def cast(tensors: dict[str, torch.Tensor], precision: str) -> dict[str, torch.Tensor]:
+    """LoRA weights in the save precision; kohya's per-module alphas stay float32 (0.1 is not
+    exact in half precision, and every loader reads them as a number)."""
+    import torch
+
+    if precision not in SAVE_PRECISIONS:
+        raise LoramillError(
+            f"export.save_precision '{precision}': use {' | '.join(SAVE_PRECISIONS)}"
+        )
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return {k: t if k.endswith(".alpha") else t.to(dtype) for k, t in tensors.items()}
+
+
 def _provenance(checkpoint: Checkpoint) -> dict[str, Any]:
     raw = checkpoint.metadata.get(PROVENANCE_KEY)
     if raw is None:
@@ -126,6 +169,30 @@ def _provenance(checkpoint: Checkpoint) -> dict[str, Any]:
     if not isinstance(provenance, dict):
         raise LoramillError(f"'{PROVENANCE_KEY}' metadata is not a JSON object")
     return provenance
+
+
+def _epoch(provenance: dict[str, Any], step: str | None) -> int | None:
+    """The epoch a step falls in (kohya's ss_epoch), from the batches an epoch has."""
+    per_epoch = provenance.get("batches_per_epoch")
+    if not per_epoch or step is None:
+        return None
+    accumulation = provenance.get("train_config", {}).get("gradient_accumulation_steps", 1)
+    return -(-int(step) * accumulation // per_epoch)
+
+
+def _network_args(train_config: dict[str, Any]) -> str | None:
+    """kohya's ss_network_args: the network options beyond dim and alpha, as JSON strings."""
+    args = {}
+    if train_config.get("network_target") == "kohya_conv":  # LoCon: conv rank and alpha
+        conv_alpha = train_config.get("conv_alpha")
+        args["conv_dim"] = str(train_config.get("conv_rank") or train_config.get("rank"))
+        args["conv_alpha"] = str(
+            conv_alpha if conv_alpha is not None else train_config.get("alpha")
+        )
+    for name in ("rank_dropout", "module_dropout"):
+        if train_config.get(name):
+            args[name] = str(train_config[name])
+    return json.dumps(args, sort_keys=True) if args else None
 
 
 def _model_name(base_model: str) -> str:
@@ -184,8 +251,13 @@ def kohya_metadata(
         "ss_learning_rate": train_config.get("learning_rate"),
         "ss_resolution": None if resolution is None else (resolution, resolution),
         "ss_sd_model_name": _model_name(str(provenance.get("base_model", ""))) or None,
-        "ss_new_sd_model_hash": provenance.get("base_model_hash"),
         "ss_steps": checkpoint.metadata.get(STEP_KEY),
+        "ss_epoch": _epoch(provenance, checkpoint.metadata.get(STEP_KEY)),
+        "ss_max_train_epochs": train_config.get("max_train_epochs"),
+        "ss_unet_lr": train_config.get("unet_lr") or train_config.get("learning_rate"),
+        "ss_text_encoder_lr": train_config.get("text_encoder_lr"),
+        "ss_network_dropout": train_config.get("network_dropout") or None,
+        "ss_network_args": _network_args(train_config),
     }
     # Checkpoints from before the label was recorded were all trained on SD1 bases.
     version, v2, architecture = BASE_LABELS[provenance.get("base_version", "sd_v1")]
@@ -222,6 +294,7 @@ def export_adapter(
     kohya_path: str | os.PathLike,
     diffusers_path: str | os.PathLike,
     output_name: str,
+    save_precision: str = "fp32",
 ) -> None:
     """Write the kohya-format and diffusers-format exports of one checkpoint."""
     from safetensors import SafetensorError
@@ -232,14 +305,14 @@ def export_adapter(
         raise LoramillError(f"{checkpoint_path}: cannot read checkpoint ({error})") from None
     try:
         # Build both files before writing either, so a bad checkpoint leaves no output.
-        kohya = to_kohya(checkpoint)
+        kohya = cast(to_kohya(checkpoint), save_precision)
         kohya_bytes = serialize(kohya, kohya_metadata(checkpoint, kohya, output_name))
-        diffusers_meta = kohya_metadata(checkpoint, checkpoint.tensors, output_name)
+        diffusers, adapter_metadata = to_diffusers(checkpoint)
+        diffusers = cast(diffusers, save_precision)
+        diffusers_meta = kohya_metadata(checkpoint, diffusers, output_name)
     except LoramillError as error:
         raise LoramillError(f"{checkpoint_path}: {error}") from None
     diffusers_meta["format"] = checkpoint.metadata.get("format", "pt")
-    # to_kohya succeeded, so the adapter configs (and thus this key) are present.
-    diffusers_meta[ADAPTER_METADATA_KEY] = checkpoint.metadata[ADAPTER_METADATA_KEY]
-    diffusers_bytes = serialize(checkpoint.tensors, diffusers_meta)
+    diffusers_meta[ADAPTER_METADATA_KEY] = adapter_metadata
     write_bytes(kohya_path, kohya_bytes)
-    write_bytes(diffusers_path, diffusers_bytes)
+    write_bytes(diffusers_path, serialize(diffusers, diffusers_meta))

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
-from loramill.kohya_names import KOHYA_PREFIXES, PEFT_SUFFIXES, kohya_module
+from loramill.kohya_names import KOHYA_PREFIXES, PEFT_SUFFIXES, TE_ROOT, kohya_module
 from loramill.lora import adapter_state, read_checkpoint
 from loramill.network import NetworkSpec
 
@@ -93,6 +93,11 @@ def read_init_weights(
     tensors = checkpoint.tensors
     if any(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in tensors):
         tensors = _from_kohya(tensors, models, str(path))
+    elif not hasattr(models.get("text_encoder"), "text_model"):
+        # diffusers-format files name the text encoder by transformers 4's path
+        te_root = "text_encoder." + TE_ROOT
+        tensors = {"text_encoder." + k.removeprefix(te_root) if k.startswith(te_root) else k: v
+                   for k, v in tensors.items()}  # fmt: skip
     for component in sorted({key.partition(".")[0] for key in tensors} - set(models)):
         raise LoramillError(
             f"train.init_from {path}: the file has {component} layers; set "

@@ -65,8 +65,14 @@ class NetworkSpec:
         return bool(self.network_dropout or self.rank_dropout or self.module_dropout)
 
 
+# Parts of a layer that peft has wrapped (also after its adapters are deleted): the wrapper
+# stands for the layer it wraps, its parts are not layers of the model.
+PEFT_PARTS = {"base_layer", "lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector"}
+
+
 def _is_pointwise(module: torch.nn.Module) -> bool:
     """A Linear or a 1×1 conv: trained at the network's rank."""
+    module = getattr(module, "base_layer", module)
     if isinstance(module, torch.nn.Linear):
         return True
     return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
@@ -78,7 +84,7 @@ def _inside(model: torch.nn.Module, blocks: tuple[str, ...]) -> dict[str, torch.
     for name, block in model.named_modules():
         if type(block).__name__ in blocks:
             for child, module in block.named_modules():
-                if child:
+                if child and not PEFT_PARTS & set(child.split(".")):
                     found[f"{name}.{child}" if name else child] = module
     return found
 
@@ -99,7 +105,7 @@ def network_modules(model: torch.nn.Module, component: str, target: str) -> dict
         for name, module in _inside(model, CONV_BLOCKS).items():
             if _is_pointwise(module):
                 chosen[name] = "rank"
-            elif isinstance(module, torch.nn.Conv2d):
+            elif isinstance(getattr(module, "base_layer", module), torch.nn.Conv2d):
                 chosen[name] = "conv"
     return dict(sorted(chosen.items()))
 

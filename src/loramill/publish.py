@@ -32,6 +32,7 @@ ARTIFACTS = (
     "results/{ds}/checkpoints",  # a folder: one .dvc file for the dataset's checkpoints
     "exports/{ds}.safetensors",
     "exports/{ds}.diffusers.safetensors",
+    "exports/{ds}.md",  # the model card
     "grids/{ds}.png",
     "grids/{ds}.json",
 )

@@ -72,6 +72,8 @@ def provenance(
         "resolution": examples.resolution,
         "buckets": dict(Counter(f"{w}x{h}" for w, h in sorted(examples.buckets))),
         "num_images": len(examples.captions),
+        # what an epoch is (the export's ss_epoch): batches over every image × repeats
+        "batches_per_epoch": batches_per_epoch(examples.buckets, cfg.train_batch_size, cfg.repeats),
         "tag_frequency": tag_frequency(examples.captions),
         "device": device,
         "versions": library_versions(),

@@ -137,6 +137,7 @@ class TrainConfig:
             ("lr_scheduler_num_cycles", 1, "lr_scheduler", "cosine_with_restarts"),
             ("lr_scheduler_power", 1.0, "lr_scheduler", "polynomial"),
             ("huber_c", 0.1, "loss_type", ("huber", "smooth_l1")),
+            ("vae_batch_size", 1, "cache_latents", "true"),  # per step: the batch is the batch
         ]
         if not self.sample_every_n_steps:  # every sample option needs samples
             for key in ("sample_prompts", "sample_sampler", "sample_steps"):
@@ -144,6 +145,8 @@ class TrainConfig:
         for key, default, owner, wanted in needs:
             value, current = getattr(self, key), getattr(self, owner)
             allowed = wanted if isinstance(wanted, tuple) else (wanted,)
+            if isinstance(current, bool):  # as YAML spells it
+                current = str(current).lower()
             if value != default and current not in allowed:
                 raise LoramillError(
                     f"train.{key}: {value} has no effect with train.{owner}: {current}; "
