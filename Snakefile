@@ -12,6 +12,7 @@
 #   exports/<ds>.safetensors            kohya format for AUTOMATIC1111 / ComfyUI / diffusers
 #   exports/<ds>.diffusers.safetensors  diffusers format
 #   exports/<ds>.md                     model card: use, settings, tags, grid, provenance
+#   exports/<ds>-steps/                 <ds>-NNNNNN.safetensors: kohya format, every checkpoint
 #   grids/<ds>.png                      XYZ grid: checkpoint step × strength × prompt
 
 

@@ -42,6 +42,8 @@ rule export:
         kohya="exports/{ds}.safetensors",
         diffusers="exports/{ds}.diffusers.safetensors",
         card="exports/{ds}.md",
+        # a kohya file of every checkpoint: <ds>-NNNNNN.safetensors
+        steps=directory("exports/{ds}-steps"),
         done=done("export"),
     log:
         "logs/export/{ds}.log",

@@ -8,6 +8,7 @@ run(
     kohya_path=snakemake.output.kohya,
     diffusers_path=snakemake.output.diffusers,
     card_path=snakemake.output.card,
+    steps_dir=snakemake.output.steps,
     output_name=snakemake.params.name,
     export=snakemake.params.export,
     base_model=snakemake.params.base_model,

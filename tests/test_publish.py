@@ -22,11 +22,13 @@ GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
 def artifacts(ds):
     exports = [f"exports/{ds}{s}" for s in SUFFIXES]
-    return [f"results/{ds}/checkpoints", *exports, f"grids/{ds}.png", f"grids/{ds}.json"]
+    checkpoints, steps = f"results/{ds}/checkpoints", f"exports/{ds}-steps"
+    return [checkpoints, *exports, steps, f"grids/{ds}.png", f"grids/{ds}.json"]
 
 
 ALL = [path for ds in DATASETS for path in artifacts(ds)]
-FILES = [path for path in ALL if not path.endswith("checkpoints")]
+FOLDERS = [path for path in ALL if path.endswith(("checkpoints", "-steps"))]
+FILES = [path for path in ALL if path not in FOLDERS]
 
 
 def git(*args, cwd):
@@ -77,9 +79,7 @@ def project(template, tmp_path):
         f"['remote \"store\"']\n    url = {store}\n"
     )
     for path in ALL:
-        file = (
-            root / path / "step-000001.safetensors" if path.endswith("checkpoints") else root / path
-        )
+        file = root / path / "step-000001.safetensors" if path in FOLDERS else root / path
         write(file, os.urandom(256) + path.encode())
     return root, store
 
@@ -96,7 +96,7 @@ def test_publish_tracks_each_artifact_and_pushes_it(project):
     status = run_tool("dvc", "status", "-c", "--json", cwd=root).stdout
     assert json.loads(status) == {}
     # artifacts (a folder: its manifest and file), data manifest, 2 images
-    assert len(remote_objects(store)) == len(ALL) + len(DATASETS) + 1 + 2
+    assert len(remote_objects(store)) == len(ALL) + len(FOLDERS) + 1 + 2
     # git sees the .dvc files but not the artifacts, and the printed line stages all of them.
     for path in ALL:
         assert git("check-ignore", "-q", path, cwd=root).returncode == 0
@@ -147,7 +147,7 @@ def test_unchanged_artifact_missing_from_cache_is_pushed_anyway(project):
     run_tool("dvc", "add", "-q", "data", cwd=root)
     report = publish(root, DATASETS)
     assert not report.changed
-    assert len(remote_objects(store)) == len(ALL) + len(DATASETS) + 3
+    assert len(remote_objects(store)) == len(ALL) + len(FOLDERS) + 3
 
 
 @pytest.mark.parametrize("how", ["by name", "by url"])
@@ -222,6 +222,6 @@ def test_fresh_clone_pulls_identical_artifacts(project, tmp_path):
     subprocess.run(["git", "clone", "-q", str(root), str(clone)], check=True)
     assert not (clone / "exports" / "alpha.safetensors").exists()
     run_tool("dvc", "pull", "-q", cwd=clone)
-    checkpoints = [f"results/{ds}/checkpoints/step-000001.safetensors" for ds in DATASETS]
-    for path in [*FILES, *checkpoints, "data/alpha/images/a.png", "data/beta/images/b.png"]:
+    in_folders = [f"{folder}/step-000001.safetensors" for folder in FOLDERS]
+    for path in [*FILES, *in_folders, "data/alpha/images/a.png", "data/beta/images/b.png"]:
         assert (clone / path).read_bytes() == (root / path).read_bytes(), path

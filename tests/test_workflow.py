@@ -30,6 +30,11 @@ def test_every_dataset_gets_an_export_and_a_grid(demo_run):
         assert keys and all(k.startswith(("lora_unet_", "lora_te_")) for k in keys)
         assert metadata["ss_output_name"] == ds
         assert (demo_run / "exports" / f"{ds}.diffusers.safetensors").stat().st_size > 0
+        # a kohya file of every checkpoint, and the model card
+        checkpoints = sorted((demo_run / "results" / ds / "checkpoints").glob("step-*.safetensors"))
+        steps = sorted(p.name for p in (demo_run / "exports" / f"{ds}-steps").iterdir())
+        assert steps == [f"{ds}-{p.name.removeprefix('step-')}" for p in checkpoints]
+        assert f"<lora:{ds}:0.7>" in (demo_run / "exports" / f"{ds}.md").read_text()
         cells = json.loads((demo_run / "grids" / f"{ds}.json").read_text())
         with Image.open(demo_run / "grids" / f"{ds}.png") as grid:
             assert grid.size[0] > 0

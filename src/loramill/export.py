@@ -292,11 +292,12 @@ def kohya_metadata(
 def export_adapter(
     checkpoint_path: str | os.PathLike,
     kohya_path: str | os.PathLike,
-    diffusers_path: str | os.PathLike,
+    diffusers_path: str | os.PathLike | None,
     output_name: str,
     save_precision: str = "fp32",
 ) -> None:
-    """Write the kohya-format and diffusers-format exports of one checkpoint."""
+    """Write the kohya-format export of one checkpoint, and its diffusers-format one unless
+    ``diffusers_path`` is None."""
     from safetensors import SafetensorError
 
     try:
@@ -315,4 +316,5 @@ def export_adapter(
     diffusers_meta["format"] = checkpoint.metadata.get("format", "pt")
     diffusers_meta[ADAPTER_METADATA_KEY] = adapter_metadata
     write_bytes(kohya_path, kohya_bytes)
-    write_bytes(diffusers_path, serialize(diffusers, diffusers_meta))
+    if diffusers_path is not None:
+        write_bytes(diffusers_path, serialize(diffusers, diffusers_meta))

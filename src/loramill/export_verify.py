@@ -178,31 +178,42 @@ def verify_exports(
         log.info("%s: %s", path, ", ".join(f"{n} {c} modules" for c, n in expected.items()))
 
 
+def step_export_name(name: str, checkpoint: Path) -> str:
+    """``<ds>-NNNNNN.safetensors`` (kohya's naming of intermediate saves) for checkpoint
+    ``step-NNNNNN.safetensors``: distinct names when several land in one models/Lora/."""
+    return f"{name}-{checkpoint.name.removeprefix('step-')}"
+
+
 def export_and_verify(
     checkpoints_dir: str | os.PathLike,
     kohya_path: str | os.PathLike,
     diffusers_path: str | os.PathLike,
     card_path: str | os.PathLike,
+    steps_dir: str | os.PathLike,
     output_name: str,
     export: dict[str, Any],
     base_model: str,
     allow_unsafe_weights: bool,
     train: dict[str, Any],
 ) -> None:
-    """The export job: both files of the last checkpoint, their verification against the
-    base model (a failure fails the job, and Snakemake removes the files), the model card."""
+    """The export job: both files of the last checkpoint and a kohya file of every
+    checkpoint, their verification against the base model (a failure fails the job, and
+    Snakemake removes the files), the model card."""
     from loramill.export import export_adapter
     from loramill.lora import list_checkpoints
     from loramill.model import load_pipeline
     from loramill.model_card import write_model_card
     from loramill.train_config import TrainConfig
 
-    final = list_checkpoints(checkpoints_dir)[-1]
-    export_adapter(final, kohya_path, diffusers_path, output_name, export["save_precision"])
+    checkpoints, precision = list_checkpoints(checkpoints_dir), export["save_precision"]
+    export_adapter(checkpoints[-1], kohya_path, diffusers_path, output_name, precision)
+    paths = [Path(kohya_path), Path(diffusers_path)]
+    for checkpoint in checkpoints:  # picking the best step from the grid is what users do next
+        paths.append(Path(steps_dir) / step_export_name(output_name, checkpoint))
+        export_adapter(checkpoint, paths[-1], None, output_name, precision)
     cfg = TrainConfig.from_dict(train)
     trained = {"unet", "text_encoder"} if cfg.train_text_encoder else {"unet"}
     pipe = load_pipeline(base_model, "float32", allow_unsafe_weights)
-    paths = [Path(kohya_path), Path(diffusers_path)]
     verify_exports(paths, pipe.unet, pipe.text_encoder, cfg.network_target, trained)
     grid = os.path.relpath(Path("grids") / f"{output_name}.png", Path(card_path).parent)
     write_model_card(kohya_path, card_path, output_name, grid)

@@ -33,6 +33,7 @@ ARTIFACTS = (
     "exports/{ds}.safetensors",
     "exports/{ds}.diffusers.safetensors",
     "exports/{ds}.md",  # the model card
+    "exports/{ds}-steps",  # a folder: one kohya file per checkpoint
     "grids/{ds}.png",
     "grids/{ds}.json",
 )
