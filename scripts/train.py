@@ -1,3 +1,4 @@
+from loramill.fingerprints import stage_provenance
 from loramill.job import run
 from loramill.train import train_lora
 from loramill.train_state import state_dir
@@ -7,7 +8,10 @@ run(
     train_lora,
     # Resumable state is keyed on what the job receives, so only a run of the same
     # trajectory picks it up.
-    from_fingerprint=lambda parts: {"state_dir": state_dir(parts, snakemake.params.train)},
+    from_fingerprint=lambda parts: {
+        "state_dir": state_dir(parts, snakemake.params.train),
+        "stage": stage_provenance(parts),
+    },
     resized_dir=snakemake.input.resized,
     captions_jsonl=snakemake.input.captions,
     checkpoints_dir=snakemake.output.checkpoints,

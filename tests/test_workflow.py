@@ -32,9 +32,14 @@ def test_every_dataset_gets_an_export_and_a_grid(demo_run):
         assert (demo_run / "exports" / f"{ds}.diffusers.safetensors").stat().st_size > 0
         # a kohya file of every checkpoint, and the model card
         checkpoints = sorted((demo_run / "results" / ds / "checkpoints").glob("step-*.safetensors"))
-        steps = sorted(p.name for p in (demo_run / "exports" / f"{ds}-steps").iterdir())
+        steps = sorted(p.name for p in (demo_run / "exports" / f"{ds}-steps").glob("*.safetensors"))
         assert steps == [f"{ds}-{p.name.removeprefix('step-')}" for p in checkpoints]
         assert f"<lora:{ds}:0.7>" in (demo_run / "exports" / f"{ds}.md").read_text()
+        # the adapter names the train stage that made it: the key of that stage's lock
+        lock = json.loads((demo_run / "locks" / ds / "train.json").read_text())
+        stage = json.loads(metadata["loramill.provenance"])["stage"]
+        assert stage["fingerprint"] == lock["fingerprint"]
+        assert stage["inputs"] == lock["components"]["inputs"]
         cells = json.loads((demo_run / "grids" / f"{ds}.json").read_text())
         with Image.open(demo_run / "grids" / f"{ds}.png") as grid:
             assert grid.size[0] > 0

@@ -116,6 +116,19 @@ def _dataset_folder(job: Job, path: str) -> str | None:
     return relative if relative in SUFFIXES else None
 
 
+def stage_provenance(parts: dict[str, Any]) -> dict[str, Any]:
+    """What an adapter's metadata says of the stage that trained it: its fingerprint (the key
+    of locks/<ds>/train.json) and the parts a reader checks — the data it received, the base
+    model's content, the software; the effective config is in the provenance already."""
+    params = parts.get("params", {})
+    return {
+        "fingerprint": fingerprint(parts),
+        "inputs": parts.get("inputs", {}),
+        "base_model": params.get("base_model"),
+        "software": parts.get("software", {}),
+    }
+
+
 def components(job: Job, produced: Callable[[str, str], str], hashes: HashCache) -> dict[str, Any]:
     """The fingerprint's parts. ``produced(name, path)`` is the hash of an input another stage
     makes: its producer's lock when planning, the file itself inside the job."""

@@ -334,11 +334,13 @@ def train_lora(
     state_dir: str | os.PathLike | None = None,
     loss_png: str | os.PathLike | None = None,
     cache_root: str | os.PathLike = CACHE_ROOT,
+    stage: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Train and write ``step-NNNNNN.safetensors`` checkpoints; return their paths.
 
     With ``state_dir``, the full state is saved there at every checkpoint step and a rerun
-    resumes from it (see loramill.train_state).
+    resumes from it (see loramill.train_state). ``stage``: the train stage's fingerprint and
+    its parts, for the checkpoints' provenance (loramill.fingerprints.stage_provenance).
     """
     cfg = TrainConfig.from_dict(config)
     torch.set_num_threads(cfg.threads)
@@ -353,6 +355,8 @@ def train_lora(
     data = f"{hashes.digest(resized_dir)}:{hashes.file(captions_jsonl)}"
     source = (base_model, trigger, allow_unsafe_weights, data)
     training, record = prepare(cfg, accelerator, examples, source, Path(cache_root), hashes)
+    if stage:
+        record["stage"] = stage
     run = RunState(state_dir) if state_dir else None
     needed = checkpoint_steps(cfg.max_train_steps, cfg.save_steps)
     start, history = resume(training, run, needed)
