@@ -30,21 +30,23 @@ log = logging.getLogger(__name__)
 ADAPTER = "loramill_verify"
 
 
-def file_modules(path: Path) -> dict[str, set[str]]:
-    """The LoRA modules of an export, by component, in kohya spelling."""
-    tensors = read_checkpoint(path).tensors
+def module_of(key: str) -> tuple[str, str]:
+    """(component, kohya module name) of an export's tensor key, in either format."""
+    if key.startswith(tuple(KOHYA_PREFIXES.values())):
+        name = key.split(".", 1)[0]
+        return "unet" if name.startswith(KOHYA_PREFIXES["unet"]) else "text_encoder", name
+    component, _, rest = key.partition(".")
+    module = rest.removesuffix(".lora_A.weight").removesuffix(".lora_B.weight")
+    return component, kohya_module(component, module)
+
+
+def file_modules(tensors: dict[str, Any]) -> dict[str, set[str]]:
+    """The LoRA modules of an export's tensors, by component, in kohya spelling."""
     modules: dict[str, set[str]] = {c: set() for c in COMPONENTS}
     for key in tensors:
-        if key.endswith(".alpha"):
-            continue
-        if key.startswith(tuple(KOHYA_PREFIXES.values())):
-            name = key.split(".", 1)[0]
-            component = "unet" if name.startswith(KOHYA_PREFIXES["unet"]) else "text_encoder"
-        else:
-            component, _, rest = key.partition(".")
-            module = rest.removesuffix(".lora_A.weight").removesuffix(".lora_B.weight")
-            name = kohya_module(component, module)
-        modules[component].add(name)
+        if not key.endswith(".alpha"):
+            component, name = module_of(key)
+            modules[component].add(name)
     return modules
 
 
@@ -62,8 +64,9 @@ def loaded_modules(models: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return found
 
 
-def check_diffusers_load(path: Path, models: dict[str, Any]) -> None:
-    """Load ``path`` as diffusers does; every module must land, with the file's weights."""
+def check_diffusers_load(path: Path, tensors: dict[str, Any], models: dict[str, Any]) -> None:
+    """Load ``path`` as diffusers does; every module of ``tensors`` (the file's) must land,
+    with the file's weights."""
     from diffusers import StableDiffusionPipeline as Loader
 
     state, alphas, metadata = Loader.lora_state_dict(str(path), return_lora_metadata=True)
@@ -75,7 +78,7 @@ def check_diffusers_load(path: Path, models: dict[str, Any]) -> None:
             state, alphas, models["text_encoder"], prefix="text_encoder",
             adapter_name=ADAPTER, metadata=metadata,
         )  # fmt: skip
-    in_file, loaded = file_modules(path), loaded_modules(models)
+    in_file, loaded = file_modules(tensors), loaded_modules(models)
     for component in COMPONENTS:
         missing = sorted(in_file[component] - set(loaded[component]))
         extra = sorted(set(loaded[component]) - in_file[component])
@@ -85,17 +88,8 @@ def check_diffusers_load(path: Path, models: dict[str, Any]) -> None:
                 f"{path}: diffusers left {len(missing)} {component} LoRA modules unloaded and "
                 f"made {len(extra)} it does not hold (first: {first})"
             )
-    _check_weights(path, loaded)
-
-
-def _check_weights(path: Path, loaded: dict[str, dict[str, Any]]) -> None:
-    """Each loaded down matrix is the file's (kohya lora_down / peft lora_A)."""
-    tensors = read_checkpoint(path).tensors
-    down = {}
-    for key, tensor in tensors.items():
-        if key.endswith((".lora_down.weight", ".lora_A.weight")):
-            component, module = _module_of(key)
-            down[kohya_module(component, module) if module else key.split(".")[0]] = tensor
+    down = {module_of(k)[1]: t for k, t in tensors.items()
+            if k.endswith((".lora_down.weight", ".lora_A.weight"))}  # fmt: skip
     for layers in loaded.values():
         for name, layer in layers.items():
             weight = layer.lora_A[ADAPTER].weight.detach().cpu()
@@ -103,28 +97,23 @@ def _check_weights(path: Path, loaded: dict[str, dict[str, Any]]) -> None:
                 raise LoramillError(f"{path}: {name} loaded other weights than the file holds")
 
 
-def _module_of(key: str) -> tuple[str, str]:
-    """(component, peft module path) of a peft key, or (component, "") of a kohya key."""
-    if key.startswith(tuple(KOHYA_PREFIXES.values())):
-        component = "unet" if key.startswith(KOHYA_PREFIXES["unet"]) else "text_encoder"
-        return component, ""
-    component, _, rest = key.partition(".")
-    return component, rest.removesuffix(".lora_A.weight")
-
-
-def check_tool_names(path: Path, layout: LdmLayout, text_encoder: bool) -> None:
-    """Every kohya module maps to an LDM module by A1111's and ComfyUI's rules. Text-encoder
-    modules only for SD1.x's CLIP-L (``text_encoder``): SD2's OpenCLIP has other rules."""
-    modules = file_modules(path)
+def check_tool_names(
+    path: Path, modules: dict[str, set[str]], layout: LdmLayout, text_encoder: bool
+) -> None:
+    """Every kohya module (``modules``: the file's) maps to an LDM module by A1111's and
+    ComfyUI's rules. Text-encoder modules only for SD1.x's CLIP-L (``text_encoder``): SD2's
+    OpenCLIP has other rules."""
     for name in sorted(modules["unet"] | (modules["text_encoder"] if text_encoder else set())):
         for tool, target in (("AUTOMATIC1111", layout.a1111), ("ComfyUI", layout.comfyui)):
             if target(name) is None:
                 raise LoramillError(f"{path}: {tool} maps '{name}' to no module; it would skip it")
 
 
-def check_counts(path: Path, expected: dict[str, int], target: str) -> None:
+def check_counts(
+    path: Path, modules: dict[str, set[str]], expected: dict[str, int], target: str
+) -> None:
     """The file holds exactly the modules the configured network trains on this base."""
-    counts = Counter({c: len(m) for c, m in file_modules(path).items()})
+    counts = Counter({c: len(m) for c, m in modules.items()})
     for component, count in expected.items():
         if counts[component] != count:
             raise LoramillError(
@@ -167,10 +156,12 @@ def verify_exports(
         log.info("not the SD1.x/2.x UNet layout: A1111 and ComfyUI names not checked")
     base = probe(unet)
     for path in paths:
-        check_counts(path, expected, target)
+        tensors = read_checkpoint(path).tensors  # read once for every check
+        modules = file_modules(tensors)
+        check_counts(path, modules, expected, target)
         if standard:
-            check_tool_names(path, layout, sd1)
-        check_diffusers_load(path, models)
+            check_tool_names(path, modules, layout, sd1)
+        check_diffusers_load(path, tensors, models)
         check_strength_zero(path, unet, base)
         unet.delete_adapters(ADAPTER)
         if ADAPTER in getattr(text_encoder, "peft_config", {}):
