@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import re
@@ -14,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
 from loramill import LoramillError
-from loramill.export import export_adapter, to_kohya
+from loramill.export import data_hash, export_adapter, to_kohya
 from loramill.lora import ADAPTER_METADATA_KEY, Checkpoint, read_checkpoint
 from loramill.model import load_pipeline
 from loramill.network import NetworkSpec, add_lora
@@ -176,7 +177,10 @@ def test_real_sd15_architecture_names():
     assert all(KOHYA_KEY.match(k) for k in kohya)
 
 
-def test_export_is_byte_identical_and_metadata_is_kohya_style(random_checkpoint, tmp_path):
+def test_export_is_byte_identical_and_metadata_is_kohya_style(
+    random_checkpoint, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
     first = (tmp_path / "a.safetensors", tmp_path / "a.diffusers.safetensors")
     second = (tmp_path / "b.safetensors", tmp_path / "b.diffusers.safetensors")
     export_adapter(random_checkpoint, *first, "sample")
@@ -203,7 +207,8 @@ def test_export_is_byte_identical_and_metadata_is_kohya_style(random_checkpoint,
     assert meta["modelspec.sai_model_spec"] == "1.0.0"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
     assert meta["modelspec.implementation"] == "https://github.com/huggingface/diffusers"
-    assert not any("date" in key or "time" in key for key in meta)
+    assert meta["modelspec.date"] == "2023-11-14"  # the day of SOURCE_DATE_EPOCH, in UTC
+    assert not any("time" in key for key in meta)
     assert json.loads(meta["loramill.provenance"]) == SAMPLE_PROVENANCE
     assert meta["loramill.step"] == "1"
 
@@ -425,3 +430,25 @@ def test_training_fields_in_kohya_metadata():
         Checkpoint({}, metadata, {"unet": {"r": 8, "lora_alpha": 4}}), tensors, "x"
     )
     assert "ss_epoch" not in meta and "ss_network_args" not in meta
+
+
+def test_export_date_is_the_day_written_and_never_reaches_tensors_or_hashes(
+    random_checkpoint, tmp_path, monkeypatch
+):
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    before = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    export_adapter(random_checkpoint, tmp_path / "now.safetensors", None, "sample")
+    after = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    assert metadata_of(tmp_path / "now.safetensors")["modelspec.date"] in {before, after}
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")
+    export_adapter(random_checkpoint, tmp_path / "epoch.safetensors", None, "sample")
+    now, epoch = (metadata_of(tmp_path / f"{n}.safetensors") for n in ("now", "epoch"))
+    assert epoch["modelspec.date"] == "1970-01-01"
+    assert {k for k in now if now[k] != epoch[k]} == {"modelspec.date"}
+    assert data_hash((tmp_path / "now.safetensors").read_bytes()) == now["sshs_model_hash"]
+
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(LoramillError, match="SOURCE_DATE_EPOCH='yesterday'"):
+        export_adapter(random_checkpoint, tmp_path / "bad.safetensors", None, "sample")
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -8,6 +8,7 @@ and a silently half-loaded adapter is the failure users complain about most.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -225,14 +226,34 @@ def safetensors_hashes(
     return data_hash(serialized), hashlib.sha256(legacy).hexdigest()[:8]
 
 
+def creation_date() -> str:
+    """``modelspec.date``: the UTC day the file is written, or the day of ``SOURCE_DATE_EPOCH``.
+
+    A date, not a time, and only in the header: tensors and hashes never see it, and two exports
+    on one day are byte-identical. SOURCE_DATE_EPOCH (the reproducible-builds convention)
+    pins it, so a rebuild matches a published file byte for byte.
+    """
+    raw = os.environ.get("SOURCE_DATE_EPOCH")
+    if raw is None:
+        moment = datetime.datetime.now(datetime.timezone.utc)
+    else:
+        try:
+            moment = datetime.datetime.fromtimestamp(int(raw), datetime.timezone.utc)
+        except (ValueError, OverflowError, OSError):
+            raise LoramillError(
+                f"SOURCE_DATE_EPOCH={raw!r} is not a count of seconds since 1970"
+            ) from None
+    return moment.date().isoformat()
+
+
 def kohya_metadata(
     checkpoint: Checkpoint, tensors: Mapping[str, torch.Tensor], output_name: str
 ) -> dict[str, str]:
     """String metadata for an exported file holding ``tensors``.
 
     Values are written the way kohya sd-scripts writes them (``str()`` of its Python
-    values) so metadata viewers and model sites parse them. Nothing time-dependent: the
-    same checkpoint must export to the same bytes.
+    values) so metadata viewers and model sites parse them. The one time-dependent value is
+    ``modelspec.date`` (see creation_date).
     """
     provenance = _provenance(checkpoint)
     # kohya has one dim/alpha per file; the UNet's is the one users set (and the TE's match).
@@ -277,6 +298,7 @@ def kohya_metadata(
         **{k: str(v) for k, v in optional.items() if v is not None},
         **MODELSPEC,
         "modelspec.title": output_name,
+        "modelspec.date": creation_date(),
     }
     if resolution is not None:
         metadata["modelspec.resolution"] = f"{resolution}x{resolution}"

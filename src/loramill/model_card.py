@@ -73,6 +73,7 @@ def model_card(kohya_path: str | os.PathLike, name: str, grid: str) -> str:
                 ("data fingerprint", f"`{provenance.get('data_fingerprint', '?')}`"),
                 ("base model hash", f"`{provenance.get('base_model_hash', '?')}`"),
                 ("seed", provenance.get("seed")),
+                ("exported", metadata.get("modelspec.date", "?")),
                 (
                     "libraries",
                     ", ".join(f"{k} {v}" for k, v in provenance.get("versions", {}).items()),
