@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install lock publish gc seed-edits
+.PHONY: demo test install lock publish gc seed-edits report
 
 demo: $(VENV)/.installed
 	$(BIN)/dvc pull
@@ -19,6 +19,10 @@ test: $(VENV)/.installed
 
 install: $(VENV)/.installed
 
+# One self-contained page of every dataset's grid, loss curve and model card (after a run).
+report: $(VENV)/.installed
+	$(BIN)/snakemake --report report.html train_all
+
 # Push changed exports and grids (one .dvc file each) and data/ to your own DVC remote.
 publish: $(VENV)/.installed
 	$(BIN)/python -m loramill.publish
@@ -28,10 +32,12 @@ publish: $(VENV)/.installed
 seed-edits: $(VENV)/.installed
 	$(BIN)/python -m loramill.seed_edits $(DS)
 
-# Free disk: drop the run-cache entries (.cache/runs) that no lock in locks/ references.
+# Free disk: drop the run-cache entries (.cache/runs) that no lock in locks/ references, and
+# the cached grid cells (.cache/grid) that no grid in grids/ shows.
 # `$(BIN)/python -m loramill.run_cache gc --max-size 20G` keeps the most recently used instead.
 gc: $(VENV)/.installed
 	$(BIN)/python -m loramill.run_cache gc
+	$(BIN)/python -m loramill.grid_render gc
 
 # torch is pinned to 2.13.0 and everything else is constrained by the lock file, so pip never
 # swaps in a newer torch with its several GB of CUDA wheels. open-clip-torch only carries the

@@ -14,6 +14,11 @@
 #   exports/<ds>.md                     model card: use, settings, tags, grid, provenance
 #   exports/<ds>-steps/                 <ds>-NNNNNN.safetensors: kohya format, every checkpoint
 #   grids/<ds>.png                      XYZ grid: checkpoint step × strength × prompt
+#   grids/<ds>.json                     every cell: settings, adapter hash, box, page
+#   grids/<ds>-pages/                   page-N.png: the grid's pages (more than one past
+#                                       grid.max_megapixels)
+#
+#   snakemake --report report.html train_all    one page: grids, loss curves, model cards
 
 
 from snakemake.utils import min_version
@@ -22,6 +27,9 @@ min_version("9.27")
 
 
 configfile: "config/config.yaml"
+
+
+report: "report/workflow.rst"
 
 
 include: "rules/common.smk"

@@ -34,10 +34,11 @@ except LoramillError as error:
 
 from loramill.buckets import BucketSpec
 from loramill.caption import captioner_class
-from loramill.config import check_replaced_keys, dataset_config, describe, grid_prompts
+from loramill.config import check_replaced_keys, dataset_config, describe, grid_settings
 from loramill.devices import uses_gpu
 from loramill.fingerprints import CONDA_ENV_VAR
 from loramill.gates import done_marker, ensure_markers, stale_gate
+from loramill.grid_plan import check_grid
 from loramill.hashing import DEFAULT_DB, HashCache, hash_file
 from loramill.model import job_mem_mb, resolve_base_model
 from loramill.stage_rules import rule_stage
@@ -63,6 +64,11 @@ def check_dataset(ds, settings):
             train.check_device("cpu")
         if train.init_from and not Path(train.init_from).is_file():
             raise LoramillError(f"train.init_from: {train.init_from} is not a file")
+        check_grid(
+            grid_settings(
+                settings["grid"], settings["trigger"], settings["resize"]["resolution"]
+            )
+        )
     except LoramillError as error:
         raise LoramillError(f"config: datasets.{ds}.{error}") from None
     images = Path(settings["path"]) / "images"

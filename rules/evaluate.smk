@@ -1,4 +1,4 @@
-# Evaluation: XYZ grid of checkpoint step × LoRA strength × prompt.
+# Evaluation: the X/Y/Z grid (default: checkpoint step × LoRA strength × prompt).
 
 
 rule grid:
@@ -8,6 +8,15 @@ rule grid:
     output:
         grid="grids/{ds}.png",
         cells="grids/{ds}.json",
+        # every page, page-N.png (a grid over max_megapixels has several; the first is
+        # grids/<ds>.png too)
+        pages=report(
+            directory("grids/{ds}-pages"),
+            patterns=["{page}.png"],
+            caption="../report/grid.rst",
+            category="Grids",
+            labels={"dataset": "{ds}", "page": "{page}"},
+        ),
         done=done("grid"),
     log:
         "logs/grid/{ds}.log",
@@ -21,12 +30,11 @@ rule grid:
     params:
         base_model=lambda wildcards: config["base_model"],
         allow_unsafe_weights=config["allow_unsafe_weights"],
-        grid=setting("grid"),
-        prompts=lambda wildcards: grid_prompts(
-            DATASETS[wildcards.ds]["grid"]["prompts"],
+        grid=lambda wildcards: grid_settings(
+            DATASETS[wildcards.ds]["grid"],
             DATASETS[wildcards.ds]["trigger"],
+            DATASETS[wildcards.ds]["resize"]["resolution"],
         ),
-        resolution=setting("resize", "resolution"),
         # the caption encoding the adapter was trained with
         clip_skip=setting("train", "clip_skip"),
         max_token_length=setting("train", "max_token_length"),

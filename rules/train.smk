@@ -8,12 +8,17 @@ rule train:
         gate=gate("train"),
     output:
         checkpoints=directory("results/{ds}/checkpoints"),
+        loss=report(
+            "results/{ds}/loss.png",
+            caption="../report/loss.rst",
+            category="Loss curves",
+            labels={"dataset": "{ds}"},
+        ),
         done=done("train"),
     log:
         "logs/train/{ds}.log",
-        # logs of the run, kept with it in the run-cache but no part of its result
+        # the run's log, kept with it in the run-cache but no part of its result
         tensorboard=directory("results/{ds}/tensorboard"),
-        loss="results/{ds}/loss.png",
     benchmark:
         "benchmarks/train/{ds}.tsv"
     conda:
@@ -41,7 +46,12 @@ rule export:
     output:
         kohya="exports/{ds}.safetensors",
         diffusers="exports/{ds}.diffusers.safetensors",
-        card="exports/{ds}.md",
+        card=report(
+            "exports/{ds}.md",
+            caption="../report/card.rst",
+            category="Model cards",
+            labels={"dataset": "{ds}"},
+        ),
         # a kohya file of every checkpoint: <ds>-NNNNNN.safetensors
         steps=directory("exports/{ds}-steps"),
         done=done("export"),

@@ -16,7 +16,7 @@ run(
     captions_jsonl=snakemake.input.captions,
     checkpoints_dir=snakemake.output.checkpoints,
     logdir=snakemake.log.tensorboard,
-    loss_png=snakemake.log.loss,
+    loss_png=snakemake.output.loss,
     base_model=snakemake.params.base_model,
     config=snakemake.params.train,
     trigger=snakemake.params.trigger,

@@ -436,9 +436,9 @@ def test_export_date_is_the_day_written_and_never_reaches_tensors_or_hashes(
     random_checkpoint, tmp_path, monkeypatch
 ):
     monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
-    before = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    before = datetime.datetime.now(datetime.UTC).date().isoformat()
     export_adapter(random_checkpoint, tmp_path / "now.safetensors", None, "sample")
-    after = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    after = datetime.datetime.now(datetime.UTC).date().isoformat()
     assert metadata_of(tmp_path / "now.safetensors")["modelspec.date"] in {before, after}
 
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "0")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,20 @@ from loramill.grid import render_grid
 
 PROMPTS = ["a photo of a cat", "smplx, a red circle on a white background"]
 STRENGTHS = [0.0, 1.0]
-SETTINGS = {"seed": 1234, "num_inference_steps": 2, "guidance_scale": 5.0, "resolution": 64}
+SETTINGS = {
+    "x": "checkpoint", "y": "strength", "z": "prompt", "checkpoints": "all",
+    "prompts": PROMPTS, "strengths": STRENGTHS, "negative_prompt": "", "seed": 1234,
+    "num_inference_steps": 2, "guidance_scale": 5.0, "sampler": "default", "resolution": 64,
+    "dtype": "float32", "batch_size": "auto", "max_megapixels": 64,
+}  # fmt: skip
+
+
+def draw(base, files, out: Path, cache: Path, stem: str = "g", **changes):
+    """render_grid with the test settings; outputs ``out/<stem>.png|json`` and pages."""
+    return render_grid(
+        base, files, {**SETTINGS, **changes}, out / f"{stem}.png", out / f"{stem}.json",
+        out / f"{stem}-pages", name=stem, cache_dir=cache, device="cpu",
+    )  # fmt: skip
 
 
 def _with_step(source: Path, target: Path, step: int) -> Path:
@@ -74,21 +88,20 @@ def grid(tiny_sd, tmp_path_factory):
         tmp / "step-000020.safetensors",
         20,
     )
-    out = tmp / "out"
-    render_grid(
-        tiny_sd, [ckpt40, ckpt20], STRENGTHS, PROMPTS, out / "a.png", out / "a.json", **SETTINGS
-    )
-    render_grid(
-        tiny_sd, [ckpt20, ckpt40], STRENGTHS, PROMPTS, out / "b.png", out / "b.json", **SETTINGS
-    )
+    out, cache = tmp / "out", tmp / "cache"
+    first = draw(tiny_sd, [ckpt40, ckpt20], out, cache, "a")
+    # The same grid again, checkpoints given in another order, from an empty cache
+    draw(tiny_sd, [ckpt20, ckpt40], out, tmp / "cache-b", "b")
     description = json.loads((out / "a.json").read_text())
     image = np.asarray(Image.open(out / "a.png").convert("RGB"))
     return {
         "out": out,
+        "cache": cache,
+        "stats": first,
         "json": description,
         "image": image,
         "ckpts": {20: ckpt20, 40: ckpt40},
-        "scale": description["layout"]["scale"],
+        "scale": 256 // SETTINGS["resolution"],  # 64 px cells shown at 256 px
     }
 
 
@@ -96,7 +109,7 @@ def _cell(grid, prompt: str, step: int, strength: float) -> np.ndarray:
     (cell,) = [
         c
         for c in grid["json"]["cells"]
-        if (c["prompt"], c["step"], c["strength"]) == (prompt, step, strength)
+        if (c["prompt"], c["step"], c["unet_strength"]) == (prompt, step, strength)
     ]
     x0, y0, x1, y1 = cell["box"]
     return grid["image"][y0:y1, x0:x1]
@@ -109,29 +122,31 @@ def _upscaled(image: Image.Image, scale: int) -> np.ndarray:
 
 def test_axes_and_cells_are_described(grid):
     d = grid["json"]
-    assert d["axes"]["x"] == {"name": "step", "values": [20, 40]}
-    assert d["axes"]["y"] == {"name": "strength", "values": STRENGTHS}
-    assert d["axes"]["z"] == {"name": "prompt", "values": PROMPTS}
-    assert d["checkpoints"] == [
-        {"file": "step-000020.safetensors", "step": 20},
-        {"file": "step-000040.safetensors", "step": 40},
+    assert d["axes"]["x"]["values"] == [20, 40]
+    assert d["axes"]["x"]["labels"] == ["Step: 20", "Step: 40"]
+    assert d["axes"]["y"]["values"] == [[0.0, 0.0], [1.0, 1.0]]
+    assert d["axes"]["z"]["values"] == PROMPTS
+    assert [(c["step"], c["file"]) for c in d["checkpoints"]] == [
+        (20, "step-000020.safetensors"),
+        (40, "step-000040.safetensors"),
     ]
-    assert (d["seed"], d["num_inference_steps"], d["guidance_scale"]) == (1234, 2, 5.0)
-    assert Path(d["base_model"]).name == "tiny-sd"
+    assert len({c["adapter_hash"] for c in d["checkpoints"]}) == 2
+    assert Path(d["base_model"]).name == "tiny-sd" and len(d["base_model_hash"]) == 64
     assert len(d["cells"]) == len(PROMPTS) * len(STRENGTHS) * 2
     for cell in d["cells"]:
-        assert cell["checkpoint"] == f"step-{cell['step']:06d}.safetensors"
-    texts = {label["text"] for label in d["labels"]}
+        assert (cell["seed"], cell["num_inference_steps"], cell["guidance_scale"]) == (1234, 2, 5)
+    texts = {label["text"] for label in d["pages"][0]["labels"]}
     assert {"Step: 20", "Step: 40", "Strength: 0", "Strength: 1"} <= texts
     assert {f"Prompt: {p}" for p in PROMPTS} <= texts
+    # the base-model row is drawn once per prompt, not once per checkpoint
+    assert (grid["stats"].rendered, grid["stats"].reused) == (6, 2)
 
 
 def test_png_size_follows_layout(grid):
     d, image = grid["json"], grid["image"]
-    cell = d["layout"]["cell_size"]
-    assert cell == SETTINGS["resolution"] * grid["scale"] and cell >= 256
-    assert image.shape[:2] == (d["layout"]["height"], d["layout"]["width"])
-    boxes = {(c["prompt"], c["strength"], c["step"]): c["box"] for c in d["cells"]}
+    cell = SETTINGS["resolution"] * grid["scale"]
+    assert image.shape[:2] == (d["pages"][0]["height"], d["pages"][0]["width"])
+    boxes = {(c["prompt"], c["unet_strength"], c["step"]): c["box"] for c in d["cells"]}
     left = boxes[(PROMPTS[0], 0.0, 20)][0]
     assert left > 0  # room for the row labels
     tops = []
@@ -171,7 +186,7 @@ def test_strength_one_shows_each_checkpoint(grid, reference):
 def test_labels_are_drawn_outside_the_cells(grid):
     d, image = grid["json"], grid["image"]
     cells = [c["box"] for c in d["cells"]]
-    for label in d["labels"]:
+    for label in d["pages"][0]["labels"]:
         x0, y0, x1, y1 = label["box"]
         assert 0 <= x0 < x1 <= image.shape[1] and 0 <= y0 < y1 <= image.shape[0], label
         for cx0, cy0, cx1, cy1 in cells:
@@ -185,51 +200,119 @@ def test_labels_are_drawn_outside_the_cells(grid):
             assert image[y0:y1, :left].min() < 100
     for prompt in PROMPTS:
         top = min(c["box"][1] for c in d["cells"] if c["prompt"] == prompt)
-        assert image[top - d["layout"]["cell_size"] // 8 : top, left:].min() < 100
+        assert image[top - 32 : top, left:].min() < 100
+
+
+def test_settings_and_hashes_are_in_the_png(grid):
+    with Image.open(grid["out"] / "a.png") as image:
+        text = dict(image.text)
+    assert text["parameters"].startswith(f"{PROMPTS[0]}\nNegative prompt: \nSteps: 2, ")
+    assert (
+        "Script: X/Y/Z plot, X Type: checkpoint, X Values: Step: 20, Step: 40"
+        in (text["parameters"])
+    )
+    chunk = json.loads(text["loramill.grid"])
+    assert chunk["base_model_hash"] == grid["json"]["base_model_hash"]
+    assert chunk["checkpoints"] == grid["json"]["checkpoints"]
+    assert chunk["render"]["dtype"] == "float32" and "diffusers" in chunk["render"]["software"]
 
 
 def test_rendering_is_byte_identical(grid):
     out = grid["out"]
     assert (out / "a.png").read_bytes() == (out / "b.png").read_bytes()
-    assert (out / "a.json").read_bytes() == (out / "b.json").read_bytes()
+    a, b = (json.loads((out / f"{n}.json").read_text()) for n in "ab")
+    assert a == b
+    assert [p.name for p in (out / "a-pages").iterdir()] == ["page-1.png"]
+    assert (out / "a-pages" / "page-1.png").read_bytes() == (out / "a.png").read_bytes()
 
 
-@pytest.mark.parametrize(
-    ("checkpoints", "strengths", "prompts", "message"),
-    [
-        ([], STRENGTHS, PROMPTS, "no checkpoints"),
-        (None, [], PROMPTS, "no LoRA strengths"),
-        (None, STRENGTHS, [], "no prompts"),
-    ],
-)
-def test_empty_axis_is_refused(grid, tiny_sd, tmp_path, checkpoints, strengths, prompts, message):
-    checkpoints = list(grid["ckpts"].values()) if checkpoints is None else checkpoints
-    with pytest.raises(LoramillError, match=message):
-        render_grid(
-            tiny_sd,
-            checkpoints,
-            strengths,
-            prompts,
-            tmp_path / "g.png",
-            tmp_path / "g.json",
-            **SETTINGS,
+def test_one_more_strength_renders_only_the_new_cells(grid, tiny_sd, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="loramill.grid")
+    stats = draw(tiny_sd, list(grid["ckpts"].values()), tmp_path, grid["cache"], "more",
+                 strengths=[0.0, 0.5, 1.0])  # fmt: skip
+    assert (stats.rendered, stats.reused) == (2 * len(PROMPTS), 8)
+    assert "grid more: 4 rendered, 8 reused" in caplog.messages
+    more = json.loads((tmp_path / "more.json").read_text())
+    image = np.asarray(Image.open(tmp_path / "more.png").convert("RGB"))
+    for cell in more["cells"]:
+        if cell["unet_strength"] != 0.5:  # the reused cells show the same pixels
+            x0, y0, x1, y1 = cell["box"]
+            old = _cell(grid, cell["prompt"], cell["step"], cell["unet_strength"])
+            assert np.array_equal(image[y0:y1, x0:x1], old)
+
+
+def test_a_grid_the_cache_holds_loads_no_model(grid, tiny_sd, tmp_path, monkeypatch):
+    import loramill.model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loramill.model, "load_pipeline", refuse)
+    stats = draw(tiny_sd, list(grid["ckpts"].values()), tmp_path, grid["cache"], "again")
+    assert (stats.rendered, stats.reused) == (0, 8)
+    assert (tmp_path / "again.png").read_bytes() == (grid["out"] / "a.png").read_bytes()
+    # a damaged cache entry is drawn again, not trusted
+    cached = sorted(grid["cache"].rglob("*.png"))
+    cached[0].write_bytes(b"not a png")
+    monkeypatch.undo()
+    assert draw(tiny_sd, list(grid["ckpts"].values()), tmp_path, grid["cache"]).rendered == 1
+
+
+def test_a_grid_over_the_cap_is_paged(grid, tiny_sd, tmp_path):
+    whole = grid["json"]["pages"][0]
+    cap = whole["width"] * whole["height"] * 0.4 / 1e6
+    stats = draw(tiny_sd, list(grid["ckpts"].values()), tmp_path, grid["cache"], "paged",
+                 max_megapixels=cap)  # fmt: skip
+    d = json.loads((tmp_path / "paged.json").read_text())
+    files = sorted((tmp_path / "paged-pages").iterdir(), key=lambda f: int(f.stem.split("-")[-1]))
+    assert files[0].read_bytes() == (tmp_path / "paged.png").read_bytes()
+    assert stats.pages == len(d["pages"]) == len(files) > 1
+    assert [p["file"] for p in d["pages"]] == [f.name for f in files]
+    for page, path in zip(d["pages"], files, strict=True):
+        with Image.open(path) as image:
+            assert image.size == (page["width"], page["height"])
+            assert image.width * image.height <= cap * 1e6
+    # every cell once, on some page, with the pixels of the one-page grid
+    keys = sorted(c["key"] for c in d["cells"])
+    assert keys == sorted(c["key"] for c in grid["json"]["cells"])
+    pages = {
+        p["page"]: np.asarray(Image.open(f).convert("RGB"))
+        for p, f in zip(d["pages"], files, strict=True)
+    }
+    for cell in d["cells"]:
+        x0, y0, x1, y1 = cell["box"]
+        shown = pages[cell["page"]][y0:y1, x0:x1]
+        assert np.array_equal(
+            shown, _cell(grid, cell["prompt"], cell["step"], cell["unet_strength"])
         )
-    assert not (tmp_path / "g.png").exists()
+
+
+def test_batched_cells_match_single_ones_within_rounding(grid, tiny_sd, tmp_path):
+    draw(tiny_sd, [grid["ckpts"][20]], tmp_path, tmp_path / "cache", "batched", batch_size=4,
+         x="seed", seed=[1234, 5], checkpoints=[20])  # fmt: skip
+    d = json.loads((tmp_path / "batched.json").read_text())
+    image = np.asarray(Image.open(tmp_path / "batched.png").convert("RGB")).astype(int)
+    for cell in d["cells"]:
+        if cell["seed"] == 1234:
+            x0, y0, x1, y1 = cell["box"]
+            single = _cell(grid, cell["prompt"], 20, cell["unet_strength"]).astype(int)
+            assert np.abs(image[y0:y1, x0:x1] - single).max() <= 2
+
+
+def test_a_bad_setting_fails_before_the_model_loads(grid, tiny_sd, tmp_path):
+    with pytest.raises(LoramillError, match=r"grid\.prompt_sr: 'dog'"):
+        draw(tiny_sd, [grid["ckpts"][20]], tmp_path, tmp_path / "c", z="prompt_sr",
+             prompts=PROMPTS[:1], prompt_sr=["dog", "cow"])  # fmt: skip
+    with pytest.raises(LoramillError, match=r"grid\.checkpoints: no checkpoint at step 30"):
+        draw(tiny_sd, [grid["ckpts"][20]], tmp_path, tmp_path / "c", checkpoints=[20, 30])
+    assert not (tmp_path / "g.png").exists() and not (tmp_path / "c").exists()
 
 
 def test_unreadable_checkpoint_is_named(grid, tiny_sd, tmp_path):
     corrupt = tmp_path / "step-000099.safetensors"
     corrupt.write_bytes(b"this is not a safetensors file")
     with pytest.raises(LoramillError, match=r"step-000099\.safetensors: cannot read"):
-        render_grid(
-            tiny_sd,
-            [grid["ckpts"][20], corrupt],
-            STRENGTHS,
-            PROMPTS,
-            tmp_path / "g.png",
-            tmp_path / "g.json",
-            **SETTINGS,
-        )
+        draw(tiny_sd, [grid["ckpts"][20], corrupt], tmp_path, tmp_path / "c")
     assert not (tmp_path / "g.png").exists()
 
 
@@ -239,15 +322,7 @@ def test_checkpoint_without_step_is_named(grid, tiny_sd, tmp_path):
     stepless = tmp_path / "final.safetensors"
     save_file(load_file(str(grid["ckpts"][20])), str(stepless))
     with pytest.raises(LoramillError, match=r"final\.safetensors: no integer 'loramill\.step'"):
-        render_grid(
-            tiny_sd,
-            [stepless],
-            STRENGTHS,
-            PROMPTS,
-            tmp_path / "g.png",
-            tmp_path / "g.json",
-            **SETTINGS,
-        )
+        draw(tiny_sd, [stepless], tmp_path, tmp_path / "c")
 
 
 def test_partial_load_is_refused(grid, tiny_sd, tmp_path):
@@ -263,32 +338,48 @@ def test_partial_load_is_refused(grid, tiny_sd, tmp_path):
     misfit = tmp_path / "step-000030.safetensors"
     save_file(tensors, str(misfit), metadata=metadata)
     with pytest.raises(LoramillError, match=r"step-000030\.safetensors: \d+ of \d+ unet LoRA"):
-        render_grid(
-            tiny_sd,
-            [misfit],
-            STRENGTHS,
-            PROMPTS,
-            tmp_path / "g.png",
-            tmp_path / "g.json",
-            **SETTINGS,
-        )
+        draw(tiny_sd, [misfit], tmp_path, tmp_path / "c")
     assert not (tmp_path / "g.png").exists()
 
 
 def test_the_grid_encodes_prompts_as_training_did(grid, tiny_sd, tmp_path):
-    ckpt = grid["ckpts"][20]
-    render_grid(
-        tiny_sd, [ckpt], [0.0], PROMPTS[:1], tmp_path / "s.png", tmp_path / "s.json", **SETTINGS
-    )
-    render_grid(
-        tiny_sd, [ckpt], [0.0], PROMPTS[:1], tmp_path / "k.png", tmp_path / "k.json",
-        clip_skip=2, **SETTINGS,
-    )  # fmt: skip
-    render_grid(
-        tiny_sd, [ckpt], [0.0], PROMPTS[:1], tmp_path / "l.png", tmp_path / "l.json",
-        max_token_length=150, **SETTINGS,
-    )  # fmt: skip
+    ckpt, cache = grid["ckpts"][20], tmp_path / "c"
+    one = {"strengths": [0.0], "prompts": PROMPTS[:1]}
+    render = {
+        "s": {},
+        "k": {"clip_skip": 2},
+        "l": {"max_token_length": 150},  # a longer (padded) sequence
+    }
+    for stem, how in render.items():
+        render_grid(tiny_sd, [ckpt], {**SETTINGS, **one}, tmp_path / f"{stem}.png",
+                    tmp_path / f"{stem}.json", cache_dir=cache, device="cpu", **how)  # fmt: skip
     same = np.asarray(Image.open(tmp_path / "s.png"))
-    for other in ("k.png", "l.png"):  # another layer; a longer (padded) sequence
+    for other in ("k.png", "l.png"):
         changed = np.asarray(Image.open(tmp_path / other))
         assert same.shape == changed.shape and np.abs(same.astype(int) - changed).max() > 0
+
+
+def test_sampler_and_resolution_axes_render_what_they_name(grid, tiny_sd, reference, tmp_path):
+    one = {"strengths": [0.0], "prompts": PROMPTS[:1], "checkpoints": [20]}
+    draw(tiny_sd, [grid["ckpts"][20]], tmp_path, tmp_path / "c", "s", x="sampler", z="none",
+         sampler=["default", "ddim", "EulerDiscreteScheduler"], **one)  # fmt: skip
+    d = json.loads((tmp_path / "s.json").read_text())
+    image = np.asarray(Image.open(tmp_path / "s.png").convert("RGB"))
+    shown = {c["sampler"]: image[c["box"][1] : c["box"][3], c["box"][0] : c["box"][2]]
+             for c in d["cells"]}  # fmt: skip
+    assert np.array_equal(shown["default"], _upscaled(reference(PROMPTS[0]), grid["scale"]))
+    assert not np.array_equal(shown["ddim"], shown["default"])
+    assert not np.array_equal(shown["EulerDiscreteScheduler"], shown["default"])
+
+    draw(tiny_sd, [grid["ckpts"][20]], tmp_path, tmp_path / "c", "r", x="resolution", z="none",
+         resolution=[32, 64], **one)  # fmt: skip
+    d = json.loads((tmp_path / "r.json").read_text())
+    image = np.asarray(Image.open(tmp_path / "r.png").convert("RGB"))
+    small, large = sorted(d["cells"], key=lambda c: c["resolution"])
+    # one cell size for the grid (the largest resolution's); the 32 px image sits centred in it
+    (x0, y0, x1, y1), scale = small["box"], 256 // 64
+    assert x1 - x0 == y1 - y0 == 64 * scale == large["box"][2] - large["box"][0]
+    margin = (64 - 32) * scale // 2
+    inner = image[y0 + margin : y1 - margin, x0 + margin : x1 - margin]
+    assert inner.shape[:2] == (32 * scale, 32 * scale) and inner.std() > 0
+    assert (image[y0 : y0 + margin, x0:x1] == 255).all()  # background above it

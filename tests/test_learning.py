@@ -29,30 +29,29 @@ SEEDS = range(8)
 
 def strength_distances(checkout: Path, ds: str, checkpoint: Path, out: Path) -> list[float]:
     """Edge distance to the training images at each of STRENGTHS, over SEEDS and the demo
-    grid's prompts."""
+    grid's prompts: one grid, seed across, strength down, prompt as sub-grids."""
     config = yaml.safe_load((checkout / "config" / "config.yaml").read_text())
     demo_grid = json.loads((checkout / "grids" / f"{ds}.json").read_text())
-    settings = {k: demo_grid[k] for k in ("num_inference_steps", "guidance_scale", "resolution")}
+    demo_cell = demo_grid["cells"][0]
+    settings = {
+        **{k: demo_cell[k] for k in ("num_inference_steps", "guidance_scale", "resolution")},
+        "x": "seed", "y": "strength", "z": "prompt", "seed": list(SEEDS),
+        "strengths": STRENGTHS, "prompts": demo_grid["axes"]["z"]["values"],
+        "negative_prompt": "", "sampler": "default", "dtype": "float32",
+    }  # fmt: skip
+    png, description = out / "seeds.png", out / "seeds.json"
+    render_grid(
+        str(checkout / config["base_model"]), [checkpoint], settings, png, description,
+        out / "pages", device="cpu", cache_dir=out / "cache",
+    )  # fmt: skip
+    layout = json.loads(description.read_text())
+    assert len(layout["pages"]) == 1
     cells: dict[float, list[Image.Image]] = {s: [] for s in STRENGTHS}
-    for seed in SEEDS:
-        png, description = out / f"seed{seed}.png", out / f"seed{seed}.json"
-        render_grid(
-            str(checkout / config["base_model"]),
-            [checkpoint],
-            STRENGTHS,
-            demo_grid["axes"]["z"]["values"],
-            png,
-            description,
-            seed=seed,
-            device="cpu",
-            **settings,
-        )
-        layout = json.loads(description.read_text())
-        with Image.open(png) as grid:
-            for cell in layout["cells"]:
-                # Cells are NEAREST-enlarged pipeline outputs: shrinking back is exact.
-                image = grid.crop(cell["box"]).resize((settings["resolution"],) * 2, Image.NEAREST)
-                cells[cell["strength"]].append(image)
+    with Image.open(png) as grid:
+        for cell in layout["cells"]:
+            # Cells are NEAREST-enlarged pipeline outputs: shrinking back is exact.
+            image = grid.crop(cell["box"]).resize((settings["resolution"],) * 2, Image.NEAREST)
+            cells[cell["unet_strength"]].append(image)
     resized = checkout / "results" / ds / "resized"
     training = [Image.open(p).convert("RGB") for p in sorted(resized.glob("*.png"))]
     assert training

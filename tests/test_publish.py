@@ -23,11 +23,12 @@ GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 def artifacts(ds):
     exports = [f"exports/{ds}{s}" for s in SUFFIXES]
     checkpoints, steps = f"results/{ds}/checkpoints", f"exports/{ds}-steps"
-    return [checkpoints, *exports, steps, f"grids/{ds}.png", f"grids/{ds}.json"]
+    grids = [f"grids/{ds}.png", f"grids/{ds}.json", f"grids/{ds}-pages"]
+    return [checkpoints, *exports, steps, *grids]
 
 
 ALL = [path for ds in DATASETS for path in artifacts(ds)]
-FOLDERS = [path for path in ALL if path.endswith(("checkpoints", "-steps"))]
+FOLDERS = [path for path in ALL if path.endswith(("checkpoints", "-steps", "-pages"))]
 FILES = [path for path in ALL if path not in FOLDERS]
 
 

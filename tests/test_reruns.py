@@ -205,7 +205,7 @@ def test_teammate_changes_a_grid_axis_after_clone_and_pull(base, tmp_path):
     ran = run(teammate)[1]
     assert ran == computed(teammate, ran) == {("grid", A), ("grid", B)}
     cells = json.loads((teammate / "grids" / f"{A}.json").read_text())["cells"]
-    assert {cell["strength"] for cell in cells} == {0.0, 0.5, 1.0}
+    assert {cell["unet_strength"] for cell in cells} == {0.0, 0.5, 1.0}
 
 
 # --- plans: what Snakemake would schedule -----------------------------------------------------
@@ -257,7 +257,7 @@ def test_change_to_the_code_that_builds_grid_prompts_plans_grids_only(repo):
     edit_code(repo, "config.py", '.strip(" ,")', '.strip(" ,") + ", high quality"')
     result, ran = dry_run(repo)
     assert ran == {("grid", A), ("grid", B)}
-    assert f"stale: grid {A}: config prompts changed" in result.stderr
+    assert f"stale: grid {A}: config grid.prompts changed" in result.stderr
 
 
 def test_caption_edit_plans_merge_onward_and_says_why(repo):

@@ -258,6 +258,13 @@ def test_make_gc(project):
     write_text("locks/ds/train.json", json.dumps({"fingerprint": FP1}))
     for fingerprint in (FP1, FP2, FP3):
         make_entry(fingerprint, 2048, last_used=100)
+    # grid cells: the one grids/ shows stays, the other goes
+    shown, unused = "ab" * 32, "cd" * 32
+    write_text("grids/ds.json", json.dumps({"cells": [{"key": shown}]}))
+    for key in (shown, unused, "ef" * 32):
+        write_text(f".cache/grid/{key[:2]}/{key}.png", "x" * 1024)
+        if key != "ef" * 32:  # the third was just drawn: a grid job may be using it
+            os.utime(f".cache/grid/{key[:2]}/{key}.png", (100, 100))
     shutil.copy(REPO / "Makefile", "Makefile")
     venv = Path(sys.executable).parent.parent
     result = subprocess.run(
@@ -270,3 +277,5 @@ def test_make_gc(project):
         result.stdout
     )
     assert [p.name for p in run_cache.RUNS.iterdir()] == [FP1]
+    assert "grid cells: 1 removed (1.0 KB)" in result.stdout
+    assert sorted(p.stem for p in Path(".cache/grid").rglob("*.png")) == [shown, "ef" * 32]

@@ -92,6 +92,52 @@ def unet_pairs(config: Any) -> dict[str, str]:
     return pairs
 
 
+# The VAE's LDM names, by rewriting diffusers' (ordered: the up blocks' numbering runs
+# backwards, so they are renamed through a placeholder first).
+VAE_RULES = (
+    (r"^(encoder|decoder)\.down_blocks\.(\d+)\.resnets\.", r"\1.down.\2.block."),
+    (r"^(encoder|decoder)\.down_blocks\.(\d+)\.downsamplers\.0\.", r"\1.down.\2.downsample."),
+    (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.mid.block_1."),
+    (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.mid.block_2."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.", r"\1.mid.attn_1.norm."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_(q|k|v)\.", r"\1.mid.attn_1.\2."),
+    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.", r"\1.mid.attn_1.proj_out."),
+    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
+    (r"\.conv_shortcut\.", ".nin_shortcut."),
+)
+
+
+def vae_ldm_name(key: str, up_blocks: int) -> str:
+    """The LDM name of a diffusers VAE weight (``up_blocks`` = the decoder's block count)."""
+    match = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)$", key)
+    if match:
+        block, part, rest = match.groups()
+        part = "block" if part == "resnets" else "upsample"
+        key = f"decoder.up.{up_blocks - 1 - int(block)}.{part}.{rest}"
+    for pattern, replacement in VAE_RULES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def ldm_checkpoint(pipe: Any) -> dict[str, Any]:
+    """A Stable Diffusion 1.x/2.x pipeline's weights as one LDM (single-file) state dict:
+    the layout AUTOMATIC1111 and ComfyUI checkpoints have."""
+    unet = {diffusers: ldm for ldm, diffusers in unet_pairs(pipe.unet.config).items()}
+    state: dict[str, Any] = {}
+    for key, tensor in pipe.unet.state_dict().items():
+        module, _, param = key.rpartition(".")
+        state[f"model.diffusion_model.{unet[module]}.{param}"] = tensor
+    up_blocks = len(pipe.vae.config.up_block_types)
+    for key, tensor in pipe.vae.state_dict().items():
+        name = vae_ldm_name(key, up_blocks)
+        attention = ".mid.attn_1." in name and tensor.ndim == 2
+        state[f"first_stage_model.{name}"] = tensor[:, :, None, None] if attention else tensor
+    for key, tensor in pipe.text_encoder.state_dict().items():
+        key = key if key.startswith("text_model.") else f"text_model.{key}"
+        state[f"cond_stage_model.transformer.{key}"] = tensor
+    return state
+
+
 def text_encoder_layout(layers: int) -> set[str]:
     """The SD1.x text encoder's LoRA-able modules as A1111 names them (the CLIP model sits at
     ``transformer`` in the LDM model, transformers 4's ``text_model`` level included)."""

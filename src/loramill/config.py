@@ -89,3 +89,14 @@ def check_replaced_keys(config: dict[str, Any]) -> None:
 
 def grid_prompts(prompts: list[str], trigger: str) -> list[str]:
     return [p.replace("{trigger}", trigger).strip(" ,") for p in prompts]
+
+
+def grid_settings(grid: dict[str, Any], trigger: str, resolution: int) -> dict[str, Any]:
+    """A dataset's grid settings as the grid job takes them: ``{trigger}`` filled in, and
+    the training resolution where none is set."""
+    settings = {**grid, "prompts": grid_prompts(grid["prompts"], trigger)}
+    if grid.get("prompt_sr"):
+        settings["prompt_sr"] = [v.replace("{trigger}", trigger) for v in grid["prompt_sr"]]
+    if settings.get("resolution") is None:
+        settings["resolution"] = resolution
+    return settings

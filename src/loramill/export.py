@@ -196,10 +196,10 @@ def _network_args(train_config: dict[str, Any]) -> str | None:
     return json.dumps(args, sort_keys=True) if args else None
 
 
-def _model_name(base_model: str) -> str:
+def _model_name(base_model: str) -> str | None:
     # kohya's rule: a local path is recorded by its last component, a hub id as given.
     path = Path(base_model)
-    return path.name if path.exists() else base_model
+    return (path.name if path.exists() else base_model) or None
 
 
 def data_hash(serialized: bytes) -> str:
@@ -235,15 +235,40 @@ def creation_date() -> str:
     """
     raw = os.environ.get("SOURCE_DATE_EPOCH")
     if raw is None:
-        moment = datetime.datetime.now(datetime.timezone.utc)
+        moment = datetime.datetime.now(datetime.UTC)
     else:
         try:
-            moment = datetime.datetime.fromtimestamp(int(raw), datetime.timezone.utc)
+            moment = datetime.datetime.fromtimestamp(int(raw), datetime.UTC)
         except (ValueError, OverflowError, OSError):
             raise LoramillError(
                 f"SOURCE_DATE_EPOCH={raw!r} is not a count of seconds since 1970"
             ) from None
     return moment.date().isoformat()
+
+
+def _training_fields(provenance: dict[str, Any], step: str | None) -> dict[str, Any]:
+    """kohya's ss_* fields that a checkpoint may lack (None: left out)."""
+    train_config = provenance.get("train_config") or {}
+    source = provenance.get("base_model_file") or {}
+    resolution = provenance.get("resolution")
+    return {
+        "ss_seed": provenance.get("seed"),
+        "ss_num_train_images": provenance.get("num_images"),
+        "ss_max_train_steps": train_config.get("max_train_steps"),
+        "ss_learning_rate": train_config.get("learning_rate"),
+        "ss_resolution": None if resolution is None else (resolution, resolution),
+        "ss_sd_model_name": source.get("file") or _model_name(provenance.get("base_model", "")),
+        # AUTOMATIC1111's hashes exist for single-file checkpoints only (loramill.single_file)
+        "ss_sd_model_hash": source.get("model_hash"),
+        "ss_new_sd_model_hash": source.get("sha256"),
+        "ss_steps": step,
+        "ss_epoch": _epoch(provenance, step),
+        "ss_max_train_epochs": train_config.get("max_train_epochs"),
+        "ss_unet_lr": train_config.get("unet_lr") or train_config.get("learning_rate"),
+        "ss_text_encoder_lr": train_config.get("text_encoder_lr"),
+        "ss_network_dropout": train_config.get("network_dropout") or None,
+        "ss_network_args": _network_args(train_config),
+    }
 
 
 def kohya_metadata(
@@ -263,23 +288,8 @@ def kohya_metadata(
         raise LoramillError(
             f"checkpoint has no adapter config (r, lora_alpha) in {ADAPTER_METADATA_KEY}"
         )
-    train_config = provenance.get("train_config") or {}
     resolution = provenance.get("resolution")
-    optional = {
-        "ss_seed": provenance.get("seed"),
-        "ss_num_train_images": provenance.get("num_images"),
-        "ss_max_train_steps": train_config.get("max_train_steps"),
-        "ss_learning_rate": train_config.get("learning_rate"),
-        "ss_resolution": None if resolution is None else (resolution, resolution),
-        "ss_sd_model_name": _model_name(str(provenance.get("base_model", ""))) or None,
-        "ss_steps": checkpoint.metadata.get(STEP_KEY),
-        "ss_epoch": _epoch(provenance, checkpoint.metadata.get(STEP_KEY)),
-        "ss_max_train_epochs": train_config.get("max_train_epochs"),
-        "ss_unet_lr": train_config.get("unet_lr") or train_config.get("learning_rate"),
-        "ss_text_encoder_lr": train_config.get("text_encoder_lr"),
-        "ss_network_dropout": train_config.get("network_dropout") or None,
-        "ss_network_args": _network_args(train_config),
-    }
+    optional = _training_fields(provenance, checkpoint.metadata.get(STEP_KEY))
     # Checkpoints from before the label was recorded were all trained on SD1 bases.
     version, v2, architecture = BASE_LABELS[provenance.get("base_version", "sd_v1")]
     metadata = {

@@ -1,332 +1,233 @@
-"""Comparison grids of LoRA checkpoints, laid out like AUTOMATIC1111's X/Y/Z plot.
+"""The evaluation grid job: plan the cells, render what the per-cell cache lacks, compose pages.
 
-X (columns) = checkpoint step, Y (rows) = LoRA strength, Z = prompt: one labelled sub-grid per
-prompt, stacked vertically. Every cell uses the same seed, so only the axis values differ
-between cells. A JSON file beside the PNG gives every cell's box for machines.
+Planning (loramill.grid_plan) and composing (loramill.grid_layout) are pure; rendering
+(loramill.grid_render) is the only part that loads a model, and it loads one only when a cell
+is missing from the cache. Images go through the cache and are read back page by page, so the
+job's memory is bounded by one page and one pipeline batch, never by the grid.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 import os
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
-from loramill.export import to_kohya
-from loramill.files import atomic_path, write_json
-from loramill.lora import COMPONENTS, Checkpoint, read_checkpoint
+from loramill.files import atomic_path, write_bytes, write_json
+from loramill.grid_layout import Labels, cell_scale, compose, grid_font, layout, paginate, png_info
+from loramill.grid_plan import POSITIONS, Cell, Plan, batches, plan_grid
+from loramill.grid_render import (
+    CACHE_DIR,
+    CellCache,
+    RenderContext,
+    Renderer,
+    adapter_hash,
+    kohya_tensors,
+)
 
-# Tiny test models render 64 px cells, unreadable next to their labels and in any image viewer.
-# Such cells are enlarged by an integer factor with NEAREST: every generated pixel becomes an
-# exact block, so nothing is invented and a cell still maps bit-for-bit to the pipeline output.
-MIN_CELL = 256
+log = logging.getLogger("loramill.grid")
 STEP_KEY = "loramill.step"
-BACKGROUND = (255, 255, 255)
-INK = (0, 0, 0)
 
 
 @dataclass(frozen=True)
-class _Checkpoint:
-    path: Path
-    step: int
+class GridStats:
+    rendered: int  # images rendered by this job
+    reused: int  # cells taken from the cache or shared with an equal cell (strength 0)
+    pages: int
 
 
-def _read_step(path: Path) -> _Checkpoint:
+def read_steps(paths: list[str | os.PathLike]) -> dict[int, Path]:
+    """step -> checkpoint file, read from each file's metadata before any model loads."""
     from safetensors import SafetensorError, safe_open
 
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-    except (OSError, SafetensorError) as error:
-        raise LoramillError(f"{path}: cannot read checkpoint ({error})") from None
-    try:
-        return _Checkpoint(path, int(metadata[STEP_KEY]))
-    except (KeyError, ValueError):
-        raise LoramillError(f"{path}: no integer '{STEP_KEY}' in its metadata") from None
+    steps: dict[int, Path] = {}
+    for path in map(Path, paths):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except (OSError, SafetensorError) as error:
+            raise LoramillError(f"{path}: cannot read checkpoint ({error})") from None
+        try:
+            step = int(metadata[STEP_KEY])
+        except (KeyError, ValueError):
+            raise LoramillError(f"{path}: no integer '{STEP_KEY}' in its metadata") from None
+        if step in steps:
+            raise LoramillError(f"{path} and {steps[step]} are both step {step}")
+        steps[step] = path
+    return steps
 
 
-def _format_strength(value: float) -> str:
-    return f"{value:g}"  # 1.0 -> "1", 0.25 -> "0.25": what a user would type
+def _render_missing(
+    cells: list[Cell], keys: dict[Cell, str], cache: CellCache, steps: dict[int, Path],
+    pipeline: dict[str, Any], batch_size: int,
+) -> int:  # fmt: skip
+    """Render the cells the cache lacks (each distinct key once); return how many."""
+    missing = list({keys[c]: c for c in cells if cache.get(keys[c]) is None}.values())
+    if not missing:
+        return 0  # nothing to draw: no model is loaded
+    from loramill.devices import resolve_device
+    from loramill.latents import Conditioning
+    from loramill.model import load_pipeline
+
+    start = time.perf_counter()
+    pipe = load_pipeline(pipeline["base_model"], pipeline["dtype"], pipeline["allow_unsafe"])
+    pipe.to(resolve_device(pipeline["device"]))
+    log.info("base model loaded in %.1f s", time.perf_counter() - start)
+    renderer = Renderer(pipe, Conditioning(*pipeline["conditioning"]))
+    loaded: int | None = None
+    groups = batches(missing, batch_size)
+    start = time.perf_counter()
+    for batch in groups:
+        step = batch[0].adapter_step
+        if step != loaded:
+            renderer.use_checkpoint(step, steps.get(step))
+            loaded = step
+        for cell, image in zip(batch, renderer.render(batch), strict=True):
+            cache.put(keys[cell], image)
+    elapsed = time.perf_counter() - start
+    log.info("%d cells in %d pipeline calls, %.1f s", len(missing), len(groups), elapsed)
+    return len(missing)
 
 
-def _wrap(text: str, font: Any, width: float) -> list[str]:
-    """Greedy word wrap; a word wider than the line is split by characters."""
-    lines: list[str] = []
-    line = ""
-    for word in text.split():
-        candidate = f"{line} {word}" if line else word
-        if font.getlength(candidate) <= width:
-            line = candidate
-            continue
-        if line:
-            lines.append(line)
-        line = ""
-        for char in word:
-            if line and font.getlength(line + char) > width:
-                lines.append(line)
-                line = ""
-            line += char
-    lines.append(line)
-    return lines
-
-
-@dataclass
-class _Layout:
-    cell: int
-    scale: int
-    width: int
-    height: int
-    # (text, x, y, anchor) for ImageDraw.text; cells[z][y][x] = (x0, y0, x1, y1)
-    texts: list[tuple[str, float, float, str]]
-    cells: list[list[list[tuple[int, int, int, int]]]]
-
-
-def _layout(
-    cell: int, scale: int, columns: list[str], rows: list[str], titles: list[str], font: Any
-) -> _Layout:
-    pad = font.size // 2
-    ascent, descent = font.getmetrics()
-    line = ascent + descent + font.size // 4
-    left = math.ceil(max(font.getlength(text) for text in rows)) + 2 * pad
-    width = left + cell * len(columns)
-    column_lines = [_wrap(text, font, cell - 2 * pad) for text in columns]
-    header = max(len(lines) for lines in column_lines) * line + 2 * pad
-
-    texts: list[tuple[str, float, float, str]] = []
-    cells: list[list[list[tuple[int, int, int, int]]]] = []
-    y = 0
-    for z, title in enumerate(titles):
-        if z:
-            y += 2 * pad  # white gap so sub-grids read as separate plots
-        title_lines = _wrap(title, font, width - 2 * pad)
-        for i, text in enumerate(title_lines):
-            texts.append((text, pad, y + pad + i * line, "la"))
-        y += len(title_lines) * line + 2 * pad
-        for c, lines in enumerate(column_lines):
-            # Bottom-align the label block so one-line labels sit just above their cells.
-            top = y + header - pad - len(lines) * line
-            for i, text in enumerate(lines):
-                texts.append((text, left + c * cell + cell / 2, top + i * line, "ma"))
-        y += header
-        grid = []
-        for r, text in enumerate(rows):
-            texts.append((text, left / 2, y + r * cell + cell / 2, "mm"))
-            x0s = [left + c * cell for c in range(len(columns))]
-            grid.append([(x0, y + r * cell, x0 + cell, y + (r + 1) * cell) for x0 in x0s])
-        cells.append(grid)
-        y += cell * len(rows)
-    return _Layout(cell, scale, width, y, texts, cells)
-
-
-@contextlib.contextmanager
-def _quiet_adapter_loading() -> Iterator[None]:
-    """Hide transformers' per-adapter "LOAD REPORT" and its progress bar.
-
-    transformers 5 reports every frozen text-encoder weight as MISSING ("newly initialized")
-    when diffusers loads a LoRA into it; that is false and alarming. Nothing is lost by hiding
-    it: _check_loaded verifies that every tensor of the checkpoint landed. Only this one logger
-    is raised to ERROR, and only while loading, so other warnings still reach the user.
-    """
-    from transformers.utils import logging as hf_logging
-
-    logger = logging.getLogger("transformers.integrations.peft")
-    level = logger.level
-    bars = hf_logging.is_progress_bar_enabled()
-    logger.setLevel(logging.ERROR)
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _check_loaded(pipe: Any, adapter: str, checkpoint: Checkpoint, path: Path) -> None:
-    """Refuse a silent partial load (DESIGN §5): every LoRA tensor in the file must be in use."""
-    from peft.utils import get_peft_model_state_dict
-
-    found = 0
-    for component in COMPONENTS:
-        wanted = set(checkpoint.component(component))
-        if not wanted:
-            continue
-        found += len(wanted)
-        loaded = set(get_peft_model_state_dict(getattr(pipe, component), adapter_name=adapter))
-        missing = sorted(wanted - loaded)
-        if missing:
-            raise LoramillError(
-                f"{path}: {len(missing)} of {len(wanted)} {component} LoRA tensors do not fit "
-                f"the base model (first: {missing[0]})"
-            )
-    if not found:
+def _cached(cache: CellCache, key: str) -> Any:
+    image = cache.get(key)
+    if image is None:
         raise LoramillError(
-            f"{path}: no unet./text_encoder. LoRA tensors (not a loramill checkpoint)"
+            f"grid: cached cell {key[:12]} vanished while the grid was drawn (a concurrent "
+            "`make gc`?); run the grid again"
         )
+    return image
+
+
+def _axes_description(plan: Plan) -> dict[str, Any]:
+    return {
+        position: {"name": axis.name, "values": list(axis.values), "labels": list(axis.labels)}
+        for position, axis in zip(POSITIONS, (plan.x, plan.y, plan.z), strict=True)
+        if axis.name
+    }
+
+
+def _parameters(plan: Plan, base_model: str) -> str:
+    """AUTOMATIC1111's ``parameters`` text for a grid: the first cell and the axes."""
+    cell = plan.cells[0][0][0]
+    axes = ", ".join(
+        f"{p.upper()} Type: {a.name}, {p.upper()} Values: {', '.join(a.labels)}"
+        for p, a in zip(POSITIONS, (plan.x, plan.y, plan.z), strict=True)
+        if a.name
+    )
+    return (
+        f"{cell.prompt}\nNegative prompt: {cell.negative_prompt}\n"
+        f"Steps: {cell.num_inference_steps}, Sampler: {cell.sampler}, "
+        f"CFG scale: {cell.guidance_scale:g}, Seed: {cell.seed}, "
+        f"Size: {cell.resolution}x{cell.resolution}, Model: {base_model}, "
+        f"Script: X/Y/Z plot, {axes}"
+    )
+
+
+def _page_paths(pages_dir: Path | None, count: int) -> list[Path | None]:
+    # Named by number only: a renamed dataset's grid is the same grid, restored, not redrawn.
+    if count > 1 and pages_dir is None:
+        raise LoramillError(f"grid: {count} pages but no folder to write them to")
+    return [pages_dir / f"page-{n}.png" if pages_dir else None for n in range(1, count + 1)]
 
 
 def render_grid(
     base_model: str,
     checkpoints: list[str | os.PathLike],
-    strengths: list[float],
-    prompts: list[str],
+    settings: dict[str, Any],
     out_png: str | os.PathLike,
     out_json: str | os.PathLike,
+    pages_dir: str | os.PathLike | None = None,
     *,
-    seed: int,
-    num_inference_steps: int,
-    guidance_scale: float,
-    resolution: int,
-    negative_prompt: str = "",
-    dtype: str = "float32",
-    allow_unsafe_weights: bool = False,
-    device: str = "auto",
+    name: str = "grid",
     clip_skip: int = 1,
     max_token_length: int = 75,
-) -> None:
-    """Render the step × strength × prompt grid to ``out_png`` and describe it in ``out_json``."""
-    if not checkpoints:
-        raise LoramillError("grid: no checkpoints to compare")
-    if not strengths:
-        raise LoramillError("grid: no LoRA strengths given")
-    if not prompts:
-        raise LoramillError("grid: no prompts given")
-    if resolution <= 0 or resolution % 8:
-        raise LoramillError(f"grid: resolution {resolution} is not a positive multiple of 8")
-    strengths = [float(s) for s in strengths]
-    if not all(math.isfinite(s) for s in strengths):
-        raise LoramillError(f"grid: LoRA strengths must be finite numbers, got {strengths}")
-    # Read every step before loading the model, so a bad file fails in a second, not minutes.
-    ckpts = sorted((_read_step(Path(p)) for p in checkpoints), key=lambda c: (c.step, c.path.name))
+    allow_unsafe_weights: bool = False,
+    device: str = "auto",
+    cache_dir: str | os.PathLike = CACHE_DIR,
+) -> GridStats:
+    """Write the grid's pages (``pages_dir/page-N.png``; the first also to ``out_png``) and
+    ``out_json``; ``name`` (the dataset) is for the log line only.
 
-    import torch
-    from PIL import Image, ImageDraw, ImageFont
-
+    ``settings``: the grid config (axes x/y/z, prompts with ``{trigger}`` resolved, strengths,
+    seed, …, resolution, dtype, batch_size, max_megapixels).
+    """
     from loramill.devices import resolve_device
-    from loramill.latents import Conditioning, prompt_arguments
-    from loramill.model import load_pipeline
+    from loramill.model import base_model_hash
 
-    columns = [f"Step: {c.step}" for c in ckpts]
-    rows = [f"Strength: {_format_strength(s)}" for s in strengths]
-    titles = [f"Prompt: {p}" for p in prompts]
-    # Font scales with the displayed cell (A1111 uses ~1/25 of the cell; a little larger here
-    # because the default font is narrow). FreeType rendering is deterministic, so equal inputs
-    # give equal PNG bytes on one installation.
-    scale = math.ceil(MIN_CELL / resolution)
-    font = ImageFont.load_default(size=max(12, resolution * scale // 16))
-    layout = _layout(resolution * scale, scale, columns, rows, titles, font)
-    canvas = Image.new("RGB", (layout.width, layout.height), BACKGROUND)
+    steps = read_steps(checkpoints)
+    plan = plan_grid(settings, list(steps))
+    cells = plan.all_cells()
+    used_steps = sorted({c.adapter_step for c in cells} - {None})
+    hashes = {step: adapter_hash(kohya_tensors(steps[step])[1]) for step in used_steps}
+    device_type = resolve_device(device).type
+    batch_size = settings.get("batch_size", "auto")
+    if batch_size == "auto":  # batched cells differ from single ones by float rounding
+        batch_size = 1 if device_type == "cpu" else 8
+    context = RenderContext(
+        base_model_hash(base_model), settings["dtype"], device_type, int(batch_size),
+        clip_skip, max_token_length,
+    )  # fmt: skip
+    keys = {cell: context.cell_key(cell, hashes.get(cell.step)) for cell in cells}
+    cache = CellCache(cache_dir)
+    pipeline = {
+        "base_model": base_model, "dtype": settings["dtype"], "device": device,
+        "allow_unsafe": allow_unsafe_weights, "conditioning": (clip_skip, max_token_length),
+    }  # fmt: skip
+    rendered = _render_missing(cells, keys, cache, steps, pipeline, int(batch_size))
+    log.info("grid %s: %d rendered, %d reused", name, rendered, len(cells) - rendered)
 
-    pipe = load_pipeline(base_model, dtype=dtype, allow_unsafe_weights=allow_unsafe_weights)
-    how = Conditioning(clip_skip, max_token_length)
-    pipe.to(resolve_device(device))
-
-    def render(prompt: str) -> Any:
-        # A fresh CPU generator per cell: every cell starts from the same latent noise whatever
-        # the render order, and a CPU generator gives the same noise on any device.
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        image = pipe(
-            **prompt_arguments(pipe, prompt, negative_prompt, how),
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            height=resolution,
-            width=resolution,
-            generator=generator,
-        ).images[0]
-        return image.resize((layout.cell, layout.cell), Image.Resampling.NEAREST)
-
-    def paste(image: Any, z: int, y: int, x: int) -> None:
-        canvas.paste(image, layout.cells[z][y][x][:2])
-
-    # Strength 0 is the base model: render it before any adapter is loaded (bit-exact, and
-    # immune to a LoRA with inf weights turning 0 * inf into NaN), once per prompt.
-    zero_rows = [y for y, s in enumerate(strengths) if s == 0]
-    if zero_rows:
-        for z, prompt in enumerate(prompts):
-            image = render(prompt)
-            for y in zero_rows:
-                for x in range(len(ckpts)):
-                    paste(image, z, y, x)
-
-    # One adapter in memory at a time: a run may have dozens of checkpoints. Each goes through
-    # the kohya export, the format AUTOMATIC1111 and ComfyUI users load, so the grid shows what
-    # they will get (and an export change re-renders the grid).
-    for x, ckpt in enumerate(ckpts):
-        adapter = f"ckpt{x}"
-        try:
-            checkpoint = read_checkpoint(ckpt.path)
-            kohya = to_kohya(checkpoint)
-            with _quiet_adapter_loading():
-                pipe.load_lora_weights(kohya, adapter_name=adapter)
-        except (OSError, ValueError, RuntimeError, KeyError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            raise LoramillError(f"{ckpt.path}: cannot load as a LoRA ({reason})") from None
-        _check_loaded(pipe, adapter, checkpoint, ckpt.path)
-        for y, strength in enumerate(strengths):
-            if strength == 0:
-                continue
-            pipe.set_adapters([adapter], [strength])
-            for z, prompt in enumerate(prompts):
-                paste(render(prompt), z, y, x)
-        pipe.delete_adapters(adapter)
-
-    draw = ImageDraw.Draw(canvas)
-    labels = []
-    for text, tx, ty, anchor in layout.texts:
-        draw.text((tx, ty), text, fill=INK, font=font, anchor=anchor)
-        box = draw.textbbox((tx, ty), text, font=font, anchor=anchor)
-        labels.append(
-            {
-                "text": text,
-                "box": [
-                    math.floor(box[0]),
-                    math.floor(box[1]),
-                    math.ceil(box[2]),
-                    math.ceil(box[3]),
-                ],
-            }
-        )
-
-    cells = [
-        {
-            "prompt": prompt,
-            "step": ckpt.step,
-            "checkpoint": ckpt.path.name,
-            "strength": strength,
-            "box": list(layout.cells[z][y][x]),
-        }
-        for z, prompt in enumerate(prompts)
-        for y, strength in enumerate(strengths)
-        for x, ckpt in enumerate(ckpts)
-    ]
     description = {
         "base_model": base_model,
-        "seed": seed,
-        "num_inference_steps": num_inference_steps,
-        "guidance_scale": guidance_scale,
-        "negative_prompt": negative_prompt,
-        "resolution": resolution,
-        "dtype": dtype,
-        "axes": {
-            "x": {"name": "step", "values": [c.step for c in ckpts]},
-            "y": {"name": "strength", "values": strengths},
-            "z": {"name": "prompt", "values": list(prompts)},
-        },
-        "checkpoints": [{"file": c.path.name, "step": c.step} for c in ckpts],
-        "layout": {
-            "width": layout.width,
-            "height": layout.height,
-            "cell_size": layout.cell,
-            "scale": layout.scale,
-        },
-        "cells": cells,
-        "labels": labels,
+        "base_model_hash": context.base_model_hash,
+        "render": {**asdict(context), "software": context.software()},
+        "axes": _axes_description(plan),
+        "checkpoints": [
+            {"step": s, "file": steps[s].name, "adapter_hash": hashes[s]} for s in used_steps
+        ],
     }
-    with atomic_path(out_png) as tmp:
-        canvas.save(tmp, format="PNG")
-    write_json(out_json, description)
+    pages = _write_pages(plan, keys, cache, settings, Path(out_png), pages_dir, name, description)
+    write_json(out_json, {**description, "pages": pages[0], "cells": pages[1]})
+    return GridStats(rendered, len(cells) - rendered, len(pages[0]))
+
+
+def _write_pages(
+    plan: Plan, keys: dict[Cell, str], cache: CellCache, settings: dict[str, Any],
+    out_png: Path, pages_dir: str | os.PathLike | None, name: str, description: dict[str, Any],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:  # fmt: skip
+    """Compose and write every page; return the pages' and the cells' descriptions."""
+    resolution = max(c.resolution for c in plan.all_cells())
+    scale = cell_scale(resolution)
+    font = grid_font(resolution * scale)
+    labels = Labels(plan.x.labels, plan.y.labels, plan.z.labels)
+    max_pixels = int(float(settings.get("max_megapixels", 64)) * 1_000_000)
+    pages = paginate(resolution * scale, labels, font, max_pixels)
+    paths = _page_paths(Path(pages_dir) if pages_dir else None, len(pages))
+    if pages_dir is not None:
+        Path(pages_dir).mkdir(parents=True, exist_ok=True)
+    page_info, cell_info = [], []
+    parameters = _parameters(plan, description["base_model"])
+    for number, (page, path) in enumerate(zip(pages, paths, strict=True), start=1):
+        # Page 1 is also out_png, the picture the model card and the README show.
+        targets = [p for p in (out_png if number == 1 else None, path) if p is not None]
+        shape = layout(resolution * scale, labels, page, font)
+        images = {cell: _cached(cache, keys[plan.cells[cell[0]][cell[1]][cell[2]]])
+                  for cell in shape.cells}  # fmt: skip
+        canvas, drawn = compose(shape, images, scale, font)
+        entry = {"page": number, "file": targets[-1].name, "width": shape.width,
+                 "height": shape.height, "labels": drawn}  # fmt: skip
+        for (z, y, x), box in shape.cells.items():
+            cell = plan.cells[z][y][x]
+            cell_info.append({**asdict(cell), "page": number, "box": list(box),
+                              "index": [z, y, x], "key": keys[cell]})  # fmt: skip
+        with atomic_path(targets[0]) as tmp:
+            # the page's own file name stays out: renaming a page keeps its bytes valid
+            chunk = {**description, **{k: v for k, v in entry.items() if k != "file"}}
+            canvas.save(tmp, format="PNG", pnginfo=png_info(parameters, chunk))
+        for extra in targets[1:]:
+            write_bytes(extra, targets[0].read_bytes())
+        page_info.append(entry)
+    return page_info, cell_info

@@ -199,13 +199,20 @@ def load_batch(cache: TensorCache, keys: Sequence[str]) -> dict[str, torch.Tenso
     return {name: torch.stack([entry[name] for entry in entries]) for name in entries[0]}
 
 
-def prompt_arguments(pipe: Any, prompt: str, negative: str, how: Any) -> dict[str, Any]:
-    """The pipeline's prompt arguments. With clip_skip or longer captions the embeddings are
-    made here, the way training made them (loramill.latents.Conditioning; diffusers' own
-    clip_skip expects transformers 4's CLIP layout)."""
+def prompt_arguments(
+    pipe: Any, prompt: str | Sequence[str], negative: str | Sequence[str], how: Any
+) -> dict[str, Any]:
+    """The pipeline's prompt arguments, for one prompt or a batch. With clip_skip or longer
+    captions the embeddings are made here, the way training made them
+    (loramill.latents.Conditioning; diffusers' own clip_skip expects transformers 4's CLIP
+    layout)."""
     if how.clip_skip <= 1 and how.max_token_length <= 75:
-        return {"prompt": prompt, "negative_prompt": negative or None}
+        if isinstance(prompt, str):
+            return {"prompt": prompt, "negative_prompt": negative or None}
+        return {"prompt": list(prompt), "negative_prompt": list(negative)}
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    negatives = [negative] if isinstance(negative, str) else list(negative)
     with torch.no_grad():
-        embeds = [encode_prompts(pipe.tokenizer, pipe.text_encoder, [text], how)
-                  for text in (prompt, negative)]  # fmt: skip
+        embeds = [encode_prompts(pipe.tokenizer, pipe.text_encoder, texts, how)
+                  for texts in (prompts, negatives)]  # fmt: skip
     return {"prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1]}

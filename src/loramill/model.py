@@ -28,6 +28,11 @@ def resolve_base_model(spec: str) -> str:
     A local path wins over a hub id of the same spelling. Errors name the ``base_model`` key.
     """
     path = Path(spec).expanduser()
+    if path.is_file():
+        raise LoramillError(
+            f"base_model '{spec}': a single-file checkpoint; convert it once with "
+            f"`python -m loramill.single_file {spec} models/{path.stem}` and use that folder"
+        )
     if path.exists():
         check_pipeline_folder(spec, path)
         return str(path)

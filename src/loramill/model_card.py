@@ -24,6 +24,13 @@ def _table(header: tuple[str, str], rows: list[tuple[Any, Any]]) -> list[str]:
     return [f"| {header[0]} | {header[1]} |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows]
 
 
+def _single_file(provenance: dict[str, Any]) -> list[tuple[str, str]]:
+    source = provenance.get("base_model_file")
+    return (
+        [("base checkpoint", f"`{source['file']}` (sha256 `{source['sha256']}`)")] if source else []
+    )
+
+
 def model_card(kohya_path: str | os.PathLike, name: str, grid: str) -> str:
     """The card's Markdown for the kohya export at ``kohya_path``; ``grid``: the evaluation
     grid's path relative to the card."""
@@ -72,6 +79,7 @@ def model_card(kohya_path: str | os.PathLike, name: str, grid: str) -> str:
             [
                 ("data fingerprint", f"`{provenance.get('data_fingerprint', '?')}`"),
                 ("base model hash", f"`{provenance.get('base_model_hash', '?')}`"),
+                *_single_file(provenance),
                 ("seed", provenance.get("seed")),
                 ("exported", metadata.get("modelspec.date", "?")),
                 (

@@ -36,6 +36,7 @@ ARTIFACTS = (
     "exports/{ds}-steps",  # a folder: one kohya file per checkpoint
     "grids/{ds}.png",
     "grids/{ds}.json",
+    "grids/{ds}-pages",  # a folder: the grid's pages after the first (empty for one page)
 )
 DEMO_REMOTE = "demo"
 DEMO_REMOTE_DIR = "dvc-demo-remote"

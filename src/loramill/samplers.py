@@ -27,9 +27,13 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def make_sampler(name: str, base_config: Any) -> Any:
-    if name not in SAMPLERS:
-        raise LoramillError(f"sampler '{name}': use one of {', '.join(SAMPLERS)}")
+    """A kohya sampler name, or a diffusers scheduler class name as it is."""
     import diffusers
 
-    class_name, extra = SAMPLERS[name]
-    return getattr(diffusers, class_name).from_config(base_config, **extra)
+    class_name, extra = SAMPLERS.get(name, (name, {}))
+    scheduler = getattr(diffusers, class_name, None) if class_name.endswith("Scheduler") else None
+    if scheduler is None:
+        raise LoramillError(
+            f"sampler '{name}': use a diffusers scheduler class or one of {', '.join(SAMPLERS)}"
+        )
+    return scheduler.from_config(base_config, **extra)

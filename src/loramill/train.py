@@ -36,9 +36,10 @@ from loramill.init_from import read_init_weights
 from loramill.latents import CACHE_ROOT, encode_prompts, load_batch, read_pixels
 from loramill.lora import load_network_state, network_state, write_checkpoint
 from loramill.merge import tag_frequency
-from loramill.model import base_model_hash, base_version, load_pipeline, use_sdpa
+from loramill.model import base_model_hash, base_version, load_pipeline, model_folder, use_sdpa
 from loramill.network import add_lora
 from loramill.optimizers import make_optimizer, make_scheduler
+from loramill.single_file import source_checkpoint
 from loramill.train_captions import CaptionVariation
 from loramill.train_config import TrainConfig, checkpoint_steps
 from loramill.train_data import Encoded, Examples, library_versions, read_examples
@@ -60,24 +61,33 @@ def provenance(
     hashes: HashCache,
 ) -> dict[str, Any]:
     init_from = {"init_from_hash": hashes.file(cfg.init_from)} if cfg.init_from else {}
+    # a base converted from a single-file checkpoint: that file's AUTOMATIC1111 hashes
+    source = source_checkpoint(model_folder(base_model))
+    single_file = {"base_model_file": source} if source else {}
     # No dataset name: training must not depend on it, so a renamed dataset keeps its adapter
     # (the export names it).
-    return {
-        "trigger": trigger,
-        "data_fingerprint": data_fingerprint,
-        "base_model": base_model,
-        "base_model_hash": base_model_hash(base_model, hashes),
-        "train_config": cfg.as_dict(),
-        "seed": cfg.seed,
-        "resolution": examples.resolution,
-        "buckets": dict(Counter(f"{w}x{h}" for w, h in sorted(examples.buckets))),
-        "num_images": len(examples.captions),
-        # what an epoch is (the export's ss_epoch): batches over every image × repeats
-        "batches_per_epoch": batches_per_epoch(examples.buckets, cfg.train_batch_size, cfg.repeats),
-        "tag_frequency": tag_frequency(examples.captions),
-        "device": device,
-        "versions": library_versions(),
-    } | init_from
+    return (
+        {
+            "trigger": trigger,
+            "data_fingerprint": data_fingerprint,
+            "base_model": base_model,
+            "base_model_hash": base_model_hash(base_model, hashes),
+            "train_config": cfg.as_dict(),
+            "seed": cfg.seed,
+            "resolution": examples.resolution,
+            "buckets": dict(Counter(f"{w}x{h}" for w, h in sorted(examples.buckets))),
+            "num_images": len(examples.captions),
+            # what an epoch is (the export's ss_epoch): batches over every image × repeats
+            "batches_per_epoch": batches_per_epoch(
+                examples.buckets, cfg.train_batch_size, cfg.repeats
+            ),
+            "tag_frequency": tag_frequency(examples.captions),
+            "device": device,
+            "versions": library_versions(),
+        }
+        | init_from
+        | single_file
+    )
 
 
 def make_accelerator(cfg: TrainConfig, device_spec: str, logdir: str | os.PathLike) -> Any:
