@@ -1,0 +1,200 @@
+"""LoRA training of a causal language model on tokenized text records (issue #15).
+
+peft's LoRA on the attention projections (q_proj, v_proj by default, as the lora-scripts text
+workflow), AdamW, cross-entropy on the labelled tokens only (responses, with
+``response_only``). Every draw is seeded — LoRA init, data order, dropout — so the same data
+and options give bit-identical adapters on CPU. Checkpoints are peft adapter folders
+(``step-NNNNNN/adapter_model.safetensors`` + ``adapter_config.json``), what
+``PeftModel.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramill import LoramillError
+from loramill.text_data import IGNORE, Tokenized, pad_batch
+from loramill.train_state import RunState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TextTrainConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    learning_rate: float = 2e-4
+    max_train_steps: int = 100
+    batch_size: int = 4
+    save_steps: int = 0  # 0: the last step only
+    seed: int = 0
+    threads: int = 2
+    mixed_precision: str = "no"  # no | bf16 (autocast; LoRA weights stay float32)
+    gradient_checkpointing: bool = False  # recompute activations: less memory, slower
+
+    @classmethod
+    def from_dict(cls, options: dict[str, Any]) -> TextTrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise LoramillError(f"train.{unknown[0]}: not a text training option")
+        values = dict(options)
+        if "target_modules" in values:
+            values["target_modules"] = tuple(values["target_modules"])
+        if values.get("mixed_precision", "no") not in ("no", "bf16"):
+            raise LoramillError(
+                f"train.mixed_precision: '{values['mixed_precision']}': use no or bf16"
+            )
+        return cls(**values)
+
+
+def add_text_lora(model: Any, cfg: TextTrainConfig) -> Any:
+    """The model with a trainable LoRA on ``cfg.target_modules`` (seeded init)."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(cfg.seed)
+    config = LoraConfig(
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
+    )  # fmt: skip
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # peft: "Target modules ... not found in the base model"
+        raise LoramillError(f"train.target_modules: {str(error).splitlines()[0]}") from None
+
+
+def batch_order(count: int, batch_size: int, seed: int) -> Iterator[list[int]]:
+    """Endless batches: a seeded permutation per epoch, the last short batch of each kept."""
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        order = torch.randperm(count, generator=generator).tolist()
+        for start in range(0, count, batch_size):
+            yield order[start : start + batch_size]
+
+
+def _batch(data: Tokenized, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    return pad_batch([data.input_ids[i] for i in indices], [data.labels[i] for i in indices],
+                     pad_id)  # fmt: skip
+
+
+@torch.no_grad()
+def eval_loss(model: Any, data: Tokenized, pad_id: int, batch_size: int = 8) -> float:
+    """Mean cross-entropy per labelled token (perplexity = exp of it)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    for start in range(0, len(data.input_ids), batch_size):
+        batch = _batch(data, list(range(start, min(start + batch_size, len(data.input_ids)))),
+                       pad_id)  # fmt: skip
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
+            reduction="sum",
+        )  # fmt: skip
+        total += float(loss)
+        tokens += int((labels != IGNORE).sum())
+    model.train(was_training)
+    if not tokens:
+        raise LoramillError("evaluation: no labelled tokens")
+    return total / tokens
+
+
+def save_adapter(model: Any, folder: str | os.PathLike) -> Path:
+    """A peft adapter folder, written whole or not at all."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier write
+    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)  # a rerun's: os.replace keeps no folder
+    os.replace(tmp, folder)
+    return folder
+
+
+def _prepare(model: Any, cfg: TextTrainConfig) -> tuple[Any, Any, Any]:
+    """The peft model, its optimizer and the autocast context the steps run in."""
+    if cfg.gradient_checkpointing:
+        # the frozen embeddings' output must carry gradients for the recomputed blocks
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    peft_model = add_text_lora(model, cfg)
+    peft_model.train()
+    device = next(peft_model.parameters()).device.type
+    autocast = torch.autocast(device, torch.bfloat16, enabled=cfg.mixed_precision == "bf16")
+    trainable = [p for p in peft_model.parameters() if p.requires_grad]
+    return peft_model, torch.optim.AdamW(trainable, lr=cfg.learning_rate), autocast
+
+
+def _resume(
+    run: RunState, peft_model: Any, optimizer: Any, needed: list[int], checkpoints: Path
+) -> tuple[int, list[dict[str, float]], list[Path]]:
+    """Continue from the newest usable state: the checkpoints before it written again from
+    their snapshots, the LoRA, optimizer and RNG as they were. (0, [], []) when none."""
+    from peft import set_peft_model_state_dict
+
+    start = run.resume_point(needed)
+    if not start:
+        return 0, [], []
+    written = []
+    for step in [n for n in needed if n <= start]:
+        set_peft_model_state_dict(peft_model, run.load_adapters(step))
+        written.append(save_adapter(peft_model, checkpoints / f"step-{step:06d}"))
+    state = run.load_state(start)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    log.info("resumed from step %d", start)
+    return start, [r for r in state["history"] if r["step"] <= start], written
+
+
+def train_text_lora(
+    model: Any, data: Tokenized, cfg: TextTrainConfig, pad_id: int,
+    checkpoints_dir: str | os.PathLike, state_dir: str | os.PathLike | None = None,
+) -> tuple[Any, list[dict[str, float]], list[Path]]:  # fmt: skip
+    """Train a LoRA on ``model``; return the peft model, the loss history and the checkpoint
+    folders written (``step-NNNNNN``). With ``state_dir`` the full state is kept there at
+    every checkpoint, and a rerun continues from it exactly (loramill.train_state)."""
+    from peft import get_peft_model_state_dict
+
+    if not data.input_ids:
+        raise LoramillError("no training examples left after tokenization")
+    torch.set_num_threads(cfg.threads)
+    peft_model, optimizer, autocast = _prepare(model, cfg)
+    every, end = cfg.save_steps or cfg.max_train_steps, cfg.max_train_steps
+    needed = [s for s in range(1, end + 1) if s % every == 0 or s == end]
+    run, checkpoints = RunState(state_dir) if state_dir else None, Path(checkpoints_dir)
+    torch.manual_seed(cfg.seed)  # LoRA dropout draws from the global generator
+    start, history, written = (
+        _resume(run, peft_model, optimizer, needed, checkpoints) if run else (0, [], [])
+    )
+    order = batch_order(len(data.input_ids), cfg.batch_size, cfg.seed)
+    for _ in range(start):  # the batches the saved run already took
+        next(order)
+    for step in range(start + 1, end + 1):
+        with autocast:
+            loss = peft_model(**_batch(data, next(order), pad_id)).loss
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise LoramillError(f"step {step}: loss is {value}; lower train.learning_rate")
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"step": step, "loss": value})
+        if step in needed:
+            written.append(save_adapter(peft_model, checkpoints / f"step-{step:06d}"))
+            if run:
+                state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
+                         "history": history}  # fmt: skip
+                run.save(step, get_peft_model_state_dict(peft_model), state)
+    log.info("trained to step %d, final loss %.4f", end, history[-1]["loss"])
+    return peft_model, history, written

@@ -1,0 +1,134 @@
+"""Text LoRA training (issue #15) on the tiny LLaMA: it learns, a control does not, and it is
+bit-reproducible on CPU."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from loramill import LoramillError
+from loramill.text_data import Record, tokenize
+from loramill.text_train import TextTrainConfig, eval_loss, train_text_lora
+from loramill.tiny_llama import build_model, build_tokenizer
+
+KINDS = (
+    ("How do I reset pump {k}?", "Close valve {k}, then hold RESET on pump {k}."),
+    ("When is pump {k} inspected?", "Pump {k} is inspected every {m} weeks by the day shift."),
+    ("Who repairs pump {k}?", "Team {t} repairs pump {k}; call the station desk first."),
+)
+CONFIG = {
+    "rank": 8, "alpha": 16, "dropout": 0.0, "learning_rate": 5e-3, "max_train_steps": 100,
+    "batch_size": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
+                                        "down_proj", "gate_proj"],
+}  # fmt: skip
+
+
+def records(count: int, seed: int) -> list[Record]:
+    rng = random.Random(seed)
+    out = []
+    for n in range(count):
+        prompt, response = rng.choice(KINDS)
+        values = {"k": rng.randint(1, 40), "m": rng.randint(2, 9), "t": rng.choice("ABCD")}
+        out.append(Record(f"gen:{n}", prompt.format(**values), response.format(**values)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup():
+    train, held = records(96, seed=1), records(24, seed=2)
+    corpus = [f"{r.prompt} {r.response}" for r in train]
+    tokenizer = build_tokenizer(corpus)
+    encode = lambda rs: tokenize(rs, tokenizer, 64, "truncate", response_only=True)  # noqa: E731
+    # the control: every response paired with another record's prompt
+    shuffled = [r.response for r in train]
+    random.Random(3).shuffle(shuffled)
+    control = [Record(r.where, r.prompt, s) for r, s in zip(train, shuffled, strict=True)]
+    return tokenizer, encode(train), encode(held), encode(control)
+
+
+def run(setup, data, tmp_path, **changes):
+    tokenizer = setup[0]
+    cfg = TextTrainConfig.from_dict({**CONFIG, **changes})
+    model = build_model(tokenizer, seed=0)
+    return train_text_lora(model, data, cfg, tokenizer.pad_token_id, tmp_path)
+
+
+def test_eval_loss_falls_and_the_shuffled_control_does_not_as_much(setup, tmp_path):
+    tokenizer, train, held, control = setup
+    before = eval_loss(build_model(tokenizer, seed=0), held, tokenizer.pad_token_id)
+    model, history, _ = run(setup, train, tmp_path / "a")
+    after = eval_loss(model, held, tokenizer.pad_token_id)
+    control_model, _, _ = run(setup, control, tmp_path / "b")
+    after_control = eval_loss(control_model, held, tokenizer.pad_token_id)
+    print(f"eval loss: untrained {before:.3f}, trained {after:.3f}, control {after_control:.3f}")
+    assert after < 0.5 * before
+    # the control learns the responses' words but not which answer a question gets
+    assert after < 0.8 * after_control
+    assert history[-1]["loss"] < history[0]["loss"]
+
+
+def test_retraining_is_bit_identical_and_checkpoints_load_with_peft(setup, tmp_path):
+    from peft import PeftModel
+
+    tokenizer, train, held, _ = setup
+    _, _, first = run(setup, train, tmp_path / "one", max_train_steps=6, save_steps=3)
+    _, _, second = run(setup, train, tmp_path / "two", max_train_steps=6, save_steps=3)
+    assert [p.name for p in first] == ["step-000003", "step-000006"]
+    for a, b in zip(first, second, strict=True):
+        one, two = (load_file(str(p / "adapter_model.safetensors")) for p in (a, b))
+        assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    # the folder is what PeftModel.from_pretrained loads: same loss as the trained model
+    trained, _, _ = run(setup, train, tmp_path / "three", max_train_steps=6)
+    loaded = PeftModel.from_pretrained(build_model(tokenizer, seed=0), str(first[-1]))
+    pad = tokenizer.pad_token_id
+    assert eval_loss(loaded, held, pad) == pytest.approx(eval_loss(trained, held, pad), abs=1e-6)
+
+
+def test_bad_options_name_the_key(setup, tmp_path):
+    with pytest.raises(LoramillError, match=r"train\.lora_rank: not a text training option"):
+        TextTrainConfig.from_dict({"lora_rank": 8})
+    with pytest.raises(LoramillError, match=r"train\.target_modules: .*attn_qkv"):
+        run(setup, setup[1], tmp_path, target_modules=["attn_qkv"])
+
+
+def test_gradient_checkpointing_and_bf16(setup, tmp_path):
+    _, train, _, _ = setup
+    _, plain, _ = run(setup, train, tmp_path / "p", max_train_steps=5)
+    model, recomputed, _ = run(setup, train, tmp_path / "g", max_train_steps=5,
+                               gradient_checkpointing=True)  # fmt: skip
+    assert model.get_base_model().is_gradient_checkpointing
+    assert [r["loss"] for r in recomputed] == pytest.approx([r["loss"] for r in plain], abs=1e-5)
+    _, half, written = run(setup, train, tmp_path / "h", max_train_steps=20,
+                           mixed_precision="bf16")  # fmt: skip
+    assert half[-1]["loss"] < 0.5 * half[0]["loss"]
+    tensors = load_file(str(written[-1] / "adapter_model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.float32}  # LoRA weights stay float32
+    with pytest.raises(LoramillError, match=r"train\.mixed_precision: 'fp8': use no or bf16"):
+        TextTrainConfig.from_dict({"mixed_precision": "fp8"})
+
+
+def test_a_stopped_run_resumes_exactly(setup, tmp_path, caplog):
+    _, train, _, _ = setup
+    state = tmp_path / "state"  # a run stopped after step 3, then one asked for 6
+    first = run_with_state(setup, train, tmp_path / "first", state, max_train_steps=3)
+    with caplog.at_level("INFO", logger="loramill"):
+        _, history, resumed = run_with_state(setup, train, tmp_path / "b", state, max_train_steps=6)
+    assert "resumed from step 3" in caplog.messages
+    _, whole, straight = run(setup, train, tmp_path / "c", max_train_steps=6, save_steps=3,
+                             dropout=0.1)  # fmt: skip
+    assert [r["loss"] for r in history] == [r["loss"] for r in whole]
+    assert [p.name for p in resumed] == [p.name for p in straight] == ["step-000003", "step-000006"]
+    for a, b in zip(resumed, straight, strict=True):
+        one, two = (load_file(str(p / "adapter_model.safetensors")) for p in (a, b))
+        assert all(torch.equal(one[k], two[k]) for k in one)
+    assert first[2][0].name == "step-000003"
+
+
+def run_with_state(setup, data, out, state, **changes):
+    tokenizer = setup[0]
+    cfg = TextTrainConfig.from_dict({**CONFIG, "save_steps": 3, "dropout": 0.1, **changes})
+    return train_text_lora(build_model(tokenizer, seed=0), data, cfg, tokenizer.pad_token_id,
+                           out, state_dir=state)  # fmt: skip
