@@ -3,6 +3,8 @@ bit-reproducible on CPU."""
 
 from __future__ import annotations
 
+import json
+import math
 import random
 
 import pytest
@@ -10,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from loramill import LoramillError
-from loramill.text_data import Record, tokenize
+from loramill.text_data import Record, pad_batch, tokenize
 from loramill.text_train import TextTrainConfig, eval_loss, train_text_lora
 from loramill.tiny_llama import build_model, build_tokenizer
 
@@ -132,3 +134,53 @@ def run_with_state(setup, data, out, state, **changes):
     cfg = TextTrainConfig.from_dict({**CONFIG, "save_steps": 3, "dropout": 0.1, **changes})
     return train_text_lora(build_model(tokenizer, seed=0), data, cfg, tokenizer.pad_token_id,
                            out, state_dir=state)  # fmt: skip
+
+
+def test_evaluation_per_checkpoint_with_the_adapter_off_and_on(setup, tmp_path):
+    from loramill.text_eval import evaluate, markdown
+
+    tokenizer, train, held, _ = setup
+    _, _, written = run(setup, train, tmp_path / "e", save_steps=50)
+    prompts = ["How do I reset pump 7?", "Who repairs pump 12?"]
+    rows = evaluate(build_model(tokenizer, seed=0), tokenizer, written[::-1], held, prompts)
+    assert [r["step"] for r in rows] == [50, 100]
+    assert rows[-1]["eval_loss"] < 0.5 * eval_loss(build_model(tokenizer, seed=0), held,
+                                                  tokenizer.pad_token_id)  # fmt: skip
+    assert rows[-1]["perplexity"] == pytest.approx(math.exp(rows[-1]["eval_loss"]))
+    # off: the base model's babble, the same for every checkpoint; on: the learned answer
+    assert rows[0]["strength_0"] == rows[1]["strength_0"]
+    assert rows[-1]["strength_1"][0].startswith("Close valve ")  # the answer for its question
+    assert rows[-1]["strength_1"][1].startswith("Team ")
+    assert all(not text.startswith(("Close valve", "Team ")) for text in rows[0]["strength_0"])
+    table = markdown(rows, prompts)
+    assert "| 100 | " in table and "**How do I reset pump 7?**" in table
+
+
+def test_exports_reload_with_the_trained_models_logits(setup, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from loramill.text_export import PROVENANCE_FILE, export_adapter_folder, export_merged
+
+    tokenizer, train, held, _ = setup
+    trained, _, written = run(setup, train, tmp_path / "t", max_train_steps=20)
+    batch = pad_batch(held.input_ids[:4], held.labels[:4], tokenizer.pad_token_id)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    trained.eval()
+    with torch.no_grad():
+        want = trained(**inputs).logits
+
+        folder = export_adapter_folder(written[-1], tmp_path / "adapter", {"seed": 0})
+        assert json.loads((folder / PROVENANCE_FILE).read_text()) == {"seed": 0}
+        loaded = PeftModel.from_pretrained(build_model(tokenizer, seed=0), str(folder)).eval()
+        assert torch.equal(loaded(**inputs).logits, want)
+
+        merged_dir = export_merged(build_model(tokenizer, seed=0), tokenizer, written[-1],
+                                   tmp_path / "merged")  # fmt: skip
+        merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
+        assert not any("lora" in k for k in merged.state_dict())
+        assert torch.allclose(merged(**inputs).logits, want, atol=1e-4)
+        reloaded = AutoTokenizer.from_pretrained(merged_dir)
+        assert reloaded("pump 7")["input_ids"] == tokenizer("pump 7")["input_ids"]
+    with pytest.raises(LoramillError, match="not a peft adapter folder"):
+        export_adapter_folder(tmp_path, tmp_path / "nothing", {})

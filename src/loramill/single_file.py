@@ -19,12 +19,12 @@ import argparse
 import hashlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
+from loramill.files import atomic_folder
 
 SOURCE_FILE = "loramill_single_file.json"
 # AUTOMATIC1111's old "model hash": sha256 of 64 KiB at 1 MiB into the file, 8 hex digits.
@@ -73,11 +73,9 @@ def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, config: s
     except (OSError, ValueError, KeyError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise LoramillError(f"{source}: cannot convert ({reason})") from None
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp, safe_serialization=True)
-    (tmp / SOURCE_FILE).write_text(json.dumps(a1111_hashes(source), indent=1) + "\n")
-    os.replace(tmp, out)
+    with atomic_folder(out) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / SOURCE_FILE).write_text(json.dumps(a1111_hashes(source), indent=1) + "\n")
     return out
 
 

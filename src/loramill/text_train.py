@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 
 from loramill import LoramillError
+from loramill.files import atomic_folder
 from loramill.text_data import IGNORE, Tokenized, pad_batch
 from loramill.train_state import RunState
 
@@ -113,13 +113,9 @@ def eval_loss(model: Any, data: Tokenized, pad_id: int, batch_size: int = 8) -> 
 
 def save_adapter(model: Any, folder: str | os.PathLike) -> Path:
     """A peft adapter folder, written whole or not at all."""
-    folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier write
-    model.save_pretrained(tmp, safe_serialization=True)
-    shutil.rmtree(folder, ignore_errors=True)  # a rerun's: os.replace keeps no folder
-    os.replace(tmp, folder)
-    return folder
+    with atomic_folder(folder) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+    return Path(folder)
 
 
 def _prepare(model: Any, cfg: TextTrainConfig) -> tuple[Any, Any, Any]:
