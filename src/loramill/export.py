@@ -48,7 +48,7 @@ PORTABLE_FIELDS = (
     "lora_dropout", "bias", "use_dora", "use_rslora", "fan_in_fan_out",
 )  # fmt: skip
 SAVE_PRECISIONS = ("fp32", "fp16", "bf16")
-# A1111's "legacy" (additional-networks) hash reads 64 KiB at 1 MiB into the file.
+# A1111's "legacy" hashes (of a LoRA, of a checkpoint) read 64 KiB at 1 MiB into the file.
 LEGACY_OFFSET, LEGACY_LENGTH = 0x100000, 0x10000
 
 
@@ -202,6 +202,12 @@ def _model_name(base_model: str) -> str | None:
     return (path.name if path.exists() else base_model) or None
 
 
+def legacy_hash(window: bytes) -> str:
+    """AUTOMATIC1111's old 8-digit hash of a file, from its bytes at LEGACY_OFFSET (the
+    additional-networks hash of a LoRA, the model hash of a checkpoint)."""
+    return hashlib.sha256(window).hexdigest()[:8]
+
+
 def data_hash(serialized: bytes) -> str:
     """sha256 of a safetensors file's tensor data (everything after the header).
 
@@ -222,8 +228,9 @@ def safetensors_hashes(
     training = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     # Canonical header: the legacy hash reads bytes that can include the header.
     serialized = serialize(dict(tensors), training)
-    legacy = serialized[LEGACY_OFFSET : LEGACY_OFFSET + LEGACY_LENGTH]
-    return data_hash(serialized), hashlib.sha256(legacy).hexdigest()[:8]
+    return data_hash(serialized), legacy_hash(
+        serialized[LEGACY_OFFSET : LEGACY_OFFSET + LEGACY_LENGTH]
+    )
 
 
 def creation_date() -> str:

@@ -65,7 +65,7 @@ def _render_missing(
     pipeline: dict[str, Any], batch_size: int,
 ) -> int:  # fmt: skip
     """Render the cells the cache lacks (each distinct key once); return how many."""
-    missing = list({keys[c]: c for c in cells if cache.get(keys[c]) is None}.values())
+    missing = list({keys[c]: c for c in cells if not cache.has(keys[c])}.values())
     if not missing:
         return 0  # nothing to draw: no model is loaded
     from loramill.devices import resolve_device

@@ -24,6 +24,7 @@ from typing import Any
 from loramill import LoramillError
 from loramill.export import to_kohya
 from loramill.files import atomic_path
+from loramill.fingerprints import versions
 from loramill.grid_plan import Cell
 from loramill.hashing import hash_value
 from loramill.lora import COMPONENTS, Checkpoint, read_checkpoint
@@ -67,9 +68,7 @@ class RenderContext:
     max_token_length: int
 
     def software(self) -> dict[str, str]:
-        from importlib.metadata import version
-
-        return {name: version(name) for name in SOFTWARE}
+        return versions(SOFTWARE)  # read once per process
 
     def cell_key(self, cell: Cell, adapter: str | None) -> str:
         return hash_value(
@@ -93,18 +92,30 @@ class CellCache:
         return self.root / key[:2] / f"{key}.png"
 
     def get(self, key: str) -> Any | None:
-        from PIL import Image, UnidentifiedImageError
+        """The cell's image, or None when it is gone or unreadable."""
+        from PIL import Image
 
-        path = self.path(key)
         try:
-            with Image.open(path) as image:
+            with Image.open(self.path(key)) as image:
                 image.load()
                 return image.copy()
+        except OSError:  # missing, or damaged (PIL's UnidentifiedImageError is an OSError)
+            return None
+
+    def has(self, key: str) -> bool:
+        """Whether a readable cell is cached: the PNG header is checked, the pixels are read
+        only when the page is composed. A damaged entry counts as missing (drawn again)."""
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(self.path(key)):
+                return True
         except FileNotFoundError:
-            return None
-        except (OSError, UnidentifiedImageError):  # a damaged entry is rendered again
-            logging.getLogger(__name__).warning("%s: unreadable cached cell, rendering it", path)
-            return None
+            return False
+        except (OSError, UnidentifiedImageError):
+            logging.getLogger(__name__).warning("%s: unreadable cached cell, rendering it",
+                                                self.path(key))  # fmt: skip
+            return False
 
     def put(self, key: str, image: Any) -> None:
         path = self.path(key)

@@ -16,7 +16,6 @@ configs from the hub.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -24,23 +23,20 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
+from loramill.export import LEGACY_LENGTH, LEGACY_OFFSET, legacy_hash
 from loramill.files import atomic_folder
+from loramill.hashing import hash_file
 
 SOURCE_FILE = "loramill_single_file.json"
-# AUTOMATIC1111's old "model hash": sha256 of 64 KiB at 1 MiB into the file, 8 hex digits.
-LEGACY_OFFSET, LEGACY_LENGTH = 0x100000, 0x10000
 
 
 def a1111_hashes(path: str | os.PathLike) -> dict[str, str]:
     """The file's name and AUTOMATIC1111's hashes of it: ``sha256`` (the whole file, A1111's
     new hash and kohya's ss_new_sd_model_hash) and ``model_hash`` (the legacy one)."""
-    digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
         handle.seek(LEGACY_OFFSET)
-        legacy = hashlib.sha256(handle.read(LEGACY_LENGTH)).hexdigest()[:8]
-    return {"file": Path(path).name, "sha256": digest.hexdigest(), "model_hash": legacy}
+        window = handle.read(LEGACY_LENGTH)
+    return {"file": Path(path).name, "sha256": hash_file(path), "model_hash": legacy_hash(window)}
 
 
 def source_checkpoint(folder: str | os.PathLike) -> dict[str, str] | None:
