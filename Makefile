@@ -14,7 +14,7 @@ demo: $(VENV)/.installed
 	$(BIN)/dvc pull
 	$(BIN)/snakemake --cores 1 train_all
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.llama-cpp
 	$(BIN)/pytest
 
 install: $(VENV)/.installed
@@ -47,6 +47,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	$(BIN)/pip install --quiet --no-deps -c constraints.txt open-clip-torch
+	touch $@
+
+# llama.cpp itself, for the tests that load GGUF exports (the `llama` extra): it has no wheel
+# here, so pip builds it from source, about 4 minutes on two cores (multimodal library left
+# out). Only `make test` needs it.
+$(VENV)/.llama-cpp: $(VENV)/.installed
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet -c constraints.txt -e '.[llama]'
 	touch $@
 
 lock: $(VENV)/.installed

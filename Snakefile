@@ -1,6 +1,8 @@
-# loramill: folders of images in, reproducible Stable Diffusion LoRA adapters out.
+# loramill: folders of images (or jsonl text) in, reproducible LoRA adapters out.
 #
 #   snakemake --cores 1 train_all     every dataset: resize → caption → merge → train → export → grid
+#                                     (task: text: text_prepare → text_train → text_export,
+#                                     text_evaluate)
 #
 # Per dataset (data/<ds>/images + optional human edits in data/<ds>/captions):
 #   results/<ds>/resized/               PNGs at their aspect-ratio bucket + manifest.json
@@ -18,7 +20,17 @@
 #   grids/<ds>-pages/                   page-N.png: the grid's pages (more than one past
 #                                       grid.max_megapixels)
 #
-#   snakemake --report report.html train_all    one page: grids, loss curves, model cards
+#
+# Per text dataset (data/<ds>/train.jsonl, optional eval.jsonl):
+#   results/<ds>/tokens/                train.jsonl, eval.jsonl: token ids and labels; summary
+#   results/<ds>/adapters/              step-NNNNNN/: peft adapter folders
+#   results/<ds>/adapter_loss.png       loss curve
+#   exports/<ds>/                       peft adapter + provenance + model card, <ds>.gguf
+#                                       (llama.cpp), merged/ (text.export.merged)
+#   evaluations/<ds>.{md,json,html}     per checkpoint: eval loss, perplexity, generations
+#
+#   snakemake --report report.html train_all    one page: grids, loss curves, model cards,
+#                                               text evaluations
 
 
 from snakemake.utils import min_version
@@ -41,18 +53,21 @@ include: "rules/common.smk"
 rule train_all:
     default_target: True
     input:
-        exports=expand("exports/{ds}.safetensors", ds=DATASETS),
-        grids=expand("grids/{ds}.png", ds=DATASETS),
+        exports=expand("exports/{ds}.safetensors", ds=IMAGE_DATASETS),
+        grids=expand("grids/{ds}.png", ds=IMAGE_DATASETS),
+        text_exports=expand("exports/{ds}", ds=TEXT_DATASETS),
+        evaluations=expand("evaluations/{ds}.html", ds=TEXT_DATASETS),
 
 
 rule exports:
     input:
-        expand("exports/{ds}.safetensors", ds=DATASETS),
+        expand("exports/{ds}.safetensors", ds=IMAGE_DATASETS),
+        expand("exports/{ds}", ds=TEXT_DATASETS),
 
 
 rule grids:
     input:
-        expand("grids/{ds}.png", ds=DATASETS),
+        expand("grids/{ds}.png", ds=IMAGE_DATASETS),
 
 
 # ---- stages -----------------------------------------------------------------------------
@@ -61,3 +76,4 @@ rule grids:
 include: "rules/prepare.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
+include: "rules/text.smk"

@@ -43,6 +43,8 @@ from loramill.hashing import DEFAULT_DB, HashCache, hash_file
 from loramill.model import job_mem_mb, resolve_base_model
 from loramill.stage_rules import rule_stage
 from loramill.verdicts import Planner
+from loramill.text_model import resolve_language_model, text_job_mem_mb
+from loramill.text_train import TextTrainConfig
 from loramill.train_config import TrainConfig
 
 SCHEMA = str(Path(workflow.basedir) / "config" / "config.schema.yaml")
@@ -53,28 +55,38 @@ def validate_config(data):
     validate(data, SCHEMA)
 
 
-def check_dataset(ds, settings):
+def check_image_dataset(settings):
     """Problems a user can fix before any job runs: unknown captioner, train options that
-    contradict each other, a missing init_from file, data not pulled."""
-    try:
-        BucketSpec.from_settings(settings["resize"])
-        captioner_class(settings["caption"])
-        train = TrainConfig.from_dict(settings["train"])
-        if settings["device"] == "cpu":
-            train.check_device("cpu")
-        if train.init_from and not Path(train.init_from).is_file():
-            raise LoramillError(f"train.init_from: {train.init_from} is not a file")
-        check_grid(
-            grid_settings(
-                settings["grid"], settings["trigger"], settings["resize"]["resolution"]
-            )
+    contradict each other, a missing init_from file."""
+    BucketSpec.from_settings(settings["resize"])
+    captioner_class(settings["caption"])
+    train = TrainConfig.from_dict(settings["train"])
+    if settings["device"] == "cpu":
+        train.check_device("cpu")
+    if train.init_from and not Path(train.init_from).is_file():
+        raise LoramillError(f"train.init_from: {train.init_from} is not a file")
+    check_grid(
+        grid_settings(
+            settings["grid"], settings["trigger"], settings["resize"]["resolution"]
         )
+    )
+
+
+def check_text_dataset(settings):
+    TextTrainConfig.from_dict(settings["text"]["train"])
+
+
+def check_dataset(ds, settings):
+    """The config problems of one dataset, and data not pulled, before any job runs."""
+    text = settings["task"] == "text"
+    try:
+        (check_text_dataset if text else check_image_dataset)(settings)
     except LoramillError as error:
         raise LoramillError(f"config: datasets.{ds}.{error}") from None
-    images = Path(settings["path"]) / "images"
-    if not images.is_dir():
+    data = Path(settings["path"]) / ("train.jsonl" if text else "images")
+    if not data.exists():
         raise LoramillError(
-            f"dataset {ds}: {images} not found (new clone? run `dvc pull`)"
+            f"dataset {ds}: {data} not found (new clone? run `dvc pull`)"
         )
 
 
@@ -88,17 +100,23 @@ def load_datasets():
     except Exception as error:
         sys.exit(f"loramill: {describe(error)}")
     try:
-        resolve_base_model(config["base_model"])
-        datasets = {}
-        for ds in config["datasets"]:
-            datasets[ds] = dataset_config(config, ds, validate_config)
-            check_dataset(ds, datasets[ds])
+        datasets = {
+            ds: dataset_config(config, ds, validate_config) for ds in config["datasets"]
+        }
+        for model, task in {(s["base_model"], s["task"]) for s in datasets.values()}:
+            (resolve_language_model if task == "text" else resolve_base_model)(model)
+        for ds, settings in datasets.items():
+            check_dataset(ds, settings)
         return datasets
     except LoramillError as error:
         sys.exit(f"loramill: {error}")
 
 
 DATASETS = load_datasets()
+IMAGE_DATASETS = [
+    ds for ds, settings in DATASETS.items() if settings["task"] == "image"
+]
+TEXT_DATASETS = [ds for ds, settings in DATASETS.items() if settings["task"] == "text"]
 
 
 # ---- content-keyed reruns (src/loramill/verdicts.py, gates.py) ---------------------------
@@ -116,7 +134,7 @@ PROFILE_HINT = (
     "max-checksum-file-size: 0), or Snakemake reruns by modification time; drop "
     "--workflow-profile none / --rerun-triggers / --max-checksum-file-size"
 )
-STAGE_RULES = []  # in definition order, registered by gate()
+STAGE_RULES = {"image": [], "text": []}  # per task, in definition order, from gate()
 # What the planner warns about (a lock it cannot use, a dataset that took over another's
 # results) reaches the terminal as one line each.
 logging.getLogger("loramill").addHandler(logging.StreamHandler(sys.stderr))
@@ -140,10 +158,17 @@ def check_profile():
 
 
 @functools.cache
-def planner():
+def hash_cache():
+    return HashCache(DEFAULT_DB)
+
+
+@functools.cache
+def planner(task):
     check_profile()
-    stages = [rule_stage(workflow.get_rule(name), DATASETS) for name in STAGE_RULES]
-    return Planner(stages, HashCache(DEFAULT_DB), set(workflow.dag_settings.forcerun))
+    stages = [
+        rule_stage(workflow.get_rule(name), DATASETS) for name in STAGE_RULES[task]
+    ]
+    return Planner(stages, hash_cache(), set(workflow.dag_settings.forcerun))
 
 
 @functools.cache
@@ -153,9 +178,10 @@ def gate_file():
 
 @functools.cache
 def verdicts(ds):
-    found = planner().plan(ds)
-    planner().hashes.save()
-    ensure_markers(ds, STAGE_RULES)
+    task = DATASETS[ds]["task"]
+    found = planner(task).plan(ds)
+    hash_cache().save()
+    ensure_markers(ds, STAGE_RULES[task])
     for verdict in found.values():
         if not verdict.fresh:
             print(f"stale: {verdict.line()}", file=sys.stderr)
@@ -171,10 +197,11 @@ def keyed(path):
     return ancient(path)
 
 
-def gate(stage):
+def gate(stage, task="image"):
     """Input helper: the stale gate when the stage must run, plus the done markers of the
-    stages it reads from that will run."""
-    STAGE_RULES.append(stage)
+    stages it reads from that will run. ``task``: the kind of dataset the stage is for.
+    """
+    STAGE_RULES[task].append(stage)
 
     def paths(wildcards):
         if not workflow.is_main_process:
@@ -225,7 +252,7 @@ def model_mem_mb(training):
         settings = DATASETS[wildcards.ds]
         batch = settings["train"]["train_batch_size"] if training else 1
         resolution = settings["resize"]["resolution"]
-        return job_mem_mb(config["base_model"], resolution, batch, training)
+        return job_mem_mb(settings["base_model"], resolution, batch, training)
 
     return mem_mb
 
@@ -267,3 +294,29 @@ def name_if_captioned(wildcards):
         if "{dataset}" in DATASETS[wildcards.ds]["caption"]["template"]
         else ""
     )
+
+
+# ---- text datasets -----------------------------------------------------------------------
+
+
+def text_setting(stage):
+    """Params helper: one stage's part of a text dataset's ``text`` section, under its config
+    key (``{"train": {...}}``), so a change reads "config text.train.… changed"."""
+
+    def value(wildcards):
+        return {stage: DATASETS[wildcards.ds]["text"][stage]}
+
+    return value
+
+
+def eval_jsonl(wildcards):
+    """The dataset's own evaluation records, when it has them."""
+    path = dataset_dir(wildcards, "eval.jsonl")
+    return [path] if os.path.isfile(path) else []
+
+
+def text_mem_mb(training):
+    def mem_mb(wildcards):
+        return text_job_mem_mb(DATASETS[wildcards.ds]["base_model"], training)
+
+    return mem_mb

@@ -28,7 +28,7 @@ rule grid:
         mem_mb=model_mem_mb(training=False),
         gpu=gpus,
     params:
-        base_model=lambda wildcards: config["base_model"],
+        base_model=setting("base_model"),
         allow_unsafe_weights=config["allow_unsafe_weights"],
         grid=lambda wildcards: grid_settings(
             DATASETS[wildcards.ds]["grid"],

@@ -71,6 +71,6 @@ rule merge_captions:
         trigger=setting("trigger_words"),
         settings=setting("merge"),
         # its tokenizer counts caption tokens
-        base_model=lambda wildcards: config["base_model"],
+        base_model=setting("base_model"),
     script:
         "../scripts/merge_captions.py"

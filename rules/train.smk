@@ -30,7 +30,7 @@ rule train:
     params:
         # a folder or a hub id, so a parameter rather than an input: its content is part of
         # the stage's fingerprint
-        base_model=lambda wildcards: config["base_model"],
+        base_model=setting("base_model"),
         allow_unsafe_weights=config["allow_unsafe_weights"],
         train=setting("train"),
         trigger=setting("trigger"),
@@ -66,7 +66,7 @@ rule export:
         name=lambda wildcards: wildcards.ds,  # the adapter's name in its metadata
         export=setting("export"),
         # what the exports are checked against: the base model and the network trained on it
-        base_model=lambda wildcards: config["base_model"],
+        base_model=setting("base_model"),
         allow_unsafe_weights=config["allow_unsafe_weights"],
         train=setting("train"),
     script:

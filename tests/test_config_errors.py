@@ -10,6 +10,9 @@ import yaml
 from conftest import REPO, run_tool
 
 from loramill.demo_data import generate_dataset
+from loramill.demo_text import procedure_records, write_jsonl
+
+TEXT = "station_procedures"
 
 WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "config", "profiles", "envs", "src")
 
@@ -22,8 +25,13 @@ def workdir(tmp_path_factory):
         copy = shutil.copytree if source.is_dir() else shutil.copy2
         copy(source, root / name)
     (root / "models").symlink_to(REPO / "models")
-    for ds in yaml.safe_load((REPO / "config" / "config.yaml").read_text())["datasets"]:
-        generate_dataset(root / "data" / ds, "circles", 2)
+    for ds, entry in yaml.safe_load((REPO / "config" / "config.yaml").read_text())[
+        "datasets"
+    ].items():
+        if (entry or {}).get("task") == "text":
+            write_jsonl(procedure_records(20), root / "data" / ds / "train.jsonl")
+        else:
+            generate_dataset(root / "data" / ds, "circles", 2)
     return root
 
 
@@ -46,6 +54,8 @@ def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
     assert result.returncode == 0, result.stderr
     for rule in ("resize", "caption", "merge_captions", "train", "export", "grid"):
         assert rule in result.stdout
+    for rule in ("text_prepare", "text_train", "text_export", "text_evaluate"):
+        assert f"rule {rule}:\n" in result.stdout and f"ds={TEXT}" in result.stdout
 
 
 @pytest.mark.parametrize(
@@ -91,6 +101,23 @@ def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
             "config: datasets.wide_bands.train.init_from: exports/none.safetensors is not a",
         ),
         ({"device": "gpu"}, "config: device: 'gpu' is not one of ['auto', 'cpu', 'cuda']"),
+        (
+            {"text": {"train": {"lora_rank": 0}}},
+            "config: text.train.lora_rank: 0 is less than the minimum of 1",
+        ),
+        (
+            {"datasets": {TEXT: {"task": "text", "text": {"prepare": {"overflow": "wrap"}}}}},
+            f"config: datasets.{TEXT}.text.prepare.overflow: 'wrap' is not one of",
+        ),
+        (
+            {"datasets": {TEXT: {"task": "txt"}}},
+            f"config: datasets.{TEXT}.task: 'txt' is not one of ['image', 'text']",
+        ),
+        (
+            {"datasets": {TEXT: {"task": "text", "base_model": "models/tiny-sd"}}},
+            "loramill: base_model 'models/tiny-sd': not a transformers model folder "
+            "(no config.json)",
+        ),
     ],
 )
 def test_invalid_values_name_the_key(workdir, tmp_path, override, expected):
@@ -121,6 +148,14 @@ def test_missing_dataset_folder_suggests_dvc_pull(workdir, tmp_path):
     line = error_line(dry_run(workdir, tmp_path, {"datasets": {"ghost": {"trigger": "g"}}}))
     assert (
         line == "loramill: dataset ghost: data/ghost/images not found (new clone? run `dvc pull`)"
+    )
+
+
+def test_missing_text_records_suggest_dvc_pull(workdir, tmp_path):
+    override = {"datasets": {"notes": {"task": "text"}}}
+    line = error_line(dry_run(workdir, tmp_path, override))
+    assert line == (
+        "loramill: dataset notes: data/notes/train.jsonl not found (new clone? run `dvc pull`)"
     )
 
 

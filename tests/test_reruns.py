@@ -31,12 +31,20 @@ from snakemake.settings.enums import Quietness, RerunTrigger
 
 pytestmark = pytest.mark.workflow
 
-A, B = "wide_bands", "paper_stripes"
+A, B, T = "wide_bands", "paper_stripes", "station_procedures"  # T: a text dataset
 CHAIN = ("resize", "caption", "merge_captions", "train", "export", "grid")
+TEXT_CHAIN = ("text_prepare", "text_train", "text_export", "text_evaluate")
 SMALL = {
     "resize": {"resolution": 32},
     "train": {"max_train_steps": 2, "save_steps": 1, "train_batch_size": 1},
     "grid": {"prompts": ["{trigger}"], "strengths": [0.0, 1.0], "num_inference_steps": 2},
+    "text": {
+        "train": {"max_train_steps": 4, "save_steps": 2, "train_batch_size": 4},
+        "evaluate": {
+            "prompts": ["### Question:\nHow do I clean fan 4?\n\n### Response:\n"],
+            "max_new_tokens": 4,
+        },
+    },
 }
 GIT = ["git", "-c", "user.name=loramill-tests", "-c", "user.email=tests@loramill.invalid"]
 
@@ -77,7 +85,7 @@ def computed(root: Path, ran: set[tuple[str, str]]) -> set[tuple[str, str]]:
 
 
 def chain(ds: str, *stages: str) -> set[tuple[str, str]]:
-    return {(stage, ds) for stage in (stages or CHAIN)}
+    return {(stage, ds) for stage in (stages or (TEXT_CHAIN if ds == T else CHAIN))}
 
 
 def run(root: Path, *args: str):
@@ -153,7 +161,7 @@ def base(tmp_path_factory) -> Path:
     # Two jobs at a time: parallel jobs share the hash database, the run-cache and the locks,
     # and every scenario below starts from what they left.
     ran = jobs(snakemake(root, "--cores", "2", "train_all"))
-    assert ran == chain(A) | chain(B)
+    assert ran == chain(A) | chain(B) | chain(T)
     run_tool("python", "-m", "loramill.publish", cwd=root)
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "built")
@@ -194,6 +202,28 @@ def test_changed_image_reruns_that_datasets_chain_and_its_revert_restores(repo):
     image.write_bytes(original)  # back to what it was: every stage has that result cached
     ran = run(repo)[1]
     assert ran == chain(A)
+    assert computed(repo, ran) == set(), "the revert recomputed instead of using the run-cache"
+    assert plan(repo)[1] == set()
+
+
+def edit_record(repo: Path) -> tuple[Path, bytes]:
+    """Change one answer of the text dataset; returns the file and what it held."""
+    records = repo / "data" / T / "train.jsonl"
+    original = records.read_bytes()
+    lines = original.decode().splitlines(keepends=True)
+    lines[3] = lines[3].replace("Sign the", "Then sign the")
+    records.write_text("".join(lines))
+    return records, original
+
+
+def test_edited_text_record_reruns_that_chain_only_and_its_revert_restores(repo):
+    records, original = edit_record(repo)
+    result, ran = run(repo)
+    assert ran == computed(repo, ran) == chain(T)
+    assert f"stale: text_prepare {T}: input records changed" in result.stderr
+    records.write_bytes(original)
+    ran = run(repo)[1]
+    assert ran == chain(T)
     assert computed(repo, ran) == set(), "the revert recomputed instead of using the run-cache"
     assert plan(repo)[1] == set()
 
@@ -271,6 +301,25 @@ def test_caption_edit_plans_merge_onward_and_says_why(repo):
 def test_grid_axis_change_plans_grids_only(repo):
     edit_config(repo, lambda c: c["grid"].update(strengths=[0.0, 0.5, 1.0]))
     assert plan(repo)[1] == {("grid", A), ("grid", B)}
+
+
+def test_text_settings_plan_the_stages_that_read_them(repo):
+    edit_config(repo, lambda c: c["text"]["evaluate"].update(max_new_tokens=6))
+    stderr, ran = plan(repo)
+    assert ran == {("text_evaluate", T)}
+    assert f"stale: text_evaluate {T}: config text.evaluate.max_new_tokens changed" in stderr
+    edit_config(repo, lambda c: c["text"]["train"].update(learning_rate=1e-3))
+    assert plan(repo)[1] == chain(T, "text_train", "text_export", "text_evaluate")
+    edit_config(repo, lambda c: c["text"]["prepare"].update(max_seq_length=64))
+    assert plan(repo)[1] == chain(T)
+
+
+def test_eval_records_of_its_own_replan_the_text_chain(repo):
+    lines = (repo / "data" / T / "train.jsonl").read_text().splitlines(keepends=True)
+    (repo / "data" / T / "eval.jsonl").write_text("".join(lines[:5]))
+    stderr, ran = plan(repo)
+    assert ran == chain(T)
+    assert f"stale: text_prepare {T}: " in stderr
 
 
 def set_learning_rate(value):
@@ -355,10 +404,9 @@ def test_removed_dataset_leaves_the_rest_alone(repo):
 def test_fresh_clone_and_dvc_pull_plans_nothing(base, tmp_path):
     clone = clone_and_pull(base, tmp_path / "clone")
     assert plan(clone)[1] == set()
-    for ds in (A, B):
-        assert (clone / "exports" / f"{ds}.safetensors").read_bytes() == (
-            base / "exports" / f"{ds}.safetensors"
-        ).read_bytes()
+    for path in (f"exports/{A}.safetensors", f"exports/{B}.safetensors",
+                 f"exports/{T}/{T}.gguf", f"evaluations/{T}.json"):  # fmt: skip
+        assert (clone / path).read_bytes() == (base / path).read_bytes(), path
 
 
 def test_teammates_new_image_plans_that_chain_after_clone(base, tmp_path):

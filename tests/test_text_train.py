@@ -1,4 +1,5 @@
-"""Text LoRA training (issue #15) on the tiny LLaMA: it learns, a control does not, and it is
+"""Text LoRA training (issue #15) on the embedded tiny LLaMA and the demo's procedures (the
+train / eval split the workflow makes): it learns, a control does not, and it is
 bit-reproducible on CPU."""
 
 from __future__ import annotations
@@ -6,44 +7,38 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from loramill import LoramillError
-from loramill.text_data import Record, pad_batch, tokenize
+from loramill.demo_text import procedure_records
+from loramill.text_data import Record, hold_out, pad_batch, parse_record, tokenize
+from loramill.text_model import load_causal_lm, load_tokenizer
 from loramill.text_train import TextTrainConfig, eval_loss, train_text_lora
-from loramill.tiny_llama import build_model, build_tokenizer
 
-KINDS = (
-    ("How do I reset pump {k}?", "Close valve {k}, then hold RESET on pump {k}."),
-    ("When is pump {k} inspected?", "Pump {k} is inspected every {m} weeks by the day shift."),
-    ("Who repairs pump {k}?", "Team {t} repairs pump {k}; call the station desk first."),
-)
+TINY_LLAMA = str(Path(__file__).resolve().parents[1] / "models" / "tiny-llama")
 CONFIG = {
-    "rank": 8, "alpha": 16, "dropout": 0.0, "learning_rate": 5e-3, "max_train_steps": 100,
-    "batch_size": 8, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj",
-                                        "down_proj", "gate_proj"],
+    "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "learning_rate": 5e-3,
+    "max_train_steps": 100, "train_batch_size": 8,
+    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
 }  # fmt: skip
+DEMO = {"records": 80, "eval_fraction": 0.15, "max_seq_length": 128}  # as config/config.yaml
 
 
-def records(count: int, seed: int) -> list[Record]:
-    rng = random.Random(seed)
-    out = []
-    for n in range(count):
-        prompt, response = rng.choice(KINDS)
-        values = {"k": rng.randint(1, 40), "m": rng.randint(2, 9), "t": rng.choice("ABCD")}
-        out.append(Record(f"gen:{n}", prompt.format(**values), response.format(**values)))
-    return out
+def base():
+    return load_causal_lm(TINY_LLAMA)
 
 
 @pytest.fixture(scope="module")
 def setup():
-    train, held = records(96, seed=1), records(24, seed=2)
-    corpus = [f"{r.prompt} {r.response}" for r in train]
-    tokenizer = build_tokenizer(corpus)
-    encode = lambda rs: tokenize(rs, tokenizer, 64, "truncate", response_only=True)  # noqa: E731
+    lines = [json.dumps(r) for r in procedure_records(DEMO["records"])]
+    records = [parse_record(line, f"demo:{n}") for n, line in enumerate(lines, start=1)]
+    train, held = hold_out(records, DEMO["eval_fraction"])
+    tokenizer = load_tokenizer(TINY_LLAMA)
+    encode = lambda rs: tokenize(rs, tokenizer, DEMO["max_seq_length"], "truncate", True)  # noqa: E731
     # the control: every response paired with another record's prompt
     shuffled = [r.response for r in train]
     random.Random(3).shuffle(shuffled)
@@ -54,13 +49,12 @@ def setup():
 def run(setup, data, tmp_path, **changes):
     tokenizer = setup[0]
     cfg = TextTrainConfig.from_dict({**CONFIG, **changes})
-    model = build_model(tokenizer, seed=0)
-    return train_text_lora(model, data, cfg, tokenizer.pad_token_id, tmp_path)
+    return train_text_lora(base(), data, cfg, tokenizer.pad_token_id, tmp_path)
 
 
 def test_eval_loss_falls_and_the_shuffled_control_does_not_as_much(setup, tmp_path):
     tokenizer, train, held, control = setup
-    before = eval_loss(build_model(tokenizer, seed=0), held, tokenizer.pad_token_id)
+    before = eval_loss(base(), held, tokenizer.pad_token_id)
     model, history, _ = run(setup, train, tmp_path / "a")
     after = eval_loss(model, held, tokenizer.pad_token_id)
     control_model, _, _ = run(setup, control, tmp_path / "b")
@@ -84,14 +78,14 @@ def test_retraining_is_bit_identical_and_checkpoints_load_with_peft(setup, tmp_p
         assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     # the folder is what PeftModel.from_pretrained loads: same loss as the trained model
     trained, _, _ = run(setup, train, tmp_path / "three", max_train_steps=6)
-    loaded = PeftModel.from_pretrained(build_model(tokenizer, seed=0), str(first[-1]))
+    loaded = PeftModel.from_pretrained(base(), str(first[-1]))
     pad = tokenizer.pad_token_id
     assert eval_loss(loaded, held, pad) == pytest.approx(eval_loss(trained, held, pad), abs=1e-6)
 
 
 def test_bad_options_name_the_key(setup, tmp_path):
-    with pytest.raises(LoramillError, match=r"train\.lora_rank: not a text training option"):
-        TextTrainConfig.from_dict({"lora_rank": 8})
+    with pytest.raises(LoramillError, match=r"train\.rank: not a text training option"):
+        TextTrainConfig.from_dict({"rank": 8})
     with pytest.raises(LoramillError, match=r"train\.target_modules: .*attn_qkv"):
         run(setup, setup[1], tmp_path, target_modules=["attn_qkv"])
 
@@ -120,7 +114,7 @@ def test_a_stopped_run_resumes_exactly(setup, tmp_path, caplog):
         _, history, resumed = run_with_state(setup, train, tmp_path / "b", state, max_train_steps=6)
     assert "resumed from step 3" in caplog.messages
     _, whole, straight = run(setup, train, tmp_path / "c", max_train_steps=6, save_steps=3,
-                             dropout=0.1)  # fmt: skip
+                             lora_dropout=0.1)  # fmt: skip
     assert [r["loss"] for r in history] == [r["loss"] for r in whole]
     assert [p.name for p in resumed] == [p.name for p in straight] == ["step-000003", "step-000006"]
     for a, b in zip(resumed, straight, strict=True):
@@ -131,8 +125,8 @@ def test_a_stopped_run_resumes_exactly(setup, tmp_path, caplog):
 
 def run_with_state(setup, data, out, state, **changes):
     tokenizer = setup[0]
-    cfg = TextTrainConfig.from_dict({**CONFIG, "save_steps": 3, "dropout": 0.1, **changes})
-    return train_text_lora(build_model(tokenizer, seed=0), data, cfg, tokenizer.pad_token_id,
+    cfg = TextTrainConfig.from_dict({**CONFIG, "save_steps": 3, "lora_dropout": 0.1, **changes})
+    return train_text_lora(base(), data, cfg, tokenizer.pad_token_id,
                            out, state_dir=state)  # fmt: skip
 
 
@@ -141,19 +135,22 @@ def test_evaluation_per_checkpoint_with_the_adapter_off_and_on(setup, tmp_path):
 
     tokenizer, train, held, _ = setup
     _, _, written = run(setup, train, tmp_path / "e", save_steps=50)
-    prompts = ["How do I reset pump 7?", "Who repairs pump 12?"]
-    rows = evaluate(build_model(tokenizer, seed=0), tokenizer, written[::-1], held, prompts)
-    assert [r["step"] for r in rows] == [50, 100]
-    assert rows[-1]["eval_loss"] < 0.5 * eval_loss(build_model(tokenizer, seed=0), held,
-                                                  tokenizer.pad_token_id)  # fmt: skip
+    prompts = [procedure_records(80)[n]["prompt"] for n in (0, 1)]
+    rows = evaluate(base(), tokenizer, written[::-1], held, prompts, max_new_tokens=40)
+    assert [(r["step"], r["strength"]) for r in rows] == [(0, 0), (50, 1), (100, 1)]
+    assert rows[0]["eval_loss"] == pytest.approx(eval_loss(base(), held, tokenizer.pad_token_id))
+    assert rows[-1]["eval_loss"] < 0.5 * rows[0]["eval_loss"]
     assert rows[-1]["perplexity"] == pytest.approx(math.exp(rows[-1]["eval_loss"]))
-    # off: the base model's babble, the same for every checkpoint; on: the learned answer
-    assert rows[0]["strength_0"] == rows[1]["strength_0"]
-    assert rows[-1]["strength_1"][0].startswith("Close valve ")  # the answer for its question
-    assert rows[-1]["strength_1"][1].startswith("Team ")
-    assert all(not text.startswith(("Close valve", "Team ")) for text in rows[0]["strength_0"])
+    # off: the base model's babble; on: the learned answer to its question (the isolation its
+    # unit's kind needs, its task's steps; unit numbers are still hit and miss)
+    answers = [procedure_records(80)[n]["response"] for n in (0, 1)]
+    for generation, answer in zip(rows[-1]["generations"], answers, strict=True):
+        assert generation.startswith(answer.split(" Sign the")[0]), (generation, answer)
+    assert all(not text.startswith("First ") for text in rows[0]["generations"])
     table = markdown(rows, prompts)
-    assert "| 100 | " in table and "**How do I reset pump 7?**" in table
+    assert "| step 100 | " in table and "| base (adapter off) | " in table
+    assert "**### Question:<br>How do I" in table
+    assert "| step 100 | First " in table
 
 
 def test_exports_reload_with_the_trained_models_logits(setup, tmp_path):
@@ -172,10 +169,10 @@ def test_exports_reload_with_the_trained_models_logits(setup, tmp_path):
 
         folder = export_adapter_folder(written[-1], tmp_path / "adapter", {"seed": 0})
         assert json.loads((folder / PROVENANCE_FILE).read_text()) == {"seed": 0}
-        loaded = PeftModel.from_pretrained(build_model(tokenizer, seed=0), str(folder)).eval()
+        loaded = PeftModel.from_pretrained(base(), str(folder)).eval()
         assert torch.equal(loaded(**inputs).logits, want)
 
-        merged_dir = export_merged(build_model(tokenizer, seed=0), tokenizer, written[-1],
+        merged_dir = export_merged(base(), tokenizer, written[-1],
                                    tmp_path / "merged")  # fmt: skip
         merged = AutoModelForCausalLM.from_pretrained(merged_dir).eval()
         assert not any("lora" in k for k in merged.state_dict())

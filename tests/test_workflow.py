@@ -18,9 +18,11 @@ from safetensors import safe_open
 pytestmark = pytest.mark.workflow
 
 
-def demo_datasets(checkout):
+def demo_datasets(checkout, task="image"):
     config = yaml.safe_load((checkout / "config" / "config.yaml").read_text())
-    return config["datasets"]
+    return [
+        ds for ds, entry in config["datasets"].items() if (entry or {}).get("task", "image") == task
+    ]
 
 
 def test_every_dataset_gets_an_export_and_a_grid(demo_run):
@@ -50,6 +52,29 @@ def test_every_dataset_gets_an_export_and_a_grid(demo_run):
         assert len(cells["cells"]) == len(cells["checkpoints"]) * 2 * 3
         for stage in ("resize", "caption", "merge_captions", "train", "export", "grid"):
             assert (demo_run / "logs" / stage / f"{ds}.log").exists()
+
+
+def test_the_text_dataset_gets_an_adapter_a_gguf_and_an_evaluation(demo_run):
+    (ds,) = demo_datasets(demo_run, "text")
+    folder = demo_run / "exports" / ds
+    made = {p.name for p in folder.iterdir() if not p.name.startswith(".")}
+    assert made == {"adapter_model.safetensors", "adapter_config.json", "README.md",
+                    "loramill_provenance.json", f"{ds}.gguf"}  # fmt: skip
+    provenance = json.loads((folder / "loramill_provenance.json").read_text())
+    lock = json.loads((demo_run / "locks" / ds / "text_train.json").read_text())
+    assert provenance["stage"]["fingerprint"] == lock["fingerprint"]
+    assert (provenance["name"], provenance["step"]) == (ds, 100)
+    assert f'PeftModel.from_pretrained(base, "exports/{ds}")' in (folder / "README.md").read_text()
+    # the evaluation: the base (adapter off), then each checkpoint; the adapter learned
+    rows = json.loads((demo_run / "evaluations" / f"{ds}.json").read_text())["rows"]
+    assert [(r["step"], r["strength"]) for r in rows] == [(0, 0), (50, 1), (100, 1)]
+    assert rows[-1]["eval_loss"] < 0.25 * rows[0]["eval_loss"]
+    assert all(g.startswith("First ") for g in rows[-1]["generations"])
+    assert not any(g.startswith("First ") for g in rows[0]["generations"])
+    table = (demo_run / "evaluations" / f"{ds}.md").read_text()
+    assert f"| step 100 | {rows[-1]['eval_loss']:.4f} |" in table
+    for stage in ("text_prepare", "text_train", "text_export", "text_evaluate"):
+        assert (demo_run / "logs" / stage / f"{ds}.log").exists()
 
 
 def test_readme_shows_the_demos_real_grid(demo_run, repo):
@@ -189,6 +214,11 @@ def test_report_is_one_page_with_every_datasets_grid_loss_and_card(demo_run):
     assert result.returncode == 0, f"make report failed:\n{result.stdout}\n{result.stderr}"
     page = (demo_run / "report.html").read_text()
     assert "<script src=" not in page  # self-contained: nothing fetched when opened
-    for ds in demo_datasets(demo_run):
-        for shown in (f"grids/{ds}.png", f"results/{ds}/loss.png", f"exports/{ds}.md"):
-            assert base64.b64encode((demo_run / shown).read_bytes()).decode() in page, shown
+    shown = [
+        *(f"{p}" for ds in demo_datasets(demo_run)
+          for p in (f"grids/{ds}.png", f"results/{ds}/loss.png", f"exports/{ds}.md")),
+        *(f"{p}" for ds in demo_datasets(demo_run, "text")
+          for p in (f"evaluations/{ds}.html", f"results/{ds}/adapter_loss.png")),
+    ]  # fmt: skip
+    for path in shown:
+        assert base64.b64encode((demo_run / path).read_bytes()).decode() in page, path

@@ -128,8 +128,13 @@ def base_model_fingerprint(spec: str, hashes: HashCache, allow_unsafe_weights: b
     folder = Path(source)
     if not folder.exists():
         return f"hub:{source}@{hub_commit(source) or 'not-downloaded'}"
+    return files_fingerprint(spec, folder, loaded_files(folder, allow_unsafe_weights), hashes)
+
+
+def files_fingerprint(spec: str, folder: Path, relatives: list[str], hashes: HashCache) -> str:
+    """``files:<manifest hash>`` of the named files of a model folder."""
     files: dict[str, str] = {}
-    for relative in loaded_files(folder, allow_unsafe_weights):
+    for relative in relatives:
         try:
             files[relative] = hashes.file(folder / relative)
         except FileNotFoundError:  # a shard named by its index but absent

@@ -13,7 +13,8 @@ from typing import Any
 
 from loramill import LoramillError
 
-SECTIONS = ("resize", "caption", "merge", "train", "export", "grid")
+SECTIONS = ("resize", "caption", "merge", "train", "export", "grid", "text")
+TASKS = ("image", "text")
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -69,6 +70,9 @@ def dataset_config(
     except Exception as error:
         raise LoramillError(describe(error, prefix=f"datasets.{dataset}")) from None
     merged["path"] = entry.get("path", f"data/{dataset}")
+    merged["task"] = entry.get("task", "image")
+    default_model = merged["text"].get("base_model") if merged["task"] == "text" else None
+    merged["base_model"] = entry.get("base_model") or default_model or config.get("base_model")
     trigger = entry.get("trigger", "")
     merged["trigger_words"] = [trigger] if isinstance(trigger, str) else list(trigger)
     merged["trigger"] = ", ".join(w for w in merged["trigger_words"] if w)

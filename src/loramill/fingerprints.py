@@ -25,6 +25,7 @@ from loramill.caption_cache import model_fingerprint
 from loramill.code_hash import PACKAGE_DIR, CodeFingerprint, code_fingerprint
 from loramill.dataset_files import SUFFIXES, folder_hashes
 from loramill.hashing import HashCache, hash_value
+from loramill.text_model import language_model_fingerprint
 
 # Under `--sdm conda` jobs run in the env built from this file, not in Snakemake's own: the
 # main process puts the file's hash here and jobs inherit it, so both sides compare the same
@@ -95,6 +96,10 @@ def _by_content(key: str, value: Any, params: dict[str, Any], hashes: HashCache)
         unsafe = bool(params.get("allow_unsafe_weights"))
         fingerprint = lambda: base_model_fingerprint(value, hashes, unsafe)  # noqa: E731
         return hashes.remember(f"base_model:{value}:{unsafe}", fingerprint)
+    if key == "language_model":  # a text dataset's base model (loramill.text_model)
+        unsafe = bool(params.get("allow_unsafe_weights"))
+        fingerprint = lambda: language_model_fingerprint(value, hashes, unsafe)  # noqa: E731
+        return hashes.remember(f"language_model:{value}:{unsafe}", fingerprint)
     if key == "init_from":
         return hashes.file(value) if value else ""
     if key == "caption_model":  # a folder replaced in place recaptions

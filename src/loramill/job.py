@@ -24,6 +24,7 @@ from loramill.config import dataset_config
 from loramill.fingerprints import Job, components, fingerprint
 from loramill.hashing import DEFAULT_DB, HashCache
 from loramill.locks import write_lock
+from loramill.text_model import fetch_language_model
 from loramill.verdicts import digests
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -107,6 +108,10 @@ def run_keyed(
     job = received(snakemake)
     if "base_model" in job.params:  # a hub id is fingerprinted by the commit it resolves to
         fetch_base_model(job.params["base_model"], bool(job.params.get("allow_unsafe_weights")))
+    if "language_model" in job.params:
+        fetch_language_model(
+            job.params["language_model"], bool(job.params.get("allow_unsafe_weights"))
+        )
     if job.params.get("caption_model"):  # the same for a captioner's model
         fetch_caption_model(
             job.params["caption_model"], bool(job.params.get("allow_unsafe_weights"))

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,14 @@ def resolve_base_model(spec: str) -> str:
             f"base_model '{spec}': a single-file checkpoint; convert it once with "
             f"`python -m loramill.single_file {spec} models/{path.stem}` and use that folder"
         )
+    return resolve_model(spec, check_pipeline_folder)
+
+
+def resolve_model(spec: str, check: Callable[[str, Path], None]) -> str:
+    """:func:`resolve_base_model` for any kind of model folder, ``check`` judging a local one."""
+    path = Path(spec).expanduser()
     if path.exists():
-        check_pipeline_folder(spec, path)
+        check(spec, path)
         return str(path)
     # "models/sd15" with a local models/ folder is a mistyped path, not a hub id.
     looks_local = spec.startswith((".", "/", "~")) or (
@@ -150,14 +157,23 @@ def float32_bytes(spec: str) -> int:
         root = model_folder(spec)
     except LoramillError:
         return 0  # a hub model not downloaded yet: the job will say so
-    total = 0
-    for path in (f for c in TRAINED for f in sorted((root / c).glob("*.safetensors"))):
-        with open(path, "rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                total += math.prod(entry["shape"]) * 4 if entry["dtype"] in FLOAT_DTYPES else 0
-    return total
+    return sum(
+        map(
+            safetensors_float32_bytes,
+            (f for c in TRAINED for f in sorted((root / c).glob("*.safetensors"))),
+        )
+    )
+
+
+def safetensors_float32_bytes(path: Path) -> int:
+    """What a safetensors file's floating-point tensors take in float32, from its header."""
+    with open(path, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    return sum(
+        math.prod(entry["shape"]) * 4
+        for name, entry in header.items()
+        if name != "__metadata__" and entry["dtype"] in FLOAT_DTYPES
+    )
 
 
 def job_mem_mb(spec: str, resolution: int, batch_size: int, training: bool) -> int:

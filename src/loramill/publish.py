@@ -28,16 +28,25 @@ import yaml
 
 from loramill import LoramillError
 
-ARTIFACTS = (
-    "results/{ds}/checkpoints",  # a folder: one .dvc file for the dataset's checkpoints
-    "exports/{ds}.safetensors",
-    "exports/{ds}.diffusers.safetensors",
-    "exports/{ds}.md",  # the model card
-    "exports/{ds}-steps",  # a folder: one kohya file per checkpoint
-    "grids/{ds}.png",
-    "grids/{ds}.json",
-    "grids/{ds}-pages",  # a folder: the grid's pages after the first (empty for one page)
-)
+ARTIFACTS = {
+    "image": (
+        "results/{ds}/checkpoints",  # a folder: one .dvc file for the dataset's checkpoints
+        "exports/{ds}.safetensors",
+        "exports/{ds}.diffusers.safetensors",
+        "exports/{ds}.md",  # the model card
+        "exports/{ds}-steps",  # a folder: one kohya file per checkpoint
+        "grids/{ds}.png",
+        "grids/{ds}.json",
+        "grids/{ds}-pages",  # a folder: the grid's pages after the first (empty for one page)
+    ),
+    "text": (
+        "results/{ds}/adapters",  # a folder: every checkpoint's peft adapter
+        "exports/{ds}",  # a folder: adapter, provenance, card, GGUF, merged model
+        "evaluations/{ds}.md",
+        "evaluations/{ds}.json",
+        "evaluations/{ds}.html",
+    ),
+}
 DEMO_REMOTE = "demo"
 DEMO_REMOTE_DIR = "dvc-demo-remote"
 ADD_REMOTE_HINT = "dvc remote add -d <name> <url>"
@@ -132,11 +141,16 @@ def target_remote(root: Path, remote: str | None) -> str:
 
 
 def publish(
-    root: Path, datasets: list[str], remote: str | None = None, dry_run: bool = False
-) -> PublishReport:
-    """`dvc add` the changed artifacts of ``datasets`` and push them with data.dvc."""
+    root: Path, datasets: list[str], remote: str | None = None, dry_run: bool = False,
+    tasks: dict[str, str] | None = None,
+) -> PublishReport:  # fmt: skip
+    """`dvc add` the changed artifacts of ``datasets`` (``tasks``: each one's task, image
+    when not given) and push them with data.dvc."""
     root = Path(root).resolve()
-    artifacts = [t.format(ds=ds) for ds in dict.fromkeys(datasets) for t in ARTIFACTS]
+    kinds = tasks or {}
+    artifacts = [
+        t.format(ds=ds) for ds in dict.fromkeys(datasets) for t in ARTIFACTS[kinds.get(ds, "image")]
+    ]
     # All or nothing: a half-published dataset would leave a teammate's pull inconsistent.
     missing = [path for path in artifacts if not (root / path).exists()]
     if missing:
@@ -227,14 +241,16 @@ def main(argv: list[str] | None = None) -> int:
         config_path = root / "config" / "config.yaml"
         if not config_path.is_file():
             raise LoramillError(f"{config_path} not found: run from the project root")
-        configured = list((yaml.safe_load(config_path.read_text()) or {}).get("datasets") or {})
+        entries = (yaml.safe_load(config_path.read_text()) or {}).get("datasets") or {}
+        configured = list(entries)
+        tasks = {ds: (entry or {}).get("task", "image") for ds, entry in entries.items()}
         unknown = [ds for ds in args.datasets if ds not in configured]
         if unknown:
             raise LoramillError(
                 f"unknown dataset {', '.join(unknown)} (config/config.yaml has: "
                 f"{', '.join(configured)})"
             )
-        report = publish(root, args.datasets or configured, args.remote, args.dry_run)
+        report = publish(root, args.datasets or configured, args.remote, args.dry_run, tasks)
     except LoramillError as error:
         print(f"loramill: publish: {error}", file=sys.stderr)
         return 1

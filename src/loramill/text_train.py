@@ -14,29 +14,37 @@ import logging
 import math
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from loramill import LoramillError
-from loramill.files import atomic_folder
+from loramill.devices import resolve_device
+from loramill.files import atomic_folder, write_json
 from loramill.text_data import IGNORE, Tokenized, pad_batch
-from loramill.train_state import RunState
+from loramill.text_model import load_causal_lm, load_tokenizer
+from loramill.text_prepare import read_tokens
+from loramill.train_log import plot_loss
+from loramill.train_state import STATE_ROOT, RunState, trajectory_key
 
 log = logging.getLogger(__name__)
+STEP_PREFIX = "step-"
+PROVENANCE_FILE = "loramill_provenance.json"
+STOPS = ("max_train_steps", "save_steps")  # options that only decide where a run stops
 
 
 @dataclass(frozen=True)
 class TextTrainConfig:
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
+    # lora-scripts' names for the text workflow's options
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     learning_rate: float = 2e-4
     max_train_steps: int = 100
-    batch_size: int = 4
+    train_batch_size: int = 4
     save_steps: int = 0  # 0: the last step only
     seed: int = 0
     threads: int = 2
@@ -65,7 +73,7 @@ def add_text_lora(model: Any, cfg: TextTrainConfig) -> Any:
 
     torch.manual_seed(cfg.seed)
     config = LoraConfig(
-        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+        r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
         target_modules=list(cfg.target_modules), task_type="CAUSAL_LM",
     )  # fmt: skip
     try:
@@ -83,9 +91,11 @@ def batch_order(count: int, batch_size: int, seed: int) -> Iterator[list[int]]:
             yield order[start : start + batch_size]
 
 
-def _batch(data: Tokenized, indices: list[int], pad_id: int) -> dict[str, torch.Tensor]:
-    return pad_batch([data.input_ids[i] for i in indices], [data.labels[i] for i in indices],
-                     pad_id)  # fmt: skip
+def _batch(
+    data: Tokenized, indices: list[int], pad_id: int, device: Any = "cpu"
+) -> dict[str, torch.Tensor]:
+    ids, labels = [data.input_ids[i] for i in indices], [data.labels[i] for i in indices]
+    return {name: tensor.to(device) for name, tensor in pad_batch(ids, labels, pad_id).items()}
 
 
 @torch.no_grad()
@@ -93,10 +103,10 @@ def eval_loss(model: Any, data: Tokenized, pad_id: int, batch_size: int = 8) -> 
     """Mean cross-entropy per labelled token (perplexity = exp of it)."""
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    total, tokens, device = 0.0, 0, next(model.parameters()).device
     for start in range(0, len(data.input_ids), batch_size):
-        batch = _batch(data, list(range(start, min(start + batch_size, len(data.input_ids)))),
-                       pad_id)  # fmt: skip
+        indices = list(range(start, min(start + batch_size, len(data.input_ids))))
+        batch = _batch(data, indices, pad_id, device)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         loss = torch.nn.functional.cross_entropy(
@@ -111,10 +121,14 @@ def eval_loss(model: Any, data: Tokenized, pad_id: int, batch_size: int = 8) -> 
     return total / tokens
 
 
-def save_adapter(model: Any, folder: str | os.PathLike) -> Path:
-    """A peft adapter folder, written whole or not at all."""
+def save_adapter(
+    model: Any, folder: str | os.PathLike, provenance: dict[str, Any] | None = None
+) -> Path:
+    """A peft adapter folder (with the run's provenance), written whole or not at all."""
     with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        if provenance is not None:
+            write_json(tmp / PROVENANCE_FILE, provenance)
     return Path(folder)
 
 
@@ -133,7 +147,7 @@ def _prepare(model: Any, cfg: TextTrainConfig) -> tuple[Any, Any, Any]:
 
 
 def _resume(
-    run: RunState, peft_model: Any, optimizer: Any, needed: list[int], checkpoints: Path
+    run: RunState, peft_model: Any, optimizer: Any, needed: list[int], save: Any
 ) -> tuple[int, list[dict[str, float]], list[Path]]:
     """Continue from the newest usable state: the checkpoints before it written again from
     their snapshots, the LoRA, optimizer and RNG as they were. (0, [], []) when none."""
@@ -145,7 +159,7 @@ def _resume(
     written = []
     for step in [n for n in needed if n <= start]:
         set_peft_model_state_dict(peft_model, run.load_adapters(step))
-        written.append(save_adapter(peft_model, checkpoints / f"step-{step:06d}"))
+        written.append(save(step))
     state = run.load_state(start)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
@@ -156,41 +170,81 @@ def _resume(
 def train_text_lora(
     model: Any, data: Tokenized, cfg: TextTrainConfig, pad_id: int,
     checkpoints_dir: str | os.PathLike, state_dir: str | os.PathLike | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> tuple[Any, list[dict[str, float]], list[Path]]:  # fmt: skip
     """Train a LoRA on ``model``; return the peft model, the loss history and the checkpoint
-    folders written (``step-NNNNNN``). With ``state_dir`` the full state is kept there at
-    every checkpoint, and a rerun continues from it exactly (loramill.train_state)."""
+    folders written (``step-NNNNNN``, each with ``provenance``). With ``state_dir`` the full
+    state is kept there at every checkpoint, and a rerun continues from it exactly
+    (loramill.train_state)."""
     from peft import get_peft_model_state_dict
 
     if not data.input_ids:
         raise LoramillError("no training examples left after tokenization")
     torch.set_num_threads(cfg.threads)
     peft_model, optimizer, autocast = _prepare(model, cfg)
+    device = next(peft_model.parameters()).device
     every, end = cfg.save_steps or cfg.max_train_steps, cfg.max_train_steps
     needed = [s for s in range(1, end + 1) if s % every == 0 or s == end]
-    run, checkpoints = RunState(state_dir) if state_dir else None, Path(checkpoints_dir)
-    torch.manual_seed(cfg.seed)  # LoRA dropout draws from the global generator
-    start, history, written = (
-        _resume(run, peft_model, optimizer, needed, checkpoints) if run else (0, [], [])
+    run = RunState(state_dir) if state_dir else None
+    save = lambda step: save_adapter(  # noqa: E731
+        peft_model, Path(checkpoints_dir) / f"{STEP_PREFIX}{step:06d}", provenance
     )
-    order = batch_order(len(data.input_ids), cfg.batch_size, cfg.seed)
+    torch.manual_seed(cfg.seed)  # LoRA dropout draws from the global generator
+    start, history, written = _resume(run, peft_model, optimizer, needed, save) if run else (
+        0, [], []
+    )  # fmt: skip
+    order = batch_order(len(data.input_ids), cfg.train_batch_size, cfg.seed)
     for _ in range(start):  # the batches the saved run already took
         next(order)
     for step in range(start + 1, end + 1):
         with autocast:
-            loss = peft_model(**_batch(data, next(order), pad_id)).loss
+            loss = peft_model(**_batch(data, next(order), pad_id, device)).loss
         value = float(loss.detach())
         if not math.isfinite(value):
-            raise LoramillError(f"step {step}: loss is {value}; lower train.learning_rate")
+            raise LoramillError(f"step {step}: loss is {value}; lower text.train.learning_rate")
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         history.append({"step": step, "loss": value})
         if step in needed:
-            written.append(save_adapter(peft_model, checkpoints / f"step-{step:06d}"))
+            written.append(save(step))
             if run:
                 state = {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state(),
                          "history": history}  # fmt: skip
                 run.save(step, get_peft_model_state_dict(peft_model), state)
     log.info("trained to step %d, final loss %.4f", end, history[-1]["loss"])
     return peft_model, history, written
+
+
+def train_text(
+    train_tokens: str, checkpoints_dir: str, loss_png: str, language_model: str,
+    config: dict[str, Any], device: str = "auto", allow_unsafe_weights: bool = False,
+    state_dir: str | os.PathLike | None = None, stage: dict[str, Any] | None = None,
+) -> list[Path]:  # fmt: skip
+    """The text_train stage: a LoRA on the base model from the prepared tokens."""
+    cfg = TextTrainConfig.from_dict(config)
+    tokenizer = load_tokenizer(language_model)
+    model = load_causal_lm(language_model, allow_unsafe_weights=allow_unsafe_weights)
+    model.to(resolve_device(device))
+    data = read_tokens(train_tokens)
+    provenance = {
+        "base_model": language_model,
+        "train_config": asdict(cfg),
+        "examples": len(data.input_ids),
+        "tokens": sum(map(len, data.input_ids)),
+        "stage": stage or {},
+    }
+    _, history, written = train_text_lora(
+        model, data, cfg, tokenizer.pad_token_id, checkpoints_dir, state_dir, provenance
+    )
+    plot_loss(history, loss_png, f"text LoRA, rank {cfg.lora_rank}")
+    if state_dir:
+        RunState(state_dir).finish(keep=True)  # constant LR: a longer run continues this one
+    return written
+
+
+def text_state_dir(parts: dict[str, Any]) -> Path:
+    """Where a text_train job keeps its resumable state: keyed on its fingerprint less the
+    options that only decide where the run stops (the learning rate is constant, so a longer
+    run follows the same trajectory and continues a shorter one)."""
+    return STATE_ROOT / f"text-{trajectory_key(parts, 'text.train', STOPS)}"

@@ -41,13 +41,22 @@ STEP_FILE = re.compile(r"^step-(\d{6,})\.(safetensors|pt)$")
 SAMPLE_FILE = re.compile(r"^step-(\d{6,})-\d+\.png$")
 
 
-def state_key(fingerprint: dict[str, Any], cfg: TrainConfig) -> str:
-    """The trajectory a train job follows: its fingerprint less the stopping options."""
+def trajectory_key(fingerprint: dict[str, Any], section: str, stops: tuple[str, ...]) -> str:
+    """The trajectory a train job follows: its fingerprint less the options ``stops`` of its
+    ``section`` param (a dotted path: ``text.train``), which only decide where the run stops."""
     trajectory = copy.deepcopy(fingerprint)
-    train = trajectory.get("params", {}).get("train", {})
-    for option in STOPPING_OPTIONS if cfg.continues else ("save_steps",):
-        train.pop(option, None)
+    options = trajectory.get("params", {})
+    for key in section.split("."):
+        options = options.get(key, {})
+    for option in stops:
+        options.pop(option, None)
     return hash_value(trajectory)
+
+
+def state_key(fingerprint: dict[str, Any], cfg: TrainConfig) -> str:
+    return trajectory_key(
+        fingerprint, "train", STOPPING_OPTIONS if cfg.continues else ("save_steps",)
+    )
 
 
 def state_dir(fingerprint: dict[str, Any], config: dict[str, Any]) -> Path:

@@ -1,0 +1,145 @@
+"""Text LoRA training throughput (issue #15): loramill against transformers.Trainer + peft.
+
+Both train the same LoRA (rank 8, alpha 16, no dropout, q/k/v/o/up/down projections) with
+AdamW at the same learning rate, on the same tokenized examples (the demo's procedures,
+prompt masked), batch 8, padded per batch, for the same number of steps, in one process,
+alternating, best of ``--repeats``. Throughput counts real (non-padding) tokens per second of
+the training call (at the examples' mean length), model loading excluded. Models, seeded
+random weights:
+
+- tiny: the embedded models/tiny-llama (2 layers, hidden 64);
+- 100m: a LLaMA of about 100 M parameters (14 layers, hidden 768, intermediate 2304) on the
+  tiny tokenizer's vocabulary.
+
+    .venv/bin/python bench/text_speed.py [--models tiny 100m] [--steps 20] [--repeats 2]
+        [--precision fp32 bf16] [--device cpu|cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "models" / "tiny-llama"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+BATCH, LR, SEQ = 8, 5e-4, 128
+
+
+def examples():
+    from loramill.demo_text import TASKS, UNITS, procedure_records
+    from loramill.text_data import parse_record, tokenize
+    from loramill.text_model import load_tokenizer
+
+    tokenizer = load_tokenizer(str(TINY))
+    records = [
+        parse_record(json.dumps(r), f"demo:{n}")
+        for n, r in enumerate(procedure_records(len(TASKS) * len(UNITS)))
+    ]
+    return tokenizer, tokenize(records, tokenizer, SEQ, "truncate", response_only=True)
+
+
+def build(kind: str, device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loramill.text_model import load_causal_lm
+
+    if kind == "tiny":
+        return load_causal_lm(str(TINY)).to(device)
+    config = LlamaConfig(
+        vocab_size=384, hidden_size=768, intermediate_size=2304, num_hidden_layers=14,
+        num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval().requires_grad_(False).to(device)
+
+
+def real_tokens(data, steps: int) -> float:
+    """Non-padding tokens in ``steps`` batches, at the examples' mean length (the two sides
+    draw their batches in different orders; the demo's examples differ by a few tokens)."""
+    return steps * BATCH * sum(map(len, data.input_ids)) / len(data.input_ids)
+
+
+def run_loramill(model, data, pad_id: int, steps: int, precision: str) -> float:
+    from loramill.text_train import TextTrainConfig, train_text_lora
+
+    cfg = TextTrainConfig.from_dict({
+        "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGETS,
+        "learning_rate": LR, "max_train_steps": steps, "train_batch_size": BATCH,
+        "mixed_precision": "bf16" if precision == "bf16" else "no",
+        "threads": torch.get_num_threads(),
+    })  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        train_text_lora(model, data, cfg, pad_id, tmp)
+        return time.perf_counter() - start
+
+
+def run_trainer(model, data, tokenizer, steps: int, precision: str, device: str) -> float:
+    from peft import LoraConfig, get_peft_model
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS,
+                      task_type="CAUSAL_LM")  # fmt: skip
+    peft_model = get_peft_model(model, lora)
+    rows = [{"input_ids": i, "attention_mask": [1] * len(i), "labels": lab}
+            for i, lab in zip(data.input_ids, data.labels, strict=True)]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, max_steps=steps, per_device_train_batch_size=BATCH,
+            learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01,
+            optim="adamw_torch", bf16=precision == "bf16", logging_strategy="no",
+            save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0,
+            use_cpu=device == "cpu", disable_tqdm=True,
+        )  # fmt: skip
+        collator = DataCollatorForSeq2Seq(tokenizer, padding=True)  # labels padded with -100
+        trainer = Trainer(model=peft_model, args=args, train_dataset=rows, data_collator=collator)
+        start = time.perf_counter()
+        trainer.train()
+        elapsed = time.perf_counter() - start
+    peft_model.unload()  # the base model back without LoRA layers, for the next run
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", nargs="+", default=["tiny", "100m"])
+    parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    tokenizer, data = examples()
+    tokens = real_tokens(data, args.steps)
+    for kind in args.models:
+        for precision in args.precision:
+            best = {"loramill": float("inf"), "Trainer+peft": float("inf")}
+            for _ in range(args.repeats):
+                model = build(kind, args.device)
+                best["loramill"] = min(
+                    best["loramill"],
+                    run_loramill(model, data, tokenizer.pad_token_id, args.steps, precision),
+                )
+                model = build(kind, args.device)
+                best["Trainer+peft"] = min(
+                    best["Trainer+peft"],
+                    run_trainer(model, data, tokenizer, args.steps, precision, args.device),
+                )
+            rates = {name: tokens / seconds for name, seconds in best.items()}
+            ratio = rates["loramill"] / rates["Trainer+peft"]
+            print(f"{kind:5s} {precision}: loramill {rates['loramill']:.0f} tok/s, "
+                  f"Trainer+peft {rates['Trainer+peft']:.0f} tok/s, ratio {ratio:.2f}",
+                  flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
