@@ -8,7 +8,7 @@ the training call (at the examples' mean length), model loading excluded. Models
 random weights:
 
 - tiny: the embedded models/tiny-llama (2 layers, hidden 64);
-- 100m: a LLaMA of about 100 M parameters (14 layers, hidden 768, intermediate 2304) on the
+- 100m: a LLaMA of 108 M parameters (14 layers, hidden 768, intermediate 2304) on the
   tiny tokenizer's vocabulary.
 
     .venv/bin/python bench/text_speed.py [--models tiny 100m] [--steps 20] [--repeats 2]
