@@ -355,6 +355,14 @@ def test_renamed_dataset_plans_no_training(repo):
     assert f"train renamed: built as {A} before" in stderr
 
 
+def test_renamed_text_dataset_plans_its_export_only(repo):
+    shutil.move(repo / "data" / T, repo / "data" / "procedures")
+    edit_config(repo, lambda c: c["datasets"].update(procedures=c["datasets"].pop(T)))
+    stderr, ran = plan(repo)
+    assert ran == {("text_export", "procedures")}  # the adapter's name is in its card and GGUF
+    assert f"text_train procedures: built as {T} before" in stderr
+
+
 def test_removed_results_are_restored_not_rebuilt(repo, base):
     shutil.rmtree(repo / "results" / A)
     (repo / "exports" / f"{A}.safetensors").unlink()

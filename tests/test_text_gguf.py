@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -35,7 +36,11 @@ def test_the_gguf_adapter_loads_in_llama_cpp_and_matches_peft(setup, tmp_path): 
     tokenizer, train, _, _ = setup
     _, _, written = run(setup, train, tmp_path / "t", max_train_steps=30)
     model_gguf = write_base_gguf(TINY_LLAMA, tmp_path / "base.gguf")
-    lora = export_gguf_lora(written[-1], model_config(TINY_LLAMA), tmp_path / "a.gguf", "demo")
+    lora = export_gguf_lora(written[-1], model_config(TINY_LLAMA), tmp_path / "a.gguf", "demo",
+                            {"step": 30})  # fmt: skip
+    fields = gguf.GGUFReader(lora).fields
+    assert json.loads(fields["loramill.provenance"].contents()) == {"step": 30}
+    assert fields["adapter.type"].contents() == "lora"
     ids = tokenizer(PROMPT)["input_ids"]
     with torch.no_grad():
         want_base = base()(torch.tensor([ids])).logits[0].numpy()

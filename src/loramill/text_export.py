@@ -114,7 +114,8 @@ def export_text(
         write_json(tmp / PROVENANCE_FILE, provenance)
         write_text(tmp / "README.md", model_card(name, provenance, **settings))
         if settings["gguf"]:
-            export_gguf_lora(tmp, model_config(language_model), tmp / f"{name}.gguf", name)
+            config = model_config(language_model)
+            export_gguf_lora(tmp, config, tmp / f"{name}.gguf", name, provenance)
         if settings["merged"]:
             base = load_causal_lm(language_model, allow_unsafe_weights=allow_unsafe_weights)
             export_merged(base, load_tokenizer(language_model), last, tmp / "merged")

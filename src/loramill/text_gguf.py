@@ -80,9 +80,11 @@ def _permuted(hf_name: str, weight: Any, config: dict[str, Any]) -> Any:
 
 def export_gguf_lora(
     adapter_dir: str | os.PathLike, base_config: dict[str, Any], out: str | os.PathLike,
-    name: str,
+    name: str, provenance: dict[str, Any] | None = None,
 ) -> Path:  # fmt: skip
-    """``adapter_dir`` (a peft LoRA folder) as a llama.cpp GGUF LoRA adapter."""
+    """``adapter_dir`` (a peft LoRA folder) as a llama.cpp GGUF LoRA adapter; ``provenance``
+    goes in as the JSON string ``loramill.provenance`` (llama.cpp ignores keys it does not
+    know; ``gguf-dump`` shows it)."""
     import gguf
     from safetensors.torch import load_file
 
@@ -99,6 +101,8 @@ def export_gguf_lora(
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(settings["lora_alpha"]))
         writer.add_name(name)
+        if provenance is not None:
+            writer.add_string("loramill.provenance", json.dumps(provenance, sort_keys=True))
         for key in sorted(k for k in tensors if ".lora_A." in k):
             module = key.removeprefix(PEFT_PREFIX).split(".lora_A.")[0]
             a, b = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]
