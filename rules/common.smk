@@ -241,6 +241,10 @@ def gpus(wildcards):
     return 1 if uses_gpu(config["device"]) else 0
 
 
+def train_processes(wildcards):
+    return DATASETS[wildcards.ds]["train"]["num_processes"]
+
+
 def captions_with_model(wildcards):
     return DATASETS[wildcards.ds]["caption"]["backend"] != "template"
 
@@ -252,7 +256,10 @@ def model_mem_mb(training):
         settings = DATASETS[wildcards.ds]
         batch = settings["train"]["train_batch_size"] if training else 1
         resolution = settings["resize"]["resolution"]
-        return job_mem_mb(settings["base_model"], resolution, batch, training)
+        processes = settings["train"]["num_processes"] if training else 1
+        return processes * job_mem_mb(
+            settings["base_model"], resolution, batch, training
+        )
 
     return mem_mb
 

@@ -23,10 +23,13 @@ rule train:
         "benchmarks/train/{ds}.tsv"
     conda:
         ENV
-    threads: lambda wildcards: DATASETS[wildcards.ds]["train"]["threads"]
+    # threads per process, times train.num_processes (and one GPU each)
+    threads:
+        lambda wildcards: train_processes(wildcards)
+        * DATASETS[wildcards.ds]["train"]["threads"]
     resources:
         mem_mb=model_mem_mb(training=True),
-        gpu=gpus,
+        gpu=lambda wildcards: gpus(wildcards) * train_processes(wildcards),
     params:
         # a folder or a hub id, so a parameter rather than an input: its content is part of
         # the stage's fingerprint

@@ -83,6 +83,26 @@ def test_retraining_is_bit_identical_and_checkpoints_load_with_peft(setup, tmp_p
     assert eval_loss(loaded, held, pad) == pytest.approx(eval_loss(trained, held, pad), abs=1e-6)
 
 
+def test_the_adapter_config_is_the_same_bytes_in_every_interpreter(setup, tmp_path):
+    """peft writes target_modules in set order, which PYTHONHASHSEED changes."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; from loramill.text_train import TextTrainConfig, add_text_lora, "
+        "save_adapter; from loramill.text_model import load_causal_lm; "
+        f"cfg = TextTrainConfig.from_dict({CONFIG!r}); "
+        f"save_adapter(add_text_lora(load_causal_lm({TINY_LLAMA!r}), cfg), sys.argv[1])"
+    )
+    configs = set()
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True,
+                       env={**__import__("os").environ, "PYTHONHASHSEED": seed})  # fmt: skip
+        configs.add((out / "adapter_config.json").read_bytes())
+    assert len(configs) == 1
+
+
 def test_bad_options_name_the_key(setup, tmp_path):
     with pytest.raises(LoramillError, match=r"train\.rank: not a text training option"):
         TextTrainConfig.from_dict({"rank": 8})

@@ -14,8 +14,44 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-# Shared by the workflow's parse-time checks and its jobs (paths relative to the workdir).
-DEFAULT_DB = Path(".cache/hashes.sqlite")
+# Filesystems whose file locking SQLite cannot trust (its documentation: do not share a
+# database over a network filesystem).
+NETWORK_FILESYSTEMS = frozenset(
+    {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.sshfs"}
+)
+
+
+def filesystem_type(path: str | os.PathLike, mounts: str = "/proc/mounts") -> str:
+    """The type of the filesystem ``path`` is on (the longest mount point that holds it)."""
+    target, best, kind = os.path.realpath(path), "", ""
+    with contextlib.suppress(OSError), open(mounts, encoding="utf-8") as table:
+        for line in table:
+            fields = line.split()
+            point = fields[1].replace("\\040", " ") if len(fields) > 2 else ""
+            inside = target == point or target.startswith(point.rstrip("/") + "/")
+            if point and inside and len(point) > len(best):
+                best, kind = point, fields[2]
+    return kind
+
+
+def hash_db_path(cache: str | os.PathLike = ".cache", mounts: str = "/proc/mounts") -> Path:
+    """Where the hash cache lives: ``LORAMILL_HASH_DB`` when set; else in ``cache`` (shared by
+    the workflow's parse-time checks and its jobs), unless that is on a network filesystem (a
+    cluster's shared project folder), where each node keeps its own in its temporary folder:
+    it is only a cache of file hashes, and SQLite's locking does not hold over NFS."""
+    if os.environ.get("LORAMILL_HASH_DB"):
+        return Path(os.environ["LORAMILL_HASH_DB"])
+    folder = Path(cache)
+    if filesystem_type(folder.parent if not folder.exists() else folder, mounts) in (
+        NETWORK_FILESYSTEMS
+    ):
+        project = hashlib.sha256(os.path.realpath(folder).encode()).hexdigest()[:16]
+        local = Path(os.environ.get("TMPDIR") or "/tmp")
+        return local / f"loramill-hashes-{os.getuid()}-{project}.sqlite"
+    return folder / "hashes.sqlite"
+
+
+DEFAULT_DB = hash_db_path()
 # Snakemake drops this marker into directory() outputs after a job; it is not content.
 IGNORED_NAMES = frozenset({".snakemake_timestamp"})
 CHUNK = 1 << 20

@@ -10,6 +10,7 @@ and options give bit-identical adapters on CPU. Checkpoints are peft adapter fol
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -121,12 +122,23 @@ def eval_loss(model: Any, data: Tokenized, pad_id: int, batch_size: int = 8) -> 
     return total / tokens
 
 
+def canonical_config(path: Path) -> None:
+    """peft keeps target_modules as a set and writes it in hash order, which differs from one
+    interpreter to the next: sorted, the same adapter is the same bytes on every machine."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key, value in config.items():
+        if key.endswith("modules") and isinstance(value, list):
+            config[key] = sorted(value)
+    write_json(path, config)
+
+
 def save_adapter(
     model: Any, folder: str | os.PathLike, provenance: dict[str, Any] | None = None
 ) -> Path:
     """A peft adapter folder (with the run's provenance), written whole or not at all."""
     with atomic_folder(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        canonical_config(tmp / "adapter_config.json")
         if provenance is not None:
             write_json(tmp / PROVENANCE_FILE, provenance)
     return Path(folder)

@@ -30,6 +30,7 @@ from loramill import LoramillError
 from loramill import train_objective as objective
 from loramill.buckets import batches, batches_per_epoch
 from loramill.devices import resolve_device
+from loramill.distributed import in_worker, launch, share
 from loramill.files import write_bytes
 from loramill.hashing import DEFAULT_DB, HashCache
 from loramill.init_from import read_init_weights
@@ -79,7 +80,7 @@ def provenance(
             "num_images": len(examples.captions),
             # what an epoch is (the export's ss_epoch): batches over every image × repeats
             "batches_per_epoch": batches_per_epoch(
-                examples.buckets, cfg.train_batch_size, cfg.repeats
+                examples.buckets, cfg.global_batch_size, cfg.repeats
             ),
             "tag_frequency": tag_frequency(examples.captions),
             "device": device,
@@ -88,6 +89,15 @@ def provenance(
         | init_from
         | single_file
     )
+
+
+def check_gpus(processes: int, device_spec: str) -> None:
+    """On CUDA every process needs a GPU of its own."""
+    if resolve_device(device_spec).type == "cuda" and torch.cuda.device_count() < processes:
+        raise LoramillError(
+            f"train.num_processes: {processes} processes, and this machine has "
+            f"{torch.cuda.device_count()} GPU(s)"
+        )
 
 
 def make_accelerator(cfg: TrainConfig, device_spec: str, logdir: str | os.PathLike) -> Any:
@@ -122,6 +132,7 @@ class Training:
         from diffusers import DDPMScheduler
 
         self.cfg, self.accelerator = cfg, accelerator
+        self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.encoded, self.captions, self.buckets = encoded, examples.captions, examples.buckets
         self.images = examples.images
         self.device = accelerator.device
@@ -183,7 +194,7 @@ class Training:
         """The next batch of example indices, all from one bucket (loramill.buckets)."""
         if not self.order:  # new epoch: reshuffle
             cfg = self.cfg
-            self.order = batches(self.buckets, cfg.train_batch_size, self.rng, cfg.repeats)
+            self.order = batches(self.buckets, cfg.global_batch_size, self.rng, cfg.repeats)
         return self.order.pop(0)
 
     def _latent_dists(self, batch: list[int]) -> dict[str, torch.Tensor]:
@@ -230,11 +241,15 @@ class Training:
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
+        # Every process drew for the whole batch (the same draws: one seed); each trains on
+        # its share of the rows, its loss scaled so DDP's mean of gradients is the batch's.
+        rows, scale = share(len(batch), self.rank, self.world)
         pred = self.unet(
-            noisy.to(self.device), timesteps.to(self.device), hidden.to(self.device)
-        ).sample
-        weight = objective.weights(scheduler, timesteps, self.cfg)
-        return objective.loss(pred, target.to(self.device), weight, self.cfg)
+            noisy[rows].to(self.device), timesteps[rows].to(self.device),
+            hidden[rows].to(self.device),
+        ).sample  # fmt: skip
+        weight = objective.weights(scheduler, timesteps[rows], self.cfg)
+        return objective.loss(pred, target[rows].to(self.device), weight, self.cfg) * scale
 
     def step(self) -> float:
         """One optimizer step over gradient_accumulation_steps batches; the mean loss."""
@@ -242,7 +257,8 @@ class Training:
         for _ in range(accumulation):
             loss = self._loss(self._next_batch())
             self.accelerator.backward(loss / accumulation)
-            total += loss.item()
+            # the batch's mean loss: the processes' scaled losses average to it
+            total += self.accelerator.reduce(loss.detach(), "mean").item()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
         self.optimizer.step()
@@ -352,12 +368,18 @@ def train_lora(
     resumes from it (see loramill.train_state). ``stage``: the train stage's fingerprint and
     its parts, for the checkpoints' provenance (loramill.fingerprints.stage_provenance).
     """
+    arguments = dict(locals())  # every argument, for the workers of a multi-process run
     cfg = TrainConfig.from_dict(config)
+    if cfg.num_processes > 1 and not in_worker():
+        check_gpus(cfg.num_processes, device)
+        return [Path(p) for p in launch(train_lora, arguments, cfg.num_processes, cfg.threads)]
     torch.set_num_threads(cfg.threads)
     examples = read_examples(Path(resized_dir), Path(captions_jsonl))
     cfg.check_dataset(len(examples.images))
     if cfg.max_train_epochs:
-        cfg = cfg.for_epochs(batches_per_epoch(examples.buckets, cfg.train_batch_size, cfg.repeats))
+        cfg = cfg.for_epochs(
+            batches_per_epoch(examples.buckets, cfg.global_batch_size, cfg.repeats)
+        )
         log.info("%d epochs: %d steps", cfg.max_train_epochs, cfg.max_train_steps)
     accelerator = make_accelerator(cfg, device, logdir)
     accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.as_dict().items()})
@@ -370,10 +392,11 @@ def train_lora(
     run = RunState(state_dir) if state_dir else None
     needed = checkpoint_steps(cfg.max_train_steps, cfg.save_steps)
     start, history = resume(training, run, needed)
+    main = accelerator.is_main_process  # only it writes checkpoints, state and the curve
     writer = CheckpointWriter(checkpoints_dir, training.adapters()[1], record)
-    for step in (s for s in needed if s <= start):
+    for step in (s for s in needed if s <= start and main):
         writer.write(step, run.load_adapters(step))
-    if run:
+    if run and main:
         writer.restore_samples(run, start)
 
     count, buckets = len(examples.images), len(set(examples.buckets))
@@ -384,11 +407,12 @@ def train_lora(
         start,
         cfg.max_train_steps,
     )
-    history = run_steps(training, start, history, writer, run, needed)
+    history = run_steps(training, start, history, writer, run if main else None, needed)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
-    if loss_png:
+    if loss_png and main:
         plot_loss(history, loss_png, "training loss")
-    if run:
+    if run and main:
         run.finish(keep=cfg.continues)
     return writer.written
 
@@ -409,8 +433,9 @@ def prepare(
     pipe = load_pipeline(base_model, "float32", allow_unsafe_weights)
     use_sdpa(pipe, cfg.sdpa)
     record["base_version"] = base_version(pipe)  # what the export labels the adapter
-    encoded = Encoded(pipe, examples, cfg, base_model, device, cache_root, hashes)
-    hashes.save()
+    with accelerator.main_process_first():  # one process encodes, the others read the cache
+        encoded = Encoded(pipe, examples, cfg, base_model, device, cache_root, hashes)
+        hashes.save()
     samples = None
     if cfg.sample_every_n_steps:
         prompts = sample_prompts(cfg, trigger, examples.resolution)
@@ -437,11 +462,12 @@ def run_steps(
         if not math.isfinite(loss):
             raise LoramillError(f"train: loss became {loss} at step {step}")
         progress.update(step, loss, training.lrs())
-        if training.samples and training.samples.due(step):
+        main = training.accelerator.is_main_process
+        if training.samples and training.samples.due(step) and main:
             images = training.samples.render(*training.unwrapped(), training.accelerator)
             folders = [writer.samples] + ([run.samples] if run else [])
             save_samples(images, step, folders, training.accelerator)
-        if step in needed:
+        if step in needed and main:
             tensors, _ = training.adapters()
             writer.write(step, tensors)
             if run:

@@ -95,6 +95,8 @@ class TrainConfig:
     # CPU kernels split reductions by thread count, so it is part of what makes a run
     # bit-reproducible: fixed here rather than taken from the scheduler.
     threads: int = 2
+    # data-parallel processes (loramill.distributed); train_batch_size is per process
+    num_processes: int = 1
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> TrainConfig:
@@ -166,11 +168,18 @@ class TrainConfig:
         steps = -(-batches_per_epoch * self.max_train_epochs // per_step)  # ceiling
         return replace(self, max_train_steps=steps)
 
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per batch over every process: what one batch of the data order holds."""
+        return self.train_batch_size * self.num_processes
+
     def check_dataset(self, images: int) -> None:
-        if self.train_batch_size > images:
+        if self.global_batch_size > images:
+            times = f" × {self.num_processes} processes" if self.num_processes > 1 else ""
             raise LoramillError(
-                f"train.train_batch_size: {self.train_batch_size} is more than the dataset's "
-                f"{images} usable image{'s' if images != 1 else ''}; lower it or add images"
+                f"train.train_batch_size: {self.train_batch_size}{times} is more than the "
+                f"dataset's {images} usable image{'s' if images != 1 else ''}; lower it or add "
+                "images"
             )
 
     def check_device(self, device_type: str) -> None:
