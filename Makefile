@@ -1,6 +1,5 @@
-# The two commands of the README, plus their one-time setup.
-#   make demo   set up .venv if missing, fetch the demo data (dvc pull), train every dataset
-#   make test   set up .venv if missing, run the test suite (lint included)
+# The two commands of the README are make demo and make test; make help lists every target
+# with its `## ` line (the line right above the target), and python -m loramill shows them too.
 
 PYTHON ?= python3.11
 VENV := .venv
@@ -8,33 +7,39 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install lock publish gc seed-edits report
+.PHONY: demo test install lock publish gc seed-edits report help
 
+## set up .venv if missing, fetch the demo data (dvc pull), train every dataset
 demo: $(VENV)/.installed
 	$(BIN)/dvc pull
 	$(BIN)/snakemake --cores 1 train_all
 
+## set up .venv if missing, run the test suite (lint included)
 test: $(VENV)/.installed $(VENV)/.llama-cpp
 	$(BIN)/pytest
 
+## set up .venv only (pinned torch, locked dependencies, loramill itself)
 install: $(VENV)/.installed
 
-# One self-contained page of every dataset's grid, loss curve and model card (after a run).
+# First each dataset's overview page from what is there (--allowed-rules: nothing else runs,
+# a stale stage is not retrained for a report), then the report of them and of train_all.
+## report.html: every dataset's grid, loss curve and model card on one page (after a run)
 report: $(VENV)/.installed
-	$(BIN)/snakemake --report report.html train_all
+	$(BIN)/snakemake --cores 1 --allowed-rules overview report_pages -- report_pages
+	$(BIN)/snakemake --report report.html report_pages
 
-# Push changed exports and grids (one .dvc file each) and data/ to your own DVC remote.
+## push changed exports, grids (one .dvc file each) and data/ to your own DVC remote
 publish: $(VENV)/.installed
 	$(BIN)/python -m loramill.publish
 
-# Start caption review: append the auto captions of images that have no edit yet to
-# data/<DS>/metadata.csv (existing rows are never changed or reordered).
+# Existing rows are never changed or reordered.
+## DS=<ds>: start caption review (auto captions of unedited images into metadata.csv)
 seed-edits: $(VENV)/.installed
 	$(BIN)/python -m loramill.seed_edits $(DS)
 
-# Free disk: drop the run-cache entries (.cache/runs) that no lock in locks/ references, and
-# the cached grid cells (.cache/grid) that no grid in grids/ shows.
+# The run-cache entries are in .cache/runs, the grid cells in .cache/grid.
 # `$(BIN)/python -m loramill.run_cache gc --max-size 20G` keeps the most recently used instead.
+## free disk: drop run-cache entries no lock references, grid cells no grid shows
 gc: $(VENV)/.installed
 	$(BIN)/python -m loramill.run_cache gc
 	$(BIN)/python -m loramill.grid_render gc
@@ -56,6 +61,11 @@ $(VENV)/.llama-cpp: $(VENV)/.installed
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet -c constraints.txt -e '.[llama]'
 	touch $@
 
+## regenerate constraints.txt from the installed .venv
 lock: $(VENV)/.installed
 	{ sed -n '1,2p' constraints.txt; $(BIN)/pip freeze --exclude-editable \
 	  | sed 's/^torch==\(.*\)+cpu$$/torch==\1/'; } > constraints.tmp && mv constraints.tmp constraints.txt
+
+## list the make targets with what each does
+help:
+	@awk '/^## /{d=substr($$0,4);next} /^[A-Za-z][A-Za-z0-9_-]*:/&&d!=""{split($$0,t,":");printf "  make %-11s %s\n",t[1],d} {d=""}' $(firstword $(MAKEFILE_LIST))

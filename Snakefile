@@ -11,9 +11,10 @@
 #   results/<ds>/captions.jsonl         training captions (human edits win, trigger prepended)
 #   results/<ds>/checkpoints/           step-NNNNNN.safetensors (diffusers LoRA format)
 #   results/<ds>/loss.png               loss curve (TensorBoard logs in results/<ds>/tensorboard)
-#   exports/<ds>.safetensors            kohya format for AUTOMATIC1111 / ComfyUI / diffusers
-#   exports/<ds>.diffusers.safetensors  diffusers format
+#   exports/<ds>.safetensors            kohya format: AUTOMATIC1111 / ComfyUI / kohya / diffusers
+#   exports/<ds>.diffusers.safetensors  diffusers format: diffusers / ComfyUI (not AUTOMATIC1111)
 #   exports/<ds>.md                     model card: use, settings, tags, grid, provenance
+#   exports/<ds>.html                   the model card as a web page (for the report)
 #   exports/<ds>-steps/                 <ds>-NNNNNN.safetensors: kohya format, every checkpoint
 #   grids/<ds>.png                      XYZ grid: checkpoint step × strength × prompt
 #   grids/<ds>.json                     every cell: settings, adapter hash, box, page
@@ -29,16 +30,24 @@
 #                                       (llama.cpp), merged/ (text.export.merged)
 #   evaluations/<ds>.{md,json,html}     per checkpoint: eval loss, perplexity, generations
 #
-#   snakemake --report report.html train_all    one page: grids, loss curves, model cards,
-#                                               text evaluations
+# Every dataset: results/<ds>/overview.html, its grid and loss curve on the report's first page
+# (made by make report).
+#
+#   make report                       report.html, one page: grids, loss curves, model cards,
+#                                     text evaluations (overview pages, then snakemake --report)
 
 
 from snakemake.utils import min_version
 
 min_version("9.27")
 
+CONFIG_FILE = "config/config.yaml"
 
-configfile: "config/config.yaml"
+
+include: "rules/setup.smk"
+
+
+configfile: CONFIG_FILE
 
 
 report: "report/workflow.rst"
@@ -70,6 +79,13 @@ rule grids:
         expand("grids/{ds}.png", ds=IMAGE_DATASETS),
 
 
+# The report's target (make report): what train_all made and each dataset's overview page
+rule report_pages:
+    input:
+        rules.train_all.input,
+        expand("results/{ds}/overview.html", ds=DATASETS),
+
+
 # ---- stages -----------------------------------------------------------------------------
 
 
@@ -77,3 +93,4 @@ include: "rules/prepare.smk"
 include: "rules/train.smk"
 include: "rules/evaluate.smk"
 include: "rules/text.smk"
+include: "rules/report.smk"

@@ -87,8 +87,11 @@ def make_exports(workdir: Path) -> tuple[list[Path], dict]:
     export_adapter(checkpoint, *files, "compat")
     modules = {c: len(read_checkpoint(checkpoint).component(c)) // 2
                for c in ("unet", "text_encoder")}  # fmt: skip
-    # alpha / rank: 2/4 for Linear modules (and the text encoder), 2/2 for 3×3 convs
-    return files, {"modules": modules, "scalings": {"unet": [0.5, 1.0], "text_encoder": [0.5]}}
+    # kohya file: alpha / rank, 2/4 for Linear modules (and the text encoder), 2/2 for 3×3
+    # convs; diffusers file: alpha = rank everywhere (the trained scale is in its weights)
+    scalings = {"unet": [0.5, 1.0], "text_encoder": [0.5]}
+    by_file = {files[0].name: scalings, files[1].name: {"unet": [1.0], "text_encoder": [1.0]}}
+    return files, {"modules": modules, "scalings": by_file}
 
 
 def ensure_venv(venv: Path, args: argparse.Namespace) -> None:
@@ -135,7 +138,8 @@ def main() -> int:
                 got[c]["modules"] == want["modules"][c] for c in ("unet", "text_encoder")
             )
             scaled = full and all(
-                got[c]["scalings"] == want["scalings"][c] for c in ("unet", "text_encoder")
+                got[c]["scalings"] == want["scalings"][Path(path).name][c]
+                for c in ("unet", "text_encoder")
             )
             ok &= full and scaled
             print(f"{stack} | {Path(path).name} | {json.dumps(got)} | "

@@ -10,21 +10,9 @@ from snakemake.settings.enums import RerunTrigger
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 import snakemake
+import yaml
 
-# Jobs import the package from the checkout, with or without `pip install` (conda envs and
-# cluster jobs too: envvars passes PYTHONPATH on to remote executors).
-SRC = str(Path(workflow.basedir) / "src")
-sys.path.insert(0, SRC)
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    filter(None, [SRC, os.environ.get("PYTHONPATH")])
-)
-
-
-envvars:
-    "PYTHONPATH",
-
-
-from loramill import LoramillError
+from loramill import LoramillError, failures
 from loramill.snakemake_compat import check_snakemake_version
 
 try:
@@ -34,7 +22,13 @@ except LoramillError as error:
 
 from loramill.buckets import BucketSpec
 from loramill.caption import captioner_class
-from loramill.config import check_replaced_keys, dataset_config, describe, grid_settings
+from loramill.config import (
+    check_replaced_keys,
+    coerce_numbers,
+    dataset_config,
+    describe,
+    grid_settings,
+)
 from loramill.devices import uses_gpu
 from loramill.fingerprints import CONDA_ENV_VAR
 from loramill.gates import done_marker, ensure_markers, stale_gate
@@ -42,6 +36,7 @@ from loramill.grid_plan import check_grid
 from loramill.hashing import DEFAULT_DB, HashCache, hash_file
 from loramill.model import job_mem_mb, resolve_base_model
 from loramill.stage_rules import rule_stage
+from loramill.stopping import pass_signals_to_jobs
 from loramill.verdicts import Planner
 from loramill.text_model import resolve_language_model, text_job_mem_mb
 from loramill.text_train import TextTrainConfig
@@ -93,6 +88,8 @@ def check_dataset(ds, settings):
 def load_datasets():
     """Validate the config and return each dataset's effective settings; exit with one line."""
     try:
+        # before anything reads it: "20" and 20 are the same config, fingerprints included
+        coerce_numbers(config, yaml.safe_load(Path(SCHEMA).read_text(encoding="utf-8")))
         check_replaced_keys(config)
         validate_config(config)
     except LoramillError as error:
@@ -206,10 +203,13 @@ def gate(stage, task="image"):
     def paths(wildcards):
         if not workflow.is_main_process:
             return []  # a cluster job re-parsing the workflow: the main process decided
-        verdict = verdicts(wildcards.ds)
-        rerun = [u for u in verdict[stage].upstream if not verdict[u].fresh]
-        gates = [] if verdict[stage].fresh else [gate_file()]
-        return gates + [done_marker(wildcards.ds, u) for u in rerun]
+        verdict = verdicts(wildcards.ds)[stage]
+        if verdict.fresh:
+            return []
+        # Every producer's marker, not only the stale ones': a fresh producer may run too
+        # (an output to rebuild, a run Snakemake found incomplete), and then Snakemake would
+        # not look at this stage's gate until the next invocation (#4166).
+        return [gate_file()] + [done_marker(wildcards.ds, u) for u in verdict.upstream]
 
     return paths if CONTENT_KEYED else []
 
@@ -217,6 +217,23 @@ def gate(stage, task="image"):
 def done(stage):
     """Output helper: the marker a run of this stage touches."""
     return touch(done_marker("{ds}", stage))
+
+
+# ---- interrupts and failures (src/loramill/stopping.py, failures.py) ----------------------
+# A signal to Snakemake reaches its running jobs too (Snakemake's local executor would wait
+# for them to end): a training saves its state at the next step and stops. With keep-going
+# the other datasets finish; the end of the run lists each failed job's one-line reason.
+
+RUN_STARTED = failures.now()
+
+
+onstart:
+    pass_signals_to_jobs()
+
+
+onerror:
+    if failures.summary(RUN_STARTED):
+        print(failures.summary(RUN_STARTED), file=sys.stderr)
 
 
 # ---- dataset helpers ---------------------------------------------------------------------
@@ -291,6 +308,15 @@ def metadata_csv(wildcards):
     """The human caption edits table, when the dataset has one."""
     path = os.path.join(DATASETS[wildcards.ds]["path"], "metadata.csv")
     return [path] if os.path.isfile(path) else []
+
+
+def grid_captions(wildcards):
+    """The training captions, when the grid takes its prompts from them (it sets none): only
+    then are they part of the grid's fingerprint, so a caption edit reaches set prompts never.
+    """
+    if DATASETS[wildcards.ds]["grid"]["prompts"]:
+        return []
+    return [f"results/{wildcards.ds}/captions.jsonl"]
 
 
 def name_if_captioned(wildcards):

@@ -4,6 +4,8 @@
 rule grid:
     input:
         checkpoints=keyed("results/{ds}/checkpoints"),
+        # the training captions, only for a grid that sets no prompts
+        captions=keyed(grid_captions),
         gate=gate("grid"),
     output:
         grid="grids/{ds}.png",

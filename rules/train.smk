@@ -49,8 +49,11 @@ rule export:
     output:
         kohya="exports/{ds}.safetensors",
         diffusers="exports/{ds}.diffusers.safetensors",
-        card=report(
-            "exports/{ds}.md",
+        card="exports/{ds}.md",
+        # the card as a web page, written beside the .md (loramill.model_card): the report
+        # opens HTML in place, a Markdown result only as a download link
+        card_html=report(
+            "exports/{ds}.html",
             caption="../report/card.rst",
             category="Model cards",
             labels={"dataset": "{ds}"},

@@ -1,4 +1,4 @@
-from loramill.grid import render_grid
+from loramill.grid import render_grid, with_caption_prompts
 from loramill.job import run
 from loramill.lora import list_checkpoints
 
@@ -7,7 +7,9 @@ run(
     lambda: render_grid(
         base_model=snakemake.params.base_model,
         checkpoints=list_checkpoints(snakemake.input.checkpoints),
-        settings=snakemake.params.grid,
+        settings=with_caption_prompts(
+            snakemake.params.grid, snakemake.input.captions, snakemake.wildcards.ds
+        ),
         out_png=snakemake.output.grid,
         out_json=snakemake.output.cells,
         pages_dir=snakemake.output.pages,

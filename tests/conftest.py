@@ -20,6 +20,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before torch loads (libgomp reads it then): the suite and the jobs it starts share the cores
+# with other work, where spinning OpenMP threads run 10-100x slower (bench/thread_policy.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parent.parent
 # The embedded model, pretrained to draw coloured shapes (models/pretrain_tiny_sd.py).
@@ -142,6 +145,19 @@ def demo_run(tmp_path_factory) -> Path:
     )
     assert result.returncode == 0, f"make demo failed:\n{result.stdout}\n{result.stderr}"
     return checkout
+
+
+@pytest.fixture(scope="session")
+def demo_report(demo_run) -> Path:
+    """The README's report command (`make report`) run once on the demo: report.html."""
+    venv = BIN.parent
+    result = subprocess.run(
+        ["make", "-o", f"{venv}/.installed", "report", f"VENV={venv}"],
+        cwd=demo_run, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, f"make report failed:\n{result.stdout}\n{result.stderr}"
+    return demo_run / "report.html"
 
 
 # ---------------------------------------------------------------- training on a tiny dataset

@@ -8,9 +8,13 @@ import shutil
 import pytest
 import yaml
 from conftest import REPO, run_tool
+from snakemake.utils import validate
 
+from loramill import LoramillError
+from loramill.config import check_yaml_syntax, coerce_numbers, dataset_config, describe
 from loramill.demo_data import generate_dataset
 from loramill.demo_text import procedure_records, write_jsonl
+from loramill.fingerprints import fingerprint
 
 TEXT = "station_procedures"
 
@@ -50,7 +54,9 @@ def error_line(result):
 
 
 def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
-    result = dry_run(workdir, tmp_path, {})
+    # numbers as YAML users also write them: quoted, and 1e-4 (a string to YAML 1.1)
+    quoted = {"train": {"rank": "4", "learning_rate": "1e-4"}, "grid": {"seed": ["7"]}}
+    result = dry_run(workdir, tmp_path, quoted)
     assert result.returncode == 0, result.stderr
     for rule in ("resize", "caption", "merge_captions", "train", "export", "grid"):
         assert rule in result.stdout
@@ -66,7 +72,7 @@ def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
             {"train": {"learning_rate": "fast"}},
             "config: train.learning_rate: 'fast' is not of type",
         ),
-        ({"train": {"rnak": 4}}, "config: train: unknown option ('rnak' was unexpected)"),
+        ({"train": {"rnak": 4}}, "config: train.rnak: unknown option (did you mean rank?)"),
         ({"resize": {"resolution": 100}}, "config: resize.resolution: 100 is not a multiple of 8"),
         (
             {"datasets": {"wide_bands": {"train": {"seed": -3}}}},
@@ -171,3 +177,133 @@ def test_running_without_the_profile_still_validates(workdir, tmp_path):
         check=False,
     )
     assert "base_model './x'" in error_line(result)
+
+
+SCHEMA = REPO / "config" / "config.schema.yaml"
+
+
+def test_yaml_syntax_error_names_the_file_line_and_column(tmp_path):
+    # Fails before the workflow imports anything heavy: the one real run of this kind.
+    for name in ("Snakefile", "rules", "src", "profiles", "config"):
+        copy = shutil.copytree if (REPO / name).is_dir() else shutil.copy2
+        copy(REPO / name, tmp_path / name)
+    config = tmp_path / "config" / "config.yaml"
+    lines = config.read_text().splitlines()
+    row = next(i for i, line in enumerate(lines) if line.startswith("device:"))
+    lines[row] = "device: auto: cpu"
+    config.write_text("\n".join(lines) + "\n")
+    result = run_tool("snakemake", "-n", cwd=tmp_path, check=False)
+    line = error_line(result)
+    assert line == (
+        f"loramill: config/config.yaml:{row + 1}:13: mapping values are not allowed here"
+    )
+    assert "Snakefile" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("train:\n  rank: 4\n\tseed: 1\n", ":3:1: found character '\\t' that cannot start"),
+        (
+            'caption:\n  template: "{words}\n',
+            ":3:1: found unexpected end of stream (while scanning a quoted scalar at 2:13)",
+        ),
+        ("train:\n  rank: 4\n alpha: 3\n", ":3:2: expected <block end>, but found"),
+    ],
+)
+def test_yaml_syntax_errors_point_at_the_cause(tmp_path, text, expected):
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    with pytest.raises(LoramillError) as raised:
+        check_yaml_syntax(str(path))
+    assert str(raised.value).startswith(f"{path}{expected}")
+
+
+def test_json_and_valid_yaml_pass_the_syntax_check(tmp_path):
+    for text in ('{"train": {"rank":\t4}}', (REPO / "config" / "config.yaml").read_text()):
+        (tmp_path / "ok.yaml").write_text(text)
+        check_yaml_syntax(str(tmp_path / "ok.yaml"))
+
+
+def schema_error(config):
+    with pytest.raises(Exception) as raised:
+        validate(config, str(SCHEMA))
+    return describe(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        ({"devise": "cpu"}, "config: devise: unknown option (did you mean device?)"),
+        (
+            {"datasets": {"a": {"trigerr": "x"}}},
+            "config: datasets.a.trigerr: unknown option (did you mean trigger?)",
+        ),
+        (
+            {"grid": {"strenghts": [1.0]}},
+            "config: grid.strenghts: unknown option (did you mean strengths?)",
+        ),
+        ({"train": {"colour": 1}}, "config: train.colour: unknown option"),
+    ],
+)
+def test_unknown_options_suggest_the_closest_key(config, expected):
+    assert schema_error({"datasets": {"a": {}}, **config}) == expected
+
+
+def test_unknown_dataset_option_is_named_under_the_dataset():
+    config = {"datasets": {"a": {"train": {"lerning_rate": 1.0}}}}
+    validate(config, str(SCHEMA))
+    with pytest.raises(LoramillError) as raised:
+        dataset_config(config, "a", lambda data: validate(data, str(SCHEMA)))
+    assert str(raised.value) == (
+        "config: datasets.a.train.lerning_rate: unknown option (did you mean learning_rate?)"
+    )
+
+
+def loaded(text):
+    """A config as the workflow reads it: numeric strings coerced, then validated."""
+    config = yaml.safe_load(text)
+    coerce_numbers(config, yaml.safe_load(SCHEMA.read_text()))
+    validate(config, str(SCHEMA))
+    return config
+
+
+def test_quoted_numbers_are_the_numbers_they_spell():
+    quoted = loaded(
+        """
+        datasets:
+          a: {trigger: "20", train: {max_train_steps: "20", learning_rate: 1e-4}}
+        train: {rank: "4", alpha: "8"}
+        grid: {strengths: ["0.5", ["1", "0.25"]], seed: ["7"], batch_size: "2"}
+        resize: {background: "000"}
+        """
+    )
+    plain = loaded(
+        """
+        datasets:
+          a: {trigger: "20", train: {max_train_steps: 20, learning_rate: 1.0e-4}}
+        train: {rank: 4, alpha: 8}
+        grid: {strengths: [0.5, [1, 0.25]], seed: [7], batch_size: 2}
+        resize: {background: "000"}
+        """
+    )
+    assert quoted == plain
+    settings = dataset_config(quoted, "a")
+    assert settings["train"]["max_train_steps"] == 20
+    assert settings["trigger"] == "20"  # a string option keeps its string
+    # what the planner fingerprints: the dataset's settings
+    assert fingerprint(settings) == fingerprint(dataset_config(plain, "a"))
+
+
+@pytest.mark.parametrize(
+    ("train", "expected"),
+    [
+        ({"rank": "4.5"}, "config: train.rank: '4.5' is not of type 'integer'"),
+        ({"max_train_steps": "1_000"}, "config: train.max_train_steps: '1_000' is not of type"),
+        ({"learning_rate": "nan"}, "config: train.learning_rate: 'nan' is not of type 'number'"),
+    ],
+)
+def test_strings_that_are_not_such_numbers_are_still_refused(train, expected):
+    with pytest.raises(Exception) as raised:
+        loaded(yaml.safe_dump({"datasets": {"a": {}}, "train": train}))
+    assert describe(raised.value).startswith(expected)

@@ -53,24 +53,29 @@ def render(pipe) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind", ["kohya", "diffusers"])
-def test_every_key_loads_into_diffusers_with_true_alpha(kind, exported, random_checkpoint, tiny_sd):
-    from peft.utils import get_peft_model_state_dict
+def test_every_module_loads_into_diffusers_at_the_trained_scale(
+    kind, exported, random_checkpoint, tiny_sd
+):
+    """diffusers' own loader: every trained module gets a layer that applies the trained
+    delta, alpha / rank · B @ A. The kohya file by its alpha (2 / 4); the diffusers file with
+    the scale in its weights and alpha = rank, the one alpha ComfyUI reads from it too."""
+    from peft.tuners.lora import LoraLayer
 
     checkpoint = read_checkpoint(random_checkpoint)
     pipe = load_pipeline(tiny_sd)
     pipe.load_lora_weights(str(exported[kind]), adapter_name="x")
     for component in ("unet", "text_encoder"):
         model = getattr(pipe, component)
-        loaded = get_peft_model_state_dict(model, adapter_name="x")
-        expected = checkpoint.component(component)
-        assert sorted(loaded) == sorted(expected), component
-        for key, tensor in expected.items():
-            assert torch.equal(loaded[key], tensor), key
+        layers = {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+        trained = checkpoint.component(component)
+        assert {f"{n}.lora_A.weight" for n in layers} == {k for k in trained if "lora_A" in k}
+        for name, layer in layers.items():
+            applied = layer.scaling["x"] * layer.lora_B["x"].weight @ layer.lora_A["x"].weight
+            want = 0.5 * trained[f"{name}.lora_B.weight"] @ trained[f"{name}.lora_A.weight"]
+            torch.testing.assert_close(applied, want, rtol=1e-6, atol=1e-7)
         config = model.peft_config["x"]
-        assert (config.r, config.lora_alpha, config.alpha_pattern) == (4, 2.0, {})
-        scalings = [m.scaling["x"] for m in model.modules() if "x" in getattr(m, "scaling", {})]
-        assert len(scalings) == len(expected) // 2
-        assert set(scalings) == {0.5}  # alpha 2 / rank 4, not 1.0
+        alpha = 2.0 if kind == "kohya" else 4.0
+        assert (config.r, config.lora_alpha, config.alpha_pattern) == (4, alpha, {})
 
 
 def test_strength_zero_is_base_and_both_formats_agree(exported, tiny_sd):
@@ -218,12 +223,20 @@ def test_export_is_byte_identical_and_metadata_is_kohya_style(
     assert diffusers_meta["loramill.provenance"] == source_meta["loramill.provenance"]
     diffusers_tensors = load_file(str(first[1]))
     checkpoint_tensors = load_file(str(random_checkpoint))
-    # transformers 4's path for the text encoder (diffusers strips it for transformers 5)
+    # UNet: the attention-processor spelling ComfyUI maps and diffusers converts; text encoder:
+    # transformers 4's path (diffusers strips it for transformers 5); lora_B × alpha / rank
+    q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
     renamed = {
-        k.replace("text_encoder.", "text_encoder.text_model.", 1): k for k in checkpoint_tensors
+        f"unet.{q}.processor.to_q_lora.down.weight": f"unet.{q}.to_q.lora_A.weight",
+        f"unet.{q}.processor.to_out_lora.up.weight": f"unet.{q}.to_out.0.lora_B.weight",
+        "text_encoder.text_model.encoder.layers.1.self_attn.v_proj.lora_B.weight": (
+            "text_encoder.encoder.layers.1.self_attn.v_proj.lora_B.weight"
+        ),
     }
-    assert diffusers_tensors.keys() == renamed.keys()
-    assert all(torch.equal(diffusers_tensors[k], checkpoint_tensors[renamed[k]]) for k in renamed)
+    assert len(diffusers_tensors) == len(checkpoint_tensors)
+    for key, source in renamed.items():
+        scale = 0.5 if "lora_B" in source else 1.0
+        assert torch.equal(diffusers_tensors[key], checkpoint_tensors[source] * scale), key
 
 
 # LoraConfig's fields in peft 0.20.0 (read from that release's dataclass), which refuses any
@@ -249,7 +262,10 @@ def test_diffusers_adapter_metadata_is_what_older_peft_accepts(exported, random_
     source = read_checkpoint(random_checkpoint).adapter_configs
     assert "kasa_config" in source["unet"]  # what peft 0.21 writes and 0.20 refuses
     for component, config in source.items():
-        for field in fields:
+        # alpha = rank: the trained scale is in the weights (ComfyUI reads no other alpha)
+        assert packed[f"{component}.lora_alpha"] == config["r"] == 4
+        assert packed[f"{component}.alpha_pattern"] == config["rank_pattern"]
+        for field in fields - {"lora_alpha", "alpha_pattern"}:
             assert packed[f"{component}.{field}"] == config[field]
 
 

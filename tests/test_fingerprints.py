@@ -18,6 +18,7 @@ from loramill.explain import explain
 from loramill.fingerprints import CONDA_ENV_VAR, Job, components, fingerprint, release
 from loramill.hashing import HashCache
 from loramill.locks import read_lock, write_lock
+from loramill.verdicts import Planner, Stage
 
 SCRIPT = REPO / "scripts" / "grid.py"
 
@@ -169,6 +170,49 @@ def test_reasons_are_in_the_users_terms():
         "images changed (1 changed, 1 added)",
         "input resized changed",
     ]
+
+
+def merge_stage() -> Stage:
+    """The merge stage of a dataset whose human edits are data/ds/metadata.csv."""
+    script = REPO / "scripts" / "merge_captions.py"
+    inputs = {"metadata": ["data/ds/metadata.csv"]}
+    return Stage("merge_captions", lambda ds: Job("merge_captions", script, {}, inputs, "data/ds"),
+                 lambda ds: {})  # fmt: skip
+
+
+def stale_reasons(hashes: HashCache) -> list[str]:
+    return Planner([merge_stage()], hashes, set()).plan("ds")["merge_captions"].reasons
+
+
+SEEDED = "filename,prompt\n" + "".join(f"img{n}.png,caption {n}\n" for n in range(12))
+
+
+@pytest.mark.parametrize(
+    ("edited", "why"),
+    [
+        (SEEDED.replace("caption 3", "a red disc"), "captions edited (1 image)"),
+        (
+            SEEDED.replace("caption 1\n", "one\n").replace("caption 2\n", "two\n"),
+            "captions edited (2 images)",
+        ),
+        (SEEDED + "new.png,a new row\n", "captions edited (1 image)"),
+        ("\ufeff" + SEEDED.replace("\n", "\r\n"), "metadata.csv changed (no image's edit)"),
+    ],
+)
+def test_edits_to_the_table_say_how_many_images(tmp_path, monkeypatch, edited, why):
+    """The planner's reason names the images whose rows changed, not "input metadata"."""
+    monkeypatch.chdir(tmp_path)
+    table = tmp_path / "data" / "ds" / "metadata.csv"
+    table.parent.mkdir(parents=True)
+    table.write_text(SEEDED, encoding="utf-8")
+    hashes = HashCache()
+    assert stale_reasons(hashes) == ["never built"]
+    job = merge_stage().job("ds")
+    built = components(job, lambda name, path: "produced", hashes)
+    write_lock("ds", "merge_captions", fingerprint(built), built, {})
+    assert stale_reasons(hashes) == []
+    table.write_text(edited, encoding="utf-8")
+    assert stale_reasons(HashCache()) == [why]
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,13 @@ import pytest
 
 from loramill import LoramillError
 from loramill.grid_layout import Labels, Page, grid_font, layout, paginate
-from loramill.grid_plan import batches, check_grid, plan_grid, select_checkpoints
+from loramill.grid_plan import (
+    batches,
+    caption_prompts,
+    check_grid,
+    plan_grid,
+    select_checkpoints,
+)
 
 BASE = {
     "x": "checkpoint", "y": "strength", "z": "prompt",
@@ -101,6 +107,22 @@ def test_prompt_sr_is_checked_per_cell_and_needs_an_axis():
                             negative_prompt=["red", ""], prompt_sr=["red", "blue"]))  # fmt: skip
     with pytest.raises(LoramillError, match=r"grid\.prompt_sr: set x, y or z to prompt_sr"):
         check_grid(settings(prompt_sr=["red", "blue"]))
+
+
+def test_a_grid_without_prompts_takes_the_first_distinct_training_captions():
+    captions = ["zzt, a red disc", "zzt, a red disc", "", "zzt, a blue square", "zzt, a dog"]
+    assert caption_prompts(captions, settings(prompts=[])) == [
+        "zzt, a red disc",
+        "zzt, a blue square",
+    ]
+    # prompt on no axis: one prompt, the first caption
+    assert caption_prompts(captions, settings(z="none", prompts=[])) == ["zzt, a red disc"]
+    with pytest.raises(LoramillError, match=r"^grid\.prompts: none set and the dataset has no"):
+        caption_prompts([""], settings(prompts=[]))
+    check_grid(settings(prompts=[]))  # planned with captions standing in
+    check_grid(settings(z="none", prompts=[]))
+    with pytest.raises(LoramillError, match=r"^grid\.prompt_sr: set grid\.prompts too"):
+        check_grid(settings(z="prompt_sr", prompts=[], prompt_sr=["red", "blue"]))
 
 
 def test_prompt_sr_search_text_absent_is_refused():

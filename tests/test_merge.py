@@ -69,7 +69,7 @@ def test_metadata_csv_rows_in_every_mode(ds):
         "b.png": "zzt, blue circle, studio light",
         "café photo.png": "zzt, hand drawn, a cup",
     }
-    assert report["edits"] == {"applied": 3, "stale": [], "orphaned": []}
+    assert report["edits"] == {"applied": 3, "unchanged": 0, "stale": [], "orphaned": []}
     assert (ds / "metadata.csv").read_bytes() == before
     write_table(ds, "a.png,,exclude,")
     captions, report = merge(ds)
@@ -106,6 +106,7 @@ def test_stale_and_orphaned_edits_are_reported_and_kept(ds, caplog):
     assert captions["a.png"] == "zzt, a crimson disc"  # applied, and flagged
     assert report["edits"] == {
         "applied": 1,
+        "unchanged": 0,
         "stale": ["metadata.csv:2"],
         "orphaned": ["metadata.csv:3"],
     }
@@ -123,10 +124,58 @@ def test_stale_and_orphaned_edits_are_reported_and_kept(ds, caplog):
     assert (ds / "metadata.csv").read_bytes() == before
 
 
+def test_only_edits_that_change_a_caption_count_as_applied(ds, caplog):
+    """A seeded table where one row was rewritten reports one edit applied."""
+    write_table(
+        ds,
+        "a.png,red circle,,aa",  # the auto caption, as seed-edits wrote it
+        'b.png,"zzt, blue circle",,bb',  # the training caption it makes already
+        "café photo.png,a latte,,cc",  # the one edit
+    )
+    with caplog.at_level(logging.INFO, logger="loramill"):
+        captions, report = merge(ds, name="ds")
+    assert captions["café photo.png"] == "zzt, a latte"
+    assert (report["edits"]["applied"], report["edits"]["unchanged"]) == (1, 2)
+    messages = [r.getMessage() for r in caplog.records]
+    assert "merge ds: 1 edits applied, 0 stale, 0 orphaned; 3 captions (0 excluded)" in messages
+    write_table(ds, "a.png,,exclude,aa")  # excluding an image changes its result too
+    assert merge(ds)[1]["edits"]["applied"] == 1
+
+
+def test_images_without_an_edit_row_are_named_with_the_seed_command(ds, caplog):
+    write_table(ds, "a.png,red circle,,aa", "b.png,a navy disc,,bb")
+    with caplog.at_level(logging.INFO, logger="loramill"):
+        _, report = merge(ds, name="ds")
+    assert report["no_edit_row"] == ["café photo.png"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert "1 image has no edit row yet (make seed-edits DS=ds)" in messages
+    (ds / "metadata.csv").unlink()  # sidecars only: no row is expected of any image
+    (ds / "captions").mkdir()
+    (ds / "captions" / "a.txt").write_text("a crimson disc\n")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="loramill"):
+        _, report = merge(ds, name="ds")
+    assert report["no_edit_row"] == []
+    assert not [r for r in caplog.records if "no edit row" in r.getMessage()]
+
+
+def test_an_excel_byte_order_mark_is_read_silently(ds, caplog):
+    """Excel's "CSV UTF-8" starts the file with a BOM and ends lines with CRLF."""
+    table = b"\xef\xbb\xbffilename,prompt,mode\r\na.png,a crimson disc,\r\n"
+    (ds / "metadata.csv").write_bytes(table)
+    (ds / "captions").mkdir()
+    (ds / "captions" / "b.txt").write_bytes(b"\xef\xbb\xbfa navy disc\r\n")  # Notepad's
+    with caplog.at_level(logging.WARNING, logger="loramill"):
+        captions, _ = merge(ds)
+    assert captions["a.png"] == "zzt, a crimson disc"
+    assert captions["b.png"] == "zzt, a navy disc"
+    assert caplog.records == []
+    assert (ds / "metadata.csv").read_bytes() == table
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"\xef\xbb\xbffilename,prompt\na.png,x\n", r"metadata\.csv:1: starts with a byte-order"),
         (b"filename,prompt\na.png,caf\xe9\n", r"metadata\.csv:2: not UTF-8 text"),
         (b"name,prompt\na.png,x\n", r"metadata\.csv:1: unknown column 'name'"),
         (b"filename\na.png\n", r"metadata\.csv:1: missing column 'prompt'"),
@@ -260,7 +309,15 @@ def test_seed_appends_drafts_only(tmp_path, monkeypatch, capsys):
     assert main(["nope"]) == 1
 
 
-def test_seed_starts_a_table(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    ("existing", "seeded"),
+    [
+        (None, b"filename,prompt,mode,image_sha256\nb.png,blue circle,,bb\n"),
+        # Excel's "CSV UTF-8": the byte-order mark is no part of the first column's name
+        (b"\xef\xbb\xbffilename,prompt\r\n", b"\xef\xbb\xbffilename,prompt\r\nb.png,blue circle\n"),
+    ],
+)
+def test_seed_starts_a_table_or_appends_to_excels(tmp_path, existing, seeded):
     from loramill.seed_edits import seed
 
     results = tmp_path / "results"
@@ -269,10 +326,10 @@ def test_seed_starts_a_table(tmp_path, monkeypatch):
     manifest = {"images": [{"file": "b.png", "source": "images/b.png"}]}
     (results / "resized" / "manifest.json").write_text(json.dumps(manifest))
     (tmp_path / "ds").mkdir()
+    if existing is not None:
+        (tmp_path / "ds" / "metadata.csv").write_bytes(existing)
     assert seed(tmp_path / "ds", results) == 1
-    assert (tmp_path / "ds" / "metadata.csv").read_text() == (
-        "filename,prompt,mode,image_sha256\nb.png,blue circle,,bb\n"
-    )
+    assert (tmp_path / "ds" / "metadata.csv").read_bytes() == seeded
 
 
 def test_make_seed_edits_runs_the_module(repo):

@@ -16,7 +16,7 @@ from loramill import LoramillError
 from loramill.publish import publish
 
 DATASETS = ["alpha", "beta"]
-SUFFIXES = (".safetensors", ".diffusers.safetensors", ".md")
+SUFFIXES = (".safetensors", ".diffusers.safetensors", ".md", ".html")  # publish.ARTIFACTS order
 GIT = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
 
 
@@ -24,7 +24,7 @@ def artifacts(ds):
     exports = [f"exports/{ds}{s}" for s in SUFFIXES]
     checkpoints, steps = f"results/{ds}/checkpoints", f"exports/{ds}-steps"
     grids = [f"grids/{ds}.png", f"grids/{ds}.json", f"grids/{ds}-pages"]
-    return [checkpoints, *exports, steps, *grids]
+    return [checkpoints, f"results/{ds}/loss.png", *exports, steps, *grids]
 
 
 ALL = [path for ds in DATASETS for path in artifacts(ds)]

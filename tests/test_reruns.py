@@ -10,6 +10,7 @@ few that must show what a job did — restored from the run-cache or recomputed 
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -17,13 +18,15 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import clone_checkout, run_tool
+from conftest import BIN, clone_checkout, run_tool
 from PIL import Image, ImageDraw
 from snakemake.api import SnakemakeApi
 from snakemake.settings import types
@@ -76,11 +79,13 @@ def jobs(result) -> set[tuple[str, str]]:
 
 
 def computed(root: Path, ran: set[tuple[str, str]]) -> set[tuple[str, str]]:
-    """Jobs that did their work, as opposed to restoring it from the run-cache."""
+    """Jobs that did their work, as opposed to restoring it from the run-cache (their log says
+    so, naming the stage and dataset)."""
+    said = "{}: restored from the run-cache"
     return {
         (rule, ds)
         for rule, ds in ran
-        if "restored from the run-cache" not in (root / "logs" / rule / f"{ds}.log").read_text()
+        if said.format(f"{rule} {ds}") not in (root / "logs" / rule / f"{ds}.log").read_text()
     }
 
 
@@ -143,6 +148,13 @@ def plan(root: Path, *forcerun: str) -> tuple[str, set[tuple[str, str]]]:
     return stderr.getvalue(), {(rule, ds) for rule, ds in found if ds is not None}
 
 
+def small(config: dict) -> None:
+    for section, values in SMALL.items():
+        config[section].update(values)
+    for entry in config["datasets"].values():
+        (entry or {}).pop("grid", None)  # SMALL's one prompt, not the demo's two
+
+
 def clone_and_pull(source: Path, dest: Path) -> Path:
     git(dest.parent, "clone", "-q", str(source), str(dest))
     run_tool("dvc", "pull", cwd=dest)
@@ -154,7 +166,7 @@ def base(tmp_path_factory) -> Path:
     """A committed, published repository whose datasets are all built, with its own remote."""
     root = clone_checkout(tmp_path_factory.mktemp("base") / "repo")
     run_tool("dvc", "pull", cwd=root)
-    edit_config(root, lambda c: [c[section].update(values) for section, values in SMALL.items()])
+    edit_config(root, small)
     remote = tmp_path_factory.mktemp("remote")
     run_tool("dvc", "remote", "add", "-d", "team", str(remote), cwd=root)
     run_tool("dvc", "push", cwd=root)
@@ -298,6 +310,21 @@ def test_caption_edit_plans_merge_onward_and_says_why(repo):
     assert f"stale: train {A}: after merge_captions" in stderr
 
 
+def test_edited_rows_of_the_table_plan_merge_onward_and_say_how_many(repo):
+    table = repo / "data" / A / "metadata.csv"
+    edited = {p.stem for p in (repo / "data" / A / "captions").iterdir()}  # by sidecars
+    images = sorted(p.name for p in (table.parent / "images").iterdir() if p.stem not in edited)
+    rows = [f"{name},a band {n}" for n, name in enumerate(images[:3])]
+    table.write_text("filename,prompt\n" + "\n".join(rows) + "\n")
+    stderr = plan(repo)[0]
+    assert f"stale: merge_captions {A}: captions edited (3 images)" in stderr
+    run(repo)
+    table.write_text(table.read_text().replace("a band 0", "a wide band"))
+    stderr, ran = plan(repo)
+    assert ran == chain(A, "merge_captions", "train", "export", "grid")
+    assert f"stale: merge_captions {A}: captions edited (1 image)" in stderr
+
+
 def test_grid_axis_change_plans_grids_only(repo):
     edit_config(repo, lambda c: c["grid"].update(strengths=[0.0, 0.5, 1.0]))
     assert plan(repo)[1] == {("grid", A), ("grid", B)}
@@ -353,6 +380,7 @@ def test_renamed_dataset_plans_no_training(repo):
     # The export names the adapter; nothing before it depends on the name.
     assert ran == {("export", "renamed")}
     assert f"train renamed: built as {A} before" in stderr
+    assert f"restored: train renamed from the run-cache (same inputs as {A}): " in stderr
 
 
 def test_renamed_text_dataset_plans_its_export_only(repo):
@@ -366,7 +394,11 @@ def test_renamed_text_dataset_plans_its_export_only(repo):
 def test_removed_results_are_restored_not_rebuilt(repo, base):
     shutil.rmtree(repo / "results" / A)
     (repo / "exports" / f"{A}.safetensors").unlink()
-    assert plan(repo)[1] == set()
+    stderr, ran = plan(repo)
+    assert ran == set()  # "Nothing to be done", and it says what came back
+    missing = "from the run-cache (outputs were missing)"
+    assert f"restored: train {A} {missing}: results/{A}/checkpoints" in stderr
+    assert f"restored: export {A} {missing}: exports/{A}.safetensors\n" in stderr
     for path in (f"exports/{A}.safetensors", f"results/{A}/checkpoints/step-000002.safetensors"):
         assert (repo / path).read_bytes() == (base / path).read_bytes()
 
@@ -450,3 +482,89 @@ def test_the_edits_file_is_never_written(repo):
         assert table.read_bytes() == before
     captions = {r["image"]: r["caption"] for r in map(json.loads, (repo / target).open())}
     assert captions["green_band_on_black_09.png"] == "wband, a green disc"
+
+
+# --- interrupted runs: stopped promptly, resumed, and nothing stale behind an exit 0 ----------
+
+
+def interrupt_training(repo: Path, signal_to: str, number: int) -> subprocess.CompletedProcess:
+    """Start `snakemake --cores 1 train_all` with A's training made long, and once training
+    has started send ``number`` to Snakemake alone or to its whole process group."""
+    edit_config(repo, lambda c: c["datasets"][A].update(train={"max_train_steps": 30}))
+    log = repo / "logs" / "train" / f"{A}.log"
+    log.unlink()
+    command = [str(BIN / "snakemake"), "--cores", "1", "train_all"]
+    process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)  # fmt: skip
+    deadline = time.monotonic() + 600
+    while "training:" not in (log.read_text() if log.exists() else ""):
+        assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
+        time.sleep(0.05)
+    (os.kill if signal_to == "snakemake" else os.killpg)(process.pid, number)
+    out, _ = process.communicate(timeout=300)
+    while time.monotonic() < deadline:  # every process it started has ended
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("a job process outlived the interrupted run")
+    return subprocess.CompletedProcess(command, process.returncode, out, "")
+
+
+@pytest.mark.parametrize(
+    ("signal_to", "number"),
+    [("snakemake", signal.SIGINT), ("group", signal.SIGINT), ("group", signal.SIGTERM)],
+    ids=["SIGINT to Snakemake alone", "Ctrl-C (SIGINT to the group)", "SIGTERM (Slurm)"],
+)
+def test_interrupted_training_saves_resumes_and_leaves_nothing_stale(repo, signal_to, number):
+    lock = (repo / "locks" / A / "train.json").read_bytes()
+    result = interrupt_training(repo, signal_to, number)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stdout and "Logging error" not in result.stdout
+    name = signal.Signals(number).name
+    found = re.search(rf"train {A}: interrupted \({name}\): state saved at step (\d+); "
+                      r"rerun the same command to resume\n", result.stdout)  # fmt: skip
+    assert found, result.stdout
+    step = int(found.group(1))
+    assert 1 <= step < 30  # stopped at a step boundary well before the end
+    # the run ends with the failed job's one line (Snakemake's own last words follow)
+    summary = result.stdout.split("loramill: 1 job(s) failed:\n")[-1]
+    assert summary.startswith(f"  train {A}: interrupted ({name}): state saved at step {step};")
+    assert (repo / "locks" / A / "train.json").read_bytes() == lock  # nothing claimed built
+
+    ran = run(repo)[1]  # one rerun finishes everything, resuming the saved state
+    assert ran == chain(A, "train", "export", "grid")
+    assert f"resumed from step {step}" in (repo / "logs" / "train" / f"{A}.log").read_text()
+    assert (repo / "exports" / f"{A}-steps" / f"{A}-000030.safetensors").exists()
+    assert plan(repo)[1] == set()  # and a third plans nothing
+
+
+def test_a_producer_run_snakemake_found_incomplete_takes_its_stale_consumers_along(repo):
+    """The state an orphaned training used to leave: it finished and wrote its lock after
+    Snakemake had given up on it and marked its outputs incomplete. The next run reruns it
+    (restored from the run-cache) and must also run the consumers it makes stale."""
+    edit_config(repo, lambda c: c["datasets"][A].update(train={"max_train_steps": 3}))
+    snakemake(repo, "--cores", "1", f"results/{A}/checkpoints")  # train only
+    incomplete = repo / ".snakemake" / "incomplete"
+    incomplete.mkdir(parents=True, exist_ok=True)
+    # Snakemake's marker: the output path, base64, under .snakemake/incomplete
+    marker = base64.urlsafe_b64encode(f"results/{A}/checkpoints".encode()).decode()
+    (incomplete / marker).write_text('{"external_jobid": null}')
+    result, ran = dry_run(repo)
+    assert ran == chain(A, "train", "export", "grid"), result.stdout
+
+
+def test_one_datasets_failure_lets_the_others_finish_and_ends_with_its_reason(repo):
+    for image in (repo / "data" / A / "images").iterdir():
+        image.write_bytes(b"not an image")  # every image quarantined: resize fails
+    edit_config(repo, lambda c: c["datasets"][B].setdefault("train", {}).update(seed=7))
+    result = run_tool("snakemake", "--cores", "1", "train_all", cwd=repo, check=False)
+    assert result.returncode != 0
+    trained = chain(B, "train", "export", "grid")
+    assert jobs(result) == chain(A, "resize") | trained
+    assert computed(repo, trained) == trained
+    tail = (result.stdout + result.stderr).split("loramill: 1 job(s) failed:\n")[-1]
+    assert tail.startswith(f"  resize {A}: "), tail
+    assert "no usable image" in tail.splitlines()[0]

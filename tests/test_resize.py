@@ -18,7 +18,7 @@ from PIL import Image, ImageCms, ImageOps
 
 from loramill import LoramillError
 from loramill.demo_data import EXIF_ORIENTATION, draw_picture, generate_dataset
-from loramill.resize import resize_dataset
+from loramill.resize import SUBFOLDER, resize_dataset
 
 SQUARE = {"resolution": 16, "enable_bucket": False}
 BUCKETS = {"resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64, "bucket_reso_steps": 16}
@@ -184,7 +184,7 @@ def test_every_bad_file_is_quarantined_with_a_reason_and_left_alone(tmp_path, ca
         "images/fake.png": "not a readable image (unknown or corrupt format)",
         "images/escape.png": f"link escapes the dataset (to {tmp_path / 'secret.png'})",
         "images/notes.txt": "unsupported type '.txt'",
-        "images/sub": "subfolders are not read",
+        "images/sub": SUBFOLDER,
         "images/truncated.jpg": reasons["images/truncated.jpg"],
     }
     assert reasons["images/truncated.jpg"].startswith("corrupt image: ")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import textwrap
 import time
@@ -22,7 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_tool
+from conftest import BIN, REPO, run_tool
 
 from loramill import LoramillError
 from loramill.snakemake_compat import BEHAVIOURS, PINNED, TESTED, check_snakemake_version
@@ -318,6 +319,35 @@ def test_empty_inputs_are_checksummed_even_at_threshold_zero(tmp_path: Path) -> 
     # still admits 0-byte files: the empty input's checksum matches the one recorded, so its
     # job does not rerun. Gates must not be empty.
     assert jobs(snakemake(path, "-n", "empty.out", "filled.out")) == ["filled"]
+
+
+def test_sigint_to_snakemake_alone_leaves_its_job_running(tmp_path: Path) -> None:
+    path = workflow(
+        tmp_path,
+        """
+        import signal
+
+        onstart:
+            handler = signal.getsignal(signal.SIGTERM)
+            open("onstart.txt", "w").write(getattr(handler, "__name__", str(handler)))
+
+        rule slow:
+            output: "slow.txt"
+            shell: "touch started.txt; sleep 4; echo finished > after.txt; touch {output}"
+        """,
+    )
+    command = [str(BIN / "snakemake"), "--cores", "1", *MTIME_ONLY, "slow.txt"]
+    process = subprocess.Popen(command, cwd=path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 60
+    while not (path / "started.txt").exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    process.communicate(timeout=60)
+    assert process.returncode != 0
+    # Snakemake waited for the job it did not stop: the job ran to its end
+    assert (path / "after.txt").read_text() == "finished\n"
+    assert (path / "onstart.txt").read_text() == "exit_gracefully"
 
 
 def test_each_behaviour_has_a_test() -> None:

@@ -164,16 +164,19 @@ def test_init_from_starts_from_the_given_weights(
     export_adapter(random_checkpoint, kohya, diffusers, "start")
     monkeypatch.setattr(Training, "step", lambda self: 1.0)  # a 0-step training
     start = read_checkpoint(random_checkpoint).tensors
-    for source in (kohya, diffusers):
+    # the diffusers export holds the trained scale (alpha 2 / rank 4) in lora_B, alpha = rank
+    for source, alpha, scale in ((kohya, 2, 1.0), (diffusers, 4, 0.5)):
         config = {"init_from": str(source), "train_text_encoder": True, "max_train_steps": 1}
         config["network_target"] = "attention"  # the network random_checkpoint holds
+        config["alpha"] = alpha
         written, lines = train_logged(
             prepared, tmp_path / f"run-{source.stem}", tiny_sd, caplog, config=config
         )
         assert f"LoRA initialised from {source}" in lines
         loaded = read_checkpoint(written[-1]).tensors
         assert loaded.keys() == start.keys()
-        assert all(torch.equal(loaded[k], start[k]) for k in start)
+        for key, tensor in start.items():
+            assert torch.equal(loaded[key], tensor * scale if "lora_B" in key else tensor), key
     with pytest.raises(
         LoramillError,
         match=r"^train\.init_from .*: the file has rank 4, alpha 2; "

@@ -26,6 +26,7 @@ seeded generator.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -115,24 +116,32 @@ def bucket_for(size: Size, spec: BucketSpec, buckets: list[Size]) -> Size:
     return nearest(size, buckets)
 
 
-def batches_per_epoch(sizes: list[Size], batch_size: int, repeats: int = 1) -> int:
+Repeats = int | Sequence[int]  # times per epoch: of every image, or per image
+
+
+def _per_image(count: int, repeats: Repeats) -> list[int]:
+    return [repeats] * count if isinstance(repeats, int) else list(repeats)
+
+
+def batches_per_epoch(sizes: list[Size], batch_size: int, repeats: Repeats = 1) -> int:
     """How many batches ``batches`` makes of one epoch."""
     counts: dict[Size, int] = {}
-    for size in sizes:
-        counts[tuple(size)] = counts.get(tuple(size), 0) + repeats
+    for size, times in zip(sizes, _per_image(len(sizes), repeats), strict=True):
+        counts[tuple(size)] = counts.get(tuple(size), 0) + times
     return sum(-(-n // batch_size) for n in counts.values())
 
 
 def batches(
-    sizes: list[Size], batch_size: int, generator: torch.Generator, repeats: int = 1
+    sizes: list[Size], batch_size: int, generator: torch.Generator, repeats: Repeats = 1
 ) -> list[list[int]]:
     """One epoch of batches of example indices, each batch from a single bucket; with
-    ``repeats`` every image is in the epoch that many times (kohya's folder repeats)."""
+    ``repeats`` every image (or each image, given one count per image) is in the epoch that
+    many times (kohya's folder repeats)."""
     import torch  # here: the workflow reads this module when it parses, and torch is slow
 
     by_bucket: dict[Size, list[int]] = {}
-    for index, size in enumerate(sizes):
-        by_bucket.setdefault(tuple(size), []).extend([index] * repeats)
+    for index, (size, times) in enumerate(zip(sizes, _per_image(len(sizes), repeats), strict=True)):
+        by_bucket.setdefault(tuple(size), []).extend([index] * times)
     epoch = []
     for bucket in sorted(by_bucket):
         members = torch.tensor(by_bucket[bucket])

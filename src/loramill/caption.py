@@ -37,13 +37,13 @@ from loramill.hashing import HashCache
 log = logging.getLogger(__name__)
 
 
-def _read_manifest(resized_dir: Path) -> dict[str, str]:
-    """The resized images, sorted, each with its source image's sha256 (if recorded)."""
+def _read_manifest(resized_dir: Path) -> dict[str, dict[str, Any]]:
+    """The resized images' manifest entries by file name, sorted."""
     manifest_path = resized_dir / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        entries = {entry["file"]: entry for entry in manifest["images"]}
         files = [entry["file"] for entry in manifest["images"]]
-        sources = {entry["file"]: entry.get("sha256", "") for entry in manifest["images"]}
     except FileNotFoundError:
         raise LoramillError(f"{manifest_path}: missing (run the resize stage first)") from None
     except json.JSONDecodeError as error:
@@ -60,7 +60,7 @@ def _read_manifest(resized_dir: Path) -> dict[str, str]:
     if not files:
         quarantined = len(manifest.get("quarantined", []))
         raise LoramillError(f"{manifest_path}: no images to caption ({quarantined} quarantined)")
-    return {name: sources[name] for name in sorted(files)}
+    return {name: entries[name] for name in sorted(files)}
 
 
 def _open_rgb(resized_dir: Path, name: str) -> Image.Image:
@@ -135,12 +135,13 @@ def caption_dataset(
 
     Records are ``{"image", "image_sha256", "caption", "source"}``: the resized image, the
     sha256 of its source image in the dataset (what caption edits record), the caption, and
-    the backend with its model where it has one. Images with a cached caption are not
-    captioned again; ``name`` is the dataset's, for the log line only.
+    the backend with its model where it has one (``folder``: a repeats folder's concept, see
+    :func:`concept_caption`). Images with a cached caption are not captioned again; ``name``
+    is the dataset's, for the log line only.
     """
     resized, hashes = Path(resized_dir), hashes or HashCache()
-    sources = _read_manifest(resized)
-    files = list(sources)
+    images = _read_manifest(resized)
+    files = list(images)
     backend = captioner_class(config)
     context = {"dataset": dataset, "trigger": trigger}
     cache = CaptionCache(cache_dir, captioner_key(backend, dict(config), context, hashes))
@@ -155,15 +156,11 @@ def caption_dataset(
                 cache.put(digests[file], text)
     models = [config.get(key) for key in backend.options if key.endswith("model")]
     source = ":".join([backend.name, *filter(None, models)])
-    records = [
-        {
-            "image": f,
-            "image_sha256": sources[f] or digests[f],
-            "caption": finish(captions[f], config),
-            "source": source,
-        }
-        for f in files
-    ]
+    records = []
+    for f in files:
+        caption, origin = concept_caption(images[f], captions[f], backend.sees_images, source)
+        record = {"image": f, "image_sha256": images[f].get("sha256") or digests[f]}
+        records.append(record | {"caption": finish(caption, config), "source": origin})
     write_jsonl(out_jsonl, records)
     hashes.save()
     log.info(
@@ -173,6 +170,19 @@ def caption_dataset(
         len(files) - len(todo),
     )
     warn_if_uninformative(backend.name, [r["caption"] for r in records])
+
+
+def concept_caption(
+    image: Mapping[str, Any], caption: str, sees_images: bool, source: str
+) -> tuple[str, str]:
+    """The auto caption of an image and where it came from. An image of a kohya repeats folder
+    (``images/5_sks dog/``) is captioned with the folder's concept unless a backend that looks
+    at the image gave a caption: kohya uses a folder's class tokens as the caption of each
+    image that has no caption file, and a captioning model writes what would be that file."""
+    concept = image.get("concept", "")
+    if concept and not (sees_images and caption):
+        return concept, "folder"
+    return caption, source
 
 
 def finish(caption: str, config: Mapping[str, Any]) -> str:

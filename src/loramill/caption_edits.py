@@ -21,9 +21,11 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from loramill import LoramillError
 from loramill.dataset_files import entries, match_key
+from loramill.hashing import HashCache, hash_value
 
 METADATA = "metadata.csv"
 COLUMNS = ("filename", "prompt", "mode", "image_sha256")
@@ -41,12 +43,9 @@ class Edit:
 
 def _decode(path: Path) -> str:
     data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        raise LoramillError(
-            f"{path}:1: starts with a byte-order mark; save it as UTF-8 without BOM"
-        )
     try:
-        return data.decode("utf-8")
+        # utf-8-sig: Excel's "CSV UTF-8" (and Notepad) start the file with a byte-order mark
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise LoramillError(f"{path}:{line}: not UTF-8 text") from None
@@ -111,6 +110,26 @@ def read_metadata(path: Path, dataset_root: Path) -> dict[str, Edit]:
     except csv.Error as error:
         raise LoramillError(f"{path}:{reader.line_num}: {error}") from None
     return edits
+
+
+def row_hashes(path: str | os.PathLike, hashes: HashCache) -> dict[str, Any]:
+    """What the rerun decision records of a ``metadata.csv``: the file's hash (any byte
+    changed reruns the merge) and each image's row hash, so a stale reason can say how many
+    images' edits changed. Read leniently: a malformed file is the merge's to report."""
+    rows: dict[str, str] = {}
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig", errors="replace")
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = [column.strip() for column in next(reader, [])]
+        for row in reader:
+            values = dict(zip(header, row, strict=False))
+            name = (values.get("filename") or "").strip()
+            if name:
+                key = match_key(PurePosixPath(name.replace("\\", "/")).name)
+                rows[key] = hash_value([rows.get(key), values])
+    except csv.Error:
+        pass  # the file's hash still decides
+    return {"file": hashes.file(path), "rows": rows}
 
 
 def read_sidecar(path: Path) -> str:

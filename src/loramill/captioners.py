@@ -38,6 +38,9 @@ class Captioner(ABC):
 
     name: ClassVar[str]
     options: ClassVar[tuple[str, ...]] = ()  # config keys this backend reads
+    # False for the backends that caption without looking at the image (template, none): a
+    # kohya repeats folder's concept is a better caption than theirs (loramill.caption).
+    sees_images: ClassVar[bool] = True
     batch_size: int = 1
 
     @classmethod
@@ -107,6 +110,7 @@ def tidy_caption(text: str) -> str:
 class TemplateCaptioner(Captioner):
     name = "template"
     options = ("template",)
+    sees_images = False
     batch_size = 256
     PLACEHOLDERS = ("trigger", "dataset", "words")
 
@@ -145,6 +149,7 @@ class NoCaptioner(Captioner):
     """Captions come from human edits only: every auto caption is empty."""
 
     name = "none"
+    sees_images = False
     batch_size = 1024
 
     @classmethod

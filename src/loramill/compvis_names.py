@@ -204,14 +204,24 @@ class LdmLayout:
         )
         # A1111 keys its table by the module names with dots as underscores
         self._a1111 = {name.replace(".", "_"): name for name in self.modules}
-        # ComfyUI: kohya keys by diffusers path, or written with LDM names
+        self._ldm = {d: "diffusion_model." + ldm for ldm, d in pairs.items()}
+        # ComfyUI (comfy/lora.py, model_lora_keys_unet/_clip): kohya keys by diffusers path
+        # or by LDM name; diffusers-format keys by diffusers path, with or without `unet.`,
+        # attention projections in the attention-processor spelling (`.processor.to_q`,
+        # `.processor.to_out` without `.0`); text-encoder keys by the CLIP layer's path.
         comfy = {"lora_unet_" + d.replace(".", "_"): ldm for ldm, d in pairs.items()}
         comfy |= {"lora_unet_" + ldm.replace(".", "_"): ldm for ldm in pairs}
-        self._comfyui = {key: "diffusion_model." + ldm for key, ldm in comfy.items()}
+        for ldm, d in pairs.items():
+            processor = d.replace(".to_", ".processor.to_")
+            processor = processor[:-2] if processor.endswith(".to_out.0") else processor
+            comfy |= {processor: ldm, "unet." + processor: ldm}
+        self.comfyui_keys = {key: "diffusion_model." + ldm for key, ldm in comfy.items()}
         for layer in range(text_layers):
             for part in CLIP_LAYER_PARTS:
+                target = f"transformer.text_model.encoder.layers.{layer}.{part}"
                 key = f"lora_te_text_model_encoder_layers_{layer}_{part.replace('.', '_')}"
-                self._comfyui[key] = f"transformer.text_model.encoder.layers.{layer}.{part}"
+                self.comfyui_keys[key] = target
+                self.comfyui_keys[f"text_encoder.text_model.encoder.layers.{layer}.{part}"] = target
 
     def a1111(self, kohya_module: str) -> str | None:
         """The module A1111 applies this kohya module to, or None (skipped)."""
@@ -220,7 +230,15 @@ class LdmLayout:
 
     def comfyui(self, kohya_module: str) -> str | None:
         """The module ComfyUI applies this kohya module to, or None (skipped)."""
-        return self._comfyui.get(kohya_module)
+        return self.comfyui_keys.get(kohya_module)
+
+    def ldm_module(self, component: str, module: str) -> str | None:
+        """The LDM module a checkpoint module (peft path) is trained on, from the layout
+        itself, not from any tool's name rule: where a client must land it."""
+        if component == "unet":
+            return self._ldm.get(module)
+        path = module if module.startswith("text_model.") else "text_model." + module
+        return "transformer." + path if "transformer." + path in self.modules else None
 
 
 def a1111_name(kohya_module: str) -> str | None:

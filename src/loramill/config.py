@@ -1,14 +1,18 @@
 """Configuration: per-dataset sections and one-line validation errors.
 
 The schema (config/config.schema.yaml) is applied by Snakemake's ``validate`` in
-rules/common.smk; this module merges a dataset's overrides over the global sections and turns
-jsonschema's multi-line reports into one line that names the offending key.
+rules/common.smk; this module merges a dataset's overrides over the global sections, reads
+numbers written as strings ("20", 1e-4) as numbers before that, and turns jsonschema's and
+YAML's multi-line reports into one line that names the offending key, or file line and column.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import difflib
+import json
+import re
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from loramill import LoramillError
@@ -42,12 +46,108 @@ def describe(error: Exception, prefix: str = "") -> str:
         return describe(causes[0], prefix) if causes else str(error).splitlines()[0]
     location = list(error.absolute_path)
     message = error.message
-    if error.validator == "additionalProperties":
-        # jsonschema names the unknown key only inside its message.
-        message = message.replace("Additional properties are not allowed", "unknown option")
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        # jsonschema names the unknown keys only inside its message; the first is the one to
+        # fix (the next run names the next)
+        known = error.schema.get("properties", {})
+        unknown = [key for key in error.instance if key not in known] or ["?"]
+        location.append(unknown[0])
+        message = f"unknown option{did_you_mean(str(unknown[0]), known)}"
     if error.validator == "propertyNames":
         message = f"dataset name {message} (letters, digits, _ and - only)"
     return f"config: {key_path([*prefix.split('.'), *location] if prefix else location)}: {message}"
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """`` (did you mean rank?)`` for the known option closest to a misspelt one, else ``""``."""
+    close = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+# What YAML users write for numbers that PyYAML reads as strings: "20" quoted, and 1e-4
+# (YAML 1.1 needs a dot for a float: 1.0e-4).
+INTEGER = re.compile(r"[+-]?[0-9]+")
+NUMBER = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def branches(schema: Any, root: dict[str, Any]) -> list[dict[str, Any]]:
+    """A schema and its oneOf/anyOf alternatives, local $refs resolved."""
+    if not isinstance(schema, dict):
+        return []
+    if "$ref" in schema:
+        name = schema["$ref"].removeprefix("#/$defs/")
+        schema = {**root["$defs"][name], **{k: v for k, v in schema.items() if k != "$ref"}}
+    found = [schema]
+    for alternative in (*schema.get("oneOf", ()), *schema.get("anyOf", ())):
+        found += branches(alternative, root)
+    return found
+
+
+def as_number(text: str, schema: Any, root: dict[str, Any]) -> Any:
+    """The number a string spells where the schema takes a number and no string, else the text."""
+    types: set[str] = set()
+    for branch in branches(schema, root):
+        kind = branch.get("type", [])
+        types.update([kind] if isinstance(kind, str) else kind)
+    if "string" in types or not types & {"integer", "number"}:
+        return text
+    if INTEGER.fullmatch(text.strip()):
+        return int(text)
+    if "number" in types and NUMBER.fullmatch(text.strip()):
+        return float(text)
+    return text
+
+
+def coerced(value: Any, schema: Any, root: dict[str, Any]) -> Any:
+    """``value`` with its numeric strings turned into numbers, in place where it is a container."""
+    if isinstance(value, str):
+        return as_number(value, schema, root)
+    for branch in branches(schema, root):
+        if isinstance(value, dict):
+            extra = branch.get("additionalProperties")
+            for key, item in value.items():
+                value[key] = coerced(item, branch.get("properties", {}).get(key, extra), root)
+        elif isinstance(value, list) and isinstance(branch.get("items"), dict):
+            value[:] = [coerced(item, branch["items"], root) for item in value]
+    return value
+
+
+def coerce_numbers(config: dict[str, Any], schema: dict[str, Any]) -> None:
+    """Read ``rank: "20"`` as ``rank: 20`` before validation, in the global sections and each
+    dataset's overrides alike, so the number is what every stage and fingerprint sees."""
+    coerced(config, schema, schema)
+    datasets = config.get("datasets")
+    for entry in datasets.values() if isinstance(datasets, dict) else ():
+        for section in SECTIONS:
+            if isinstance(entry, dict) and isinstance(entry.get(section), dict):
+                coerced(entry[section], schema["properties"][section], schema)
+
+
+def check_yaml_syntax(path: str) -> None:
+    """A YAML syntax error as ``path:line:column: problem``.
+
+    Snakemake's own message names only the Snakefile line of ``configfile:``. Like Snakemake,
+    JSON is tried first; composing the YAML finds every syntax error without building values.
+    """
+    import yaml
+
+    with open(path, encoding="utf-8") as stream:
+        text = stream.read()
+    try:
+        json.loads(text)
+        return
+    except ValueError:
+        pass
+    try:
+        yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as error:
+        mark, context = error.problem_mark, error.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
+        message = f"{where}: {error.problem}"
+        if context is not None and error.context and context.line != getattr(mark, "line", None):
+            # e.g. an unclosed quote: the end of the file is the problem, the quote the cause
+            message += f" ({error.context} at {context.line + 1}:{context.column + 1})"
+        raise LoramillError(message) from None
 
 
 def dataset_config(

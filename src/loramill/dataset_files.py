@@ -11,6 +11,7 @@ from __future__ import annotations
 import configparser
 import functools
 import os
+import re
 import unicodedata
 from pathlib import Path
 
@@ -24,6 +25,18 @@ SUFFIXES = {
     "captions": (".txt", ".caption"),
 }  # None: every file (resize reports the rest)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# kohya sd-scripts' DreamBooth folders: ``images/<repeats>_<concept>/`` (``5_sks dog``).
+REPEATS_FOLDER = re.compile(r"(\d+)_(.+)", re.DOTALL)
+
+
+def repeats_folder(name: str) -> tuple[int, str] | None:
+    """``(repeats, concept)`` of a folder named like kohya's ``5_sks dog``, else None. As in
+    kohya, the concept is the rest of the name as written (``5_sks_dog`` -> ``sks_dog``) and a
+    folder of 0 repeats trains nothing, so it is no repeats folder."""
+    match = REPEATS_FOLDER.fullmatch(name)
+    if match is None or int(match[1]) < 1:
+        return None
+    return int(match[1]), unicodedata.normalize("NFC", match[2])
 
 
 def match_key(name: str) -> str:
@@ -84,21 +97,29 @@ def entries(folder: str | os.PathLike, kind: str) -> list[os.DirEntry]:
 def folder_hashes(folder: str | os.PathLike, kind: str, hashes: HashCache) -> dict[str, str]:
     """``{name: hash}`` of what the stages read in ``folder``, without following anything out.
 
-    Stages read only the top level. A link is hashed by content when it resolves inside the
-    dataset or into the project's DVC cache, else by its target, never read: a link to
-    ``/dev/zero`` or a loop must not hang the parse (resize quarantines such links).
+    Stages read the top level, and in ``images`` the files of kohya repeats folders too (keyed
+    ``5_sks dog/photo.png``, so renaming the folder to another repeat count changes the key).
+    A link is hashed by content when it resolves inside the dataset or into the project's DVC
+    cache, else by its target, never read: a link to ``/dev/zero`` or a loop must not hang the
+    parse (resize quarantines such links).
     """
     folder = os.path.abspath(folder)  # absolute entries: the hash cache skips abspath per file
     root = os.path.dirname(folder)
     found = {}
     for entry in entries(folder, kind):
-        if entry.is_symlink() and not link_allowed(entry.path, root):
-            found[entry.name] = f"link:{os.readlink(entry.path)}"
-            continue
-        if entry.is_dir():
-            found[entry.name] = "folder"  # resize reports subfolders, never reads them
-        elif entry.is_file():
-            found[entry.name] = hashes.file(entry.path)
-        else:
-            found[entry.name] = "unreadable"
+        found[entry.name] = _entry_hash(entry, root, hashes)
+        if kind == "images" and found[entry.name] == "folder" and repeats_folder(entry.name):
+            del found[entry.name]  # its files say it all: a rename is theirs, counted once
+            for inner in entries(entry.path, kind):
+                found[f"{entry.name}/{inner.name}"] = _entry_hash(inner, root, hashes)
     return found
+
+
+def _entry_hash(entry: os.DirEntry, root: str, hashes: HashCache) -> str:
+    if entry.is_symlink() and not link_allowed(entry.path, root):
+        return f"link:{os.readlink(entry.path)}"
+    if entry.is_dir():
+        return "folder"  # resize reports the subfolders it does not read
+    if entry.is_file():
+        return hashes.file(entry.path)
+    return "unreadable"

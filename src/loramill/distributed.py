@@ -17,6 +17,7 @@ import importlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
+from loramill.stopping import StopRequest
 
 WORKER_ENV = "LORAMILL_WORKER"  # set in the workers: they run the function, never launch
 POLL_SECONDS = 0.5
+STOP_SECONDS = 30
 
 
 def in_worker() -> bool:
@@ -67,16 +70,35 @@ def _jsonable(value: Any) -> Any:
 
 
 def _stop(workers: list[subprocess.Popen]) -> None:
+    """SIGTERM, then SIGKILL for a worker still there after STOP_SECONDS (one whose peer is
+    gone cannot reach the step boundary where it would stop)."""
     for worker in workers:
         if worker.poll() is None:
             worker.terminate()
     for worker in workers:
-        worker.wait()
+        try:
+            worker.wait(STOP_SECONDS)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
 
 
 def _wait(workers: list[subprocess.Popen]) -> int | None:
-    """Wait until every worker ended; the first failing rank (the others are stopped then)."""
+    """Wait until every worker ended; the first failing rank (the others are stopped then).
+
+    A stop asked of the job (a signal, its scheduler gone) is passed on to the workers, which
+    save their state at the next step boundary and exit (loramill.stopping)."""
+    with StopRequest() as stop:
+        return _poll(workers, stop)
+
+
+def _poll(workers: list[subprocess.Popen], stop: StopRequest) -> int | None:
+    passed_on = False
     while True:
+        if not passed_on and stop.requested():
+            passed_on = True
+            for worker in workers:
+                worker.send_signal(signal.SIGTERM)
         codes = [w.poll() for w in workers]
         failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
         if failed:
@@ -114,7 +136,9 @@ def launch(
         finally:
             _stop(workers)  # the job itself killed or interrupted: take the workers along
         if failed is not None:
-            report = Path(tmp) / f"error-{failed}.txt"
+            # rank 0's word first: after a stop every rank reports, and rank 0 saved the state
+            reports = [Path(tmp) / f"error-{rank}.txt" for rank in (0, failed)]
+            report = next((r for r in reports if r.exists()), reports[-1])
             message = report.read_text(encoding="utf-8") if report.exists() else ""
             raise LoramillError(message or f"train: worker {failed} failed (see the log)")
         return json.loads((Path(tmp) / "result.json").read_text(encoding="utf-8"))

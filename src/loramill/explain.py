@@ -5,7 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 # How a dataset folder's changes read, by the input that holds it.
-FOLDER_WORDS = {"images": "images changed", "edits": "captions edited"}
+FOLDER_WORDS = {"images": "images changed"}
+# The inputs that hold human caption edits (rules/prepare.smk): the sidecars of captions/,
+# recorded per file, and metadata.csv, recorded per image's row (loramill.caption_edits).
+EDIT_INPUTS = ("edits", "metadata")
 
 
 def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -25,28 +28,43 @@ def _shown(names: list[str]) -> str:
     return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
 
 
-def _folder_change(name: str, old: dict[str, str], new: dict[str, str]) -> str:
+def _entries(name: str, value: Any) -> dict[str, str] | None:
+    """An input's per-entry hashes (a folder's files, metadata.csv's rows); {} when absent,
+    None when it is recorded as a whole (a produced file, or a lock from before)."""
+    values = value or []
+    if not values:
+        return {}
+    if len(values) != 1 or not isinstance(values[0], dict):
+        return None
+    return values[0].get("rows") if name == "metadata" else values[0]
+
+
+def _counts(old: dict[str, str], new: dict[str, str]) -> tuple[int, int, int]:
+    """How many entries changed, were added and were removed."""
     changed = sum(1 for k in old.keys() & new.keys() if old[k] != new[k])
-    counts = (changed, len(new.keys() - old.keys()), len(old.keys() - new.keys()))
-    words = FOLDER_WORDS.get(name, f"{name} changed")
-    if name == "edits":
-        total = sum(counts)
-        return f"{words} ({total} image{'s' if total > 1 else ''})"
-    kinds = zip(counts, ("changed", "added", "removed"), strict=True)
-    return f"{words} ({', '.join(f'{n} {what}' for n, what in kinds if n)})"
+    return changed, len(new.keys() - old.keys()), len(old.keys() - new.keys())
 
 
 def _inputs(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    reasons = []
+    reasons: list[str] = []
+    edited, edits_at = 0, None  # edits in both places read as one reason
     for name in _changed(old, new):
-        before, after = old.get(name) or [], new.get(name) or []
-        folders = [v for v in before + after if isinstance(v, dict)]
-        if folders and len(before) <= 1 and len(after) <= 1:
-            first = before[0] if before else {}
-            last = after[0] if after else {}
-            reasons.append(_folder_change(name, dict(first or {}), dict(last or {})))
-        else:
+        before, after = _entries(name, old.get(name)), _entries(name, new.get(name))
+        if before is None or after is None:
             reasons.append(f"input {name} changed")
+        elif name in EDIT_INPUTS:
+            edits_at = len(reasons) if edits_at is None else edits_at
+            count = sum(_counts(before, after))
+            edited += count
+            if not count:  # only metadata.csv's header, byte-order mark or line endings
+                reasons.append("metadata.csv changed (no image's edit)")
+        else:
+            counts = zip(_counts(before, after), ("changed", "added", "removed"), strict=True)
+            listed = ", ".join(f"{n} {what}" for n, what in counts if n)
+            words = FOLDER_WORDS.get(name, f"{name} changed")
+            reasons.append(f"{words} ({listed})" if listed else f"input {name} changed")
+    if edited:
+        reasons.insert(edits_at or 0, f"captions edited ({edited} image{'s' * (edited > 1)})")
     return reasons
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loramill import LoramillError
+from loramill.diffusers_names import diffusers_key
 from loramill.files import serialize_safetensors as serialize
 from loramill.files import write_bytes
 from loramill.kohya_names import KOHYA_PREFIXES, PEFT_SUFFIXES, TE_ROOT, kohya_module
@@ -124,25 +125,54 @@ def to_kohya(checkpoint: Checkpoint) -> dict[str, torch.Tensor]:
     return out
 
 
+def _pairs(checkpoint: Checkpoint) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """(component, module) → {"A": lora_A, "B": lora_B} of every checkpoint module."""
+    pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key in sorted(checkpoint.tensors):
+        component, module, suffix = _split_key(key)
+        part = "A" if suffix == PEFT_SUFFIXES[".lora_A.weight"] else "B"
+        pairs.setdefault((component, module), {})[part] = checkpoint.tensors[key]
+    for (component, module), pair in pairs.items():
+        if len(pair) != 2:
+            missing = "lora_B" if "B" not in pair else "lora_A"
+            raise LoramillError(f"'{component}.{module}': its {missing} is missing")
+    return pairs
+
+
 def to_diffusers(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], str]:
     """The diffusers-format tensors and adapter metadata (JSON) of a checkpoint.
 
-    Text-encoder keys take transformers 4's ``text_model.`` path, which A1111-era stacks need
-    and diffusers strips again for transformers 5's CLIP; the adapter configs keep only
-    PORTABLE_FIELDS, so peft releases before the one that trained them load the file.
+    Keys take the one spelling diffusers and ComfyUI both map (loramill.diffusers_names), the
+    text encoder transformers 4's ``text_model.`` path (A1111-era stacks need it, diffusers
+    strips it for transformers 5). Their alphas cannot be told to both (ComfyUI reads only
+    ``.alpha`` tensors, which diffusers refuses here; diffusers before 0.34 ignores the
+    metadata's), so each ``lora_B`` carries its module's trained scale alpha / rank and the
+    metadata says alpha = rank: every client applies the trained delta. The adapter configs
+    keep only PORTABLE_FIELDS, so peft releases before the one that trained them load the file.
     """
     tensors = {}
-    for key, tensor in checkpoint.tensors.items():
-        component, _, rest = key.partition(".")
-        if component == "text_encoder" and not rest.startswith(TE_ROOT):
-            key = f"{component}.{TE_ROOT}{rest}"
-        tensors[key] = tensor
-    adapter_metadata = {
-        f"{component}.{field}": value
-        for component, config in sorted(checkpoint.adapter_configs.items())
-        for field, value in config.items()
-        if field in PORTABLE_FIELDS
-    }
+    for (component, module), pair in _pairs(checkpoint).items():
+        scale = _module_alpha(checkpoint, component, module) / pair["A"].shape[0]
+        if component == "text_encoder" and not module.startswith(TE_ROOT):
+            module = TE_ROOT + module
+        tensors[diffusers_key(component, module, "A")] = pair["A"]
+        # in float32, so a half-precision export rounds the scaled weight once
+        tensors[diffusers_key(component, module, "B")] = (pair["B"].float() * scale).to(
+            pair["B"].dtype
+        )
+    adapter_metadata = {}
+    for component, config in sorted(checkpoint.adapter_configs.items()):
+        # scale 1 everywhere: alpha = rank, per pattern as well
+        config = {
+            **config,
+            "lora_alpha": config.get("r"),
+            "alpha_pattern": config.get("rank_pattern") or {},
+        }
+        adapter_metadata |= {
+            f"{component}.{field}": value
+            for field, value in config.items()
+            if field in PORTABLE_FIELDS
+        }
     return tensors, json.dumps(adapter_metadata, indent=2, sort_keys=True)
 
 

@@ -22,6 +22,7 @@ from packaging.version import InvalidVersion, Version
 
 from loramill.base_model_files import base_model_fingerprint
 from loramill.caption_cache import model_fingerprint
+from loramill.caption_edits import METADATA, row_hashes
 from loramill.code_hash import PACKAGE_DIR, CodeFingerprint, code_fingerprint
 from loramill.dataset_files import SUFFIXES, folder_hashes
 from loramill.hashing import HashCache, hash_value
@@ -115,10 +116,15 @@ def _params(value: Any, params: dict[str, Any], hashes: HashCache, key: str = ""
     return _by_content(key, value, params, hashes)
 
 
-def _dataset_folder(job: Job, path: str) -> str | None:
-    """The dataset folder (``images``, ``captions``) ``path`` is, if it is one."""
+def _dataset_input(job: Job, path: str, hashes: HashCache) -> Any:
+    """The hashes of ``path`` when it is a dataset folder (``images``, ``captions``: one per
+    file) or the edits table (one per image's row), else None."""
     relative = os.path.relpath(path, job.dataset_root)
-    return relative if relative in SUFFIXES else None
+    if relative in SUFFIXES:
+        return folder_hashes(path, relative, hashes)
+    if relative == METADATA and os.path.isfile(path):
+        return row_hashes(path, hashes)
+    return None
 
 
 def stage_provenance(parts: dict[str, Any]) -> dict[str, Any]:
@@ -141,8 +147,8 @@ def components(job: Job, produced: Callable[[str, str], str], hashes: HashCache)
     for name, paths in job.inputs.items():
         hashed = []
         for path in paths:
-            kind = _dataset_folder(job, path)
-            hashed.append(folder_hashes(path, kind, hashes) if kind else produced(name, path))
+            found = _dataset_input(job, path, hashes)
+            hashed.append(produced(name, path) if found is None else found)
         inputs[name] = hashed
     code = stage_code(job.script, hashes)
     return {

@@ -8,10 +8,13 @@ inputs can make a job run:
   moment: newer than the outputs it has, older than those it will write (a date in the future
   would not do: Snakemake fails a job whose outputs come out older than its inputs); a fresh
   stage takes no gate at all;
-- every stage has a ``touch()`` marker output, ``.cache/done/<ds>/<stage>``, and a consumer of
-  a stage that will run takes that marker as a plain input. Without it Snakemake would not
-  rerun the consumer in the same invocation (an ancient input's producer running does not
-  count: Snakemake issue #4166).
+- every stage has a ``touch()`` marker output, ``.cache/done/<ds>/<stage>``, and a stale
+  stage takes the markers of every stage it reads from as plain inputs. When one of those
+  runs — because it is stale, or only to rebuild a missing output, or because Snakemake found
+  its last run incomplete — its marker is renewed and the stale consumer runs in the same
+  invocation. Without it Snakemake would not even look at the consumer's gate until the next
+  invocation (an ancient input's producer running hides the consumer: Snakemake issue
+  #4166), and a run would end with exit 0 and a stale target.
 
 Markers are created once, with an old date, where missing: Snakemake reruns a job whose
 output is missing. Beyond those, a run (dry or not) only re-dates the stale gate.

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
-from loramill.files import atomic_path, write_bytes, write_json
+from loramill.files import atomic_path, read_jsonl, write_bytes, write_json
 from loramill.grid_layout import Labels, cell_scale, compose, grid_font, layout, paginate, png_info
-from loramill.grid_plan import POSITIONS, Cell, Plan, batches, plan_grid
+from loramill.grid_plan import POSITIONS, Cell, Plan, batches, caption_prompts, plan_grid
 from loramill.grid_render import (
     CACHE_DIR,
     CellCache,
@@ -132,6 +132,20 @@ def _page_paths(pages_dir: Path | None, count: int) -> list[Path | None]:
     if count > 1 and pages_dir is None:
         raise LoramillError(f"grid: {count} pages but no folder to write them to")
     return [pages_dir / f"page-{n}.png" if pages_dir else None for n in range(1, count + 1)]
+
+
+def with_caption_prompts(
+    settings: dict[str, Any], captions_jsonl: list[str | os.PathLike], name: str = "grid"
+) -> dict[str, Any]:
+    """``settings`` with the dataset's first training captions as prompts when it sets none
+    (the rule then passes ``results/<ds>/captions.jsonl``, and only then)."""
+    if settings.get("prompts"):
+        return settings
+    if not captions_jsonl:
+        raise LoramillError("grid.prompts: none set and no training captions given")
+    prompts = caption_prompts([r["caption"] for r in read_jsonl(captions_jsonl[0])], settings)
+    log.info("grid %s: no grid.prompts set; prompts from its captions: %s", name, prompts)
+    return {**settings, "prompts": prompts}
 
 
 def render_grid(

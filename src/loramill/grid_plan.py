@@ -32,6 +32,9 @@ AXES: dict[str, tuple[str, str]] = {
 }
 POSITIONS = ("x", "y", "z")
 LAST_N = re.compile(r"^last:([1-9][0-9]*)$")
+# A grid that sets no prompts shows the dataset's first training captions: this many when
+# prompt is an axis, else the first one.
+CAPTION_PROMPTS = 2
 
 
 @dataclass(frozen=True)
@@ -248,10 +251,26 @@ def plan_grid(settings: dict[str, Any], steps: Sequence[int]) -> Plan:
     return Plan(axes["x"], axes["y"], axes["z"], cells)
 
 
+def caption_prompts(captions: Sequence[str], settings: dict[str, Any]) -> list[str]:
+    """The prompts of a grid that sets none: the dataset's first distinct training captions,
+    used as trained (the trigger words are in them already)."""
+    count = CAPTION_PROMPTS if "prompt" in _positions(settings).values() else 1
+    distinct = list(dict.fromkeys(text for text in captions if text))
+    if not distinct:
+        raise LoramillError("grid.prompts: none set and the dataset has no training captions")
+    return distinct[:count]
+
+
 def check_grid(settings: dict[str, Any]) -> None:
     """Refuse a grid config that cannot be planned, before any job runs (the saved steps are
-    not known yet: named steps are taken as saved)."""
+    not known yet: named steps are taken as saved; captions stand in for unset prompts)."""
     named = settings.get("checkpoints")
+    if not settings.get("prompts"):
+        if settings.get("prompt_sr"):
+            # its search text must be in the prompts, which the captions cannot promise
+            raise LoramillError("grid.prompt_sr: set grid.prompts too (the text it replaces)")
+        stand_ins = [f"caption {n}" for n in range(CAPTION_PROMPTS)]
+        settings = {**settings, "prompts": caption_prompts(stand_ins, settings)}
     plan_grid(settings, named if isinstance(named, list) else [1])
 
 

@@ -1,8 +1,9 @@
 """Incremental training: start a LoRA from an existing adapter file (``train.init_from``).
 
 Accepts what loramill exports and what other trainers share: kohya-named files
-(``lora_unet_…`` / ``lora_te_…`` with per-module ``.alpha``) and diffusers-format files
-(``unet.…lora_A.weight``). The rank is read from the file; a rank or alpha that differs from
+(``lora_unet_…`` / ``lora_te_…`` with per-module ``.alpha``), checkpoints
+(``unet.…lora_A.weight``) and the diffusers-format export (whose alpha is the rank: the trained
+scale is in its weights). The rank is read from the file; a rank or alpha that differs from
 the configured one is refused, because the adapter would then load at another strength.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
+from loramill.diffusers_names import checkpoint_key
 from loramill.kohya_names import KOHYA_PREFIXES, PEFT_SUFFIXES, TE_ROOT, kohya_module
 from loramill.lora import adapter_state, read_checkpoint
 from loramill.network import NetworkSpec
@@ -93,8 +95,11 @@ def read_init_weights(
     tensors = checkpoint.tensors
     if any(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in tensors):
         tensors = _from_kohya(tensors, models, str(path))
-    elif not hasattr(models.get("text_encoder"), "text_model"):
-        # diffusers-format files name the text encoder by transformers 4's path
+    else:  # the diffusers export spells UNet keys as diffusers and ComfyUI both read them
+        tensors = {checkpoint_key(key): tensor for key, tensor in tensors.items()}
+    if not hasattr(models.get("text_encoder"), "text_model"):
+        # diffusers-format files name the text encoder by transformers 4's path (kohya
+        # files' keys, converted above, have none)
         te_root = "text_encoder." + TE_ROOT
         tensors = {"text_encoder." + k.removeprefix(te_root) if k.startswith(te_root) else k: v
                    for k, v in tensors.items()}  # fmt: skip

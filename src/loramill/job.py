@@ -15,9 +15,9 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from loramill import LoramillError, run_cache
+from loramill import LoramillError, failures, run_cache
 from loramill.base_model_files import fetch_base_model
 from loramill.caption_cache import fetch_caption_model
 from loramill.config import dataset_config
@@ -89,11 +89,25 @@ def run(
     name = f"{snakemake.rule} {', '.join(str(v) for v in snakemake.wildcards)}".strip()
     try:
         if snakemake.output.get(DONE) is None:  # not a content-keyed stage
-            return function(**kwargs)
-        return run_keyed(snakemake, function, from_fingerprint, kwargs)
+            result = function(**kwargs)
+        else:
+            result = run_keyed(snakemake, function, from_fingerprint, kwargs)
     except LoramillError as error:
-        logging.getLogger("loramill").error("%s", error)
-        sys.exit(f"{name}: {error}")
+        fail(name, str(error))
+    except KeyboardInterrupt:  # before or after the training loop, which stops by itself
+        fail(name, "interrupted (SIGINT); rerun the same command to continue")
+    except Exception as error:  # a bug: its traceback, and one line for the summary
+        logging.getLogger("loramill").exception("unexpected error")
+        fail(name, f"unexpected {type(error).__name__}: {error} (traceback in the log)")
+    failures.clear(name)
+    return result
+
+
+def fail(name: str, reason: str) -> NoReturn:
+    """End the job with one line on the terminal, in its log and in the run's summary."""
+    logging.getLogger("loramill").error("%s", reason)
+    failures.record(name, reason)
+    sys.exit(f"{name}: {reason}")
 
 
 def run_keyed(
@@ -124,7 +138,8 @@ def run_keyed(
     outputs = {k: str(v) for k, v in snakemake.output.items() if k != DONE}
     kept = {**outputs, **{k: str(v) for k, v in snakemake.log.items()}}
     if keyed and run_cache.restore(key, kept):
-        logging.getLogger("loramill").info("restored from the run-cache (%s)", key[:12])
+        stage = (snakemake.rule, snakemake.wildcards.ds, key[:12])
+        logging.getLogger("loramill").info("%s %s: restored from the run-cache (%s)", *stage)
     else:
         function(**kwargs, **extra)
         if keyed:

@@ -2,10 +2,11 @@
 
 Edits (loramill.caption_edits: ``data/<ds>/metadata.csv`` and sidecars in
 ``data/<ds>/captions/``) are only ever read. The rules and their order are in
-loramill.caption_rules. Besides the captions the stage reports, per dataset: edits applied,
-stale (the image changed since the row recorded its ``image_sha256``) and orphaned (no such
-image: kept, reported, never deleted), in ``caption_report.json`` and, row by row, in
-``caption_report.csv``; and it warns about captions longer than the text encoder reads.
+loramill.caption_rules. Besides the captions the stage reports, per dataset: edits applied
+(those that changed a caption), stale (the image changed since the row recorded its
+``image_sha256``) and orphaned (no such image: kept, reported, never deleted), in
+``caption_report.json`` and, row by row, in ``caption_report.csv``; the images metadata.csv has
+no row for yet; and it warns about captions longer than the text encoder reads.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import csv
 import logging
 import os
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,25 +85,55 @@ def write_sidecars(folder: Path, records: list[dict[str, Any]], enabled: bool) -
         write_text(folder / f"{Path(record['image']).stem}.txt", record["caption"] + "\n")
 
 
+@dataclass
+class Merged:
+    """The training captions, and what the edits did to them."""
+
+    records: list[dict[str, Any]] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+    applied: int = 0  # edits that changed an image's training caption (or excluded it)
+    unchanged: int = 0  # edits whose result is the auto caption's
+    no_edit_row: list[str] = field(default_factory=list)  # images without an edit
+
+
+def merged_captions(auto: list[dict[str, Any]], edits: dict[str, Edit], rules: Rules) -> Merged:
+    """Every image's training caption, sorted; an edit counts as applied only when the
+    caption it makes differs from the auto caption's (a seeded, untouched row does not)."""
+    merged = Merged()
+    for record in sorted(auto, key=lambda r: r["image"]):
+        edit = edits.get(match_key(record["image"]))
+        caption = training_caption(record["caption"], edit, rules)
+        if edit is None:
+            merged.no_edit_row.append(record["image"])
+        elif caption == training_caption(record["caption"], None, rules):
+            merged.unchanged += 1
+        else:
+            merged.applied += 1
+        if caption is None:
+            merged.excluded.append(record["image"])
+            continue
+        source = "auto" if edit is None else "human"
+        merged.records.append({"image": record["image"], "caption": caption, "source": source})
+    return merged
+
+
 def summary(
-    records: list[dict[str, Any]],
-    excluded: list[str],
-    edits: dict[str, Edit],
-    problems: list[dict[str, str]],
-    long: list[tuple[str, int]],
+    merged: Merged, problems: list[dict[str, str]], long: list[tuple[str, int]]
 ) -> dict[str, Any]:
     """caption_report.json."""
-    orphaned = [p["edit"] for p in problems if p["problem"].startswith("orphaned")]
+    records = merged.records
     return {
         "images": len(records),
         "human": sum(r["source"] == "human" for r in records),
         "auto": sum(r["source"] == "auto" for r in records),
-        "excluded": excluded,
+        "excluded": merged.excluded,
         "edits": {
-            "applied": len(edits) - len(orphaned),
+            "applied": merged.applied,
+            "unchanged": merged.unchanged,
             "stale": [p["edit"] for p in problems if p["problem"].startswith("stale")],
-            "orphaned": orphaned,
+            "orphaned": [p["edit"] for p in problems if p["problem"].startswith("orphaned")],
         },
+        "no_edit_row": merged.no_edit_row,
         "too_long": dict(long),
         "tag_frequency": tag_frequency([r["caption"] for r in records]),
     }
@@ -124,16 +156,10 @@ def merge_captions(
     auto = read_jsonl(auto_jsonl)
     edits = read_edits(metadata_csv, captions_dir)
     words = [trigger] if isinstance(trigger, str) else list(trigger)
-    rules = Rules.from_config(settings or {}, words)
-    records, excluded = [], []
-    for record in sorted(auto, key=lambda r: r["image"]):
-        edit = edits.get(match_key(record["image"]))
-        caption = training_caption(record["caption"], edit, rules)
-        if caption is None:
-            excluded.append(record["image"])
-            continue
-        source = "auto" if edit is None else "human"
-        records.append({"image": record["image"], "caption": caption, "source": source})
+    merged = merged_captions(auto, edits, Rules.from_config(settings or {}, words))
+    if metadata_csv is None or not Path(metadata_csv).is_file():
+        merged.no_edit_row = []  # sidecars are per image, as wanted: none missing
+    records = merged.records
     write_jsonl(out_jsonl, records)
     if sidecars_dir is not None:
         write_sidecars(Path(sidecars_dir), records, bool((settings or {}).get("write_sidecars")))
@@ -144,17 +170,23 @@ def merge_captions(
     if long:
         listed = ", ".join(f"{image} ({n})" for image, n in long[:5])
         log.warning("%d caption(s) exceed the text encoder's limit: %s", len(long), listed)
-    report = summary(records, excluded, edits, problems, long)
+    report = summary(merged, problems, long)
     write_json(report_json, report)
     if report_csv is not None:
         write_report_csv(report_csv, problems)
+    log_report(name or Path(auto_jsonl).parent.name, report)
+    return report
+
+
+def log_report(name: str, report: dict[str, Any]) -> None:
+    """The merge's log lines, from its caption_report.json."""
+    edits = report["edits"]
     log.info(
         "merge %s: %d edits applied, %d stale, %d orphaned; %d captions (%d excluded)",
-        name or Path(auto_jsonl).parent.name,
-        report["edits"]["applied"],
-        len(report["edits"]["stale"]),
-        len(report["edits"]["orphaned"]),
-        len(records),
-        len(excluded),
-    )
-    return report
+        name, edits["applied"], len(edits["stale"]), len(edits["orphaned"]),
+        report["images"], len(report["excluded"]),
+    )  # fmt: skip
+    count = len(report["no_edit_row"])
+    if count:
+        have = "images have" if count > 1 else "image has"
+        log.info("%d %s no edit row yet (make seed-edits DS=%s)", count, have, name)

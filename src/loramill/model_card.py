@@ -7,10 +7,12 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
-from loramill.files import write_bytes
+from loramill.files import write_bytes, write_text
 from loramill.lora import read_checkpoint
+from loramill.report_pages import markdown_page
 
 SETTINGS = (
     "network_target", "rank", "alpha", "conv_rank", "conv_alpha", "optimizer_type",
@@ -31,9 +33,31 @@ def _single_file(provenance: dict[str, Any]) -> list[tuple[str, str]]:
     )
 
 
-def model_card(kohya_path: str | os.PathLike, name: str, grid: str) -> str:
+def _use(name: str, trigger: str) -> list[str]:
+    """The card's "Use" lines: which file goes to which client."""
+    return [
+        f"Trigger words: {', '.join(f'`{w}`' for w in trigger.split(', ')) if trigger else 'none'}",
+        "",
+        f"AUTOMATIC1111: copy `{name}.safetensors` to `models/Lora/` and add `<lora:{name}:0.7>`"
+        " to the prompt. ComfyUI: `models/loras/`, LoraLoader. kohya sd-scripts: "
+        f"`--network_weights {name}.safetensors`. diffusers:",
+        "",
+        "```python",
+        f'pipe.load_lora_weights("exports", weight_name="{name}.safetensors")',
+        "```",
+        "",
+        f"`{name}.diffusers.safetensors` is the diffusers-format file: diffusers and ComfyUI "
+        "load it fully at the trained strength (alpha = rank, the trained scale is in its "
+        "weights); AUTOMATIC1111 and kohya sd-scripts take the file above.",
+        "",
+    ]
+
+
+def model_card(kohya_path: str | os.PathLike, name: str, grid: str, grid_image: bool = True) -> str:
     """The card's Markdown for the kohya export at ``kohya_path``; ``grid``: the evaluation
-    grid's path relative to the card."""
+    grid's path relative to the card, shown as an image or (``grid_image`` false: the card
+    as the report shows it, a page without a location, where a relative path leads nowhere)
+    named."""
     metadata = read_checkpoint(kohya_path).metadata
     provenance = json.loads(metadata["loramill.provenance"])
     train = provenance.get("train_config", {})
@@ -51,15 +75,7 @@ def model_card(kohya_path: str | os.PathLike, name: str, grid: str) -> str:
         "",
         "## Use",
         "",
-        f"Trigger words: {', '.join(f'`{w}`' for w in trigger.split(', ')) if trigger else 'none'}",
-        "",
-        f"AUTOMATIC1111: copy `{name}.safetensors` to `models/Lora/` and add `<lora:{name}:0.7>`"
-        " to the prompt. ComfyUI: `models/loras/`, LoraLoader. diffusers:",
-        "",
-        "```python",
-        f'pipe.load_lora_weights("exports", weight_name="{name}.safetensors")',
-        "```",
-        "",
+        *_use(name, trigger),
         "## Settings",
         "",
         *_table(("option", "value"), [(k, train[k]) for k in SETTINGS if train.get(k) is not None]),
@@ -70,7 +86,9 @@ def model_card(kohya_path: str | os.PathLike, name: str, grid: str) -> str:
         "",
         "## Grid",
         "",
-        f"![{name}: checkpoints × strengths × prompts]({grid})",
+        f"![{name}: checkpoints × strengths × prompts]({grid})"
+        if grid_image
+        else f"`{grid}`, and on the first page of the report.",
         "",
         "## Provenance",
         "",
@@ -97,4 +115,8 @@ def model_card(kohya_path: str | os.PathLike, name: str, grid: str) -> str:
 def write_model_card(
     kohya_path: str | os.PathLike, card_path: str | os.PathLike, name: str, grid: str
 ) -> None:
+    """The card as Markdown at ``card_path`` and, beside it with the suffix ``.html``, as a web
+    page: the report opens HTML, while Markdown is only a download link there."""
     write_bytes(card_path, model_card(kohya_path, name, grid).encode())
+    page = markdown_page(model_card(kohya_path, name, grid, grid_image=False), name)
+    write_text(Path(card_path).with_suffix(".html"), page)

@@ -31,9 +31,11 @@ from loramill import LoramillError
 ARTIFACTS = {
     "image": (
         "results/{ds}/checkpoints",  # a folder: one .dvc file for the dataset's checkpoints
+        "results/{ds}/loss.png",  # the loss curve (the report shows it)
         "exports/{ds}.safetensors",
         "exports/{ds}.diffusers.safetensors",
         "exports/{ds}.md",  # the model card
+        "exports/{ds}.html",  # the model card as the report opens it
         "exports/{ds}-steps",  # a folder: one kohya file per checkpoint
         "grids/{ds}.png",
         "grids/{ds}.json",

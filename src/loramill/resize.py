@@ -2,11 +2,12 @@
 
 A file that cannot be used is quarantined: left untouched in the dataset, listed with its
 reason in the manifest, in ``quarantine.csv`` (``file,reason``) and in one warning line. The
-reasons: a subfolder, an unsupported type, a link leading out of the dataset (links into the
-project's DVC cache are how DVC checks files out, and are read), an empty file, a name that
-differs from another only in case or extension, a byte-identical duplicate (the later name
-in sort order), a file that does not decode, one over the decompression-bomb limit, and one
-smaller than ``resize.min_side``.
+reasons: a subfolder (except kohya's repeats folders ``<repeats>_<concept>``, whose images are
+read with their folder's repeat count and concept), an unsupported type, a link leading out
+of the dataset (links into the project's DVC cache are how DVC checks files out, and are
+read), an empty file, a name that differs from another only in case or extension, a
+byte-identical duplicate (the later name in sort order), a file that does not decode, one
+over the decompression-bomb limit, and one smaller than ``resize.min_side``.
 
 Per image the result is cached under ``.cache/resized``, keyed by the image's content, the
 resize settings and the stage's code, so adding one image to 500 processes one. Images are
@@ -29,7 +30,13 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.buckets import BucketSpec, bucket_for, bucket_sizes
-from loramill.dataset_files import IMAGE_SUFFIXES, entries, link_allowed, match_key
+from loramill.dataset_files import (
+    IMAGE_SUFFIXES,
+    entries,
+    link_allowed,
+    match_key,
+    repeats_folder,
+)
 from loramill.files import atomic_path, write_bytes, write_json
 from loramill.hashing import HashCache, hash_value
 from loramill.pixels import Unusable, decode, displayed_size, fit, open_image, to_rgb
@@ -67,36 +74,79 @@ class Task:
     settings: Settings
 
 
-def output_name(path: Path) -> str:
-    """``<stem>.png``, the stem NFC-normalised (a name typed on macOS matches one from Linux)."""
-    return unicodedata.normalize("NFC", path.stem) + ".png"
+def output_name(path: Path, concept: str = "") -> str:
+    """``<stem>.png``, the stem NFC-normalised (a name typed on macOS matches one from Linux);
+    ``<concept>__<stem>.png`` for an image of a repeats folder: unique beside the top-level
+    images, and unchanged when only the folder's repeat count changes (edits keep matching)."""
+    stem = f"{concept}__{path.stem}" if concept else path.stem
+    return unicodedata.normalize("NFC", stem) + ".png"
 
 
-def listed(images_dir: Path) -> Iterator[tuple[Path, str | None]]:
-    """Each entry of the folder, with the reason it is quarantined on sight (or None)."""
-    seen: dict[str, str] = {}
+@dataclass(frozen=True)
+class Listed:
+    """A file of the dataset's image folder, or of one of its kohya repeats folders."""
+
+    path: Path
+    source: str  # images/<name> or images/<N>_<concept>/<name>
+    repeats: int = 1  # times per epoch, from the folder's name
+    concept: str = ""  # the folder's caption, kohya's class tokens
+
+    @property
+    def file(self) -> str:
+        return output_name(self.path, self.concept)
+
+
+# Why a folder that is not read is quarantined, and what to write instead.
+SUBFOLDER = (
+    "subfolders are not read, except kohya repeats folders named <repeats>_<concept> "
+    "(images/5_sks dog/: each image 5 times per epoch, concept 'sks dog'); "
+    "to repeat the whole dataset set train.repeats"
+)
+
+
+def _candidates(images_dir: Path) -> Iterator[tuple[os.DirEntry, Listed]]:
+    """Every entry to consider: the top level, and the entries of each repeats folder."""
     for entry in entries(images_dir, "images"):
-        path = Path(entry.path)
-        name = match_key(path.name)
+        found = repeats_folder(entry.name) if entry.is_dir(follow_symlinks=False) else None
+        yield entry, Listed(Path(entry.path), f"images/{entry.name}")
+        for inner in entries(entry.path, "images") if found else []:
+            source = f"images/{entry.name}/{inner.name}"
+            yield inner, Listed(Path(inner.path), source, *found)
+
+
+def listed(images_dir: Path) -> Iterator[tuple[Listed, str | None]]:
+    """Each file to read, with the reason it is quarantined on sight (or None); a repeats
+    folder itself is not listed, its files are."""
+    seen: dict[str, str] = {}
+    for entry, item in _candidates(images_dir):
+        path = item.path
         if entry.is_symlink() and not link_allowed(path, images_dir.parent):
-            yield path, f"link escapes the dataset (to {os.readlink(path)})"
+            yield item, f"link escapes the dataset (to {os.readlink(path)})"
         elif path.is_dir():
-            yield path, "subfolders are not read"
+            if item.concept or not repeats_folder(path.name):
+                yield item, SUBFOLDER
         elif path.suffix.lower() not in IMAGE_SUFFIXES:
-            yield path, f"unsupported type '{path.suffix}'"
+            yield item, f"unsupported type '{path.suffix}'"
         elif path.stat().st_size == 0:
-            yield path, "empty file (0 bytes)"
-        elif name in seen:
-            yield (
-                path,
-                (
-                    f"same name as images/{seen[name]} apart from case or extension "
-                    "(outputs and captions are matched by name): rename one"
-                ),
-            )
+            yield item, "empty file (0 bytes)"
+        elif (name := match_key(item.file)) in seen:
+            yield item, collision(item, seen[name])
         else:
-            seen[name] = path.name
-            yield path, None
+            seen[name] = item.source
+            yield item, None
+
+
+def collision(item: Listed, other: str) -> str:
+    """The quarantine reason of a file whose resized name another file has already."""
+    if not item.concept and other.count("/") == 1:
+        return (
+            f"same name as {other} apart from case or extension "
+            "(outputs and captions are matched by name): rename one"
+        )
+    return (
+        f"resized as {item.file}, like {other} (outputs and captions are matched by name): "
+        "rename one"
+    )
 
 
 def prepare(task: Task) -> dict[str, Any]:
@@ -152,10 +202,18 @@ def write_quarantine(path: Path, quarantined: list[dict[str, str]]) -> None:
 class Found:
     """An image to train on: its file, its cache entry, and the entry's record once known."""
 
-    path: Path
+    item: Listed
     digest: str  # of the source file
     entry: Path
     record: dict[str, Any] | None
+
+    def names(self) -> dict[str, Any]:
+        """Its manifest entry's names; a repeats folder's image adds its repeats and concept
+        (a plain image's entry stays as it was)."""
+        item = self.item
+        names = {"file": item.file, "source": item.source, "sha256": self.digest}
+        kohya = {"repeats": item.repeats, "concept": item.concept} if item.concept else {}
+        return names | kohya
 
 
 def survey(
@@ -165,9 +223,9 @@ def survey(
     some, and what is quarantined before decoding anything."""
     found: dict[str, Found] = {}
     quarantined, by_hash, settings = [], {}, asdict(chosen)
-    for path, reason in listed(images_dir):
-        source = f"images/{path.name}"
-        digest = None if reason else hashes.file(path)
+    for item, reason in listed(images_dir):
+        source = item.source
+        digest = None if reason else hashes.file(item.path)
         if digest in by_hash:
             reason = f"duplicate of {by_hash[digest]} (identical bytes)"
         if reason:
@@ -176,7 +234,7 @@ def survey(
         by_hash[digest] = source
         key = hash_value({"image": digest, "settings": settings, "code": code})
         entry = cache_dir / key[:2] / key
-        found[source] = Found(path, digest, entry, cached(entry))
+        found[source] = Found(item, digest, entry, cached(entry))
     return found, quarantined
 
 
@@ -201,7 +259,7 @@ def resize_dataset(
     chosen, hashes = Settings.from_config(settings), hashes or HashCache()
     found, quarantined = survey(images_dir, chosen, Path(cache_dir), code, hashes)
     todo = [f for f in found.values() if f.record is None]
-    tasks = [Task(str(f.path), str(f.entry), chosen) for f in todo]
+    tasks = [Task(str(f.item.path), str(f.entry), chosen) for f in todo]
     for image, record in zip(todo, run_all(tasks, threads), strict=True):
         image.record = record
 
@@ -211,10 +269,9 @@ def resize_dataset(
         if "reason" in image.record:
             quarantined.append({"source": source, "reason": image.record["reason"]})
             continue
-        with atomic_path(out_dir / output_name(image.path)) as tmp:
+        with atomic_path(out_dir / image.item.file) as tmp:
             link_data(str(image.entry.with_suffix(".png")), str(tmp), share=True)
-        names = {"file": output_name(image.path), "source": source, "sha256": image.digest}
-        images.append({**names, **image.record})
+        images.append({**image.names(), **image.record})
     quarantined.sort(key=lambda q: q["source"])
     report(quarantined, quarantine_csv)
     hashes.save()

@@ -11,6 +11,7 @@ sidecar in ``captions/`` are skipped too. Run the caption stage first.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -26,6 +27,13 @@ from loramill.dataset_files import match_key
 from loramill.files import read_jsonl
 
 
+def edit_name(source: str, resized: str) -> str:
+    """The name an edit row gives an image: its own file name, or the resized name when the
+    image sits in a kohya repeats folder (``images/5_sks dog/a.png`` is ``sks dog__a.png``)."""
+    own = Path(source).name
+    return own if match_key(own) == match_key(resized) else resized
+
+
 def drafts(results: Path) -> list[dict[str, str]]:
     """Per source image (``name`` in ``images/``): its auto caption and sha256."""
     auto = results / "auto_captions.jsonl"
@@ -35,7 +43,7 @@ def drafts(results: Path) -> list[dict[str, str]]:
     sources = {e["file"]: e["source"] for e in json.loads(manifest.read_text())["images"]}
     return [
         {
-            "filename": Path(sources.get(r["image"], r["image"])).name,
+            "filename": edit_name(sources.get(r["image"], r["image"]), r["image"]),
             "prompt": r["caption"],
             "image_sha256": r.get("image_sha256", ""),
         }
@@ -51,7 +59,9 @@ def seed(dataset_root: Path, results: Path) -> int:
     if not new:
         return 0
     existing = table.read_bytes() if table.is_file() else b""
-    header = next(csv.reader(io.StringIO(existing.decode()))) if existing else list(COLUMNS)
+    # utf-8-sig: a byte-order mark (Excel's) is no part of the first column's name
+    text = existing.decode("utf-8-sig")
+    header = [c.strip() for c in next(csv.reader(io.StringIO(text)))] if existing else list(COLUMNS)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     if not existing:
@@ -63,13 +73,15 @@ def seed(dataset_root: Path, results: Path) -> int:
     return len(new)
 
 
-def main(argv: list[str]) -> int:
-    if not argv:
-        print(__doc__.strip().splitlines()[-1].strip(), file=sys.stderr)
-        return 2
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m loramill.seed_edits", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("datasets", nargs="+", metavar="DATASET", help="a dataset to review")
+    args = parser.parse_args(argv)
     config = yaml.safe_load(Path("config/config.yaml").read_text())
     try:
-        for ds in argv:
+        for ds in args.datasets:
             if ds not in (config.get("datasets") or {}):
                 raise LoramillError(f"{ds}: not a dataset of config/config.yaml")
             root = Path(dataset_config(config, ds)["path"])

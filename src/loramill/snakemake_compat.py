@@ -41,6 +41,8 @@ BEHAVIOURS = (
     "with it False)",
     "max-checksum-file-size 0 still checksums empty files: an empty input newer than the "
     "outputs does not rerun a job whose metadata recorded it, so gates must not be empty",
+    "SIGINT to Snakemake alone stops none of its running jobs (it waits for them to end), so "
+    "the workflow passes signals on; onstart: runs after Snakemake set its SIGTERM handler",
 )
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from loramill.files import write_json, write_text
+from loramill.report_pages import markdown_page
 from loramill.text_data import Tokenized
 from loramill.text_train import STEP_PREFIX, eval_loss
 
@@ -94,14 +95,7 @@ def markdown(rows: Sequence[dict[str, Any]], prompts: Sequence[str]) -> str:
 
 def html(rows: Sequence[dict[str, Any]], prompts: Sequence[str], title: str) -> str:
     """The Markdown evaluation as a standalone HTML page (for the Snakemake report)."""
-    import markdown as md
-
-    body = md.markdown(markdown(rows, prompts), extensions=["tables"])
-    style = "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px}"
-    return (
-        f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{title}</title>"
-        f"<style>{style}</style></head><body><h1>{title}</h1>\n{body}\n</body></html>\n"
-    )
+    return markdown_page(f"# {title}\n\n{markdown(rows, prompts)}", title)
 
 
 def evaluate_text(

@@ -27,6 +27,7 @@ from loramill.files import atomic_folder, write_json
 from loramill.text_data import IGNORE, Tokenized, pad_batch
 from loramill.text_model import load_causal_lm, load_tokenizer
 from loramill.text_prepare import read_tokens
+from loramill.train_config import checkpoint_steps
 from loramill.train_log import plot_loss
 from loramill.train_state import STATE_ROOT, RunState, trajectory_key
 
@@ -249,7 +250,8 @@ def train_text(
     _, history, written = train_text_lora(
         model, data, cfg, tokenizer.pad_token_id, checkpoints_dir, state_dir, provenance
     )
-    plot_loss(history, loss_png, f"text LoRA, rank {cfg.lora_rank}")
+    saved = checkpoint_steps(cfg.max_train_steps, cfg.save_steps or cfg.max_train_steps)
+    plot_loss(history, loss_png, f"text LoRA, rank {cfg.lora_rank}", checkpoints=saved)
     if state_dir:
         RunState(state_dir).finish(keep=True)  # constant LR: a longer run continues this one
     return written

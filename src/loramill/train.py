@@ -41,6 +41,7 @@ from loramill.model import base_model_hash, base_version, load_pipeline, model_f
 from loramill.network import add_lora
 from loramill.optimizers import make_optimizer, make_scheduler
 from loramill.single_file import source_checkpoint
+from loramill.stopping import Interrupted, StopRequest
 from loramill.train_captions import CaptionVariation
 from loramill.train_config import TrainConfig, checkpoint_steps
 from loramill.train_data import Encoded, Examples, library_versions, read_examples
@@ -80,7 +81,7 @@ def provenance(
             "num_images": len(examples.captions),
             # what an epoch is (the export's ss_epoch): batches over every image × repeats
             "batches_per_epoch": batches_per_epoch(
-                examples.buckets, cfg.global_batch_size, cfg.repeats
+                examples.buckets, cfg.global_batch_size, examples.times(cfg.repeats)
             ),
             "tag_frequency": tag_frequency(examples.captions),
             "device": device,
@@ -134,7 +135,7 @@ class Training:
         self.cfg, self.accelerator = cfg, accelerator
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.encoded, self.captions, self.buckets = encoded, examples.captions, examples.buckets
-        self.images = examples.images
+        self.images, self.times = examples.images, examples.times(cfg.repeats)
         self.device = accelerator.device
         self.vae = None if cfg.cache_latents else pipe.vae.to(self.device).eval()
         self.samples = samples
@@ -194,7 +195,7 @@ class Training:
         """The next batch of example indices, all from one bucket (loramill.buckets)."""
         if not self.order:  # new epoch: reshuffle
             cfg = self.cfg
-            self.order = batches(self.buckets, cfg.global_batch_size, self.rng, cfg.repeats)
+            self.order = batches(self.buckets, cfg.global_batch_size, self.rng, self.times)
         return self.order.pop(0)
 
     def _latent_dists(self, batch: list[int]) -> dict[str, torch.Tensor]:
@@ -335,8 +336,10 @@ class CheckpointWriter:
         self.provenance = json.dumps(record, sort_keys=True)
         self.samples = self.folder / "samples"
 
-    def restore_samples(self, run: RunState, start: int) -> None:
-        """Samples of the steps a resumed run does not train again, from the run's state."""
+    def restore(self, run: RunState, needed: list[int], start: int) -> None:
+        """The checkpoints and samples of the steps a resumed run does not train again."""
+        for step in (s for s in needed if s <= start):
+            self.write(step, run.load_adapters(step))
         for path in run.sample_files(start):
             write_bytes(self.samples / path.name, path.read_bytes())
 
@@ -377,9 +380,10 @@ def train_lora(
     examples = read_examples(Path(resized_dir), Path(captions_jsonl))
     cfg.check_dataset(len(examples.images))
     if cfg.max_train_epochs:
-        cfg = cfg.for_epochs(
-            batches_per_epoch(examples.buckets, cfg.global_batch_size, cfg.repeats)
+        epoch = batches_per_epoch(
+            examples.buckets, cfg.global_batch_size, examples.times(cfg.repeats)
         )
+        cfg = cfg.for_epochs(epoch)
         log.info("%d epochs: %d steps", cfg.max_train_epochs, cfg.max_train_steps)
     accelerator = make_accelerator(cfg, device, logdir)
     accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.as_dict().items()})
@@ -387,31 +391,23 @@ def train_lora(
     data = f"{hashes.digest(resized_dir)}:{hashes.file(captions_jsonl)}"
     source = (base_model, trigger, allow_unsafe_weights, data)
     training, record = prepare(cfg, accelerator, examples, source, Path(cache_root), hashes)
-    if stage:
-        record["stage"] = stage
+    record |= {"stage": stage} if stage else {}
     run = RunState(state_dir) if state_dir else None
-    needed = checkpoint_steps(cfg.max_train_steps, cfg.save_steps)
+    total = cfg.max_train_steps
+    needed = checkpoint_steps(total, cfg.save_steps)
     start, history = resume(training, run, needed)
     main = accelerator.is_main_process  # only it writes checkpoints, state and the curve
     writer = CheckpointWriter(checkpoints_dir, training.adapters()[1], record)
-    for step in (s for s in needed if s <= start and main):
-        writer.write(step, run.load_adapters(step))
     if run and main:
-        writer.restore_samples(run, start)
+        writer.restore(run, needed, start)
 
-    count, buckets = len(examples.images), len(set(examples.buckets))
-    log.info(
-        "training: %d images in %d bucket(s), steps %d → %d",
-        count,
-        buckets,
-        start,
-        cfg.max_train_steps,
-    )
+    log.info("training: %d images in %d bucket(s), steps %d → %d",
+             len(examples.images), len(set(examples.buckets)), start, total)  # fmt: skip
     history = run_steps(training, start, history, writer, run if main else None, needed)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     if loss_png and main:
-        plot_loss(history, loss_png, "training loss")
+        plot_loss(history, loss_png, "training loss", checkpoints=needed)
     if run and main:
         run.finish(keep=cfg.continues)
     return writer.written
@@ -454,23 +450,42 @@ def run_steps(
     needed: list[int],
 ) -> list[dict]:
     """Train from ``start`` to the last step, writing checkpoints (and states) at ``needed``;
-    return the whole loss history."""
+    return the whole loss history. Asked to stop (loramill.stopping), it saves the state at
+    the step boundary and raises :class:`Interrupted`."""
     total = training.cfg.max_train_steps
     progress = Progress(training.accelerator, total, start, history)
-    for step in range(start + 1, total + 1):
-        loss = training.step()
-        if not math.isfinite(loss):
-            raise LoramillError(f"train: loss became {loss} at step {step}")
-        progress.update(step, loss, training.lrs())
-        main = training.accelerator.is_main_process
-        if training.samples and training.samples.due(step) and main:
-            images = training.samples.render(*training.unwrapped(), training.accelerator)
-            folders = [writer.samples] + ([run.samples] if run else [])
-            save_samples(images, step, folders, training.accelerator)
-        if step in needed and main:
-            tensors, _ = training.adapters()
-            writer.write(step, tensors)
-            if run:
-                run.save(step, tensors, training.state(step, progress.history))
-    progress.close()
+    main = training.accelerator.is_main_process
+    try:  # the bar closed whatever ends the loop (an error, a stop)
+        with StopRequest() as stop:
+            for step in range(start + 1, total + 1):
+                loss = training.step()
+                if not math.isfinite(loss):
+                    raise LoramillError(f"train: loss became {loss} at step {step}")
+                progress.update(step, loss, training.lrs())
+                if training.samples and training.samples.due(step) and main:
+                    images = training.samples.render(*training.unwrapped(), training.accelerator)
+                    folders = [writer.samples] + ([run.samples] if run else [])
+                    save_samples(images, step, folders, training.accelerator)
+                why = stop_reason(training, stop) if step < total else None
+                if (step in needed or why) and main:
+                    tensors, _ = training.adapters()
+                    if step in needed:
+                        writer.write(step, tensors)
+                    if run:
+                        run.save(step, tensors, training.state(step, progress.history))
+                if why:
+                    raise Interrupted(why, step, saved=run is not None)
+    finally:
+        progress.close()
     return progress.history
+
+
+def stop_reason(training: Training, stop: StopRequest) -> str | None:
+    """Why to stop after this step, agreed by every process of a multi-process run (they all
+    stop at the same step, or the others would wait for it forever)."""
+    why = stop.requested()
+    if training.world > 1:
+        flag = torch.tensor([0.0 if why is None else 1.0], device=training.device)
+        if training.accelerator.reduce(flag, "sum").item() and why is None:
+            why = "another process was asked to stop"
+    return why

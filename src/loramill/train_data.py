@@ -42,6 +42,11 @@ class Examples:
     captions: list[str]
     buckets: list[Size]
     resolution: int
+    repeats: list[int]  # per image: its kohya repeats folder's count, else 1
+
+    def times(self, repeats: int) -> list[int]:
+        """Each image's appearances per epoch: its folder's repeats × ``train.repeats``."""
+        return [own * repeats for own in self.repeats]
 
 
 def library_versions() -> dict[str, str]:
@@ -56,6 +61,7 @@ def read_examples(resized_dir: Path, captions_jsonl: Path) -> Examples:
     """The examples in caption order, with the base resolution; no pixels are read."""
     manifest = json.loads((resized_dir / MANIFEST).read_text())
     bucket = {entry["file"]: tuple(entry["bucket"]) for entry in manifest["images"]}
+    repeats = {entry["file"]: entry.get("repeats", 1) for entry in manifest["images"]}
     records = read_jsonl(captions_jsonl)
     missing = [r["image"] for r in records if r["image"] not in bucket]
     if missing:
@@ -67,6 +73,7 @@ def read_examples(resized_dir: Path, captions_jsonl: Path) -> Examples:
         captions=[r["caption"] for r in records],
         buckets=[bucket[r["image"]] for r in records],
         resolution=manifest["resolution"],
+        repeats=[repeats[r["image"]] for r in records],
     )
 
 

@@ -92,9 +92,9 @@ class Planner:
         parts = components(job, produced, self.hashes)
         today = fingerprint(parts)
         ds, outputs = verdict.dataset, stage.outputs(verdict.dataset)
-        lock = read_lock(ds, stage.name)
+        lock, why = read_lock(ds, stage.name), "outputs were missing"
         if lock is None:
-            lock = self.adopt(ds, stage, today, parts)
+            lock, why = self.adopt(ds, stage, today, parts)
         verdict.lock = lock
         if lock is None:
             exists = lock_path(ds, stage.name).exists()
@@ -106,13 +106,20 @@ class Planner:
         else:
             # Fresh. Outputs gone (a renamed dataset, a cleaned results/) come back from the
             # run-cache now, or Snakemake would rerun the stage for a consumer that needs them.
+            # Said, or "Nothing to be done" would hide that files changed.
             missing = {k: p for k, p in outputs.items() if not os.path.exists(p)}
-            if missing:
-                run_cache.restore(today, missing)
+            if missing and run_cache.restore(today, missing):
+                paths = ", ".join(p for p in missing.values() if os.path.lexists(p))
+                log.warning(
+                    "restored: %s %s from the run-cache (%s): %s", stage.name, ds, why, paths
+                )
 
-    def adopt(self, ds: str, stage: Stage, today: str, parts: dict) -> dict[str, Any] | None:
+    def adopt(
+        self, ds: str, stage: Stage, today: str, parts: dict
+    ) -> tuple[dict[str, Any] | None, str]:
         """Take over the lock of another dataset built from the same fingerprint (what a
-        renamed dataset finds under its old name), its outputs going into the run-cache."""
+        renamed dataset finds under its old name), its outputs going into the run-cache.
+        Returns the lock and, for the restore message, whose it was."""
         for other, path in locks_of(stage.name).items():
             lock = read_lock(other, stage.name) if other != ds and path.exists() else None
             if lock is None or lock["fingerprint"] != today:
@@ -123,8 +130,8 @@ class Planner:
             write_lock(ds, stage.name, today, parts, lock["outputs"])
             names = (stage.name, ds, other)
             log.warning("loramill: %s %s: built as %s before; took over its results", *names)
-            return lock
-        return None
+            return lock, f"same inputs as {other}"
+        return None, ""
 
     def recorded(self, verdicts: dict[str, Verdict], made: dict, path: str) -> str:
         """A produced input's hash as its (fresh) producer's lock records it; any other

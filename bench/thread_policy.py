@@ -1,0 +1,182 @@
+"""Training beside other busy processes (issue #25, item 12): OpenMP's wait policy.
+
+A LoRA training step of the embedded tiny model (models/tiny-sd: the UNet with the default
+train config's network, fp32, batch 2, 16×16 latents, forward + backward + AdamW) on 2 threads,
+as a job runs it (torch.set_num_threads(train.threads)), in four configurations:
+
+  quiet   / default   nothing else started by this script; OMP_WAIT_POLICY unset
+  quiet   / PASSIVE   OMP_WAIT_POLICY=PASSIVE (what rules/setup.smk gives every job)
+  loaded  / default   beside --busy Python busy loops (multiprocessing, bounded in time)
+  loaded  / PASSIVE
+
+Each measurement is a fresh subprocess: libgomp reads OMP_WAIT_POLICY when torch loads. The
+configurations are interleaved for --repeats rounds and each reported as the median over
+rounds of its median ms/step, so load from other work that comes and goes spreads over all
+four. Printed: ms/step, the slowdown under load (loaded ÷ quiet) per policy, and default ÷
+PASSIVE per condition; the load average before each measurement says how quiet "quiet" was.
+
+    .venv/bin/python bench/thread_policy.py [--repeats 3] [--steps 10] [--budget 60] [--busy 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = REPO / "models" / "tiny-sd"
+RESULT = "RESULT "
+THREADS = 2
+POLICIES = {"default": None, "PASSIVE": "PASSIVE"}
+
+
+# ---------------------------------------------------------------- child side (one process each)
+
+
+def child(steps: int, budget: float) -> dict[str, Any]:
+    """A warm-up step, then up to ``steps`` timed ones or ``budget`` seconds, at least 2."""
+    import torch
+
+    from loramill.model import load_pipeline
+    from loramill.network import NetworkSpec, add_lora
+    from loramill.train_config import TrainConfig
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    pipe = load_pipeline(str(MODEL))
+    unet = pipe.unet
+    add_lora(unet, None, NetworkSpec.from_config(TrainConfig.from_dict({})))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    width = unet.config.cross_attention_dim
+    latents, noise = torch.randn(2, 4, 16, 16), torch.randn(2, 4, 16, 16)
+    hidden = torch.randn(2, pipe.tokenizer.model_max_length, width)
+
+    def step() -> None:
+        timesteps = torch.randint(0, 1000, (2,))
+        noisy = pipe.scheduler.add_noise(latents, noise, timesteps)
+        pred = unet(noisy, timesteps, hidden).sample
+        torch.nn.functional.mse_loss(pred, noise).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()  # the first call allocates and picks kernels
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < steps and (len(times) < 2 or time.perf_counter() - started < budget):
+        begin = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - begin)
+    return {
+        "ms": [t * 1000 for t in times],
+        "threads": torch.get_num_threads(),
+        "openmp": "OpenMP" in torch.__config__.parallel_info(),
+    }
+
+
+# ---------------------------------------------------------------- parent side
+
+
+def spin(deadline: float) -> None:
+    """A busy process: pure Python, holds a core until ``deadline``."""
+    count = 0
+    while time.monotonic() < deadline:
+        count += 1
+
+
+class Busy:
+    """``count`` busy processes for at most ``seconds``; terminated on exit either way."""
+
+    def __init__(self, count: int, seconds: float) -> None:
+        self.count, self.seconds = count, seconds
+        self.processes: list[Any] = []
+
+    def __enter__(self) -> Busy:
+        deadline = time.monotonic() + self.seconds
+        context = multiprocessing.get_context("spawn")
+        self.processes = [context.Process(target=spin, args=(deadline,)) for _ in range(self.count)]
+        for process in self.processes:
+            process.start()
+        time.sleep(1.0)  # all of them spinning before the measurement starts
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            process.join(10)
+
+
+def measure(policy: str | None, args: argparse.Namespace) -> dict[str, Any]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
+    env.pop("OMP_WAIT_POLICY", None)
+    env.pop("OMP_NUM_THREADS", None)  # the job's own torch.set_num_threads decides
+    if policy:
+        env["OMP_WAIT_POLICY"] = policy
+    command = [sys.executable, __file__, "--child", str(args.steps), str(args.budget)]
+    load = os.getloadavg()[0]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        sys.exit(f"child failed ({done.returncode}):\n{done.stderr}")
+    line = next(ln for ln in done.stdout.splitlines() if ln.startswith(RESULT))
+    result = json.loads(line[len(RESULT) :])
+    return result | {"load": load, "median_ms": statistics.median(result["ms"])}
+
+
+def report(medians: dict[tuple[str, str], float], loads: dict[tuple[str, str], list]) -> None:
+    print(f"\n{'condition':<8} {'policy':<8} {'ms/step':>9}  load average before")
+    for (condition, policy), ms in medians.items():
+        shown = " ".join(f"{x:.1f}" for x in loads[condition, policy])
+        print(f"{condition:<8} {policy:<8} {ms:>9.0f}  {shown}")
+    print()
+    for policy in POLICIES:
+        ratio = medians["loaded", policy] / medians["quiet", policy]
+        print(f"slowdown under load, {policy:<8}: {ratio:6.1f}x")
+    for condition in ("quiet", "loaded"):
+        ratio = medians[condition, "default"] / medians[condition, "PASSIVE"]
+        print(f"default / PASSIVE, {condition:<7}: {ratio:6.1f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--budget", type=float, default=60, help="seconds of timed steps, at most")
+    parser.add_argument("--busy", type=int, default=4, help="busy processes for 'loaded'")
+    args = parser.parse_args()
+    # Killed (timeout, Slurm): unwind, so the busy processes and the child are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
+    print(f"{os.cpu_count()} CPUs; {THREADS} threads; {args.busy} busy processes when loaded")
+    runs: dict[tuple[str, str], list[dict]] = {
+        (c, p): [] for c in ("quiet", "loaded") for p in POLICIES
+    }
+    for repeat in range(1, args.repeats + 1):
+        for condition, policy in runs:
+            # The busy loops outlive any child that keeps to its budget (model load included).
+            with Busy(args.busy if condition == "loaded" else 0, args.budget + 300):
+                result = measure(POLICIES[policy], args)
+            runs[condition, policy].append(result)
+            print(
+                f"round {repeat} {condition:<6} {policy:<7} {result['median_ms']:8.0f} ms/step "
+                f"({len(result['ms'])} steps, load {result['load']:.1f}, "
+                f"{result['threads']} threads, OpenMP: {result['openmp']})",
+                flush=True,
+            )
+    medians = {key: statistics.median(r["median_ms"] for r in rs) for key, rs in runs.items()}
+    report(medians, {key: [r["load"] for r in rs] for key, rs in runs.items()})
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        print(RESULT + json.dumps(child(int(sys.argv[2]), float(sys.argv[3]))), flush=True)
+    else:
+        main()

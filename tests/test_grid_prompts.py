@@ -1,0 +1,86 @@
+"""A grid that sets no prompts shows the dataset's own training captions; one that sets them
+keeps them, and only the former reads (and is rerun by) the captions."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+
+import pytest
+import yaml
+from conftest import run_tool
+from test_config_errors import workdir  # noqa: F401 (a fixture)
+
+from loramill import LoramillError
+from loramill.files import read_jsonl, write_jsonl
+from loramill.grid import with_caption_prompts
+
+SETTINGS = {"x": "checkpoint", "y": "strength", "z": "prompt", "prompts": []}
+CAPTIONS = [
+    {"image": "a.png", "caption": "zzt, a red disc", "source": "auto"},
+    {"image": "b.png", "caption": "zzt, a red disc", "source": "auto"},
+    {"image": "c.png", "caption": "zzt, a navy square", "source": "human"},
+    {"image": "d.png", "caption": "zzt, a green band", "source": "auto"},
+]
+# the tiniest real chain: a few pixels, two training steps, two denoising steps
+SMALL = {
+    "resize": {"resolution": 32},
+    "train": {"max_train_steps": 2, "save_steps": 2, "train_batch_size": 1},
+    "grid": {"strengths": [1.0], "num_inference_steps": 2},
+}
+
+
+def test_no_prompts_means_the_first_distinct_captions_as_trained(tmp_path, caplog):
+    path = tmp_path / "captions.jsonl"
+    write_jsonl(path, CAPTIONS)
+    with caplog.at_level(logging.INFO, logger="loramill"):
+        settings = with_caption_prompts(SETTINGS, [path], "ds")
+    assert settings["prompts"] == ["zzt, a red disc", "zzt, a navy square"]
+    assert "grid ds: no grid.prompts set; prompts from its captions" in caplog.text
+    one = with_caption_prompts({**SETTINGS, "z": "none"}, [path], "ds")
+    assert one["prompts"] == ["zzt, a red disc"]
+
+
+def test_set_prompts_are_kept_and_no_captions_read():
+    chosen = {**SETTINGS, "prompts": ["zzt, a portrait"]}
+    assert with_caption_prompts(chosen, []) == chosen
+    with pytest.raises(LoramillError, match=r"^grid\.prompts: none set and no training captions"):
+        with_caption_prompts(SETTINGS, [])
+
+
+def grid_inputs(stdout: str) -> dict[str, str]:
+    """Each grid job's input line, by dataset, from `snakemake -n`."""
+    found = {}
+    for block in re.split(r"\n(?=\[[^\]]+\]\n)", stdout):
+        ds = re.search(r"wildcards: ds=(\S+)", block)
+        if ds and re.search(r"^rule grid:", block, re.MULTILINE):
+            found[ds.group(1)] = re.search(r"^\s+input: (.*)$", block, re.MULTILINE).group(1)
+    return found
+
+
+def test_only_a_grid_without_prompts_reads_the_captions(workdir, tmp_path):  # noqa: F811
+    """The captions are an input of wide_bands' grid (prompts unset) and not of
+    paper_stripes' (prompts set): a caption edit can never rerun a grid with set prompts."""
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(yaml.safe_dump({"datasets": {"wide_bands": {"grid": {"prompts": []}}}}))
+    result = run_tool("snakemake", "-n", "--configfile", str(extra), cwd=workdir)
+    inputs = grid_inputs(result.stdout)
+    assert "results/wide_bands/captions.jsonl" in inputs["wide_bands"]
+    assert "captions.jsonl" not in inputs["paper_stripes"]
+
+
+@pytest.mark.workflow
+def test_a_new_datasets_grid_shows_its_own_captions(workdir, tmp_path):  # noqa: F811
+    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
+    assert not config["grid"]["prompts"]  # a new dataset inherits no demo prompts
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(
+        yaml.safe_dump({**SMALL, "datasets": {"wide_bands": {"grid": {"prompts": []}}}})
+    )
+    run_tool("snakemake", "grids/wide_bands.png", "--cores", "1", "--configfile", str(extra),
+             cwd=workdir)  # fmt: skip
+    captions = [r["caption"] for r in read_jsonl(workdir / "results/wide_bands/captions.jsonl")]
+    grid = json.loads((workdir / "grids" / "wide_bands.json").read_text())
+    assert grid["axes"]["z"]["values"] == list(dict.fromkeys(captions))[:2]
+    assert all(prompt.startswith("wband, ") for prompt in grid["axes"]["z"]["values"])
