@@ -84,6 +84,7 @@ def test_one_signal_twice_within_the_grace_time_is_one_request():
 def test_a_parent_process_gone_is_a_request_to_stop(monkeypatch):
     chain = [[(10, 1.0), (1, 0.0)], [(10, 1.0), (1, 0.0)], [(1, 0.0)]]
     monkeypatch.setattr("loramill.stopping._ancestors", lambda: chain.pop(0))
+    monkeypatch.setattr("loramill.stopping.PARENT_CHECK_SECONDS", 0.0)
     with StopRequest() as stop:
         assert stop.requested() is None
         assert stop.requested() == "its scheduler exited"

@@ -28,6 +28,7 @@ from loramill import LoramillError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 REPEAT_SECONDS = 2.0
+PARENT_CHECK_SECONDS = 1.0
 
 
 class Interrupted(LoramillError):
@@ -54,7 +55,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.reason: str | None = None
-        self._first = 0.0
+        self._first = self._looked = 0.0
         self._previous: dict[int, Any] = {}
         self._parents: list[tuple[int, float]] = []
 
@@ -88,8 +89,11 @@ class StopRequest:
             signal.raise_signal(number)
 
     def requested(self) -> str | None:
-        """Why to stop, or None: a signal received, or a parent process gone (checked now)."""
-        if self.reason is None and self._parents:
+        """Why to stop, or None: a signal received, or a parent process gone (looked at once
+        every PARENT_CHECK_SECONDS: reading the process table takes about a millisecond)."""
+        due = time.monotonic() - self._looked >= PARENT_CHECK_SECONDS
+        if self.reason is None and self._parents and due:
+            self._looked = time.monotonic()
             now = _ancestors()
             if now and now != self._parents:  # one of them exited: we were left behind
                 self.reason = "its scheduler exited"
