@@ -232,8 +232,7 @@ onstart:
 
 
 onerror:
-    if failures.summary(RUN_STARTED):
-        print(failures.summary(RUN_STARTED), file=sys.stderr)
+    print(failures.summary(RUN_STARTED), end="", file=sys.stderr)
 
 
 # ---- dataset helpers ---------------------------------------------------------------------

@@ -39,12 +39,13 @@ def since(started: float) -> list[str]:
 
 
 def summary(started: float) -> str:
-    """What the end of a failed run says: each failed job and its reason, one line each."""
+    """What the end of a failed run says: each failed job and its reason, one line each
+    (nothing when no job recorded one: Snakemake's own error said it all)."""
     lines = since(started)
     if not lines:
         return ""
     head = f"loramill: {len(lines)} job(s) failed:"
-    return "\n".join([head, *(f"  {line}" for line in lines)])
+    return "".join(f"{line}\n" for line in [head, *(f"  {line}" for line in lines)])
 
 
 def now() -> float:
