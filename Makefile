@@ -35,14 +35,14 @@ publish: $(VENV)/.installed
 # Existing rows are never changed or reordered.
 ## DS=<ds>: start caption review (auto captions of unedited images into metadata.csv)
 seed-edits: $(VENV)/.installed
-	$(BIN)/python -m loramill.seed_edits $(DS)
+	$(BIN)/python -m loramill.captions.seed_edits $(DS)
 
 # The run-cache entries are in .cache/runs, the grid cells in .cache/grid.
-# `$(BIN)/python -m loramill.run_cache gc --max-size 20G` keeps the most recently used instead.
+# `$(BIN)/python -m loramill.reruns.run_cache gc --max-size 20G` keeps the most recently used instead.
 ## free disk: drop run-cache entries no lock references, grid cells no grid shows
 gc: $(VENV)/.installed
-	$(BIN)/python -m loramill.run_cache gc
-	$(BIN)/python -m loramill.grid_render gc
+	$(BIN)/python -m loramill.reruns.run_cache gc
+	$(BIN)/python -m loramill.grid.render gc
 
 # torch is pinned to 2.13.0 and everything else is constrained by the lock file, so pip never
 # swaps in a newer torch with its several GB of CUDA wheels. open-clip-torch only carries the

@@ -9,6 +9,10 @@
 #   results/<ds>/quarantine.csv         files left out, with the reason (file,reason)
 #   results/<ds>/auto_captions.jsonl    captioner output
 #   results/<ds>/captions.jsonl         training captions (human edits win, trigger prepended)
+#   results/<ds>/caption_report.json    edits applied / stale / orphaned, tag frequency
+#   results/<ds>/caption_report.csv     each stale or orphaned caption edit
+#   results/<ds>/kohya_captions/        kohya .txt sidecars (merge.write_sidecars), for other
+#                                       trainers
 #   results/<ds>/checkpoints/           step-NNNNNN.safetensors (diffusers LoRA format)
 #   results/<ds>/loss.png               loss curve (TensorBoard logs in results/<ds>/tensorboard)
 #   exports/<ds>.safetensors            kohya format: AUTOMATIC1111 / ComfyUI / kohya / diffusers
@@ -16,22 +20,29 @@
 #   exports/<ds>.md                     model card: use, settings, tags, grid, provenance
 #   exports/<ds>.html                   the model card as a web page (for the report)
 #   exports/<ds>-steps/                 <ds>-NNNNNN.safetensors: kohya format, every checkpoint
-#   grids/<ds>.png                      XYZ grid: checkpoint step × strength × prompt
+#   grids/<ds>.png                      XYZ grid: checkpoint step × strength × prompt, drawn
+#                                       from the exports/<ds>-steps/ files
 #   grids/<ds>.json                     every cell: settings, adapter hash, box, page
 #   grids/<ds>-pages/                   page-N.png: the grid's pages (more than one past
 #                                       grid.max_megapixels)
 #
-#
 # Per text dataset (data/<ds>/train.jsonl, optional eval.jsonl):
-#   results/<ds>/tokens/                train.jsonl, eval.jsonl: token ids and labels; summary
+#   results/<ds>/tokens/train.jsonl     token ids and labels per example
+#   results/<ds>/tokens/eval.jsonl      the same for the eval records
+#   results/<ds>/tokens/summary.json    records, examples, tokens, truncated, dropped per split
 #   results/<ds>/adapters/              step-NNNNNN/: peft adapter folders
 #   results/<ds>/adapter_loss.png       loss curve
 #   exports/<ds>/                       peft adapter + provenance + model card, <ds>.gguf
 #                                       (llama.cpp), merged/ (text.export.merged)
-#   evaluations/<ds>.{md,json,html}     per checkpoint: eval loss, perplexity, generations
+#   evaluations/<ds>.md                 per checkpoint: eval loss, perplexity, generations
+#   evaluations/<ds>.json               the same as data
+#   evaluations/<ds>.html               the same as a web page (for the report)
 #
 # Every dataset: results/<ds>/overview.html, its grid and loss curve on the report's first page
 # (made by make report).
+#
+# The rules (rules/*.smk) are the source of these lists; tests/test_outputs_documented.py holds
+# this header and the README's table to them.
 #
 #   make report                       report.html, one page: grids, loss curves, model cards,
 #                                     text evaluations (overview pages, then snakemake --report)

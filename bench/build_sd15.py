@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from loramill.tiny_models import SD15, sd_pipeline
+from loramill.demo.tiny_models import SD15, sd_pipeline
 
 
 def build_sd15(out_dir: str | Path, seed: int = 0) -> Path:

@@ -1,6 +1,6 @@
 """Captioning throughput, batched against one image per call, and add-one (issue #10).
 
-On the tiny BLIP built offline (loramill.tiny_models.build_tiny_blip) and --images generated
+On the tiny BLIP built offline (loramill.demo.tiny_models.build_tiny_blip) and --images generated
 512 × 512 pictures, in the same run: ``caption_dataset`` with caption.batch_size 1 and with
 --batch, each with an empty per-image cache; captions/s of each and the ratio. Then one image
 is added and the stage runs again: its log line must say exactly 1 captioned.
@@ -19,9 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from loramill.caption import caption_dataset
-from loramill.demo_data import draw_picture
-from loramill.tiny_models import build_tiny_blip
+from loramill.captions.autocaption import caption_dataset
+from loramill.demo.images import draw_picture
+from loramill.demo.tiny_models import build_tiny_blip
 
 
 def make_resized(folder: Path, count: int, start: int = 0) -> None:
@@ -51,8 +51,8 @@ def main() -> int:
     lines: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("loramill.caption").addHandler(handler)
-    logging.getLogger("loramill.caption").setLevel(logging.INFO)
+    logging.getLogger("loramill.captions.autocaption").addHandler(handler)
+    logging.getLogger("loramill.captions.autocaption").setLevel(logging.INFO)
     with tempfile.TemporaryDirectory(prefix="caption-bench-") as tmp:
         root = Path(tmp)
         model = str(build_tiny_blip(root / "tiny-blip"))

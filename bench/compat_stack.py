@@ -70,18 +70,23 @@ def make_exports(workdir: Path) -> tuple[list[Path], dict]:
     """Both export files of one random checkpoint, and what a full load must show."""
     import torch
 
-    from loramill.export import export_adapter
-    from loramill.lora import read_checkpoint, save_checkpoint
-    from loramill.model import load_pipeline
-    from loramill.network import NetworkSpec, add_lora
+    from loramill.export.write import export_adapter
+    from loramill.models.base_model import load_pipeline
+    from loramill.models.checkpoint import (
+        read_checkpoint,
+        save_checkpoint,
+        step_metadata,
+        step_name,
+    )
+    from loramill.models.network import NetworkSpec, add_lora
 
     pipe = load_pipeline(str(BASE))
     torch.manual_seed(0)
     spec = NetworkSpec("kohya_conv", 4, 2.0, conv_rank=2, conv_alpha=2.0)
     add_lora(pipe.unet, pipe.text_encoder, spec, init=False)
-    checkpoint = workdir / "step-000001.safetensors"
+    checkpoint = workdir / step_name(1)
     provenance = json.dumps({"base_model": str(BASE), "seed": 0})
-    metadata = {"loramill.step": "1", "loramill.provenance": provenance}
+    metadata = step_metadata(1, provenance)
     save_checkpoint(checkpoint, pipe.unet, pipe.text_encoder, metadata)
     files = [workdir / "compat.safetensors", workdir / "compat.diffusers.safetensors"]
     export_adapter(checkpoint, *files, "compat")
@@ -98,8 +103,12 @@ def ensure_venv(venv: Path, args: argparse.Namespace) -> None:
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    pins = [f"transformers=={args.transformers}", f"diffusers=={args.diffusers}",
-            f"peft=={args.peft}", "accelerate", "safetensors"]  # fmt: skip
+    from loramill.software import LIBRARIES
+
+    # the libraries that matter (loramill.software), at the older versions asked for; torch
+    # stays pinned, the rest come at what pip picks for them
+    older = {"transformers": args.transformers, "diffusers": args.diffusers, "peft": args.peft}
+    pins = [f"{n}=={older[n]}" if n in older else n for n in LIBRARIES if n != "torch"]
     # torch first, pinned, so nothing pulls in a CUDA build
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
     subprocess.run([*pip, "torch==2.13.0"], check=True)

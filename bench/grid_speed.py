@@ -2,7 +2,7 @@
 
 The naive loop is what a script without the grid stage does: for every cell load the base
 pipeline, move it to the device, load the cell's LoRA, set its strength, render one image.
-loramill's stage (loramill.grid.render_grid, empty per-cell cache) loads the pipeline once,
+loramill's stage (loramill.grid.build.render_grid, empty per-cell cache) loads the pipeline once,
 each checkpoint's LoRA once, draws the strength-0 cells (the base model) once per prompt and
 seed, and batches cells of one checkpoint and strength on a GPU. Then one strength value is
 added and the grid drawn again: only the new cells may be rendered.
@@ -33,11 +33,14 @@ PROMPTS = ["a red circle on a white background", "a blue square on a black backg
 
 
 def make_checkpoints(model: str, folder: Path, count: int) -> list[Path]:
+    """Random checkpoints, returned as kohya files (what the grid stage reads: the export's)."""
     import torch
+    from safetensors.torch import save_file
 
-    from loramill.lora import save_checkpoint
-    from loramill.model import load_pipeline
-    from loramill.network import NetworkSpec, add_lora
+    from loramill.export.write import to_kohya
+    from loramill.models.base_model import load_pipeline
+    from loramill.models.checkpoint import STEP_KEY, read_checkpoint, save_checkpoint, step_name
+    from loramill.models.network import NetworkSpec, add_lora
 
     folder.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(model)
@@ -47,9 +50,12 @@ def make_checkpoints(model: str, folder: Path, count: int) -> list[Path]:
         if n > 1:
             pipe = load_pipeline(model)
         add_lora(pipe.unet, pipe.text_encoder, NetworkSpec("kohya", 16, 8.0), init=False)
-        path = folder / f"step-{100 * n:06d}.safetensors"
-        save_checkpoint(path, pipe.unet, pipe.text_encoder, {"loramill.step": str(100 * n)})
-        paths.append(path)
+        path = folder / step_name(100 * n)
+        step = {STEP_KEY: str(100 * n)}
+        save_checkpoint(path, pipe.unet, pipe.text_encoder, step)
+        kohya = folder / f"bench-{100 * n:06d}.safetensors"
+        save_file(to_kohya(read_checkpoint(path)), str(kohya), metadata=step)
+        paths.append(kohya)
     return paths
 
 
@@ -59,9 +65,11 @@ def prime(model: str, settings: dict, device: str) -> None:
     (one throwaway render, so neither side pays CUDA's start-up)."""
     import torch
 
-    from loramill.model import base_model_hash, load_pipeline
+    from loramill.hashing import DEFAULT_DB, HashCache
+    from loramill.model_files import base_model_fingerprint
+    from loramill.models.base_model import load_pipeline
 
-    base_model_hash(model)
+    base_model_fingerprint(model, HashCache(DEFAULT_DB))
     if device == "cuda":
         pipe = load_pipeline(model, settings["dtype"]).to(device)
         size = settings["resolution"]
@@ -74,9 +82,7 @@ def naive(model: str, paths: list[Path], settings: dict, device: str) -> float:
     """Seconds for every cell of the grid, each from a freshly loaded pipeline and LoRA."""
     import torch
 
-    from loramill.export import to_kohya
-    from loramill.lora import read_checkpoint
-    from loramill.model import load_pipeline
+    from loramill.models.base_model import load_pipeline
 
     res = settings["resolution"]
     start = time.perf_counter()
@@ -85,7 +91,7 @@ def naive(model: str, paths: list[Path], settings: dict, device: str) -> float:
             for path in paths:
                 pipe = load_pipeline(model, settings["dtype"]).to(device)
                 if strength:
-                    pipe.load_lora_weights(to_kohya(read_checkpoint(path)), adapter_name="c")
+                    pipe.load_lora_weights(str(path), adapter_name="c")
                     pipe.set_adapters(["c"], [strength])
                 pipe(prompt, num_inference_steps=settings["num_inference_steps"],
                      guidance_scale=settings["guidance_scale"], height=res, width=res,
@@ -97,7 +103,7 @@ def naive(model: str, paths: list[Path], settings: dict, device: str) -> float:
 
 
 def ours(model: str, paths: list[Path], settings: dict, out: Path, cache: Path, device: str):
-    from loramill.grid import render_grid
+    from loramill.grid.build import render_grid
 
     start = time.perf_counter()
     stats = render_grid(model, paths, settings, out / "grid.png", out / "grid.json",
@@ -118,7 +124,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--batch-size", default="auto")
     args = parser.parse_args()
-    from loramill.job import quiet_libraries
+    from loramill.reruns.runner import quiet_libraries
 
     quiet_libraries()  # the naive loop's per-cell load reports would bury the result
     logging.basicConfig(format="%(name)s: %(message)s")

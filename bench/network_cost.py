@@ -1,7 +1,7 @@
 """What the network and gradient checkpointing cost (issue #12), on the SD1.5 architecture
 (bench/build_sd15.py builds it with random weights).
 
-Every run is loramill.train.train_lora in a fresh subprocess (bench/train_real_size.py's
+Every run is loramill.train.loop.train_lora in a fresh subprocess (bench/train_real_size.py's
 child), UNet LoRA rank 4, batch 1, fp32, warm latent and text caches:
 
   (a) s/step at 256 px: network_target attention (128 UNet modules) against kohya (192),

@@ -5,7 +5,7 @@ Generates --images 12 MP JPEGs (4000 × 3000, seeded shapes under photo-like noi
 
   naive     a plain PIL loop, one process: open, convert("RGB"), exif_transpose, Lanczos
             resize to cover 512 × 512, center crop, save PNG (Pillow's default level)
-  loramill  loramill.resize.resize_dataset at 512 px with the default buckets, --threads
+  loramill  loramill.prepare.resize.resize_dataset at 512 px with the default buckets, --threads
             worker processes, an empty per-image cache: draft decode, Lanczos, fast PNG
 
 and reports images/s of each and the speedup (target ≥ 8× on 2 cores). Then, on --small
@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from loramill.demo_data import EXIF_ORIENTATION, draw_picture
-from loramill.resize import resize_dataset
+from loramill.demo.images import EXIF_ORIENTATION, draw_picture
+from loramill.prepare.resize import resize_dataset
 
 TARGET = 8.0
 SETTINGS = {"resolution": 512}  # buckets on, kohya's defaults
@@ -81,8 +81,8 @@ def add_one(root: Path, count: int, threads: int) -> list[str]:
     lines: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("loramill.resize").addHandler(handler)
-    logging.getLogger("loramill.resize").setLevel(logging.INFO)
+    logging.getLogger("loramill.prepare.resize").addHandler(handler)
+    logging.getLogger("loramill.prepare.resize").setLevel(logging.INFO)
     run = dict(settings=SETTINGS, name="small", threads=threads, cache_dir=root / "cache-small")
     resize_dataset(images, root / "small-out", **run)
     generate(images, 1, (640, 480), start=count)

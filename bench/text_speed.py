@@ -33,9 +33,9 @@ BATCH, LR, SEQ = 8, 5e-4, 128
 
 
 def examples():
-    from loramill.demo_text import TASKS, UNITS, procedure_records
-    from loramill.text_data import parse_record, tokenize
-    from loramill.text_model import load_tokenizer
+    from loramill.demo.text import TASKS, UNITS, procedure_records
+    from loramill.text.language_model import load_tokenizer
+    from loramill.text.records import parse_record, tokenize
 
     tokenizer = load_tokenizer(str(TINY))
     records = [
@@ -48,7 +48,7 @@ def examples():
 def build(kind: str, device: str):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from loramill.text_model import load_causal_lm
+    from loramill.text.language_model import load_causal_lm
 
     if kind == "tiny":
         return load_causal_lm(str(TINY)).to(device)
@@ -68,7 +68,7 @@ def real_tokens(data, steps: int) -> float:
 
 
 def run_loramill(model, data, pad_id: int, steps: int, precision: str) -> float:
-    from loramill.text_train import TextTrainConfig, train_text_lora
+    from loramill.text.train import TextTrainConfig, train_text_lora
 
     cfg = TextTrainConfig.from_dict({
         "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGETS,

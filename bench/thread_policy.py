@@ -46,9 +46,9 @@ def child(steps: int, budget: float) -> dict[str, Any]:
     """A warm-up step, then up to ``steps`` timed ones or ``budget`` seconds, at least 2."""
     import torch
 
-    from loramill.model import load_pipeline
-    from loramill.network import NetworkSpec, add_lora
-    from loramill.train_config import TrainConfig
+    from loramill.models.base_model import load_pipeline
+    from loramill.models.network import NetworkSpec, add_lora
+    from loramill.train.config import TrainConfig
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""One-GPU training smoke run: loramill.train.train_lora on CUDA, SD1.5 architecture.
+"""One-GPU training smoke run: loramill.train.loop.train_lora on CUDA, SD1.5 architecture.
 
 For each mixed_precision (no, bf16, fp16) and batch size: seconds per step (the difference
 between a long and a short run over their step difference, so loading and latent encoding
@@ -29,7 +29,7 @@ def run(
     """(seconds, peak GiB, final checkpoint) of one training from scratch, warm latent cache."""
     import torch
 
-    from loramill.train import train_lora
+    from loramill.train.loop import train_lora
 
     out = args.workdir / "run"
     shutil.rmtree(out, ignore_errors=True)
@@ -64,7 +64,7 @@ def main() -> int:
     parser.add_argument("--long", type=int, default=24)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     args = parser.parse_args()
-    from loramill.job import quiet_libraries
+    from loramill.reruns.runner import quiet_libraries
 
     quiet_libraries()
     data = prepare_dataset(args.workdir, args.images, args.resolution)

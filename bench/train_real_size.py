@@ -1,7 +1,7 @@
 """Training at real size (issue #6): memory, step time and cache reuse on the SD1.5
 architecture (bench/build_sd15.py builds it with random weights).
 
-Every measurement runs loramill.train.train_lora (or the baseline loop) in a fresh
+Every measurement runs loramill.train.loop.train_lora (or the baseline loop) in a fresh
 subprocess, so its peak RSS (os.wait4's ru_maxrss) is its own:
 
   (a) memory  peak RSS at 512 px, batch 1, rank 4, 2 steps, with 8 and with 64 images, each
@@ -71,7 +71,8 @@ def proc_status_mib(field_name: str) -> float:
 def child_train(spec: dict[str, Any]) -> dict[str, Any]:
     """train_lora with timers around the encoders and Training.step (patched in this process
     only: the project's code runs unchanged)."""
-    from loramill import train, train_data
+    from loramill.train import data as train_data
+    from loramill.train import loop as train
 
     timings: dict[str, Any] = {"steps": [], "encode": {}}
 
@@ -123,8 +124,8 @@ class BaselineLoop:
         from diffusers.optimization import get_scheduler
 
         from loramill.files import read_jsonl
-        from loramill.model import load_pipeline
-        from loramill.network import NetworkSpec, add_lora
+        from loramill.models.base_model import load_pipeline
+        from loramill.models.network import NetworkSpec, add_lora
 
         pipe = load_pipeline(model)
         self.vae, self.text_encoder, self.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
@@ -146,7 +147,7 @@ class BaselineLoop:
         import torch
         import torch.nn.functional as F
 
-        from loramill.latents import read_pixels
+        from loramill.train.latents import read_pixels
 
         path, caption = self.examples[self.order[index % len(self.order)]]
         with torch.no_grad():
@@ -191,10 +192,12 @@ def child_baseline(spec: dict[str, Any]) -> dict[str, Any]:
 
 def child_hash(spec: dict[str, Any]) -> dict[str, Any]:
     """Hash the 4 GiB model once into the shared hash cache, so no measurement pays it."""
-    from loramill.model import base_model_hash
+    from loramill.hashing import DEFAULT_DB, HashCache
+    from loramill.model_files import base_model_fingerprint
 
     start = time.perf_counter()
-    return {"hash": base_model_hash(spec["model"]), "wall": time.perf_counter() - start}
+    fingerprint = base_model_fingerprint(spec["model"], HashCache(DEFAULT_DB))
+    return {"hash": fingerprint, "wall": time.perf_counter() - start}
 
 
 def child_main(spec: dict[str, Any]) -> None:
@@ -252,10 +255,10 @@ def run_child(spec: dict[str, Any], work: Path, label: str) -> Child:
 def prepare_dataset(work: Path, count: int, resolution: int) -> Path:
     """Generated images, resized, with captions: the project's prepare stages, as in
     tests/test_train.py."""
-    from loramill.demo_data import generate_dataset
+    from loramill.captions.merge import merge_captions
+    from loramill.demo.images import generate_dataset
     from loramill.files import write_jsonl
-    from loramill.merge import merge_captions
-    from loramill.resize import resize_dataset
+    from loramill.prepare.resize import resize_dataset
 
     root = work / f"data-{count}-{resolution}"
     if (root / "captions.jsonl").exists():

@@ -3,9 +3,9 @@
     python models/build_tiny_llama.py [OUT_DIR]
 
 A byte-level BPE tokenizer trained with the ``tokenizers`` library on the demo text world's
-full set of procedures (loramill.demo_text: every task × unit, so any demo record tokenizes
+full set of procedures (loramill.demo.text: every task × unit, so any demo record tokenizes
 into the same pieces) and transformers' LlamaForCausalLM with seeded random weights
-(loramill.tiny_llama: a small LlamaConfig, 4 heads, 2 layers). It knows nothing: what a text
+(loramill.demo.tiny_llama: a small LlamaConfig, 4 heads, 2 layers). It knows nothing: what a text
 adapter teaches it shows plainly in the evaluation. Deterministic: the same package versions
 write byte-identical files.
 """
@@ -15,8 +15,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from loramill.demo_text import TASKS, UNITS, procedure_records
-from loramill.tiny_llama import build_model, build_tokenizer
+from loramill.demo.text import TASKS, UNITS, procedure_records
+from loramill.demo.tiny_llama import build_model, build_tokenizer
 
 OUT = Path(__file__).resolve().parent / "tiny-llama"
 

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from loramill.demo_data import BACKGROUNDS, COLOURS
-from loramill.latents import to_pixels
-from loramill.tiny_models import TINY, sd_pipeline
+from loramill.demo.images import BACKGROUNDS, COLOURS
+from loramill.demo.tiny_models import TINY, sd_pipeline
+from loramill.train.latents import to_pixels
 
 RES = 64
 SUPERSAMPLE = 4  # draw at 4× and downscale: anti-aliased edges, as in real photos

@@ -12,16 +12,18 @@ from snakemake.utils import validate
 import snakemake
 import yaml
 
-from loramill import LoramillError, failures
-from loramill.snakemake_compat import check_snakemake_version
+from loramill import LoramillError
+
+from loramill.reruns import failures
+from loramill.reruns.snakemake_compat import check_snakemake_version
 
 try:
     check_snakemake_version(snakemake.__version__)
 except LoramillError as error:
     sys.exit(f"loramill: {error}")
 
-from loramill.buckets import BucketSpec
-from loramill.caption import captioner_class
+from loramill.prepare.buckets import BucketSpec
+from loramill.captions.autocaption import captioner_class
 from loramill.config import (
     check_replaced_keys,
     coerce_numbers,
@@ -30,17 +32,17 @@ from loramill.config import (
     grid_settings,
 )
 from loramill.devices import uses_gpu
-from loramill.fingerprints import CONDA_ENV_VAR
-from loramill.gates import done_marker, ensure_markers, stale_gate
-from loramill.grid_plan import check_grid
+from loramill.reruns.fingerprints import CONDA_ENV_VAR
+from loramill.reruns.gates import done_marker, ensure_markers, stale_gate
+from loramill.grid.plan import check_grid
 from loramill.hashing import DEFAULT_DB, HashCache, hash_file
-from loramill.model import job_mem_mb, resolve_base_model
-from loramill.stage_rules import rule_stage
-from loramill.stopping import pass_signals_to_jobs
-from loramill.verdicts import Planner
-from loramill.text_model import resolve_language_model, text_job_mem_mb
-from loramill.text_train import TextTrainConfig
-from loramill.train_config import TrainConfig
+from loramill.models.base_model import job_mem_mb, resolve_base_model
+from loramill.reruns.rule_jobs import rule_stage
+from loramill.train.stopping import pass_signals_to_jobs
+from loramill.reruns.staleness import Planner
+from loramill.text.language_model import resolve_language_model, text_job_mem_mb
+from loramill.text.train import TextTrainConfig
+from loramill.train.config import LAUNCH_OPTIONS, TrainConfig
 
 SCHEMA = str(Path(workflow.basedir) / "config" / "config.schema.yaml")
 ENV = "../envs/loramill.yaml"
@@ -56,6 +58,7 @@ def check_image_dataset(settings):
     BucketSpec.from_settings(settings["resize"])
     captioner_class(settings["caption"])
     train = TrainConfig.from_dict(settings["train"])
+    train.check_machines()
     if settings["device"] == "cpu":
         train.check_device("cpu")
     if train.init_from and not Path(train.init_from).is_file():
@@ -116,11 +119,11 @@ IMAGE_DATASETS = [
 TEXT_DATASETS = [ds for ds, settings in DATASETS.items() if settings["task"] == "text"]
 
 
-# ---- content-keyed reruns (src/loramill/verdicts.py, gates.py) ---------------------------
+# ---- content-keyed reruns (src/loramill/reruns/staleness.py, gates.py) ---------------------------
 # Rules read data inputs through keyed() (ancient: modification times never trigger a rerun),
 # list gate(stage) among their inputs and done() among their outputs. A stage's description is
 # its rule: the planner evaluates the rule's params and inputs for each dataset and
-# fingerprints them exactly as the job will (loramill.fingerprints). It runs from the first
+# fingerprints them exactly as the job will (loramill.reruns.fingerprints). It runs from the first
 # gate() input function, once per dataset, so Snakemake's DAG settings (-R …) are known and
 # --lint or a target of one dataset hashes nothing else. Only the main process decides:
 # cluster jobs re-parse this file.
@@ -208,7 +211,7 @@ def gate(stage, task="image"):
             return []
         # Every producer's marker, not only the stale ones': a fresh producer may run too
         # (an output to rebuild, a run Snakemake found incomplete), and then Snakemake would
-        # not look at this stage's gate until the next invocation (#4166).
+        # not look at this stage's gate until the next invocation (Snakemake issue #4166).
         return [gate_file()] + [done_marker(wildcards.ds, u) for u in verdict.upstream]
 
     return paths if CONTENT_KEYED else []
@@ -219,7 +222,7 @@ def done(stage):
     return touch(done_marker("{ds}", stage))
 
 
-# ---- interrupts and failures (src/loramill/stopping.py, failures.py) ----------------------
+# ---- interrupts and failures (src/loramill/train/stopping.py, failures.py) ----------------------
 # A signal to Snakemake reaches its running jobs too (Snakemake's local executor would wait
 # for them to end): a training saves its state at the next step and stops. With keep-going
 # the other datasets finish; the end of the run lists each failed job's one-line reason.
@@ -250,6 +253,14 @@ def setting(section, key=None):
         return chosen if key is None else chosen[key]
 
     return value
+
+
+def train_setting(wildcards):
+    """Params helper: the train section less where a multi-machine run meets
+    (LAUNCH_OPTIONS), which scripts/train.py reads from the config: a resubmission meeting on
+    other machines is the same training, so its fingerprint and resumable state stay."""
+    chosen = DATASETS[wildcards.ds]["train"]
+    return {k: v for k, v in chosen.items() if k not in LAUNCH_OPTIONS}
 
 
 def gpus(wildcards):
@@ -296,7 +307,7 @@ def caption_edits(wildcards):
 
 def caption_model(wildcards):
     """The model the dataset's captioner loads, as a param: its content is part of the
-    caption stage's fingerprint (loramill.fingerprints), so a folder replaced in place
+    caption stage's fingerprint (loramill.reruns.fingerprints), so a folder replaced in place
     recaptions."""
     settings = DATASETS[wildcards.ds]["caption"]
     keys = [k for k in captioner_class(settings).options if k.endswith("model")]

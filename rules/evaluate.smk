@@ -3,7 +3,9 @@
 
 rule grid:
     input:
-        checkpoints=keyed("results/{ds}/checkpoints"),
+        # the export's kohya file of every checkpoint (<ds>-NNNNNN.safetensors, the last one
+        # also exports/<ds>.safetensors): the grid shows what users load, and follows the export
+        adapters=keyed("exports/{ds}-steps"),
         # the training captions, only for a grid that sets no prompts
         captions=keyed(grid_captions),
         gate=gate("grid"),

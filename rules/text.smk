@@ -18,7 +18,7 @@ rule text_prepare:
         ENV
     params:
         text=text_setting("prepare"),
-        # its tokenizer: the base model is fingerprinted by content (loramill.text_model)
+        # its tokenizer: the base model is fingerprinted by content (loramill.text.language_model)
         language_model=setting("base_model"),
         allow_unsafe_weights=config["allow_unsafe_weights"],
     script:
@@ -62,7 +62,7 @@ rule text_export:
         checkpoints=keyed("results/{ds}/adapters"),
         gate=gate("text_export", task="text"),
     output:
-        # adapter folder, provenance, model card, <ds>.gguf, merged/ (loramill.text_export)
+        # adapter folder, provenance, model card, <ds>.gguf, merged/ (loramill.text.export)
         adapter=directory("exports/{ds}"),
         done=done("text_export"),
     log:

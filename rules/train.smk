@@ -35,7 +35,7 @@ rule train:
         # the stage's fingerprint
         base_model=setting("base_model"),
         allow_unsafe_weights=config["allow_unsafe_weights"],
-        train=setting("train"),
+        train=train_setting,
         trigger=setting("trigger"),
         device=config["device"],
     script:
@@ -50,7 +50,7 @@ rule export:
         kohya="exports/{ds}.safetensors",
         diffusers="exports/{ds}.diffusers.safetensors",
         card="exports/{ds}.md",
-        # the card as a web page, written beside the .md (loramill.model_card): the report
+        # the card as a web page, written beside the .md (loramill.export.model_card): the report
         # opens HTML in place, a Markdown result only as a download link
         card_html=report(
             "exports/{ds}.html",
@@ -74,6 +74,6 @@ rule export:
         # what the exports are checked against: the base model and the network trained on it
         base_model=setting("base_model"),
         allow_unsafe_weights=config["allow_unsafe_weights"],
-        train=setting("train"),
+        train=train_setting,
     script:
         "../scripts/export.py"

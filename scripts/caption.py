@@ -1,6 +1,6 @@
-from loramill.caption import caption_dataset
+from loramill.captions.autocaption import caption_dataset
 from loramill.hashing import DEFAULT_DB, HashCache
-from loramill.job import run
+from loramill.reruns.runner import run
 
 run(
     snakemake,

@@ -1,5 +1,5 @@
-from loramill.export_verify import export_and_verify
-from loramill.job import run
+from loramill.export.verify import export_and_verify
+from loramill.reruns.runner import run
 
 run(
     snakemake,

@@ -1,12 +1,14 @@
-from loramill.grid import render_grid, with_caption_prompts
-from loramill.job import run
-from loramill.lora import list_checkpoints
+from pathlib import Path
+
+from loramill.grid.build import render_grid, with_caption_prompts
+from loramill.reruns.runner import run
 
 run(
     snakemake,
     lambda: render_grid(
         base_model=snakemake.params.base_model,
-        checkpoints=list_checkpoints(snakemake.input.checkpoints),
+        # the export's kohya file of every step: what users load, as they load it
+        adapters=sorted(Path(snakemake.input.adapters).glob("*.safetensors")),
         settings=with_caption_prompts(
             snakemake.params.grid, snakemake.input.captions, snakemake.wildcards.ds
         ),

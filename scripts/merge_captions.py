@@ -1,5 +1,5 @@
-from loramill.job import run
-from loramill.merge import merge_captions
+from loramill.captions.merge import merge_captions
+from loramill.reruns.runner import run
 
 run(
     snakemake,

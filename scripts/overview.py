@@ -1,5 +1,5 @@
-from loramill.job import run
 from loramill.report_pages import write_overview
+from loramill.reruns.runner import run
 
 run(
     snakemake,

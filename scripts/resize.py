@@ -1,6 +1,6 @@
 from loramill.hashing import DEFAULT_DB, HashCache, hash_value
-from loramill.job import run
-from loramill.resize import resize_dataset
+from loramill.prepare.resize import resize_dataset
+from loramill.reruns.runner import run
 
 run(
     snakemake,

@@ -1,5 +1,5 @@
-from loramill.job import run
-from loramill.text_eval import evaluate_text
+from loramill.reruns.runner import run
+from loramill.text.evaluate import evaluate_text
 
 run(
     snakemake,

@@ -1,5 +1,5 @@
-from loramill.job import run
-from loramill.text_export import export_text
+from loramill.reruns.runner import run
+from loramill.text.export import export_text
 
 run(
     snakemake,

@@ -1,5 +1,5 @@
-from loramill.job import run
-from loramill.text_prepare import prepare_text
+from loramill.reruns.runner import run
+from loramill.text.prepare import prepare_text
 
 run(
     snakemake,

@@ -1,6 +1,6 @@
-from loramill.fingerprints import stage_provenance
-from loramill.job import run
-from loramill.text_train import text_state_dir, train_text
+from loramill.reruns.fingerprints import stage_provenance
+from loramill.reruns.runner import run
+from loramill.text.train import text_state_dir, train_text
 
 run(
     snakemake,

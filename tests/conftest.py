@@ -33,7 +33,7 @@ def _build_random_sd() -> Path:
     """SD1.x layout at the smallest widths, random weights, built once per session (~1 s):
     several times faster to train and sample than the embedded model, and enough wherever
     what the model has learned does not matter."""
-    from loramill.tiny_models import build_random_sd
+    from loramill.demo.tiny_models import build_random_sd
 
     root = Path(tempfile.mkdtemp(prefix="loramill-tests-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
@@ -71,9 +71,9 @@ def make_random_checkpoint(path: Path, rank: int = 4, alpha: float = 2.0, seed: 
     """A checkpoint whose LoRA weights are random (non-zero B), so strength visibly matters."""
     import torch
 
-    from loramill.lora import save_checkpoint
-    from loramill.model import load_pipeline
-    from loramill.network import NetworkSpec, add_lora
+    from loramill.models.base_model import load_pipeline
+    from loramill.models.checkpoint import save_checkpoint
+    from loramill.models.network import NetworkSpec, add_lora
 
     pipe = load_pipeline(str(TINY_SD))
     torch.manual_seed(seed)
@@ -176,10 +176,10 @@ TRAIN_CONFIG = {
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Five captioned stripe images resized into two buckets."""
-    from loramill.demo_data import generate_dataset
+    from loramill.captions.merge import merge_captions
+    from loramill.demo.images import generate_dataset
     from loramill.files import write_jsonl
-    from loramill.merge import merge_captions
-    from loramill.resize import resize_dataset
+    from loramill.prepare.resize import resize_dataset
 
     root = tmp_path_factory.mktemp("train")
     generate_dataset(root / "ds", "stripes", 5)
@@ -198,7 +198,7 @@ def prepared(tmp_path_factory):
 
 def train(prepared, out, tiny_sd, call=None, **overrides):
     """Train with TRAIN_CONFIG plus ``overrides``; ``call`` holds further train_lora arguments."""
-    from loramill.train import train_lora
+    from loramill.train.loop import train_lora
 
     return train_lora(
         prepared / "resized",
@@ -223,7 +223,7 @@ def train_logged(prepared, out, tiny_sd, caplog, config=None, **kwargs):
 def crash_and_resume(prepared, tmp_path, tiny_sd, caplog, monkeypatch, config):
     """Train ``config`` with a state folder, killed in its fifth step; then run it again.
     Returns what the resumed run wrote and logged."""
-    from loramill.train import Training
+    from loramill.train.step import Training
 
     step, calls = Training.step, []
 

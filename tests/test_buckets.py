@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from loramill import LoramillError
-from loramill.buckets import (
+from loramill.prepare.buckets import (
     BucketSpec,
     batches,
     batches_per_epoch,

@@ -11,21 +11,21 @@ import pytest
 from PIL import Image
 
 from loramill import LoramillError
-from loramill.caption import (
+from loramill.captions.autocaption import (
     CAPTIONERS,
     CaptionContext,
     TemplateCaptioner,
     caption_dataset,
     make_captioner,
 )
-from loramill.files import read_jsonl
-from loramill.hashing import hash_file
-from loramill.tiny_models import (
+from loramill.demo.tiny_models import (
     build_tiny_blip,
     build_tiny_clip,
     build_tiny_vlm,
     build_tiny_wd14,
 )
+from loramill.files import read_jsonl
+from loramill.hashing import hash_file
 
 IMAGES = {  # file -> colour; listed out of order on purpose
     "red_circle-02.png": (200, 30, 30),
@@ -421,8 +421,8 @@ def test_clip_option_errors(tiny_clip, options, message):
 
 
 def test_clip_default_vocabulary_is_in_the_cache_key(tiny_clip):
-    from loramill.caption_taggers import ClipCaptioner
-    from loramill.clip_vocabulary import DEFAULT_VOCABULARY
+    from loramill.captions.clip_vocabulary import DEFAULT_VOCABULARY
+    from loramill.captions.taggers import ClipCaptioner
 
     options = ClipCaptioner.output_options({"clip_model": tiny_clip})
     assert options["vocabulary"] == DEFAULT_VOCABULARY

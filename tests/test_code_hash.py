@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from loramill.code_hash import CodeFingerprint, code_fingerprint, normalized_source_hash
+from loramill.reruns import runner
+from loramill.reruns.code import CodeFingerprint, code_fingerprint
 
 SKIP = frozenset({"fakepkg.job"})
 PACKAGE = {
@@ -115,7 +116,7 @@ def edited(name: str, old: str, new: str) -> dict[str, str]:
 
 def test_reaches_the_definitions_used_and_their_packages(tmp_path):
     result = fingerprint(tmp_path)
-    assert list(result.parts) == [
+    assert list(result.placed) == [
         "fakepkg.consts:LIMIT",  # not heavy(): imported for a constant only
         "fakepkg.core:compute",
         "fakepkg.core:deferred",  # not never_called()
@@ -127,7 +128,7 @@ def test_reaches_the_definitions_used_and_their_packages(tmp_path):
     ]
     # numpy is imported by util, but only unused() uses it; json is stdlib.
     assert result.packages == ("pillow",)
-    assert all(len(digest) == 64 for digest in result.parts.values())
+    assert all(len(digest) == 64 for digest in result.placed.values())
 
 
 UNCHANGED = {
@@ -163,8 +164,8 @@ CHANGED = {
 
 @pytest.mark.parametrize(("edit", "part"), CHANGED.values(), ids=CHANGED.keys())
 def test_an_edit_to_what_runs_changes_its_part_only(tmp_path, edit, part):
-    before = fingerprint(tmp_path / "a").parts
-    after = fingerprint(tmp_path / "b", **edited(*edit)).parts
+    before = fingerprint(tmp_path / "a").placed
+    after = fingerprint(tmp_path / "b", **edited(*edit)).placed
     assert before.keys() == after.keys()
     changed = [key for key in before if before[key] != after[key]]
     assert len(changed) == 1 and part in changed[0], changed
@@ -180,8 +181,18 @@ def test_an_edit_to_what_runs_changes_its_part_only(tmp_path, edit, part):
     ids=["from module import", "from package import module", "import dotted"],
 )
 def test_a_skipped_module_is_not_followed(tmp_path, script):
-    assert "fakepkg.job:run" in fingerprint(tmp_path / "a", script, skip=frozenset()).parts
-    assert list(fingerprint(tmp_path / "b", script).parts) == ["scripts/stage.py"]
+    assert "fakepkg.job:run" in fingerprint(tmp_path / "a", script, skip=frozenset()).placed
+    assert list(fingerprint(tmp_path / "b", script).placed) == ["scripts/stage.py"]
+
+
+def test_a_module_that_says_it_is_not_fingerprinted_is_not_followed_wherever_it_lives(tmp_path):
+    job = textwrap.dedent(PACKAGE["job.py"]) + "\n\n__fingerprinted__ = False\n"
+    result = fingerprint(tmp_path / "a", skip=frozenset(), **{"job.py": job})
+    assert not [place for place in result.placed if place.startswith("fakepkg.job")]
+    moved = SCRIPT.replace("fakepkg.job", "fakepkg.runner")
+    elsewhere = fingerprint(tmp_path / "b", moved, skip=frozenset(), **{"runner.py": job})
+    assert elsewhere == result
+    assert "fakepkg.job:run" in fingerprint(tmp_path / "c", skip=frozenset()).placed
 
 
 UNRESOLVABLE = {
@@ -195,10 +206,10 @@ UNRESOLVABLE = {
         {"dyn.py": "def call():\n    return globals()['other']()\n\n\nother = print\n"},
         "fakepkg.dyn:*",
     ),
-    "star import": (
+    "star import": (  # what the star brings in: all of its source
         "from fakepkg.star import thing\nthing()\n",
         {"star.py": "from fakepkg.util import *\n\n\ndef thing():\n    return helper(1)\n"},
-        "fakepkg.star:*",
+        "fakepkg.util:*",
     ),
     "module used as a value": ("from fakepkg import util\nprint(util)\n", {}, "fakepkg.util:*"),
 }
@@ -207,19 +218,19 @@ UNRESOLVABLE = {
 @pytest.mark.parametrize(("script", "files", "part"), UNRESOLVABLE.values(), ids=UNRESOLVABLE)
 def test_an_unresolvable_name_counts_the_whole_module(tmp_path, script, files, part):
     result = fingerprint(tmp_path / "a", script, **files)
-    assert part in result.parts
+    assert part in result.placed
     # Its definitions are inside that part, not listed again.
-    assert [key for key in result.parts if key.startswith(part.replace("*", ""))] == [part]
+    assert [key for key in result.placed if key.startswith(part.replace("*", ""))] == [part]
     module = part.split(".")[1].split(":")[0] + ".py"
     source = textwrap.dedent({**PACKAGE, **files}[module])
-    changed = fingerprint(tmp_path / "b", script, **{module: source + "\n\nANOTHER = 1\n"})
-    assert changed.parts[part] != result.parts[part]
+    changed = fingerprint(tmp_path / "b", script, **{**files, module: source + "\n\nANOTHER = 1\n"})
+    assert changed.placed[part] != result.placed[part]
 
 
 def test_a_star_import_reaches_its_source_whole(tmp_path):
     script, files, _ = UNRESOLVABLE["star import"]
     result = fingerprint(tmp_path, script, **files)
-    assert {"fakepkg.star:*", "fakepkg.util:*"} <= result.parts.keys()
+    assert {"fakepkg.star:thing", "fakepkg.util:*"} <= result.placed.keys()
     assert "numpy" in result.packages  # util's imports count once all of util does
 
 
@@ -236,7 +247,7 @@ def test_a_star_import_reaches_its_source_whole(tmp_path):
 def test_module_attributes_and_relative_imports_resolve_to_definitions(tmp_path, script):
     rel = "from . import util\nfrom .util import helper\n\n\ndef twice(x):\n"
     rel += "    return helper(x) + util.helper(x)\n"
-    parts = fingerprint(tmp_path, script, **{"rel.py": rel}).parts
+    parts = fingerprint(tmp_path, script, **{"rel.py": rel}).placed
     assert {"fakepkg.util:helper", "fakepkg.util:SCALE"} <= parts.keys()
     assert not [key for key in parts if key in ("fakepkg.util:unused", "fakepkg.util:*")]
 
@@ -274,9 +285,9 @@ REGISTRY = """
 )
 def test_what_registers_itself_at_import_counts(tmp_path, old, new, part):
     script = "from fakepkg.reg import lookup\nlookup('Plain')\n"
-    before = fingerprint(tmp_path / "a", script, **{"reg.py": REGISTRY}).parts
+    before = fingerprint(tmp_path / "a", script, **{"reg.py": REGISTRY}).placed
     changed = textwrap.dedent(REGISTRY).replace(old, new)
-    after = fingerprint(tmp_path / "b", script, **{"reg.py": changed}).parts
+    after = fingerprint(tmp_path / "b", script, **{"reg.py": changed}).placed
     assert f"fakepkg.reg:{part}" in before
     assert [key for key in before if before[key] != after[key]] == [f"fakepkg.reg:{part}"]
 
@@ -284,7 +295,7 @@ def test_what_registers_itself_at_import_counts(tmp_path, old, new, part):
 def test_a_tuple_target_binds_each_name(tmp_path):
     script = "from fakepkg.pair import HIGH\nprint(HIGH)\n"
     result = fingerprint(tmp_path, script, **{"pair.py": "LOW, (MID, *HIGH) = 1, (5, 9)\n"})
-    assert list(result.parts) == ["fakepkg.pair:HIGH", "scripts/stage.py"]
+    assert list(result.placed) == ["fakepkg.pair:HIGH", "scripts/stage.py"]
 
 
 OPTIONAL = """
@@ -304,7 +315,7 @@ def test_definitions_inside_top_level_blocks_are_found(tmp_path):
     script = "from fakepkg.optional import choose\nchoose()\n"
     result = fingerprint(tmp_path, script, **{"optional.py": OPTIONAL})
     expected = ["fakepkg.optional:choose", "fakepkg.optional:np", "scripts/stage.py"]
-    assert list(result.parts) == expected
+    assert list(result.placed) == expected
     assert result.packages == ("numpy",)
 
 
@@ -312,8 +323,8 @@ def test_postponed_annotations_reach_nothing(tmp_path):
     typed = "from __future__ import annotations\n\nfrom fakepkg.late import late_value\n\n\n"
     typed += "def f(x: late_value) -> late_value:\n    return x\n"
     parts = fingerprint(tmp_path, "from fakepkg.typed import f\nf(1)\n", **{"typed.py": typed})
-    assert "fakepkg.typed:f" in parts.parts
-    assert "fakepkg.late:late_value" not in parts.parts
+    assert "fakepkg.typed:f" in parts.placed
+    assert "fakepkg.late:late_value" not in parts.placed
 
 
 def test_packages_are_distributions_and_skip_stdlib(tmp_path):
@@ -336,23 +347,16 @@ def test_an_edit_in_place_is_seen_despite_the_parse_cache(tmp_path):
     util = package / "util.py"
     util.write_text(util.read_text().replace("x * SCALE", "x * SCALE * 2"))
     after = code_fingerprint(entry, SKIP, package_dir=package)
-    assert after.parts["fakepkg.util:helper"] != before.parts["fakepkg.util:helper"]
-
-
-def test_normalized_source_hash_ignores_comments_docstrings_and_layout():
-    source = 'def f(a, b):\n    """Add."""\n    return a + b  # sum\n'
-    same = "def f(a,b):\n    # adds\n    return (a\n            + b)\n"
-    assert normalized_source_hash(source) == normalized_source_hash(same)
-    assert normalized_source_hash(source) != normalized_source_hash(same.replace("+", "-"))
+    assert after.placed["fakepkg.util:helper"] != before.placed["fakepkg.util:helper"]
 
 
 def test_real_scripts_reach_their_libraries():
     resize = code_fingerprint(REPO / "scripts" / "resize.py")
     assert "pillow" in resize.packages
-    assert "loramill.resize:resize_dataset" in resize.parts
+    assert "loramill.prepare.resize:resize_dataset" in resize.placed
     train = code_fingerprint(REPO / "scripts" / "train.py")
     assert {"torch", "diffusers", "peft", "accelerate", "safetensors"} <= set(train.packages)
-    assert {"scripts/train.py", "loramill.train:train_lora"} <= train.parts.keys()
-    assert not [key for key in {**resize.parts, **train.parts} if key.startswith("loramill.job")]
-    assert list(train.parts) == sorted(train.parts)
+    assert {"scripts/train.py", "loramill.train.loop:train_lora"} <= train.placed.keys()
+    assert not [place for place in {**resize.placed, **train.placed} if runner.__name__ in place]
+    assert list(train.placed) == sorted(train.placed)
     assert list(train.packages) == sorted(train.packages)

@@ -21,15 +21,16 @@ def runnable_modules() -> tuple[set[str], set[str]]:
     """Modules of the package with a top-level ``main``, and those with a ``__main__`` block
     (read from the source, so a module added tomorrow is found)."""
     with_main, runnable = set(), set()
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         if path.name == "__main__.py":
             continue
+        module = ".".join(path.relative_to(PACKAGE).with_suffix("").parts)
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in tree.body:
             if isinstance(node, ast.FunctionDef) and node.name == "main":
-                with_main.add(path.stem)
+                with_main.add(module)
             if isinstance(node, ast.If) and "__main__" in ast.dump(node.test):
-                runnable.add(path.stem)
+                runnable.add(module)
     return with_main, runnable
 
 
@@ -64,6 +65,24 @@ def test_each_listed_command_answers_help(module):
     result = run(sys.executable, "-m", f"loramill.{module}", "--help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:")
+
+
+def documented_modules() -> set[str]:
+    """Every ``python -m loramill…`` module the Makefile, README and docs tell people to run."""
+    texts = [ROOT / "Makefile", ROOT / "README.md", *(ROOT / "docs").rglob("*.md")]
+    found = set()
+    for path in texts:
+        found.update(re.findall(r"python -m (loramill[\w.]*)", path.read_text(encoding="utf-8")))
+    return {module.rstrip(".") for module in found}
+
+
+def test_every_documented_entry_point_runs():
+    documented = documented_modules()
+    assert {"loramill.publish", "loramill.reruns.run_cache"} <= documented, "the scan is broken"
+    for module in sorted(documented):
+        result = run(sys.executable, "-m", module, "--help")
+        assert result.returncode == 0, f"python -m {module} --help: {result.stderr[-500:]}"
+        assert result.stdout.startswith(("usage:", "loramill:")), module
 
 
 def test_make_help_describes_every_phony_target():

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramill.compvis_names import LdmLayout, a1111_name, unet_pairs
-from loramill.kohya_names import kohya_module
-from loramill.tiny_models import CLIP_TEXT, SD15
+from loramill.demo.tiny_models import CLIP_TEXT, SD15
+from loramill.export.ldm_names import LdmLayout, a1111_name, unet_pairs
+from loramill.models.kohya_names import kohya_module
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_the_layout_is_the_one_diffusers_converts_from(sd15):
 
 @pytest.mark.parametrize("target", ["attention", "kohya", "kohya_conv"])
 def test_every_module_of_every_network_maps_in_both_tools(sd15, target):
-    from loramill.network import network_modules
+    from loramill.models.network import network_modules
 
     unet, text_encoder = sd15
     names = [kohya_module("unet", m) for m in network_modules(unet, "unet", target)]

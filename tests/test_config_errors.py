@@ -12,9 +12,9 @@ from snakemake.utils import validate
 
 from loramill import LoramillError
 from loramill.config import check_yaml_syntax, coerce_numbers, dataset_config, describe
-from loramill.demo_data import generate_dataset
-from loramill.demo_text import procedure_records, write_jsonl
-from loramill.fingerprints import fingerprint
+from loramill.demo.images import generate_dataset
+from loramill.demo.text import procedure_records, write_jsonl
+from loramill.reruns.fingerprints import fingerprint
 
 TEXT = "station_procedures"
 
@@ -105,6 +105,15 @@ def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
         (
             {"train": {"init_from": "exports/none.safetensors"}},
             "config: datasets.wide_bands.train.init_from: exports/none.safetensors is not a",
+        ),
+        (
+            {"train": {"num_machines": 2}},
+            "config: datasets.wide_bands.train.rdzv_endpoint: num_machines: 2 needs HOST:PORT",
+        ),
+        (
+            {"train": {"rdzv_endpoint": "node001:29500"}},
+            "config: datasets.wide_bands.train.rdzv_endpoint: node001:29500 has no effect with "
+            "train.num_machines: 1",
         ),
         ({"device": "gpu"}, "config: device: 'gpu' is not one of ['auto', 'cpu', 'cuda']"),
         (
@@ -307,3 +316,35 @@ def test_strings_that_are_not_such_numbers_are_still_refused(train, expected):
     with pytest.raises(Exception) as raised:
         loaded(yaml.safe_dump({"datasets": {"a": {}}, "train": train}))
     assert describe(raised.value).startswith(expected)
+
+
+def test_option_classes_take_the_schema_defaults():
+    # The schema states every default once; the classes that hold a section read theirs from
+    # it, and the ones that keep their own must agree with it.
+    from dataclasses import asdict, fields
+
+    from loramill.captions.merge_rules import Rules
+    from loramill.prepare.buckets import BucketSpec
+    from loramill.prepare.resize import Settings
+    from loramill.text.train import TextTrainConfig
+    from loramill.train.config import TrainConfig
+
+    schema = yaml.safe_load(SCHEMA.read_text())
+
+    def stated(options):
+        listed = {k: o["default"] for k, o in options["properties"].items() if "default" in o}
+        return {k: tuple(v) if isinstance(v, list) else v for k, v in listed.items()}
+
+    text = schema["$defs"]["text"]["properties"]["train"]
+    for section, cls in (("train", TrainConfig), (text, TextTrainConfig), ("resize", BucketSpec)):
+        want = stated(schema["$defs"][section] if isinstance(section, str) else section)
+        assert asdict(cls()) == {f.name: want[f.name] for f in fields(cls)}
+    assert TrainConfig().max_train_steps == 1000 and TrainConfig().save_steps == 250
+    resize, merge = stated(schema["$defs"]["resize"]), stated(schema["$defs"]["merge"])
+    assert (Settings.background, Settings.min_side) == (resize["background"], resize["min_side"])
+    rules = Rules()
+    assert (rules.dedupe_tags, rules.underscores_to_spaces) == (
+        merge["dedupe_tags"],
+        merge["underscores_to_spaces"],
+    )
+    assert Rules.from_config({}, []) == rules

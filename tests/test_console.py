@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from loramill import run_cache
-from loramill.fingerprints import Job, components, fingerprint
 from loramill.hashing import HashCache
-from loramill.job import FORMAT
-from loramill.locks import write_lock
-from loramill.train_log import Progress
-from loramill.verdicts import Planner, Stage, digests
+from loramill.reruns import run_cache
+from loramill.reruns.fingerprints import Job, components, fingerprint
+from loramill.reruns.locks import write_lock
+from loramill.reruns.runner import FORMAT
+from loramill.reruns.staleness import Planner, Stage, digests
+from loramill.train.progress import Progress
 
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO loramill\.train_log: train: ")
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d [\d:,]+ INFO loramill\.train\.progress: train: ")
 
 
 class Terminal(io.StringIO):
@@ -54,7 +54,7 @@ def screen(text: str) -> list[str]:
 
 def run_progress(monkeypatch, stream: io.StringIO, total: int = 40) -> list[str]:
     """A training's progress (no training: Progress is fed losses) with the job's console
-    logging (loramill.job.setup_logging) writing to ``stream``; the rows it shows."""
+    logging (loramill.reruns.runner.setup_logging) writing to ``stream``; the rows it shows."""
     monkeypatch.setattr(sys, "stderr", stream)
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter(FORMAT))
@@ -109,8 +109,8 @@ def stage() -> Stage:
 
 
 def build(ds: str, hashes: HashCache) -> bytes:
-    """What a train job leaves (loramill.job.run_keyed): its output, the run-cache entry and
-    the lock."""
+    """What a train job leaves (loramill.reruns.runner.run_keyed): its output, the run-cache
+    entry and the lock."""
     present = lambda name, path: hashes.digest(path)  # noqa: E731  (the job hashes what it got)
     parts = components(stage().job(ds), present, hashes)
     outputs = stage().outputs(ds)

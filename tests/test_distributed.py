@@ -1,14 +1,26 @@
-"""Data-parallel training of one dataset (issue #16): two gloo processes of batch 1 on the CPU
-train as one process of batch 2 does, only rank 0 writes, and a stopped run resumes exactly."""
+"""Data-parallel training of one dataset: two gloo processes of batch 1 on the CPU train as one
+process of batch 2 does, only rank 0 writes, and a stopped run resumes exactly; the workers are
+torchrun's (its variables, its rendezvous across machines, its signal handling)."""
 
 from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
 from conftest import train
 from safetensors.torch import load_file
 
-from loramill.distributed import share
+from loramill import LoramillError
+from loramill.train.config import TrainConfig
+from loramill.train.distributed import launch, share
 
 FAST = {"max_train_steps": 4, "save_steps": 2, "threads": 1}
 
@@ -59,9 +71,60 @@ def test_a_stopped_two_process_run_resumes_exactly(prepared, tmp_path, tiny_sd):
 
 
 def test_a_workers_error_is_the_jobs_one_line_error(prepared, tmp_path, tiny_sd):
-    from loramill import LoramillError
-
     with pytest.raises(LoramillError, match=r"^train\.optimizer_type: AdamW8bit .* needs a CUDA"):
         train(prepared, tmp_path / "x", tiny_sd, train_batch_size=1, num_processes=2,
               optimizer_type="AdamW8bit", call={"device": "cpu"}, **FAST)  # fmt: skip
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_the_workers_are_torchruns_and_the_job_gets_its_signals_back():
+    # os.getenv as the trained function: what rank 0 sees, without a model to load
+    two = TrainConfig(num_processes=2, threads=1)
+    before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    assert launch(os.getenv, {"key": "TORCHELASTIC_RUN_ID"}, two)  # what accelerate & co. read
+    assert launch(os.getenv, {"key": "LOCAL_WORLD_SIZE"}, two) == "2"
+    # the agent's handlers are gone: a Ctrl-C after the training reaches the job as before
+    assert {number: signal.getsignal(number) for number in before} == before
+    assert "TORCHELASTIC_SIGNALS_TO_HANDLE" not in os.environ
+
+
+def test_two_machines_meet_at_the_rendezvous_endpoint():
+    """Two train jobs of num_machines: 2, here on one host: one group of two processes, and
+    only the job with rank 0 has its result."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = f"num_machines=2, rdzv_endpoint='127.0.0.1:{port}', threads=1"
+    code = (
+        "import json, os; from loramill.train.config import TrainConfig; "
+        "from loramill.train.distributed import launch; "
+        f"print(json.dumps(launch(os.getenv, {{'key': 'WORLD_SIZE'}}, TrainConfig({cfg}))))"
+    )
+    jobs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+            for _ in range(2)]  # fmt: skip
+    results = [json.loads(job.communicate(timeout=120)[0].splitlines()[-1]) for job in jobs]
+    assert sorted(results, key=str) == ["2", []]
+
+
+def test_a_signal_to_the_job_stops_every_worker_at_a_step_boundary(prepared, tmp_path, tiny_sd):
+    """SIGTERM to the job (what Slurm sends) while two workers train: torchrun's agent passes
+    it on, rank 0 saves the state at the step they agree on, and its word is the job's."""
+    state = tmp_path / "state"
+    saved = state / "state" / "step-000002.pt"
+
+    def terminate_once_saved() -> None:
+        deadline = time.monotonic() + 300
+        while not saved.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if saved.exists():  # else the training runs to its end, and the test fails
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_once_saved, daemon=True).start()
+    config = {**FAST, "max_train_steps": 1000, "train_batch_size": 1, "num_processes": 2}
+    with pytest.raises(LoramillError) as stopped:
+        train(prepared, tmp_path / "a", tiny_sd, call={"state_dir": state}, **config)
+    step = int(str(stopped.value).split("state saved at step ")[1].split(";")[0])
+    assert str(stopped.value) == (
+        f"interrupted (SIGTERM): state saved at step {step}; rerun the same command to resume"
+    )
+    assert (state / "state" / f"step-{step:06d}.pt").exists()

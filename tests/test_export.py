@@ -15,10 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
 from loramill import LoramillError
-from loramill.export import data_hash, export_adapter, to_kohya
-from loramill.lora import ADAPTER_METADATA_KEY, Checkpoint, read_checkpoint
-from loramill.model import load_pipeline
-from loramill.network import NetworkSpec, add_lora
+from loramill.export.write import data_hash, export_adapter, to_kohya
+from loramill.models.base_model import load_pipeline
+from loramill.models.checkpoint import ADAPTER_METADATA_KEY, Checkpoint, read_checkpoint
+from loramill.models.network import NetworkSpec, add_lora
 
 KOHYA_KEY = re.compile(r"^lora_(unet|te)_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
 # The tiny model: 4 transformer blocks (1 down, 1 mid, 2 up) x 2 attentions x 4 projections
@@ -153,7 +153,7 @@ def test_real_sd15_architecture_names():
     from peft.utils import get_peft_model_state_dict
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from loramill.tiny_models import CLIP_TEXT, SD15
+    from loramill.demo.tiny_models import CLIP_TEXT, SD15
 
     with init_empty_weights():
         unet = UNet2DConditionModel(**SD15["unet"])
@@ -404,7 +404,7 @@ def test_the_base_version_trained_on_labels_the_export(tmp_path, base_version, l
 def test_base_version_comes_from_the_model_config(tiny_sd):
     from types import SimpleNamespace
 
-    from loramill.model import base_version
+    from loramill.models.base_model import base_version
 
     assert base_version(load_pipeline(tiny_sd)) == "sd_v1"
 
@@ -420,7 +420,7 @@ def test_base_version_comes_from_the_model_config(tiny_sd):
 
 
 def test_training_fields_in_kohya_metadata():
-    from loramill.export import kohya_metadata
+    from loramill.export.write import kohya_metadata
 
     train_config = {
         "network_target": "kohya_conv", "rank": 8, "alpha": 4, "conv_rank": None,

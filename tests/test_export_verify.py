@@ -11,11 +11,11 @@ from conftest import SAMPLE_PROVENANCE, TINY_SD, make_random_checkpoint
 from safetensors.torch import load_file, save_file
 
 from loramill import LoramillError
-from loramill.client_rules import check_lands
-from loramill.export import export_adapter
-from loramill.export_verify import Clients, file_modules, verify_exports
-from loramill.lora import ADAPTER_METADATA_KEY, read_checkpoint, save_checkpoint
-from loramill.network import NetworkSpec, add_lora
+from loramill.export.client_rules import check_lands
+from loramill.export.verify import Clients, file_modules, verify_exports
+from loramill.export.write import export_adapter
+from loramill.models.checkpoint import ADAPTER_METADATA_KEY, read_checkpoint, save_checkpoint
+from loramill.models.network import NetworkSpec, add_lora
 
 
 def old_layout_diffusers_file(checkpoint, path):
@@ -50,7 +50,7 @@ def test_full_size_sd15_exports_load_completely_at_the_trained_scale_everywhere(
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from loramill.tiny_models import CLIP_TEXT, SD15
+    from loramill.demo.tiny_models import CLIP_TEXT, SD15
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15["unet"])
@@ -93,7 +93,7 @@ def tiny_export(tmp_path_factory):
 
 
 def base_models():
-    from loramill.model import load_pipeline
+    from loramill.models.base_model import load_pipeline
 
     pipe = load_pipeline(str(TINY_SD))
     return pipe.unet, pipe.text_encoder
@@ -147,7 +147,7 @@ def sd15_clients():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from loramill.tiny_models import CLIP_TEXT, SD15
+    from loramill.demo.tiny_models import CLIP_TEXT, SD15
 
     with init_empty_weights():
         unet = UNet2DConditionModel(**SD15["unet"])
@@ -209,7 +209,7 @@ def test_each_client_lands_a_module_at_the_trained_scale_or_is_refused(
 
 
 def test_model_card_reads_the_exports_metadata(tiny_export, tmp_path):
-    from loramill.model_card import write_model_card
+    from loramill.export.model_card import write_model_card
 
     card_path = tmp_path / "exports" / "tiny.md"
     kohya = next(iter(tiny_export))
@@ -236,7 +236,7 @@ def test_locon_exports_land_each_module_at_its_own_trained_scale(tmp_path):
     """kohya_conv: linear layers at 2 / 4, 3×3 convs at 4 / 2. The diffusers file folds each
     module's own scale into its weights; diffusers' loader and kohya's rules must land every
     module at it, and a file folding one scale for all is refused."""
-    from loramill.model import load_pipeline
+    from loramill.models.base_model import load_pipeline
 
     pipe = load_pipeline(str(TINY_SD))
     torch.manual_seed(1)

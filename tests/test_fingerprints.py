@@ -12,13 +12,14 @@ import pytest
 from conftest import REPO
 from test_base_model_files import HUB_ID, SHA, hub_cache  # noqa: F401 (a fixture)
 
-from loramill import LoramillError, fingerprints
+from loramill import LoramillError, software
 from loramill.dataset_files import folder_hashes
-from loramill.explain import explain
-from loramill.fingerprints import CONDA_ENV_VAR, Job, components, fingerprint, release
 from loramill.hashing import HashCache
-from loramill.locks import read_lock, write_lock
-from loramill.verdicts import Planner, Stage
+from loramill.reruns.explain import explain
+from loramill.reruns.fingerprints import CONDA_ENV_VAR, Job, components, fingerprint
+from loramill.reruns.locks import read_lock, write_lock
+from loramill.reruns.staleness import Planner, Stage
+from loramill.software import release
 
 SCRIPT = REPO / "scripts" / "grid.py"
 
@@ -35,14 +36,14 @@ def test_versions_compare_on_the_release(monkeypatch):
     assert release("2.13.0+cpu") == release("2.13.0+cu128") == release("2.13.0") == "2.13.0"
     seen = {}
     for label in ("2.13.0+cpu", "2.13.0"):
-        fingerprints.versions.cache_clear()
+        software.versions.cache_clear()
         monkeypatch.setattr(importlib.metadata, "version", lambda package, v=label: v)
         seen[label] = fingerprint(parts(job()))
-    fingerprints.versions.cache_clear()
+    software.versions.cache_clear()
     assert seen["2.13.0+cpu"] == seen["2.13.0"]
     monkeypatch.setattr(importlib.metadata, "version", lambda package: "2.14.0")
     assert fingerprint(parts(job())) != seen["2.13.0"]
-    fingerprints.versions.cache_clear()
+    software.versions.cache_clear()
 
 
 def test_under_conda_the_env_file_stands_for_the_versions(monkeypatch):
@@ -63,7 +64,7 @@ def test_a_hub_model_is_the_commit_the_job_fetched(hub_cache, monkeypatch):  # n
     planned = parts(job(base_model=HUB_ID))
     assert planned["params"]["base_model"] == f"hub:{HUB_ID}@not-downloaded"
 
-    from loramill.base_model_files import fetch_base_model
+    from loramill.model_files import fetch_base_model
 
     fetch_base_model(HUB_ID)  # what the job does first
     ran = parts(job(base_model=HUB_ID))
@@ -96,7 +97,8 @@ def test_a_caption_model_counts_by_its_files(tmp_path):
 
 
 def test_a_hub_caption_model_is_its_cached_commit(hub_cache):  # noqa: F811
-    from loramill.caption_cache import fetch_caption_model, model_fingerprint
+    from loramill.model_files import caption_model_fingerprint as model_fingerprint
+    from loramill.model_files import fetch_caption_model
 
     assert model_fingerprint(HUB_ID, HashCache()) == f"hub:{HUB_ID}@{SHA}"
     fetch_caption_model(HUB_ID)  # cached: nothing to download, offline is fine
@@ -148,13 +150,13 @@ def test_links_out_of_the_dataset_are_never_read(tmp_path, monkeypatch):
 def test_reasons_are_in_the_users_terms():
     old = {
         "params": {"train": {"learning_rate": 1e-4, "rank": 4}},
-        "code": {"scripts/train.py": "a", "loramill.train:train_lora": "a"},
+        "code": {"scripts/train.py": "a", "loramill.train.loop:train_lora": "a"},
         "software": {"torch": "2.13.0"},
         "inputs": {"images": [{"a.png": "1"}], "edits": [{"a.txt": "x"}], "resized": ["r"]},
     }
     new = {
         "params": {"train": {"learning_rate": 2e-4, "rank": 4}},
-        "code": {"scripts/train.py": "a", "loramill.train:train_lora": "b"},
+        "code": {"scripts/train.py": "a", "loramill.train.loop:train_lora": "b"},
         "software": {"torch": "2.14.0"},
         "inputs": {
             "images": [{"a.png": "2", "b.png": "3"}],
@@ -164,7 +166,7 @@ def test_reasons_are_in_the_users_terms():
     }
     assert explain(old, new) == [
         "config train.learning_rate changed",
-        "code changed (loramill.train)",
+        "code changed (loramill.train.loop)",
         "torch 2.13.0 → 2.14.0",
         "captions edited (1 image)",
         "images changed (1 changed, 1 added)",
@@ -235,3 +237,23 @@ def test_an_unusable_lock_is_a_warning_not_a_traceback(tmp_path, monkeypatch, ca
     assert why in record.getMessage() and "grid ds will be rebuilt" in record.getMessage()
     assert read_lock("other", "grid") is None  # no lock at all: no warning
     assert len(caplog.records) == 1
+
+
+def chained_stages() -> list[Stage]:
+    """Two stages of one dataset: ``second`` reads what ``first`` writes."""
+    script = REPO / "scripts" / "merge_captions.py"
+
+    def stage(name: str, inputs: dict[str, list[str]]) -> Stage:
+        job = lambda ds: Job(name, script, {}, inputs, "data/ds")  # noqa: E731
+        return Stage(name, job, lambda ds: {"out": f"results/{ds}/{name}.txt"})
+
+    return [stage("first", {}), stage("second", {"made": ["results/ds/first.txt"]})]
+
+
+def test_the_order_stages_are_defined_in_does_not_matter(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    forward = Planner(chained_stages(), HashCache(None), set()).plan("ds")
+    backward = Planner(chained_stages()[::-1], HashCache(None), set()).plan("ds")
+    assert list(backward) == list(forward) == ["first", "second"]  # producers first
+    assert backward["second"].upstream == ["first"]
+    assert backward["second"].reasons == forward["second"].reasons == ["after first"]

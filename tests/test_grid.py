@@ -1,4 +1,5 @@
-"""X/Y/Z comparison grid: real tiny pipeline, real LoRA checkpoints, no mocks."""
+"""X/Y/Z comparison grid: real tiny pipeline, real LoRA checkpoints exported as kohya files
+(what the grid reads), no mocks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from conftest import make_random_checkpoint
 from PIL import Image
 
 from loramill import LoramillError
-from loramill.grid import render_grid
+from loramill.grid.build import render_grid
 
 PROMPTS = ["a photo of a cat", "smplx, a red circle on a white background"]
 STRENGTHS = [0.0, 1.0]
@@ -44,12 +45,22 @@ def _with_step(source: Path, target: Path, step: int) -> Path:
     return target
 
 
+def _exported(checkpoint: Path) -> Path:
+    """The export stage's kohya file of a checkpoint, beside it in ``g-steps/``."""
+    from loramill.export.verify import step_export_name
+    from loramill.export.write import export_adapter
+
+    target = checkpoint.parent / "g-steps" / step_export_name("g", checkpoint)
+    export_adapter(checkpoint, target, None, "g")
+    return target
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_sd):
     """Renders a single cell independently of the grid code (one pipeline, loaded once)."""
     import torch
 
-    from loramill.model import load_pipeline
+    from loramill.models.base_model import load_pipeline
 
     pipe = load_pipeline(tiny_sd)
 
@@ -88,10 +99,11 @@ def grid(tiny_sd, tmp_path_factory):
         tmp / "step-000020.safetensors",
         20,
     )
+    kohya20, kohya40 = _exported(ckpt20), _exported(ckpt40)
     out, cache = tmp / "out", tmp / "cache"
-    first = draw(tiny_sd, [ckpt40, ckpt20], out, cache, "a")
-    # The same grid again, checkpoints given in another order, from an empty cache
-    draw(tiny_sd, [ckpt20, ckpt40], out, tmp / "cache-b", "b")
+    first = draw(tiny_sd, [kohya40, kohya20], out, cache, "a")
+    # The same grid again, adapters given in another order, from an empty cache
+    draw(tiny_sd, [kohya20, kohya40], out, tmp / "cache-b", "b")
     description = json.loads((out / "a.json").read_text())
     image = np.asarray(Image.open(out / "a.png").convert("RGB"))
     return {
@@ -100,7 +112,8 @@ def grid(tiny_sd, tmp_path_factory):
         "stats": first,
         "json": description,
         "image": image,
-        "ckpts": {20: ckpt20, 40: ckpt40},
+        "ckpts": {20: ckpt20, 40: ckpt40},  # the training checkpoints
+        "adapters": {20: kohya20, 40: kohya40},  # their exports, which the grid reads
         "scale": 256 // SETTINGS["resolution"],  # 64 px cells shown at 256 px
     }
 
@@ -127,8 +140,8 @@ def test_axes_and_cells_are_described(grid):
     assert d["axes"]["y"]["values"] == [[0.0, 0.0], [1.0, 1.0]]
     assert d["axes"]["z"]["values"] == PROMPTS
     assert [(c["step"], c["file"]) for c in d["checkpoints"]] == [
-        (20, "step-000020.safetensors"),
-        (40, "step-000040.safetensors"),
+        (20, "g-000020.safetensors"),
+        (40, "g-000040.safetensors"),
     ]
     assert len({c["adapter_hash"] for c in d["checkpoints"]}) == 2
     assert Path(d["base_model"]).name == "tiny-sd" and len(d["base_model_hash"]) == 64
@@ -177,7 +190,8 @@ def test_strength_one_shows_each_checkpoint(grid, reference):
         assert not np.array_equal(lora20, base)
         assert not np.array_equal(lora40, base)
         assert not np.array_equal(lora20, lora40)
-    # Each column holds its own checkpoint: compare with an independent render of the file.
+    # Each column holds its own checkpoint: compare with an independent render of the training
+    # checkpoint itself, so the export the grid reads changes no pixel.
     for step, path in grid["ckpts"].items():
         expected = _upscaled(reference(PROMPTS[0], lora=path), grid["scale"])
         assert np.array_equal(_cell(grid, PROMPTS[0], step, 1.0), expected), step
@@ -227,8 +241,8 @@ def test_rendering_is_byte_identical(grid):
 
 
 def test_one_more_strength_renders_only_the_new_cells(grid, tiny_sd, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="loramill.grid")
-    stats = draw(tiny_sd, list(grid["ckpts"].values()), tmp_path, grid["cache"], "more",
+    caplog.set_level(logging.INFO, logger="loramill.grid.build")
+    stats = draw(tiny_sd, list(grid["adapters"].values()), tmp_path, grid["cache"], "more",
                  strengths=[0.0, 0.5, 1.0])  # fmt: skip
     assert (stats.rendered, stats.reused) == (2 * len(PROMPTS), 8)
     assert "grid more: 4 rendered, 8 reused" in caplog.messages
@@ -242,13 +256,13 @@ def test_one_more_strength_renders_only_the_new_cells(grid, tiny_sd, tmp_path, c
 
 
 def test_a_grid_the_cache_holds_loads_no_model(grid, tiny_sd, tmp_path, monkeypatch):
-    import loramill.model
+    import loramill.models.base_model
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(loramill.model, "load_pipeline", refuse)
-    stats = draw(tiny_sd, list(grid["ckpts"].values()), tmp_path, grid["cache"], "again")
+    monkeypatch.setattr(loramill.models.base_model, "load_pipeline", refuse)
+    stats = draw(tiny_sd, list(grid["adapters"].values()), tmp_path, grid["cache"], "again")
     assert (stats.rendered, stats.reused) == (0, 8)
     assert (tmp_path / "again.png").read_bytes() == (grid["out"] / "a.png").read_bytes()
     # a damaged cache entry is drawn again, not trusted
@@ -256,13 +270,13 @@ def test_a_grid_the_cache_holds_loads_no_model(grid, tiny_sd, tmp_path, monkeypa
     key = grid["json"]["cells"][0]["key"]
     (grid["cache"] / key[:2] / f"{key}.png").write_bytes(b"not a png")
     monkeypatch.undo()
-    assert draw(tiny_sd, list(grid["ckpts"].values()), tmp_path, grid["cache"]).rendered == 1
+    assert draw(tiny_sd, list(grid["adapters"].values()), tmp_path, grid["cache"]).rendered == 1
 
 
 def test_a_grid_over_the_cap_is_paged(grid, tiny_sd, tmp_path):
     whole = grid["json"]["pages"][0]
     cap = whole["width"] * whole["height"] * 0.4 / 1e6
-    stats = draw(tiny_sd, list(grid["ckpts"].values()), tmp_path, grid["cache"], "paged",
+    stats = draw(tiny_sd, list(grid["adapters"].values()), tmp_path, grid["cache"], "paged",
                  max_megapixels=cap)  # fmt: skip
     d = json.loads((tmp_path / "paged.json").read_text())
     files = sorted((tmp_path / "paged-pages").iterdir(), key=lambda f: int(f.stem.split("-")[-1]))
@@ -289,7 +303,7 @@ def test_a_grid_over_the_cap_is_paged(grid, tiny_sd, tmp_path):
 
 
 def test_batched_cells_match_single_ones_within_rounding(grid, tiny_sd, tmp_path):
-    draw(tiny_sd, [grid["ckpts"][20]], tmp_path, tmp_path / "cache", "batched", batch_size=4,
+    draw(tiny_sd, [grid["adapters"][20]], tmp_path, tmp_path / "cache", "batched", batch_size=4,
          x="seed", seed=[1234, 5], checkpoints=[20])  # fmt: skip
     d = json.loads((tmp_path / "batched.json").read_text())
     image = np.asarray(Image.open(tmp_path / "batched.png").convert("RGB")).astype(int)
@@ -302,10 +316,10 @@ def test_batched_cells_match_single_ones_within_rounding(grid, tiny_sd, tmp_path
 
 def test_a_bad_setting_fails_before_the_model_loads(grid, tiny_sd, tmp_path):
     with pytest.raises(LoramillError, match=r"grid\.prompt_sr: 'dog'"):
-        draw(tiny_sd, [grid["ckpts"][20]], tmp_path, tmp_path / "c", z="prompt_sr",
+        draw(tiny_sd, [grid["adapters"][20]], tmp_path, tmp_path / "c", z="prompt_sr",
              prompts=PROMPTS[:1], prompt_sr=["dog", "cow"])  # fmt: skip
     with pytest.raises(LoramillError, match=r"grid\.checkpoints: no checkpoint at step 30"):
-        draw(tiny_sd, [grid["ckpts"][20]], tmp_path, tmp_path / "c", checkpoints=[20, 30])
+        draw(tiny_sd, [grid["adapters"][20]], tmp_path, tmp_path / "c", checkpoints=[20, 30])
     assert not (tmp_path / "g.png").exists() and not (tmp_path / "c").exists()
 
 
@@ -313,7 +327,7 @@ def test_unreadable_checkpoint_is_named(grid, tiny_sd, tmp_path):
     corrupt = tmp_path / "step-000099.safetensors"
     corrupt.write_bytes(b"this is not a safetensors file")
     with pytest.raises(LoramillError, match=r"step-000099\.safetensors: cannot read"):
-        draw(tiny_sd, [grid["ckpts"][20], corrupt], tmp_path, tmp_path / "c")
+        draw(tiny_sd, [grid["adapters"][20], corrupt], tmp_path, tmp_path / "c")
     assert not (tmp_path / "g.png").exists()
 
 
@@ -321,30 +335,42 @@ def test_checkpoint_without_step_is_named(grid, tiny_sd, tmp_path):
     from safetensors.torch import load_file, save_file
 
     stepless = tmp_path / "final.safetensors"
-    save_file(load_file(str(grid["ckpts"][20])), str(stepless))
+    save_file(load_file(str(grid["adapters"][20])), str(stepless))
     with pytest.raises(LoramillError, match=r"final\.safetensors: no integer 'loramill\.step'"):
         draw(tiny_sd, [stepless], tmp_path, tmp_path / "c")
 
 
 def test_partial_load_is_refused(grid, tiny_sd, tmp_path):
-    # diffusers drops LoRA tensors that match no module of the base model without a word.
+    # diffusers drops LoRA modules that match no module of the base model without a word.
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with safe_open(str(grid["ckpts"][20]), framework="pt") as handle:
+    with safe_open(str(grid["adapters"][20]), framework="pt") as handle:
         metadata = dict(handle.metadata())
         tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
-    for key in [k for k in tensors if k.startswith("unet.down_blocks.0.")]:
-        tensors[key.replace("down_blocks.0.", "down_blocks.7.")] = tensors[key].clone()
-    misfit = tmp_path / "step-000030.safetensors"
-    save_file(tensors, str(misfit), metadata=metadata)
-    with pytest.raises(LoramillError, match=r"step-000030\.safetensors: \d+ of \d+ unet LoRA"):
-        draw(tiny_sd, [misfit], tmp_path, tmp_path / "c")
+    for key in [k for k in tensors if k.startswith("lora_unet_down_blocks_0_")]:
+        tensors[key.replace("down_blocks_0_", "down_blocks_7_")] = tensors[key].clone()
+    misfit = tmp_path / "g-000030.safetensors"
+    save_file(tensors, str(misfit), metadata={**metadata, "loramill.step": "30"})
+    with pytest.raises(LoramillError, match=r"g-000030\.safetensors: \d+ of \d+ unet LoRA"):
+        draw(tiny_sd, [misfit], tmp_path, tmp_path / "c", checkpoints=[30])
     assert not (tmp_path / "g.png").exists()
 
 
+def test_the_cell_cache_follows_the_adapter_tensors_not_the_file(grid):
+    """A fp32 export holds the checkpoint's kohya tensors exactly, so cached cells keep their
+    keys; the file's metadata (its date) is not part of them."""
+    from loramill.export.write import to_kohya
+    from loramill.grid.render import adapter_hash, read_adapter
+    from loramill.models.checkpoint import read_checkpoint
+
+    for step, path in grid["adapters"].items():
+        in_memory = to_kohya(read_checkpoint(grid["ckpts"][step]))
+        assert adapter_hash(read_adapter(path)) == adapter_hash(in_memory)
+
+
 def test_the_grid_encodes_prompts_as_training_did(grid, tiny_sd, tmp_path):
-    ckpt, cache = grid["ckpts"][20], tmp_path / "c"
+    ckpt, cache = grid["adapters"][20], tmp_path / "c"
     one = {"strengths": [0.0], "prompts": PROMPTS[:1]}
     render = {
         "s": {},
@@ -362,7 +388,7 @@ def test_the_grid_encodes_prompts_as_training_did(grid, tiny_sd, tmp_path):
 
 def test_sampler_and_resolution_axes_render_what_they_name(grid, tiny_sd, reference, tmp_path):
     one = {"strengths": [0.0], "prompts": PROMPTS[:1], "checkpoints": [20]}
-    draw(tiny_sd, [grid["ckpts"][20]], tmp_path, tmp_path / "c", "s", x="sampler", z="none",
+    draw(tiny_sd, [grid["adapters"][20]], tmp_path, tmp_path / "c", "s", x="sampler", z="none",
          sampler=["default", "ddim", "EulerDiscreteScheduler"], **one)  # fmt: skip
     d = json.loads((tmp_path / "s.json").read_text())
     image = np.asarray(Image.open(tmp_path / "s.png").convert("RGB"))
@@ -372,7 +398,7 @@ def test_sampler_and_resolution_axes_render_what_they_name(grid, tiny_sd, refere
     assert not np.array_equal(shown["ddim"], shown["default"])
     assert not np.array_equal(shown["EulerDiscreteScheduler"], shown["default"])
 
-    draw(tiny_sd, [grid["ckpts"][20]], tmp_path, tmp_path / "c", "r", x="resolution", z="none",
+    draw(tiny_sd, [grid["adapters"][20]], tmp_path, tmp_path / "c", "r", x="resolution", z="none",
          resolution=[32, 64], **one)  # fmt: skip
     d = json.loads((tmp_path / "r.json").read_text())
     image = np.asarray(Image.open(tmp_path / "r.png").convert("RGB"))
@@ -384,3 +410,34 @@ def test_sampler_and_resolution_axes_render_what_they_name(grid, tiny_sd, refere
     inner = image[y0 + margin : y1 - margin, x0 + margin : x1 - margin]
     assert inner.shape[:2] == (32 * scale, 32 * scale) and inner.std() > 0
     assert (image[y0 : y0 + margin, x0:x1] == 255).all()  # background above it
+
+
+def test_cell_keys_follow_the_files_the_loader_reads(tiny_sd, tmp_path):
+    """The base model is named as the stages name it: files beside the ones the loader reads
+    (a README, ``.git/``) redraw nothing; a changed weight file redraws every cell."""
+    import shutil
+
+    from loramill.grid.build import render_context
+    from loramill.grid.plan import plan_grid
+    from loramill.hashing import HashCache
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_sd, model)
+    cells = plan_grid(SETTINGS, [20, 40]).all_cells()
+
+    def keys() -> list[str]:
+        context = render_context(str(model), SETTINGS, device="cpu", hashes=HashCache())
+        return [context.cell_key(cell, "adapter") for cell in cells]
+
+    before = keys()
+    (model / "README.md").write_text("# a model card\n")
+    (model / ".git").mkdir()
+    (model / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (model / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"a variant")
+    assert keys() == before
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-2] ^= 1  # inside the tensor data: still a valid file
+    weights.write_bytes(bytes(data))
+    changed = keys()
+    assert all(new != old for new, old in zip(changed, before, strict=True))

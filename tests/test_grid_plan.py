@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from loramill import LoramillError
-from loramill.grid_layout import Labels, Page, grid_font, layout, paginate
-from loramill.grid_plan import (
+from loramill.grid.layout import Labels, Page, grid_font, layout, paginate
+from loramill.grid.plan import (
     batches,
     caption_prompts,
     check_grid,

@@ -14,7 +14,7 @@ from test_config_errors import workdir  # noqa: F401 (a fixture)
 
 from loramill import LoramillError
 from loramill.files import read_jsonl, write_jsonl
-from loramill.grid import with_caption_prompts
+from loramill.grid.build import with_caption_prompts
 
 SETTINGS = {"x": "checkpoint", "y": "strength", "z": "prompt", "prompts": []}
 CAPTIONS = [

@@ -8,6 +8,8 @@ import tomllib
 import yaml
 from conftest import REPO
 
+from loramill.software import LIBRARIES, RUNS_ALSO
+
 
 def pins(lines):
     found = {}
@@ -27,6 +29,13 @@ def test_every_runtime_dependency_is_pinned_and_torch_is_2_13():
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert len(project_pins()) == len(declared)
     assert project_pins()["torch"] == "2.13.0"
+
+
+def test_the_libraries_whose_versions_matter_are_pinned():
+    # loramill.software's list is the one an adapter's provenance and every key read: each is
+    # an exact pin, so two installs from this repository compute the same adapters
+    also = {name for names in RUNS_ALSO.values() for name in names}
+    assert {*LIBRARIES, *RUNS_ALSO, *also} <= set(project_pins())
 
 
 def test_lock_file_agrees_with_the_pins():

@@ -11,16 +11,16 @@ import torch
 from conftest import TRAIN_CONFIG
 from PIL import Image
 
-from loramill.buckets import batches, batches_per_epoch
-from loramill.caption import caption_dataset
-from loramill.captioners import CAPTIONERS, Captioner
+from loramill.captions.autocaption import caption_dataset
+from loramill.captions.backends import CAPTIONERS, Captioner
+from loramill.captions.merge import merge_captions
+from loramill.captions.seed_edits import drafts
 from loramill.dataset_files import folder_hashes
 from loramill.files import read_jsonl
 from loramill.hashing import HashCache
-from loramill.merge import merge_captions
-from loramill.resize import SUBFOLDER, resize_dataset
-from loramill.seed_edits import drafts
-from loramill.train_data import read_examples
+from loramill.prepare.buckets import batches, batches_per_epoch
+from loramill.prepare.resize import SUBFOLDER, resize_dataset
+from loramill.train.data import read_examples
 
 SETTINGS = {"resolution": 16, "enable_bucket": False}
 INSIDE = ("one.png", "two.jpg", "nested")  # what the repeats folder holds
@@ -161,8 +161,8 @@ def test_the_sampler_repeats_each_image_by_its_folder(tmp_path):
 
 
 def test_training_draws_repeats_folder_images_that_many_times(tmp_path, tiny_sd, monkeypatch):
-    import loramill.train
-    from loramill.train import train_lora
+    import loramill.train.step
+    from loramill.train.loop import train_lora
 
     monkeypatch.chdir(tmp_path)
     resize(tmp_path, kohya_dataset(tmp_path))
@@ -176,7 +176,7 @@ def test_training_draws_repeats_folder_images_that_many_times(tmp_path, tiny_sd,
         epochs.append([list(batch) for batch in epoch])  # training pops from its own
         return epoch
 
-    monkeypatch.setattr(loramill.train, "batches", spy)
+    monkeypatch.setattr(loramill.train.step, "batches", spy)
     config = {**TRAIN_CONFIG, "max_train_epochs": 1, "max_train_steps": 1000, "save_steps": 100}
     paths = [tmp_path / name for name in ("resized", "captions.jsonl", "ckpt", "tb")]
     written = train_lora(*paths, tiny_sd, config, trigger="zzt")

@@ -2,7 +2,7 @@
 closer to the training images as the LoRA's strength rises — and the same check fails for an
 adapter that cannot have taught anything.
 
-Closeness is the edge-orientation distance of loramill.image_stats, measured on the cells of
+Closeness is the edge-orientation distance of loramill.demo.image_stats, measured on the cells of
 the product's own grid (export → diffusers load → strength), over several fixed seeds.
 """
 
@@ -18,8 +18,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from loramill.grid import render_grid
-from loramill.image_stats import edge_distance
+from loramill.demo.image_stats import edge_distance
+from loramill.grid.build import render_grid
 
 pytestmark = pytest.mark.workflow
 
@@ -64,22 +64,23 @@ def learned(distances: list[float]) -> bool:
     return d0 > d_half > d1 and d1 < 0.8 * d0
 
 
-def final_checkpoint(checkout: Path, ds: str) -> Path:
-    return sorted((checkout / "results" / ds / "checkpoints").glob("step-*.safetensors"))[-1]
+def final_adapter(checkout: Path, ds: str) -> Path:
+    """The last step's kohya export: what the grid reads."""
+    return sorted((checkout / "exports" / f"{ds}-steps").glob("*.safetensors"))[-1]
 
 
 def test_demo_training_teaches_the_concept(demo_run, tmp_path):
     ds = "paper_stripes"
-    distances = strength_distances(demo_run, ds, final_checkpoint(demo_run, ds), tmp_path)
+    distances = strength_distances(demo_run, ds, final_adapter(demo_run, ds), tmp_path)
     assert learned(distances), f"{ds}: edge distance at strengths {STRENGTHS}: {distances}"
 
 
 def test_an_adapter_without_up_weights_fails_the_learning_check(demo_run, tmp_path):
-    # The trained adapter with every up (B) matrix zeroed: the LoRA adds nothing, as with a
+    # The trained adapter with every up (lora_up) matrix zeroed: the LoRA adds nothing, as with a
     # lost alpha or a strength that is never applied.
-    source = final_checkpoint(demo_run, "paper_stripes")
+    source = final_adapter(demo_run, "paper_stripes")
     tensors = load_file(source)
-    ups = [k for k in tensors if ".lora_B." in k]
+    ups = [k for k in tensors if k.endswith(".lora_up.weight")]  # kohya spelling
     assert ups
     for key in ups:
         tensors[key] = torch.zeros_like(tensors[key])

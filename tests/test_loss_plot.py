@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from conftest import train
 
-from loramill import train_log
-from loramill.train_log import ema, loss_curve, loss_figure
+from loramill.train import progress as train_log
+from loramill.train.progress import ema, loss_curve, loss_figure
 
 TINY_LLAMA = str(Path(__file__).resolve().parents[1] / "models" / "tiny-llama")
 
@@ -96,11 +96,11 @@ def test_training_marks_its_save_steps(prepared, tmp_path, tiny_sd, drawn):
 
 
 def test_text_training_marks_its_save_steps(tmp_path, drawn):
-    from loramill.demo_text import procedure_records
-    from loramill.text_data import parse_record, tokenize
-    from loramill.text_model import load_tokenizer
-    from loramill.text_prepare import write_tokens
-    from loramill.text_train import train_text
+    from loramill.demo.text import procedure_records
+    from loramill.text.language_model import load_tokenizer
+    from loramill.text.prepare import write_tokens
+    from loramill.text.records import parse_record, tokenize
+    from loramill.text.train import train_text
 
     lines = [json.dumps(r) for r in procedure_records(8)]
     records = [parse_record(line, f"demo:{n}") for n, line in enumerate(lines, start=1)]

@@ -11,11 +11,11 @@ import unicodedata
 import pytest
 
 from loramill import LoramillError
-from loramill.caption_edits import Edit, read_edits
-from loramill.caption_rules import Rules, training_caption
+from loramill.captions.edits import Edit, read_edits
+from loramill.captions.merge import merge_captions
+from loramill.captions.merge_rules import Rules, training_caption
 from loramill.dataset_files import match_key
 from loramill.files import read_jsonl, write_jsonl
-from loramill.merge import merge_captions
 
 AUTO = [
     {"image": "b.png", "caption": "blue circle", "image_sha256": "bb"},
@@ -276,7 +276,7 @@ def test_match_key():
 
 
 def test_seed_appends_drafts_only(tmp_path, monkeypatch, capsys):
-    from loramill.seed_edits import main
+    from loramill.captions.seed_edits import main
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "config").mkdir()
@@ -318,7 +318,7 @@ def test_seed_appends_drafts_only(tmp_path, monkeypatch, capsys):
     ],
 )
 def test_seed_starts_a_table_or_appends_to_excels(tmp_path, existing, seeded):
-    from loramill.seed_edits import seed
+    from loramill.captions.seed_edits import seed
 
     results = tmp_path / "results"
     (results / "resized").mkdir(parents=True)
@@ -342,7 +342,7 @@ def test_make_seed_edits_runs_the_module(repo):
         text=True,
         check=True,
     )
-    assert ".venv/bin/python -m loramill.seed_edits shapes" in result.stdout
+    assert ".venv/bin/python -m loramill.captions.seed_edits shapes" in result.stdout
 
 
 def test_captions_over_the_text_encoders_limit_are_reported(ds, tiny_sd, caplog):

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loramill.caption_edits import MODES, Edit
-from loramill.caption_rules import Rules, clean_tags, normalise, training_caption
-from loramill.train_captions import CaptionVariation
-from loramill.train_config import TrainConfig
+from loramill.captions.edits import MODES, Edit
+from loramill.captions.merge_rules import Rules, clean_tags, normalise, training_caption
+from loramill.train.caption_variation import CaptionVariation
+from loramill.train.config import TrainConfig
 
 
 def variation_of(**options) -> CaptionVariation:

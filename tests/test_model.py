@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from loramill import LoramillError
-from loramill.model import base_model_hash, load_pipeline, resolve_base_model
+from loramill.model_files import resolve_base_model
+from loramill.models.base_model import load_pipeline
 
 
 def test_local_folder_and_hub_id_are_told_apart(tiny_sd):
@@ -38,11 +39,24 @@ def test_pickle_weights_need_opt_in(tmp_path, tiny_sd):
     assert load_pipeline(str(model), allow_unsafe_weights=True).vae is not None
 
 
-def test_base_model_hash_follows_content(tmp_path, tiny_sd):
+def test_component_fingerprint_follows_its_own_files(tmp_path, tiny_sd):
+    """Cached latents and text embeddings are keyed by their component's loaded files: another
+    UNet keeps them, another VAE does not; files the loader skips change nothing."""
     import shutil
+
+    from loramill.hashing import HashCache
+    from loramill.model_files import component_fingerprint
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_sd, copy)
-    assert base_model_hash(str(copy)) == base_model_hash(tiny_sd)
-    (copy / "scheduler" / "scheduler_config.json").write_text("{}")
-    assert base_model_hash(str(copy)) != base_model_hash(tiny_sd)
+
+    def vae() -> str:
+        return component_fingerprint(str(copy), "vae", HashCache())
+
+    before = vae()
+    assert before == component_fingerprint(tiny_sd, "vae", HashCache())
+    (copy / "vae" / "README.md").write_text("notes")
+    (copy / "unet" / "config.json").write_text("{}")
+    assert vae() == before
+    (copy / "vae" / "config.json").write_text("{}")
+    assert vae() != before

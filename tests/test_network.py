@@ -9,9 +9,9 @@ import torch
 from conftest import train
 
 from loramill import LoramillError
-from loramill.lora import read_checkpoint
-from loramill.network import NetworkSpec, add_dropout, add_lora, network_modules
-from loramill.train_config import TrainConfig
+from loramill.models.checkpoint import read_checkpoint
+from loramill.models.network import NetworkSpec, add_dropout, add_lora, network_modules
+from loramill.train.config import TrainConfig
 
 
 def lora_layers(model):
@@ -33,7 +33,7 @@ def lora_layers(model):
     ],
 )
 def test_network_target_decides_the_modules(tiny_sd, spec, unet, conv, text):
-    from loramill.model import load_pipeline
+    from loramill.models.base_model import load_pipeline
 
     pipe = load_pipeline(tiny_sd)
     add_lora(pipe.unet, pipe.text_encoder, spec)
@@ -63,7 +63,7 @@ def test_full_size_sd15_kohya_network_has_192_and_72_modules():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from loramill.tiny_models import CLIP_TEXT, SD15
+    from loramill.demo.tiny_models import CLIP_TEXT, SD15
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15["unet"])

@@ -14,8 +14,8 @@ import torch
 from conftest import SAMPLE_PROVENANCE
 from PIL import Image
 
+from loramill.export.model_card import write_model_card
 from loramill.files import save_safetensors
-from loramill.model_card import write_model_card
 from loramill.report_pages import THUMBNAIL_SIDE, markdown_page, write_overview
 
 

@@ -286,13 +286,19 @@ def edit_code(repo: Path, module: str, old: str, new: str) -> None:
 
 def test_code_change_plans_the_stages_that_reach_it(repo):
     # to_kohya: the export writes through it, and the grid renders what the export holds.
-    edit_code(repo, "export.py", '"checkpoint holds no LoRA tensors"', '"no LoRA tensors"')
+    edit_code(repo, "export/write.py", '"checkpoint holds no LoRA tensors"', '"no LoRA tensors"')
     assert dry_run(repo)[1] == chain(A, "export", "grid") | chain(B, "export", "grid")
 
 
-def test_code_change_the_grid_never_reaches_plans_exports_only(repo):
-    edit_code(repo, "export.py", 'diffusers_meta["format"] = ', 'diffusers_meta["format"] = "" or ')
-    assert dry_run(repo)[1] == {("export", A), ("export", B)}
+def test_code_change_the_grid_never_reaches_plans_exports_and_the_grids_after_them(repo):
+    # The grid reads the export's files: it runs after the export (and, when those come out
+    # byte-identical, restores its outputs from the run-cache instead of rendering).
+    edit_code(
+        repo, "export/write.py", 'diffusers_meta["format"] = ', 'diffusers_meta["format"] = "" or '
+    )
+    result, ran = dry_run(repo)
+    assert ran == chain(A, "export", "grid") | chain(B, "export", "grid")
+    assert f"stale: grid {A}: after export" in result.stderr
 
 
 def test_change_to_the_code_that_builds_grid_prompts_plans_grids_only(repo):
@@ -300,6 +306,43 @@ def test_change_to_the_code_that_builds_grid_prompts_plans_grids_only(repo):
     result, ran = dry_run(repo)
     assert ran == {("grid", A), ("grid", B)}
     assert f"stale: grid {A}: config grid.prompts changed" in result.stderr
+
+
+def move_module(repo: Path, old: str, new: str) -> None:
+    """Move module ``loramill.<old>`` to ``loramill.<new>`` (a new subpackage's docstring
+    included) and rewrite every import of it, as a refactoring tool would."""
+    source = repo / "src" / "loramill"
+    target = source.joinpath(*new.split(".")).with_suffix(".py")
+    target.parent.mkdir(exist_ok=True)
+    (target.parent / "__init__.py").write_text('"""Settings."""\n')
+    source.joinpath(*old.split(".")).with_suffix(".py").rename(target)
+    pattern = re.compile(rf"\bloramill\.{re.escape(old)}\b")
+    files = [*source.rglob("*.py"), *repo.glob("scripts/*.py"), *repo.glob("rules/*.smk")]
+    for path in files:
+        text = path.read_text()
+        if pattern.search(text):
+            path.write_text(pattern.sub(f"loramill.{new}", text))
+
+
+def test_a_module_moved_into_a_subpackage_plans_nothing_and_an_edit_to_it_its_stages(repo):
+    move_module(repo, "config", "settings.config")
+    assert dry_run(repo)[1] == set()
+    edit_code(repo, "settings/config.py", '.strip(" ,")', '.strip(" ,") + ", high quality"')
+    assert dry_run(repo)[1] == {("grid", A), ("grid", B)}
+
+
+def test_renaming_a_function_and_its_callers_plans_nothing(repo):
+    path = repo / "src" / "loramill" / "config.py"
+    assert path.read_text().count("grid_prompts(") == 2  # the definition and its one caller
+    path.write_text(path.read_text().replace("grid_prompts(", "prompts_with_trigger("))
+    assert dry_run(repo)[1] == set()
+
+
+def test_an_edit_to_a_subpackage_init_a_stage_imports_plans_that_stage(repo):
+    init = repo / "src" / "loramill" / "grid" / "__init__.py"
+    effect = '\nimport warnings\n\nwarnings.filterwarnings("ignore", message="cell")\n'
+    init.write_text(init.read_text() + effect)
+    assert dry_run(repo)[1] == {("grid", A), ("grid", B)}
 
 
 def test_caption_edit_plans_merge_onward_and_says_why(repo):
@@ -377,8 +420,9 @@ def test_renamed_dataset_plans_no_training(repo):
     shutil.move(repo / "data" / A, repo / "data" / "renamed")  # data/ is DVC's, not git's
     edit_config(repo, lambda c: c["datasets"].update(renamed=c["datasets"].pop(A)))
     stderr, ran = plan(repo)
-    # The export names the adapter; nothing before it depends on the name.
-    assert ran == {("export", "renamed")}
+    # The export names the adapter, and the grid shows the export's files (its cells come
+    # back from their cache); nothing before them depends on the name.
+    assert ran == {("export", "renamed"), ("grid", "renamed")}
     assert f"train renamed: built as {A} before" in stderr
     assert f"restored: train renamed from the run-cache (same inputs as {A}): " in stderr
 

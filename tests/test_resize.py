@@ -17,8 +17,8 @@ import pytest
 from PIL import Image, ImageCms, ImageOps
 
 from loramill import LoramillError
-from loramill.demo_data import EXIF_ORIENTATION, draw_picture, generate_dataset
-from loramill.resize import SUBFOLDER, resize_dataset
+from loramill.demo.images import EXIF_ORIENTATION, draw_picture, generate_dataset
+from loramill.prepare.resize import SUBFOLDER, resize_dataset
 
 SQUARE = {"resolution": 16, "enable_bucket": False}
 BUCKETS = {"resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64, "bucket_reso_steps": 16}

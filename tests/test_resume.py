@@ -14,8 +14,8 @@ import torch
 from conftest import BIN, clone_checkout, run_tool
 from test_reruns import edit_config
 
-from loramill.lora import read_checkpoint
-from loramill.train import train_lora
+from loramill.models.checkpoint import read_checkpoint
+from loramill.train.loop import train_lora
 
 pytestmark = pytest.mark.workflow
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from loramill import run_cache
 from loramill.files import write_text
-from loramill.run_cache import COMPLETE, GcReport, gc, parse_size, restore, store
+from loramill.reruns import run_cache
+from loramill.reruns.run_cache import COMPLETE, GcReport, gc, parse_size, restore, store
 
 FP1, FP2, FP3 = ("1" * 64, "2" * 64, "3" * 64)
 

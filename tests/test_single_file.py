@@ -12,10 +12,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from loramill import LoramillError
-from loramill.compvis_names import ldm_checkpoint
-from loramill.export import export_adapter
-from loramill.model import load_pipeline, resolve_base_model
-from loramill.single_file import SOURCE_FILE, convert, main, source_checkpoint
+from loramill.export.ldm_names import ldm_checkpoint
+from loramill.export.write import export_adapter
+from loramill.model_files import resolve_base_model
+from loramill.models.base_model import load_pipeline
+from loramill.models.single_file import SOURCE_FILE, convert, main, source_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def test_a_single_file_base_model_names_the_conversion(single_file):
     with pytest.raises(
         LoramillError,
         match=r"a single-file checkpoint; convert it once with "
-        r"`python -m loramill\.single_file .*tiny-v1\.safetensors models/tiny-v1`",
+        r"`python -m loramill\.models\.single_file .*tiny-v1\.safetensors models/tiny-v1`",
     ):
         resolve_base_model(str(single_file))  # fmt: skip
 

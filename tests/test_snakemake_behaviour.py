@@ -1,13 +1,13 @@
 """The Snakemake behaviours content-keyed reruns rely on, one test each (in the order of
-loramill.snakemake_compat.BEHAVIOURS), plus the version check that keeps users on the range
+loramill.reruns.snakemake_compat.BEHAVIOURS), plus the version check that keeps users on the range
 these tests passed with.
 
 Each test writes a tiny Snakefile into tmp_path, lays out files with chosen modification times
 and runs the real snakemake CLI (a dry run wherever that shows the decision), asserting the
 exact jobs. They pin what Snakemake does, not what it documents: when one fails after an
-upgrade, the mechanism in rules/common.smk and src/loramill/verdicts.py / gates.py needs rethinking
-before TESTED in snakemake_compat.py may move. Cluster jobs re-parse the Snakefile with
-workflow.is_main_process False; that is not exercised here (no cluster).
+upgrade, the mechanism in rules/common.smk and src/loramill/reruns/ (staleness.py, gates.py)
+needs rethinking before TESTED in snakemake_compat.py may move. Cluster jobs re-parse the
+Snakefile with workflow.is_main_process False; that is not exercised here (no cluster).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pytest
 from conftest import BIN, REPO, run_tool
 
 from loramill import LoramillError
-from loramill.snakemake_compat import BEHAVIOURS, PINNED, TESTED, check_snakemake_version
+from loramill.reruns.snakemake_compat import BEHAVIOURS, PINNED, TESTED, check_snakemake_version
 
 # What profiles/default sets: only modification times trigger reruns, and no file is
 # checksummed (but empty ones, see the last behaviour).

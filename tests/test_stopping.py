@@ -13,8 +13,8 @@ import torch
 from conftest import train
 from safetensors.torch import load_file
 
-from loramill.stopping import Interrupted, StopRequest
-from loramill.train import Training
+from loramill.train.step import Training
+from loramill.train.stopping import Interrupted, StopRequest
 
 CONFIG = {"max_train_steps": 6, "save_steps": 4, "train_batch_size": 1, "threads": 1}
 
@@ -67,7 +67,7 @@ def test_the_handlers_before_are_back_after_training(prepared, tmp_path, tiny_sd
 
 
 def test_a_second_signal_after_the_grace_time_stops_at_once(monkeypatch):
-    monkeypatch.setattr("loramill.stopping.REPEAT_SECONDS", 0.0)
+    monkeypatch.setattr("loramill.train.stopping.REPEAT_SECONDS", 0.0)
     with StopRequest() as stop, pytest.raises(KeyboardInterrupt):
         os.kill(os.getpid(), signal.SIGINT)
         assert stop.requested() == "SIGINT"  # the first only asks
@@ -83,8 +83,8 @@ def test_one_signal_twice_within_the_grace_time_is_one_request():
 
 def test_a_parent_process_gone_is_a_request_to_stop(monkeypatch):
     chain = [[(10, 1.0), (1, 0.0)], [(10, 1.0), (1, 0.0)], [(1, 0.0)]]
-    monkeypatch.setattr("loramill.stopping._ancestors", lambda: chain.pop(0))
-    monkeypatch.setattr("loramill.stopping.PARENT_CHECK_SECONDS", 0.0)
+    monkeypatch.setattr("loramill.train.stopping._ancestors", lambda: chain.pop(0))
+    monkeypatch.setattr("loramill.train.stopping.PARENT_CHECK_SECONDS", 0.0)
     with StopRequest() as stop:
         assert stop.requested() is None
         assert stop.requested() == "its scheduler exited"

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from loramill import LoramillError
-from loramill.text_data import (
+from loramill.demo.tiny_llama import build_model, build_tokenizer
+from loramill.text.records import (
     IGNORE,
     Record,
     hold_out,
@@ -17,7 +18,6 @@ from loramill.text_data import (
     render,
     tokenize,
 )
-from loramill.tiny_llama import build_model, build_tokenizer
 
 CORPUS = [
     "### Question:\nHow do I reset the pump?\n\n### Response:\nClose valve A, then hold RESET.",

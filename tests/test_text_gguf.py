@@ -13,9 +13,9 @@ import torch
 from test_text_train import CONFIG, TINY_LLAMA, base, run, setup  # noqa: F401
 
 from loramill import LoramillError
-from loramill.demo_text import procedure_records
-from loramill.text_gguf import architecture, export_gguf_lora, write_base_gguf
-from loramill.text_model import model_config
+from loramill.demo.text import procedure_records
+from loramill.text.gguf import architecture, export_gguf_lora, write_base_gguf
+from loramill.text.language_model import model_config
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a dev dependency")
 PROMPT = procedure_records(80)[0]["prompt"]

@@ -11,13 +11,13 @@ import pytest
 
 from loramill import LoramillError
 from loramill.hashing import HashCache
-from loramill.text_model import (
+from loramill.model_files import (
+    language_model_files,
     language_model_fingerprint,
-    load_causal_lm,
-    loaded_files,
     resolve_language_model,
 )
-from loramill.text_prepare import prepare_text, read_tokens
+from loramill.text.language_model import load_causal_lm
+from loramill.text.prepare import prepare_text, read_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_LLAMA = REPO / "models" / "tiny-llama"
@@ -34,7 +34,7 @@ def test_the_committed_tiny_llama_is_what_its_builder_makes(tmp_path):
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
     built = builder.build(tmp_path / "tiny-llama")
-    for name in loaded_files(TINY_LLAMA):
+    for name in language_model_files(TINY_LLAMA):
         assert (built / name).read_bytes() == (TINY_LLAMA / name).read_bytes(), name
 
 
@@ -67,7 +67,7 @@ def test_bad_base_models_are_named(tmp_path):
 
 
 def records(path: Path, count: int, start: int = 0) -> Path:
-    from loramill.demo_text import procedure_records, write_jsonl
+    from loramill.demo.text import procedure_records, write_jsonl
 
     return write_jsonl(procedure_records(80)[start : start + count], path)
 

@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from loramill import LoramillError
-from loramill.demo_text import procedure_records
-from loramill.text_data import Record, hold_out, pad_batch, parse_record, tokenize
-from loramill.text_model import load_causal_lm, load_tokenizer
-from loramill.text_train import TextTrainConfig, eval_loss, train_text_lora
+from loramill.demo.text import procedure_records
+from loramill.text.language_model import load_causal_lm, load_tokenizer
+from loramill.text.records import Record, hold_out, pad_batch, parse_record, tokenize
+from loramill.text.train import TextTrainConfig, eval_loss, train_text_lora
 
 TINY_LLAMA = str(Path(__file__).resolve().parents[1] / "models" / "tiny-llama")
 CONFIG = {
@@ -89,8 +89,8 @@ def test_the_adapter_config_is_the_same_bytes_in_every_interpreter(setup, tmp_pa
     import sys
 
     script = (
-        "import sys; from loramill.text_train import TextTrainConfig, add_text_lora, "
-        "save_adapter; from loramill.text_model import load_causal_lm; "
+        "import sys; from loramill.text.train import TextTrainConfig, add_text_lora, "
+        "save_adapter; from loramill.text.language_model import load_causal_lm; "
         f"cfg = TextTrainConfig.from_dict({CONFIG!r}); "
         f"save_adapter(add_text_lora(load_causal_lm({TINY_LLAMA!r}), cfg), sys.argv[1])"
     )
@@ -151,7 +151,7 @@ def run_with_state(setup, data, out, state, **changes):
 
 
 def test_evaluation_per_checkpoint_with_the_adapter_off_and_on(setup, tmp_path):
-    from loramill.text_eval import evaluate, markdown
+    from loramill.text.evaluate import evaluate, markdown
 
     tokenizer, train, held, _ = setup
     _, _, written = run(setup, train, tmp_path / "e", save_steps=50)
@@ -177,7 +177,7 @@ def test_exports_reload_with_the_trained_models_logits(setup, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from loramill.text_export import PROVENANCE_FILE, export_adapter_folder, export_merged
+    from loramill.text.export import PROVENANCE_FILE, export_adapter_folder, export_merged
 
     tokenizer, train, held, _ = setup
     trained, _, written = run(setup, train, tmp_path / "t", max_train_steps=20)

@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import REPO, run_tool
 
-from loramill.demo_data import generate_dataset
-from loramill.demo_text import procedure_records, write_jsonl
+from loramill.demo.images import generate_dataset
+from loramill.demo.text import procedure_records, write_jsonl
 
 pytestmark = pytest.mark.workflow
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from conftest import EMBEDDED_SD, REPO, run_tool
 
+from loramill.demo.tiny_models import build_clip_tokenizer
 from loramill.hashing import tree_files
-from loramill.tiny_models import build_clip_tokenizer
 
 SCRIPT = REPO / "models" / "pretrain_tiny_sd.py"
 
@@ -56,7 +56,7 @@ def test_script_rebuilds_the_committed_model(tmp_path):
 
 
 def test_sd_layout_and_vae_scale_factor():
-    from loramill.model import load_pipeline
+    from loramill.models.base_model import load_pipeline
 
     pipe = load_pipeline(str(EMBEDDED_SD))
     assert pipe.vae_scale_factor == 4  # 64 px images, 16 × 16 latents

@@ -14,15 +14,25 @@ from conftest import crash_and_resume, train, train_logged
 from PIL import Image
 
 from loramill import LoramillError
-from loramill.lora import list_checkpoints, read_checkpoint
-from loramill.train_config import TrainConfig, checkpoint_steps
-from loramill.train_state import state_key
+from loramill.models.checkpoint import list_checkpoints, read_checkpoint, step_name, step_of
+from loramill.train.config import TrainConfig, checkpoint_steps
+from loramill.train.state import state_key
 
 
 def test_checkpoint_steps():
     assert checkpoint_steps(6, 4) == [4, 6]
     assert checkpoint_steps(40, 20) == [20, 40]
     assert checkpoint_steps(5, 10) == [5]
+
+
+def test_checkpoint_names_spell_their_step():
+    # the names users and other tools see; spelled out here, not taken from the module
+    assert step_name(42) == "step-000042.safetensors"
+    assert step_name(3, ".pt") == "step-000003.pt" and step_name(3, "") == "step-000003"
+    assert step_of(step_name(1_234_567)) == 1_234_567
+    assert step_of("step-000003-01.png") == step_of("step-000003") == 3
+    with pytest.raises(LoramillError, match="not a checkpoint name"):
+        step_of("last.safetensors")
 
 
 def test_training_writes_checkpoints_that_moved_away_from_zero(prepared, tmp_path, tiny_sd):
@@ -157,8 +167,8 @@ def test_state_key_ignores_stopping_options_only_for_total_free_schedules():
 def test_init_from_starts_from_the_given_weights(
     prepared, tmp_path, tiny_sd, caplog, monkeypatch, random_checkpoint
 ):
-    from loramill.export import export_adapter
-    from loramill.train import Training
+    from loramill.export.write import export_adapter
+    from loramill.train.step import Training
 
     kohya, diffusers = tmp_path / "start.safetensors", tmp_path / "start.diffusers.safetensors"
     export_adapter(random_checkpoint, kohya, diffusers, "start")

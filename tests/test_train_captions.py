@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from loramill.train_captions import CaptionVariation
-from loramill.train_config import TrainConfig
+from loramill.train.caption_variation import CaptionVariation
+from loramill.train.config import TrainConfig
 
 
 def variation_of(**options) -> CaptionVariation:

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from loramill import LoramillError
-from loramill.optimizers import make_optimizer, make_scheduler
-from loramill.train_config import TrainConfig
-from loramill.train_objective import input_noise, loss, sample_noise, weights
+from loramill.train.config import TrainConfig
+from loramill.train.objective import input_noise, loss, sample_noise, weights
+from loramill.train.optimizers import make_optimizer, make_scheduler
 
 
 def groups():
@@ -135,8 +135,8 @@ def test_noise_options():
 
 
 def test_clip_skip_takes_the_earlier_layer_through_the_final_norm(tiny_sd):
-    from loramill.latents import Conditioning, encode_prompts
-    from loramill.model import load_pipeline
+    from loramill.models.base_model import load_pipeline
+    from loramill.train.latents import Conditioning, encode_prompts
 
     pipe = load_pipeline(tiny_sd)
     encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
@@ -173,8 +173,8 @@ def test_options_without_effect_are_refused_naming_both_keys(options, message):
 
 
 def test_max_token_length_reads_long_captions_in_chunks(tiny_sd):
-    from loramill.latents import Conditioning, encode_prompts
-    from loramill.model import load_pipeline
+    from loramill.models.base_model import load_pipeline
+    from loramill.train.latents import Conditioning, encode_prompts
 
     pipe = load_pipeline(tiny_sd)
     short = "a red circle"
@@ -209,7 +209,7 @@ def test_latents_encoded_per_step_train_the_cached_runs_adapter(
     of one the encoder sees the same shapes as when caching, so the adapter is the same."""
     from conftest import train_logged
 
-    from loramill.lora import read_checkpoint
+    from loramill.models.checkpoint import read_checkpoint
 
     config = {"train_batch_size": 1, "vae_batch_size": 1, "flip_aug": True}
     cached, lines = train_logged(
@@ -231,7 +231,7 @@ def test_latents_encoded_per_step_train_the_cached_runs_adapter(
 def test_sdpa_off_uses_the_math_attention_with_the_same_result(tiny_sd):
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
-    from loramill.model import load_pipeline, use_sdpa
+    from loramill.models.base_model import load_pipeline, use_sdpa
 
     pipes = [load_pipeline(tiny_sd), load_pipeline(tiny_sd)]
     use_sdpa(pipes[1], False)

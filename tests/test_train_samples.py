@@ -10,10 +10,10 @@ from conftest import REPO, crash_and_resume, train_logged
 from PIL import Image
 
 from loramill import LoramillError
-from loramill.lora import read_checkpoint
-from loramill.samplers import SAMPLERS
-from loramill.train_config import TrainConfig
-from loramill.train_samples import SamplePrompt, parse_sample_prompt
+from loramill.models.checkpoint import read_checkpoint
+from loramill.models.samplers import SAMPLERS
+from loramill.train.config import TrainConfig
+from loramill.train.samples import SamplePrompt, parse_sample_prompt
 
 DEFAULT = SamplePrompt("", "", 64, 64, seed=5, guidance_scale=7.5, steps=20)
 SAMPLES = {"sample_every_n_steps": 2, "sample_steps": 2}

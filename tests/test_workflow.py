@@ -134,7 +134,7 @@ def test_resized_images_are_rgb_at_their_aspect_ratio_bucket(demo_run):
 def test_exported_adapter_changes_the_base_model(demo_run):
     import torch
 
-    from loramill.model import load_pipeline
+    from loramill.models.base_model import load_pipeline
 
     pipe = load_pipeline(str(demo_run / "models" / "tiny-sd"))
 

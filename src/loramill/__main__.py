@@ -14,17 +14,17 @@ from pathlib import Path
 
 # Tool modules (python -m loramill.<name>): their arguments, and what they do.
 COMMANDS = {
-    "seed_edits": ("DATASET", "start caption review: auto captions into metadata.csv"),
+    "captions.seed_edits": ("DATASET", "start caption review: auto captions into metadata.csv"),
     "publish": ("[DATASET]", "push changed exports, grids and data/ to your DVC remote"),
-    "run_cache": ("gc", "free disk: drop run-cache entries no lock references"),
-    "grid_render": ("gc", "free disk: drop cached grid cells no grid shows"),
-    "single_file": ("CKPT OUT_DIR", "an A1111/ComfyUI checkpoint file into a base_model folder"),
+    "reruns.run_cache": ("gc", "free disk: drop run-cache entries no lock references"),
+    "grid.render": ("gc", "free disk: drop cached grid cells no grid shows"),
+    "models.single_file": ("CKPT OUT_DIR", "an A1111/ComfyUI checkpoint into a base_model folder"),
 }
 # Modules run as ``python -m`` by the workflow or the tests, not by users.
 INTERNAL = {
-    "distributed": "a worker of a multi-process training, started by the train job",
-    "demo_data": "draws the demo image datasets and test fixtures",
-    "demo_text": "writes the demo text dataset",
+    "train.distributed": "a worker of a multi-process training, started by the train job",
+    "demo.images": "draws the demo image datasets and test fixtures",
+    "demo.text": "writes the demo text dataset",
 }
 # Snakemake targets people run besides train_all.
 WORKFLOW = {

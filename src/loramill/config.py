@@ -4,21 +4,84 @@ The schema (config/config.schema.yaml) is applied by Snakemake's ``validate`` in
 rules/common.smk; this module merges a dataset's overrides over the global sections, reads
 numbers written as strings ("20", 1e-4) as numbers before that, and turns jsonschema's and
 YAML's multi-line reports into one line that names the offending key, or file line and column.
+
+The schema is also where every option's default is stated: the classes that hold a section's
+options take their defaults from it (:func:`schema_defaults`), so code and config agree.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
+import inspect
 import json
 import re
 from collections.abc import Callable, Iterable
-from typing import Any
+from functools import cache
+from pathlib import Path
+from typing import Any, TypeVar
 
 from loramill import LoramillError
 
 SECTIONS = ("resize", "caption", "merge", "train", "export", "grid", "text")
 TASKS = ("image", "text")
+SCHEMA = Path("config") / "config.schema.yaml"  # in the workflow's folder
+T = TypeVar("T")
+
+
+def schema_file() -> Path:
+    """The workflow's schema, found above the package wherever this module lives in it."""
+    for folder in Path(__file__).resolve().parents:
+        if (folder / SCHEMA).is_file():
+            return folder / SCHEMA
+    raise LoramillError(f"{SCHEMA}: not found in a folder above {Path(__file__).parent}")
+
+
+@cache
+def schema() -> dict[str, Any]:
+    """The config schema, read once per process."""
+    import yaml
+
+    return yaml.safe_load(schema_file().read_text(encoding="utf-8"))
+
+
+def schema_defaults(section: str) -> dict[str, Any]:
+    """The ``default:`` of each option of a section (``train``; ``text.train`` for a nested
+    one), in the types the option classes hold: numbers as floats where the schema takes any
+    number (YAML reads ``8`` as an int), lists as tuples (frozen classes are hashable)."""
+    first, *rest = section.split(".")
+    options = schema()["$defs"][first]
+    for part in rest:
+        options = options["properties"][part]
+    defaults = {}
+    for name, option in options["properties"].items():
+        if "default" not in option:
+            continue
+        value, kinds = option["default"], option.get("type", ())
+        if isinstance(value, int) and not isinstance(value, bool) and "number" in kinds:
+            value = float(value)
+        defaults[name] = tuple(value) if isinstance(value, list) else value
+    return defaults
+
+
+def with_schema_defaults(section: str) -> Callable[[type[T]], type[T]]:
+    """A class decorator, under ``@dataclass``: every annotated field without a value of its
+    own gets the schema's default for the option of that name (a fresh copy per instance
+    for a mapping). A field the schema has no default for is a KeyError at import."""
+
+    def apply(cls: type[T]) -> type[T]:
+        defaults = schema_defaults(section)
+        for name in inspect.get_annotations(cls):
+            if name in cls.__dict__:
+                continue
+            value = defaults[name]
+            if isinstance(value, dict):
+                value = dataclasses.field(default_factory=lambda v=value: copy.deepcopy(v))
+            setattr(cls, name, value)
+        return cls
+
+    return apply
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -182,8 +245,6 @@ def dataset_config(
 
 def check_replaced_keys(config: dict[str, Any]) -> None:
     """Options that were renamed or replaced: say what took their place, not just "unknown"."""
-    from loramill.train_config import check_replaced
-
     check_replaced(config.get("train") or {}, "config: train")
     datasets = config.get("datasets")
     for ds, entry in datasets.items() if isinstance(datasets, dict) else ():
@@ -204,3 +265,17 @@ def grid_settings(grid: dict[str, Any], trigger: str, resolution: int) -> dict[s
     if settings.get("resolution") is None:
         settings["resolution"] = resolution
     return settings
+
+
+REPLACED = {
+    "dtype": "replaced by train.mixed_precision (no | fp16 | bf16); LoRA weights and "
+    "optimizer state always stay float32",
+}
+
+
+def check_replaced(section: Any, where: str = "train") -> None:
+    if not isinstance(section, dict):
+        return  # the schema reports it
+    for key, hint in REPLACED.items():
+        if key in section:
+            raise LoramillError(f"{where}.{key}: {hint}")

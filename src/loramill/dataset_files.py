@@ -9,13 +9,16 @@ dataset or moving it elsewhere with ``path:`` changes no fingerprint.
 from __future__ import annotations
 
 import configparser
+import csv
 import functools
+import io
 import os
 import re
 import unicodedata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from typing import Any
 
-from loramill.hashing import HashCache
+from loramill.hashing import HashCache, hash_value
 
 # Files operating systems and file managers drop into folders: never data.
 SYSTEM_FILES = frozenset({"Thumbs.db", "ehthumbs.db", "desktop.ini", "Icon\r"})
@@ -25,6 +28,8 @@ SUFFIXES = {
     "captions": (".txt", ".caption"),
 }  # None: every file (resize reports the rest)
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# The human caption edits of a dataset, one row per image (loramill.captions.edits).
+METADATA = "metadata.csv"
 # kohya sd-scripts' DreamBooth folders: ``images/<repeats>_<concept>/`` (``5_sks dog``).
 REPEATS_FOLDER = re.compile(r"(\d+)_(.+)", re.DOTALL)
 
@@ -123,3 +128,23 @@ def _entry_hash(entry: os.DirEntry, root: str, hashes: HashCache) -> str:
     if entry.is_file():
         return hashes.file(entry.path)
     return "unreadable"
+
+
+def row_hashes(path: str | os.PathLike, hashes: HashCache) -> dict[str, Any]:
+    """What the rerun decision records of a ``metadata.csv``: the file's hash (any byte
+    changed reruns the merge) and each image's row hash, so a stale reason can say how many
+    images' edits changed. Read leniently: a malformed file is the merge's to report."""
+    rows: dict[str, str] = {}
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig", errors="replace")
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = [column.strip() for column in next(reader, [])]
+        for row in reader:
+            values = dict(zip(header, row, strict=False))
+            name = (values.get("filename") or "").strip()
+            if name:
+                key = match_key(PurePosixPath(name.replace("\\", "/")).name)
+                rows[key] = hash_value([rows.get(key), values])
+    except csv.Error:
+        pass  # the file's hash still decides
+    return {"file": hashes.file(path), "rows": rows}

@@ -20,6 +20,9 @@ NETWORK_FILESYSTEMS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "lustre", "gpfs", "beegfs", "ceph", "fuse.sshfs"}
 )
 
+# A1111's "legacy" hashes (of a LoRA, of a checkpoint) read 64 KiB at 1 MiB into the file.
+LEGACY_OFFSET, LEGACY_LENGTH = 0x100000, 0x10000
+
 
 def filesystem_type(path: str | os.PathLike, mounts: str = "/proc/mounts") -> str:
     """The type of the filesystem ``path`` is on (the longest mount point that holds it)."""
@@ -213,3 +216,9 @@ def _signature(path: str) -> list[int]:
 def _signatures(signed: list[list[Any]]) -> list[list[Any]]:
     """The same list, with each file's (inode, size, mtime) as it is now."""
     return [[entry[0], *_signature(entry[0])] for entry in signed]
+
+
+def legacy_hash(window: bytes) -> str:
+    """AUTOMATIC1111's old 8-digit hash of a file, from its bytes at LEGACY_OFFSET (the
+    additional-networks hash of a LoRA, the model hash of a checkpoint)."""
+    return hashlib.sha256(window).hexdigest()[:8]

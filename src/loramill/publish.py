@@ -28,6 +28,8 @@ import yaml
 
 from loramill import LoramillError
 
+# What a dataset publishes: outputs of its stage rules (rules/*.smk, their one source), as the
+# rules spell them; tests/test_outputs_documented.py refuses any that no rule writes.
 ARTIFACTS = {
     "image": (
         "results/{ds}/checkpoints",  # a folder: one .dvc file for the dataset's checkpoints

@@ -1,0 +1,6 @@
+"""Stand-ins for real data and models, built offline: the bundled image and text datasets
+(``images``, ``text``), tiny diffusers and LLaMA models (``tiny_models``, ``tiny_llama``), and
+image statistics that tell how close generated images are to a dataset.
+
+Imports the core package only; the stages never import it.
+"""

@@ -1,0 +1,153 @@
+"""How each client loads an export, written from the clients' own loaders, and the check that
+every trained module lands where it was trained, at the strength it was trained.
+
+A client's load is an ``Applied`` — target module → (up, down, scale): the client adds
+``scale · up @ down`` (conv pairs flattened) to that module's weight — and the file's keys it
+leaves unread, which it skips with at most a log line:
+
+- ComfyUI (``comfy/lora.py`` ``load_lora`` and ``model_lora_keys_*``, ``comfy/weight_adapter/
+  lora.py``): for every key of the model's key map (loramill.export.ldm_names.LdmLayout), the
+  first LoRA spelling present; alpha only from a ``<key>.alpha`` tensor (scale alpha / rank),
+  scale 1.0 without one; every other key is "lora key not loaded".
+- AUTOMATIC1111 (``extensions-builtin/Lora``: ``networks.load_network``, ``network_lora``):
+  keys grouped by the name before the first dot, the name converted by its rule and looked up
+  among the LDM modules; ``lora_up`` / ``lora_down`` / ``alpha``, scale alpha / dim (dim:
+  ``lora_down``'s rows), 1.0 without alpha; unmatched names are only logged.
+- kohya sd-scripts (``networks/lora.py`` ``create_network_from_weights``): the same grouping;
+  dim from ``lora_down``, alpha from ``.alpha`` or else the dim (scale 1); a module exists
+  only for the names its network gives the Linear and Conv2d layers of its target blocks, and
+  ``load_state_dict(strict=False)`` drops every other key silently.
+- diffusers: its real loader (loramill.export.verify).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramill import LoramillError
+from loramill.models.checkpoint import Checkpoint, module_alpha
+from loramill.models.kohya_names import kohya_module
+
+Applied = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+Load = tuple[Applied, list[str]]
+
+# (up, down) spellings in the order comfy/weight_adapter/lora.py tries them
+COMFYUI_SPELLINGS = (
+    (".lora_up.weight", ".lora_down.weight"),
+    ("_lora.up.weight", "_lora.down.weight"),
+    (".lora_B.weight", ".lora_A.weight"),
+    (".lora.up.weight", ".lora.down.weight"),
+    (".lora_B", ".lora_A"),
+    (".lora_linear_layer.up.weight", ".lora_linear_layer.down.weight"),
+)
+# kohya's LoRANetwork target blocks (UNET_TARGET_REPLACE_MODULE + the 3×3-conv ones that
+# create_network_from_weights adds; TEXT_ENCODER_TARGET_REPLACE_MODULE)
+KOHYA_BLOCKS = {
+    "unet": ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"),
+    "text_encoder": ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"),
+}
+
+
+def comfyui_load(tensors: dict[str, torch.Tensor], key_map: dict[str, str]) -> Load:
+    """What ComfyUI applies of a file, with a model whose key map is ``key_map``."""
+    applied: Applied = {}
+    read: set[str] = set()
+    for key, target in key_map.items():
+        for up, down in COMFYUI_SPELLINGS:
+            if key + up in tensors and key + down in tensors:
+                alpha = tensors.get(key + ".alpha")
+                rank = tensors[key + down].shape[0]
+                scale = 1.0 if alpha is None else float(alpha) / rank
+                applied[target] = (tensors[key + up], tensors[key + down], scale)
+                read |= {key + up, key + down, key + ".alpha"}
+                break
+    return applied, sorted(set(tensors) - read)
+
+
+def named_load(tensors: dict[str, torch.Tensor], resolve: Callable[[str], str | None]) -> Load:
+    """What A1111 or kohya sd-scripts applies of a file: ``resolve`` is the tool's rule from
+    a kohya module name to its target (None: no module of that name)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        name, _, part = key.partition(".")
+        groups.setdefault(name, {})[part] = tensor
+    applied: Applied = {}
+    unread = []
+    for name, parts in sorted(groups.items()):
+        target = resolve(name)
+        if target is None or not {"lora_up.weight", "lora_down.weight"} <= set(parts):
+            unread += [f"{name}.{part}" for part in sorted(parts)]
+            continue
+        down, alpha = parts["lora_down.weight"], parts.get("alpha")
+        scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
+        applied[target] = (parts["lora_up.weight"], down, scale)
+    return applied, unread
+
+
+def kohya_targets(models: dict[str, Any]) -> set[str]:
+    """The module names kohya's network has for these models."""
+    names = set()
+    for component, model in models.items():
+        for path, block in model.named_modules():
+            if type(block).__name__ not in KOHYA_BLOCKS[component]:
+                continue
+            for child_path, child in block.named_modules():
+                # a layer an adapter was added to (and deleted from) keeps peft's wrapper
+                child = getattr(child, "base_layer", child)
+                if isinstance(child, torch.nn.Linear | torch.nn.Conv2d):
+                    names.add(kohya_module(component, f"{path}.{child_path}"))
+    return names
+
+
+def trained_modules(checkpoint: Checkpoint) -> dict[tuple[str, str], tuple[Any, Any, float]]:
+    """(component, module) → (lora_B, lora_A, alpha / rank) as the checkpoint trained them."""
+    modules = {}
+    for key, tensor in checkpoint.tensors.items():
+        if key.endswith(".lora_A.weight"):
+            component, _, module = key.removesuffix(".lora_A.weight").partition(".")
+            up = checkpoint.tensors[key.replace(".lora_A.weight", ".lora_B.weight")]
+            alpha = module_alpha(checkpoint.adapter_configs[component], module)
+            modules[(component, module)] = (up, tensor, alpha / tensor.shape[0])
+    return modules
+
+
+def _delta_probe(up: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · up @ down`` applied to fixed random vectors: the delta, without forming it."""
+    down2, up2 = down.flatten(1).float(), up.flatten(1).float()
+    vectors = torch.randn(down2.shape[1], 2, generator=torch.Generator().manual_seed(0))
+    return scale * (up2 @ (down2 @ vectors))
+
+
+def tolerance(tensors: dict[str, torch.Tensor]) -> float:
+    """The relative error a file's weights allow: 16-bit weights round each factor, while a
+    wrong scale is off by far more."""
+    half = any(t.dtype in (torch.float16, torch.bfloat16) for t in tensors.values())
+    return 2e-2 if half else 1e-4
+
+
+def check_lands(path: Path, client: str, load: Load, expected: Applied, tol: float) -> None:
+    """Every key read, every trained module (``expected``, by the client's target names)
+    applied to its own target with the trained delta (to ``tol``); raise otherwise."""
+    applied, unread = load
+    if unread:
+        raise LoramillError(
+            f"{path}: {client} would not load {len(unread)} keys (first: {unread[0]})"
+        )
+    missing, extra = sorted(set(expected) - set(applied)), sorted(set(applied) - set(expected))
+    if missing or extra:
+        raise LoramillError(
+            f"{path}: {client} lands {len(set(applied) & set(expected))} of the "
+            f"{len(expected)} trained modules (first {'missing' if missing else 'extra'}: "
+            f"{(missing or extra)[0]})"
+        )
+    for target in sorted(expected):
+        got, want = _delta_probe(*applied[target]), _delta_probe(*expected[target])
+        if torch.linalg.norm(got - want) > tol * torch.linalg.norm(want):
+            ratio = float((got * want).sum() / (want * want).sum().clamp_min(1e-30))
+            raise LoramillError(
+                f"{path}: {client} applies {target} at {ratio:.3g}× the trained delta"
+            )

@@ -1,0 +1,122 @@
+"""The model card written beside each export (``exports/<ds>.md``): how to use the adapter,
+how it was trained, what it was trained on, and where it came from — all read from the
+export's own metadata, so the card never says what the file does not hold."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from loramill.files import write_bytes, write_text
+from loramill.models.checkpoint import PROVENANCE_KEY, read_checkpoint
+from loramill.report_pages import markdown_page
+
+SETTINGS = (
+    "network_target", "rank", "alpha", "conv_rank", "conv_alpha", "optimizer_type",
+    "learning_rate", "unet_lr", "text_encoder_lr", "train_text_encoder", "lr_scheduler",
+    "max_train_steps", "max_train_epochs", "train_batch_size", "gradient_accumulation_steps",
+    "mixed_precision", "min_snr_gamma", "noise_offset", "flip_aug", "repeats", "clip_skip",
+)  # fmt: skip
+
+
+def _table(header: tuple[str, str], rows: list[tuple[Any, Any]]) -> list[str]:
+    return [f"| {header[0]} | {header[1]} |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows]
+
+
+def _single_file(provenance: dict[str, Any]) -> list[tuple[str, str]]:
+    source = provenance.get("base_model_file")
+    return (
+        [("base checkpoint", f"`{source['file']}` (sha256 `{source['sha256']}`)")] if source else []
+    )
+
+
+def _use(name: str, trigger: str) -> list[str]:
+    """The card's "Use" lines: which file goes to which client."""
+    return [
+        f"Trigger words: {', '.join(f'`{w}`' for w in trigger.split(', ')) if trigger else 'none'}",
+        "",
+        f"AUTOMATIC1111: copy `{name}.safetensors` to `models/Lora/` and add `<lora:{name}:0.7>`"
+        " to the prompt. ComfyUI: `models/loras/`, LoraLoader. kohya sd-scripts: "
+        f"`--network_weights {name}.safetensors`. diffusers:",
+        "",
+        "```python",
+        f'pipe.load_lora_weights("exports", weight_name="{name}.safetensors")',
+        "```",
+        "",
+        f"`{name}.diffusers.safetensors` is the diffusers-format file: diffusers and ComfyUI "
+        "load it fully at the trained strength (alpha = rank, the trained scale is in its "
+        "weights); AUTOMATIC1111 and kohya sd-scripts take the file above.",
+        "",
+    ]
+
+
+def model_card(kohya_path: str | os.PathLike, name: str, grid: str, grid_image: bool = True) -> str:
+    """The card's Markdown for the kohya export at ``kohya_path``; ``grid``: the evaluation
+    grid's path relative to the card, shown as an image or (``grid_image`` false: the card
+    as the report shows it, a page without a location, where a relative path leads nowhere)
+    named."""
+    metadata = read_checkpoint(kohya_path).metadata
+    provenance = json.loads(metadata[PROVENANCE_KEY])
+    train = provenance.get("train_config", {})
+    trigger = metadata.get("modelspec.trigger_phrase", "")
+    tags: Counter[str] = Counter()
+    for folder in json.loads(metadata.get("ss_tag_frequency", "{}")).values():  # kohya: per folder
+        tags.update(folder)
+    top = sorted(tags.items(), key=lambda item: (-item[1], item[0]))[:20]
+    lines = [
+        f"# {name}",
+        "",
+        f"A LoRA for `{provenance.get('base_model', '?')}` "
+        f"({metadata.get('modelspec.architecture', '?')}), trained by loramill for "
+        f"{metadata.get('ss_steps', '?')} steps on {provenance.get('num_images', '?')} images.",
+        "",
+        "## Use",
+        "",
+        *_use(name, trigger),
+        "## Settings",
+        "",
+        *_table(("option", "value"), [(k, train[k]) for k in SETTINGS if train.get(k) is not None]),
+        "",
+        "## Tags (top 20)",
+        "",
+        *_table(("tag", "images"), top),
+        "",
+        "## Grid",
+        "",
+        f"![{name}: checkpoints × strengths × prompts]({grid})"
+        if grid_image
+        else f"`{grid}`, and on the first page of the report.",
+        "",
+        "## Provenance",
+        "",
+        *_table(
+            ("what", "value"),
+            [
+                ("data fingerprint", f"`{provenance.get('data_fingerprint', '?')}`"),
+                ("base model hash", f"`{provenance.get('base_model_hash', '?')}`"),
+                *_single_file(provenance),
+                ("seed", provenance.get("seed")),
+                ("exported", metadata.get("modelspec.date", "?")),
+                (
+                    "libraries",
+                    ", ".join(f"{k} {v}" for k, v in provenance.get("versions", {}).items()),
+                ),
+                ("sshs_model_hash", f"`{metadata.get('sshs_model_hash', '?')}`"),
+            ],
+        ),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_model_card(
+    kohya_path: str | os.PathLike, card_path: str | os.PathLike, name: str, grid: str
+) -> None:
+    """The card as Markdown at ``card_path`` and, beside it with the suffix ``.html``, as a web
+    page: the report opens HTML, while Markdown is only a download link there."""
+    write_bytes(card_path, model_card(kohya_path, name, grid).encode())
+    page = markdown_page(model_card(kohya_path, name, grid, grid_image=False), name)
+    write_text(Path(card_path).with_suffix(".html"), page)

@@ -1,0 +1,126 @@
+"""Locating and loading the base model: the embedded tiny model, a local diffusers folder,
+or a Hugging Face hub id.
+
+Weights load from safetensors only, unless the user opts in to pickle checkpoints with
+``allow_unsafe_weights`` (pickle files can run code when loaded).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from loramill import LoramillError
+from loramill.model_files import load_error, resolve_base_model
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in DTYPES:
+        raise LoramillError(f"dtype '{name}': expected one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def load_pipeline(spec: str, dtype: str = "float32", allow_unsafe_weights: bool = False) -> Any:
+    """Load a StableDiffusionPipeline (no safety checker: outputs are evaluation grids)."""
+    from diffusers import StableDiffusionPipeline
+
+    source = resolve_base_model(spec)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            source,
+            dtype=torch_dtype(dtype),
+            # None: prefer safetensors, fall back to pickle files (opt-in only).
+            use_safetensors=None if allow_unsafe_weights else True,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=Path(source).exists(),
+        )
+    except (OSError, ValueError) as error:
+        raise load_error(spec, error) from error
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def base_version(pipe: Any) -> str:
+    """Which Stable Diffusion the pipeline is, from its config: ``sd_v2`` (a 1024-wide text
+    encoder, OpenCLIP ViT-H) with ``-v`` for v-prediction, else ``sd_v1``."""
+    if pipe.unet.config.cross_attention_dim != 1024:
+        return "sd_v1"
+    v_prediction = pipe.scheduler.config.get("prediction_type") == "v_prediction"
+    return "sd_v2-v" if v_prediction else "sd_v2"
+
+
+def model_folder(spec: str) -> Path:
+    """The local folder of a base model: the path itself, or a hub id's cached snapshot."""
+    source = resolve_base_model(spec)
+    path = Path(source)
+    if path.exists():
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, local_files_only=True))
+    except Exception as error:  # any hub failure means: not in the local cache
+        raise load_error(spec, error) from error
+
+
+# Floating-point safetensors dtypes: weights that load as float32 (integer buffers do not).
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+TRAINED = ("unet", "vae", "text_encoder")
+
+
+@functools.cache
+def float32_bytes(spec: str) -> int:
+    """Size of the base model's UNet, VAE and text encoder in float32, read from the
+    safetensors headers only (a few KB each), for Snakemake's ``mem_mb``."""
+    try:
+        root = model_folder(spec)
+    except LoramillError:
+        return 0  # a hub model not downloaded yet: the job will say so
+    return sum(
+        map(
+            safetensors_float32_bytes,
+            (f for c in TRAINED for f in sorted((root / c).glob("*.safetensors"))),
+        )
+    )
+
+
+def safetensors_float32_bytes(path: Path) -> int:
+    """What a safetensors file's floating-point tensors take in float32, from its header."""
+    with open(path, "rb") as handle:
+        header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+    return sum(
+        math.prod(entry["shape"]) * 4
+        for name, entry in header.items()
+        if name != "__metadata__" and entry["dtype"] in FLOAT_DTYPES
+    )
+
+
+def job_mem_mb(spec: str, resolution: int, batch_size: int, training: bool) -> int:
+    """A realistic memory request for a model job: float32 weights, plus activations.
+
+    Calibrated on the SD1.5 architecture (bench/README.md): with 4.0 GiB of float32 weights a
+    LoRA step peaked at 6.1 GiB at 512 px and 4.4 GiB (5.2 GiB in bf16) at 256 px, batch 1;
+    this asks 7.0 and 5.8 GiB.
+    """
+    weights_mb = float32_bytes(spec) / 2**20
+    per_image_mb = (1600 if training else 600) * (resolution / 512) ** 2
+    return int(weights_mb * 1.25 + per_image_mb * batch_size + 500)
+
+
+def use_sdpa(pipe: Any, on: bool) -> None:
+    """torch's scaled_dot_product_attention in the UNet and text encoder (both libraries'
+    default), or with ``on`` False the plain math attention (train.sdpa)."""
+    if on:
+        return
+    from diffusers.models.attention_processor import AttnProcessor
+
+    pipe.unet.set_attn_processor(AttnProcessor())
+    pipe.text_encoder.set_attn_implementation("eager")

@@ -1,0 +1,176 @@
+"""The training checkpoint format (the network itself: loramill.models.network).
+
+A checkpoint is a diffusers-format LoRA file: peft keys prefixed ``unet.`` / ``text_encoder.``
+and the adapter configs under the ``lora_adapter_metadata`` key, so ``pipe.load_lora_weights``
+reads it directly and keeps alpha. Extra provenance goes under ``loramill.*`` metadata keys.
+This module owns the names: a checkpoint's file name and its metadata keys are spelled here
+only, and every writer and reader of checkpoints (train, export, grid, text) takes them from it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loramill import LoramillError
+from loramill.files import save_safetensors
+
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
+COMPONENTS = ("unet", "text_encoder")
+# loramill's own metadata keys; exports copy every key with the prefix along.
+METADATA_PREFIX = "loramill."
+STEP_KEY = METADATA_PREFIX + "step"  # the optimizer step, as a decimal string
+PROVENANCE_KEY = METADATA_PREFIX + "provenance"  # the training record, as JSON
+# ``step-NNNNNN``: six digits at least, so names sort in step order up to a million steps.
+STEP_PREFIX = "step-"
+SUFFIX = ".safetensors"
+STEP_NAME = re.compile(rf"^{re.escape(STEP_PREFIX)}(\d{{6,}})")
+
+
+def step_name(step: int, suffix: str = SUFFIX) -> str:
+    """``step-NNNNNN.safetensors``; the text stages' adapter folders, the training state and
+    samples share the stem with their own ``suffix`` (``""``, ``.pt``, ``-II.png``)."""
+    return f"{STEP_PREFIX}{step:06d}{suffix}"
+
+
+def step_of(name: str) -> int:
+    """The step a ``step_name`` spells (whatever its suffix)."""
+    match = STEP_NAME.match(name)
+    if match is None:
+        raise LoramillError(f"{name}: not a checkpoint name ({step_name(0, '')}…)")
+    return int(match.group(1))
+
+
+def step_metadata(step: int, provenance: str) -> dict[str, str]:
+    """The loramill metadata of a checkpoint: its step and its JSON provenance."""
+    return {STEP_KEY: str(step), PROVENANCE_KEY: provenance}
+
+
+def _json_ready(config: dict[str, Any]) -> dict[str, Any]:
+    # Sets iterate in hash-seed order; sorted lists keep the file bit-identical across runs.
+    return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+def module_alpha(config: dict[str, Any], module: str) -> float:
+    """A module's alpha as peft resolves it: the first ``alpha_pattern`` key that matches the
+    end of the module's dotted name, else ``lora_alpha`` (kohya_conv's convs have their own)."""
+    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return float(alpha)
+    return float(config["lora_alpha"])
+
+
+def adapter_state(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The LoRA tensors (contiguous CPU copies) and the JSON-ready adapter config of a model."""
+    from peft.utils import get_peft_model_state_dict
+
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model).items()}
+    config = _json_ready(model.peft_config["default"].to_dict())
+    return state, config
+
+
+@dataclass
+class Checkpoint:
+    tensors: dict[str, Any]
+    metadata: dict[str, str]
+    adapter_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def component(self, name: str) -> dict[str, Any]:
+        """Tensors of one component (``unet`` or ``text_encoder``), prefix removed."""
+        prefix = name + "."
+        return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    @property
+    def rank(self) -> int:
+        return int(self.adapter_configs["unet"]["r"])
+
+    @property
+    def alpha(self) -> float:
+        return float(self.adapter_configs["unet"]["lora_alpha"])
+
+
+def network_state(unet: Any, text_encoder: Any | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The LoRA tensors of both components (``unet.`` / ``text_encoder.`` prefixed) and their
+    adapter configs, as a checkpoint stores them."""
+    tensors: dict[str, Any] = {}
+    adapter_metadata: dict[str, Any] = {}
+    for name, model in zip(COMPONENTS, (unet, text_encoder), strict=True):
+        if model is None:
+            continue
+        state, config = adapter_state(model)
+        tensors.update({f"{name}.{k}": v for k, v in state.items()})
+        adapter_metadata.update({f"{name}.{k}": v for k, v in config.items()})
+    return tensors, adapter_metadata
+
+
+def write_checkpoint(
+    path: str | os.PathLike,
+    tensors: dict[str, Any],
+    adapter_metadata: dict[str, Any],
+    metadata: dict[str, str],
+) -> None:
+    header = {
+        "format": "pt",
+        ADAPTER_METADATA_KEY: json.dumps(adapter_metadata, indent=2, sort_keys=True),
+        **metadata,
+    }
+    save_safetensors(tensors, path, header)
+
+
+def save_checkpoint(
+    path: str | os.PathLike, unet: Any, text_encoder: Any | None, metadata: dict[str, str]
+) -> None:
+    write_checkpoint(path, *network_state(unet, text_encoder), metadata)
+
+
+def load_network_state(unet: Any, text_encoder: Any | None, tensors: dict[str, Any]) -> None:
+    """Put saved LoRA tensors (``network_state`` keys) into the models' LoRA layers, exactly.
+
+    Every tensor must find its layer and every layer its tensor: a partial load would train
+    from a silently different start.
+    """
+    from peft.utils import set_peft_model_state_dict
+
+    checkpoint = Checkpoint(tensors=tensors, metadata={})
+    for name, model in zip(COMPONENTS, (unet, text_encoder), strict=True):
+        part = checkpoint.component(name)
+        if model is None:
+            if part:
+                raise LoramillError(f"{len(part)} {name} LoRA tensors but no {name} to train")
+            continue
+        expected = set(adapter_state(model)[0])
+        if set(part) != expected:
+            extra, missing = sorted(set(part) - expected), sorted(expected - set(part))
+            first = (extra or missing)[0]
+            raise LoramillError(
+                f"{name}: {len(extra)} LoRA tensors have no layer and {len(missing)} layers "
+                f"have no tensor (first: {first})"
+            )
+        set_peft_model_state_dict(model, part)
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    packed = json.loads(metadata.get(ADAPTER_METADATA_KEY, "{}"))
+    configs: dict[str, dict[str, Any]] = {}
+    for key, value in packed.items():
+        component, _, option = key.partition(".")
+        configs.setdefault(component, {})[option] = value
+    return Checkpoint(tensors=tensors, metadata=metadata, adapter_configs=configs)
+
+
+def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[Path]:
+    """Checkpoint files of a training run, in step order."""
+    pattern = f"{STEP_PREFIX}*{SUFFIX}"
+    paths = sorted(Path(checkpoints_dir).glob(pattern))
+    if not paths:
+        raise LoramillError(f"{checkpoints_dir}: no checkpoints ({pattern})")
+    return paths

@@ -1,0 +1,69 @@
+"""A content-keyed Snakemake rule, read as a stage: what its job will receive, per dataset.
+
+The planner needs, before any job runs, what each job will be given. Rather than describing
+stages a second time, this evaluates the rule itself for a dataset — its params functions,
+its input functions and patterns, its outputs — the way Snakemake will when it creates the
+job, so the rule stays the one description.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from snakemake.io import apply_wildcards
+from snakemake.iocontainers import Wildcards
+
+from loramill import LoramillError
+from loramill.reruns.fingerprints import Job
+from loramill.reruns.runner import DONE, GATE, paths
+from loramill.reruns.staleness import Stage
+
+
+def _evaluate(value: Any, wildcards: Wildcards) -> Any:
+    """A rule item for one job, as Snakemake makes it: a function's result as returned,
+    a string as a pattern filled with the wildcards."""
+    if callable(value):
+        return value(wildcards)
+    if isinstance(value, str):
+        return apply_wildcards(value, wildcards) if "{" in value else str(value)
+    return value
+
+
+def _named(items: Any, wildcards: Wildcards, skip: str) -> dict[str, Any]:
+    return {name: _evaluate(value, wildcards) for name, value in items if name != skip}
+
+
+def _check(rule: Any) -> Path:
+    """The conventions a stage rule follows, so the job can find the same facts."""
+    script = Path(rule.basedir.get_path_or_uri(secret_free=True)) / (rule.script or "")
+    expected = f"scripts/{rule.name}.py"
+    if not script.is_file() or not script.resolve().as_posix().endswith(expected):
+        raise LoramillError(f"rule {rule.name}: a content-keyed stage runs {expected}")
+    if rule.input.get(GATE) is None or rule.output.get(DONE) is None:
+        raise LoramillError(f"rule {rule.name}: needs gate={GATE}(…) and done={DONE}(…)")
+    marker = str(rule.output.get(DONE))
+    if not marker.endswith(f"/{rule.name}"):
+        raise LoramillError(f"rule {rule.name}: its marker {marker} names another stage")
+    return script
+
+
+def rule_stage(rule: Any, datasets: dict[str, dict[str, Any]]) -> Stage:
+    """The stage ``rule`` runs, for the datasets of the config."""
+    script = _check(rule)
+
+    def job(ds: str) -> Job:
+        wildcards = Wildcards(fromdict={"ds": ds})
+        return Job(
+            rule=rule.name,
+            script=script,
+            params=_named(rule.params.items(), wildcards, skip=""),
+            inputs={k: paths(v) for k, v in _named(rule.input.items(), wildcards, GATE).items()},
+            dataset_root=datasets[ds]["path"],
+        )
+
+    def outputs(ds: str) -> dict[str, str]:
+        wildcards = Wildcards(fromdict={"ds": ds})
+        return {k: str(v) for k, v in _named(rule.output.items(), wildcards, DONE).items()}
+
+    return Stage(rule.name, job, outputs)

@@ -1,0 +1,72 @@
+"""Loading the language model of a text dataset: a local transformers folder or a hub id.
+
+Which of its files count, its fingerprint and its download are in loramill.model_files.
+Weights load from safetensors unless the user opts in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loramill import LoramillError
+from loramill.model_files import language_model_files, load_error, resolve_language_model
+from loramill.models.base_model import safetensors_float32_bytes, torch_dtype
+
+
+def _local(source: str) -> dict[str, Any]:
+    return {"local_files_only": Path(source).exists()}
+
+
+def load_tokenizer(spec: str) -> Any:
+    """The model's tokenizer, with a pad token (its EOS) where it has none: batches pad."""
+    from transformers import AutoTokenizer
+
+    source = resolve_language_model(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_local(source))
+    except (OSError, ValueError) as error:
+        raise load_error(spec, error) from error
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(spec: str, dtype: str = "float32", allow_unsafe_weights: bool = False) -> Any:
+    """The frozen base model, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_language_model(spec)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=torch_dtype(dtype),
+            use_safetensors=None if allow_unsafe_weights else True,  # None: pickle allowed
+            **_local(source),
+        )
+    except (OSError, ValueError) as error:
+        raise load_error(spec, error) from error
+    return model.eval().requires_grad_(False)
+
+
+def model_config(spec: str) -> dict[str, Any]:
+    """The model's config.json, as a dict."""
+    from transformers import AutoConfig
+
+    source = resolve_language_model(spec)
+    try:
+        return AutoConfig.from_pretrained(source, **_local(source)).to_dict()
+    except (OSError, ValueError) as error:
+        raise load_error(spec, error) from error
+
+
+def text_job_mem_mb(spec: str, training: bool) -> int:
+    """A memory request for a text job: the float32 weights, twice over when training
+    (activations, gradients through the frozen layers), plus the interpreter and libraries."""
+    try:
+        folder = Path(resolve_language_model(spec))
+    except LoramillError:
+        return 0
+    weights = [folder / f for f in language_model_files(folder) if f.endswith(".safetensors")]
+    weights_mb = sum(map(safetensors_float32_bytes, weights)) / 2**20 if folder.exists() else 0
+    return int(weights_mb * (2.0 if training else 1.25) + 1000)

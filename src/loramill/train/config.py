@@ -1,0 +1,257 @@
+"""The train section of the config: its options, their checks, and what they imply.
+
+Checks that need only the config run at parse time (rules/common.smk) as well as in the job,
+so a mistake stops Snakemake before any job runs; the dataset-size check runs in the job,
+after resize has decided which images are usable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from loramill import LoramillError
+from loramill.config import check_replaced, with_schema_defaults
+from loramill.models.network import NETWORK_TARGETS
+from loramill.train.optimizers import check_optimizer
+
+# Schedules whose learning rate at step N does not depend on max_train_steps: a longer run
+# follows the shorter one's trajectory exactly, so it can continue from its saved state.
+TOTAL_FREE_SCHEDULES = ("constant", "constant_with_warmup")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LOSS_TYPES = ("l2", "huber", "smooth_l1")
+# Options that only decide where a run stops and what it writes out, not its trajectory.
+STOPPING_OPTIONS = ("max_train_steps", "max_train_epochs", "save_steps")
+# Where a multi-machine run's processes meet: no part of what it trains, and a resubmission
+# lands on other machines, so it stays out of fingerprints, provenance and the state's key.
+LAUNCH_OPTIONS = ("rdzv_endpoint",)
+
+
+@dataclass(frozen=True)
+@with_schema_defaults("train")  # every option's default is the schema's
+class TrainConfig:
+    # The network (loramill.models.network).
+    network_target: str
+    rank: int
+    alpha: float
+    conv_rank: int | None  # kohya_conv's 3×3 convs; None = rank
+    conv_alpha: float | None  # None = alpha
+    network_dropout: float
+    rank_dropout: float
+    module_dropout: float
+    learning_rate: float
+    text_encoder_lr: float
+    train_text_encoder: bool
+    max_train_steps: int
+    max_train_epochs: int | None  # when set, the steps those epochs take (wins)
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    save_steps: int
+    seed: int
+    lr_scheduler: str
+    lr_warmup_steps: int
+    max_grad_norm: float
+    noise_offset: float
+    # Loss and noise (loramill.train.objective).
+    multires_noise_iterations: int
+    multires_noise_discount: float
+    ip_noise_gamma: float
+    min_snr_gamma: float
+    scale_v_pred_loss_like_noise_pred: bool
+    loss_type: str
+    huber_c: float
+    # Optimizer and schedule (loramill.train.optimizers).
+    optimizer_type: str
+    optimizer_args: dict
+    unet_lr: float | None
+    lr_scheduler_num_cycles: int
+    lr_scheduler_power: float
+    repeats: int  # times each image is seen per epoch
+    flip_aug: bool  # mirror images left to right half the time
+    clip_skip: int  # 1 = CLIP's last layer; 2 = the one before (kohya's clip_skip)
+    max_token_length: int  # 150 or 225: longer captions, read in chunks of 75
+    gradient_checkpointing: bool
+    sdpa: bool  # torch's scaled_dot_product_attention; False = the plain math attention
+    # False: encode each batch's images every step (no latent cache on disk; slower).
+    cache_latents: bool
+    # Samples during training (loramill.train.samples; kohya's names).
+    sample_every_n_steps: int
+    sample_prompts: tuple[str, ...]
+    sample_sampler: str
+    sample_steps: int
+    mixed_precision: str
+    # Images per vae.encode call. Latents are cached per image, so a call always gets exactly
+    # this many images (the last chunk is padded): on CPU a latent's bits depend on the batch
+    # shape it was encoded in, and a fresh run must match an incremental one.
+    vae_batch_size: int
+    init_from: str
+    # Captions as training sees them (loramill.train.caption_variation; kohya's names).
+    shuffle_caption: bool
+    keep_tokens: int
+    keep_tokens_separator: str
+    caption_dropout_rate: float
+    caption_tag_dropout_rate: float
+    caption_prefix: str
+    caption_suffix: str
+    # CPU kernels split reductions by thread count, so it is part of what makes a run
+    # bit-reproducible: fixed here rather than taken from the scheduler.
+    threads: int
+    # data-parallel processes (loramill.train.distributed); train_batch_size is per process
+    num_processes: int
+    num_machines: int  # each running num_processes; torchrun's --nnodes
+    rdzv_endpoint: str  # HOST:PORT where the machines meet; torchrun's --rdzv-endpoint
+
+    @classmethod
+    def from_dict(cls, config: dict[str, Any]) -> TrainConfig:
+        check_replaced(config)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise LoramillError(f"train.{unknown[0]}: unknown option")
+        cfg = cls(**{**config, **_tuples(config)})
+        cfg.check()
+        return cfg
+
+    def check(self) -> None:
+        """Combinations the schema cannot express; each error names the key to change."""
+        if self.mixed_precision not in MIXED_PRECISION:
+            choices = " | ".join(MIXED_PRECISION)
+            raise LoramillError(f"train.mixed_precision '{self.mixed_precision}': use {choices}")
+        if self.max_token_length not in (75, 150, 225):
+            raise LoramillError(
+                f"train.max_token_length {self.max_token_length}: use 75, 150 or 225"
+            )
+        if self.network_target not in NETWORK_TARGETS:
+            choices = " | ".join(NETWORK_TARGETS)
+            raise LoramillError(f"train.network_target '{self.network_target}': use {choices}")
+        if self.loss_type not in LOSS_TYPES:
+            raise LoramillError(f"train.loss_type '{self.loss_type}': use {' | '.join(LOSS_TYPES)}")
+        check_optimizer(self)
+        if self.lr_scheduler == "constant" and self.lr_warmup_steps:
+            raise LoramillError(
+                f"train.lr_warmup_steps: {self.lr_warmup_steps} has no effect with "
+                "lr_scheduler: constant; use lr_scheduler: constant_with_warmup"
+            )
+        self.check_no_effect()
+
+    def check_no_effect(self) -> None:
+        """An option set away from its default where the option it belongs to is off."""
+        needs = [
+            ("conv_rank", "network_target", "kohya_conv"),
+            ("conv_alpha", "network_target", "kohya_conv"),
+            ("lr_scheduler_num_cycles", "lr_scheduler", "cosine_with_restarts"),
+            ("lr_scheduler_power", "lr_scheduler", "polynomial"),
+            ("huber_c", "loss_type", ("huber", "smooth_l1")),
+            ("vae_batch_size", "cache_latents", "true"),  # per step: the batch is the batch
+        ]
+        if self.num_machines == 1:
+            needs.append(("rdzv_endpoint", "num_machines", "N > 1"))
+        if not self.sample_every_n_steps:  # every sample option needs samples
+            for key in ("sample_prompts", "sample_sampler", "sample_steps"):
+                needs.append((key, "sample_every_n_steps", "N > 0"))
+        for key, owner, wanted in needs:
+            default = getattr(TrainConfig, key)  # the schema's
+            value, current = getattr(self, key), getattr(self, owner)
+            allowed = wanted if isinstance(wanted, tuple) else (wanted,)
+            if isinstance(current, bool):  # as YAML spells it
+                current = str(current).lower()
+            if value != default and current not in allowed:
+                raise LoramillError(
+                    f"train.{key}: {value} has no effect with train.{owner}: {current}; "
+                    f"use {owner}: {' or '.join(allowed)}, or drop {key}"
+                )
+        discount = self.multires_noise_discount
+        if discount != TrainConfig.multires_noise_discount and not self.multires_noise_iterations:
+            raise LoramillError(
+                "train.multires_noise_discount has no effect with "
+                "train.multires_noise_iterations: 0; set the iterations, or drop the discount"
+            )
+
+    def check_machines(self) -> None:
+        """Several machines meet at one endpoint, which every machine's job must name. Checked
+        at parse time and at launch, not in :meth:`check`: the stages' params leave the
+        endpoint out (LAUNCH_OPTIONS), and they are parsed too (the state's key, export)."""
+        if self.num_machines == 1:
+            return
+        if not self.rdzv_endpoint:
+            raise LoramillError(
+                f"train.rdzv_endpoint: num_machines: {self.num_machines} needs HOST:PORT, "
+                "a free port on the first machine, where every machine's train job meets"
+            )
+        host, _, port = self.rdzv_endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise LoramillError(
+                f"train.rdzv_endpoint '{self.rdzv_endpoint}': use HOST:PORT (node001:29500)"
+            )
+
+    def for_epochs(self, batches_per_epoch: int) -> TrainConfig:
+        """With ``max_train_epochs``, the config whose max_train_steps those epochs take."""
+        if not self.max_train_epochs:
+            return self
+        per_step = self.gradient_accumulation_steps
+        steps = -(-batches_per_epoch * self.max_train_epochs // per_step)  # ceiling
+        return replace(self, max_train_steps=steps)
+
+    @property
+    def world_size(self) -> int:
+        """Processes of the run, on every machine."""
+        return self.num_processes * self.num_machines
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per batch over every process: what one batch of the data order holds."""
+        return self.train_batch_size * self.world_size
+
+    def check_dataset(self, images: int) -> None:
+        if self.global_batch_size > images:
+            times = f" × {self.world_size} processes" if self.world_size > 1 else ""
+            raise LoramillError(
+                f"train.train_batch_size: {self.train_batch_size}{times} is more than the "
+                f"dataset's {images} usable image{'s' if images != 1 else ''}; lower it or add "
+                "images"
+            )
+
+    def check_device(self, device_type: str) -> None:
+        if self.optimizer_type == "AdamW8bit" and device_type != "cuda":
+            raise LoramillError(
+                f"train.optimizer_type: AdamW8bit (bitsandbytes) needs a CUDA GPU, and the "
+                f"device is {device_type}; use AdamW, Lion, Prodigy or Adafactor"
+            )
+        if self.mixed_precision == "fp16" and device_type != "cuda":
+            raise LoramillError(
+                f"train.mixed_precision: fp16 needs a CUDA GPU (gradient scaling), and the "
+                f"device is {device_type}; use bf16 or no"
+            )
+
+    @property
+    def network(self) -> Any:
+        """The LoRA network trained (loramill.models.network.NetworkSpec)."""
+        from loramill.models.network import NetworkSpec
+
+        return NetworkSpec.from_config(self)
+
+    @property
+    def conditioning(self) -> Any:
+        """How captions are encoded (loramill.train.latents.Conditioning)."""
+        from loramill.train.latents import Conditioning  # here: parsing the workflow skips torch
+
+        return Conditioning(self.clip_skip, self.max_token_length)
+
+    @property
+    def continues(self) -> bool:
+        """Whether a longer run of this config may continue a shorter one's saved state."""
+        return self.lr_scheduler in TOTAL_FREE_SCHEDULES
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options that make the run what it is (its provenance): not where it met."""
+        return {k: v for k, v in asdict(self).items() if k not in LAUNCH_OPTIONS}
+
+
+def _tuples(config: dict[str, Any]) -> dict[str, Any]:
+    # lists from YAML as tuples: the config is frozen and hashable
+    return {k: tuple(v) for k, v in config.items() if isinstance(v, list) and k != "optimizer_args"}
+
+
+def checkpoint_steps(max_train_steps: int, save_steps: int) -> list[int]:
+    """Steps at which checkpoints are written: every save_steps, and always the last step."""
+    return sorted({*range(save_steps, max_train_steps + 1, save_steps), max_train_steps})

@@ -1,0 +1,142 @@
+"""Training data: the examples a run trains on, and their cached encodings.
+
+An example is a resized image, its caption and its bucket (the size it was resized to).
+Latents are encoded bucket by bucket, so every encoder call has one shape, and cached on disk
+(loramill.train.latents): training then holds one batch at a time whatever the dataset's size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramill import LoramillError
+from loramill.files import read_jsonl
+from loramill.hashing import HashCache
+from loramill.model_files import component_fingerprint
+from loramill.prepare.buckets import Size
+from loramill.prepare.resize import MANIFEST
+from loramill.software import installed
+from loramill.train.caption_variation import CaptionVariation
+from loramill.train.config import TrainConfig
+from loramill.train.latents import (
+    Counts,
+    TensorCache,
+    encode_latents,
+    encode_texts,
+    latent_keys,
+    text_keys,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Examples:
+    images: list[Path]
+    captions: list[str]
+    buckets: list[Size]
+    resolution: int
+    repeats: list[int]  # per image: its kohya repeats folder's count, else 1
+
+    def times(self, repeats: int) -> list[int]:
+        """Each image's appearances per epoch: its folder's repeats × ``train.repeats``."""
+        return [own * repeats for own in self.repeats]
+
+
+def read_examples(resized_dir: Path, captions_jsonl: Path) -> Examples:
+    """The examples in caption order, with the base resolution; no pixels are read."""
+    manifest = json.loads((resized_dir / MANIFEST).read_text())
+    bucket = {entry["file"]: tuple(entry["bucket"]) for entry in manifest["images"]}
+    repeats = {entry["file"]: entry.get("repeats", 1) for entry in manifest["images"]}
+    records = read_jsonl(captions_jsonl)
+    missing = [r["image"] for r in records if r["image"] not in bucket]
+    if missing:
+        raise LoramillError(f"{captions_jsonl}: caption for unknown image '{missing[0]}'")
+    if not records:
+        raise LoramillError(f"{captions_jsonl}: no captioned images to train on")
+    return Examples(
+        images=[resized_dir / r["image"] for r in records],
+        captions=[r["caption"] for r in records],
+        buckets=[bucket[r["image"]] for r in records],
+        resolution=manifest["resolution"],
+        repeats=[repeats[r["image"]] for r in records],
+    )
+
+
+class Encoded:
+    """Cache keys of every example's latent and (frozen text encoder) text embedding."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        examples: Examples,
+        cfg: TrainConfig,
+        base_model: str,
+        device: Any,
+        cache_root: Path,
+        hashes: HashCache,
+    ) -> None:
+        # What decides an encoding's bits besides the input: CPU kernels split work by thread
+        # count, so it belongs to the key like the device type and the library versions.
+        versions = {
+            "torch": torch.__version__,
+            "diffusers": installed(("diffusers",))["diffusers"],
+            "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        }
+        # float32 whatever the training precision: encoding happens once per image, and
+        # half-precision VAEs are known to overflow.
+        encoder = {
+            "vae": component_fingerprint(base_model, "vae", hashes),
+            "dtype": "float32",
+            "device": device.type,
+            "batch": cfg.vae_batch_size,
+            "versions": versions,
+        }
+        self.latents = TensorCache(cache_root / "latents")
+        self.latent_keys: list[str] = []
+        self.flipped_keys: list[str] = []
+        if cfg.cache_latents:
+            self._encode_latents(pipe.vae.to(device), examples, encoder, cfg, hashes)
+        self.scaling = pipe.vae.config.scaling_factor
+        self.texts: TensorCache | None = None
+        self.text_keys: list[str] = []
+        variation = CaptionVariation(cfg)
+        if not cfg.train_text_encoder and not variation.varies:
+            text_encoder = {
+                "tokenizer": component_fingerprint(base_model, "tokenizer", hashes),
+                "text_encoder": component_fingerprint(base_model, "text_encoder", hashes),
+                "device": device.type,
+                "versions": versions,
+            }
+            self.texts = TensorCache(cache_root / "text_embeddings")
+            captions = [variation.fixed(caption) for caption in examples.captions]
+            self.text_keys = text_keys(captions, text_encoder, cfg.conditioning)
+            te = pipe.text_encoder.to(device)
+            counts = encode_texts(
+                pipe.tokenizer, te, self.texts, self.text_keys, captions, cfg.conditioning
+            )
+            log.info("%s", counts.line("text embeddings"))
+
+    def _encode_latents(
+        self, vae: Any, examples: Examples, encoder: dict, cfg: TrainConfig, hashes: HashCache
+    ) -> None:
+        """Cache every image's latent, bucket by bucket (one shape per encoder call), and with
+        flip_aug its mirror image's too."""
+        images = examples.images
+        image_hashes = [hashes.file(p) for p in images]
+        self.latent_keys = latent_keys(image_hashes, encoder)
+        flipped = latent_keys(image_hashes, {**encoder, "flip": True}) if cfg.flip_aug else []
+        self.flipped_keys = flipped
+        counts = Counts(0, 0)
+        for flip, keys_of in ((False, self.latent_keys), (True, flipped)):
+            for bucket in sorted(set(examples.buckets)) if keys_of else []:
+                chosen = [i for i, b in enumerate(examples.buckets) if b == bucket]
+                keys, paths = [keys_of[i] for i in chosen], [images[i] for i in chosen]
+                counts += encode_latents(vae, self.latents, keys, paths, cfg.vae_batch_size, flip)
+        log.info("%s", counts.line("latents"))

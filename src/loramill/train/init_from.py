@@ -1,0 +1,125 @@
+"""Incremental training: start a LoRA from an existing adapter file (``train.init_from``).
+
+Accepts what loramill exports and what other trainers share: kohya-named files
+(``lora_unet_…`` / ``lora_te_…`` with per-module ``.alpha``), checkpoints
+(``unet.…lora_A.weight``) and the diffusers-format export (whose alpha is the rank: the trained
+scale is in its weights). The rank is read from the file; a rank or alpha that differs from
+the configured one is refused, because the adapter would then load at another strength.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from loramill import LoramillError
+from loramill.models.checkpoint import adapter_state, read_checkpoint
+from loramill.models.diffusers_names import checkpoint_key
+from loramill.models.kohya_names import KOHYA_PREFIXES, PEFT_SUFFIXES, TE_ROOT, kohya_module
+from loramill.models.network import NetworkSpec
+
+KOHYA_SUFFIXES = {kohya: peft for peft, kohya in PEFT_SUFFIXES.items()}
+
+
+def _kohya_names(models: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """kohya module name → (component, peft module path), for the layers being trained."""
+    names = {}
+    for component, model in models.items():
+        for key in adapter_state(model)[0]:
+            module = key.removesuffix(".lora_A.weight").removesuffix(".lora_B.weight")
+            names[kohya_module(component, module)] = (component, module)
+    return names
+
+
+def _from_kohya(tensors: dict[str, Any], models: dict[str, Any], path: str) -> dict[str, Any]:
+    names = _kohya_names(models)
+    converted = {}
+    for key, tensor in sorted(tensors.items()):
+        module, _, suffix = key.partition(".")
+        if suffix == "alpha":
+            continue
+        if module.startswith(KOHYA_PREFIXES["text_encoder"]) and "text_encoder" not in models:
+            raise LoramillError(
+                f"train.init_from {path}: the file has text_encoder layers; set "
+                "train.train_text_encoder: true to train them"
+            )
+        if module not in names:
+            raise LoramillError(
+                f"train.init_from {path}: '{module}' is not a layer of the configured network"
+            )
+        if suffix not in KOHYA_SUFFIXES:
+            raise LoramillError(f"train.init_from {path}: key '{key}' is not a LoRA weight")
+        component, peft_module = names[module]
+        converted[f"{component}.{peft_module}{KOHYA_SUFFIXES[suffix]}"] = tensor
+    return converted
+
+
+def _rank_and_alphas(checkpoint: Any) -> tuple[list[int], list[float]]:
+    """Ranks of the down (A) matrices and the alphas the file stores, in either format."""
+    tensors = checkpoint.tensors
+    down = (".lora_down.weight", ".lora_A.weight")
+    ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith(down)})
+    alphas = [float(t) for k, t in tensors.items() if k.endswith(".alpha")]
+    config = checkpoint.adapter_configs.get("unet", {})
+    if not alphas and "lora_alpha" in config:
+        patterns = config.get("alpha_pattern") or {}
+        alphas = [float(config["lora_alpha"]), *map(float, patterns.values())]
+    # Neither format must store alpha; both then mean alpha = rank (scale 1).
+    return ranks, sorted(set(alphas)) or [float(r) for r in ranks]
+
+
+def read_init_weights(
+    path: str | os.PathLike, models: dict[str, Any], network: NetworkSpec
+) -> dict[str, Any]:
+    """The file's LoRA tensors under checkpoint keys (``unet.<module>.lora_A.weight`` …),
+    checked against the configured ranks and alphas and the layers being trained."""
+    if not Path(path).is_file():
+        raise LoramillError(f"train.init_from {path}: no such file")
+    try:
+        checkpoint = read_checkpoint(path)
+    except Exception as error:  # safetensors reports a bad file in several exception types
+        raise LoramillError(f"train.init_from {path}: not a safetensors file ({error})") from None
+    ranks, alphas = _rank_and_alphas(checkpoint)
+    if not ranks:
+        raise LoramillError(f"train.init_from {path}: no LoRA tensors")
+    rank, alpha = network.rank, float(network.alpha)
+    # kohya_conv's 3×3 convs may have their own rank and alpha
+    conv = network.conv if network.target == "kohya_conv" else (rank, alpha)
+    if set(ranks) != {rank, conv[0]} or set(alphas) != {alpha, conv[1]}:
+        shown_rank, shown_alpha = "/".join(map(str, ranks)), "/".join(f"{a:g}" for a in alphas)
+        raise LoramillError(
+            f"train.init_from {path}: the file has rank {shown_rank}, alpha {shown_alpha}; "
+            f"the config has rank {rank}, alpha {alpha:g} (set train.rank and train.alpha)"
+        )
+    tensors = checkpoint.tensors
+    if any(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in tensors):
+        tensors = _from_kohya(tensors, models, str(path))
+    else:  # the diffusers export spells UNet keys as diffusers and ComfyUI both read them
+        tensors = {checkpoint_key(key): tensor for key, tensor in tensors.items()}
+    if not hasattr(models.get("text_encoder"), "text_model"):
+        # diffusers-format files name the text encoder by transformers 4's path (kohya
+        # files' keys, converted above, have none)
+        te_root = "text_encoder." + TE_ROOT
+        tensors = {"text_encoder." + k.removeprefix(te_root) if k.startswith(te_root) else k: v
+                   for k, v in tensors.items()}  # fmt: skip
+    for component in sorted({key.partition(".")[0] for key in tensors} - set(models)):
+        raise LoramillError(
+            f"train.init_from {path}: the file has {component} layers; set "
+            "train.train_text_encoder: true to train them"
+        )
+    _check_covers(tensors, models, network.target, str(path))
+    return tensors
+
+
+def _check_covers(tensors: dict[str, Any], models: dict[str, Any], target: str, path: str) -> None:
+    """A file with fewer layers than the configured network would leave some layers fresh
+    and train another network than the one it claims to continue."""
+    expected = {f"{c}.{k}" for c, model in models.items() for k in adapter_state(model)[0]}
+    if not expected <= set(tensors):
+        have, want = len(set(tensors) & expected) // 2, len(expected) // 2
+        raise LoramillError(
+            f"train.init_from {path}: the file has LoRA layers for {have} of the {want} "
+            f"modules train.network_target: {target} trains; set network_target to the "
+            "file's (attention, kohya or kohya_conv)"
+        )

@@ -1,0 +1,163 @@
+"""Sample images during training (``train.sample_every_n_steps``): a look at the adapter as it
+trains, in the folder beside the checkpoints and in TensorBoard.
+
+Prompts use kohya's inline options, so a prompt file from sd-scripts works line for line:
+``a zzt cat --n blurry --w 512 --h 512 --d 7 --l 7.5 --s 28`` (negative prompt, width, height,
+seed, guidance scale, steps). A prompt without ``--d`` gets ``seed + its index``: every sample
+is rendered with the same seed every time, so samples of two steps differ only by training.
+
+Rendering uses its own generator and the models in eval mode (no LoRA dropout), so a run with
+samples trains exactly the adapter a run without them trains.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loramill import LoramillError
+from loramill.files import write_bytes
+from loramill.models.checkpoint import step_name
+from loramill.models.samplers import make_sampler
+
+OPTION = re.compile(r"\s--([a-z]+)\s+")
+# kohya's option letter -> (field, type)
+OPTIONS = {
+    "n": ("negative", str),
+    "w": ("width", int),
+    "h": ("height", int),
+    "d": ("seed", int),
+    "l": ("guidance_scale", float),
+    "s": ("steps", int),
+}
+
+
+@dataclass(frozen=True)
+class SamplePrompt:
+    prompt: str
+    negative: str
+    width: int
+    height: int
+    seed: int
+    guidance_scale: float
+    steps: int
+
+
+def parse_sample_prompt(line: str, default: SamplePrompt) -> SamplePrompt:
+    """A prompt with kohya's ``--x value`` options on top of ``default``."""
+    parts = OPTION.split(" " + line.strip())
+    fields = {"prompt": parts[0].strip()}
+    for letter, value in zip(parts[1::2], parts[2::2], strict=True):
+        if letter not in OPTIONS:
+            known = ", ".join(f"--{k}" for k in OPTIONS)
+            raise LoramillError(
+                f"train.sample_prompts '{line}': unknown option --{letter} ({known})"
+            )
+        name, kind = OPTIONS[letter]
+        try:
+            fields[name] = kind(value.strip())
+        except ValueError:
+            raise LoramillError(
+                f"train.sample_prompts '{line}': --{letter} needs a {kind.__name__}, "
+                f"not '{value.strip()}'"
+            ) from None
+    sample = replace(default, **fields)
+    if sample.width % 8 or sample.height % 8:
+        raise LoramillError(f"train.sample_prompts '{line}': --w and --h must be multiples of 8")
+    return sample
+
+
+def sample_prompts(cfg: Any, trigger: str, resolution: int) -> list[SamplePrompt]:
+    """The configured sample prompts, ``{trigger}`` filled in, each with its settings."""
+    samples = []
+    for index, line in enumerate(cfg.sample_prompts):
+        default = SamplePrompt(
+            prompt="",
+            negative="",
+            width=resolution,
+            height=resolution,
+            seed=cfg.seed + index,
+            guidance_scale=7.5,
+            steps=cfg.sample_steps,
+        )
+        samples.append(parse_sample_prompt(line.replace("{trigger}", trigger), default))
+    return samples
+
+
+def sample_name(step: int, index: int) -> str:
+    return step_name(step, f"-{index:02d}.png")
+
+
+class SampleRenderer:
+    """Renders the sample prompts with the models being trained."""
+
+    def __init__(self, cfg: Any, pipe: Any, prompts: list[SamplePrompt]) -> None:
+        self.cfg, self.prompts = cfg, prompts
+        self.vae, self.tokenizer = pipe.vae, pipe.tokenizer
+        self.base_text_encoder = pipe.text_encoder
+        self.scheduler = make_sampler(cfg.sample_sampler, pipe.scheduler.config)
+
+    def due(self, step: int) -> bool:
+        every = self.cfg.sample_every_n_steps
+        return bool(every) and step % every == 0
+
+    def render(self, unet: Any, text_encoder: Any | None, accelerator: Any) -> list[Any]:
+        """One image per prompt (PIL), with the adapter as it is now."""
+        from diffusers import StableDiffusionPipeline
+
+        from loramill.train.latents import prompt_arguments
+
+        device = accelerator.device
+        pipe = StableDiffusionPipeline(
+            vae=self.vae.to(device),
+            text_encoder=text_encoder if text_encoder is not None else self.base_text_encoder,
+            tokenizer=self.tokenizer,
+            unet=unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        trained = [m for m in (unet, text_encoder) if m is not None]
+        for model in trained:
+            model.eval()
+        images = []
+        try:
+            with torch.no_grad(), accelerator.autocast():
+                for sample in self.prompts:
+                    how = self.cfg.conditioning
+                    args = prompt_arguments(pipe, sample.prompt, sample.negative, how)
+                    images += pipe(
+                        **args,
+                        width=sample.width,
+                        height=sample.height,
+                        num_inference_steps=sample.steps,
+                        guidance_scale=sample.guidance_scale,
+                        generator=torch.Generator().manual_seed(sample.seed),
+                    ).images
+        finally:
+            for model in trained:
+                model.train()
+        return images
+
+
+def save_samples(images: list[Any], step: int, folders: list[Path], accelerator: Any) -> None:
+    """PNGs in every folder (the checkpoints' samples/, the run state's), and TensorBoard."""
+    import io
+
+    import numpy as np
+
+    for index, image in enumerate(images):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        for folder in folders:
+            write_bytes(folder / sample_name(step, index), buffer.getvalue())
+    tracker = accelerator.get_tracker("tensorboard", unwrap=False)
+    for index, image in enumerate(images):
+        pixels = np.asarray(image)[None]
+        tracker.log_images({f"samples/{index:02d}": pixels}, step, dataformats="NHWC")
