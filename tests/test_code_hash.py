@@ -16,7 +16,6 @@ from conftest import REPO
 from loramill.reruns import runner
 from loramill.reruns.code import CodeFingerprint, code_fingerprint
 
-SKIP = frozenset({"fakepkg.job"})
 PACKAGE = {
     "__init__.py": """
         class PkgError(Exception):
@@ -79,8 +78,12 @@ PACKAGE = {
     "job.py": """
         def run(function, *args):
             return function(*args)
+
+
+        __fingerprinted__ = False  # infrastructure, like loramill.reruns.runner
     """,
 }
+FOLLOWED = "def run(function, *args):\n    return function(*args)\n"  # job.py, unmarked
 SCRIPT = """
     from fakepkg.consts import LIMIT
     from fakepkg.core import compute
@@ -101,9 +104,9 @@ def build(root: Path, script: str = SCRIPT, **files: str) -> tuple[Path, Path]:
     return root / "scripts" / "stage.py", package
 
 
-def fingerprint(root: Path, script: str = SCRIPT, skip=SKIP, **files: str) -> CodeFingerprint:
+def fingerprint(root: Path, script: str = SCRIPT, **files: str) -> CodeFingerprint:
     entry, package = build(root, script, **files)
-    return code_fingerprint(entry, skip, package_dir=package)
+    return code_fingerprint(entry, package_dir=package)
 
 
 def edited(name: str, old: str, new: str) -> dict[str, str]:
@@ -181,18 +184,18 @@ def test_an_edit_to_what_runs_changes_its_part_only(tmp_path, edit, part):
     ids=["from module import", "from package import module", "import dotted"],
 )
 def test_a_skipped_module_is_not_followed(tmp_path, script):
-    assert "fakepkg.job:run" in fingerprint(tmp_path / "a", script, skip=frozenset()).placed
+    assert "fakepkg.job:run" in fingerprint(tmp_path / "a", script, **{"job.py": FOLLOWED}).placed
     assert list(fingerprint(tmp_path / "b", script).placed) == ["scripts/stage.py"]
 
 
 def test_a_module_that_says_it_is_not_fingerprinted_is_not_followed_wherever_it_lives(tmp_path):
-    job = textwrap.dedent(PACKAGE["job.py"]) + "\n\n__fingerprinted__ = False\n"
-    result = fingerprint(tmp_path / "a", skip=frozenset(), **{"job.py": job})
+    job = textwrap.dedent(PACKAGE["job.py"])
+    result = fingerprint(tmp_path / "a")
     assert not [place for place in result.placed if place.startswith("fakepkg.job")]
     moved = SCRIPT.replace("fakepkg.job", "fakepkg.runner")
-    elsewhere = fingerprint(tmp_path / "b", moved, skip=frozenset(), **{"runner.py": job})
+    elsewhere = fingerprint(tmp_path / "b", moved, **{"runner.py": job, "job.py": FOLLOWED})
     assert elsewhere == result
-    assert "fakepkg.job:run" in fingerprint(tmp_path / "c", skip=frozenset()).placed
+    assert "fakepkg.job:run" in fingerprint(tmp_path / "c", **{"job.py": FOLLOWED}).placed
 
 
 UNRESOLVABLE = {
@@ -342,11 +345,11 @@ def test_distributions_agree_with_importlib_metadata(tmp_path):
 
 def test_an_edit_in_place_is_seen_despite_the_parse_cache(tmp_path):
     entry, package = build(tmp_path)
-    before = code_fingerprint(entry, SKIP, package_dir=package)
-    assert code_fingerprint(entry, SKIP, package_dir=package) == before
+    before = code_fingerprint(entry, package_dir=package)
+    assert code_fingerprint(entry, package_dir=package) == before
     util = package / "util.py"
     util.write_text(util.read_text().replace("x * SCALE", "x * SCALE * 2"))
-    after = code_fingerprint(entry, SKIP, package_dir=package)
+    after = code_fingerprint(entry, package_dir=package)
     assert after.placed["fakepkg.util:helper"] != before.placed["fakepkg.util:helper"]
 
 

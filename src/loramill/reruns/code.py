@@ -66,8 +66,8 @@ class CodeFingerprint:
 class _Walk:
     """One fingerprint: definitions reached, keyed in order, each hashed once."""
 
-    def __init__(self, package_dir: Path, skip: frozenset[str]) -> None:
-        self.package_dir, self.package, self.skip = package_dir, package_dir.name, skip
+    def __init__(self, package_dir: Path) -> None:
+        self.package_dir, self.package = package_dir, package_dir.name
         self.keys: dict[Target, str] = {}
         self.queue: deque[Target] = deque()
         self.parts: dict[str, str] = {}
@@ -124,10 +124,8 @@ class _Walk:
         return self.modules[module]
 
     def _skipped(self, module: str) -> bool:
-        """Not followed: named in ``skip``, or declaring ``__fingerprinted__ = False``."""
-        if any(within(module, skipped) for skipped in self.skip):
-            return True
-        parsed = self._parsed(module) if self._path(module) else None
+        """Not followed: a module declaring ``__fingerprinted__ = False``."""
+        parsed = self._parsed(module)
         return parsed is not None and not parsed.fingerprinted
 
     # ---- keys --------------------------------------------------------------------------
@@ -324,16 +322,15 @@ class _Normalise(ast.NodeTransformer):
 
 def code_fingerprint(
     script: str | os.PathLike,
-    skip: frozenset[str] = frozenset(),
     *,
     package_dir: str | os.PathLike = PACKAGE_DIR,
 ) -> CodeFingerprint:
     """The code ``script`` runs: the script whole, and every package definition it reaches.
 
-    Modules in ``skip``, and modules that declare ``__fingerprinted__ = False``, are not
-    followed: the job runner calls the stage's function and records locks, which is
-    infrastructure, not what the job computes (the declaration moves with the module, so no
-    rename can undo it). ``package_dir`` is the package followed (its folder name is the
-    import name); other imports are packages.
+    Modules that declare ``__fingerprinted__ = False`` are not followed: the job runner
+    calls the stage's function and records locks, which is infrastructure, not what the job
+    computes (the declaration moves with the module, so no rename can undo it).
+    ``package_dir`` is the package followed (its folder name is the import name); other
+    imports are packages.
     """
-    return _Walk(Path(package_dir).resolve(), skip).run(Path(script).resolve())
+    return _Walk(Path(package_dir).resolve()).run(Path(script).resolve())

@@ -22,21 +22,20 @@ BODIES = ("body", "orelse", "finalbody", "handlers", "cases")
 RECORD_TOP = re.compile(r"^(\w+)[/.,]", re.MULTILINE)  # "PIL/Image.py,sha256=…" → PIL
 
 
-def walk_nodes(node: ast.AST, stop: tuple[type, ...] = (), annotations: bool = True) -> Iterator:
-    """Nodes under ``node``, each before its children. Hand-rolled: twice as fast as
-    ``ast.walk``, and it can leave annotations out."""
+def walk_nodes(node: ast.AST, stop: tuple[type, ...] = ()) -> Iterator:
+    """Nodes under ``node``, each before its children, not below a ``stop`` node.
+    Hand-rolled: twice as fast as ``ast.walk``."""
     todo = [node]
     while todo:
         current = todo.pop()
         yield current
         if current is node or not isinstance(current, stop):
             for name in current._fields:
-                if annotations or (name != "annotation" and name != "returns"):
-                    value = getattr(current, name, None)
-                    if isinstance(value, list):
-                        todo.extend([child for child in value if isinstance(child, ast.AST)])
-                    elif isinstance(value, ast.AST):
-                        todo.append(value)
+                value = getattr(current, name, None)
+                if isinstance(value, list):
+                    todo.extend([child for child in value if isinstance(child, ast.AST)])
+                elif isinstance(value, ast.AST):
+                    todo.append(value)
 
 
 def strip_docstrings(tree: ast.Module) -> ast.Module:
