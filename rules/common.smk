@@ -10,7 +10,6 @@ from snakemake.settings.enums import RerunTrigger
 from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 import snakemake
-import yaml
 
 from loramill import LoramillError
 
@@ -30,6 +29,8 @@ from loramill.config import (
     dataset_config,
     describe,
     grid_settings,
+    schema,
+    schema_file,
 )
 from loramill.devices import uses_gpu
 from loramill.reruns.fingerprints import CONDA_ENV_VAR
@@ -44,7 +45,8 @@ from loramill.text.language_model import resolve_language_model, text_job_mem_mb
 from loramill.text.train import TextTrainConfig
 from loramill.train.config import LAUNCH_OPTIONS, TrainConfig
 
-SCHEMA = str(Path(workflow.basedir) / "config" / "config.schema.yaml")
+# The one schema file: parsed once (loramill.config.schema), validated against by path.
+SCHEMA = str(schema_file())
 ENV = "../envs/loramill.yaml"
 
 
@@ -92,7 +94,7 @@ def load_datasets():
     """Validate the config and return each dataset's effective settings; exit with one line."""
     try:
         # before anything reads it: "20" and 20 are the same config, fingerprints included
-        coerce_numbers(config, yaml.safe_load(Path(SCHEMA).read_text(encoding="utf-8")))
+        coerce_numbers(config, schema())
         check_replaced_keys(config)
         validate_config(config)
     except LoramillError as error:
