@@ -14,9 +14,13 @@ demo: $(VENV)/.installed
 	$(BIN)/dvc pull
 	$(BIN)/snakemake --cores 1 train_all
 
+# Two workers on two cores (pytest-xdist; tests/worker_groups.py says how), and the slowest
+# tests named so they stay visible. `make test PYTEST_ARGS=tests/test_merge.py` runs one file.
+PYTEST_ARGS ?= -n 2 --dist loadscope --no-loadscope-reorder --durations=25
+
 ## set up .venv if missing, run the test suite (lint included)
 test: $(VENV)/.installed $(VENV)/.llama-cpp
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## set up .venv only (pinned torch, locked dependencies, loramill itself)
 install: $(VENV)/.installed

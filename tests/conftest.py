@@ -14,6 +14,11 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from worker_groups import (  # noqa: F401 (hooks: how make test splits the suite)
+    pytest_collection_modifyitems,
+    pytest_configure,
+    pytest_xdist_make_scheduler,
+)
 
 # Any accidental hub access must fail fast instead of hanging on a closed network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -243,3 +248,4 @@ def crash_and_resume(prepared, tmp_path, tiny_sd, caplog, monkeypatch, config):
     return train_logged(
         prepared, tmp_path / "resumed", tiny_sd, caplog, config=config, state_dir=state
     )
+
