@@ -8,7 +8,6 @@ from pathlib import Path
 
 from snakemake.settings.enums import RerunTrigger
 from snakemake.settings.types import DeploymentMethod
-from snakemake.utils import validate
 import snakemake
 
 from loramill import LoramillError
@@ -21,100 +20,29 @@ try:
 except LoramillError as error:
     sys.exit(f"loramill: {error}")
 
-from loramill.prepare.buckets import BucketSpec
 from loramill.captions.autocaption import captioner_class
-from loramill.config import (
-    check_replaced_keys,
-    coerce_numbers,
-    dataset_config,
-    describe,
-    grid_settings,
-    schema,
-    schema_file,
-)
 from loramill.devices import uses_gpu
 from loramill.reruns.fingerprints import CONDA_ENV_VAR
 from loramill.reruns.gates import done_marker, ensure_markers, stale_gate
-from loramill.grid.plan import check_grid
 from loramill.hashing import DEFAULT_DB, HashCache, hash_file
-from loramill.models.base_model import job_mem_mb, resolve_base_model
+from loramill.models.base_model import job_mem_mb
 from loramill.reruns.rule_jobs import rule_stage
 from loramill.train.stopping import pass_signals_to_jobs
 from loramill.reruns.staleness import Planner
-from loramill.text.language_model import resolve_language_model, text_job_mem_mb
-from loramill.text.train import TextTrainConfig
-from loramill.train.config import LAUNCH_OPTIONS, TrainConfig
+from loramill.text.language_model import text_job_mem_mb
+from loramill.train.config import LAUNCH_OPTIONS
+from loramill.config import grid_settings
+from loramill.workflow_config import load_datasets
 
-# The one schema file: parsed once (loramill.config.schema), validated against by path.
-SCHEMA = str(schema_file())
 ENV = "../envs/loramill.yaml"
 
-
-def validate_config(data):
-    validate(data, SCHEMA)
-
-
-def check_image_dataset(settings):
-    """Problems a user can fix before any job runs: unknown captioner, train options that
-    contradict each other, a missing init_from file."""
-    BucketSpec.from_settings(settings["resize"])
-    captioner_class(settings["caption"])
-    train = TrainConfig.from_dict(settings["train"])
-    train.check_machines()
-    if settings["device"] == "cpu":
-        train.check_device("cpu")
-    if train.init_from and not Path(train.init_from).is_file():
-        raise LoramillError(f"train.init_from: {train.init_from} is not a file")
-    check_grid(
-        grid_settings(
-            settings["grid"], settings["trigger"], settings["resize"]["resolution"]
-        )
-    )
-
-
-def check_text_dataset(settings):
-    TextTrainConfig.from_dict(settings["text"]["train"])
-
-
-def check_dataset(ds, settings):
-    """The config problems of one dataset, and data not pulled, before any job runs."""
-    text = settings["task"] == "text"
-    try:
-        (check_text_dataset if text else check_image_dataset)(settings)
-    except LoramillError as error:
-        raise LoramillError(f"config: datasets.{ds}.{error}") from None
-    data = Path(settings["path"]) / ("train.jsonl" if text else "images")
-    if not data.exists():
-        raise LoramillError(
-            f"dataset {ds}: {data} not found (new clone? run `dvc pull`)"
-        )
-
-
-def load_datasets():
-    """Validate the config and return each dataset's effective settings; exit with one line."""
-    try:
-        # before anything reads it: "20" and 20 are the same config, fingerprints included
-        coerce_numbers(config, schema())
-        check_replaced_keys(config)
-        validate_config(config)
-    except LoramillError as error:
-        sys.exit(f"loramill: {error}")
-    except Exception as error:
-        sys.exit(f"loramill: {describe(error)}")
-    try:
-        datasets = {
-            ds: dataset_config(config, ds, validate_config) for ds in config["datasets"]
-        }
-        for model, task in {(s["base_model"], s["task"]) for s in datasets.values()}:
-            (resolve_language_model if task == "text" else resolve_base_model)(model)
-        for ds, settings in datasets.items():
-            check_dataset(ds, settings)
-        return datasets
-    except LoramillError as error:
-        sys.exit(f"loramill: {error}")
-
-
-DATASETS = load_datasets()
+# Every config check (loramill.workflow_config) at parse time, before any job runs. Nothing
+# imported here may import torch or the model libraries (tests/test_config_errors.py): every
+# Snakemake invocation and every job parses this file.
+try:
+    DATASETS = load_datasets(config)
+except LoramillError as error:
+    sys.exit(f"loramill: {error}")
 IMAGE_DATASETS = [
     ds for ds, settings in DATASETS.items() if settings["task"] == "image"
 ]

@@ -1,24 +1,46 @@
-"""Bad configuration stops Snakemake before any job, with one line naming the culprit."""
+"""Bad configuration stops Snakemake before any job, with one line naming the culprit.
+
+The checks are asked in this process, through the code the workflow runs at parse time
+(loramill.workflow_config.load_datasets, which rules/common.smk calls) on the config Snakemake
+hands it. Two real `snakemake -n` runs prove the rest: a valid config plans the whole chain
+(and parsing imports no torch), and an error reaches the terminal as that one line.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 
 import pytest
 import yaml
 from conftest import REPO, run_tool
-from snakemake.utils import validate
+from snakemake.common.configfile import load_configfile
+from snakemake.utils import update_config, validate
 
 from loramill import LoramillError
 from loramill.config import check_yaml_syntax, coerce_numbers, dataset_config, describe
 from loramill.demo.images import generate_dataset
 from loramill.demo.text import procedure_records, write_jsonl
 from loramill.reruns.fingerprints import fingerprint
+from loramill.workflow_config import load_datasets
 
 TEXT = "station_procedures"
 
 WORKFLOW_FILES = ("Snakefile", "rules", "scripts", "config", "profiles", "envs", "src")
+# What the workflow must not import to parse and plan: every Snakemake invocation, and every
+# job, parses it, and these take seconds to import.
+HEAVY = ("torch", "diffusers", "transformers", "peft", "accelerate")
+# `snakemake ARGS` as its console script runs it, then which of HEAVY it had imported.
+SNAKEMAKE_SAYING_IMPORTS = f"""
+import sys
+from snakemake.cli import main
+sys.argv[0] = "snakemake"
+try:
+    main()
+finally:
+    print("imported:", *[m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +61,16 @@ def workdir(tmp_path_factory):
     return root
 
 
-def dry_run(workdir, tmp_path, override):
+def config_error(workdir, tmp_path, override) -> str:
+    """The line `snakemake -n --configfile override.yaml` prints, from the parse-time checks
+    given the config as Snakemake builds it: config/config.yaml, the --configfile over it."""
     extra = tmp_path / "extra.yaml"
     extra.write_text(yaml.safe_dump(override))
-    return run_tool("snakemake", "-n", "--configfile", str(extra), cwd=workdir, check=False)
+    config = load_configfile(workdir / "config" / "config.yaml")
+    update_config(config, load_configfile(extra))
+    with contextlib.chdir(workdir), pytest.raises(LoramillError) as raised:
+        load_datasets(config)
+    return f"loramill: {raised.value}"
 
 
 def error_line(result):
@@ -53,15 +81,32 @@ def error_line(result):
     return lines[0]
 
 
-def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
+def test_valid_config_plans_the_whole_chain_without_torch(workdir, tmp_path):
     # numbers as YAML users also write them: quoted, and 1e-4 (a string to YAML 1.1)
     quoted = {"train": {"rank": "4", "learning_rate": "1e-4"}, "grid": {"seed": ["7"]}}
-    result = dry_run(workdir, tmp_path, quoted)
+    extra = tmp_path / "extra.yaml"
+    extra.write_text(yaml.safe_dump(quoted))
+    result = run_tool(
+        "python", "-c", SNAKEMAKE_SAYING_IMPORTS, "-n", "--configfile", str(extra),
+        cwd=workdir, check=False,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     for rule in ("resize", "caption", "merge_captions", "train", "export", "grid"):
         assert rule in result.stdout
     for rule in ("text_prepare", "text_train", "text_export", "text_evaluate"):
         assert f"rule {rule}:\n" in result.stdout and f"ds={TEXT}" in result.stdout
+    assert result.stderr.splitlines()[-1] == "imported:"  # none of HEAVY
+
+
+def test_a_config_error_reaches_the_terminal_as_one_line(workdir):
+    # Without the workflow profile too: the config is checked before the profile's settings.
+    result = run_tool(
+        "snakemake", "-n", "--workflow-profile", "none", "--config", "base_model=./x",
+        cwd=workdir, check=False,
+    )  # fmt: skip
+    assert error_line(result) == (
+        "loramill: base_model './x': no such folder, and not a hub id (owner/name)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -120,6 +165,12 @@ def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
             {"text": {"train": {"lora_rank": 0}}},
             "config: text.train.lora_rank: 0 is less than the minimum of 1",
         ),
+        # what TextTrainConfig refuses, the schema refuses at parse (no torch imported for it)
+        ({"text": {"train": {"rank": 8}}}, "config: text.train.rank: unknown option"),
+        (
+            {"text": {"train": {"mixed_precision": "fp16"}}},
+            "config: text.train.mixed_precision: 'fp16' is not one of ['no', 'bf16']",
+        ),
         (
             {"datasets": {TEXT: {"task": "text", "text": {"prepare": {"overflow": "wrap"}}}}},
             f"config: datasets.{TEXT}.text.prepare.overflow: 'wrap' is not one of",
@@ -136,11 +187,30 @@ def test_valid_config_plans_the_whole_chain(workdir, tmp_path):
     ],
 )
 def test_invalid_values_name_the_key(workdir, tmp_path, override, expected):
-    assert expected in error_line(dry_run(workdir, tmp_path, override))
+    assert expected in config_error(workdir, tmp_path, override)
+
+
+def test_the_schema_takes_the_text_options_text_training_takes():
+    # Parsing checks text.train by the schema alone (loramill.workflow_config.check_dataset).
+    from loramill.text.train import TextTrainConfig
+
+    for precision in ("no", "bf16", "fp16", "fp8"):
+        config = {"datasets": {"a": {}}, "text": {"train": {"mixed_precision": precision}}}
+        try:
+            validate(config, str(SCHEMA))
+            schema_takes = True
+        except Exception:
+            schema_takes = False
+        try:
+            TextTrainConfig.from_dict({"mixed_precision": precision})
+            class_takes = True
+        except LoramillError:
+            class_takes = False
+        assert schema_takes == class_takes, precision
 
 
 def test_missing_base_model_is_named(workdir, tmp_path):
-    line = error_line(dry_run(workdir, tmp_path, {"base_model": "models/no-such-model"}))
+    line = config_error(workdir, tmp_path, {"base_model": "models/no-such-model"})
     assert line == (
         "loramill: base_model 'models/no-such-model': no such folder, and not a hub id (owner/name)"
     )
@@ -150,17 +220,17 @@ def test_unreadable_base_model_is_named(workdir, tmp_path):
     broken = tmp_path / "broken-model"
     shutil.copytree(REPO / "models" / "tiny-sd", broken)
     (broken / "model_index.json").write_text("{ not json")
-    line = error_line(dry_run(workdir, tmp_path, {"base_model": str(broken)}))
+    line = config_error(workdir, tmp_path, {"base_model": str(broken)})
     assert line.startswith(f"loramill: base_model '{broken}': unreadable model_index.json")
 
     (broken / "model_index.json").write_text(json.dumps({"_class_name": "x"}))
     shutil.rmtree(broken / "unet")
-    line = error_line(dry_run(workdir, tmp_path, {"base_model": str(broken)}))
+    line = config_error(workdir, tmp_path, {"base_model": str(broken)})
     assert line == f"loramill: base_model '{broken}': missing component folder 'unet/'"
 
 
 def test_missing_dataset_folder_suggests_dvc_pull(workdir, tmp_path):
-    line = error_line(dry_run(workdir, tmp_path, {"datasets": {"ghost": {"trigger": "g"}}}))
+    line = config_error(workdir, tmp_path, {"datasets": {"ghost": {"trigger": "g"}}})
     assert (
         line == "loramill: dataset ghost: data/ghost/images not found (new clone? run `dvc pull`)"
     )
@@ -168,24 +238,10 @@ def test_missing_dataset_folder_suggests_dvc_pull(workdir, tmp_path):
 
 def test_missing_text_records_suggest_dvc_pull(workdir, tmp_path):
     override = {"datasets": {"notes": {"task": "text"}}}
-    line = error_line(dry_run(workdir, tmp_path, override))
+    line = config_error(workdir, tmp_path, override)
     assert line == (
         "loramill: dataset notes: data/notes/train.jsonl not found (new clone? run `dvc pull`)"
     )
-
-
-def test_running_without_the_profile_still_validates(workdir, tmp_path):
-    result = run_tool(
-        "snakemake",
-        "-n",
-        "--workflow-profile",
-        "none",
-        "--config",
-        "base_model=./x",
-        cwd=workdir,
-        check=False,
-    )
-    assert "base_model './x'" in error_line(result)
 
 
 SCHEMA = REPO / "config" / "config.schema.yaml"

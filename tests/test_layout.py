@@ -24,9 +24,10 @@ MAY_IMPORT = {
     "grid": {CORE, "reruns", "models", "train", "export"},
     "text": {CORE, "models", "train"},
 }
-# The one core module that names functions of a room: the table of params fingerprinted by
-# content, which the rerun machinery asks instead of knowing the stages.
-WIRING = {"loramill.content_params": {CORE}}
+# The core modules that name functions of the rooms: the table of params fingerprinted by
+# content, which the rerun machinery asks instead of knowing the stages, and the parse-time
+# config checks, which ask each room's options.
+WIRING = {"loramill.content_params": {CORE}, "loramill.workflow_config": {CORE}}
 
 
 def rooms() -> set[str]:

@@ -7,50 +7,47 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
-from loramill.publish import ARTIFACTS
-
-REPO = Path(__file__).resolve().parent.parent
-
-# Run in a fresh interpreter: parsing the workflow adds to sys.path, the environment and the
-# loggers. Every output of every stage rule (those with a gate), done markers aside.
-LIST_OUTPUTS = """
-import json, re, sys
-from pathlib import Path
 from snakemake.api import SnakemakeApi
 from snakemake.settings import types
 from snakemake.settings.enums import Quietness
+from workflow_plans import restored_process_state
+
+from loramill.publish import ARTIFACTS
 from loramill.reruns.gates import done_marker
 
-root, config = Path(sys.argv[1]), json.loads(sys.argv[2])
-with SnakemakeApi(types.OutputSettings(quiet={Quietness.ALL})) as api:
-    workflow = api.workflow(
-        resource_settings=types.ResourceSettings(cores=1),
-        config_settings=types.ConfigSettings(config=config),
-        storage_settings=types.StorageSettings(),
-        workflow_settings=types.WorkflowSettings(),
-        deployment_settings=types.DeploymentSettings(),
-        snakefile=root / "Snakefile",
-        workdir=root,
-    )._workflow
-    stages = workflow.globals["STAGE_RULES"]
-    found = {}
-    for rule in workflow.rules:
-        task = next((t for t, names in stages.items() if rule.name in names), None)
-        if task is None:
-            continue
-        # {ds,a|b}: the wildcard constraint Snakemake adds; the documents write {ds}
-        paths = [(re.sub(r"{(\\w+),[^}]*}", r"{\\1}", str(f)), f.is_directory) for f in rule.output]
-        marker = done_marker("{ds}", rule.name)
-        found[rule.name] = {"task": task, "outputs": [p for p in paths if p[0] != marker]}
-print(json.dumps(found))
-"""
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parsed_stage_outputs(root: Path, config: dict) -> dict[str, dict]:
+    """Every output of every stage rule (those with a gate), done markers aside, as Snakemake
+    parses the workflow (in this process; what parsing adds to it is undone)."""
+    with restored_process_state(), SnakemakeApi(types.OutputSettings(quiet={Quietness.ALL})) as api:
+        workflow = api.workflow(
+            resource_settings=types.ResourceSettings(cores=1),
+            config_settings=types.ConfigSettings(config=config),
+            storage_settings=types.StorageSettings(),
+            workflow_settings=types.WorkflowSettings(),
+            deployment_settings=types.DeploymentSettings(),
+            snakefile=root / "Snakefile",
+            workdir=root,
+        )._workflow
+        stages = workflow.globals["STAGE_RULES"]
+        found = {}
+        for rule in workflow.rules:
+            task = next((t for t, names in stages.items() if rule.name in names), None)
+            if task is None:
+                continue
+            # {ds,a|b}: the wildcard constraint Snakemake adds; the documents write {ds}
+            paths = [
+                (re.sub(r"{(\w+),[^}]*}", r"{\1}", str(f)), f.is_directory) for f in rule.output
+            ]
+            marker = done_marker("{ds}", rule.name)
+            found[rule.name] = {"task": task, "outputs": [p for p in paths if p[0] != marker]}
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +61,8 @@ def stage_outputs(tmp_path_factory) -> dict[str, dict]:
     (data / "train.jsonl").touch()
     demo = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
     config = {"datasets": {ds: {"path": str(data)} for ds in demo["datasets"]}}
-    result = subprocess.run(
-        [sys.executable, "-c", LIST_OUTPUTS, str(REPO), json.dumps(config)],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    found = json.loads(result.stdout.strip().splitlines()[-1])
+    # as JSON would give them: lists, not the tuples the workflow may have left in place
+    found = json.loads(json.dumps(parsed_stage_outputs(REPO, config)))
     assert {"train", "export", "grid", "text_export"} <= found.keys()
     return found
 

@@ -11,16 +11,12 @@ few that must show what a job did — restored from the run-cache or recomputed 
 from __future__ import annotations
 
 import base64
-import contextlib
-import io
 import json
-import logging
 import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -28,9 +24,7 @@ import pytest
 import yaml
 from conftest import BIN, clone_checkout, run_tool
 from PIL import Image, ImageDraw
-from snakemake.api import SnakemakeApi
-from snakemake.settings import types
-from snakemake.settings.enums import Quietness, RerunTrigger
+from workflow_plans import plan
 
 pytestmark = pytest.mark.workflow
 
@@ -102,50 +96,6 @@ def dry_run(root: Path, *args: str):
     """What Snakemake would run, from `snakemake -n` in a fresh interpreter."""
     result = snakemake(root, "-n", "train_all", *args)
     return result, jobs(result)
-
-
-@contextlib.contextmanager
-def restored_process_state():
-    """The workflow adds its source folder to sys.path and PYTHONPATH, and a log handler."""
-    path, pythonpath = sys.path[:], os.environ.get("PYTHONPATH")
-    handlers = logging.getLogger("loramill").handlers[:]
-    cwd = os.getcwd()
-    try:
-        yield
-    finally:
-        sys.path[:] = path
-        os.environ.pop("PYTHONPATH", None)
-        os.environ.update({} if pythonpath is None else {"PYTHONPATH": pythonpath})
-        logging.getLogger("loramill").handlers[:] = handlers
-        os.chdir(cwd)
-
-
-def plan(root: Path, *forcerun: str) -> tuple[str, set[tuple[str, str]]]:
-    """What Snakemake would run, asked in this process with the workflow profile's settings:
-    what the workflow printed to stderr, and the (rule, dataset) of every job it plans."""
-    stderr = io.StringIO()
-    quiet = types.OutputSettings(quiet={Quietness.ALL})
-    with restored_process_state(), contextlib.redirect_stderr(stderr), SnakemakeApi(quiet) as api:
-        workflow_api = api.workflow(
-            resource_settings=types.ResourceSettings(cores=1),
-            config_settings=types.ConfigSettings(),
-            storage_settings=types.StorageSettings(),
-            workflow_settings=types.WorkflowSettings(),
-            deployment_settings=types.DeploymentSettings(),
-            snakefile=root / "Snakefile",
-            workdir=root,
-        )
-        profile = yaml.safe_load((root / "profiles" / "default" / "config.yaml").read_text())
-        settings = types.DAGSettings(
-            targets={"train_all"},
-            forcerun=set(forcerun),
-            rerun_triggers={RerunTrigger[t.upper()] for t in profile["rerun-triggers"]},
-            max_checksum_file_size=profile["max-checksum-file-size"],
-        )
-        workflow_api.dag(settings).execute_workflow(executor="dryrun")
-        planned = workflow_api._workflow.dag.needrun_jobs(exclude_finished=False)
-        found = {(job.rule.name, job.wildcards.get("ds")) for job in planned}
-    return stderr.getvalue(), {(rule, ds) for rule, ds in found if ds is not None}
 
 
 def small(config: dict) -> None:

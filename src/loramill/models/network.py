@@ -22,8 +22,7 @@ from typing import Any
 import torch
 
 from loramill import LoramillError
-
-NETWORK_TARGETS = ("attention", "kohya", "kohya_conv")  # train.network_target
+from loramill.models.network_targets import NETWORK_TARGETS
 
 ATTENTION_PROJECTIONS = {
     "unet": ("to_q", "to_k", "to_v", "to_out.0"),

@@ -12,7 +12,7 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.config import check_replaced, with_schema_defaults
-from loramill.models.network import NETWORK_TARGETS
+from loramill.models.network_targets import NETWORK_TARGETS
 from loramill.train.optimizers import check_optimizer
 
 # Schedules whose learning rate at step N does not depend on max_train_steps: a longer run

@@ -1,0 +1,90 @@
+"""The config as the workflow reads it at parse time (rules/common.smk): validated, numbers
+coerced, each dataset's effective settings, and every problem a user can fix before any job
+runs raised as one :class:`LoramillError` line, which the workflow prints as ``loramill: …``.
+
+Like ``content_params``, a core module that names functions of the rooms: each room owns its
+options and their checks, and this is where the workflow asks all of them. The tests call
+this same code in-process. It must stay free of torch and the model libraries: every
+Snakemake invocation, and every job, parses the workflow.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from snakemake.utils import validate
+
+from loramill import LoramillError
+from loramill.captions.autocaption import captioner_class
+from loramill.config import (
+    check_replaced_keys,
+    coerce_numbers,
+    dataset_config,
+    describe,
+    grid_settings,
+    schema,
+    schema_file,
+)
+from loramill.grid.plan import check_grid
+from loramill.models.base_model import resolve_base_model
+from loramill.prepare.buckets import BucketSpec
+from loramill.text.language_model import resolve_language_model
+from loramill.train.config import TrainConfig
+
+
+def validate_config(data: dict[str, Any]) -> None:
+    """Against the one schema file (loramill.config.schema), by path as Snakemake validates."""
+    validate(data, str(schema_file()))
+
+
+def check_image_dataset(settings: dict[str, Any]) -> None:
+    """Problems a user can fix before any job runs: unknown captioner, train options that
+    contradict each other, a missing init_from file."""
+    BucketSpec.from_settings(settings["resize"])
+    captioner_class(settings["caption"])
+    train = TrainConfig.from_dict(settings["train"])
+    train.check_machines()
+    if settings["device"] == "cpu":
+        train.check_device("cpu")
+    if train.init_from and not Path(train.init_from).is_file():
+        raise LoramillError(f"train.init_from: {train.init_from} is not a file")
+    check_grid(
+        grid_settings(settings["grid"], settings["trigger"], settings["resize"]["resolution"])
+    )
+
+
+def check_dataset(ds: str, settings: dict[str, Any]) -> None:
+    """The config problems of one dataset, and data not pulled, before any job runs."""
+    # A text dataset's options are the schema's to check (text.train is closed and its
+    # mixed_precision an enum), so parsing needs no loramill.text.train, which imports torch:
+    # tests/test_config_errors.py holds the schema to what TextTrainConfig refuses.
+    text = settings["task"] == "text"
+    if not text:
+        try:
+            check_image_dataset(settings)
+        except LoramillError as error:
+            raise LoramillError(f"config: datasets.{ds}.{error}") from None
+    data = Path(settings["path"]) / ("train.jsonl" if text else "images")
+    if not data.exists():
+        raise LoramillError(f"dataset {ds}: {data} not found (new clone? run `dvc pull`)")
+
+
+def load_datasets(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each dataset's effective settings, the whole config checked first. Coerces ``config``'s
+    numbers in place: "20" and 20 are then the same config for everything that reads it,
+    fingerprints included. Paths are relative to the working directory (the workflow's)."""
+    try:
+        coerce_numbers(config, schema())
+        check_replaced_keys(config)
+        validate_config(config)
+    except LoramillError:
+        raise
+    except Exception as error:  # the schema's verdict, as one line naming the key
+        raise LoramillError(describe(error)) from None
+    datasets = {ds: dataset_config(config, ds, validate_config) for ds in config["datasets"]}
+    for model, task in {(s["base_model"], s["task"]) for s in datasets.values()}:
+        (resolve_language_model if task == "text" else resolve_base_model)(model)
+    for ds, settings in datasets.items():
+        check_dataset(ds, settings)
+    return datasets
