@@ -178,9 +178,10 @@ TRAIN_CONFIG = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def prepared(tmp_path_factory):
-    """Five captioned stripe images resized into two buckets."""
+    """Five captioned stripe images resized into two buckets (read-only: shared by every
+    module, and by the session's shared runs)."""
     from loramill.captions.merge import merge_captions
     from loramill.demo.images import generate_dataset
     from loramill.files import write_jsonl
@@ -249,3 +250,34 @@ def crash_and_resume(prepared, tmp_path, tiny_sd, caplog, monkeypatch, config):
         prepared, tmp_path / "resumed", tiny_sd, caplog, config=config, state_dir=state
     )
 
+
+# ---------------------------------------------------------------- runs shared by many tests
+
+
+def train_recorded(prepared, out, tiny_sd, config=None, **kwargs):
+    """train_logged for fixtures wider than one test, where caplog is not available."""
+    lines: list[str] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logger = logging.getLogger("loramill")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        written = train(prepared, out, tiny_sd, call=kwargs, **(config or {}))
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return written, lines
+
+
+@pytest.fixture(scope="session")
+def plain_run(prepared, tiny_sd, tmp_path_factory):
+    """TRAIN_CONFIG trained once per session, on a latent cache of its own (so its log shows
+    every encoding): the run that tests of other settings compare against, each training
+    costing seconds. Read only; ``folder`` holds checkpoints/, tb/ and cache/."""
+    from types import SimpleNamespace
+
+    folder = tmp_path_factory.mktemp("plain")
+    written, lines = train_recorded(prepared, folder, tiny_sd, cache_root=folder / "cache")
+    return SimpleNamespace(written=written, lines=lines, folder=folder)

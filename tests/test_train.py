@@ -1,4 +1,8 @@
-"""Training: LoRA actually learns, checkpoints land where configured, and runs reproduce."""
+"""Training: LoRA actually learns, checkpoints land where configured, and runs reproduce.
+
+Each training costs seconds, so the tests share runs where they only read them: the session's
+plain run (conftest.plain_run) is the baseline other settings are compared against, and one
+text-encoder pair serves reproducibility and logging."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from collections import Counter
 import pytest
 import torch
 from conftest import TRAIN_CONFIG as CONFIG
-from conftest import crash_and_resume, train, train_logged
+from conftest import crash_and_resume, train, train_logged, train_recorded
 from PIL import Image
 
 from loramill import LoramillError
@@ -35,10 +39,10 @@ def test_checkpoint_names_spell_their_step():
         step_of("last.safetensors")
 
 
-def test_training_writes_checkpoints_that_moved_away_from_zero(prepared, tmp_path, tiny_sd):
-    written = train(prepared, tmp_path, tiny_sd)
+def test_training_writes_checkpoints_that_moved_away_from_zero(plain_run):
+    written = plain_run.written
     assert [p.name for p in written] == ["step-000004.safetensors", "step-000006.safetensors"]
-    assert list_checkpoints(tmp_path / "checkpoints") == written
+    assert list_checkpoints(plain_run.folder / "checkpoints") == written
     final = read_checkpoint(written[-1])
     up = [t for k, t in final.tensors.items() if "lora_B" in k]
     assert up and all(k.startswith("unet.") for k in final.tensors)
@@ -52,24 +56,35 @@ def test_training_writes_checkpoints_that_moved_away_from_zero(prepared, tmp_pat
     assert record["versions"]["torch"].startswith("2.13")
     assert record["base_version"] == "sd_v1"
     assert sum(record["buckets"].values()) == 5 and len(record["buckets"]) == 2
-    events = list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    events = list((plain_run.folder / "tb").rglob("events.out.tfevents.*"))
     assert events
 
 
-def test_same_inputs_and_config_give_bit_identical_adapters(prepared, tmp_path, tiny_sd):
-    first = train(prepared, tmp_path / "a", tiny_sd, train_text_encoder=True)
-    second = train(prepared, tmp_path / "b", tiny_sd, train_text_encoder=True)
+@pytest.fixture(scope="module")
+def text_encoder_pair(prepared, tiny_sd, tmp_path_factory):
+    """Two runs of one config training the text encoder too, the first also plotting its
+    loss: the reproducibility pair, and the first's log, TensorBoard and plot."""
+    root = tmp_path_factory.mktemp("te-pair")
+    config = {"train_text_encoder": True}
+    first = train_recorded(prepared, root / "a", tiny_sd, config, loss_png=root / "loss.png")
+    second, _ = train_recorded(prepared, root / "b", tiny_sd, config)
+    return root, first, second
+
+
+def test_same_inputs_and_config_give_bit_identical_adapters(
+    text_encoder_pair, prepared, tmp_path, tiny_sd
+):
+    _, (first, _), second = text_encoder_pair
+    # the second run drew no loss plot: the plot leaves the adapter alone too
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in second]
     assert any(k.startswith("text_encoder.") for k in read_checkpoint(first[-1]).tensors)
     other_seed = train(prepared, tmp_path / "c", tiny_sd, train_text_encoder=True, seed=4)
     assert other_seed[-1].read_bytes() != first[-1].read_bytes()
 
 
-def test_learning_rate_changes_the_result(prepared, tmp_path, tiny_sd):
-    slow = read_checkpoint(train(prepared, tmp_path / "a", tiny_sd, max_train_steps=2)[-1])
-    fast = read_checkpoint(
-        train(prepared, tmp_path / "b", tiny_sd, max_train_steps=2, learning_rate=1e-2)[-1]
-    )
+def test_learning_rate_changes_the_result(plain_run, prepared, tmp_path, tiny_sd):
+    slow = read_checkpoint(plain_run.written[-1])
+    fast = read_checkpoint(train(prepared, tmp_path / "b", tiny_sd, learning_rate=1e-2)[-1])
     assert any(not torch.equal(slow.tensors[k], fast.tensors[k]) for k in slow.tensors)
 
 
@@ -101,14 +116,16 @@ def test_vae_sees_at_most_vae_batch_size_images(prepared, tmp_path, tiny_sd, cap
     assert "latents: 5 encoded, 0 reused" in lines
 
 
-def test_caches_are_reused_and_keyed_by_content(prepared, tmp_path, tiny_sd, caplog):
-    cache = tmp_path / "cache"
-    first, lines = train_logged(prepared, tmp_path / "a", tiny_sd, caplog, cache_root=cache)
+def test_caches_are_reused_and_keyed_by_content(plain_run, prepared, tmp_path, tiny_sd, caplog):
+    # The plain run filled a cache of its own; a copy, so that this test's runs leave it alone.
+    first, lines = plain_run.written, plain_run.lines
     assert {"latents: 5 encoded, 0 reused", "text embeddings: 5 encoded, 0 reused"} <= set(lines)
-    # Another learning rate: nothing to encode.
+    cache = shutil.copytree(plain_run.folder / "cache", tmp_path / "cache")
+    # Another learning rate: nothing to encode. (One step: only the encoding is looked at.)
     _, lines = train_logged(
-        prepared, tmp_path / "b", tiny_sd, caplog, cache_root=cache, config={"learning_rate": 5e-4}
-    )
+        prepared, tmp_path / "b", tiny_sd, caplog, cache_root=cache,
+        config={"learning_rate": 5e-4, "max_train_steps": 1},
+    )  # fmt: skip
     assert {"latents: 0 encoded, 5 reused", "text embeddings: 0 encoded, 5 reused"} <= set(lines)
     # A warm cache gives the very bytes a cold one gave.
     again, _ = train_logged(prepared, tmp_path / "c", tiny_sd, caplog, cache_root=cache)
@@ -119,34 +136,39 @@ def test_caches_are_reused_and_keyed_by_content(prepared, tmp_path, tiny_sd, cap
     image = sorted((edited / "resized").glob("*.png"))[0]
     with Image.open(image) as original:
         original.transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(image)
-    _, lines = train_logged(edited, tmp_path / "d", tiny_sd, caplog, cache_root=cache)
+    one_step = {"max_train_steps": 1}
+    _, lines = train_logged(edited, tmp_path / "d", tiny_sd, caplog, one_step, cache_root=cache)
     assert "latents: 1 encoded, 4 reused" in lines
     # Another CPU thread count gives other bits: not reused.
     _, lines = train_logged(
-        prepared, tmp_path / "e", tiny_sd, caplog, config={"threads": 1}, cache_root=cache
+        prepared, tmp_path / "e", tiny_sd, caplog, {**one_step, "threads": 1}, cache_root=cache
     )
     assert "latents: 5 encoded, 0 reused" in lines
 
 
-def test_interrupted_run_resumes_bit_identical(prepared, tmp_path, tiny_sd, caplog, monkeypatch):
-    config = {"max_train_steps": 6, "save_steps": 2}
-    whole, _ = train_logged(prepared, tmp_path / "whole", tiny_sd, caplog, config=config)
-    resumed, lines = crash_and_resume(prepared, tmp_path, tiny_sd, caplog, monkeypatch, config)
+def test_interrupted_run_resumes_bit_identical(
+    plain_run, prepared, tmp_path, tiny_sd, caplog, monkeypatch
+):
+    # Killed in step 5 of TRAIN_CONFIG's 6, its state saved at step 4: the resumed steps need
+    # the optimizer's moments and the RNGs of step 4 to end on the plain run's bytes.
+    resumed, lines = crash_and_resume(prepared, tmp_path, tiny_sd, caplog, monkeypatch, {})
     assert "resumed from step 4" in lines
-    assert [p.read_bytes() for p in resumed] == [p.read_bytes() for p in whole]
+    assert [p.read_bytes() for p in resumed] == [p.read_bytes() for p in plain_run.written]
     # Finished with a constant schedule: the final state stays for a longer run, no other.
     assert sorted(p.name for p in (tmp_path / "state" / "state").iterdir()) == ["step-000006.pt"]
 
 
-def test_longer_run_continues_and_matches_a_fresh_run(prepared, tmp_path, tiny_sd, caplog):
+def test_longer_run_continues_and_matches_a_fresh_run(
+    plain_run, prepared, tmp_path, tiny_sd, caplog
+):
     def run(name, steps, **kwargs):
-        config = {"max_train_steps": steps, "save_steps": 2}
+        config = {"max_train_steps": steps}
         return train_logged(prepared, tmp_path / name, tiny_sd, caplog, config=config, **kwargs)
 
     run("short", 4, state_dir=tmp_path / "state")
-    longer, lines = run("long", 8, state_dir=tmp_path / "state")
+    longer, lines = run("long", 6, state_dir=tmp_path / "state")
     assert "resumed from step 4" in lines
-    fresh, _ = run("fresh", 8)
+    fresh = plain_run.written  # 6 steps from scratch
     assert [p.name for p in longer] == [p.name for p in fresh]
     assert [p.read_bytes() for p in longer] == [p.read_bytes() for p in fresh]
 
@@ -203,9 +225,9 @@ def test_init_from_starts_from_the_given_weights(
         )
 
 
-def test_bf16_mixed_precision_keeps_lora_weights_float32(prepared, tmp_path, tiny_sd):
+def test_bf16_mixed_precision_keeps_lora_weights_float32(plain_run, prepared, tmp_path, tiny_sd):
     bf16 = read_checkpoint(train(prepared, tmp_path / "bf16", tiny_sd, mixed_precision="bf16")[-1])
-    fp32 = read_checkpoint(train(prepared, tmp_path / "fp32", tiny_sd)[-1])
+    fp32 = read_checkpoint(plain_run.written[-1])
     assert {t.dtype for t in bf16.tensors.values()} == {torch.float32}
     assert all(torch.isfinite(t).all() for t in bf16.tensors.values())
     # Autocast really ran: the result differs from float32 training.
@@ -226,44 +248,54 @@ def test_refused_settings_say_what_to_change(prepared, tmp_path, tiny_sd, overri
         train(prepared, tmp_path, tiny_sd, call={"device": "cpu"}, **overrides)
 
 
-def test_progress_tensorboard_and_loss_curve(prepared, tmp_path, tiny_sd, caplog):
+def test_progress_tensorboard_and_loss_curve(text_encoder_pair):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    _, lines = train_logged(
-        prepared,
-        tmp_path,
-        tiny_sd,
-        caplog,
-        loss_png=tmp_path / "loss.png",
-        config={"train_text_encoder": True},
-    )
+    root, (_, lines), _ = text_encoder_pair
     # "train: 100%|██| 6/6 [00:01<00:00, 5.2step/s, loss=0.1234]" (or s/step when slow)
     progress = [line for line in lines if re.search(r"\| \d+/6 \[.*step", line)]
     assert progress and "6/6" in progress[-1] and "loss=" in progress[-1]
-    events = EventAccumulator(str(next((tmp_path / "tb").rglob("events.out.*")).parent))
+    events = EventAccumulator(str(next((root / "a" / "tb").rglob("events.out.*")).parent))
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"loss", "lr/unet", "lr/text_encoder"} <= tags
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4, 5, 6]
-    with Image.open(tmp_path / "loss.png") as plot:
+    with Image.open(root / "loss.png") as plot:
         assert plot.size[0] > 100
 
 
-def test_captions_that_vary_per_step_train_reproducibly_without_the_text_cache(
+def test_captions_that_vary_per_step_and_flips_train_reproducibly_without_the_text_cache(
     prepared, tmp_path, tiny_sd, caplog
 ):
-    config = {"train_text_encoder": False, "shuffle_caption": True, "caption_dropout_rate": 0.3}
+    # One pair for both kinds of per-step randomness, and a third run with the flips and
+    # repeats only: what differs from it is the caption variation's doing.
+    flips = {"flip_aug": True, "repeats": 3}
+    config = {**flips, "shuffle_caption": True, "caption_dropout_rate": 0.3}
     first, lines = train_logged(prepared, tmp_path / "a", tiny_sd, caplog, config=config)
     again, _ = train_logged(prepared, tmp_path / "b", tiny_sd, caplog, config=config)
-    plain, _ = train_logged(
-        prepared, tmp_path / "c", tiny_sd, caplog, config={"train_text_encoder": False}
-    )
+    fixed, _ = train_logged(prepared, tmp_path / "c", tiny_sd, caplog, config=flips)
     assert not any(line.startswith("text embeddings:") for line in lines)  # encoded per step
     assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
-    assert first[-1].read_bytes() != plain[-1].read_bytes()
+    assert first[-1].read_bytes() != fixed[-1].read_bytes()
+    # both orientations of the five images are cached: five more encodings than without
+    encoded = [line for line in lines if line.startswith("latents:")]
+    assert encoded and sum(int(n) for n in encoded[0].split()[1:4:2]) == 10
 
 
-def test_other_optimizers_and_objectives_train(prepared, tmp_path, tiny_sd, caplog):
+def test_other_optimizers_and_objectives_train_and_checkpointing_changes_nothing(
+    plain_run, prepared, tmp_path, tiny_sd, caplog, monkeypatch
+):
+    """A reproducibility pair whose second run recomputes activations (gradient
+    checkpointing): the same tensors prove both that these options train reproducibly and
+    that checkpointing changes memory, not results."""
+    from diffusers import UNet2DConditionModel
+
+    enabled, enable = [], UNet2DConditionModel.enable_gradient_checkpointing
+    monkeypatch.setattr(
+        UNet2DConditionModel,
+        "enable_gradient_checkpointing",
+        lambda self: (enabled.append(True), enable(self))[1],
+    )
     config = {
         "optimizer_type": "Lion",
         "optimizer_args": {"weight_decay": 0.01},
@@ -276,41 +308,16 @@ def test_other_optimizers_and_objectives_train(prepared, tmp_path, tiny_sd, capl
         "max_token_length": 150,
     }
     first, _ = train_logged(prepared, tmp_path / "a", tiny_sd, caplog, config=config)
+    assert enabled == []
+    config["gradient_checkpointing"] = True
     again, _ = train_logged(prepared, tmp_path / "b", tiny_sd, caplog, config=config)
-    plain, _ = train_logged(prepared, tmp_path / "c", tiny_sd, caplog)
-    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
-    assert first[-1].read_bytes() != plain[-1].read_bytes()
-
-
-def test_gradient_checkpointing_changes_memory_not_results(
-    prepared, tmp_path, tiny_sd, caplog, monkeypatch
-):
-    from diffusers import UNet2DConditionModel
-
-    enabled, enable = [], UNet2DConditionModel.enable_gradient_checkpointing
-    monkeypatch.setattr(
-        UNet2DConditionModel,
-        "enable_gradient_checkpointing",
-        lambda self: (enabled.append(True), enable(self))[1],
-    )
-    checkpointed, _ = train_logged(
-        prepared, tmp_path / "a", tiny_sd, caplog, config={"gradient_checkpointing": True}
-    )
-    plain, _ = train_logged(prepared, tmp_path / "b", tiny_sd, caplog)
     assert enabled == [True]
-    tensors = [read_checkpoint(p).tensors for p in (checkpointed[-1], plain[-1])]
-    assert tensors[0].keys() == tensors[1].keys()
-    assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
-
-
-def test_flip_and_repeats_train_reproducibly(prepared, tmp_path, tiny_sd, caplog):
-    config = {"flip_aug": True, "repeats": 3, "shuffle_caption": True, "caption_dropout_rate": 0.2}
-    first, lines = train_logged(prepared, tmp_path / "a", tiny_sd, caplog, config=config)
-    again, _ = train_logged(prepared, tmp_path / "b", tiny_sd, caplog, config=config)
-    assert [p.read_bytes() for p in first] == [p.read_bytes() for p in again]
-    # both orientations of the five images are cached: five more encodings than without
-    encoded = [line for line in lines if line.startswith("latents:")]
-    assert encoded and sum(int(n) for n in encoded[0].split()[1:4:2]) == 10
+    for ours, theirs in zip(first, again, strict=True):
+        # the provenance differs (it records gradient_checkpointing), the weights must not
+        tensors = [read_checkpoint(p).tensors for p in (ours, theirs)]
+        assert tensors[0].keys() == tensors[1].keys()
+        assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])
+    assert first[-1].read_bytes() != plain_run.written[-1].read_bytes()
 
 
 def test_max_train_epochs_sets_the_steps(prepared, tmp_path, tiny_sd, caplog):

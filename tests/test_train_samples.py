@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from conftest import REPO, crash_and_resume, train_logged
+from conftest import REPO, crash_and_resume, train_logged, train_recorded
 from PIL import Image
 
 from loramill import LoramillError
@@ -50,19 +50,26 @@ def test_schema_offers_the_samplers_there_are():
     assert schema["$defs"]["train"]["properties"]["sample_sampler"]["enum"] == list(SAMPLERS)
 
 
+@pytest.fixture(scope="module")
+def sampled(prepared, tiny_sd, tmp_path_factory):
+    """TRAIN_CONFIG with samples every 2 steps, trained once: the run the resumed one and the
+    rerun must match."""
+    out = tmp_path_factory.mktemp("sampled")
+    return train_recorded(prepared, out, tiny_sd, SAMPLES)[0], out
+
+
 def test_samples_are_saved_reproducible_and_leave_training_alone(
-    prepared, tmp_path, tiny_sd, caplog
+    sampled, plain_run, prepared, tmp_path, tiny_sd, caplog
 ):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    written, _ = train_logged(prepared, tmp_path / "a", tiny_sd, caplog, config=SAMPLES)
-    folder = tmp_path / "a" / "checkpoints" / "samples"
+    written, out = sampled
+    folder = out / "checkpoints" / "samples"
     names = [f"step-{s:06d}-{i:02d}.png" for s in (2, 4, 6) for i in (0, 1)]
     assert sorted(p.name for p in folder.iterdir()) == names
     with Image.open(folder / names[0]) as first, Image.open(folder / names[1]) as second:
         assert (first.size, second.size) == ((32, 48), (32, 32))  # --w/--h, else resolution
-    plain, _ = train_logged(prepared, tmp_path / "b", tiny_sd, caplog)
-    for ours, theirs in zip(written, plain, strict=True):  # the metadata names the samples
+    for ours, theirs in zip(written, plain_run.written, strict=True):  # metadata names samples
         ours, theirs = read_checkpoint(ours).tensors, read_checkpoint(theirs).tensors
         assert ours.keys() == theirs.keys()
         assert all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -73,19 +80,21 @@ def test_samples_are_saved_reproducible_and_leave_training_alone(
         ).read_bytes()
     # the adapter changes between steps, and so do the samples of one prompt
     assert (folder / names[0]).read_bytes() != (folder / names[4]).read_bytes()
-    events = EventAccumulator(str(next((tmp_path / "a" / "tb").rglob("events.out.*")).parent))
+    events = EventAccumulator(str(next((out / "tb").rglob("events.out.*")).parent))
     events.Reload()
     assert sorted(events.Tags()["images"]) == ["samples/00", "samples/01"]
     assert [e.step for e in events.Images("samples/00")] == [2, 4, 6]
 
 
 def test_a_resumed_run_keeps_the_samples_it_does_not_render_again(
-    prepared, tmp_path, tiny_sd, caplog, monkeypatch
+    sampled, prepared, tmp_path, tiny_sd, caplog, monkeypatch
 ):
-    config = {**SAMPLES, "max_train_steps": 6, "save_steps": 4}
-    train_logged(prepared, tmp_path / "whole", tiny_sd, caplog, config=config)
-    _, lines = crash_and_resume(prepared, tmp_path, tiny_sd, caplog, monkeypatch, config)
+    # SAMPLES on TRAIN_CONFIG (6 steps, saved at 4): killed in step 5, resumed from step 4
+    _, lines = crash_and_resume(prepared, tmp_path, tiny_sd, caplog, monkeypatch, SAMPLES)
     assert "resumed from step 4" in lines
-    whole, resumed = (tmp_path / run / "checkpoints" / "samples" for run in ("whole", "resumed"))
+    whole, resumed = (
+        sampled[1] / "checkpoints" / "samples",
+        tmp_path / "resumed/checkpoints/samples",
+    )
     assert sorted(p.name for p in resumed.iterdir()) == sorted(p.name for p in whole.iterdir())
     assert all((resumed / p.name).read_bytes() == p.read_bytes() for p in whole.iterdir())
