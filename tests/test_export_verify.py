@@ -41,20 +41,37 @@ def unscaled(path, out, scale):
     return out
 
 
-def test_full_size_sd15_exports_load_completely_at_the_trained_scale_everywhere(tmp_path, caplog):
-    """SD1.5's UNet and CLIP-L with random weights, network_target kohya: 192 + 72 modules in
-    both files; the kohya file lands every module at the trained delta in diffusers, A1111,
-    ComfyUI and kohya sd-scripts, the diffusers file in diffusers and ComfyUI; strength 0 =
-    the base. The diffusers file of the old layout fails: ComfyUI skips its UNet attention
-    keys, and with those spelled right still applies it at alpha 1 (twice the trained 2/4)."""
+def filled_sd15():
+    """SD1.5's UNet and CLIP-L at full size with fixed finite weights. Verification compares
+    the LoRA's weights and the UNet's output at strength 0 with the base's, for which any
+    weights do: built on the meta device and filled by tiling one small random block, instead
+    of PyTorch's per-layer random init of 1e9 weights (most of this test's time)."""
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from loramill.demo.tiny_models import CLIP_TEXT, SD15
 
+    with init_empty_weights():  # buffers (CLIP's position ids) are still built for real
+        unet = UNet2DConditionModel(**SD15["unet"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **SD15["text_encoder"]))
+    block = torch.randn(4099, generator=torch.Generator().manual_seed(0)) * 0.02
+    for model in (unet, text_encoder):
+        for name, param in list(model.named_parameters()):
+            tiled = block.repeat(-(-param.numel() // block.numel()))[: param.numel()]
+            set_module_tensor_to_device(model, name, "cpu", value=tiled.view(param.shape))
+    return unet, text_encoder
+
+
+def test_full_size_sd15_exports_load_completely_at_the_trained_scale_everywhere(tmp_path, caplog):
+    """SD1.5's UNet and CLIP-L (filled_sd15), network_target kohya: 192 + 72 modules in
+    both files; the kohya file lands every module at the trained delta in diffusers, A1111,
+    ComfyUI and kohya sd-scripts, the diffusers file in diffusers and ComfyUI; strength 0 =
+    the base. The diffusers file of the old layout fails: ComfyUI skips its UNet attention
+    keys, and with those spelled right still applies it at alpha 1 (twice the trained 2/4)."""
+    unet, text_encoder = filled_sd15()
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15["unet"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **SD15["text_encoder"]))
     add_lora(unet, text_encoder, NetworkSpec("kohya", 4, 2.0), init=False)  # B ≠ 0
     provenance = json.dumps(SAMPLE_PROVENANCE)
     checkpoint = tmp_path / "step-000001.safetensors"

@@ -59,15 +59,17 @@ def test_network_target_decides_the_modules(tiny_sd, spec, unet, conv, text):
 
 
 def test_full_size_sd15_kohya_network_has_192_and_72_modules():
-    """SD1.5's UNet and CLIP-L, built with random weights: kohya's standard module counts."""
+    """SD1.5's UNet and CLIP-L: kohya's standard module counts. Counting needs the modules,
+    not their weights: built on the meta device (no memory, no random init)."""
+    from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from loramill.demo.tiny_models import CLIP_TEXT, SD15
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(**SD15["unet"])
-    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **SD15["text_encoder"]))
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SD15["unet"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **SD15["text_encoder"]))
     models = {"unet": unet, "text_encoder": text_encoder}
     counts = {
         target: tuple(len(network_modules(m, name, target)) for name, m in models.items())
@@ -82,6 +84,7 @@ def test_full_size_sd15_kohya_network_has_192_and_72_modules():
     assert counts["kohya_conv"] == (192 + 22 + 14 + 50, 72)
     add_lora(unet, text_encoder, NetworkSpec("kohya", 4, 4))
     assert (len(lora_layers(unet)), len(lora_layers(text_encoder))) == (192, 72)
+    assert {p.device.type for p in unet.parameters()} == {"meta"}  # nothing was allocated
 
 
 def layer_with_lora():
