@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -371,12 +372,19 @@ def clip_captions(model, images, **options):
     return make_captioner(config).caption([(f"{i}.png", im) for i, im in enumerate(images)])
 
 
+@functools.cache
+def reference_clip(model):
+    """transformers' own processor and model, loaded once for every reference caption."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    return CLIPProcessor.from_pretrained(model), CLIPModel.from_pretrained(model)
+
+
 def reference_best(model, image, template):
     """Each category's most probable term, computed straight from transformers."""
     import torch
-    from transformers import CLIPModel, CLIPProcessor
 
-    processor, clip = CLIPProcessor.from_pretrained(model), CLIPModel.from_pretrained(model)
+    processor, clip = reference_clip(model)
     best = []
     for terms in VOCABULARY.values():
         prompts = [template.format(term=t) for t in terms]

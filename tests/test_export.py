@@ -384,9 +384,11 @@ def test_text_model_level_is_not_doubled():
         ("sd_v1", ("sd_v1", "False", "stable-diffusion-v1/lora")),
     ],
 )
-def test_the_base_version_trained_on_labels_the_export(tmp_path, base_version, labels):
-    source = make_random_checkpoint(tmp_path / "raw.safetensors")
-    with safe_open(str(source), "pt") as handle:
+def test_the_base_version_trained_on_labels_the_export(
+    random_checkpoint, tmp_path, base_version, labels
+):
+    # the session's checkpoint, read only: a copy of it says which base it was trained on
+    with safe_open(str(random_checkpoint), "pt") as handle:
         metadata, tensors = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
     provenance = {**json.loads(metadata["loramill.provenance"]), "base_version": base_version}
     save_file(

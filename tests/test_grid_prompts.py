@@ -1,19 +1,18 @@
 """A grid that sets no prompts shows the dataset's own training captions; one that sets them
-keeps them, and only the former reads (and is rerun by) the captions."""
+keeps them, and only the former reads (and is rerun by) the captions. A real run drawing such a
+grid: test_workflow.test_linked_dataset_trains_and_its_grid_shows_its_own_captions."""
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pytest
 import yaml
-from conftest import run_tool
 from test_config_errors import workdir  # noqa: F401 (a fixture)
 from workflow_plans import planned_jobs
 
 from loramill import LoramillError
-from loramill.files import read_jsonl, write_jsonl
+from loramill.files import write_jsonl
 from loramill.grid.build import with_caption_prompts
 
 SETTINGS = {"x": "checkpoint", "y": "strength", "z": "prompt", "prompts": []}
@@ -23,12 +22,6 @@ CAPTIONS = [
     {"image": "c.png", "caption": "zzt, a navy square", "source": "human"},
     {"image": "d.png", "caption": "zzt, a green band", "source": "auto"},
 ]
-# the tiniest real chain: a few pixels, two training steps, two denoising steps
-SMALL = {
-    "resize": {"resolution": 32},
-    "train": {"max_train_steps": 2, "save_steps": 2, "train_batch_size": 1},
-    "grid": {"strengths": [1.0], "num_inference_steps": 2},
-}
 
 
 def test_no_prompts_means_the_first_distinct_captions_as_trained(tmp_path, caplog):
@@ -58,19 +51,3 @@ def test_only_a_grid_without_prompts_reads_the_captions(workdir, tmp_path):  # n
     inputs = {job.ds: job.inputs for job in jobs if job.rule == "grid"}
     assert "results/wide_bands/captions.jsonl" in inputs["wide_bands"]
     assert not [path for path in inputs["paper_stripes"] if "captions.jsonl" in path]
-
-
-@pytest.mark.workflow
-def test_a_new_datasets_grid_shows_its_own_captions(workdir, tmp_path):  # noqa: F811
-    config = yaml.safe_load((workdir / "config" / "config.yaml").read_text())
-    assert not config["grid"]["prompts"]  # a new dataset inherits no demo prompts
-    extra = tmp_path / "extra.yaml"
-    extra.write_text(
-        yaml.safe_dump({**SMALL, "datasets": {"wide_bands": {"grid": {"prompts": []}}}})
-    )
-    run_tool("snakemake", "grids/wide_bands.png", "--cores", "1", "--configfile", str(extra),
-             cwd=workdir)  # fmt: skip
-    captions = [r["caption"] for r in read_jsonl(workdir / "results/wide_bands/captions.jsonl")]
-    grid = json.loads((workdir / "grids" / "wide_bands.json").read_text())
-    assert grid["axes"]["z"]["values"] == list(dict.fromkeys(captions))[:2]
-    assert all(prompt.startswith("wband, ") for prompt in grid["axes"]["z"]["values"])

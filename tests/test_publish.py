@@ -68,26 +68,53 @@ def template(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def project(template, tmp_path):
-    """A copy of the template with fake artifacts and the user's remote `store` as default."""
-    root, store = tmp_path / "repo", tmp_path / "store"
-    shutil.copytree(template, root, symlinks=True)
-    store.mkdir()
+def use_store(root, store):
+    """Make ``store`` the repository's default remote, beside the demo remote."""
     (root / ".dvc" / "config").write_text(
         f"[core]\n    analytics = false\n    remote = store\n"
         f"['remote \"demo\"']\n    url = ../dvc-demo-remote\n"
         f"['remote \"store\"']\n    url = {store}\n"
     )
+
+
+def fresh_project(template, folder):
+    """A copy of the template with fake artifacts and the user's remote `store` as default."""
+    root, store = folder / "repo", folder / "store"
+    shutil.copytree(template, root, symlinks=True)
+    store.mkdir()
+    use_store(root, store)
     for path in ALL:
         file = root / path / "step-000001.safetensors" if path in FOLDERS else root / path
         write(file, os.urandom(256) + path.encode())
     return root, store
 
 
-def test_publish_tracks_each_artifact_and_pushes_it(project):
-    root, store = project
-    report = publish(root, DATASETS)
+@pytest.fixture
+def project(template, tmp_path):
+    return fresh_project(template, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def published(template, tmp_path_factory):
+    """A project published once: the first publish of every test that starts from a published
+    one (three `dvc` runs each). Tests that change it work on a copy (`republished`)."""
+    root, store = fresh_project(template, tmp_path_factory.mktemp("published"))
+    return root, store, publish(root, DATASETS)
+
+
+@pytest.fixture
+def republished(published, tmp_path):
+    """A copy of the published project, its remote a copy of the published remote."""
+    source, source_store, report = published
+    root, store = tmp_path / "repo", tmp_path / "store"
+    shutil.copytree(source, root, symlinks=True)
+    shutil.copytree(source_store, store)
+    use_store(root, store)
+    return root, store, report
+
+
+def test_publish_tracks_each_artifact_and_pushes_it(published):
+    root, store, report = published
     assert sorted(report.new) == sorted(ALL) and not report.modified and not report.unchanged
     for path in FILES:
         recorded = (root / f"{path}.dvc").read_text()
@@ -107,9 +134,8 @@ def test_publish_tracks_each_artifact_and_pushes_it(project):
     assert set(report.git_add[2:]) == {f"{p}.dvc" for p in ALL} | {"data.dvc"}
 
 
-def test_second_publish_rewrites_nothing(project):
-    root, store = project
-    publish(root, DATASETS)
+def test_second_publish_rewrites_nothing(republished):
+    root, store, _ = republished
     names = [f"{p}.dvc" for p in ALL] + [".gitignore", "data.dvc", "exports/.gitignore"]
     before, objects = snapshot(root, names), remote_objects(store)
     result = subprocess.run(
@@ -122,9 +148,8 @@ def test_second_publish_rewrites_nothing(project):
     assert remote_objects(store) == objects
 
 
-def test_changed_export_republishes_only_that_file(project):
-    root, store = project
-    publish(root, DATASETS)
+def test_changed_export_republishes_only_that_file(republished):
+    root, store, _ = republished
     others = [f"{p}.dvc" for p in ALL if p != "exports/beta.safetensors"]
     before, objects = snapshot(root, others), remote_objects(store)
     write(root / "exports" / "beta.safetensors", b"retrained")
@@ -138,10 +163,9 @@ def test_changed_export_republishes_only_that_file(project):
     assert json.loads(run_tool("dvc", "status", "-c", "--json", cwd=root).stdout) == {}
 
 
-def test_unchanged_artifact_missing_from_cache_is_pushed_anyway(project):
+def test_unchanged_artifact_missing_from_cache_is_pushed_anyway(republished):
     # `dvc push` only warns (exit 0) when a tracked file is not in the cache.
-    root, store = project
-    publish(root, DATASETS)
+    root, store, _ = republished
     shutil.rmtree(root / ".dvc" / "cache" / "files")
     shutil.rmtree(store)
     store.mkdir()
@@ -211,9 +235,8 @@ def test_data_changed_since_data_dvc_is_refused(project):
     assert not list(root.glob("*/*.dvc")) and remote_objects(store) == []
 
 
-def test_fresh_clone_pulls_identical_artifacts(project, tmp_path):
-    root, _ = project
-    report = publish(root, DATASETS)
+def test_fresh_clone_pulls_identical_artifacts(republished, tmp_path):
+    root, _, report = republished
     subprocess.run(report.git_add_line, shell=True, cwd=root, check=True)
     staged = git("diff", "--cached", "--name-only", cwd=root).stdout.split()
     assert set(staged) >= {f"{p}.dvc" for p in ALL} | {"data.dvc"}

@@ -3,11 +3,13 @@ loramill.reruns.snakemake_compat.BEHAVIOURS), plus the version check that keeps 
 these tests passed with.
 
 Each test writes a tiny Snakefile into tmp_path, lays out files with chosen modification times
-and runs the real snakemake CLI (a dry run wherever that shows the decision), asserting the
-exact jobs. They pin what Snakemake does, not what it documents: when one fails after an
-upgrade, the mechanism in rules/common.smk and src/loramill/reruns/ (staleness.py, gates.py)
-needs rethinking before TESTED in snakemake_compat.py may move. Cluster jobs re-parse the
-Snakefile with workflow.is_main_process False; that is not exercised here (no cluster).
+and asserts the exact jobs: planned in this process through Snakemake's API (what
+`snakemake -n` runs, in a fraction of its time) wherever the plan shows the decision, run by
+the real snakemake CLI wherever a job must run. They pin what Snakemake does, not what it
+documents: when one fails after an upgrade, the mechanism in rules/common.smk and
+src/loramill/reruns/ (staleness.py, gates.py) needs rethinking before TESTED in
+snakemake_compat.py may move. Cluster jobs re-parse the Snakefile with
+workflow.is_main_process False; that is not exercised here (no cluster).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 
 import pytest
 from conftest import BIN, REPO, run_tool
+from snakemake.settings.enums import RerunTrigger
+from workflow_plans import DryRunJob, dry_run
 
 from loramill import LoramillError
 from loramill.reruns.snakemake_compat import BEHAVIOURS, PINNED, TESTED, check_snakemake_version
@@ -31,6 +35,7 @@ from loramill.reruns.snakemake_compat import BEHAVIOURS, PINNED, TESTED, check_s
 # What profiles/default sets: only modification times trigger reruns, and no file is
 # checksummed (but empty ones, see the last behaviour).
 MTIME_ONLY = ("--rerun-triggers", "mtime", "--max-checksum-file-size", "0")
+PLAN_MTIME_ONLY = {"rerun_triggers": {RerunTrigger.MTIME}, "max_checksum_file_size": 0}
 FAR_FUTURE = 4102444800  # 2100-01-01
 OLD = 1  # epoch + 1: a pre-created marker
 
@@ -63,8 +68,21 @@ def log(result: subprocess.CompletedProcess[str]) -> str:
 
 
 def jobs(result: subprocess.CompletedProcess[str]) -> list[str]:
-    """The rule names of the jobs a (dry) run ran or would run, sorted."""
+    """The rule names of the jobs a run ran, sorted."""
     return sorted(re.findall(r"^(?:local)?rule (\w+):$", log(result), flags=re.MULTILINE))
+
+
+def planned(
+    path: Path, *targets: str, triggers: dict | None = PLAN_MTIME_ONLY, **dag
+) -> list[DryRunJob]:
+    """The jobs `snakemake -n` would list, with the profile's triggers unless told otherwise
+    (None: Snakemake's defaults); ``config`` as --config, other keywords DAGSettings fields."""
+    config = dag.pop("config", None)
+    return dry_run(path, *targets, config=config, dag={**(triggers or {}), **dag})[1]
+
+
+def rules(found: list[DryRunJob]) -> list[str]:
+    return sorted(job.rule for job in found)
 
 
 # ---- the behaviours ----------------------------------------------------------------------
@@ -88,10 +106,11 @@ def test_mtime_trigger_ignores_params_and_code(tmp_path: Path) -> None:
     now = time.time()
     touch(path / "s.txt", now - 60)
     touch(path / "s.py", now)
-    changed = ("-n", "params_changed", "script_edited", "--config", "value=2")
-    assert jobs(snakemake(path, *changed)) == []
+    changed = ("params_changed", "script_edited")
+    assert rules(planned(path, *changed, config={"value": 2})) == []
     # The contrast: Snakemake's default triggers rerun both.
-    assert jobs(snakemake(path, *changed, triggers=())) == ["params_changed", "script_edited"]
+    both = planned(path, *changed, config={"value": 2}, triggers=None)
+    assert rules(both) == ["params_changed", "script_edited"]
 
 
 def test_ancient_input_newer_than_output_does_not_rerun(tmp_path: Path) -> None:
@@ -113,7 +132,7 @@ def test_ancient_input_newer_than_output_does_not_rerun(tmp_path: Path) -> None:
         p__txt=now - 60,
         in__txt=now,
     )
-    assert jobs(snakemake(path, "-n", "a.txt", "p.txt")) == ["plain_input"]
+    assert rules(planned(path, "a.txt", "p.txt")) == ["plain_input"]
 
 
 def test_far_future_input_reruns_while_listed_but_fails_the_job(tmp_path: Path) -> None:
@@ -156,8 +175,8 @@ def test_far_future_input_reruns_while_listed_but_fails_the_job(tmp_path: Path) 
     assert not (path / "f.txt").exists()
     # A gate touched at parse time works: listed, its job reruns every time; no longer listed,
     # nothing reruns (the set of inputs changed, which mtime-only triggers ignore).
-    again = snakemake(path, "-n", "c.txt", "d.txt", "--config", "drop=dropped")
-    assert jobs(again) == ["current"]
+    again = planned(path, "c.txt", "d.txt", config={"drop": "dropped"})
+    assert rules(again) == ["current"]
 
 
 def test_ancient_consumer_of_rerun_producer_needs_its_marker(tmp_path: Path) -> None:
@@ -185,9 +204,9 @@ def test_ancient_consumer_of_rerun_producer_needs_its_marker(tmp_path: Path) -> 
         c__txt=now,
     )
     touch(path / "a.done", OLD, text="")  # as touch() leaves it: empty
-    result = snakemake(path, "-n", "b.txt", "c.txt", "--forcerun", "producer")
-    assert jobs(result) == ["producer", "with_marker"]
-    assert "Input files updated by another job" in log(result)
+    found = planned(path, "b.txt", "c.txt", forcerun={"producer"})
+    assert rules(found) == ["producer", "with_marker"]
+    assert "Input files updated by another job" in "\n".join(job.reason for job in found)
 
 
 def test_markers_missing_old_and_at_zero(tmp_path: Path) -> None:
@@ -220,8 +239,8 @@ def test_markers_missing_old_and_at_zero(tmp_path: Path) -> None:
     # A missing marker reruns a job whose rule is a target, not one only `all` needs. A
     # marker at epoch+1 is harmless; one at 0 makes Snakemake skip its mtime comparison, so
     # stale_zero ignores its far-future gate.
-    result = snakemake(path, "-n", "all", "by_name_missing", "by_name_old")
-    assert jobs(result) == ["all", "by_name_missing", "stale_old"]
+    found = planned(path, "all", "by_name_missing", "by_name_old")
+    assert rules(found) == ["all", "by_name_missing", "stale_old"]
 
 
 def test_input_functions_see_dag_settings(tmp_path: Path) -> None:
@@ -252,7 +271,7 @@ def test_input_functions_see_dag_settings(tmp_path: Path) -> None:
             shell: "touch {output}"
         """,
     )
-    snakemake(path, "-n", "b.txt", "-R", "a")
+    planned(path, "b.txt", forcerun={"a"})
     assert json.loads((path / "parse.json").read_text()) == {"at_parse": None}
     seen = json.loads((path / "seen.json").read_text())
     assert seen == {"rerun_triggers": ["mtime"], "max_checksum_file_size": 0, "forcerun": ["a"]}
@@ -293,7 +312,7 @@ def test_main_process_parses_with_is_main_process(tmp_path: Path) -> None:
             shell: "touch {output}"
         """,
     )
-    snakemake(path, "-n")
+    planned(path)
     assert (path / "main.txt").read_text() == "True"
 
 
@@ -318,7 +337,7 @@ def test_empty_inputs_are_checksummed_even_at_threshold_zero(tmp_path: Path) -> 
     # Both inputs are newer than the outputs, with unchanged content. max-checksum-file-size 0
     # still admits 0-byte files: the empty input's checksum matches the one recorded, so its
     # job does not rerun. Gates must not be empty.
-    assert jobs(snakemake(path, "-n", "empty.out", "filled.out")) == ["filled"]
+    assert rules(planned(path, "empty.out", "filled.out")) == ["filled"]
 
 
 def test_sigint_to_snakemake_alone_leaves_its_job_running(tmp_path: Path) -> None:

@@ -12,6 +12,11 @@ import yaml
 from conftest import clone_checkout, run_tool
 from PIL import Image
 from safetensors import safe_open
+from snakemake.settings.enums import RerunTrigger
+from test_config_errors import workdir  # noqa: F401 (a fixture)
+from workflow_plans import dry_run
+
+from loramill.files import read_jsonl
 
 pytestmark = pytest.mark.workflow
 
@@ -158,33 +163,40 @@ def test_second_run_has_nothing_to_do(demo_run):
     assert "Nothing to be done" in result.stdout + result.stderr
 
 
-def planned_resources(result) -> dict[str, set[str]]:
-    """rule → the set of its jobs' `resources:` lines, from a dry run's report."""
-    found: dict[str, set[str]] = {}
-    rule = None
-    for line in result.stdout.splitlines():
-        if line.startswith("rule "):
-            rule = line[5:].rstrip(":")
-        elif line.strip().startswith("resources:") and rule:
-            found.setdefault(rule, set()).add(line.strip())
+def planned_resources(root, **config) -> dict[str, list[dict]]:
+    """rule → its jobs' resources, as the README's GPU line plans them:
+    `snakemake train_all -n -F --cores 8 --resources gpu=1 [--config …]`."""
+    # the workflow profile's triggers, which the CLI reads from profiles/default
+    profile = yaml.safe_load((root / "profiles" / "default" / "config.yaml").read_text())
+    dag = {
+        "forceall": True,
+        "max_checksum_file_size": profile["max-checksum-file-size"],
+        "rerun_triggers": {RerunTrigger[t.upper()] for t in profile["rerun-triggers"]},
+    }
+    _, jobs = dry_run(root, "train_all", config=config, dag=dag, resources={"gpu": 1}, cores=8)
+    found: dict[str, list[dict]] = {}
+    for job in jobs:
+        found.setdefault(job.rule, []).append(job.resources)
     return found
 
 
-def test_gpu_jobs_declare_the_gpu_resource(demo_run):
-    # The README's GPU line: at most one GPU job at a time, CPU stages in parallel.
-    command = ("snakemake", "train_all", "-n", "-F", "--cores", "8", "--resources", "gpu=1")
-    planned = planned_resources(run_tool(*command, cwd=demo_run))
+def test_gpu_jobs_declare_the_gpu_resource(workdir):  # noqa: F811
+    # The README's GPU line: at most one GPU job at a time, CPU stages in parallel. Planned in
+    # this process (workflow_plans.dry_run): the resources are the ones `-n` would list.
+    planned = planned_resources(workdir)
     for rule in ("train", "grid"):
-        assert all("gpu=1" in line and "mem_mb=" in line for line in planned[rule]), planned
-    assert all("gpu=0" in line for line in planned["caption"])  # template captions: no model
-    assert not any("gpu" in line for line in planned["resize"] | planned["merge_captions"])
-    on_cpu = planned_resources(run_tool(*command, "--config", "device=cpu", cwd=demo_run))
-    assert all("gpu=0" in line for line in on_cpu["train"] | on_cpu["grid"])
+        assert all(r["gpu"] == 1 and "mem_mb" in r for r in planned[rule]), planned
+    assert all(r["gpu"] == 0 for r in planned["caption"])  # template captions: no model
+    assert not any("gpu" in r for r in planned["resize"] + planned["merge_captions"])
+    on_cpu = planned_resources(workdir, device="cpu")
+    assert all(r["gpu"] == 0 for r in on_cpu["train"] + on_cpu["grid"])
 
 
-def test_dataset_checked_out_as_links_into_the_dvc_cache_trains(tmp_path):
+def test_linked_dataset_trains_and_its_grid_shows_its_own_captions(tmp_path):
     """DVC's `cache.type: symlink` (its choice when the cache is on another disk): every image
-    is a link into the cache, and is read as the image it is."""
+    is a link into the cache, and is read as the image it is. The same small run (one
+    training step, two cells) shows that a grid that sets no prompts draws the dataset's own
+    training captions, which test_grid_prompts checks are its inputs."""
     checkout = clone_checkout(tmp_path / "linked")
     run_tool("dvc", "config", "--local", "cache.type", "symlink", cwd=checkout)
     run_tool("dvc", "pull", cwd=checkout)
@@ -193,12 +205,19 @@ def test_dataset_checked_out_as_links_into_the_dvc_cache_trains(tmp_path):
     assert images and all(p.is_symlink() for p in images)
     config_file = checkout / "config" / "config.yaml"
     config = yaml.safe_load(config_file.read_text())
+    assert not config["grid"]["prompts"]  # a new dataset inherits no demo prompts
+    config["datasets"][ds]["grid"]["prompts"] = []  # as a new dataset: the captions
     config["train"].update(max_train_steps=1, save_steps=1)
+    config["grid"].update(strengths=[1.0], num_inference_steps=2)
     config_file.write_text(yaml.safe_dump(config))
-    run_tool("snakemake", "--cores", "2", f"results/{ds}/checkpoints", cwd=checkout)
+    run_tool("snakemake", "--cores", "2", f"grids/{ds}.png", cwd=checkout)
     manifest = json.loads((checkout / "results" / ds / "resized" / "manifest.json").read_text())
     assert len(manifest["images"]) == len(images) and manifest["quarantined"] == []
     assert (checkout / "results" / ds / "checkpoints" / "step-000001.safetensors").is_file()
+    captions = [r["caption"] for r in read_jsonl(checkout / "results" / ds / "captions.jsonl")]
+    grid = json.loads((checkout / "grids" / f"{ds}.json").read_text())
+    assert grid["axes"]["z"]["values"] == list(dict.fromkeys(captions))[:2]
+    assert all(prompt.startswith("wband, ") for prompt in grid["axes"]["z"]["values"])
 
 
 def test_report_is_one_page_with_every_datasets_grid_loss_and_card(demo_run, demo_report):

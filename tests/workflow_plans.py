@@ -82,3 +82,45 @@ def plan(root: Path, *forcerun: str) -> tuple[str, set[tuple[str, str]]]:
     (rule, dataset) of every job it plans."""
     stderr, jobs = planned_jobs(root, *forcerun)
     return stderr, {(job.rule, job.ds) for job in jobs if job.ds is not None}
+
+
+class DryRunJob(NamedTuple):
+    rule: str
+    wildcards: dict[str, str]
+    resources: dict[str, object]  # as `snakemake -n` lists them under `resources:`
+    reason: str  # as `snakemake -n` prints it under `reason:`
+
+
+def dry_run(
+    root: Path,
+    *targets: str,
+    config: dict | None = None,
+    dag: dict | None = None,
+    resources: dict | None = None,
+    cores: int = 1,
+) -> tuple[str, list[DryRunJob]]:
+    """`snakemake -n --cores CORES TARGETS` in ``root`` (any Snakefile, no profile read):
+    ``config`` as --config, ``dag`` DAGSettings fields (forcerun, forceall, rerun_triggers,
+    max_checksum_file_size …), ``resources`` as --resources. The CLI does this through the
+    same API, so the jobs are the ones it would list; what the workflow printed to stderr."""
+    stderr = io.StringIO()
+    quiet = types.OutputSettings(quiet={Quietness.ALL})
+    with restored_process_state(), contextlib.redirect_stderr(stderr), SnakemakeApi(quiet) as api:
+        workflow_api = api.workflow(
+            resource_settings=types.ResourceSettings(cores=cores, resources=resources or {}),
+            config_settings=types.ConfigSettings(config=config or {}),
+            storage_settings=types.StorageSettings(),
+            workflow_settings=types.WorkflowSettings(),
+            deployment_settings=types.DeploymentSettings(),
+            snakefile=root / "Snakefile",
+            workdir=root,
+        )
+        dag_api = workflow_api.dag(types.DAGSettings(targets=set(targets), **(dag or {})))
+        dag_api.execute_workflow(executor="local", pseudo_executor="dryrun")
+        graph = workflow_api._workflow.dag
+        found = [
+            DryRunJob(job.rule.name, dict(job.wildcards), dict(job.resources.items()),
+                      str(graph.reason(job)))
+            for job in graph.needrun_jobs(exclude_finished=False)
+        ]  # fmt: skip
+    return stderr.getvalue(), found
