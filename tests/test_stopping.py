@@ -69,15 +69,15 @@ def test_the_handlers_before_are_back_after_training(prepared, tmp_path, tiny_sd
 def test_a_second_signal_after_the_grace_time_stops_at_once(monkeypatch):
     monkeypatch.setattr("loramill.train.stopping.REPEAT_SECONDS", 0.0)
     with StopRequest() as stop, pytest.raises(KeyboardInterrupt):
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
         assert stop.requested() == "SIGINT"  # the first only asks
-        os.kill(os.getpid(), signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
 
 
 def test_one_signal_twice_within_the_grace_time_is_one_request():
     with StopRequest() as stop:
-        os.kill(os.getpid(), signal.SIGINT)  # from the terminal
-        os.kill(os.getpid(), signal.SIGINT)  # and again, passed on by Snakemake
+        signal.raise_signal(signal.SIGINT)  # from the terminal
+        signal.raise_signal(signal.SIGINT)  # and again, passed on by Snakemake
         assert stop.requested() == "SIGINT"
 
 
