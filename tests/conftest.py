@@ -11,9 +11,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from worker_groups import (  # noqa: F401 (hooks: how make test splits the suite)
     pytest_collection_modifyitems,
     pytest_configure,
@@ -130,6 +132,75 @@ def clone_checkout(dest: Path, source: Path = REPO) -> Path:
     for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "clone"]):
         subprocess.run([*git, *command], cwd=dest, check=True, capture_output=True)
     return dest
+
+
+GIT = ["git", "-c", "user.name=loramill-tests", "-c", "user.email=tests@loramill.invalid"]
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run([*GIT, *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
+
+
+def edit_config(root: Path, change) -> None:
+    path = root / "config" / "config.yaml"
+    config = yaml.safe_load(path.read_text())
+    change(config)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+# The demo made small: a few steps, a few grid cells, tiny images.
+SMALL = {
+    "device": "cpu",  # the Slurm tests' cluster has no GPU: no job may ask for one
+    "resize": {"resolution": 32},
+    "train": {"max_train_steps": 2, "save_steps": 1, "train_batch_size": 1},
+    "grid": {"prompts": ["{trigger}"], "strengths": [0.0, 1.0], "num_inference_steps": 2},
+    "text": {
+        "train": {"max_train_steps": 4, "save_steps": 2, "train_batch_size": 4},
+        "evaluate": {
+            "prompts": ["### Question:\nHow do I clean fan 4?\n\n### Response:\n"],
+            "max_new_tokens": 4,
+        },
+    },
+}
+
+
+def small(config: dict) -> None:
+    for section, values in SMALL.items():
+        if isinstance(values, dict):
+            config[section].update(values)
+        else:
+            config[section] = values
+    for entry in config["datasets"].values():
+        # SMALL's steps and one prompt, not the demo's per-dataset ones
+        for section in ("train", "grid"):
+            (entry or {}).pop(section, None)
+
+
+@dataclass(frozen=True)
+class SmallBuild:
+    before: Path  # the checkout as it was before the build: configured, pulled, not built
+    built: Path  # the same built (`snakemake --cores 2 train_all`), published and committed
+    result: subprocess.CompletedProcess  # what the build printed
+
+
+@pytest.fixture(scope="session")
+def small_build(tmp_path_factory) -> SmallBuild:
+    """One real build of the small demo, shared by the rerun scenarios and the Slurm tests:
+    a committed, published repository whose datasets are all built, with its own DVC remote."""
+    root = clone_checkout(tmp_path_factory.mktemp("base") / "repo")
+    run_tool("dvc", "pull", cwd=root)
+    edit_config(root, small)
+    remote = tmp_path_factory.mktemp("remote")
+    run_tool("dvc", "remote", "add", "-d", "team", str(remote), cwd=root)
+    run_tool("dvc", "push", cwd=root)
+    before = shutil.copytree(root, tmp_path_factory.mktemp("before") / "repo", symlinks=True)
+    # Two jobs at a time: parallel jobs share the hash database, the run-cache and the locks,
+    # and every scenario of test_reruns starts from what they left.
+    result = run_tool("snakemake", "--cores", "2", "train_all", cwd=root)
+    run_tool("python", "-m", "loramill.publish", cwd=root)
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "built")
+    return SmallBuild(before, root, result)
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, clone_checkout, run_tool
+from conftest import BIN, edit_config, git, run_tool
 from PIL import Image, ImageDraw
 from workflow_plans import plan
 
@@ -31,30 +31,6 @@ pytestmark = pytest.mark.workflow
 A, B, T = "wide_bands", "paper_stripes", "station_procedures"  # T: a text dataset
 CHAIN = ("resize", "caption", "merge_captions", "train", "export", "grid")
 TEXT_CHAIN = ("text_prepare", "text_train", "text_export", "text_evaluate")
-SMALL = {
-    "resize": {"resolution": 32},
-    "train": {"max_train_steps": 2, "save_steps": 1, "train_batch_size": 1},
-    "grid": {"prompts": ["{trigger}"], "strengths": [0.0, 1.0], "num_inference_steps": 2},
-    "text": {
-        "train": {"max_train_steps": 4, "save_steps": 2, "train_batch_size": 4},
-        "evaluate": {
-            "prompts": ["### Question:\nHow do I clean fan 4?\n\n### Response:\n"],
-            "max_new_tokens": 4,
-        },
-    },
-}
-GIT = ["git", "-c", "user.name=loramill-tests", "-c", "user.email=tests@loramill.invalid"]
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run([*GIT, *args], cwd=cwd, check=True, capture_output=True, text=True).stdout
-
-
-def edit_config(root: Path, change) -> None:
-    path = root / "config" / "config.yaml"
-    config = yaml.safe_load(path.read_text())
-    change(config)
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
 
 
 def snakemake(root: Path, *args: str):
@@ -98,13 +74,6 @@ def dry_run(root: Path, *args: str):
     return result, jobs(result)
 
 
-def small(config: dict) -> None:
-    for section, values in SMALL.items():
-        config[section].update(values)
-    for entry in config["datasets"].values():
-        (entry or {}).pop("grid", None)  # SMALL's one prompt, not the demo's two
-
-
 def clone_and_pull(source: Path, dest: Path) -> Path:
     git(dest.parent, "clone", "-q", str(source), str(dest))
     run_tool("dvc", "pull", cwd=dest)
@@ -112,22 +81,11 @@ def clone_and_pull(source: Path, dest: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    """A committed, published repository whose datasets are all built, with its own remote."""
-    root = clone_checkout(tmp_path_factory.mktemp("base") / "repo")
-    run_tool("dvc", "pull", cwd=root)
-    edit_config(root, small)
-    remote = tmp_path_factory.mktemp("remote")
-    run_tool("dvc", "remote", "add", "-d", "team", str(remote), cwd=root)
-    run_tool("dvc", "push", cwd=root)
-    # Two jobs at a time: parallel jobs share the hash database, the run-cache and the locks,
-    # and every scenario below starts from what they left.
-    ran = jobs(snakemake(root, "--cores", "2", "train_all"))
-    assert ran == chain(A) | chain(B) | chain(T)
-    run_tool("python", "-m", "loramill.publish", cwd=root)
-    git(root, "add", "-A")
-    git(root, "commit", "-q", "-m", "built")
-    return root
+def base(small_build) -> Path:
+    """A committed, published repository whose datasets are all built, with its own remote
+    (conftest's one small build, shared with the Slurm tests)."""
+    assert jobs(small_build.result) == chain(A) | chain(B) | chain(T)
+    return small_build.built
 
 
 @pytest.fixture
@@ -194,8 +152,11 @@ def test_teammate_changes_a_grid_axis_after_clone_and_pull(base, tmp_path):
     teammate = clone_and_pull(base, tmp_path / "teammate")
     assert plan(teammate)[1] == set()
     edit_config(teammate, lambda c: c["grid"].update(strengths=[0.0, 0.5, 1.0]))
-    ran = run(teammate)[1]
-    assert ran == computed(teammate, ran) == {("grid", A), ("grid", B)}
+    assert plan(teammate)[1] == {("grid", A), ("grid", B)}
+    # one of them run for real, from the pulled checkpoints and exports: rendered anew
+    result = snakemake(teammate, "--cores", "1", f"grids/{A}.png")
+    ran = jobs(result)
+    assert ran == computed(teammate, ran) == {("grid", A)}
     cells = json.loads((teammate / "grids" / f"{A}.json").read_text())["cells"]
     assert {cell["unet_strength"] for cell in cells} == {0.0, 0.5, 1.0}
 
@@ -311,7 +272,7 @@ def test_edited_rows_of_the_table_plan_merge_onward_and_say_how_many(repo):
     table.write_text("filename,prompt\n" + "\n".join(rows) + "\n")
     stderr = plan(repo)[0]
     assert f"stale: merge_captions {A}: captions edited (3 images)" in stderr
-    run(repo)
+    snakemake(repo, "--cores", "1", f"results/{A}/captions.jsonl")  # the merge: what it counts
     table.write_text(table.read_text().replace("a band 0", "a wide band"))
     stderr, ran = plan(repo)
     assert ran == chain(A, "merge_captions", "train", "export", "grid")
@@ -471,9 +432,11 @@ def test_the_edits_file_is_never_written(repo):
     table.write_bytes(b"filename,prompt,mode\r\ngreen_band_on_black_09.png,a green disc,\r\n")
     before = table.read_bytes()
     target = f"results/{A}/captions.jsonl"
-    for args in (["--forcerun", "caption"], ["-F"]):
-        snakemake(repo, "--cores", "2", target, *args)
-        assert table.read_bytes() == before
+    # -F: every job up to the captions runs (the merge computes: the table is new to it)
+    ran = jobs(snakemake(repo, "--cores", "2", target, "-F"))
+    assert ran == chain(A, "resize", "caption", "merge_captions")
+    assert ("merge_captions", A) in computed(repo, ran)
+    assert table.read_bytes() == before
     captions = {r["image"]: r["caption"] for r in map(json.loads, (repo / target).open())}
     assert captions["green_band_on_black_09.png"] == "wband, a green disc"
 
@@ -481,17 +444,24 @@ def test_the_edits_file_is_never_written(repo):
 # --- interrupted runs: stopped promptly, resumed, and nothing stale behind an exit 0 ----------
 
 
+def train_steps(repo: Path, steps: int, save_steps: int | None = None) -> None:
+    """A's training: ``steps`` steps, by default one checkpoint (its grid: one column)."""
+    train = {"max_train_steps": steps, "save_steps": save_steps or steps}
+    edit_config(repo, lambda c: c["datasets"][A].update(train=train))
+
+
 def interrupt_training(repo: Path, signal_to: str, number: int) -> subprocess.CompletedProcess:
-    """Start `snakemake --cores 1 train_all` with A's training made long, and once training
-    has started send ``number`` to Snakemake alone or to its whole process group."""
-    edit_config(repo, lambda c: c["datasets"][A].update(train={"max_train_steps": 30}))
-    log = repo / "logs" / "train" / f"{A}.log"
-    log.unlink()
+    """Start `snakemake --cores 1 train_all` with A's training made endless (100000 steps:
+    hours here), and once it has trained a step past the build's 2 (its state saved at every
+    step) send ``number`` to Snakemake alone or to its whole process group."""
+    train_steps(repo, 100_000, save_steps=1)
+    states = ".cache/train/*/state/step-*.pt"
+    before = set(repo.glob(states))
     command = [str(BIN / "snakemake"), "--cores", "1", "train_all"]
     process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 600
-    while "training:" not in (log.read_text() if log.exists() else ""):
+    while not set(repo.glob(states)) - before:
         assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
         time.sleep(0.05)
     (os.kill if signal_to == "snakemake" else os.killpg)(process.pid, number)
@@ -522,16 +492,19 @@ def test_interrupted_training_saves_resumes_and_leaves_nothing_stale(repo, signa
                       r"rerun the same command to resume\n", result.stdout)  # fmt: skip
     assert found, result.stdout
     step = int(found.group(1))
-    assert 1 <= step < 30  # stopped at a step boundary well before the end
+    assert 3 <= step < 100_000  # stopped at a step boundary, past the state it continued
     # the run ends with the failed job's one line (Snakemake's own last words follow)
     summary = result.stdout.split("loramill: 1 job(s) failed:\n")[-1]
     assert summary.startswith(f"  train {A}: interrupted ({name}): state saved at step {step};")
     assert (repo / "locks" / A / "train.json").read_bytes() == lock  # nothing claimed built
 
-    ran = run(repo)[1]  # one rerun finishes everything, resuming the saved state
+    # One rerun finishes everything, resuming the saved state; it stops one step past it (where
+    # a run stops is not part of its state: see loramill.train.state).
+    train_steps(repo, step + 1)
+    ran = run(repo)[1]
     assert ran == chain(A, "train", "export", "grid")
-    assert f"resumed from step {step}" in (repo / "logs" / "train" / f"{A}.log").read_text()
-    assert (repo / "exports" / f"{A}-steps" / f"{A}-000030.safetensors").exists()
+    assert f"resumed from step {step}\n" in (repo / "logs" / "train" / f"{A}.log").read_text()
+    assert (repo / "exports" / f"{A}-steps" / f"{A}-{step + 1:06d}.safetensors").exists()
     assert plan(repo)[1] == set()  # and a third plans nothing
 
 

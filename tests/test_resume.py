@@ -4,6 +4,7 @@ writes the adapter an uninterrupted run writes, bit for bit (real Snakemake, rea
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -11,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import BIN, clone_checkout, run_tool
-from test_reruns import edit_config
+from conftest import BIN, edit_config, run_tool
 
 from loramill.models.checkpoint import read_checkpoint
 from loramill.train.loop import train_lora
@@ -21,7 +21,11 @@ pytestmark = pytest.mark.workflow
 
 DS = "wide_bands"
 TARGET = f"results/{DS}/checkpoints"
-TRAIN = {"max_train_steps": 80, "save_steps": 20, "train_batch_size": 1}
+STATES = ".cache/train/*/state/step-*.pt"
+
+
+def train_steps(root: Path, steps: int) -> None:
+    edit_config(root, lambda c: c["train"].update(max_train_steps=steps, save_steps=2))
 
 
 def children(pid: int) -> list[int]:
@@ -54,12 +58,17 @@ def train_job(pid: int) -> int | None:
     return None
 
 
-def kill_after_first_state(root: Path, snakemake: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
+def saved_step(state: Path) -> int:
+    return int(state.stem.removeprefix("step-"))
+
+
+def kill_after_new_state(root: Path, snakemake: subprocess.Popen, before: set[Path]) -> None:
+    """SIGKILL the train job once it has saved a state of its own (past the build's)."""
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
-        assert snakemake.poll() is None, "training finished before the first saved state"
+        assert snakemake.poll() is None, "training finished before its first saved state"
         job = train_job(snakemake.pid)
-        if job and list((root / ".cache" / "train").glob("*/state/step-*.pt")):
+        if job and set(root.glob(STATES)) - before:
             os.kill(job, signal.SIGKILL)  # what the OOM killer or a power cut does
             return
         time.sleep(0.02)
@@ -67,10 +76,14 @@ def kill_after_first_state(root: Path, snakemake: subprocess.Popen, timeout: flo
 
 
 @pytest.fixture(scope="module")
-def killed(tmp_path_factory) -> Path:
-    root = clone_checkout(tmp_path_factory.mktemp("resume") / "repo")
-    run_tool("dvc", "pull", cwd=root)
-    edit_config(root, lambda c: c["train"].update(TRAIN))
+def killed(small_build, tmp_path_factory) -> tuple[Path, int]:
+    """The session's small build, its training of DS continued for 100000 steps (hours
+    here: it cannot end before the kill) and SIGKILLed once it has saved a state; the
+    checkout and the step of that state."""
+    root = tmp_path_factory.mktemp("resume") / "repo"
+    shutil.copytree(small_build.built, root, symlinks=True)
+    train_steps(root, 100_000)
+    before = set(root.glob(STATES))
     snakemake = subprocess.Popen(
         [str(BIN / "snakemake"), "--cores", "1", TARGET],
         cwd=root,
@@ -78,38 +91,43 @@ def killed(tmp_path_factory) -> Path:
         stderr=subprocess.STDOUT,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    kill_after_first_state(root, snakemake)
+    kill_after_new_state(root, snakemake, before)
     output = snakemake.communicate(timeout=120)[0].decode()
     assert snakemake.returncode != 0, output
     # Snakemake removed the failed job's outputs, as it always does.
     assert not (root / "results" / DS / "checkpoints").exists()
-    return root
+    saved = [saved_step(path) for path in set(root.glob(STATES)) - before]
+    assert saved and min(saved) > 2 and min(saved) % 2 == 0, saved
+    return root, max(saved)
 
 
 def test_killed_training_resumes_to_the_same_adapter(killed, tmp_path):
-    run_tool("snakemake", "--cores", "1", TARGET, cwd=killed)
-    log = (killed / "logs" / "train" / f"{DS}.log").read_text()
-    resumed = [line for line in log.splitlines() if "resumed from step" in line]
-    assert resumed, log
-    step = int(resumed[0].rsplit(" ", 1)[1])
-    assert 20 <= step < TRAIN["max_train_steps"] and step % 20 == 0
-    checkpoints = sorted((killed / "results" / DS / "checkpoints").glob("*.safetensors"))
-    assert len(checkpoints) == TRAIN["max_train_steps"] // TRAIN["save_steps"]
+    root, saved = killed
+    # The rerun stops two steps past the saved state: a run of the same options (where they
+    # stop is not part of a run's state, see loramill.train.state).
+    train_steps(root, saved + 2)
+    run_tool("snakemake", "--cores", "1", TARGET, cwd=root)
+    log = (root / "logs" / "train" / f"{DS}.log").read_text()
+    assert f"resumed from step {saved}\n" in log, log
+    checkpoints = sorted((root / "results" / DS / "checkpoints").glob("*.safetensors"))
+    assert len(checkpoints) == saved // 2 + 1
 
     # The uninterrupted run, in-process on the same prepared data with a cold cache.
-    settings = {**read_config(killed)["train"]}
+    config = read_config(root)
+    settings = {**config["train"]}
     torch.set_num_threads(settings["threads"])
     whole = train_lora(
-        killed / "results" / DS / "resized",
-        killed / "results" / DS / "captions.jsonl",
+        root / "results" / DS / "resized",
+        root / "results" / DS / "captions.jsonl",
         tmp_path / "checkpoints",
         tmp_path / "tb",
-        str(killed / read_config(killed)["base_model"]),
+        str(root / config["base_model"]),
         settings,
-        trigger=read_config(killed)["datasets"][DS]["trigger"],
+        trigger=config["datasets"][DS]["trigger"],
         device="cpu",
         cache_root=tmp_path / "cache",
     )
+    assert len(whole) == len(checkpoints)
     expected, got = read_checkpoint(whole[-1]).tensors, read_checkpoint(checkpoints[-1]).tensors
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)

@@ -16,8 +16,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import BIN, clone_checkout, run_tool
-from test_reruns import SMALL, edit_config
+from conftest import BIN, edit_config, run_tool
 
 # what the README's cluster command adds here: a cluster without an accounting database
 # (job states from squeue), and a quick status poll for a test
@@ -43,41 +42,35 @@ pytestmark = [
 ]
 
 
-def small(root):
-    def change(config):
-        config["device"] = "cpu"  # the test cluster has no GPU: no job may ask for one
-        for section, values in SMALL.items():
-            config[section].update(values)
-
-    edit_config(root, change)
-    return root
-
-
-def checkout(path):
-    root = clone_checkout(path)
-    run_tool("dvc", "pull", cwd=root)
-    return small(root)
-
-
 def submitted(result) -> list[str]:
     return re.findall(r"submitted with SLURM jobid (\d+)", result.stdout + result.stderr)
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    local = checkout(tmp_path_factory.mktemp("local") / "repo")
-    run_tool("snakemake", "--cores", "2", "train_all", cwd=local)
-    cluster = checkout(tmp_path_factory.mktemp("cluster") / "repo")
+def runs(small_build, tmp_path_factory):
+    """The small build through Slurm, from a copy of the checkout as it was before the
+    session's local build (conftest's small_build, shared with test_reruns)."""
+    cluster = tmp_path_factory.mktemp("cluster") / "repo"
+    shutil.copytree(small_build.before, cluster, symlinks=True)
     result = run_tool("snakemake", *SLURM, "train_all", cwd=cluster)
-    return local, cluster, result
+    return small_build.built, cluster, result
+
+
+def outputs(root, folder: str) -> list:
+    """The files a build left in ``folder``, less what publishing the local build added
+    (DVC's .dvc records and the .gitignore beside them)."""
+    return sorted(
+        p.relative_to(root)
+        for p in (root / folder).rglob("*")
+        if p.is_file() and not p.name.startswith(".") and p.suffix != ".dvc"
+    )
 
 
 def test_the_cluster_run_leaves_what_a_local_run_leaves(runs):
     local, cluster, result = runs
     assert len(submitted(result)) == 16  # 6 stages × 2 image datasets, 4 text stages
-    exports = sorted(p.relative_to(local) for p in (local / "exports").rglob("*") if p.is_file()
-                     and not p.name.startswith("."))  # fmt: skip
-    assert exports
+    exports = outputs(local, "exports")
+    assert exports and exports == outputs(cluster, "exports")
     for path in exports:
         assert (cluster / path).read_bytes() == (local / path).read_bytes(), path
     locks = sorted(p.relative_to(local) for p in (local / "locks").rglob("*.json"))
@@ -94,11 +87,17 @@ def test_a_second_invocation_submits_nothing(runs):
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
+def train_steps(root, steps: int) -> None:
+    edit_config(root, lambda c: c["datasets"]["wide_bands"].update(
+        train={"max_train_steps": steps, "save_steps": 2}))  # fmt: skip
+
+
 def test_a_training_job_killed_by_slurm_resumes_on_resubmission(runs, tmp_path):
     _, cluster, _ = runs
     root = shutil.copytree(cluster, tmp_path / "repo", symlinks=True)
-    edit_config(root, lambda c: c["datasets"]["wide_bands"].update(
-        train={"max_train_steps": 400, "save_steps": 20}))  # fmt: skip
+    # A run that cannot end before the kill: 100000 steps take hours here, the kill comes
+    # two steps past the state it continues (the build's 2-step run).
+    train_steps(root, 100_000)
     target = "results/wide_bands/checkpoints"
     before = saved_states(root)
     first = subprocess.Popen([str(BIN / "snakemake"), *SLURM, target], cwd=root, text=True,
@@ -107,25 +106,32 @@ def test_a_training_job_killed_by_slurm_resumes_on_resubmission(runs, tmp_path):
     subprocess.run(["scancel", job], check=True)
     output, _ = first.communicate(timeout=300)
     assert first.returncode != 0, output
-    log = root / "logs" / "train" / "wide_bands.log"
+    saved = max(step(path) for path in saved_states(root) - before)
+    assert 2 < saved < 100_000
+    # Resubmitted (a run of the same options, stopping two steps past the saved state: it
+    # continues that state as the same run would, see loramill.train.state).
+    train_steps(root, saved + 2)
     resumed = run_tool("snakemake", *SLURM, target, cwd=root)
     assert len(submitted(resumed)) == 1
-    step = re.search(r"resumed from step (\d+)", log.read_text())
-    assert step and int(step.group(1)) >= 20, log.read_text()
-    assert (root / target / "step-000400.safetensors").is_file()
+    log = (root / "logs" / "train" / "wide_bands.log").read_text()
+    assert f"resumed from step {saved}\n" in log, log
+    assert (root / target / f"step-{saved + 2:06d}.safetensors").is_file()
 
 
 def saved_states(root) -> set:
     return set((root / ".cache" / "train").glob("*/state/step-*.pt"))
 
 
+def step(state) -> int:
+    return int(state.stem.removeprefix("step-"))
+
+
 def wait_for_saved_state(root, before: set, timeout: float = 240) -> str:
-    """The Slurm id of the running train job, once it has saved a new resumable state past
-    the 2-step run it continues (a longer run of the same options continues a shorter one)."""
+    """The Slurm id of the running train job, once it has saved a resumable state past the
+    2-step run it continues (a longer run of the same options continues a shorter one)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        new = saved_states(root) - before
-        if any(int(p.stem.removeprefix("step-")) >= 20 for p in new):
+        if any(step(path) > 2 for path in saved_states(root) - before):
             jobs = subprocess.run(["squeue", "-h", "-t", "RUNNING", "-o", "%i %k"],
                                   capture_output=True, text=True).stdout.split("\n")  # fmt: skip
             running = [line.split()[0] for line in jobs if "rule_train_" in line]

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-# Session fixtures that build something large.
-SHARED_BUILDS = ("demo_run",)
+# Session fixtures that build something large (small_build: test_reruns, test_slurm and
+# test_resume start from it).
+SHARED_BUILDS = ("demo_run", "small_build")
 FOLDER = "LORAMILL_TEST_UNITS"  # environment variable: where the workers write the units
 
 
