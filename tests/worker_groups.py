@@ -23,9 +23,10 @@ from pathlib import Path
 
 import pytest
 
-# Session fixtures that build something large (small_build: test_reruns, test_slurm and
-# test_resume start from it).
-SHARED_BUILDS = ("demo_run", "small_build")
+# Session fixtures that build something large and whose users must share one worker. Not
+# small_build (test_reruns, test_slurm and test_resume start from it): its users together run
+# longer than the rest of the suite, so each worker that needs it builds its own (~2 min).
+SHARED_BUILDS = ("demo_run",)
 FOLDER = "LORAMILL_TEST_UNITS"  # environment variable: where the workers write the units
 
 
