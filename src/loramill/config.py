@@ -204,7 +204,7 @@ def check_yaml_syntax(path: str) -> None:
     except ValueError:
         pass
     try:
-        yaml.compose(text, Loader=yaml.SafeLoader)
+        _compose(text)
     except yaml.MarkedYAMLError as error:
         mark, context = error.problem_mark, error.context_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else path
@@ -213,6 +213,16 @@ def check_yaml_syntax(path: str) -> None:
             # e.g. an unclosed quote: the end of the file is the problem, the quote the cause
             message += f" ({error.context} at {context.line + 1}:{context.column + 1})"
         raise LoramillError(message) from None
+
+
+@cache
+def _compose(text: str) -> None:
+    """Composes ``text``, once per process for a text that composes: the tests plan in one
+    process many times over, and the pure-Python composer (the one whose messages users
+    read) takes ~0.1 s for config/config.yaml. A text that fails is composed again each time."""
+    import yaml
+
+    yaml.compose(text, Loader=yaml.SafeLoader)
 
 
 def dataset_config(
