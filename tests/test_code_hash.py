@@ -363,3 +363,29 @@ def test_real_scripts_reach_their_libraries():
     assert not [place for place in {**resize.placed, **train.placed} if runner.__name__ in place]
     assert list(train.placed) == sorted(train.placed)
     assert list(train.packages) == sorted(train.packages)
+
+
+def test_the_tree_copy_the_hashes_rewrite_is_a_deep_copy():
+    # The hashed trees are rewritten in place, and the parsed ones are shared by every
+    # fingerprint of the process: the copy must be whole and independent (as deepcopy's).
+    import ast
+    import copy
+
+    from loramill.reruns.code_modules import clone
+
+    tree = ast.parse((REPO / "src" / "loramill" / "reruns" / "code.py").read_text())
+    tree.body += ast.parse("global a, b\nx = {None: 1, **y}\n").body
+    before = ast.dump(tree, include_attributes=True)
+    copied = clone(tree)
+    assert ast.dump(copied, include_attributes=True) == ast.dump(
+        copy.deepcopy(tree), include_attributes=True
+    )
+    for node in ast.walk(copied):  # what the rewriting does, and more
+        for name in ("name", "id", "attr"):
+            if isinstance(getattr(node, name, None), str):
+                setattr(node, name, "renamed")
+        if isinstance(node, ast.Global):
+            node.names.append("c")
+        if not isinstance(node, ast.expr_context):  # shared, as the parser shares them
+            node.lineno = 0
+    assert ast.dump(tree, include_attributes=True) == before

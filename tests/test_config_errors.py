@@ -9,21 +9,23 @@ hands it. Two real `snakemake -n` runs prove the rest: a valid config plans the 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import shutil
 
+import jsonschema
 import pytest
 import yaml
 from conftest import REPO, run_tool
-from snakemake.common.configfile import load_configfile
+from snakemake.common.configfile import _load_configfile, load_configfile
 from snakemake.utils import update_config, validate
 
 from loramill import LoramillError
-from loramill.config import check_yaml_syntax, coerce_numbers, dataset_config, describe
+from loramill.config import check_yaml_syntax, coerce_numbers, dataset_config, describe, schema
 from loramill.demo.images import generate_dataset
 from loramill.demo.text import procedure_records, write_jsonl
 from loramill.reruns.fingerprints import fingerprint
-from loramill.workflow_config import load_datasets
+from loramill.workflow_config import load_datasets, validate_config
 
 TEXT = "station_procedures"
 
@@ -197,7 +199,7 @@ def test_the_schema_takes_the_text_options_text_training_takes():
     for precision in ("no", "bf16", "fp16", "fp8"):
         config = {"datasets": {"a": {}}, "text": {"train": {"mixed_precision": precision}}}
         try:
-            validate(config, str(SCHEMA))
+            validate_config(config)
             schema_takes = True
         except Exception:
             schema_takes = False
@@ -292,7 +294,7 @@ def test_json_and_valid_yaml_pass_the_syntax_check(tmp_path):
 
 def schema_error(config):
     with pytest.raises(Exception) as raised:
-        validate(config, str(SCHEMA))
+        validate_config(config)
     return describe(raised.value)
 
 
@@ -317,9 +319,9 @@ def test_unknown_options_suggest_the_closest_key(config, expected):
 
 def test_unknown_dataset_option_is_named_under_the_dataset():
     config = {"datasets": {"a": {"train": {"lerning_rate": 1.0}}}}
-    validate(config, str(SCHEMA))
+    validate_config(config)
     with pytest.raises(LoramillError) as raised:
-        dataset_config(config, "a", lambda data: validate(data, str(SCHEMA)))
+        dataset_config(config, "a", validate_config)
     assert str(raised.value) == (
         "config: datasets.a.train.lerning_rate: unknown option (did you mean learning_rate?)"
     )
@@ -328,8 +330,8 @@ def test_unknown_dataset_option_is_named_under_the_dataset():
 def loaded(text):
     """A config as the workflow reads it: numeric strings coerced, then validated."""
     config = yaml.safe_load(text)
-    coerce_numbers(config, yaml.safe_load(SCHEMA.read_text()))
-    validate(config, str(SCHEMA))
+    coerce_numbers(config, schema())
+    validate_config(config)
     return config
 
 
@@ -404,3 +406,61 @@ def test_option_classes_take_the_schema_defaults():
         merge["underscores_to_spaces"],
     )
     assert Rules.from_config({}, []) == rules
+
+
+def both_validations(config, dataset=None):
+    """What Snakemake's validate and the workflow's own (loramill.workflow_config, its schema
+    parsed once) make of a copy of ``config`` (of one dataset's merged config when
+    ``dataset``): the defaults filled, or the error as raised and as users read it."""
+    results = []
+    for check in (lambda data: validate(data, str(SCHEMA)), validate_config):
+        data = copy.deepcopy(config)
+        try:
+            filled = check(data) if dataset is None else dataset_config(data, dataset, check)
+            results.append(repr(data if dataset is None else filled))
+        except Exception as error:
+            cause = error  # jsonschema's error, the context of Snakemake's (and loramill's)
+            while not isinstance(cause, jsonschema.ValidationError):
+                cause = cause.__context__
+            where = (list(cause.absolute_path), list(cause.absolute_schema_path))
+            results.append((type(error), str(error), describe(error), cause.message, where))
+    return results
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {},
+        {"train": {"rank": 0}},
+        {"train": {"rnak": 4}, "datasets": {"b": {"caption": {"batch_size": "x"}}}},
+        {"datasets": {"wide_bands": {"train": {"lerning_rate": 1.0}}}},
+        {"datasets": {TEXT: {"task": "txt"}}},
+    ],
+)
+def test_the_workflow_validates_as_snakemake_validate_does(override):
+    config = load_configfile(REPO / "config" / "config.yaml")
+    update_config(config, override)
+    snakemake_says, workflow_says = both_validations(config)
+    assert workflow_says == snakemake_says
+    if isinstance(snakemake_says, str):  # valid: the datasets are checked one by one too
+        for ds in config["datasets"]:
+            snakemake_says, workflow_says = both_validations(config, ds)
+            assert workflow_says == snakemake_says
+
+
+def test_the_schema_is_read_as_snakemake_reads_it():
+    assert repr(schema()) == repr(_load_configfile(str(SCHEMA), "Schema"))
+
+
+def test_filled_defaults_are_the_configs_own():
+    # The schema is parsed once per process: a default put into one config and edited there
+    # reaches neither the schema nor the next config.
+    before = repr(schema())
+    first, second = {"datasets": {"a": {}}}, {"datasets": {"a": {}}}
+    validate_config(first)
+    first["grid"]["strengths"].append(2.0)
+    first["text"]["train"]["target_modules"].append("o_proj")
+    validate_config(second)
+    assert second["grid"]["strengths"] == [0.0, 0.5, 1.0]
+    assert second["text"]["train"]["target_modules"] == ["q_proj", "v_proj"]
+    assert repr(schema()) == before

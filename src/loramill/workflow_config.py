@@ -10,10 +10,18 @@ Snakemake invocation, and every job, parses the workflow.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
-from snakemake.utils import validate
+import jsonschema
+from referencing import Registry, Resource
+from snakemake.common.configfile import _load_configfile
+from snakemake.exceptions import WorkflowError
 
 from loramill import LoramillError
 from loramill.captions.autocaption import captioner_class
@@ -34,8 +42,44 @@ from loramill.train.config import TrainConfig
 
 
 def validate_config(data: dict[str, Any]) -> None:
-    """Against the one schema file (loramill.config.schema), by path as Snakemake validates."""
-    validate(data, str(schema_file()))
+    """Against the one schema file (loramill.config.schema), as Snakemake's
+    ``validate(data, path)`` does: defaults filled in place, an error raised as its
+    WorkflowError, which :func:`loramill.config.describe` turns into one line."""
+    try:
+        _validator().validate(data)
+    except jsonschema.ValidationError as error:
+        raise WorkflowError("Error validating config file.", error)  # noqa: B904 (as Snakemake)
+
+
+@cache
+def _validator() -> jsonschema.protocols.Validator:
+    """snakemake.utils.validate's validator, built once: it reads and parses the schema
+    YAML on every call (~0.5 s), and a parse calls it once plus once per dataset."""
+    path = schema_file()
+    # Its $id as Snakemake sets it: relative $refs resolve against the local file.
+    contents = {**schema(), "$id": path.resolve().as_uri()}
+
+    def retrieve(uri: str) -> Resource:
+        return Resource.from_contents(_load_configfile(url2pathname(urlparse(uri).path), "Schema"))
+
+    registry = Registry(retrieve=retrieve).with_resource(
+        uri=str(path), resource=Resource.from_contents(contents)
+    )
+    base = jsonschema.Draft202012Validator
+    check_properties = base.VALIDATORS["properties"]
+
+    def set_defaults(
+        validator: Any, properties: dict, instance: Any, subschema: dict
+    ) -> Iterator[jsonschema.ValidationError]:
+        for name, option in properties.items():
+            if "default" in option:
+                # A copy: this schema is every call's (Snakemake's was read for the call),
+                # and a config that edits a default in place must not edit the schema.
+                instance.setdefault(name, copy.deepcopy(option["default"]))
+        yield from check_properties(validator, properties, instance, subschema)
+
+    extended = jsonschema.validators.extend(base, {"properties": set_defaults})
+    return extended(contents, registry=registry)
 
 
 def check_image_dataset(settings: dict[str, Any]) -> None:

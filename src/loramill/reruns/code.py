@@ -23,7 +23,6 @@ the fingerprint may over-count, it must not miss code.
 from __future__ import annotations
 
 import ast
-import copy
 import hashlib
 import os
 import sys
@@ -37,6 +36,7 @@ from loramill.reruns.code_modules import (
     Import,
     ParsedModule,
     bound_name,
+    clone,
     distributions,
     parse_module,
     within,
@@ -231,7 +231,7 @@ class _Walk:
         return self.key((module, MODULE)), []
 
     def _hash(self, parsed: ParsedModule, statements: list[ast.stmt], whole: bool) -> str:
-        tree = ast.Module(body=[copy.deepcopy(s) for s in statements], type_ignores=[])
+        tree = ast.Module(body=[clone(s) for s in statements], type_ignores=[])
         normalised = _Normalise(self, parsed, whole).visit(tree)
         return hashlib.sha256(ast.dump(normalised).encode()).hexdigest()
 

@@ -38,6 +38,23 @@ def walk_nodes(node: ast.AST, stop: tuple[type, ...] = ()) -> Iterator:
                     todo.append(value)
 
 
+def clone(node: ast.AST) -> ast.AST:
+    """A copy of a parsed tree for a transformer to rewrite, as ``copy.deepcopy`` makes it
+    but several times faster (its memo and reduce protocol were most of a cold code
+    fingerprint). The load/store contexts stay shared: the parser shares them too, and
+    nothing rewrites them."""
+    if isinstance(node, ast.expr_context):
+        return node
+    copied = type(node)()
+    for name, value in node.__dict__.items():
+        if isinstance(value, ast.AST):
+            value = clone(value)
+        elif isinstance(value, list):  # of nodes, or of names (``global a, b``)
+            value = [clone(item) if isinstance(item, ast.AST) else item for item in value]
+        setattr(copied, name, value)
+    return copied
+
+
 def strip_docstrings(tree: ast.Module) -> ast.Module:
     todo: list[ast.AST] = [tree]
     while todo:  # statements only: expressions hold no docstrings, and are most of a tree
