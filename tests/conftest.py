@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -62,6 +63,20 @@ SAMPLE_PROVENANCE = {
     "tag_frequency": {"smplx": 3, "red circle": 2},
     "versions": {"loramill": "0.1.0"},
 }
+
+
+@pytest.fixture(autouse=True)
+def interpreter_signal_handlers():
+    """Each test starts with the handlers a fresh interpreter has: torchrun's launcher, run in
+    this process by the distributed tests, sets its own for SIGINT, SIGTERM, SIGHUP and SIGQUIT
+    and leaves them (a test of SIGINT on the same xdist worker then failed)."""
+    defaults = {signal.SIGINT: signal.default_int_handler}
+    defaults |= dict.fromkeys((signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT), signal.SIG_DFL)
+    for number, handler in defaults.items():
+        signal.signal(number, handler)
+    yield
+    for number, handler in defaults.items():
+        signal.signal(number, handler)
 
 
 @pytest.fixture(scope="session")
