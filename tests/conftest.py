@@ -143,9 +143,8 @@ def clone_checkout(dest: Path, source: Path = REPO) -> Path:
         if path.is_file():
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest / name)
-    git = ["git", "-c", "user.name=loramill-tests", "-c", "user.email=tests@loramill.invalid"]
     for command in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "clone"]):
-        subprocess.run([*git, *command], cwd=dest, check=True, capture_output=True)
+        git(dest, *command)
     return dest
 
 

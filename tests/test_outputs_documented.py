@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from snakemake.api import SnakemakeApi
 from snakemake.settings import types
-from snakemake.settings.enums import Quietness
-from workflow_plans import restored_process_state
+from workflow_plans import parsed
 
 from loramill.publish import ARTIFACTS
 from loramill.reruns.gates import done_marker
@@ -25,16 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 def parsed_stage_outputs(root: Path, config: dict) -> dict[str, dict]:
     """Every output of every stage rule (those with a gate), done markers aside, as Snakemake
     parses the workflow (in this process; what parsing adds to it is undone)."""
-    with restored_process_state(), SnakemakeApi(types.OutputSettings(quiet={Quietness.ALL})) as api:
-        workflow = api.workflow(
-            resource_settings=types.ResourceSettings(cores=1),
-            config_settings=types.ConfigSettings(config=config),
-            storage_settings=types.StorageSettings(),
-            workflow_settings=types.WorkflowSettings(),
-            deployment_settings=types.DeploymentSettings(),
-            snakefile=root / "Snakefile",
-            workdir=root,
-        )._workflow
+    resources, settings = types.ResourceSettings(cores=1), types.ConfigSettings(config=config)
+    with parsed(root, resources, settings) as (_, workflow_api):
+        workflow = workflow_api._workflow
         stages = workflow.globals["STAGE_RULES"]
         found = {}
         for rule in workflow.rules:

@@ -41,6 +41,29 @@ def restored_process_state() -> Iterator[None]:
         os.chdir(cwd)
 
 
+@contextlib.contextmanager
+def parsed(
+    root: Path, resources: types.ResourceSettings, config: types.ConfigSettings
+) -> Iterator[tuple[io.StringIO, object]]:
+    """The workflow in ``root`` parsed through Snakemake's API, quietly, with what it prints to
+    stderr caught and this process's state restored afterwards."""
+    stderr = io.StringIO()
+    quiet = types.OutputSettings(quiet={Quietness.ALL})
+    with restored_process_state(), contextlib.redirect_stderr(stderr), SnakemakeApi(quiet) as api:
+        yield (
+            stderr,
+            api.workflow(
+                resource_settings=resources,
+                config_settings=config,
+                storage_settings=types.StorageSettings(),
+                workflow_settings=types.WorkflowSettings(),
+                deployment_settings=types.DeploymentSettings(),
+                snakefile=root / "Snakefile",
+                workdir=root,
+            ),
+        )
+
+
 def planned_jobs(
     root: Path,
     *forcerun: str,
@@ -49,18 +72,9 @@ def planned_jobs(
 ) -> tuple[str, list[Planned]]:
     """Every job Snakemake would run for ``targets``, as `snakemake -n --configfile …` with the
     workflow profile's settings plans it, and what the workflow printed to stderr."""
-    stderr = io.StringIO()
-    quiet = types.OutputSettings(quiet={Quietness.ALL})
-    with restored_process_state(), contextlib.redirect_stderr(stderr), SnakemakeApi(quiet) as api:
-        workflow_api = api.workflow(
-            resource_settings=types.ResourceSettings(cores=1),
-            config_settings=types.ConfigSettings(configfiles=[Path(f) for f in configfiles]),
-            storage_settings=types.StorageSettings(),
-            workflow_settings=types.WorkflowSettings(),
-            deployment_settings=types.DeploymentSettings(),
-            snakefile=root / "Snakefile",
-            workdir=root,
-        )
+    resources = types.ResourceSettings(cores=1)
+    config = types.ConfigSettings(configfiles=[Path(f) for f in configfiles])
+    with parsed(root, resources, config) as (stderr, workflow_api):
         profile = yaml.safe_load((root / "profiles" / "default" / "config.yaml").read_text())
         settings = types.DAGSettings(
             targets=set(targets),
@@ -103,18 +117,9 @@ def dry_run(
     ``config`` as --config, ``dag`` DAGSettings fields (forcerun, forceall, rerun_triggers,
     max_checksum_file_size …), ``resources`` as --resources. The CLI does this through the
     same API, so the jobs are the ones it would list; what the workflow printed to stderr."""
-    stderr = io.StringIO()
-    quiet = types.OutputSettings(quiet={Quietness.ALL})
-    with restored_process_state(), contextlib.redirect_stderr(stderr), SnakemakeApi(quiet) as api:
-        workflow_api = api.workflow(
-            resource_settings=types.ResourceSettings(cores=cores, resources=resources or {}),
-            config_settings=types.ConfigSettings(config=config or {}),
-            storage_settings=types.StorageSettings(),
-            workflow_settings=types.WorkflowSettings(),
-            deployment_settings=types.DeploymentSettings(),
-            snakefile=root / "Snakefile",
-            workdir=root,
-        )
+    resource_settings = types.ResourceSettings(cores=cores, resources=resources or {})
+    config_settings = types.ConfigSettings(config=config or {})
+    with parsed(root, resource_settings, config_settings) as (stderr, workflow_api):
         dag_api = workflow_api.dag(types.DAGSettings(targets=set(targets), **(dag or {})))
         dag_api.execute_workflow(executor="local", pseudo_executor="dryrun")
         graph = workflow_api._workflow.dag
