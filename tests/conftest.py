@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from filelock import FileLock
 from worker_groups import (  # noqa: F401 (hooks: how make test splits the suite)
     pytest_collection_modifyitems,
     pytest_configure,
@@ -197,24 +198,48 @@ class SmallBuild:
     result: subprocess.CompletedProcess  # what the build printed
 
 
+def session_folder(tmp_path_factory) -> Path:
+    """A folder of this test session that every xdist worker sees (each worker's own base
+    temp is a subfolder of it); without xdist, the session's base temp."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def small_build(tmp_path_factory) -> SmallBuild:
-    """One real build of the small demo, shared by the rerun scenarios and the Slurm tests:
-    a committed, published repository whose datasets are all built, with its own DVC remote."""
-    root = clone_checkout(tmp_path_factory.mktemp("base") / "repo")
+    """One real build of the small demo, shared by the rerun scenarios, the Slurm tests and the
+    resume test: a committed, published repository whose datasets are all built, with its own
+    DVC remote. Built once per session, by whichever worker asks first (the other waits on the
+    lock); every user copies it before changing anything."""
+    shared = session_folder(tmp_path_factory) / "small-build"
+    shared.mkdir(exist_ok=True)
+    with FileLock(shared / ".lock"):
+        record = shared / "build.json"
+        if not record.exists():
+            result = _build_small(shared)
+            fields = ("args", "returncode", "stdout", "stderr")
+            record.write_text(json.dumps({key: getattr(result, key) for key in fields}))
+    return SmallBuild(
+        shared / "before",
+        shared / "built",
+        subprocess.CompletedProcess(**json.loads(record.read_text())),
+    )
+
+
+def _build_small(shared: Path) -> subprocess.CompletedProcess:
+    root = clone_checkout(shared / "built")
     run_tool("dvc", "pull", cwd=root)
     edit_config(root, small)
-    remote = tmp_path_factory.mktemp("remote")
-    run_tool("dvc", "remote", "add", "-d", "team", str(remote), cwd=root)
+    run_tool("dvc", "remote", "add", "-d", "team", str(shared / "remote"), cwd=root)
     run_tool("dvc", "push", cwd=root)
-    before = shutil.copytree(root, tmp_path_factory.mktemp("before") / "repo", symlinks=True)
+    shutil.copytree(root, shared / "before", symlinks=True)
     # Two jobs at a time: parallel jobs share the hash database, the run-cache and the locks,
     # and every scenario of test_reruns starts from what they left.
     result = run_tool("snakemake", "--cores", "2", "train_all", cwd=root)
     run_tool("python", "-m", "loramill.publish", cwd=root)
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "built")
-    return SmallBuild(before, root, result)
+    return result
 
 
 @pytest.fixture(scope="session")

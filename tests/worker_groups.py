@@ -23,10 +23,13 @@ from pathlib import Path
 
 import pytest
 
-# Session fixtures that build something large and whose users must share one worker. Not
-# small_build (test_reruns, test_slurm and test_resume start from it): its users together run
-# longer than the rest of the suite, so each worker that needs it builds its own (~2 min).
+# Session fixtures that build something large and whose users must share one worker.
 SHARED_BUILDS = ("demo_run",)
+# Session fixtures built once for both workers (the first to ask builds, the other waits on a
+# lock: conftest.small_build). The unit with most tests using one goes first, so that it is
+# built while the other worker runs the shared build's unit; the other users go after the
+# remaining slow units, when it is there.
+CROSS_WORKER_BUILDS = ("small_build",)
 FOLDER = "LORAMILL_TEST_UNITS"  # environment variable: where the workers write the units
 
 
@@ -47,9 +50,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         shared = [name for name in SHARED_BUILDS if name in item.fixturenames]
         units.setdefault(shared[0] if shared else item.nodeid.split("::")[0], []).append(item)
 
+    def users(unit: str, build: str) -> int:
+        return sum(build in item.fixturenames for item in units[unit])
+
+    builders = {max(units, key=lambda unit: users(unit, b)) for b in CROSS_WORKER_BUILDS}
+
     def order(unit: str) -> int:
-        slow = any(item.get_closest_marker("workflow") for item in units[unit])
-        return 0 if unit in SHARED_BUILDS else 1 if slow else 2
+        if unit in SHARED_BUILDS or unit in builders:
+            return 0
+        if not any(item.get_closest_marker("workflow") for item in units[unit]):
+            return 3
+        return 2 if any(users(unit, build) for build in CROSS_WORKER_BUILDS) else 1
 
     items[:] = [item for unit in sorted(units, key=order) for item in units[unit]]
     table = {item.nodeid: unit for unit, members in units.items() for item in members}
