@@ -26,7 +26,8 @@ from conftest import BIN, edit_config, git, run_tool
 from PIL import Image, ImageDraw
 from workflow_plans import plan
 
-pytestmark = pytest.mark.workflow
+# Each scenario starts from its own copy of the session's build, so any worker may run it.
+pytestmark = [pytest.mark.workflow, pytest.mark.spread]
 
 A, B, T = "wide_bands", "paper_stripes", "station_procedures"  # T: a text dataset
 CHAIN = ("resize", "caption", "merge_captions", "train", "export", "grid")

@@ -1,6 +1,8 @@
 """How `make test` splits the suite between two xdist workers (`-n 2 --dist loadscope`).
 
-A work unit is a test module, so its module fixtures are built once, except that every test
+A work unit is a test module, so its module fixtures are built once, except that each test of
+a module marked `spread` is a unit of its own (its module fixtures are cheap; its tests are
+many and slow, and one worker alone would finish long after the other), and every test
 using one of SHARED_BUILDS joins one unit across modules, so that build runs once per session
 instead of once per worker (its users may also run Snakemake in it, which two workers at once
 could not). Units holding slow tests go first, so the longest start together and the quick ones
@@ -48,7 +50,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     units: dict[str, list[pytest.Item]] = {}
     for item in items:
         shared = [name for name in SHARED_BUILDS if name in item.fixturenames]
-        units.setdefault(shared[0] if shared else item.nodeid.split("::")[0], []).append(item)
+        alone = item.get_closest_marker("spread")
+        unit = shared[0] if shared else item.nodeid if alone else item.nodeid.split("::")[0]
+        units.setdefault(unit, []).append(item)
 
     def users(unit: str, build: str) -> int:
         return sum(build in item.fixturenames for item in units[unit])
