@@ -14,9 +14,11 @@ demo: $(VENV)/.installed
 	$(BIN)/dvc pull
 	$(BIN)/snakemake --cores 1 train_all
 
-# Two workers on two cores (pytest-xdist; tests/worker_groups.py says how), and the slowest
-# tests named so they stay visible. `make test PYTEST_ARGS=tests/test_merge.py` runs one file.
-PYTEST_ARGS ?= -n 2 --dist loadscope --no-loadscope-reorder --durations=25
+# Three pytest-xdist workers on two cores: with two, a fifth of the cores' time went idle
+# (Slurm's status polls, sleeps between a test's checks, process start-ups); the third fills it
+# (tests/worker_groups.py says how the suite is split). The slowest tests are named so they
+# stay visible. `make test PYTEST_ARGS=tests/test_merge.py` runs one file in this process.
+PYTEST_ARGS ?= -n 3 --dist loadscope --no-loadscope-reorder --durations=25
 
 ## set up .venv if missing, run the test suite (lint included)
 test: $(VENV)/.installed $(VENV)/.llama-cpp

@@ -1,8 +1,8 @@
-"""How `make test` splits the suite between two xdist workers (`-n 2 --dist loadscope`).
+"""How `make test` splits the suite between xdist workers (`-n 3 --dist loadscope`).
 
 A work unit is a test module, so its module fixtures are built once, except that each test of
 a module marked `spread` is a unit of its own (its module fixtures are cheap; its tests are
-many and slow, and one worker alone would finish long after the other), and every test
+many and slow, and one worker alone would finish long after the others), and every test
 using one of SHARED_BUILDS joins one unit across modules, so that build runs once per session
 instead of once per worker (its users may also run Snakemake in it, which two workers at once
 could not). Units holding slow tests go first, so the longest start together and the quick ones
@@ -27,9 +27,9 @@ import pytest
 
 # Session fixtures that build something large and whose users must share one worker.
 SHARED_BUILDS = ("demo_run",)
-# Session fixtures built once for both workers (the first to ask builds, the other waits on a
+# Session fixtures built once for all workers (the first to ask builds, the others wait on a
 # lock: conftest.small_build). The unit with most tests using one goes first, so that it is
-# built while the other worker runs the shared build's unit; the other users go after the
+# built while another worker runs the shared build's unit; the other users go after the
 # remaining slow units, when it is there.
 CROSS_WORKER_BUILDS = ("small_build",)
 FOLDER = "LORAMILL_TEST_UNITS"  # environment variable: where the workers write the units
