@@ -95,9 +95,17 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
     step, init = train.Training.step, train.Training.__init__
 
     def timed_step(self: Any) -> float:
+        profile = spec.get("profile")  # {"step": n, "out": path}: that step under the profiler
+        if profiled := profile and len(timings["steps"]) + 1 == profile["step"]:
+            from step_profile import StepProfile
+
+            profiled = StepProfile(self.unet, profile["out"], "loramill")
+            profiled.start()
         start = time.perf_counter()
         loss = step(self)
         timings["steps"].append(time.perf_counter() - start)
+        if profiled:
+            profiled.stop()
         return loss
 
     def noted_init(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -224,17 +232,31 @@ class Child:
         return next(found, prefix).split(prefix, 1)[1]
 
 
-def run_child(spec: dict[str, Any], work: Path, label: str) -> Child:
-    """Run one measurement in a fresh interpreter; its output goes to work/logs/<label>.log."""
+def run_child(
+    spec: dict[str, Any],
+    work: Path,
+    label: str,
+    command: list[str] | None = None,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> Child:
+    """Run one measurement in a fresh interpreter (this file's child side with ``spec``, or
+    ``command``, which prints the same RESULT line); its output goes to work/logs/<label>.log."""
     (work / "logs").mkdir(exist_ok=True)
     log_path = work / "logs" / f"{label}.log"
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(spec)]
+    command = command or [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        json.dumps(spec),
+    ]
     start = time.perf_counter()
     with open(log_path, "w") as log:
         # cwd=work: the project keeps its hash database under ./.cache
         process = subprocess.Popen(
-            command, cwd=work, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
+            command, cwd=cwd or work, env=env or ENV, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )  # fmt: skip
         lines = []
         for line in process.stdout:
             log.write(line)
