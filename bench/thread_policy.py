@@ -2,18 +2,19 @@
 
 A LoRA training step of the embedded tiny model (models/tiny-sd: the UNet with the default
 train config's network, fp32, batch 2, 16×16 latents, forward + backward + AdamW) on 2 threads,
-as a job runs it (torch.set_num_threads(train.threads)), in four configurations:
+as a job runs it (torch.set_num_threads(train.threads)), in eight configurations:
 
   quiet   / default   nothing else started by this script; OMP_WAIT_POLICY unset
   quiet   / PASSIVE   OMP_WAIT_POLICY=PASSIVE (what rules/setup.smk gives every job)
-  loaded  / default   beside --busy Python busy loops (multiprocessing, bounded in time)
-  loaded  / PASSIVE
+  quiet   / spin 1e4  OMP_WAIT_POLICY unset, GOMP_SPINCOUNT=10000 (a short spin, then sleep)
+  quiet   / spin 1e5  GOMP_SPINCOUNT=100000
+  loaded  / each of the four, beside --busy Python busy loops (multiprocessing, bounded in time)
 
 Each measurement is a fresh subprocess: libgomp reads OMP_WAIT_POLICY when torch loads. The
 configurations are interleaved for --repeats rounds and each reported as the median over
 rounds of its median ms/step, so load from other work that comes and goes spreads over all
-four. Printed: ms/step, the slowdown under load (loaded ÷ quiet) per policy, and default ÷
-PASSIVE per condition; the load average before each measurement says how quiet "quiet" was.
+of them. Printed: ms/step, the slowdown under load (loaded ÷ quiet) per policy, and each
+policy ÷ PASSIVE per condition; the load average before each measurement says how quiet "quiet" was.
 
     .venv/bin/python bench/thread_policy.py [--repeats 3] [--steps 10] [--budget 60] [--busy 4]
 """
@@ -36,7 +37,15 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "models" / "tiny-sd"
 RESULT = "RESULT "
 THREADS = 2
-POLICIES = {"default": None, "PASSIVE": "PASSIVE"}
+# name -> what the child's environment gets (OMP_WAIT_POLICY and GOMP_SPINCOUNT unset first);
+# the spin counts: libgomp spins that many times before sleeping (its default is 300000,
+# throttled to 1000 when it sees more threads than CPUs)
+POLICIES: dict[str, dict[str, str]] = {
+    "default": {},
+    "PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "spin 1e4": {"GOMP_SPINCOUNT": "10000"},
+    "spin 1e5": {"GOMP_SPINCOUNT": "100000"},
+}
 
 
 # ---------------------------------------------------------------- child side (one process each)
@@ -116,12 +125,11 @@ class Busy:
             process.join(10)
 
 
-def measure(policy: str | None, args: argparse.Namespace) -> dict[str, Any]:
+def measure(policy: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
-    env.pop("OMP_WAIT_POLICY", None)
-    env.pop("OMP_NUM_THREADS", None)  # the job's own torch.set_num_threads decides
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS"):
+        env.pop(name, None)  # OMP_NUM_THREADS: the job's own torch.set_num_threads decides
+    env.update(policy)
     command = [sys.executable, __file__, "--child", str(args.steps), str(args.budget)]
     load = os.getloadavg()[0]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800)
@@ -142,8 +150,9 @@ def report(medians: dict[tuple[str, str], float], loads: dict[tuple[str, str], l
         ratio = medians["loaded", policy] / medians["quiet", policy]
         print(f"slowdown under load, {policy:<8}: {ratio:6.1f}x")
     for condition in ("quiet", "loaded"):
-        ratio = medians[condition, "default"] / medians[condition, "PASSIVE"]
-        print(f"default / PASSIVE, {condition:<7}: {ratio:6.1f}x")
+        for policy in POLICIES:
+            ratio = medians[condition, policy] / medians[condition, "PASSIVE"]
+            print(f"{policy} / PASSIVE, {condition:<7}: {ratio:6.1f}x")
 
 
 def main() -> None:
@@ -166,7 +175,7 @@ def main() -> None:
                 result = measure(POLICIES[policy], args)
             runs[condition, policy].append(result)
             print(
-                f"round {repeat} {condition:<6} {policy:<7} {result['median_ms']:8.0f} ms/step "
+                f"round {repeat} {condition:<6} {policy:<8} {result['median_ms']:8.0f} ms/step "
                 f"({len(result['ms'])} steps, load {result['load']:.1f}, "
                 f"{result['threads']} threads, OpenMP: {result['openmp']})",
                 flush=True,
