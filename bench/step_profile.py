@@ -29,6 +29,7 @@ class StepProfile:
     def __init__(self, model: torch.nn.Module, out: Path, label: str) -> None:
         self.model, self.out, self.label = model, Path(out), label
         self.forward: dict[str, list[float]] = defaultdict(list)
+        self.marks: list[tuple[str, float]] = []  # (phase that starts, when)
         self.hooks: list = []
         self.profiler = torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
@@ -55,8 +56,8 @@ class StepProfile:
                 self._hook(module, kind)
         self.hooks.append(self.model.register_forward_pre_hook(lambda *_: self._mark("forward")))
         self.hooks.append(self.model.register_forward_hook(lambda *_: self._mark("backward+")))
-        self.marks = [("start", time.perf_counter())]
         self.profiler.start()
+        self._mark("start")  # after the profiler's own start-up
 
     def _mark(self, name: str) -> None:
         self.marks.append((name, time.perf_counter()))

@@ -96,7 +96,8 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
 
     def timed_step(self: Any) -> float:
         profile = spec.get("profile")  # {"step": n, "out": path}: that step under the profiler
-        if profiled := profile and len(timings["steps"]) + 1 == profile["step"]:
+        profiled = None
+        if profile and len(timings["steps"]) + 1 == profile["step"]:
             from step_profile import StepProfile
 
             profiled = StepProfile(self.unet, profile["out"], "loramill")

@@ -139,9 +139,13 @@ def kohya_command(args: argparse.Namespace, paths: dict[str, Path], flags: list[
     ]  # fmt: skip
 
 
-def loramill_spec(args: argparse.Namespace, data: Path, precision: str) -> dict[str, Any]:
-    steps = args.warm + args.timed
-    run_dir = fresh(args.workdir / f"run-{precision}")
+def loramill_spec(
+    args: argparse.Namespace, data: Path, precision: str, steps: int = 0, name: str = ""
+) -> dict[str, Any]:
+    """A loramill run of the compared settings (a timed run unless ``steps`` says otherwise),
+    on the bench's shared latent and text caches."""
+    steps = steps or args.warm + args.timed
+    run_dir = fresh(args.workdir / f"run-{name or precision}")
     return train_spec(
         str(args.model), data, run_dir, args.workdir / "cache", network_target="kohya",
         max_train_steps=steps, save_steps=steps, mixed_precision=precision,
@@ -158,8 +162,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, dict[str, Path]]:
         "tokenizer": kohya_tokenizer(args.model, work),
         "data": kohya_dataset(data, work, args.warm + args.timed),
     }
-    prime = train_spec(str(args.model), data, fresh(work / "run-prime"), work / "cache",
-                       network_target="kohya", max_train_steps=1, save_steps=1)  # fmt: skip
+    prime = loramill_spec(args, data, "no", steps=1, name="prime")
     run_child(prime, work, "prime-cache", env=LORAMILL_ENV)
     return data, paths
 
