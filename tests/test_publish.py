@@ -24,7 +24,8 @@ def artifacts(ds):
     exports = [f"exports/{ds}{s}" for s in SUFFIXES]
     checkpoints, steps = f"results/{ds}/checkpoints", f"exports/{ds}-steps"
     grids = [f"grids/{ds}.png", f"grids/{ds}.json", f"grids/{ds}-pages"]
-    return [checkpoints, f"results/{ds}/loss.png", *exports, steps, *grids]
+    loss, captions = f"results/{ds}/loss.png", f"results/{ds}/captions.jsonl"
+    return [checkpoints, loss, captions, *exports, steps, *grids]
 
 
 ALL = [path for ds in DATASETS for path in artifacts(ds)]

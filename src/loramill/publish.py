@@ -34,6 +34,7 @@ ARTIFACTS = {
     "image": (
         "results/{ds}/checkpoints",  # a folder: one .dvc file for the dataset's checkpoints
         "results/{ds}/loss.png",  # the loss curve (the report shows it)
+        "results/{ds}/captions.jsonl",  # a grid that sets no prompts draws them from these
         "exports/{ds}.safetensors",
         "exports/{ds}.diffusers.safetensors",
         "exports/{ds}.md",  # the model card
