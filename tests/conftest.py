@@ -189,6 +189,8 @@ def small(config: dict) -> None:
         # SMALL's steps and one prompt, not the demo's per-dataset ones
         for section in ("train", "grid"):
             (entry or {}).pop(section, None)
+    # but one grid that sets no prompts, as a new dataset's: it shows its training captions
+    config["datasets"]["paper_stripes"]["grid"] = {"prompts": []}
 
 
 @dataclass(frozen=True)

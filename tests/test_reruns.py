@@ -127,6 +127,15 @@ def test_changed_image_reruns_that_datasets_chain_and_its_revert_restores(repo):
     assert plan(repo)[1] == set()
 
 
+def test_a_grid_that_sets_no_prompts_shows_the_datasets_own_captions(base):
+    # paper_stripes' grid in the small build sets none, as a new dataset's (the demo's set them)
+    records = (base / "results" / B / "captions.jsonl").read_text().splitlines()
+    captions = [json.loads(line)["caption"] for line in records]
+    prompts = json.loads((base / "grids" / f"{B}.json").read_text())["axes"]["z"]["values"]
+    assert prompts == list(dict.fromkeys(captions))[:2]
+    assert len(prompts) == 2 and all(p.startswith("pstripe, ") for p in prompts)
+
+
 def edit_record(repo: Path) -> tuple[Path, bytes]:
     """Change one answer of the text dataset; returns the file and what it held."""
     records = repo / "data" / T / "train.jsonl"
@@ -216,7 +225,7 @@ def test_code_change_the_grid_never_reaches_plans_exports_and_the_grids_after_th
 def test_change_to_the_code_that_builds_grid_prompts_plans_grids_only(repo):
     edit_code(repo, "config.py", '.strip(" ,")', '.strip(" ,") + ", high quality"')
     result, ran = dry_run(repo)
-    assert ran == {("grid", A), ("grid", B)}
+    assert ran == {("grid", A)}  # B's grid sets no prompts: its captions, not changed
     assert f"stale: grid {A}: config grid.prompts changed" in result.stderr
 
 
@@ -240,7 +249,7 @@ def test_a_module_moved_into_a_subpackage_plans_nothing_and_an_edit_to_it_its_st
     move_module(repo, "config", "settings.config")
     assert dry_run(repo)[1] == set()
     edit_code(repo, "settings/config.py", '.strip(" ,")', '.strip(" ,") + ", high quality"')
-    assert dry_run(repo)[1] == {("grid", A), ("grid", B)}
+    assert dry_run(repo)[1] == {("grid", A)}  # B's grid: prompts from its captions
 
 
 def test_renaming_a_function_and_its_callers_plans_nothing(repo):
@@ -445,6 +454,9 @@ def test_the_edits_file_is_never_written(repo):
 # --- interrupted runs: stopped promptly, resumed, and nothing stale behind an exit 0 ----------
 
 
+STATES = ".cache/train/*/state/step-*.pt"  # training states, saved to resume from
+
+
 def train_steps(repo: Path, steps: int, save_steps: int | None = None) -> None:
     """A's training: ``steps`` steps, by default one checkpoint (its grid: one column)."""
     train = {"max_train_steps": steps, "save_steps": save_steps or steps}
@@ -456,13 +468,12 @@ def interrupt_training(repo: Path, signal_to: str, number: int) -> subprocess.Co
     hours here), and once it has trained a step past the build's 2 (its state saved at every
     step) send ``number`` to Snakemake alone or to its whole process group."""
     train_steps(repo, 100_000, save_steps=1)
-    states = ".cache/train/*/state/step-*.pt"
-    before = set(repo.glob(states))
+    before = set(repo.glob(STATES))
     command = [str(BIN / "snakemake"), "--cores", "1", "train_all"]
     process = subprocess.Popen(command, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + 600
-    while not set(repo.glob(states)) - before:
+    while not set(repo.glob(STATES)) - before:
         assert process.poll() is None and time.monotonic() < deadline, process.stdout.read()
         time.sleep(0.05)
     (os.kill if signal_to == "snakemake" else os.killpg)(process.pid, number)
@@ -479,12 +490,16 @@ def interrupt_training(repo: Path, signal_to: str, number: int) -> subprocess.Co
 
 
 @pytest.mark.parametrize(
-    ("signal_to", "number"),
-    [("snakemake", signal.SIGINT), ("group", signal.SIGINT), ("group", signal.SIGTERM)],
+    ("signal_to", "number", "resume"),
+    [("snakemake", signal.SIGINT, False), ("group", signal.SIGINT, True),
+     ("group", signal.SIGTERM, False)],
     ids=["SIGINT to Snakemake alone", "Ctrl-C (SIGINT to the group)", "SIGTERM (Slurm)"],
-)
-def test_interrupted_training_saves_resumes_and_leaves_nothing_stale(repo, signal_to, number):
+)  # fmt: skip
+def test_interrupted_training_saves_resumes_and_leaves_nothing_stale(
+    repo, signal_to, number, resume
+):
     lock = (repo / "locks" / A / "train.json").read_bytes()
+    states = set(repo.glob(STATES))
     result = interrupt_training(repo, signal_to, number)
     assert result.returncode != 0
     assert "Traceback" not in result.stdout and "Logging error" not in result.stdout
@@ -498,6 +513,9 @@ def test_interrupted_training_saves_resumes_and_leaves_nothing_stale(repo, signa
     summary = result.stdout.split("loramill: 1 job(s) failed:\n")[-1]
     assert summary.startswith(f"  train {A}: interrupted ({name}): state saved at step {step};")
     assert (repo / "locks" / A / "train.json").read_bytes() == lock  # nothing claimed built
+    assert f"step-{step:06d}.pt" in {p.name for p in set(repo.glob(STATES)) - states}
+    if not resume:
+        return  # the state is saved by the same code whichever signal stopped it
 
     # One rerun finishes everything, resuming the saved state; it stops one step past it (where
     # a run stops is not part of its state: see loramill.train.state).
@@ -527,12 +545,14 @@ def test_a_producer_run_snakemake_found_incomplete_takes_its_stale_consumers_alo
 def test_one_datasets_failure_lets_the_others_finish_and_ends_with_its_reason(repo):
     for image in (repo / "data" / A / "images").iterdir():
         image.write_bytes(b"not an image")  # every image quarantined: resize fails
-    edit_config(repo, lambda c: c["datasets"][B].setdefault("train", {}).update(seed=7))
+    # the other dataset's work: a grid with one strength more (a job of its own, rendered)
+    edit_config(repo, lambda c: c["datasets"][B].update(grid={"strengths": [0.0, 0.5, 1.0]}))
     result = run_tool("snakemake", "--cores", "1", "train_all", cwd=repo, check=False)
     assert result.returncode != 0
-    trained = chain(B, "train", "export", "grid")
-    assert jobs(result) == chain(A, "resize") | trained
-    assert computed(repo, trained) == trained
+    assert jobs(result) == chain(A, "resize") | chain(B, "grid")
+    assert computed(repo, chain(B, "grid")) == chain(B, "grid")
+    strengths = json.loads((repo / "grids" / f"{B}.json").read_text())["axes"]["y"]["labels"]
+    assert strengths == ["Strength: 0", "Strength: 0.5", "Strength: 1"]
     tail = (result.stdout + result.stderr).split("loramill: 1 job(s) failed:\n")[-1]
     assert tail.startswith(f"  resize {A}: "), tail
     assert "no usable image" in tail.splitlines()[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,32 +193,23 @@ def test_gpu_jobs_declare_the_gpu_resource(workdir):  # noqa: F811
     assert all(r["gpu"] == 0 for r in on_cpu["train"] + on_cpu["grid"])
 
 
-def test_linked_dataset_trains_and_its_grid_shows_its_own_captions(tmp_path):
+def test_linked_dataset_is_read_through_its_links(tmp_path):
     """DVC's `cache.type: symlink` (its choice when the cache is on another disk): every image
-    is a link into the cache, and is read as the image it is. The same small run (one
-    training step, two cells) shows that a grid that sets no prompts draws the dataset's own
-    training captions, which test_grid_prompts checks are its inputs."""
+    is a link into the cache, and is read as the image it is. (A grid that sets no prompts,
+    as a new dataset's, shows its own training captions: test_reruns, on the small build.)"""
     checkout = clone_checkout(tmp_path / "linked")
     run_tool("dvc", "config", "--local", "cache.type", "symlink", cwd=checkout)
     run_tool("dvc", "pull", cwd=checkout)
     ds = "wide_bands"
     images = sorted((checkout / "data" / ds / "images").iterdir())
     assert images and all(p.is_symlink() for p in images)
-    config_file = checkout / "config" / "config.yaml"
-    config = yaml.safe_load(config_file.read_text())
+    config = yaml.safe_load((checkout / "config" / "config.yaml").read_text())
     assert not config["grid"]["prompts"]  # a new dataset inherits no demo prompts
-    config["datasets"][ds]["grid"]["prompts"] = []  # as a new dataset: the captions
-    config["train"].update(max_train_steps=1, save_steps=1)
-    config["grid"].update(strengths=[1.0], num_inference_steps=2)
-    config_file.write_text(yaml.safe_dump(config))
-    run_tool("snakemake", "--cores", "2", f"grids/{ds}.png", cwd=checkout)
+    run_tool("snakemake", "--cores", "2", f"results/{ds}/captions.jsonl", cwd=checkout)
     manifest = json.loads((checkout / "results" / ds / "resized" / "manifest.json").read_text())
     assert len(manifest["images"]) == len(images) and manifest["quarantined"] == []
-    assert (checkout / "results" / ds / "checkpoints" / "step-000001.safetensors").is_file()
-    captions = [r["caption"] for r in read_jsonl(checkout / "results" / ds / "captions.jsonl")]
-    grid = json.loads((checkout / "grids" / f"{ds}.json").read_text())
-    assert grid["axes"]["z"]["values"] == list(dict.fromkeys(captions))[:2]
-    assert all(prompt.startswith("wband, ") for prompt in grid["axes"]["z"]["values"])
+    captions = read_jsonl(checkout / "results" / ds / "captions.jsonl")
+    assert sorted(Path(r["image"]).stem for r in captions) == sorted(p.stem for p in images)
 
 
 def test_report_is_one_page_with_every_datasets_grid_loss_and_card(demo_run, demo_report):
