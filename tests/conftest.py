@@ -287,6 +287,7 @@ TRAIN_CONFIG = {
     "save_steps": 4,
     "train_batch_size": 2,
     "seed": 3,
+    "threads": 1,  # the tiny model trains faster on one (bench/README.md), and workers share cores
 }
 
 

@@ -141,7 +141,7 @@ def test_caches_are_reused_and_keyed_by_content(plain_run, prepared, tmp_path, t
     assert "latents: 1 encoded, 4 reused" in lines
     # Another CPU thread count gives other bits: not reused.
     _, lines = train_logged(
-        prepared, tmp_path / "e", tiny_sd, caplog, {**one_step, "threads": 1}, cache_root=cache
+        prepared, tmp_path / "e", tiny_sd, caplog, {**one_step, "threads": 2}, cache_root=cache
     )
     assert "latents: 5 encoded, 0 reused" in lines
 
