@@ -4,6 +4,7 @@ model built here, tests of what is learned (and the demo) on the embedded pretra
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import os
@@ -36,6 +37,12 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 REPO = Path(__file__).resolve().parent.parent
 # The embedded model, pretrained to draw coloured shapes (models/pretrain_tiny_sd.py).
 EMBEDDED_SD = REPO / "models" / "tiny-sd"
+
+
+def digest(path: Path) -> str:
+    """A file's sha256: tests compare files by it, as pytest's report of two unequal blobs
+    diffs them character by character (tens of minutes for one checkpoint)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _build_random_sd() -> Path:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import BIN, edit_config, git, run_tool
+from conftest import BIN, digest, edit_config, git, run_tool
 from PIL import Image, ImageDraw
 from workflow_plans import plan
 
@@ -365,7 +365,7 @@ def test_removed_results_are_restored_not_rebuilt(repo, base):
     assert f"restored: train {A} {missing}: results/{A}/checkpoints" in stderr
     assert f"restored: export {A} {missing}: exports/{A}.safetensors\n" in stderr
     for path in (f"exports/{A}.safetensors", f"results/{A}/checkpoints/step-000002.safetensors"):
-        assert (repo / path).read_bytes() == (base / path).read_bytes()
+        assert digest(repo / path) == digest(base / path)
 
 
 def test_dataset_moved_with_path_plans_nothing(repo):
@@ -411,7 +411,7 @@ def test_fresh_clone_and_dvc_pull_plans_nothing(base, tmp_path):
     assert plan(clone)[1] == set()
     for path in (f"exports/{A}.safetensors", f"exports/{B}.safetensors",
                  f"exports/{T}/{T}.gguf", f"evaluations/{T}.json"):  # fmt: skip
-        assert (clone / path).read_bytes() == (base / path).read_bytes(), path
+        assert digest(clone / path) == digest(base / path), path
 
 
 def test_teammates_new_image_plans_that_chain_after_clone(base, tmp_path):
