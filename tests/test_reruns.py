@@ -26,6 +26,8 @@ from conftest import BIN, digest, edit_config, git, run_tool
 from PIL import Image, ImageDraw
 from workflow_plans import plan
 
+from loramill.files import read_jsonl
+
 # Each scenario starts from its own copy of the session's build, so any worker may run it.
 pytestmark = [pytest.mark.workflow, pytest.mark.spread]
 
@@ -129,8 +131,7 @@ def test_changed_image_reruns_that_datasets_chain_and_its_revert_restores(repo):
 
 def test_a_grid_that_sets_no_prompts_shows_the_datasets_own_captions(base):
     # paper_stripes' grid in the small build sets none, as a new dataset's (the demo's set them)
-    records = (base / "results" / B / "captions.jsonl").read_text().splitlines()
-    captions = [json.loads(line)["caption"] for line in records]
+    captions = [r["caption"] for r in read_jsonl(base / "results" / B / "captions.jsonl")]
     prompts = json.loads((base / "grids" / f"{B}.json").read_text())["axes"]["z"]["values"]
     assert prompts == list(dict.fromkeys(captions))[:2]
     assert len(prompts) == 2 and all(p.startswith("pstripe, ") for p in prompts)
@@ -463,10 +464,13 @@ def train_steps(repo: Path, steps: int, save_steps: int | None = None) -> None:
     edit_config(repo, lambda c: c["datasets"][A].update(train=train))
 
 
-def interrupt_training(repo: Path, signal_to: str, number: int) -> subprocess.CompletedProcess:
+def interrupt_training(
+    repo: Path, signal_to: str, number: int
+) -> tuple[subprocess.CompletedProcess, set[str]]:
     """Start `snakemake --cores 1 train_all` with A's training made endless (100000 steps:
     hours here), and once it has trained a step past the build's 2 (its state saved at every
-    step) send ``number`` to Snakemake alone or to its whole process group."""
+    step) send ``number`` to Snakemake alone or to its whole process group. Returns what the run
+    printed and the names of the states it saved."""
     train_steps(repo, 100_000, save_steps=1)
     before = set(repo.glob(STATES))
     command = [str(BIN / "snakemake"), "--cores", "1", "train_all"]
@@ -486,7 +490,8 @@ def interrupt_training(repo: Path, signal_to: str, number: int) -> subprocess.Co
         time.sleep(0.1)
     else:
         raise AssertionError("a job process outlived the interrupted run")
-    return subprocess.CompletedProcess(command, process.returncode, out, "")
+    saved = {path.name for path in set(repo.glob(STATES)) - before}  # the states it saved
+    return subprocess.CompletedProcess(command, process.returncode, out, ""), saved
 
 
 @pytest.mark.parametrize(
@@ -499,8 +504,7 @@ def test_interrupted_training_saves_resumes_and_leaves_nothing_stale(
     repo, signal_to, number, resume
 ):
     lock = (repo / "locks" / A / "train.json").read_bytes()
-    states = set(repo.glob(STATES))
-    result = interrupt_training(repo, signal_to, number)
+    result, saved = interrupt_training(repo, signal_to, number)
     assert result.returncode != 0
     assert "Traceback" not in result.stdout and "Logging error" not in result.stdout
     name = signal.Signals(number).name
@@ -513,7 +517,7 @@ def test_interrupted_training_saves_resumes_and_leaves_nothing_stale(
     summary = result.stdout.split("loramill: 1 job(s) failed:\n")[-1]
     assert summary.startswith(f"  train {A}: interrupted ({name}): state saved at step {step};")
     assert (repo / "locks" / A / "train.json").read_bytes() == lock  # nothing claimed built
-    assert f"step-{step:06d}.pt" in {p.name for p in set(repo.glob(STATES)) - states}
+    assert f"step-{step:06d}.pt" in saved
     if not resume:
         return  # the state is saved by the same code whichever signal stopped it
 
