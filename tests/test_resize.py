@@ -11,6 +11,7 @@ import os
 import random
 import struct
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +19,11 @@ from PIL import Image, ImageCms, ImageOps
 
 from loramill import LoramillError
 from loramill.demo.images import EXIF_ORIENTATION, draw_picture, generate_dataset
+from loramill.hashing import HashCache, hash_value
+from loramill.prepare import resize as resize_module
 from loramill.prepare.resize import SUBFOLDER, resize_dataset
+from loramill.prepare.same_pixels import SAME_PIXELS
+from loramill.reruns.fingerprints import stage_code
 
 SQUARE = {"resolution": 16, "enable_bucket": False}
 BUCKETS = {"resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64, "bucket_reso_steps": 16}
@@ -260,6 +265,31 @@ def test_adding_one_image_processes_one(tmp_path, caplog):
         "resize stripes: 1 new, 5 reused, 0 quarantined",
         "resize stripes: 6 new, 0 reused, 0 quarantined",  # other settings: nothing reused
     ]
+
+
+def test_images_cached_by_older_code_that_makes_the_same_pixels_are_reused(
+    tmp_path, caplog, monkeypatch
+):
+    generate_dataset(tmp_path / "ds", "stripes", 4)
+    with caplog.at_level(logging.INFO, logger="loramill"):
+        resize(tmp_path, BUCKETS, name="stripes", code="older")
+        made = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+        resize(tmp_path, BUCKETS, name="stripes", code="newer")  # code changed: redone
+        monkeypatch.setattr(resize_module, "SAME_PIXELS", {"latest": ("other", "older")})
+        resize(tmp_path, BUCKETS, name="stripes", code="latest")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resize ")]
+    assert lines == [
+        "resize stripes: 4 new, 0 reused, 0 quarantined",
+        "resize stripes: 4 new, 0 reused, 0 quarantined",
+        "resize stripes: 0 new, 4 reused, 0 quarantined",
+    ]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == made
+
+
+def test_same_pixels_names_only_the_resize_code_of_today(tmp_path):
+    """An entry keyed by code the stage no longer has is dead: remove it when resize changes."""
+    code = stage_code(Path("scripts/resize.py"), HashCache(tmp_path / "hashes.sqlite"))
+    assert set(SAME_PIXELS) <= {hash_value(code.parts)}
 
 
 def test_threads_and_the_cache_give_the_same_bytes(tmp_path):

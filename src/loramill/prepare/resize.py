@@ -10,7 +10,8 @@ byte-identical duplicate (the later name in sort order), a file that does not de
 over the decompression-bomb limit, and one smaller than ``resize.min_side``.
 
 Per image the result is cached under ``.cache/resized``, keyed by the image's content, the
-resize settings and the stage's code, so adding one image to 500 processes one. Images are
+resize settings and the stage's code (or older code that makes the same pixels:
+loramill.prepare.same_pixels), so adding one image to 500 processes one. Images are
 processed over the job's threads, one worker process each.
 """
 
@@ -40,6 +41,7 @@ from loramill.files import atomic_path, write_bytes, write_json
 from loramill.hashing import HashCache, hash_value
 from loramill.prepare.buckets import BucketSpec, bucket_for, bucket_sizes
 from loramill.prepare.pixels import Unusable, decode, displayed_size, fit, open_image, to_rgb
+from loramill.prepare.same_pixels import SAME_PIXELS
 from loramill.reruns.run_cache import link_data
 
 log = logging.getLogger(__name__)
@@ -232,10 +234,22 @@ def survey(
             quarantined.append({"source": source, "reason": reason})
             continue
         by_hash[digest] = source
-        key = hash_value({"image": digest, "settings": settings, "code": code})
-        entry = cache_dir / key[:2] / key
-        found[source] = Found(item, digest, entry, cached(entry))
+        found[source] = lookup(item, digest, cache_dir, settings, code)
     return found, quarantined
+
+
+def lookup(
+    item: Listed, digest: str, cache_dir: Path, settings: dict[str, Any], code: str
+) -> Found:
+    """The image's cache entry under this code, else under older code that makes the same
+    pixels (loramill.prepare.same_pixels); a new entry is made under this code."""
+    codes = (code, *SAME_PIXELS.get(code, ()))
+    keys = [hash_value({"image": digest, "settings": settings, "code": c}) for c in codes]
+    entries = [cache_dir / key[:2] / key for key in keys]
+    for entry in entries:
+        if (record := cached(entry)) is not None:
+            return Found(item, digest, entry, record)
+    return Found(item, digest, entries[0], None)
 
 
 def resize_dataset(
