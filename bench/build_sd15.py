@@ -17,7 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from loramill.demo.tiny_models import SD15, sd_pipeline
+from loramill.demo.full_size import SD15
+from loramill.demo.tiny_models import sd_pipeline
 
 
 def build_sd15(out_dir: str | Path, seed: int = 0) -> Path:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loramill.demo.tiny_models import CLIP_TEXT, SD15
+from loramill.demo.full_size import SD15
+from loramill.demo.tiny_models import CLIP_TEXT
 from loramill.export.ldm_names import LdmLayout, a1111_name, unet_pairs
 from loramill.models.kohya_names import kohya_module
 

@@ -153,7 +153,8 @@ def test_real_sd15_architecture_names():
     from peft.utils import get_peft_model_state_dict
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from loramill.demo.tiny_models import CLIP_TEXT, SD15
+    from loramill.demo.full_size import SD15
+    from loramill.demo.tiny_models import CLIP_TEXT
 
     with init_empty_weights():
         unet = UNet2DConditionModel(**SD15["unet"])

@@ -51,7 +51,8 @@ def filled_sd15():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from loramill.demo.tiny_models import CLIP_TEXT, SD15
+    from loramill.demo.full_size import SD15
+    from loramill.demo.tiny_models import CLIP_TEXT
 
     with init_empty_weights():  # buffers (CLIP's position ids) are still built for real
         unet = UNet2DConditionModel(**SD15["unet"])
@@ -164,7 +165,8 @@ def sd15_clients():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from loramill.demo.tiny_models import CLIP_TEXT, SD15
+    from loramill.demo.full_size import SD15
+    from loramill.demo.tiny_models import CLIP_TEXT
 
     with init_empty_weights():
         unet = UNet2DConditionModel(**SD15["unet"])

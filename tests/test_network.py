@@ -65,7 +65,8 @@ def test_full_size_sd15_kohya_network_has_192_and_72_modules():
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from loramill.demo.tiny_models import CLIP_TEXT, SD15
+    from loramill.demo.full_size import SD15
+    from loramill.demo.tiny_models import CLIP_TEXT
 
     with init_empty_weights():
         unet = UNet2DConditionModel(**SD15["unet"])
@@ -85,6 +86,32 @@ def test_full_size_sd15_kohya_network_has_192_and_72_modules():
     add_lora(unet, text_encoder, NetworkSpec("kohya", 4, 4))
     assert (len(lora_layers(unet)), len(lora_layers(text_encoder))) == (192, 72)
     assert {p.device.type for p in unet.parameters()} == {"meta"}  # nothing was allocated
+
+
+def test_full_size_sdxl_kohya_network_has_722_and_72_and_192_modules():
+    """SDXL base's UNet and both text encoders (meta device): kohya's sdxl_train_network counts,
+    70 transformer blocks × 10 Linears and 11 × proj_in/out; CLIP-L 12 and bigG 32 layers × 6."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from loramill.demo.full_size import SDXL
+    from loramill.demo.tiny_models import CLIP_TEXT
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SDXL["unet"])
+        first = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **SDXL["text_encoder"]))
+        second = CLIPTextConfig(**CLIP_TEXT, **SDXL["text_encoder_2"])
+        second = CLIPTextModelWithProjection(second)
+    assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
+    models = {"unet": unet, "text_encoder": first, "text_encoder_2": second}
+    count = lambda target: tuple(  # noqa: E731
+        len(network_modules(m, name.removesuffix("_2"), target)) for name, m in models.items()
+    )
+    assert count("kohya") == (722, 72, 192)
+    assert count("attention") == (70 * 8, 48, 128)
+    blocks = [n for n in network_modules(unet, "unet", "kohya") if ".transformer_blocks." in n]
+    assert len(blocks) == 700
 
 
 def layer_with_lora():

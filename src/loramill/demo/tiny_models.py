@@ -3,8 +3,8 @@
 ``sd_pipeline`` makes a Stable Diffusion 1.x-architecture pipeline at given layer sizes (same
 module names as SD1.5, so LoRA keys and exports are the real ones): ``TINY`` is the embedded
 ``models/tiny-sd`` (pretrained by ``models/pretrain_tiny_sd.py``), ``RANDOM_TINY`` the
-random-weight model tests of mechanics use (``build_random_sd``), ``SD15`` the full size for
-benchmarks. ``build_tiny_blip`` makes a BLIP captioner for tests.
+random-weight model tests of mechanics use (``build_random_sd``); full sizes are in
+``loramill.demo.full_size``. ``build_tiny_blip`` makes a BLIP captioner for tests.
 Both use the real tokenizers' algorithms; the CLIP tokenizer uses the real CLIP BPE
 vocabulary shipped in the ``open-clip-torch`` wheel (installed with ``--no-deps``; the package
 itself is never imported because it needs torchvision).
@@ -55,33 +55,6 @@ CLIP_TEXT = {
     "bos_token_id": 49406,
     "eos_token_id": 49407,
     "pad_token_id": 49407,
-}
-# Stable Diffusion 1.5's layer sizes (UNet 859.5 M, VAE 83.7 M, CLIP-L 123.1 M parameters);
-# UNet2DConditionModel's default block layout is SD1.5's.
-SD15 = {
-    "unet": {
-        "sample_size": 64,
-        "block_out_channels": (320, 640, 1280, 1280),
-        "layers_per_block": 2,
-        "cross_attention_dim": 768,
-        "attention_head_dim": 8,
-    },
-    "vae": {
-        "block_out_channels": (128, 256, 512, 512),
-        "down_block_types": ("DownEncoderBlock2D",) * 4,
-        "up_block_types": ("UpDecoderBlock2D",) * 4,
-        "latent_channels": 4,
-        "layers_per_block": 2,
-        "sample_size": 512,
-    },
-    "text_encoder": {
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "hidden_act": "quick_gelu",
-        "projection_dim": 768,
-    },
 }
 # The embedded model (models/tiny-sd, pretrained by models/pretrain_tiny_sd.py): SD1.x module
 # names, so LoRA keys and exports are the real ones, at small widths. 64 px images map to 16×16

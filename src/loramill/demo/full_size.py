@@ -1,0 +1,61 @@
+"""Full-size architectures' layer sizes, for benchmarks and for module counts on the meta device.
+
+``SD15`` feeds ``loramill.demo.tiny_models.sd_pipeline`` (with ``CLIP_TEXT``'s token ids);
+``SDXL`` holds the keyword arguments of diffusers' ``UNet2DConditionModel`` and of the two
+transformers ``CLIPTextConfig`` of Stable Diffusion XL base 1.0.
+"""
+
+# Stable Diffusion 1.5's layer sizes (UNet 859.5 M, VAE 83.7 M, CLIP-L 123.1 M parameters);
+# UNet2DConditionModel's default block layout is SD1.5's.
+SD15 = {
+    "unet": {
+        "sample_size": 64,
+        "block_out_channels": (320, 640, 1280, 1280),
+        "layers_per_block": 2,
+        "cross_attention_dim": 768,
+        "attention_head_dim": 8,
+    },
+    "vae": {
+        "block_out_channels": (128, 256, 512, 512),
+        "down_block_types": ("DownEncoderBlock2D",) * 4,
+        "up_block_types": ("UpDecoderBlock2D",) * 4,
+        "latent_channels": 4,
+        "layers_per_block": 2,
+        "sample_size": 512,
+    },
+    "text_encoder": {
+        "hidden_size": 768,
+        "intermediate_size": 3072,
+        "num_hidden_layers": 12,
+        "num_attention_heads": 12,
+        "hidden_act": "quick_gelu",
+        "projection_dim": 768,
+    },
+}
+# Stable Diffusion XL base 1.0's (UNet 2567.5 M parameters; text encoders CLIP ViT-L, 123.1 M,
+# and OpenCLIP ViT-bigG with its projection, 694.7 M).
+SDXL = {
+    "unet": {
+        "sample_size": 128,
+        "block_out_channels": (320, 640, 1280),
+        "layers_per_block": 2,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "transformer_layers_per_block": (1, 2, 10),
+        "cross_attention_dim": 2048,
+        "attention_head_dim": (5, 10, 20),
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 256,
+        "projection_class_embeddings_input_dim": 2816,
+    },
+    "text_encoder": SD15["text_encoder"],
+    "text_encoder_2": {
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 20,
+        "hidden_act": "gelu",
+        "projection_dim": 1280,
+    },
+}
