@@ -231,6 +231,49 @@ def test_unreadable_base_model_is_named(workdir, tmp_path):
     assert line == f"loramill: base_model '{broken}': missing component folder 'unet/'"
 
 
+OTHER_FAMILIES = {
+    "sdxl": (
+        "StableDiffusionXLPipeline", {"addition_embed_type": "text_time"}, ["text_encoder_2"], [],
+        "an SDXL model (StableDiffusionXLPipeline: two text encoders, size and crop conditioning)",
+    ),
+    "refiner": (
+        "StableDiffusionXLImg2ImgPipeline", {"addition_embed_type": "text_time"},
+        ["text_encoder_2"], ["text_encoder"],
+        "an SDXL refiner (StableDiffusionXLImg2ImgPipeline: OpenCLIP bigG only)",
+    ),
+    "inpainting": (
+        "StableDiffusionInpaintPipeline", {"in_channels": 9}, [], [],
+        "an inpainting model (StableDiffusionInpaintPipeline: its UNet takes 9 input channels, "
+        "not 4)",
+    ),
+    "flux": (
+        "FluxPipeline", None, ["transformer"], ["unet"],
+        "a FluxPipeline whose denoiser is a transformer (transformer/), not a UNet",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", OTHER_FAMILIES)
+def test_a_base_model_of_another_family_is_named_before_any_job(workdir, tmp_path, kind):
+    pipeline, unet, added, removed, found = OTHER_FAMILIES[kind]
+    model = tmp_path / kind
+    shutil.copytree(REPO / "models" / "tiny-sd", model)
+    index = json.loads((model / "model_index.json").read_text())
+    (model / "model_index.json").write_text(json.dumps({**index, "_class_name": pipeline}))
+    if unet is not None:
+        config = json.loads((model / "unet" / "config.json").read_text())
+        (model / "unet" / "config.json").write_text(json.dumps({**config, **unet}))
+    for name in added:
+        (model / name).mkdir()
+    for name in removed:
+        shutil.rmtree(model / name)
+    line = config_error(workdir, tmp_path, {"base_model": str(model)})
+    assert line == (
+        f"loramill: base_model '{model}': {found}; loramill trains Stable Diffusion 1.x/2.x "
+        "(a UNet on 4 latent channels, one CLIP text encoder)"
+    )
+
+
 def test_missing_dataset_folder_suggests_dvc_pull(workdir, tmp_path):
     line = config_error(workdir, tmp_path, {"datasets": {"ghost": {"trigger": "g"}}})
     assert (

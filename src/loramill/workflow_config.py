@@ -36,6 +36,7 @@ from loramill.config import (
 )
 from loramill.grid.plan import check_grid
 from loramill.models.base_model import resolve_base_model
+from loramill.models.families import check_image_family
 from loramill.prepare.buckets import BucketSpec
 from loramill.text.language_model import resolve_language_model
 from loramill.train.config import TrainConfig
@@ -128,6 +129,8 @@ def load_datasets(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         raise LoramillError(describe(error)) from None
     datasets = {ds: dataset_config(config, ds, validate_config) for ds in config["datasets"]}
     for model, task in {(s["base_model"], s["task"]) for s in datasets.values()}:
+        if task != "text":
+            check_image_family(model)  # first: an SDXL or Flux folder is named as such
         (resolve_language_model if task == "text" else resolve_base_model)(model)
     for ds, settings in datasets.items():
         check_dataset(ds, settings)
