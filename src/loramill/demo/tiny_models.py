@@ -56,6 +56,14 @@ CLIP_TEXT = {
     "eos_token_id": 49407,
     "pad_token_id": 49407,
 }
+# The noise schedule SD 1.x, 2.x and SDXL were trained with, as their schedulers state it.
+SD_NOISE = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+}
 # The embedded model (models/tiny-sd, pretrained by models/pretrain_tiny_sd.py): SD1.x module
 # names, so LoRA keys and exports are the real ones, at small widths. 64 px images map to 16×16
 # latents (three VAE levels, not SD's four): at 8×8 a shape is a few latent pixels and the UNet
@@ -131,15 +139,7 @@ def sd_pipeline(sizes: dict[str, dict], seed: int = 0):
     unet = UNet2DConditionModel(**sizes["unet"])
     vae = AutoencoderKL(**sizes["vae"])
     text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **sizes["text_encoder"]))
-    scheduler = PNDMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        skip_prk_steps=True,
-        steps_offset=1,
-        set_alpha_to_one=False,
-    )
+    scheduler = PNDMScheduler(**SD_NOISE, skip_prk_steps=True, set_alpha_to_one=False)
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

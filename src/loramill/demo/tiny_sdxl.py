@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from loramill.demo.tiny_models import CLIP_TEXT, RANDOM_TINY, build_clip_tokenizer
+from loramill.demo.tiny_models import CLIP_TEXT, RANDOM_TINY, SD_NOISE, build_clip_tokenizer
 
 TEXT = {"intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
 TIME_EMBED = 8  # per size or crop number; SDXL's is 256
@@ -61,14 +61,7 @@ def sdxl_pipeline(sizes: dict[str, dict] = TINY_SDXL, seed: int = 0) -> Any:
     second = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_TEXT, **sizes["text_encoder_2"]))
     tokenizer_2 = build_clip_tokenizer()
     tokenizer_2.pad_token = "!"
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="leading",
-    )
+    scheduler = EulerDiscreteScheduler(**SD_NOISE, timestep_spacing="leading")
     return StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=first,
