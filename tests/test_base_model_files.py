@@ -19,6 +19,7 @@ import pytest
 from conftest import TINY_SD
 
 from loramill import LoramillError, hashing
+from loramill.content_params import BY_CONTENT
 from loramill.hashing import HashCache
 from loramill.model_files import (
     base_model_fingerprint,
@@ -28,6 +29,7 @@ from loramill.model_files import (
     loaded_files,
 )
 from loramill.models.base_model import load_pipeline
+from loramill.models.families import check_image_family
 
 TINY_FILES = [
     "model_index.json",
@@ -241,6 +243,27 @@ def test_the_real_loader_uses_the_simulated_cache(hub_cache):
     with pytest.raises(LoramillError, match="base_model 'loramill/tiny-sd'"):
         load_pipeline(HUB_ID)
     assert hub_commit(HUB_ID) is None
+
+
+def test_a_cached_hub_model_of_another_family_is_refused_at_parse_time_and_by_its_job(
+    hub_cache,
+):
+    fetch = BY_CONTENT["base_model"].fetch  # what every job with the param runs first
+    check_image_family(HUB_ID)
+    fetch(HUB_ID, False)  # SD1.x: both say nothing
+    snapshot = hub_cache / "snapshots" / SHA
+    index = json.loads((snapshot / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLPipeline"
+    (snapshot / "model_index.json").write_text(json.dumps(index))
+    unet = json.loads((snapshot / "unet" / "config.json").read_text())
+    (snapshot / "unet" / "config.json").write_text(
+        json.dumps({**unet, "addition_embed_type": "text_time"})
+    )
+    line = f"base_model '{HUB_ID}': an SDXL model (StableDiffusionXLPipeline"
+    for check in (lambda: check_image_family(HUB_ID), lambda: fetch(HUB_ID, False)):
+        with pytest.raises(LoramillError) as raised:
+            check()
+        assert str(raised.value).startswith(line)
 
 
 def test_hub_id_not_downloaded(hub_cache):

@@ -19,6 +19,7 @@ from loramill.model_files import (
     fetch_language_model,
     language_model_fingerprint,
 )
+from loramill.models.families import check_image_family
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,11 @@ class ContentParam:
     fetch: Callable[[str, bool], None] | None = None
 
 
+def _fetch_image_model(value: str, allow_unsafe_weights: bool) -> None:
+    fetch_base_model(value, allow_unsafe_weights)
+    check_image_family(value)  # a hub model's family shows once its configs are on disk
+
+
 def _file(value: str, hashes: HashCache, allow_unsafe_weights: bool) -> str:
     return hashes.file(value) if value else ""
 
@@ -40,7 +46,7 @@ def _caption_model(value: str, hashes: HashCache, allow_unsafe_weights: bool) ->
 
 
 BY_CONTENT: dict[str, ContentParam] = {
-    "base_model": ContentParam(base_model_fingerprint, fetch_base_model),
+    "base_model": ContentParam(base_model_fingerprint, _fetch_image_model),
     "language_model": ContentParam(language_model_fingerprint, fetch_language_model),
     "caption_model": ContentParam(_caption_model, fetch_caption_model),
     "init_from": ContentParam(_file),  # an adapter file training starts from

@@ -124,6 +124,12 @@ def hub_commit(repo_id: str, marker: str = "model_index.json") -> str | None:
     return commit if (repo / "snapshots" / commit / marker).exists() else None
 
 
+def hub_snapshot(repo_id: str) -> Path | None:
+    """The folder of the commit the local Hugging Face cache resolves ``repo_id`` to, or None."""
+    commit = hub_commit(repo_id)
+    return _hub_repo_folder(repo_id) / "snapshots" / commit if commit else None
+
+
 def base_model_fingerprint(spec: str, hashes: HashCache, allow_unsafe_weights: bool = False) -> str:
     """The manifest hash of what a local folder loads, or ``hub:<id>@<commit>``."""
     source = resolve_base_model(spec)

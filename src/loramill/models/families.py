@@ -2,9 +2,9 @@
 
 loramill trains the Stable Diffusion 1.x/2.x family: a UNet on 4-channel latents conditioned
 on one CLIP text encoder. A folder of another family or kind (SDXL and its refiner, an
-inpainting or depth UNet, a transformer denoiser such as Flux or SD3) is refused when the
-workflow parses, in one line naming what was found, before any job loads it. Free of torch:
-it runs at parse time.
+inpainting or depth UNet, a transformer denoiser such as Flux or SD3) is refused in one line
+naming what was found: when the workflow parses, or for a hub model not downloaded yet, by the
+job that downloads it, before anything loads it. Free of torch: it runs at parse time.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
+from loramill.model_files import HUB_ID, hub_snapshot
 
 TRAINED = "Stable Diffusion 1.x/2.x (a UNet on 4 latent channels, one CLIP text encoder)"
 
@@ -48,8 +49,11 @@ def found_other_family(folder: Path) -> str | None:
 
 
 def check_image_family(spec: str) -> None:
-    """Refuse a local ``base_model`` folder of a family loramill does not train, naming what it
-    holds. A hub id is not judged here: its files are not on disk before its job downloads them."""
+    """Refuse a ``base_model`` of a family loramill does not train, naming what it holds: a
+    local folder, or a hub id's snapshot in the local cache (one not downloaded yet is judged
+    by the first job, once it has fetched it: loramill.content_params)."""
     folder = Path(spec).expanduser()
-    if folder.is_dir() and (found := found_other_family(folder)):
+    if not folder.is_dir():
+        folder = hub_snapshot(spec) if HUB_ID.match(spec) else None
+    if folder is not None and (found := found_other_family(folder)):
         raise LoramillError(f"base_model '{spec}': {found}; loramill trains {TRAINED}")
