@@ -92,19 +92,14 @@ def test_full_size_sdxl_kohya_network_has_722_and_72_and_192_modules():
     """SDXL base's UNet and both text encoders (meta device): kohya's sdxl_train_network counts,
     70 transformer blocks × 10 Linears and 11 × proj_in/out; CLIP-L 12 and bigG 32 layers × 6."""
     from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from loramill.demo.full_size import SDXL
-    from loramill.demo.tiny_models import CLIP_TEXT
+    from loramill.demo.tiny_sdxl import sdxl_models
 
     with init_empty_weights():
-        unet = UNet2DConditionModel(**SDXL["unet"])
-        first = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **SDXL["text_encoder"]))
-        second = CLIPTextConfig(**CLIP_TEXT, **SDXL["text_encoder_2"])
-        second = CLIPTextModelWithProjection(second)
+        models = sdxl_models(SDXL)
+    unet = models["unet"]
     assert sum(p.numel() for p in unet.parameters()) == 2_567_463_684
-    models = {"unet": unet, "text_encoder": first, "text_encoder_2": second}
     count = lambda target: tuple(  # noqa: E731
         len(network_modules(m, name.removesuffix("_2"), target)) for name, m in models.items()
     )

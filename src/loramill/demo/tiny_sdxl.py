@@ -43,33 +43,35 @@ TINY_SDXL = {
 }
 
 
+def sdxl_models(sizes: dict[str, dict]) -> dict[str, Any]:
+    """The UNet and both text encoders at the given layer sizes (random weights; on the meta
+    device under accelerate's ``init_empty_weights``)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = lambda name: CLIPTextConfig(**CLIP_TEXT, **sizes[name])  # noqa: E731
+    return {
+        "unet": UNet2DConditionModel(**sizes["unet"]),
+        "text_encoder": CLIPTextModel(config("text_encoder")),
+        "text_encoder_2": CLIPTextModelWithProjection(config("text_encoder_2")),
+    }
+
+
 def sdxl_pipeline(sizes: dict[str, dict] = TINY_SDXL, seed: int = 0) -> Any:
     """An SDXL pipeline with random weights and the given layer sizes; the same seed gives the
     same weights."""
-    from diffusers import (
-        AutoencoderKL,
-        EulerDiscreteScheduler,
-        StableDiffusionXLPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**sizes["unet"])
-    vae = AutoencoderKL(**sizes["vae"])
-    first = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **sizes["text_encoder"]))
-    second = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_TEXT, **sizes["text_encoder_2"]))
+    models = sdxl_models(sizes)
     tokenizer_2 = build_clip_tokenizer()
     tokenizer_2.pad_token = "!"
-    scheduler = EulerDiscreteScheduler(**SD_NOISE, timestep_spacing="leading")
     return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=first,
-        text_encoder_2=second,
+        **models,
+        vae=AutoencoderKL(**sizes["vae"]),
         tokenizer=build_clip_tokenizer(),
         tokenizer_2=tokenizer_2,
-        unet=unet,
-        scheduler=scheduler,
+        scheduler=EulerDiscreteScheduler(**SD_NOISE, timestep_spacing="leading"),
     )
 
 
