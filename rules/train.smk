@@ -34,6 +34,7 @@ rule train:
         # a folder or a hub id, so a parameter rather than an input: its content is part of
         # the stage's fingerprint
         base_model=setting("base_model"),
+        base_model_family=setting("base_model_family"),
         allow_unsafe_weights=config["allow_unsafe_weights"],
         train=train_setting,
         trigger=setting("trigger"),

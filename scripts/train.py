@@ -29,4 +29,5 @@ run(
     trigger=snakemake.params.trigger,
     allow_unsafe_weights=snakemake.params.allow_unsafe_weights,
     device=snakemake.params.device,
+    family=snakemake.params.base_model_family,
 )

@@ -97,6 +97,14 @@ def tiny_sd() -> str:
     return str(TINY_SD)
 
 
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    """The tiny SDXL-architecture pipeline (loramill.demo.tiny_sdxl), built once a session."""
+    from loramill.demo.tiny_sdxl import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
 def make_random_checkpoint(path: Path, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> Path:
     """A checkpoint whose LoRA weights are random (non-zero B), so strength visibly matters."""
     import torch
@@ -107,9 +115,10 @@ def make_random_checkpoint(path: Path, rank: int = 4, alpha: float = 2.0, seed: 
 
     pipe = load_pipeline(str(TINY_SD))
     torch.manual_seed(seed)
-    add_lora(pipe.unet, pipe.text_encoder, NetworkSpec("attention", rank, alpha), init=False)
+    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    add_lora(models, NetworkSpec("attention", rank, alpha), init=False)
     metadata = {"loramill.step": "1", "loramill.provenance": json.dumps(SAMPLE_PROVENANCE)}
-    save_checkpoint(path, pipe.unet, pipe.text_encoder, metadata)
+    save_checkpoint(path, models, metadata)
     return path
 
 

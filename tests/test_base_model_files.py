@@ -29,7 +29,7 @@ from loramill.model_files import (
     loaded_files,
 )
 from loramill.models.base_model import load_pipeline
-from loramill.models.families import check_image_family
+from loramill.models.families import image_family
 
 TINY_FILES = [
     "model_index.json",
@@ -249,18 +249,16 @@ def test_a_cached_hub_model_of_another_family_is_refused_at_parse_time_and_by_it
     hub_cache,
 ):
     fetch = BY_CONTENT["base_model"].fetch  # what every job with the param runs first
-    check_image_family(HUB_ID)
-    fetch(HUB_ID, False)  # SD1.x: both say nothing
+    assert image_family(HUB_ID) == "sd1"
+    fetch(HUB_ID, False)  # SD1.x: the job's check says nothing
     snapshot = hub_cache / "snapshots" / SHA
     index = json.loads((snapshot / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLPipeline"
+    index["_class_name"] = "StableDiffusionInpaintPipeline"
     (snapshot / "model_index.json").write_text(json.dumps(index))
     unet = json.loads((snapshot / "unet" / "config.json").read_text())
-    (snapshot / "unet" / "config.json").write_text(
-        json.dumps({**unet, "addition_embed_type": "text_time"})
-    )
-    line = f"base_model '{HUB_ID}': an SDXL model (StableDiffusionXLPipeline"
-    for check in (lambda: check_image_family(HUB_ID), lambda: fetch(HUB_ID, False)):
+    (snapshot / "unet" / "config.json").write_text(json.dumps({**unet, "in_channels": 9}))
+    line = f"base_model '{HUB_ID}': an inpainting model (StableDiffusionInpaintPipeline"
+    for check in (lambda: image_family(HUB_ID), lambda: fetch(HUB_ID, False)):
         with pytest.raises(LoramillError) as raised:
             check()
         assert str(raised.value).startswith(line)

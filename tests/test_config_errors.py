@@ -232,10 +232,6 @@ def test_unreadable_base_model_is_named(workdir, tmp_path):
 
 
 OTHER_FAMILIES = {
-    "sdxl": (
-        "StableDiffusionXLPipeline", {"addition_embed_type": "text_time"}, ["text_encoder_2"], [],
-        "an SDXL model (StableDiffusionXLPipeline: two text encoders, size and crop conditioning)",
-    ),
     "refiner": (
         "StableDiffusionXLImg2ImgPipeline", {"addition_embed_type": "text_time"},
         ["text_encoder_2"], ["text_encoder"],
@@ -270,8 +266,25 @@ def test_a_base_model_of_another_family_is_named_before_any_job(workdir, tmp_pat
     line = config_error(workdir, tmp_path, {"base_model": str(model)})
     assert line == (
         f"loramill: base_model '{model}': {found}; loramill trains Stable Diffusion 1.x/2.x "
-        "(a UNet on 4 latent channels, one CLIP text encoder)"
+        "and SDXL base models (a UNet on 4 latent channels)"
     )
+
+
+def test_a_stated_family_the_base_model_is_not_is_refused_naming_both(workdir, tmp_path, tiny_sdxl):
+    model = tmp_path / "xl"
+    shutil.copytree(tiny_sdxl, model)
+    override = {"base_model": str(model), "base_model_family": "sd1"}
+    line = config_error(workdir, tmp_path, override)
+    assert line == (
+        f"loramill: base_model_family 'sd1' (Stable Diffusion 1.x) but base_model '{model}' is "
+        "SDXL (sdxl); set base_model_family: sdxl or auto"
+    )
+    config = load_configfile(workdir / "config" / "config.yaml")
+    for family in ("sdxl", "auto"):  # stated right, or read from the model: it trains
+        update_config(config, {"base_model": str(model), "base_model_family": family})
+        with contextlib.chdir(workdir):
+            datasets = load_datasets(copy.deepcopy(config))
+        assert {s["family"] for s in datasets.values() if s["task"] == "image"} == {"sdxl"}
 
 
 def test_missing_dataset_folder_suggests_dvc_pull(workdir, tmp_path):

@@ -36,7 +36,7 @@ def test_network_target_decides_the_modules(tiny_sd, spec, unet, conv, text):
     from loramill.models.base_model import load_pipeline
 
     pipe = load_pipeline(tiny_sd)
-    add_lora(pipe.unet, pipe.text_encoder, spec)
+    add_lora({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, spec)
     unet_layers, text_layers = lora_layers(pipe.unet), lora_layers(pipe.text_encoder)
     assert (len(unet_layers), len(text_layers)) == (unet, text)
     # a wrapped layer still counts as the layer it wraps (verification counts on such models)
@@ -83,7 +83,7 @@ def test_full_size_sd15_kohya_network_has_192_and_72_modules():
     # count and have a 1×1 conv_shortcut (2 down, all 12 up). 3 down- and 3 upsampler convs.
     assert sum(kind == "conv" for kind in conv.values()) == 22 * 2 + 3 + 3
     assert counts["kohya_conv"] == (192 + 22 + 14 + 50, 72)
-    add_lora(unet, text_encoder, NetworkSpec("kohya", 4, 4))
+    add_lora({"unet": unet, "text_encoder": text_encoder}, NetworkSpec("kohya", 4, 4))
     assert (len(lora_layers(unet)), len(lora_layers(text_encoder))) == (192, 72)
     assert {p.device.type for p in unet.parameters()} == {"meta"}  # nothing was allocated
 

@@ -10,12 +10,7 @@ from conftest import digest
 
 from loramill import LoramillError
 from loramill.demo.tiny_sdxl import build_tiny_sdxl
-from loramill.models.families import check_image_family
-
-
-@pytest.fixture(scope="module")
-def tiny_sdxl(tmp_path_factory):
-    return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+from loramill.models.families import image_family
 
 
 def test_it_draws_with_both_text_encoders_and_the_size_conditions(tiny_sdxl):
@@ -51,9 +46,8 @@ def test_the_same_seed_builds_the_same_bytes(tiny_sdxl, tmp_path):
     assert all(digest(again / name) == digest(tiny_sdxl / name) for name in files(tiny_sdxl))
 
 
-def test_it_is_refused_as_a_base_model_naming_sdxl(tiny_sdxl):
-    with pytest.raises(LoramillError) as raised:
-        check_image_family(str(tiny_sdxl))
-    assert str(raised.value).startswith(
-        f"base_model '{tiny_sdxl}': an SDXL model (StableDiffusionXLPipeline: two text encoders"
-    )
+def test_its_family_is_read_from_its_configs(tiny_sdxl):
+    assert image_family(str(tiny_sdxl)) == "sdxl"
+    assert image_family(str(tiny_sdxl), "sdxl") == "sdxl"
+    with pytest.raises(LoramillError, match=r"^base_model_family 'sd2' .* is SDXL"):
+        image_family(str(tiny_sdxl), "sd2")

@@ -136,7 +136,8 @@ def test_noise_options():
 
 def test_clip_skip_takes_the_earlier_layer_through_the_final_norm(tiny_sd):
     from loramill.models.base_model import load_pipeline
-    from loramill.train.latents import Conditioning, encode_prompts
+    from loramill.models.clip_text import Conditioning
+    from loramill.models.sd import encode_prompts
 
     pipe = load_pipeline(tiny_sd)
     encoder, tokenizer = pipe.text_encoder, pipe.tokenizer
@@ -174,7 +175,8 @@ def test_options_without_effect_are_refused_naming_both_keys(options, message):
 
 def test_max_token_length_reads_long_captions_in_chunks(tiny_sd):
     from loramill.models.base_model import load_pipeline
-    from loramill.train.latents import Conditioning, encode_prompts
+    from loramill.models.clip_text import Conditioning
+    from loramill.models.sd import encode_prompts
 
     pipe = load_pipeline(tiny_sd)
     short = "a red circle"

@@ -248,6 +248,7 @@ def dataset_config(
     merged["task"] = entry.get("task", "image")
     default_model = merged["text"].get("base_model") if merged["task"] == "text" else None
     merged["base_model"] = entry.get("base_model") or default_model or config.get("base_model")
+    merged["base_model_family"] = entry.get("base_model_family", merged.get("base_model_family"))
     trigger = entry.get("trigger", "")
     merged["trigger_words"] = [trigger] if isinstance(trigger, str) else list(trigger)
     merged["trigger"] = ", ".join(w for w in merged["trigger_words"] if w)

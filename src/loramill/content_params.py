@@ -19,7 +19,7 @@ from loramill.model_files import (
     fetch_language_model,
     language_model_fingerprint,
 )
-from loramill.models.families import check_image_family
+from loramill.models.families import image_family
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,7 @@ class ContentParam:
 
 def _fetch_image_model(value: str, allow_unsafe_weights: bool) -> None:
     fetch_base_model(value, allow_unsafe_weights)
-    check_image_family(value)  # a hub model's family shows once its configs are on disk
+    image_family(value)  # a hub model's family shows once its configs are on disk
 
 
 def _file(value: str, hashes: HashCache, allow_unsafe_weights: bool) -> str:

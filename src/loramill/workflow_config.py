@@ -36,10 +36,10 @@ from loramill.config import (
 )
 from loramill.grid.plan import check_grid
 from loramill.models.base_model import resolve_base_model
-from loramill.models.families import check_image_family
+from loramill.models.families import image_family
 from loramill.prepare.buckets import BucketSpec
 from loramill.text.language_model import resolve_language_model
-from loramill.train.config import TrainConfig
+from loramill.train.config import TrainConfig, text_encoder_lrs
 
 
 def validate_config(data: dict[str, Any]) -> None:
@@ -89,6 +89,7 @@ def check_image_dataset(settings: dict[str, Any]) -> None:
     BucketSpec.from_settings(settings["resize"])
     captioner_class(settings["caption"])
     train = TrainConfig.from_dict(settings["train"])
+    check_family_options(train, settings.get("family"))
     train.check_machines()
     if settings["device"] == "cpu":
         train.check_device("cpu")
@@ -97,6 +98,18 @@ def check_image_dataset(settings: dict[str, Any]) -> None:
     check_grid(
         grid_settings(settings["grid"], settings["trigger"], settings["resize"]["resolution"])
     )
+
+
+def check_family_options(train: TrainConfig, family: str | None) -> None:
+    """Options that mean nothing for the base model's family (None: not known yet)."""
+    if family == "sdxl" and train.clip_skip != 1:
+        raise LoramillError(
+            f"train.clip_skip {train.clip_skip}: SDXL is conditioned on each text encoder's "
+            "penultimate layer (kohya's sdxl_train_network ignores clip_skip); remove it"
+        )
+    encoders = 2 if family == "sdxl" else 1
+    if family and isinstance(train.text_encoder_lr, tuple):
+        text_encoder_lrs(train, ["unet", *[f"text_encoder_{i}" for i in range(encoders)]])
 
 
 def check_dataset(ds: str, settings: dict[str, Any]) -> None:
@@ -128,10 +141,11 @@ def load_datasets(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     except Exception as error:  # the schema's verdict, as one line naming the key
         raise LoramillError(describe(error)) from None
     datasets = {ds: dataset_config(config, ds, validate_config) for ds in config["datasets"]}
-    for model, task in {(s["base_model"], s["task"]) for s in datasets.values()}:
-        if task != "text":
-            check_image_family(model)  # first: an SDXL or Flux folder is named as such
-        (resolve_language_model if task == "text" else resolve_base_model)(model)
+    for settings in datasets.values():
+        model, text = settings["base_model"], settings["task"] == "text"
+        if not text:  # first: a refiner, an inpainting or a Flux folder is named as such
+            settings["family"] = image_family(model, settings["base_model_family"])
+        (resolve_language_model if text else resolve_base_model)(model)
     for ds, settings in datasets.items():
         check_dataset(ds, settings)
     return datasets

@@ -73,7 +73,7 @@ def _render_missing(
         return 0  # nothing to draw: no model is loaded
     from loramill.devices import resolve_device
     from loramill.models.base_model import load_pipeline
-    from loramill.train.latents import Conditioning
+    from loramill.models.clip_text import Conditioning
 
     start = time.perf_counter()
     pipe = load_pipeline(pipeline["base_model"], pipeline["dtype"], pipeline["allow_unsafe"])

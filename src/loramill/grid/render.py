@@ -225,12 +225,13 @@ class Renderer:
         """One pipeline call for cells of one batch group (see Cell.batch_group)."""
         import torch
 
+        from loramill.models.base_model import pipeline_family
         from loramill.models.samplers import make_sampler
-        from loramill.train.latents import prompt_arguments
 
-        first = cells[0]
+        first, family = cells[0], pipeline_family(self.pipe)
         if self.adapter is not None:
-            weights = {"unet": first.unet_strength, "text_encoder": first.te_strength}
+            weights = {"unet": first.unet_strength}
+            weights |= {name: first.te_strength for name in family.text_encoders}
             self.pipe.set_adapters([self.adapter], adapter_weights=[weights])
         try:
             self.pipe.scheduler = (
@@ -245,7 +246,7 @@ class Renderer:
         prompts = [c.prompt for c in cells]
         negatives = [c.negative_prompt for c in cells]
         return self.pipe(
-            **prompt_arguments(self.pipe, prompts, negatives, self.how),
+            **family.prompt_arguments(self.pipe, prompts, negatives, self.how),
             num_inference_steps=first.num_inference_steps,
             guidance_scale=first.guidance_scale,
             height=first.resolution,

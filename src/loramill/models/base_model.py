@@ -15,6 +15,7 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.model_files import load_error, resolve_base_model
+from loramill.models.families import family_code, image_family
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -27,20 +28,25 @@ def torch_dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
-def load_pipeline(spec: str, dtype: str = "float32", allow_unsafe_weights: bool = False) -> Any:
-    """Load a StableDiffusionPipeline (no safety checker: outputs are evaluation grids)."""
-    from diffusers import StableDiffusionPipeline
-
+def load_pipeline(
+    spec: str, dtype: str = "float32", allow_unsafe_weights: bool = False, family: str = "auto"
+) -> Any:
+    """Load the base model's pipeline, of its family's class (loramill.models.families;
+    ``family``: base_model_family, which the model must agree with)."""
     source = resolve_base_model(spec)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        found = image_family(str(model_folder(spec)), family)
+    except LoramillError as error:  # named by the spec the user wrote, not the cache folder
+        raise LoramillError(str(error).replace(str(model_folder(spec)), spec)) from None
+    code = family_code(found or "sd1")
+    try:
+        pipe = code.pipeline_class().from_pretrained(
             source,
             dtype=torch_dtype(dtype),
             # None: prefer safetensors, fall back to pickle files (opt-in only).
             use_safetensors=None if allow_unsafe_weights else True,
-            safety_checker=None,
-            requires_safety_checker=False,
             local_files_only=Path(source).exists(),
+            **code.pipeline_options(),
         )
     except (OSError, ValueError) as error:
         raise load_error(spec, error) from error
@@ -48,13 +54,18 @@ def load_pipeline(spec: str, dtype: str = "float32", allow_unsafe_weights: bool 
     return pipe
 
 
-def base_version(pipe: Any) -> str:
-    """Which Stable Diffusion the pipeline is, from its config: ``sd_v2`` (a 1024-wide text
-    encoder, OpenCLIP ViT-H) with ``-v`` for v-prediction, else ``sd_v1``."""
-    if pipe.unet.config.cross_attention_dim != 1024:
-        return "sd_v1"
-    v_prediction = pipe.scheduler.config.get("prediction_type") == "v_prediction"
-    return "sd_v2-v" if v_prediction else "sd_v2"
+def pipeline_family(pipe: Any) -> Any:
+    """The family code of a loaded pipeline (loramill.models.sd or .sdxl)."""
+    if hasattr(pipe, "text_encoder_2"):
+        return family_code("sdxl")
+    return family_code("sd2" if pipe.unet.config.cross_attention_dim == 1024 else "sd1")
+
+
+def text_parts(pipe: Any) -> tuple[list[Any], list[Any]]:
+    """The pipeline's tokenizers and text encoders, in its family's order."""
+    family = pipeline_family(pipe)
+    tokenizers = [getattr(pipe, name) for name in family.tokenizers]
+    return tokenizers, [getattr(pipe, name) for name in family.text_encoders]
 
 
 def model_folder(spec: str) -> Path:
@@ -73,7 +84,7 @@ def model_folder(spec: str) -> Path:
 
 # Floating-point safetensors dtypes: weights that load as float32 (integer buffers do not).
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
-TRAINED = ("unet", "vae", "text_encoder")
+TRAINED = ("unet", "vae", "text_encoder", "text_encoder_2")
 
 
 @functools.cache
@@ -123,4 +134,5 @@ def use_sdpa(pipe: Any, on: bool) -> None:
     from diffusers.models.attention_processor import AttnProcessor
 
     pipe.unet.set_attn_processor(AttnProcessor())
-    pipe.text_encoder.set_attn_implementation("eager")
+    for text_encoder in text_parts(pipe)[1]:
+        text_encoder.set_attn_implementation("eager")

@@ -1,8 +1,9 @@
 """The training checkpoint format (the network itself: loramill.models.network).
 
-A checkpoint is a diffusers-format LoRA file: peft keys prefixed ``unet.`` / ``text_encoder.``
-and the adapter configs under the ``lora_adapter_metadata`` key, so ``pipe.load_lora_weights``
-reads it directly and keeps alpha. Extra provenance goes under ``loramill.*`` metadata keys.
+A checkpoint is a diffusers-format LoRA file: peft keys prefixed by their pipeline component
+(``unet.``, ``text_encoder.``, and SDXL's ``text_encoder_2.``) and the adapter configs under
+the ``lora_adapter_metadata`` key, so ``pipe.load_lora_weights`` reads it directly and keeps
+alpha. Extra provenance goes under ``loramill.*`` metadata keys.
 This module owns the names: a checkpoint's file name and its metadata keys are spelled here
 only, and every writer and reader of checkpoints (train, export, grid, text) takes them from it.
 """
@@ -20,7 +21,6 @@ from loramill import LoramillError
 from loramill.files import save_safetensors
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
-COMPONENTS = ("unet", "text_encoder")
 # loramill's own metadata keys; exports copy every key with the prefix along.
 METADATA_PREFIX = "loramill."
 STEP_KEY = METADATA_PREFIX + "step"  # the optimizer step, as a decimal string
@@ -80,9 +80,14 @@ class Checkpoint:
     adapter_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def component(self, name: str) -> dict[str, Any]:
-        """Tensors of one component (``unet`` or ``text_encoder``), prefix removed."""
+        """Tensors of one component (``unet``, ``text_encoder``…), prefix removed."""
         prefix = name + "."
         return {k[len(prefix) :]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    @property
+    def components(self) -> list[str]:
+        """The pipeline components it holds LoRA tensors for, in the pipeline's order."""
+        return sorted({key.partition(".")[0] for key in self.tensors}, key=component_order)
 
     @property
     def rank(self) -> int:
@@ -93,15 +98,19 @@ class Checkpoint:
         return float(self.adapter_configs["unet"]["lora_alpha"])
 
 
-def network_state(unet: Any, text_encoder: Any | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The LoRA tensors of both components (``unet.`` / ``text_encoder.`` prefixed) and their
-    adapter configs, as a checkpoint stores them."""
+def component_order(name: str) -> tuple[int, str]:
+    """The UNet first, then the text encoders by name (``text_encoder``, ``text_encoder_2``)."""
+    return (name != "unet", name)
+
+
+def network_state(models: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The LoRA tensors of the trained components (``models``: pipeline component name →
+    model), prefixed by component name, and their adapter configs, as a checkpoint stores
+    them."""
     tensors: dict[str, Any] = {}
     adapter_metadata: dict[str, Any] = {}
-    for name, model in zip(COMPONENTS, (unet, text_encoder), strict=True):
-        if model is None:
-            continue
-        state, config = adapter_state(model)
+    for name in sorted(models, key=component_order):
+        state, config = adapter_state(models[name])
         tensors.update({f"{name}.{k}": v for k, v in state.items()})
         adapter_metadata.update({f"{name}.{k}": v for k, v in config.items()})
     return tensors, adapter_metadata
@@ -122,12 +131,12 @@ def write_checkpoint(
 
 
 def save_checkpoint(
-    path: str | os.PathLike, unet: Any, text_encoder: Any | None, metadata: dict[str, str]
+    path: str | os.PathLike, models: dict[str, Any], metadata: dict[str, str]
 ) -> None:
-    write_checkpoint(path, *network_state(unet, text_encoder), metadata)
+    write_checkpoint(path, *network_state(models), metadata)
 
 
-def load_network_state(unet: Any, text_encoder: Any | None, tensors: dict[str, Any]) -> None:
+def load_network_state(models: dict[str, Any], tensors: dict[str, Any]) -> None:
     """Put saved LoRA tensors (``network_state`` keys) into the models' LoRA layers, exactly.
 
     Every tensor must find its layer and every layer its tensor: a partial load would train
@@ -136,12 +145,12 @@ def load_network_state(unet: Any, text_encoder: Any | None, tensors: dict[str, A
     from peft.utils import set_peft_model_state_dict
 
     checkpoint = Checkpoint(tensors=tensors, metadata={})
-    for name, model in zip(COMPONENTS, (unet, text_encoder), strict=True):
+    for name in checkpoint.components:
+        if name not in models:
+            part = checkpoint.component(name)
+            raise LoramillError(f"{len(part)} {name} LoRA tensors but no {name} to train")
+    for name, model in models.items():
         part = checkpoint.component(name)
-        if model is None:
-            if part:
-                raise LoramillError(f"{len(part)} {name} LoRA tensors but no {name} to train")
-            continue
         expected = set(adapter_state(model)[0])
         if set(part) != expected:
             extra, missing = sorted(set(part) - expected), sorted(expected - set(part))

@@ -1,10 +1,14 @@
 """Which family of image model a base model folder holds, read from its configs alone.
 
-loramill trains the Stable Diffusion 1.x/2.x family: a UNet on 4-channel latents conditioned
-on one CLIP text encoder. A folder of another family or kind (SDXL and its refiner, an
-inpainting or depth UNet, a transformer denoiser such as Flux or SD3) is refused in one line
-naming what was found: when the workflow parses, or for a hub model not downloaded yet, by the
-job that downloads it, before anything loads it. Free of torch: it runs at parse time.
+loramill trains two families of UNet on 4-channel latents: Stable Diffusion 1.x/2.x (``sd1``,
+``sd2``: one CLIP text encoder) and SDXL (``sdxl``: two CLIP text encoders, size and crop
+conditioning). Each family's code lives in its own module (loramill.models.sd,
+loramill.models.sdxl); this one tells them apart. A folder of another kind (the SDXL
+refiner, an inpainting or depth UNet, a transformer denoiser such as Flux or SD3) is refused
+in one line naming what was found: when the workflow parses, or for a hub model not
+downloaded yet, by the job that downloads it, before anything loads it. ``base_model_family``
+may force a family; one the model is not is refused naming both. Free of torch: it runs at
+parse time.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from typing import Any
 from loramill import LoramillError
 from loramill.model_files import HUB_ID, hub_snapshot
 
-TRAINED = "Stable Diffusion 1.x/2.x (a UNet on 4 latent channels, one CLIP text encoder)"
+FAMILIES = ("sd1", "sd2", "sdxl")
+DESCRIBED = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL"}
+TRAINED = "Stable Diffusion 1.x/2.x and SDXL base models (a UNet on 4 latent channels)"
 
 
 def _config(path: Path) -> dict[str, Any] | None:
@@ -28,19 +34,14 @@ def _config(path: Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def found_other_family(folder: Path) -> str | None:
-    """What ``folder`` holds when it is not an SD 1.x/2.x pipeline, None when it is one or
-    when its configs cannot tell."""
-    pipeline = (_config(folder / "model_index.json") or {}).get("_class_name", "pipeline")
-    unet = _config(folder / "unet" / "config.json")
+def _refused(folder: Path, pipeline: str, unet: dict[str, Any] | None) -> str | None:
+    """What ``folder`` holds when it is of no family loramill trains, else None."""
     if unet is None:
         if (folder / "transformer").is_dir():
             return f"a {pipeline} whose denoiser is a transformer (transformer/), not a UNet"
         return None
-    if unet.get("addition_embed_type") == "text_time":  # SDXL's size and crop conditioning
-        if not (folder / "text_encoder").is_dir() and (folder / "text_encoder_2").is_dir():
-            return f"an SDXL refiner ({pipeline}: OpenCLIP bigG only)"
-        return f"an SDXL model ({pipeline}: two text encoders, size and crop conditioning)"
+    if unet.get("addition_embed_type") == "text_time" and not (folder / "text_encoder").is_dir():
+        return f"an SDXL refiner ({pipeline}: OpenCLIP bigG only)"
     channels = unet.get("in_channels", 4)
     if channels != 4:
         kind = {9: "an inpainting model", 5: "a depth-conditioned model"}.get(channels, "a model")
@@ -48,12 +49,47 @@ def found_other_family(folder: Path) -> str | None:
     return None
 
 
-def check_image_family(spec: str) -> None:
-    """Refuse a ``base_model`` of a family loramill does not train, naming what it holds: a
-    local folder, or a hub id's snapshot in the local cache (one not downloaded yet is judged
-    by the first job, once it has fetched it: loramill.content_params)."""
+def folder_family(folder: Path) -> str | None:
+    """The family of a diffusers folder from its UNet config (None when it has none: the
+    structural checks say what is missing); raises for a kind loramill does not train."""
+    pipeline = (_config(folder / "model_index.json") or {}).get("_class_name", "pipeline")
+    unet = _config(folder / "unet" / "config.json")
+    if found := _refused(folder, pipeline, unet):
+        raise LoramillError(f"{found}; loramill trains {TRAINED}")
+    if unet is None:
+        return None
+    if unet.get("addition_embed_type") == "text_time":  # SDXL's size and crop conditioning
+        return "sdxl"
+    return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"
+
+
+def image_family(spec: str, forced: str = "auto") -> str | None:
+    """The family of ``base_model`` ``spec``: a local folder, or a hub id's snapshot in the
+    local cache (None for one not downloaded yet: the first job judges it once fetched,
+    loramill.content_params). ``forced`` (``base_model_family``) must agree with the model."""
     folder = Path(spec).expanduser()
     if not folder.is_dir():
         folder = hub_snapshot(spec) if HUB_ID.match(spec) else None
-    if folder is not None and (found := found_other_family(folder)):
-        raise LoramillError(f"base_model '{spec}': {found}; loramill trains {TRAINED}")
+    try:
+        found = folder_family(folder) if folder is not None else None
+    except LoramillError as error:
+        raise LoramillError(f"base_model '{spec}': {error}") from None
+    if forced not in ("auto", *FAMILIES):
+        raise LoramillError(f"base_model_family '{forced}': use auto | {' | '.join(FAMILIES)}")
+    if forced != "auto" and found is not None and found != forced:
+        raise LoramillError(
+            f"base_model_family '{forced}' ({DESCRIBED[forced]}) but base_model '{spec}' is "
+            f"{DESCRIBED[found]} ({found}); set base_model_family: {found} or auto"
+        )
+    return found if forced == "auto" else forced
+
+
+def family_code(name: str) -> Any:
+    """The family's code (loramill.models.sd or .sdxl; imports torch)."""
+    if name == "sdxl":
+        from loramill.models.sdxl import StableDiffusionXL
+
+        return StableDiffusionXL()
+    from loramill.models.sd import StableDiffusion
+
+    return StableDiffusion(name)

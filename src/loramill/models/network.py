@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from loramill import LoramillError
+from loramill.models.checkpoint import component_order
 from loramill.models.network_targets import NETWORK_TARGETS
 
 ATTENTION_PROJECTIONS = {
@@ -90,7 +91,9 @@ def _inside(model: torch.nn.Module, blocks: tuple[str, ...]) -> dict[str, torch.
 
 
 def network_modules(model: torch.nn.Module, component: str, target: str) -> dict[str, str]:
-    """The modules ``target`` puts LoRA layers on: full module name → ``rank`` or ``conv``."""
+    """The modules ``target`` puts LoRA layers on: full module name → ``rank`` or ``conv``.
+    ``component``: the pipeline component; every text encoder (SDXL's two) is a CLIP."""
+    component = "unet" if component == "unet" else "text_encoder"
     if target not in NETWORK_TARGETS:
         raise LoramillError(f"train.network_target '{target}': use {' | '.join(NETWORK_TARGETS)}")
     if target == "attention":
@@ -125,13 +128,11 @@ def lora_config(modules: dict[str, str], spec: NetworkSpec, init: bool | str = T
     )
 
 
-def add_lora(
-    unet: Any, text_encoder: Any | None, spec: NetworkSpec, init: bool | str = True
-) -> None:
-    """Freeze the base weights and add trainable LoRA layers (text encoder if given)."""
-    for component, model in (("unet", unet), ("text_encoder", text_encoder)):
-        if model is None:
-            continue
+def add_lora(models: dict[str, Any], spec: NetworkSpec, init: bool | str = True) -> None:
+    """Freeze the base weights and add trainable LoRA layers to ``models`` (pipeline component
+    name → model), the UNet first: LoRA init draws from torch's global generator."""
+    for component in sorted(models, key=component_order):
+        model = models[component]
         model.requires_grad_(False)
         modules = network_modules(model, component, spec.target)
         model.add_adapter(lora_config(modules, spec, init))

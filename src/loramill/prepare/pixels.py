@@ -41,6 +41,14 @@ def cover_size(size: Size, bucket: Size) -> Size:
     return (max(bucket[0], math.ceil(size[0] * scale)), max(bucket[1], math.ceil(size[1] * scale)))
 
 
+def crop_top_left(size: Size, bucket: Size) -> tuple[int, int]:
+    """Where :func:`fit` crops ``size`` to ``bucket``, as (top, left) in pixels of the image
+    scaled to cover the bucket: the centred crop, rounded down as kohya rounds it. SDXL is
+    told it per image (loramill.models.sdxl)."""
+    width, height = cover_size(size, bucket)
+    return (height - bucket[1]) // 2, (width - bucket[0]) // 2
+
+
 def open_image(path: Path) -> Image.Image:
     """Open (header only) with the bomb limit as an error, not a warning."""
     try:

@@ -40,7 +40,15 @@ from loramill.dataset_files import (
 from loramill.files import atomic_path, write_bytes, write_json
 from loramill.hashing import HashCache, hash_value
 from loramill.prepare.buckets import BucketSpec, bucket_for, bucket_sizes
-from loramill.prepare.pixels import Unusable, decode, displayed_size, fit, open_image, to_rgb
+from loramill.prepare.pixels import (
+    Unusable,
+    crop_top_left,
+    decode,
+    displayed_size,
+    fit,
+    open_image,
+    to_rgb,
+)
 from loramill.prepare.same_pixels import SAME_PIXELS
 from loramill.reruns.run_cache import link_data
 
@@ -285,7 +293,9 @@ def resize_dataset(
             continue
         with atomic_path(out_dir / image.item.file) as tmp:
             link_data(str(image.entry.with_suffix(".png")), str(tmp), share=True)
-        images.append({**image.names(), **image.record})
+        size, bucket = image.record["original_size"], image.record["bucket"]
+        crop = {"crop_top_left": list(crop_top_left(size, bucket))}
+        images.append({**image.names(), **image.record, **crop})
     quarantined.sort(key=lambda q: q["source"])
     report(quarantined, quarantine_csv)
     hashes.save()

@@ -40,6 +40,8 @@ class TrainConfig:
     rank_dropout: float
     module_dropout: float
     learning_rate: float
+    # SDXL: also a tuple, one rate per text encoder (text_encoder_lrs). The annotation stays
+    # float: this class is part of the text stages' code fingerprint too.
     text_encoder_lr: float
     train_text_encoder: bool
     max_train_steps: int
@@ -232,8 +234,8 @@ class TrainConfig:
 
     @property
     def conditioning(self) -> Any:
-        """How captions are encoded (loramill.train.latents.Conditioning)."""
-        from loramill.train.latents import Conditioning  # here: parsing the workflow skips torch
+        """How captions are encoded (loramill.models.clip_text.Conditioning)."""
+        from loramill.models.clip_text import Conditioning  # here: parsing the workflow skips torch
 
         return Conditioning(self.clip_skip, self.max_token_length)
 
@@ -255,3 +257,17 @@ def _tuples(config: dict[str, Any]) -> dict[str, Any]:
 def checkpoint_steps(max_train_steps: int, save_steps: int) -> list[int]:
     """Steps at which checkpoints are written: every save_steps, and always the last step."""
     return sorted({*range(save_steps, max_train_steps + 1, save_steps), max_train_steps})
+
+
+def text_encoder_lrs(cfg: TrainConfig, components: Any) -> dict[str, float]:
+    """The learning rate of each trained text encoder among ``components`` (names)."""
+    names = [name for name in components if name != "unet"]
+    rates = cfg.text_encoder_lr
+    if not isinstance(rates, tuple):
+        rates = (rates,) * len(names)
+    if names and len(rates) != len(names):
+        raise LoramillError(
+            f"train.text_encoder_lr: {len(rates)} rates for {len(names)} text encoders; "
+            "give one number, or a list of one per text encoder (SDXL has two)"
+        )
+    return dict(zip(names, map(float, rates), strict=False))

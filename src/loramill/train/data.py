@@ -19,6 +19,7 @@ from loramill import LoramillError
 from loramill.files import read_jsonl
 from loramill.hashing import HashCache
 from loramill.model_files import component_fingerprint
+from loramill.models.base_model import pipeline_family, text_parts
 from loramill.prepare.buckets import Size
 from loramill.prepare.resize import MANIFEST
 from loramill.software import installed
@@ -43,6 +44,7 @@ class Examples:
     buckets: list[Size]
     resolution: int
     repeats: list[int]  # per image: its kohya repeats folder's count, else 1
+    entries: list[dict[str, Any]]  # per image: its manifest entry (sizes, crop)
 
     def times(self, repeats: int) -> list[int]:
         """Each image's appearances per epoch: its folder's repeats × ``train.repeats``."""
@@ -52,8 +54,9 @@ class Examples:
 def read_examples(resized_dir: Path, captions_jsonl: Path) -> Examples:
     """The examples in caption order, with the base resolution; no pixels are read."""
     manifest = json.loads((resized_dir / MANIFEST).read_text())
-    bucket = {entry["file"]: tuple(entry["bucket"]) for entry in manifest["images"]}
-    repeats = {entry["file"]: entry.get("repeats", 1) for entry in manifest["images"]}
+    entries = {entry["file"]: entry for entry in manifest["images"]}
+    bucket = {file: tuple(entry["bucket"]) for file, entry in entries.items()}
+    repeats = {file: entry.get("repeats", 1) for file, entry in entries.items()}
     records = read_jsonl(captions_jsonl)
     missing = [r["image"] for r in records if r["image"] not in bucket]
     if missing:
@@ -66,6 +69,7 @@ def read_examples(resized_dir: Path, captions_jsonl: Path) -> Examples:
         buckets=[bucket[r["image"]] for r in records],
         resolution=manifest["resolution"],
         repeats=[repeats[r["image"]] for r in records],
+        entries=[entries[r["image"]] for r in records],
     )
 
 
@@ -84,7 +88,7 @@ class Encoded:
     ) -> None:
         # What decides an encoding's bits besides the input: CPU kernels split work by thread
         # count, so it belongs to the key like the device type and the library versions.
-        versions = {
+        self.versions = versions = {
             "torch": torch.__version__,
             "diffusers": installed(("diffusers",))["diffusers"],
             "threads": torch.get_num_threads() if device.type == "cpu" else None,
@@ -108,20 +112,28 @@ class Encoded:
         self.text_keys: list[str] = []
         variation = CaptionVariation(cfg)
         if not cfg.train_text_encoder and not variation.varies:
-            text_encoder = {
-                "tokenizer": component_fingerprint(base_model, "tokenizer", hashes),
-                "text_encoder": component_fingerprint(base_model, "text_encoder", hashes),
-                "device": device.type,
-                "versions": versions,
-            }
-            self.texts = TensorCache(cache_root / "text_embeddings")
-            captions = [variation.fixed(caption) for caption in examples.captions]
-            self.text_keys = text_keys(captions, text_encoder, cfg.conditioning)
-            te = pipe.text_encoder.to(device)
-            counts = encode_texts(
-                pipe.tokenizer, te, self.texts, self.text_keys, captions, cfg.conditioning
-            )
-            log.info("%s", counts.line("text embeddings"))
+            self._encode_texts(pipe, examples, cfg, base_model, device, cache_root, hashes)
+
+    def _encode_texts(
+        self, pipe: Any, examples: Examples, cfg: TrainConfig, base_model: str, device: Any,
+        cache_root: Path, hashes: HashCache,
+    ) -> None:  # fmt: skip
+        """Cache every caption's conditioning by the frozen text encoders (SDXL's two)."""
+        family = pipeline_family(pipe)
+        text_encoder: dict[str, Any] = {
+            name: component_fingerprint(base_model, name, hashes)
+            for name in (*family.tokenizers, *family.text_encoders)
+        }
+        text_encoder |= {"device": device.type, "versions": self.versions}
+        self.texts = TensorCache(cache_root / "text_embeddings")
+        captions = [CaptionVariation(cfg).fixed(caption) for caption in examples.captions]
+        self.text_keys = text_keys(captions, text_encoder, cfg.conditioning)
+        tokenizers, encoders = text_parts(pipe)
+        encode = lambda texts: family.encode(  # noqa: E731
+            tokenizers, [e.to(device) for e in encoders], texts, cfg.conditioning
+        )
+        counts = encode_texts(encode, self.texts, self.text_keys, captions)
+        log.info("%s", counts.line("text embeddings"))
 
     def _encode_latents(
         self, vae: Any, examples: Examples, encoder: dict, cfg: TrainConfig, hashes: HashCache

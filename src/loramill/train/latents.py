@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,73 +123,20 @@ def text_keys(captions: Sequence[str], encoder: dict[str, Any], clip_skip: int =
     ]
 
 
-@dataclass(frozen=True)
-class Conditioning:
-    """How captions become the UNet's conditioning (kohya's options).
-
-    ``clip_skip`` N takes CLIP's N-th layer from the last through the final layer norm
-    (NovelAI-style models use 2). ``max_token_length`` 150 or 225 reads longer captions the
-    way kohya does: the tokens are cut into chunks of 75, each encoded between its own start
-    and end tokens, and the hidden states are joined, keeping the first start and the last
-    end token (sequence length ``max_token_length`` + 2).
-    """
-
-    clip_skip: int = 1
-    max_token_length: int = 75
-
-
-CHUNK = 75  # tokens CLIP reads between its start and end tokens
-
-
-def _encode(text_encoder: Any, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
-    if clip_skip <= 1:
-        return text_encoder(tokens)[0]
-    hidden = text_encoder(tokens, output_hidden_states=True).hidden_states[-clip_skip]
-    # transformers 5's CLIPTextModel holds the norm itself; 4's inside .text_model
-    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
-
-
-def encode_prompts(
-    tokenizer: Any, text_encoder: Any, captions: Sequence[str], how: Conditioning = Conditioning()
-) -> torch.Tensor:
-    """The UNet's conditioning for ``captions`` (one row each)."""
-    tokens = tokenizer(
-        list(captions),
-        padding="max_length",
-        max_length=how.max_token_length + 2,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(text_encoder.device)
-    if how.max_token_length <= CHUNK:
-        return _encode(text_encoder, tokens, how.clip_skip)
-    start, end = tokens[:, :1], tokens[:, -1:]
-    parts = []
-    for first in range(1, how.max_token_length + 1, CHUNK):
-        chunk = torch.cat([start, tokens[:, first : first + CHUNK], end], dim=1)
-        hidden = _encode(text_encoder, chunk, how.clip_skip)
-        keep_start = first == 1
-        keep_end = first + CHUNK > how.max_token_length
-        parts.append(hidden[:, (0 if keep_start else 1) : (None if keep_end else -1)])
-    return torch.cat(parts, dim=1)
-
-
 def encode_texts(
-    tokenizer: Any,
-    text_encoder: Any,
+    encode: Callable[[Sequence[str]], dict[str, torch.Tensor]],
     cache: TensorCache,
     keys: Sequence[str],
     captions: Sequence[str],
-    how: Conditioning = Conditioning(),
 ) -> Counts:
-    """Encode each caption whose embedding is not cached, one caption per call (the same
+    """Encode each caption whose conditioning is not cached, one caption per call (the same
     shape every time, as for latents). Equal captions share one entry."""
     todo = dict(
         (key, caption) for key, caption in zip(keys, captions, strict=True) if key not in cache
     )
     for key, caption in todo.items():
         with torch.no_grad():
-            hidden = encode_prompts(tokenizer, text_encoder, [caption], how)[0]
-            cache.save(key, {"hidden": hidden})
+            cache.save(key, {name: value[0] for name, value in encode([caption]).items()})
     return Counts(len(todo), len(set(keys)) - len(todo))
 
 
@@ -197,22 +144,3 @@ def load_batch(cache: TensorCache, keys: Sequence[str]) -> dict[str, torch.Tenso
     """One batch of cached entries, each tensor stacked over the batch."""
     entries = [cache.load(key) for key in keys]
     return {name: torch.stack([entry[name] for entry in entries]) for name in entries[0]}
-
-
-def prompt_arguments(
-    pipe: Any, prompt: str | Sequence[str], negative: str | Sequence[str], how: Any
-) -> dict[str, Any]:
-    """The pipeline's prompt arguments, for one prompt or a batch. With clip_skip or longer
-    captions the embeddings are made here, the way training made them
-    (loramill.train.latents.Conditioning; diffusers' own clip_skip expects transformers 4's CLIP
-    layout)."""
-    if how.clip_skip <= 1 and how.max_token_length <= 75:
-        if isinstance(prompt, str):
-            return {"prompt": prompt, "negative_prompt": negative or None}
-        return {"prompt": list(prompt), "negative_prompt": list(negative)}
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negatives = [negative] if isinstance(negative, str) else list(negative)
-    with torch.no_grad():
-        embeds = [encode_prompts(pipe.tokenizer, pipe.text_encoder, texts, how)
-                  for texts in (prompts, negatives)]  # fmt: skip
-    return {"prompt_embeds": embeds[0], "negative_prompt_embeds": embeds[1]}

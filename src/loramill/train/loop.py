@@ -33,9 +33,9 @@ from loramill.files import write_bytes
 from loramill.hashing import DEFAULT_DB, HashCache
 from loramill.model_files import base_model_fingerprint
 from loramill.models.base_model import (
-    base_version,
     load_pipeline,
     model_folder,
+    pipeline_family,
     use_sdpa,
 )
 from loramill.models.checkpoint import (
@@ -171,6 +171,7 @@ def train_lora(
     trigger: str = "",
     allow_unsafe_weights: bool = False,
     device: str = "auto",
+    family: str = "auto",
     state_dir: str | os.PathLike | None = None,
     loss_png: str | os.PathLike | None = None,
     cache_root: str | os.PathLike = CACHE_ROOT,
@@ -181,6 +182,7 @@ def train_lora(
     With ``state_dir``, the full state is saved there at every checkpoint step and a rerun
     resumes from it (see loramill.train.state). ``stage``: the train stage's fingerprint and
     its parts, for the checkpoints' provenance (loramill.reruns.fingerprints.stage_provenance).
+    ``family``: ``base_model_family`` (loramill.models.families), checked against the model.
     """
     arguments = dict(locals())  # every argument, for the workers of a multi-process run
     cfg = TrainConfig.from_dict(config)
@@ -195,7 +197,7 @@ def train_lora(
     accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.as_dict().items()})
     hashes = HashCache(DEFAULT_DB)
     data = f"{hashes.digest(resized_dir)}:{hashes.file(captions_jsonl)}"
-    source = (base_model, trigger, allow_unsafe_weights, data)
+    source = (base_model, trigger, allow_unsafe_weights, data, family)
     training, record = prepare(cfg, accelerator, examples, source, Path(cache_root), hashes)
     record |= {"stage": stage} if stage else {}
     run = RunState(state_dir) if state_dir else None
@@ -223,19 +225,22 @@ def prepare(
     cfg: TrainConfig,
     accelerator: Any,
     examples: Examples,
-    source: tuple[str, str, bool, str],
+    source: tuple[str, str, bool, str, str],
     cache_root: Path,
     hashes: HashCache,
 ) -> tuple[Training, dict[str, Any]]:
     """The run's models and encoded data, and its provenance record. ``source``: the base
-    model, the trigger, whether pickle weights may load, and the data's fingerprint."""
-    base_model, trigger, allow_unsafe_weights, data_fingerprint = source
+    model, the trigger, whether pickle weights may load, the data's fingerprint and the
+    family the config states."""
+    base_model, trigger, allow_unsafe_weights, data_fingerprint, family = source
     device = accelerator.device
     record = provenance(trigger, base_model, cfg, examples, data_fingerprint, device.type,
                         hashes, allow_unsafe_weights)  # fmt: skip
-    pipe = load_pipeline(base_model, "float32", allow_unsafe_weights)
+    pipe = load_pipeline(base_model, "float32", allow_unsafe_weights, family)
     use_sdpa(pipe, cfg.sdpa)
-    record["base_version"] = base_version(pipe)  # what the export labels the adapter
+    code = pipeline_family(pipe)
+    record["family"] = code.name
+    record["base_version"] = code.version(pipe)  # what the export labels the adapter
     with accelerator.main_process_first():  # one process encodes, the others read the cache
         encoded = Encoded(pipe, examples, cfg, base_model, device, cache_root, hashes)
         hashes.save()
@@ -270,7 +275,7 @@ def run_steps(
                     raise LoramillError(f"train: loss became {loss} at step {step}")
                 progress.update(step, loss, training.lrs())
                 if training.samples and training.samples.due(step) and main:
-                    images = training.samples.render(*training.unwrapped(), training.accelerator)
+                    images = training.samples.render(training.unwrapped(), training.accelerator)
                     folders = [writer.samples] + ([run.samples] if run else [])
                     save_samples(images, step, folders, training.accelerator)
                 why = stop_reason(training, stop) if step < total else None

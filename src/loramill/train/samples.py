@@ -96,42 +96,33 @@ class SampleRenderer:
     """Renders the sample prompts with the models being trained."""
 
     def __init__(self, cfg: Any, pipe: Any, prompts: list[SamplePrompt]) -> None:
-        self.cfg, self.prompts = cfg, prompts
-        self.vae, self.tokenizer = pipe.vae, pipe.tokenizer
-        self.base_text_encoder = pipe.text_encoder
+        from loramill.models.base_model import pipeline_family
+
+        self.cfg, self.prompts, self.family = cfg, prompts, pipeline_family(pipe)
+        # the base pipeline's parts; the trained models replace theirs when rendering
+        names = ("vae", "unet", *self.family.tokenizers, *self.family.text_encoders)
+        self.parts = {name: getattr(pipe, name) for name in names}
         self.scheduler = make_sampler(cfg.sample_sampler, pipe.scheduler.config)
 
     def due(self, step: int) -> bool:
         every = self.cfg.sample_every_n_steps
         return bool(every) and step % every == 0
 
-    def render(self, unet: Any, text_encoder: Any | None, accelerator: Any) -> list[Any]:
-        """One image per prompt (PIL), with the adapter as it is now."""
-        from diffusers import StableDiffusionPipeline
-
-        from loramill.train.latents import prompt_arguments
-
+    def render(self, trained: dict[str, Any], accelerator: Any) -> list[Any]:
+        """One image per prompt (PIL), with the adapter as it is now (``trained``: the
+        models being trained, by component name)."""
         device = accelerator.device
-        pipe = StableDiffusionPipeline(
-            vae=self.vae.to(device),
-            text_encoder=text_encoder if text_encoder is not None else self.base_text_encoder,
-            tokenizer=self.tokenizer,
-            unet=unet,
-            scheduler=self.scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        parts = {**self.parts, **trained, "vae": self.parts["vae"].to(device)}
+        pipe = self.family.assemble({**parts, "scheduler": self.scheduler})
         pipe.set_progress_bar_config(disable=True)
-        trained = [m for m in (unet, text_encoder) if m is not None]
-        for model in trained:
+        for model in trained.values():
             model.eval()
         images = []
         try:
             with torch.no_grad(), accelerator.autocast():
                 for sample in self.prompts:
-                    how = self.cfg.conditioning
-                    args = prompt_arguments(pipe, sample.prompt, sample.negative, how)
+                    prompts = ([sample.prompt], [sample.negative])
+                    args = self.family.prompt_arguments(pipe, *prompts, self.cfg.conditioning)
                     images += pipe(
                         **args,
                         width=sample.width,
@@ -141,7 +132,7 @@ class SampleRenderer:
                         generator=torch.Generator().manual_seed(sample.seed),
                     ).images
         finally:
-            for model in trained:
+            for model in trained.values():
                 model.train()
         return images
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from loramill.devices import resolve_device
+from loramill.models.base_model import pipeline_family, text_parts
 from loramill.models.checkpoint import (
     load_network_state,
     network_state,
@@ -20,11 +21,11 @@ from loramill.models.network import add_lora
 from loramill.prepare.buckets import batches
 from loramill.train import objective
 from loramill.train.caption_variation import CaptionVariation
-from loramill.train.config import TrainConfig
+from loramill.train.config import TrainConfig, text_encoder_lrs
 from loramill.train.data import Encoded, Examples
 from loramill.train.distributed import share
 from loramill.train.init_from import read_init_weights
-from loramill.train.latents import encode_prompts, load_batch, read_pixels
+from loramill.train.latents import load_batch, read_pixels
 from loramill.train.optimizers import make_optimizer, make_scheduler
 from loramill.train.samples import SampleRenderer
 
@@ -69,58 +70,59 @@ class Training:
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.encoded, self.captions, self.buckets = encoded, examples.captions, examples.buckets
         self.images, self.times = examples.images, examples.times(cfg.repeats)
+        self.family, self.entries = pipeline_family(pipe), examples.entries
         self.device = accelerator.device
         self.vae = None if cfg.cache_latents else pipe.vae.to(self.device).eval()
         self.samples = samples
         self.rng = torch.Generator().manual_seed(cfg.seed)  # every draw of the loop
         self.order: list[list[int]] = []  # the epoch's batches still to train on
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.tokenizer = pipe.tokenizer
+        self.tokenizers, encoders = text_parts(pipe)
         self.variation = CaptionVariation(cfg)
-        # Captions that vary per step are encoded per step, by the frozen encoder if untrained.
+        # Captions that vary per step are encoded per step, by the frozen encoders if untrained.
         frozen = encoded.texts is None and not cfg.train_text_encoder
-        self.frozen_text_encoder = pipe.text_encoder.to(self.device).eval() if frozen else None
-        unet, text_encoder = self._network(pipe)
-        trained = [m for m in (unet, text_encoder) if m is not None]
+        self.frozen_text_encoders = [e.to(self.device).eval() for e in encoders] if frozen else []
+        trained = self._network(pipe)
         *models, self.optimizer, self.lr_scheduler = accelerator.prepare(
-            *trained, *self._optimizer(unet, text_encoder)
+            *trained.values(), *self._optimizer(trained)
         )
-        self.unet, self.text_encoder = (*models, None)[:2]
+        self.models = dict(zip(trained, models, strict=True))  # component name → model
         for model in models:
             model.train()
 
-    def _network(self, pipe: Any) -> tuple[Any, Any]:
+    def _network(self, pipe: Any) -> dict[str, Any]:
         """Frozen base weights (half precision under mixed precision), fp32 LoRA layers."""
         from diffusers.training_utils import cast_training_params
 
         cfg, weight_dtype = self.cfg, HALF.get(self.cfg.mixed_precision, torch.float32)
-        unet, text_encoder = pipe.unet, pipe.text_encoder if cfg.train_text_encoder else None
+        names = ("unet", *self.family.text_encoders) if cfg.train_text_encoder else ("unet",)
+        models = {name: getattr(pipe, name) for name in names}
         torch.manual_seed(cfg.seed)  # LoRA init draws from the global generator
-        add_lora(unet, text_encoder, cfg.network)
-        trained = [m for m in (unet, text_encoder) if m is not None]
+        add_lora(models, cfg.network)
         if cfg.init_from:
-            models = dict(zip(("unet", "text_encoder"), trained, strict=False))
-            start, _ = network_state(unet, text_encoder)
+            start, _ = network_state(models)
             start.update(read_init_weights(cfg.init_from, models, cfg.network))
-            load_network_state(unet, text_encoder, start)
+            load_network_state(models, start)
             log.info("LoRA initialised from %s", cfg.init_from)
-        for model in trained:
+        for model in models.values():
             model.to(self.device, dtype=weight_dtype)
         if cfg.gradient_checkpointing:  # recompute activations in backward: less memory
-            unet.enable_gradient_checkpointing()
-            if text_encoder is not None:
-                text_encoder.gradient_checkpointing_enable()
+            models["unet"].enable_gradient_checkpointing()
+            for name in names[1:]:
+                models[name].gradient_checkpointing_enable()
         if weight_dtype != torch.float32:
-            cast_training_params(trained, dtype=torch.float32)
-            unet.to(memory_format=torch.channels_last)  # measured faster with bf16 on CPU
-        return unet, text_encoder
+            cast_training_params(list(models.values()), dtype=torch.float32)
+            models["unet"].to(memory_format=torch.channels_last)  # faster with bf16 on CPU
+        return models
 
-    def _optimizer(self, unet: Any, text_encoder: Any) -> tuple[Any, Any]:
+    def _optimizer(self, models: dict[str, Any]) -> tuple[Any, Any]:
+        """One parameter group per trained component, each at its learning rate."""
         cfg = self.cfg
-        trainable = lambda model: [p for p in model.parameters() if p.requires_grad]  # noqa: E731
-        groups = [{"params": trainable(unet), "lr": cfg.unet_lr or cfg.learning_rate}]
-        if cfg.train_text_encoder:
-            groups.append({"params": trainable(text_encoder), "lr": cfg.text_encoder_lr})
+        rates = {"unet": cfg.unet_lr or cfg.learning_rate, **text_encoder_lrs(cfg, models)}
+        groups = [
+            {"params": [p for p in model.parameters() if p.requires_grad], "lr": rates[name]}
+            for name, model in models.items()
+        ]
         optimizer = make_optimizer(cfg, groups)
         return optimizer, make_scheduler(cfg, optimizer, self.accelerator.num_processes)
 
@@ -146,19 +148,19 @@ class Training:
         # contiguous as cached latents are: the UNet's kernels give other bits for other layouts
         return {name: getattr(dist, name).float().cpu().contiguous() for name in ("mean", "std")}
 
-    def _conditioning(self, batch: list[int]) -> torch.Tensor:
-        """The text encoder's output for the batch's captions: cached, or encoded now (by the
-        trained encoder, or the frozen one when captions change per step)."""
+    def _conditioning(self, batch: list[int]) -> dict[str, torch.Tensor]:
+        """The text encoders' output for the batch's captions: cached, or encoded now (by the
+        trained encoders, or the frozen ones when captions change per step)."""
         encoded = self.encoded
         if encoded.texts is not None:
-            return load_batch(encoded.texts, [encoded.text_keys[i] for i in batch])["hidden"]
+            return load_batch(encoded.texts, [encoded.text_keys[i] for i in batch])
         texts = [self.variation.draw(self.captions[i], self.rng) for i in batch]
-        if self.frozen_text_encoder is None:
-            return encode_prompts(self.tokenizer, self.text_encoder, texts, self.cfg.conditioning)
+        how, family = self.cfg.conditioning, self.family
+        if not self.frozen_text_encoders:
+            encoders = [self.models[name] for name in family.text_encoders]
+            return family.encode(self.tokenizers, encoders, texts, how)
         with torch.no_grad():
-            return encode_prompts(
-                self.tokenizer, self.frozen_text_encoder, texts, self.cfg.conditioning
-            )
+            return family.encode(self.tokenizers, self.frozen_text_encoders, texts, how)
 
     def _loss(self, batch: list[int]) -> torch.Tensor:
         encoded, rng, scheduler = self.encoded, self.rng, self.noise_scheduler
@@ -170,7 +172,8 @@ class Training:
             0, scheduler.config.num_train_timesteps, (len(batch),), generator=rng
         )
         noisy = scheduler.add_noise(latents, objective.input_noise(noise, self.cfg, rng), timesteps)
-        hidden = self._conditioning(batch)
+        conditioning = self._conditioning(batch)
+        sizes = self.family.size_conditions([self.entries[i] for i in batch])
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -178,12 +181,14 @@ class Training:
         # Every process drew for the whole batch (the same draws: one seed); each trains on
         # its share of the rows, its loss scaled so DDP's mean of gradients is the batch's.
         rows, scale = share(len(batch), self.rank, self.world)
-        pred = self.unet(
-            noisy[rows].to(self.device), timesteps[rows].to(self.device),
-            hidden[rows].to(self.device),
-        ).sample  # fmt: skip
+        on_device = lambda t: t[rows].to(self.device)  # noqa: E731
+        inputs = self.family.unet_inputs(
+            {name: on_device(value) for name, value in conditioning.items()},
+            None if sizes is None else on_device(sizes),
+        )
+        pred = self.models["unet"](on_device(noisy), on_device(timesteps), **inputs).sample
         weight = objective.weights(scheduler, timesteps[rows], self.cfg)
-        return objective.loss(pred, target[rows].to(self.device), weight, self.cfg) * scale
+        return objective.loss(pred, on_device(target), weight, self.cfg) * scale
 
     def step(self) -> float:
         """One optimizer step over gradient_accumulation_steps batches; the mean loss."""
@@ -201,16 +206,14 @@ class Training:
         return total / accumulation
 
     def lrs(self) -> dict[str, float]:
-        names = ("unet", "text_encoder")
-        return dict(zip(names, self.lr_scheduler.get_last_lr(), strict=False))
+        return dict(zip(self.models, self.lr_scheduler.get_last_lr(), strict=True))
 
-    def unwrapped(self) -> tuple[Any, Any]:
-        unwrap = self.accelerator.unwrap_model
-        text_encoder = unwrap(self.text_encoder) if self.text_encoder is not None else None
-        return unwrap(self.unet), text_encoder
+    def unwrapped(self) -> dict[str, Any]:
+        """The trained models by component name, unwrapped from DDP."""
+        return {name: self.accelerator.unwrap_model(m) for name, m in self.models.items()}
 
     def adapters(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return network_state(*self.unwrapped())
+        return network_state(self.unwrapped())
 
     def state(self, step: int, history: list[dict[str, Any]]) -> dict[str, Any]:
         scaler = self.accelerator.scaler
@@ -228,7 +231,7 @@ class Training:
         }
 
     def restore(self, adapters: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        load_network_state(*self.unwrapped(), adapters)
+        load_network_state(self.unwrapped(), adapters)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if state["scaler"] is not None and self.accelerator.scaler is not None:
