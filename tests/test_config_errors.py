@@ -438,6 +438,7 @@ def test_option_classes_take_the_schema_defaults():
     from dataclasses import asdict, fields
 
     from loramill.captions.merge_rules import Rules
+    from loramill.models.families import DEFAULT_RESOLUTION
     from loramill.prepare.buckets import BucketSpec
     from loramill.prepare.resize import Settings
     from loramill.text.train import TextTrainConfig
@@ -450,8 +451,11 @@ def test_option_classes_take_the_schema_defaults():
         return {k: tuple(v) if isinstance(v, list) else v for k, v in listed.items()}
 
     text = schema["$defs"]["text"]["properties"]["train"]
+    # resize.resolution has no default of its own: the family's (SD's in BucketSpec)
+    sd = {"resolution": DEFAULT_RESOLUTION["sd1"]}
     for section, cls in (("train", TrainConfig), (text, TextTrainConfig), ("resize", BucketSpec)):
         want = stated(schema["$defs"][section] if isinstance(section, str) else section)
+        want |= sd if cls is BucketSpec else {}
         assert asdict(cls()) == {f.name: want[f.name] for f in fields(cls)}
     assert TrainConfig().max_train_steps == 1000 and TrainConfig().save_steps == 250
     resize, merge = stated(schema["$defs"]["resize"]), stated(schema["$defs"]["merge"])
@@ -520,3 +524,33 @@ def test_filled_defaults_are_the_configs_own():
     assert second["grid"]["strengths"] == [0.0, 0.5, 1.0]
     assert second["text"]["train"]["target_modules"] == ["q_proj", "v_proj"]
     assert repr(schema()) == before
+
+
+def test_the_resolution_a_config_leaves_unset_is_the_base_model_familys(workdir, tiny_sdxl):
+    config = load_configfile(workdir / "config" / "config.yaml")
+    config["resize"] = {}  # the demo's small sizes gone: every resize option at its default
+    for entry in config["datasets"].values():
+        (entry or {}).pop("resize", None)
+    chosen = {}
+    for model in ("models/tiny-sd", str(tiny_sdxl)):
+        with contextlib.chdir(workdir):
+            datasets = load_datasets({**copy.deepcopy(config), "base_model": model})
+        image = [s for s in datasets.values() if s["task"] == "image"]
+        chosen[model] = {s["resize"]["resolution"] for s in image}
+    assert chosen == {"models/tiny-sd": {512}, str(tiny_sdxl): {1024}}
+
+
+def test_options_that_mean_nothing_for_the_family_are_refused(workdir, tmp_path, tiny_sdxl):
+    line = config_error(
+        workdir, tmp_path, {"base_model": str(tiny_sdxl), "train": {"clip_skip": 2}}
+    )
+    assert line.startswith("loramill: config: datasets.")
+    assert line.endswith(
+        "train.clip_skip 2: SDXL is conditioned on each text encoder's penultimate layer "
+        "(kohya's sdxl_train_network ignores clip_skip); remove it"
+    )
+    line = config_error(workdir, tmp_path, {"train": {"text_encoder_lr": [1e-4, 1e-5]}})
+    assert line.endswith(
+        "train.text_encoder_lr: 2 rates for 1 text encoders; give one number, or a list of one "
+        "per text encoder (SDXL has two)"
+    )

@@ -36,7 +36,7 @@ from loramill.config import (
 )
 from loramill.grid.plan import check_grid
 from loramill.models.base_model import resolve_base_model
-from loramill.models.families import image_family
+from loramill.models.families import DEFAULT_RESOLUTION, image_family
 from loramill.prepare.buckets import BucketSpec
 from loramill.text.language_model import resolve_language_model
 from loramill.train.config import TrainConfig, text_encoder_lrs
@@ -144,7 +144,9 @@ def load_datasets(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for settings in datasets.values():
         model, text = settings["base_model"], settings["task"] == "text"
         if not text:  # first: a refiner, an inpainting or a Flux folder is named as such
-            settings["family"] = image_family(model, settings["base_model_family"])
+            family = settings["family"] = image_family(model, settings["base_model_family"])
+            # a hub model not downloaded yet: SD's, as before families (its job checks it)
+            settings["resize"].setdefault("resolution", DEFAULT_RESOLUTION[family or "sd1"])
         (resolve_language_model if text else resolve_base_model)(model)
     for ds, settings in datasets.items():
         check_dataset(ds, settings)

@@ -38,7 +38,6 @@ class StableDiffusion:
 
     text_encoders = ("text_encoder",)
     tokenizers = ("tokenizer",)
-    default_resolution = 512
     # kohya's key prefixes (networks/lora.py): the UNet, then the text encoder
     kohya_prefixes: ClassVar[dict[str, str]] = {"unet": "lora_unet", "text_encoder": "lora_te"}
 

@@ -34,7 +34,6 @@ class StableDiffusionXL:
     name = "sdxl"
     text_encoders = ("text_encoder", "text_encoder_2")
     tokenizers = ("tokenizer", "tokenizer_2")
-    default_resolution = 1024
     # kohya's SDXL key prefixes (networks/lora.py: LORA_PREFIX_TEXT_ENCODER1 / 2)
     kohya_prefixes: ClassVar[dict[str, str]] = {
         "unet": "lora_unet",

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from loramill import LoramillError
 from loramill.config import with_schema_defaults
+from loramill.models.families import DEFAULT_RESOLUTION
 
 if TYPE_CHECKING:
     import torch
@@ -40,9 +41,10 @@ Size = tuple[int, int]  # (width, height)
 
 
 @dataclass(frozen=True)
-@with_schema_defaults("resize")  # every option's default is the schema's
+@with_schema_defaults("resize")  # every other option's default is the schema's
 class BucketSpec:
-    resolution: int
+    # unset in a config: the base model family's (workflow_config); here SD's
+    resolution: int = DEFAULT_RESOLUTION["sd1"]
     enable_bucket: bool
     min_bucket_reso: int
     max_bucket_reso: int
