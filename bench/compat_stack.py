@@ -83,11 +83,12 @@ def make_exports(workdir: Path) -> tuple[list[Path], dict]:
     pipe = load_pipeline(str(BASE))
     torch.manual_seed(0)
     spec = NetworkSpec("kohya_conv", 4, 2.0, conv_rank=2, conv_alpha=2.0)
-    add_lora(pipe.unet, pipe.text_encoder, spec, init=False)
+    models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    add_lora(models, spec, init=False)
     checkpoint = workdir / step_name(1)
     provenance = json.dumps({"base_model": str(BASE), "seed": 0})
     metadata = step_metadata(1, provenance)
-    save_checkpoint(checkpoint, pipe.unet, pipe.text_encoder, metadata)
+    save_checkpoint(checkpoint, models, metadata)
     files = [workdir / "compat.safetensors", workdir / "compat.diffusers.safetensors"]
     export_adapter(checkpoint, *files, "compat")
     modules = {c: len(read_checkpoint(checkpoint).component(c)) // 2

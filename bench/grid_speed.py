@@ -49,10 +49,11 @@ def make_checkpoints(model: str, folder: Path, count: int) -> list[Path]:
         torch.manual_seed(n)
         if n > 1:
             pipe = load_pipeline(model)
-        add_lora(pipe.unet, pipe.text_encoder, NetworkSpec("kohya", 16, 8.0), init=False)
+        models = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+        add_lora(models, NetworkSpec("kohya", 16, 8.0), init=False)
         path = folder / step_name(100 * n)
         step = {STEP_KEY: str(100 * n)}
-        save_checkpoint(path, pipe.unet, pipe.text_encoder, step)
+        save_checkpoint(path, models, step)
         kohya = folder / f"bench-{100 * n:06d}.safetensors"
         save_file(to_kohya(read_checkpoint(path)), str(kohya), metadata=step)
         paths.append(kohya)

@@ -6,8 +6,8 @@ keeps it; kohya's 722 UNet modules (``network_target: kohya``, loramill's networ
 LoRA layers of rank 4; bf16 autocast, gradient checkpointing unless switched off, AdamW. The
 inputs are random: latents at the chosen resolution, 77 × 2048 text states and SDXL's added
 conditions (a pooled 1280-wide embedding and six time ids). This is the step of diffusers' SDXL
-LoRA example, not loramill's train stage, which does not train SDXL yet: it says what memory such
-a step needs on this machine, and is the baseline an SDXL stage is measured against.
+LoRA example, not loramill's train stage: it says what memory such
+a step needs on this machine, and is the baseline loramill's SDXL train stage is measured against.
 
     .venv/bin/python bench/sdxl_step.py [--resolution 1024] [--steps 2] [--no-checkpointing]
 
@@ -41,7 +41,7 @@ def build_unet(checkpointing: bool) -> torch.nn.Module:
         unet = UNet2DConditionModel(**SDXL["unet"])
     finally:
         torch.set_default_dtype(torch.float32)
-    add_lora(unet, None, NetworkSpec("kohya", rank=4, alpha=4.0))
+    add_lora({"unet": unet}, NetworkSpec("kohya", rank=4, alpha=4.0))
     cast_training_params(unet, dtype=torch.float32)
     if checkpointing:
         unet.enable_gradient_checkpointing()

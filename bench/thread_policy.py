@@ -63,7 +63,7 @@ def child(steps: int, budget: float) -> dict[str, Any]:
     torch.manual_seed(0)
     pipe = load_pipeline(str(MODEL))
     unet = pipe.unet
-    add_lora(unet, None, NetworkSpec.from_config(TrainConfig.from_dict({})))
+    add_lora({"unet": unet}, NetworkSpec.from_config(TrainConfig.from_dict({})))
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     width = unet.config.cross_attention_dim

@@ -142,7 +142,7 @@ class BaselineLoop:
         self.text_encoder.requires_grad_(False)
         self.unet = pipe.unet
         torch.manual_seed(seed)
-        add_lora(self.unet, None, NetworkSpec("attention", rank, rank))
+        add_lora({"unet": self.unet}, NetworkSpec("attention", rank, rank))
         self.unet.train()
         self.params = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)

@@ -1,8 +1,9 @@
 """Full-size architectures' layer sizes, for benchmarks and for module counts on the meta device.
 
 ``SD15`` feeds ``loramill.demo.tiny_models.sd_pipeline`` (with ``CLIP_TEXT``'s token ids);
-``SDXL`` holds the keyword arguments of diffusers' ``UNet2DConditionModel`` and of the two
-transformers ``CLIPTextConfig`` of Stable Diffusion XL base 1.0.
+``SDXL`` holds the keyword arguments of diffusers' ``UNet2DConditionModel`` and
+``AutoencoderKL`` and of the two transformers ``CLIPTextConfig`` of Stable Diffusion XL base 1.0
+(it feeds ``loramill.demo.tiny_sdxl.sdxl_pipeline``).
 """
 
 # Stable Diffusion 1.5's layer sizes (UNet 859.5 M, VAE 83.7 M, CLIP-L 123.1 M parameters);
@@ -33,7 +34,8 @@ SD15 = {
     },
 }
 # Stable Diffusion XL base 1.0's (UNet 2567.5 M parameters; text encoders CLIP ViT-L, 123.1 M,
-# and OpenCLIP ViT-bigG with its projection, 694.7 M).
+# and OpenCLIP ViT-bigG with its projection, 694.7 M; the VAE is SD's layout with its own
+# latent scale).
 SDXL = {
     "unet": {
         "sample_size": 128,
@@ -49,6 +51,7 @@ SDXL = {
         "addition_time_embed_dim": 256,
         "projection_class_embeddings_input_dim": 2816,
     },
+    "vae": {**SD15["vae"], "sample_size": 1024, "scaling_factor": 0.13025},
     "text_encoder": SD15["text_encoder"],
     "text_encoder_2": {
         "hidden_size": 1280,

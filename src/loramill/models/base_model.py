@@ -29,10 +29,14 @@ def torch_dtype(name: str) -> Any:
 
 
 def load_pipeline(
-    spec: str, dtype: str = "float32", allow_unsafe_weights: bool = False, family: str = "auto"
+    spec: str,
+    dtype: str | dict[str, str] = "float32",
+    allow_unsafe_weights: bool = False,
+    family: str = "auto",
 ) -> Any:
     """Load the base model's pipeline, of its family's class (loramill.models.families;
-    ``family``: base_model_family, which the model must agree with)."""
+    ``family``: base_model_family, which the model must agree with). ``dtype``: one for every
+    component, or one per component name with the others' under ``default``."""
     source = resolve_base_model(spec)
     try:
         found = image_family(str(model_folder(spec)), family)
@@ -42,7 +46,9 @@ def load_pipeline(
     try:
         pipe = code.pipeline_class().from_pretrained(
             source,
-            dtype=torch_dtype(dtype),
+            dtype={k: torch_dtype(v) for k, v in dtype.items()}
+            if isinstance(dtype, dict)
+            else torch_dtype(dtype),
             # None: prefer safetensors, fall back to pickle files (opt-in only).
             use_safetensors=None if allow_unsafe_weights else True,
             local_files_only=Path(source).exists(),

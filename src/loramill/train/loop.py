@@ -53,7 +53,7 @@ from loramill.train.latents import CACHE_ROOT
 from loramill.train.progress import Progress, plot_loss
 from loramill.train.samples import SampleRenderer, sample_prompts, save_samples
 from loramill.train.state import RunState
-from loramill.train.step import Training, make_accelerator
+from loramill.train.step import Training, base_dtypes, make_accelerator
 from loramill.train.stopping import Interrupted, StopRequest
 
 log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ def prepare(
     device = accelerator.device
     record = provenance(trigger, base_model, cfg, examples, data_fingerprint, device.type,
                         hashes, allow_unsafe_weights)  # fmt: skip
-    pipe = load_pipeline(base_model, "float32", allow_unsafe_weights, family)
+    pipe = load_pipeline(base_model, base_dtypes(cfg), allow_unsafe_weights, family)
     use_sdpa(pipe, cfg.sdpa)
     code = pipeline_family(pipe)
     record["family"] = code.name

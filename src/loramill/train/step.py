@@ -35,6 +35,17 @@ log = logging.getLogger(__name__)
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def base_dtypes(cfg: TrainConfig) -> str | dict[str, str]:
+    """What the base model loads in: the frozen weights a run keeps in half precision load in
+    it (a float32 copy of SDXL's UNet alone is 10 GB); the VAE and the frozen text encoders in
+    float32, the dtype the caches are filled in."""
+    half = {"fp16": "float16", "bf16": "bfloat16"}.get(cfg.mixed_precision)
+    if half is None:
+        return "float32"
+    trained = ("unet", "text_encoder", "text_encoder_2") if cfg.train_text_encoder else ("unet",)
+    return {"default": "float32", **dict.fromkeys(trained, half)}
+
+
 def make_accelerator(cfg: TrainConfig, device_spec: str, logdir: str | os.PathLike) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
