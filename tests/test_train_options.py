@@ -250,3 +250,25 @@ def test_sdpa_off_uses_the_math_attention_with_the_same_result(tiny_sd):
         outs = [pipe.unet(sample, 10, hidden).sample for pipe in pipes]
         texts = [pipe.text_encoder(tokens)[0] for pipe in pipes]
     assert torch.allclose(*outs, atol=1e-5) and torch.allclose(*texts, atol=1e-5)
+
+
+def test_timesteps_are_drawn_from_min_timestep_to_max_timestep(
+    prepared, tmp_path, tiny_sd, caplog, monkeypatch
+):
+    from conftest import train_logged
+    from diffusers import DDPMScheduler
+
+    drawn, add_noise = [], DDPMScheduler.add_noise
+
+    def recorded(self, latents, noise, timesteps):
+        drawn.extend(timesteps.tolist())
+        return add_noise(self, latents, noise, timesteps)
+
+    monkeypatch.setattr(DDPMScheduler, "add_noise", recorded)
+    config = {"min_timestep": 900, "max_timestep": 903}
+    train_logged(prepared, tmp_path / "late", tiny_sd, caplog, config=config)
+    assert set(drawn) <= {900, 901, 902} and len(drawn) >= 6  # a batch of 1 or 2 per step
+    with pytest.raises(LoramillError, match=r"^train.max_timestep 1001: the base model's sched"):
+        train_logged(prepared, tmp_path / "x", tiny_sd, caplog, config={"max_timestep": 1001})
+    with pytest.raises(LoramillError, match=r"^train.max_timestep 5: must be above train.min_"):
+        TrainConfig.from_dict({"min_timestep": 5, "max_timestep": 5})

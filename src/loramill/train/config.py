@@ -58,6 +58,8 @@ class TrainConfig:
     multires_noise_iterations: int
     multires_noise_discount: float
     ip_noise_gamma: float
+    min_timestep: int  # timesteps drawn from [min_timestep, max_timestep), as kohya's
+    max_timestep: int | None  # None: the scheduler's num_train_timesteps
     min_snr_gamma: float
     scale_v_pred_loss_like_noise_pred: bool
     loss_type: str
@@ -129,6 +131,11 @@ class TrainConfig:
         if self.loss_type not in LOSS_TYPES:
             raise LoramillError(f"train.loss_type '{self.loss_type}': use {' | '.join(LOSS_TYPES)}")
         check_optimizer(self)
+        if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
+            raise LoramillError(
+                f"train.max_timestep {self.max_timestep}: must be above train.min_timestep "
+                f"({self.min_timestep}); timesteps are drawn from min_timestep … max_timestep - 1"
+            )
         if self.lr_scheduler == "constant" and self.lr_warmup_steps:
             raise LoramillError(
                 f"train.lr_warmup_steps: {self.lr_warmup_steps} has no effect with "

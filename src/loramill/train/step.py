@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from loramill import LoramillError
 from loramill.devices import resolve_device
 from loramill.models.base_model import pipeline_family, text_parts
 from loramill.models.checkpoint import (
@@ -63,6 +64,16 @@ def make_accelerator(cfg: TrainConfig, device_spec: str, logdir: str | os.PathLi
     )
 
 
+def timestep_range(cfg: TrainConfig, total: int) -> tuple[int, int]:
+    """The timesteps a run draws from: ``[min_timestep, max_timestep)``, at most all."""
+    high = total if cfg.max_timestep is None else cfg.max_timestep
+    if high > total:
+        raise LoramillError(
+            f"train.max_timestep {high}: the base model's scheduler has {total} timesteps"
+        )
+    return cfg.min_timestep, high
+
+
 class Training:
     """The models, optimizer and data order of one run, and the step that advances them."""
 
@@ -88,6 +99,7 @@ class Training:
         self.rng = torch.Generator().manual_seed(cfg.seed)  # every draw of the loop
         self.order: list[list[int]] = []  # the epoch's batches still to train on
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.timesteps = timestep_range(cfg, self.noise_scheduler.config.num_train_timesteps)
         self.tokenizers, encoders = text_parts(pipe)
         self.variation = CaptionVariation(cfg)
         # Captions that vary per step are encoded per step, by the frozen encoders if untrained.
@@ -179,9 +191,7 @@ class Training:
         mean, std = dists["mean"], dists["std"]
         latents = (mean + std * torch.randn(mean.shape, generator=rng)) * encoded.scaling
         noise = objective.sample_noise(latents, self.cfg, rng)
-        timesteps = torch.randint(
-            0, scheduler.config.num_train_timesteps, (len(batch),), generator=rng
-        )
+        timesteps = torch.randint(*self.timesteps, (len(batch),), generator=rng)
         noisy = scheduler.add_noise(latents, objective.input_noise(noise, self.cfg, rng), timesteps)
         conditioning = self._conditioning(batch)
         sizes = self.family.size_conditions([self.entries[i] for i in batch])
