@@ -7,8 +7,8 @@ import torch
 
 from loramill.demo.full_size import SD15
 from loramill.demo.tiny_models import CLIP_TEXT
+from loramill.export.kohya_naming import KohyaNames
 from loramill.export.ldm_names import LdmLayout, a1111_name, unet_pairs
-from loramill.models.kohya_names import kohya_module
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +52,9 @@ def test_every_module_of_every_network_maps_in_both_tools(sd15, target):
     from loramill.models.network import network_modules
 
     unet, text_encoder = sd15
-    names = [kohya_module("unet", m) for m in network_modules(unet, "unet", target)]
+    names = [KohyaNames("sd").module("unet", m) for m in network_modules(unet, "unet", target)]
     names += [
-        kohya_module("text_encoder", m)
+        KohyaNames("sd").module("text_encoder", m)
         for m in network_modules(text_encoder, "text_encoder", target)
     ]
     layout = LdmLayout(unet.config, text_layers=12)

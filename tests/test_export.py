@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
 from loramill import LoramillError
-from loramill.export.write import data_hash, export_adapter, to_kohya
+from loramill.export.metadata import data_hash
+from loramill.export.write import export_adapter, to_kohya
 from loramill.models.base_model import load_pipeline
 from loramill.models.checkpoint import ADAPTER_METADATA_KEY, Checkpoint, read_checkpoint
 from loramill.models.network import NetworkSpec, add_lora
@@ -159,7 +160,9 @@ def test_real_sd15_architecture_names():
     with init_empty_weights():
         unet = UNet2DConditionModel(**SD15["unet"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **SD15["text_encoder"]))
-    add_lora(unet, text_encoder, NetworkSpec("attention", rank=4, alpha=2.0))
+    add_lora(
+        {"unet": unet, "text_encoder": text_encoder}, NetworkSpec("attention", rank=4, alpha=2.0)
+    )
     tensors, configs = {}, {}
     for name, model in (("unet", unet), ("text_encoder", text_encoder)):
         # Meta tensors carry shapes but no data; small zeros stand in for the weights.
@@ -407,7 +410,10 @@ def test_the_base_version_trained_on_labels_the_export(
 def test_base_version_comes_from_the_model_config(tiny_sd):
     from types import SimpleNamespace
 
-    from loramill.models.base_model import base_version
+    from loramill.models.base_model import pipeline_family
+
+    def base_version(pipe):
+        return pipeline_family(pipe).version(pipe)
 
     assert base_version(load_pipeline(tiny_sd)) == "sd_v1"
 
@@ -423,7 +429,7 @@ def test_base_version_comes_from_the_model_config(tiny_sd):
 
 
 def test_training_fields_in_kohya_metadata():
-    from loramill.export.write import kohya_metadata
+    from loramill.export.metadata import kohya_metadata
 
     train_config = {
         "network_target": "kohya_conv", "rank": 8, "alpha": 4, "conv_rank": None,

@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from loramill import LoramillError
 from loramill.export.client_rules import check_lands
+from loramill.export.kohya_naming import KohyaNames
 from loramill.export.verify import Clients, file_modules, verify_exports
 from loramill.export.write import export_adapter
 from loramill.models.checkpoint import ADAPTER_METADATA_KEY, read_checkpoint, save_checkpoint
@@ -72,21 +73,22 @@ def test_full_size_sd15_exports_load_completely_at_the_trained_scale_everywhere(
     the base. The diffusers file of the old layout fails: ComfyUI skips its UNet attention
     keys, and with those spelled right still applies it at alpha 1 (twice the trained 2/4)."""
     unet, text_encoder = filled_sd15()
+    models = {"unet": unet, "text_encoder": text_encoder}
     torch.manual_seed(0)
-    add_lora(unet, text_encoder, NetworkSpec("kohya", 4, 2.0), init=False)  # B ≠ 0
+    add_lora(models, NetworkSpec("kohya", 4, 2.0), init=False)  # B ≠ 0
     provenance = json.dumps(SAMPLE_PROVENANCE)
     checkpoint = tmp_path / "step-000001.safetensors"
-    save_checkpoint(checkpoint, unet, text_encoder, {"loramill.provenance": provenance})
+    save_checkpoint(checkpoint, models, {"loramill.provenance": provenance})
     unet.delete_adapters("default")  # back to the base model
     text_encoder.delete_adapter("default")
     paths = [tmp_path / "full.safetensors", tmp_path / "full.diffusers.safetensors"]
     export_adapter(checkpoint, *paths, "full", save_precision="fp16")
     for path in paths:
-        modules = file_modules(load_file(str(path)))
+        modules = file_modules(load_file(str(path)), KohyaNames("sd"))
         assert (len(modules["unet"]), len(modules["text_encoder"])) == (192, 72)
     networks = ("kohya", {"unet", "text_encoder"})
     with caplog.at_level("INFO", logger="loramill"):
-        verify_exports(dict.fromkeys(paths, checkpoint), unet, text_encoder, *networks)
+        verify_exports(dict.fromkeys(paths, checkpoint), models, *networks)
     assert "not the SD1.x/2.x UNet layout" not in caplog.text  # the name rules were checked
     modules = "192 unet modules, 72 text_encoder modules at the trained scale in"
     assert f"{modules} diffusers, AUTOMATIC1111, ComfyUI, kohya sd-scripts" in caplog.text
@@ -95,10 +97,10 @@ def test_full_size_sd15_exports_load_completely_at_the_trained_scale_everywhere(
     old = old_layout_diffusers_file(checkpoint, tmp_path / "old.safetensors")
     first = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k.lora_A.weight"
     with pytest.raises(LoramillError, match=rf"ComfyUI would not load 256 keys \(first: {first}\)"):
-        verify_exports({old: checkpoint}, unet, text_encoder, *networks)
+        verify_exports({old: checkpoint}, models, *networks)
     half = unscaled(paths[1], tmp_path / "alpha.safetensors", scale=0.5)
     with pytest.raises(LoramillError, match=r"ComfyUI applies diffusion_model\..* at 2× the"):
-        verify_exports({half: checkpoint}, unet, text_encoder, *networks)
+        verify_exports({half: checkpoint}, models, *networks)
 
 
 @pytest.fixture(scope="module")
@@ -114,16 +116,16 @@ def base_models():
     from loramill.models.base_model import load_pipeline
 
     pipe = load_pipeline(str(TINY_SD))
-    return pipe.unet, pipe.text_encoder
+    return {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
 
 
 def test_tiny_exports_pass_and_the_wrong_network_is_refused(tiny_export):
-    unet, text_encoder = base_models()
-    verify_exports(tiny_export, unet, text_encoder, "attention", {"unet", "text_encoder"})
+    models = base_models()
+    verify_exports(tiny_export, models, "attention", {"unet", "text_encoder"})
     with pytest.raises(LoramillError, match=r"32 unet LoRA modules; network_target kohya .* 48$"):
-        verify_exports(tiny_export, unet, text_encoder, "kohya", {"unet", "text_encoder"})
+        verify_exports(tiny_export, models, "kohya", {"unet", "text_encoder"})
     with pytest.raises(LoramillError, match=r"8 text_encoder LoRA modules; .* has 0$"):
-        verify_exports(tiny_export, unet, text_encoder, "attention", {"unet"})
+        verify_exports(tiny_export, models, "attention", {"unet"})
 
 
 def test_a_module_diffusers_does_not_load_is_refused(tiny_export, tmp_path):
@@ -134,27 +136,22 @@ def test_a_module_diffusers_does_not_load_is_refused(tiny_export, tmp_path):
     renamed = {k.replace(old, "lora_te_text_model_encoder_layers_7_self_attn_q_proj"): v
                for k, v in tensors.items()}  # fmt: skip
     save_file(renamed, str(tmp_path / "lost.safetensors"))
-    unet, text_encoder = base_models()
+    models = base_models()
     with pytest.raises(LoramillError, match=r"diffusers left 1 text_encoder LoRA modules unloaded"):
         verify_exports(
             {tmp_path / "lost.safetensors": checkpoint},
-            unet,
-            text_encoder,
+            models,
             "attention",
             {"unet", "text_encoder"},
         )
 
 
 def test_strength_zero_must_be_the_base(tiny_export, monkeypatch):
-    unet, text_encoder = base_models()
-    monkeypatch.setattr(type(unet), "set_adapters", lambda self, names, weights: None)
+    models = base_models()
+    monkeypatch.setattr(type(models["unet"]), "set_adapters", lambda self, names, weights: None)
     with pytest.raises(LoramillError, match=r"at strength 0 the UNet's output is not the base"):
         verify_exports(
-            dict([next(iter(tiny_export.items()))]),
-            unet,
-            text_encoder,
-            "attention",
-            {"unet", "text_encoder"},
+            dict([next(iter(tiny_export.items()))]), models, "attention", {"unet", "text_encoder"}
         )
 
 
@@ -260,19 +257,19 @@ def test_locon_exports_land_each_module_at_its_own_trained_scale(tmp_path):
     pipe = load_pipeline(str(TINY_SD))
     torch.manual_seed(1)
     spec = NetworkSpec("kohya_conv", 4, 2.0, conv_rank=2, conv_alpha=4.0)
-    add_lora(pipe.unet, pipe.text_encoder, spec, init=False)
+    add_lora({"unet": pipe.unet, "text_encoder": pipe.text_encoder}, spec, init=False)
     checkpoint = tmp_path / "step-000001.safetensors"
     provenance = {"loramill.provenance": json.dumps(SAMPLE_PROVENANCE)}
-    save_checkpoint(checkpoint, pipe.unet, pipe.text_encoder, provenance)
-    unet, text_encoder = base_models()
+    save_checkpoint(checkpoint, {"unet": pipe.unet, "text_encoder": pipe.text_encoder}, provenance)
+    models = base_models()
     paths = [tmp_path / "c.safetensors", tmp_path / "c.diffusers.safetensors"]
     export_adapter(checkpoint, *paths, "c")
     networks = ("kohya_conv", {"unet", "text_encoder"})
-    verify_exports(dict.fromkeys(paths, checkpoint), unet, text_encoder, *networks)
+    verify_exports(dict.fromkeys(paths, checkpoint), models, *networks)
     tensors = load_file(str(paths[1]))
     conv = "unet.down_blocks.0.resnets.0.conv1.lora.up.weight"
     assert conv in tensors
     tensors[conv] = tensors[conv] / 2.0 * 0.5  # folded at the linear layers' 2 / 4, not 4 / 2
     save_file(tensors, str(tmp_path / "one.safetensors"), read_checkpoint(paths[1]).metadata)
     with pytest.raises(LoramillError, match=r"diffusers applies .*resnets_0_conv1 at 0.25×"):
-        verify_exports({tmp_path / "one.safetensors": checkpoint}, unet, text_encoder, *networks)
+        verify_exports({tmp_path / "one.safetensors": checkpoint}, models, *networks)

@@ -96,3 +96,33 @@ def test_the_unet_is_told_each_images_size_and_crop_from_the_manifest(
     other = train(tmp_path / "data", tmp_path / "out", str(tiny_sdxl))
     a, b = read_checkpoint(sdxl_run[0][-1]).tensors, read_checkpoint(other[-1]).tensors
     assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_from_reads_an_sdxl_export_back_into_every_trained_layer(
+    prepared, tiny_sdxl, tmp_path, caplog
+):
+    from loramill.export.write import export_adapter
+    from loramill.models.base_model import load_pipeline
+    from loramill.models.network import NetworkSpec, add_lora
+    from loramill.train.init_from import read_init_weights
+
+    config = {"train_text_encoder": True, "max_train_steps": 2, "save_steps": 2}
+    written, _ = train_logged(prepared, tmp_path, str(tiny_sdxl), caplog, config=config)
+    export_adapter(written[-1], tmp_path / "x.safetensors", None, "x")  # kohya's SDXL names
+    pipe = load_pipeline(str(tiny_sdxl))
+    models = {name: getattr(pipe, name) for name in ("unet", "text_encoder", "text_encoder_2")}
+    spec = NetworkSpec("kohya", 4, 2.0)
+    add_lora(models, spec)
+    start = read_init_weights(tmp_path / "x.safetensors", models, spec)
+    trained = read_checkpoint(written[-1]).tensors
+    assert start.keys() == trained.keys()
+    assert all(torch.equal(start[key], trained[key]) for key in trained)
+
+
+def test_samples_during_training_render_with_the_sdxl_pipeline(
+    prepared, tiny_sdxl, tmp_path, caplog
+):
+    config = {"sample_every_n_steps": 3, "sample_steps": 2, "max_train_steps": 3}
+    train_logged(prepared, tmp_path, str(tiny_sdxl), caplog, config=config)
+    samples = sorted((tmp_path / "checkpoints").rglob("*.png"))
+    assert [p.name for p in samples] == ["step-000003-00.png"]

@@ -1,6 +1,8 @@
 """Exports: a trained checkpoint written as the files users load (``write``: kohya and
-diffusers naming), each reloaded the way its clients load it (``verify``, ``client_rules``,
-``ldm_names`` for AUTOMATIC1111/ComfyUI's LDM names), and the model card.
+diffusers naming, ``kohya_naming`` for each family's kohya names, ``metadata`` for the
+``ss_*`` / ``modelspec.*`` fields), each reloaded the way its clients load it (``verify``,
+``client_rules``, ``ldm_names`` and ``sdxl_layout`` for AUTOMATIC1111/ComfyUI's LDM names),
+the LDM single-file layout (``ldm_checkpoint``), and the model card.
 
 Imports the core package, ``loramill.models`` and ``loramill.train`` (a run's options).
 """

@@ -12,25 +12,33 @@ leaves unread, which it skips with at most a log line:
 - AUTOMATIC1111 (``extensions-builtin/Lora``: ``networks.load_network``, ``network_lora``):
   keys grouped by the name before the first dot, the name converted by its rule and looked up
   among the LDM modules; ``lora_up`` / ``lora_down`` / ``alpha``, scale alpha / dim (dim:
-  ``lora_down``'s rows), 1.0 without alpha; unmatched names are only logged.
+  ``lora_down``'s rows), 1.0 without alpha; unmatched names are only logged. A packed
+  attention (OpenCLIP's, SDXL's second encoder) is changed only when the file has a LoRA for
+  each of its q, k, v and out projections (``network_apply_weights``).
 - kohya sd-scripts (``networks/lora.py`` ``create_network_from_weights``): the same grouping;
   dim from ``lora_down``, alpha from ``.alpha`` or else the dim (scale 1); a module exists
-  only for the names its network gives the Linear and Conv2d layers of its target blocks, and
-  ``load_state_dict(strict=False)`` drops every other key silently.
+  only for the names its network gives the Linear and Conv2d layers of its target blocks (on
+  SDXL, in its own LDM-layout UNet: loramill.export.kohya_naming), and
+  ``load_state_dict(strict=False)`` drops every other key silently. (On SDXL it first
+  renames diffusers-layout UNet names to its own, ``convert_diffusers_to_sai_if_needed``;
+  exports hold kohya's own names only, so that rename is not modelled: such a name counts
+  as lost.)
 - diffusers: its real loader (loramill.export.verify).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from loramill import LoramillError
 from loramill.models.checkpoint import Checkpoint, module_alpha
-from loramill.models.kohya_names import kohya_module
+
+if TYPE_CHECKING:
+    from loramill.export.kohya_naming import KohyaNames
 
 Applied = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 Load = tuple[Applied, list[str]]
@@ -88,19 +96,36 @@ def named_load(tensors: dict[str, torch.Tensor], resolve: Callable[[str], str | 
     return applied, unread
 
 
-def kohya_targets(models: dict[str, Any]) -> set[str]:
-    """The module names kohya's network has for these models."""
-    names = set()
+def a1111_load(
+    tensors: dict[str, torch.Tensor], resolve: Callable[[str], str | None], packed: Iterable[str]
+) -> Load:
+    """What A1111 applies of a file: ``named_load`` with its rule ``resolve``, and a packed
+    attention of ``packed`` (targets ``<attention>.in_proj_weight[q]``…, ``.out_proj``)
+    changed only when all four of its projections land: otherwise none of them does."""
+    targets = {name: resolve(name) for name in {key.partition(".")[0] for key in tensors}}
+    landed, incomplete = set(targets.values()), set()
+    for attention in packed:
+        parts = {f"{attention}.in_proj_weight[{p}]" for p in "qkv"} | {f"{attention}.out_proj"}
+        if not parts <= landed:
+            incomplete |= parts
+    return named_load(tensors, lambda name: None if targets[name] in incomplete else targets[name])
+
+
+def kohya_targets(models: dict[str, Any], names: KohyaNames) -> set[str]:
+    """The module names kohya's network has for these models (its target blocks' classes
+    are diffusers' too; on SDXL its own UNet has the same blocks in the LDM layout)."""
+    found = set()
     for component, model in models.items():
+        blocks = KOHYA_BLOCKS["unet" if component == "unet" else "text_encoder"]
         for path, block in model.named_modules():
-            if type(block).__name__ not in KOHYA_BLOCKS[component]:
+            if type(block).__name__ not in blocks:
                 continue
             for child_path, child in block.named_modules():
                 # a layer an adapter was added to (and deleted from) keeps peft's wrapper
                 child = getattr(child, "base_layer", child)
                 if isinstance(child, torch.nn.Linear | torch.nn.Conv2d):
-                    names.add(kohya_module(component, f"{path}.{child_path}"))
-    return names
+                    found.add(names.module(component, f"{path}.{child_path}"))
+    return found
 
 
 def trained_modules(checkpoint: Checkpoint) -> dict[tuple[str, str], tuple[Any, Any, float]]:

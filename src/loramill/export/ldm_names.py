@@ -1,25 +1,29 @@
 """Where AUTOMATIC1111 and ComfyUI put each module of a kohya-named LoRA.
 
 Both tools apply LoRAs to the original (CompVis / LDM) layout of Stable Diffusion, not to
-diffusers' one, and each has its own rule for turning a kohya key (``lora_unet_`` + the
-diffusers module path with dots as underscores) into an LDM module:
+diffusers' one, and each has its own rule for turning a kohya key into an LDM module:
 
 - AUTOMATIC1111 rewrites the underscore name with regular expressions (block indices
   1 + 3·block + layer, ResNet parts renamed), then looks it up among the LDM model's module
-  names with dots as underscores;
+  names with dots as underscores; names already in the LDM layout (kohya's SDXL ones) only
+  have their prefix replaced (``a1111_lookup``);
 - ComfyUI builds a table from the UNet's config pairing every diffusers module path with its
   LDM module, and looks the kohya key up in it; its text-encoder keys are the CLIP layers'.
 
-Both are implemented here from the tools' documented behaviour, with the LDM layout they map
-into, generated from the diffusers UNet config. A key that lands nowhere is a LoRA module the
-tool silently skips: export verification (loramill.export.verify) refuses it.
+Both are implemented here from the tools' own loaders, with the LDM layout they map into
+generated from the diffusers UNet config (``unet_pairs``: per-level depths, SDXL's
+``label_emb``). A key that lands nowhere is a LoRA module the tool silently skips: export
+verification (loramill.export.verify) refuses it. SDXL's text encoders: loramill.export.
+sdxl_layout.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
+
+from loramill.models.kohya_names import TE_ROOT
 
 # LDM ResBlock parts by their diffusers names (both tools use these pairs)
 RESNET_PARTS = {
@@ -55,87 +59,89 @@ def _transformer(ldm: str, diffusers: str, depth: int) -> Iterator[tuple[str, st
             yield f"{ldm}.{name}", f"{diffusers}.{name}"
 
 
+def _per_level(value: Any, levels: int) -> list[Any]:
+    """A config value given once for every level or as one entry per level."""
+    return list(value) if isinstance(value, list | tuple) else [value] * levels
+
+
+def _depth(level: Any, layer: int) -> int:
+    """Transformer blocks of one attention: a level's depth, or its per-layer list's entry."""
+    return int(level[layer] if isinstance(level, list | tuple) else level)
+
+
+def _levels(config: Any) -> dict[str, list[Any]]:
+    """The UNet's per-level layout, as diffusers' UNet2DConditionModel builds it: ResNets
+    per level (each up level has one more), attention or not, transformer depth (the up
+    levels take the down levels' depths reversed unless the config gives their own)."""
+    levels = len(config["block_out_channels"])
+    per_block = _per_level(config["layers_per_block"], levels)
+    # SD1.x/2.x configs written before SDXL have no transformer_layers_per_block: depth 1
+    depth = _per_level(config.get("transformer_layers_per_block") or 1, levels)
+    up_depth = config.get("reverse_transformer_layers_per_block") or depth[::-1]
+    return {
+        "channels": list(config["block_out_channels"]),
+        "down": per_block,
+        "up": [n + 1 for n in per_block[::-1]],
+        "down_attention": [t.startswith("CrossAttn") for t in config["down_block_types"]],
+        "up_attention": [t.startswith("CrossAttn") for t in config["up_block_types"]],
+        "down_depth": depth,
+        "up_depth": list(up_depth),
+        "mid_depth": [_depth(depth[-1], 0)],  # the mid block has one attention
+    }
+
+
+def _input_blocks(layout: dict[str, list[Any]]) -> Iterator[tuple[str, str]]:
+    index, out_channels = 0, layout["channels"][0]
+    for i, width in enumerate(layout["channels"]):
+        for j in range(layout["down"][i]):
+            index += 1
+            ldm, diffusers = f"input_blocks.{index}", f"down_blocks.{i}"
+            yield from _resnet(f"{ldm}.0", f"{diffusers}.resnets.{j}", out_channels != width)
+            out_channels = width
+            if layout["down_attention"][i]:
+                depth = _depth(layout["down_depth"][i], j)
+                yield from _transformer(f"{ldm}.1", f"{diffusers}.attentions.{j}", depth)
+        if i < len(layout["channels"]) - 1:
+            index += 1
+            yield f"input_blocks.{index}.0.op", f"down_blocks.{i}.downsamplers.0.conv"
+
+
+def _output_blocks(layout: dict[str, list[Any]]) -> Iterator[tuple[str, str]]:
+    index = 0
+    for i, count in enumerate(layout["up"]):
+        attention = layout["up_attention"][i]
+        for j in range(count):
+            ldm, diffusers = f"output_blocks.{index}", f"up_blocks.{i}"
+            # every output ResBlock takes the skip connection's channels too: a 1×1 shortcut
+            yield from _resnet(f"{ldm}.0", f"{diffusers}.resnets.{j}", True)
+            if attention:
+                depth = _depth(layout["up_depth"][i], j)
+                yield from _transformer(f"{ldm}.1", f"{diffusers}.attentions.{j}", depth)
+            index += 1
+        if i < len(layout["up"]) - 1:
+            # the upsampler follows the level's last block, after its attention if it has one
+            position = 2 if attention else 1
+            yield f"output_blocks.{index - 1}.{position}.conv", f"up_blocks.{i}.upsamplers.0.conv"
+
+
 def unet_pairs(config: Any) -> dict[str, str]:
     """LDM module path → diffusers module path for every weighted module of a UNet with this
-    diffusers config (SD1.x/2.x: one transformer block per attention, as in their configs)."""
-    channels, per_block = list(config["block_out_channels"]), config["layers_per_block"]
-    attention = [t.startswith("CrossAttn") for t in config["down_block_types"]]
-    up_attention = [t.startswith("CrossAttn") for t in config["up_block_types"]]
+    diffusers config: SD1.x/2.x and SDXL (per-level transformer depth, the size and crop
+    embedding ``label_emb``), the layout kohya's SDXL UNet has and diffusers converts from."""
+    layout = _levels(config)
     pairs = {"input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
     pairs |= {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2"}
-    out_channels = channels[0]
-    for i, width in enumerate(channels):
-        for j in range(per_block):
-            index = 1 + i * (per_block + 1) + j
-            ldm, diffusers = f"input_blocks.{index}", f"down_blocks.{i}"
-            pairs |= _resnet(f"{ldm}.0", f"{diffusers}.resnets.{j}", out_channels != width)
-            out_channels = width
-            if attention[i]:
-                pairs |= _transformer(f"{ldm}.1", f"{diffusers}.attentions.{j}", 1)
-        if i < len(channels) - 1:
-            index = (i + 1) * (per_block + 1)
-            pairs[f"input_blocks.{index}.0.op"] = f"down_blocks.{i}.downsamplers.0.conv"
+    if config.get("addition_embed_type") == "text_time":  # SDXL's pooled text and size numbers
+        pairs |= {
+            "label_emb.0.0": "add_embedding.linear_1",
+            "label_emb.0.2": "add_embedding.linear_2",
+        }
+    pairs |= _input_blocks(layout)
     pairs |= _resnet("middle_block.0", "mid_block.resnets.0", False)
-    pairs |= _transformer("middle_block.1", "mid_block.attentions.0", 1)
+    pairs |= _transformer("middle_block.1", "mid_block.attentions.0", layout["mid_depth"][0])
     pairs |= _resnet("middle_block.2", "mid_block.resnets.1", False)
-    for i in range(len(channels)):
-        for j in range(per_block + 1):
-            ldm, diffusers = f"output_blocks.{i * (per_block + 1) + j}", f"up_blocks.{i}"
-            # every output ResBlock takes the skip connection's channels too: a 1×1 shortcut
-            pairs |= _resnet(f"{ldm}.0", f"{diffusers}.resnets.{j}", True)
-            if up_attention[i]:
-                pairs |= _transformer(f"{ldm}.1", f"{diffusers}.attentions.{j}", 1)
-        if i < len(channels) - 1:
-            last = f"output_blocks.{i * (per_block + 1) + per_block}"
-            position = 2 if up_attention[i] else 1
-            pairs[f"{last}.{position}.conv"] = f"up_blocks.{i}.upsamplers.0.conv"
+    pairs |= _output_blocks(layout)
     return pairs
-
-
-# The VAE's LDM names, by rewriting diffusers' (ordered: the up blocks' numbering runs
-# backwards, so they are renamed through a placeholder first).
-VAE_RULES = (
-    (r"^(encoder|decoder)\.down_blocks\.(\d+)\.resnets\.", r"\1.down.\2.block."),
-    (r"^(encoder|decoder)\.down_blocks\.(\d+)\.downsamplers\.0\.", r"\1.down.\2.downsample."),
-    (r"^(encoder|decoder)\.mid_block\.resnets\.0\.", r"\1.mid.block_1."),
-    (r"^(encoder|decoder)\.mid_block\.resnets\.1\.", r"\1.mid.block_2."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.", r"\1.mid.attn_1.norm."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_(q|k|v)\.", r"\1.mid.attn_1.\2."),
-    (r"^(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.", r"\1.mid.attn_1.proj_out."),
-    (r"^(encoder|decoder)\.conv_norm_out\.", r"\1.norm_out."),
-    (r"\.conv_shortcut\.", ".nin_shortcut."),
-)
-
-
-def vae_ldm_name(key: str, up_blocks: int) -> str:
-    """The LDM name of a diffusers VAE weight (``up_blocks`` = the decoder's block count)."""
-    match = re.match(r"^decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)\.(.*)$", key)
-    if match:
-        block, part, rest = match.groups()
-        part = "block" if part == "resnets" else "upsample"
-        key = f"decoder.up.{up_blocks - 1 - int(block)}.{part}.{rest}"
-    for pattern, replacement in VAE_RULES:
-        key = re.sub(pattern, replacement, key)
-    return key
-
-
-def ldm_checkpoint(pipe: Any) -> dict[str, Any]:
-    """A Stable Diffusion 1.x/2.x pipeline's weights as one LDM (single-file) state dict:
-    the layout AUTOMATIC1111 and ComfyUI checkpoints have."""
-    unet = {diffusers: ldm for ldm, diffusers in unet_pairs(pipe.unet.config).items()}
-    state: dict[str, Any] = {}
-    for key, tensor in pipe.unet.state_dict().items():
-        module, _, param = key.rpartition(".")
-        state[f"model.diffusion_model.{unet[module]}.{param}"] = tensor
-    up_blocks = len(pipe.vae.config.up_block_types)
-    for key, tensor in pipe.vae.state_dict().items():
-        name = vae_ldm_name(key, up_blocks)
-        attention = ".mid.attn_1." in name and tensor.ndim == 2
-        state[f"first_stage_model.{name}"] = tensor[:, :, None, None] if attention else tensor
-    for key, tensor in pipe.text_encoder.state_dict().items():
-        key = key if key.startswith("text_model.") else f"text_model.{key}"
-        state[f"cond_stage_model.transformer.{key}"] = tensor
-    return state
 
 
 def text_encoder_layout(layers: int) -> set[str]:
@@ -185,6 +191,10 @@ A1111_UNET_RULES = [
         lambda m: f"output_blocks_{2 + m[0] * 3}_{2 if m[0] > 0 else 1}_conv",
     ),
 ]
+# A1111's OpenCLIP names of a CLIP layer's parts (SDXL's second encoder); the q/k/v
+# projections are slices of the layer's packed attention (``x_proj``)
+OPEN_CLIP_PARTS = {"mlp_fc1": "mlp_c_fc", "mlp_fc2": "mlp_c_proj", "self_attn": "attn"}
+X_PROJ = re.compile(r"(.*)_([qkv]_proj)$")
 
 
 def _a1111_suffix(kind: str, rest: str) -> str:
@@ -193,9 +203,74 @@ def _a1111_suffix(kind: str, rest: str) -> str:
     return RESNET_PARTS.get(rest, rest).replace(".", "_")
 
 
+def a1111_name(kohya_module: str) -> str | None:
+    """A1111's rewrite of a kohya module name (``convert_diffusers_name_to_compvis``) into an
+    LDM module name (underscores), or None when none of its rules matches."""
+    for pattern, build in A1111_UNET_RULES:
+        match = re.fullmatch(pattern, kohya_module)
+        if match:
+            return "diffusion_model_" + build(_numbers(match))
+    # (on an SD2.x model A1111 sends lora_te_ to OpenCLIP names; SD2's text encoder is not
+    # checked against A1111: loramill.export.verify)
+    match = re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", kohya_module)
+    if match:
+        return f"transformer_text_model_encoder_layers_{match[1]}_{match[2]}"
+    match = re.fullmatch(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", kohya_module)
+    if match:
+        part = match[2]
+        for clip, open_clip in OPEN_CLIP_PARTS.items():
+            part = part.replace(clip, open_clip)
+        return f"1_model_transformer_resblocks_{match[1]}_{part}"
+    return None
+
+
+def a1111_lookup(
+    kohya_module: str, modules: Mapping[str, str], packed: Mapping[str, str]
+) -> str | None:
+    """Where A1111 (``networks.load_network``) puts a kohya module, or None (skipped).
+
+    ``modules``: the model's LoRA-able modules by A1111's name for them (dots as
+    underscores) → target; ``packed``: its packed attentions (OpenCLIP's, q/k/v in one
+    ``in_proj_weight``) likewise. In A1111's order: the name its rules convert to; a q/k/v
+    projection's packed attention (target ``<attention>.in_proj_weight[q]``…); a name already
+    in the LDM layout (kohya's SDXL names) with ``lora_unet`` replaced by
+    ``diffusion_model``, or ``lora_te1_text_model`` by the first encoder's name.
+    """
+    key = a1111_name(kohya_module) or kohya_module  # A1111 keeps a name no rule matches
+    if key in modules:
+        return modules[key]
+    match = X_PROJ.fullmatch(key)
+    if match and match[1] in packed:
+        return f"{packed[match[1]]}.in_proj_weight[{match[2][0]}]"
+    if "lora_unet" in kohya_module:
+        return modules.get(kohya_module.replace("lora_unet", "diffusion_model"))
+    if "lora_te1_text_model" in kohya_module:
+        for ldm in ("0_transformer_text_model", "transformer_text_model"):  # SDXL, then SD1
+            found = modules.get(kohya_module.replace("lora_te1_text_model", ldm))
+            if found:
+                return found
+    return None
+
+
+def comfyui_unet_keys(pairs: Mapping[str, str]) -> dict[str, str]:
+    """ComfyUI's UNet keys (comfy/lora.py ``model_lora_keys_unet``) → LDM module: kohya keys by
+    diffusers path or by LDM name; diffusers-format keys by diffusers path, with or without
+    ``unet.``, attention projections in the attention-processor spelling (``.processor.to_q``,
+    ``.processor.to_out`` without ``.0``)."""
+    comfy = {"lora_unet_" + d.replace(".", "_"): ldm for ldm, d in pairs.items()}
+    comfy |= {"lora_unet_" + ldm.replace(".", "_"): ldm for ldm in pairs}
+    for ldm, d in pairs.items():
+        processor = d.replace(".to_", ".processor.to_")
+        processor = processor[:-2] if processor.endswith(".to_out.0") else processor
+        comfy |= {processor: ldm, "unet." + processor: ldm}
+    return {key: "diffusion_model." + ldm for key, ldm in comfy.items()}
+
+
 class LdmLayout:
-    """An SD1.x model's LDM modules (dotted names, UNet under ``diffusion_model.``, the text
-    encoder under ``transformer.``) and where each tool maps a kohya module into them."""
+    """An SD1.x/2.x model's LDM modules (dotted names, UNet under ``diffusion_model.``, the
+    text encoder under ``transformer.``) and where each tool maps a kohya module into them."""
+
+    packed: frozenset[str] = frozenset()  # CLIP-L has no packed attention
 
     def __init__(self, unet_config: Any, text_layers: int) -> None:
         pairs = unet_pairs(unet_config)
@@ -205,17 +280,9 @@ class LdmLayout:
         # A1111 keys its table by the module names with dots as underscores
         self._a1111 = {name.replace(".", "_"): name for name in self.modules}
         self._ldm = {d: "diffusion_model." + ldm for ldm, d in pairs.items()}
-        # ComfyUI (comfy/lora.py, model_lora_keys_unet/_clip): kohya keys by diffusers path
-        # or by LDM name; diffusers-format keys by diffusers path, with or without `unet.`,
-        # attention projections in the attention-processor spelling (`.processor.to_q`,
-        # `.processor.to_out` without `.0`); text-encoder keys by the CLIP layer's path.
-        comfy = {"lora_unet_" + d.replace(".", "_"): ldm for ldm, d in pairs.items()}
-        comfy |= {"lora_unet_" + ldm.replace(".", "_"): ldm for ldm in pairs}
-        for ldm, d in pairs.items():
-            processor = d.replace(".to_", ".processor.to_")
-            processor = processor[:-2] if processor.endswith(".to_out.0") else processor
-            comfy |= {processor: ldm, "unet." + processor: ldm}
-        self.comfyui_keys = {key: "diffusion_model." + ldm for key, ldm in comfy.items()}
+        # ComfyUI (comfy/lora.py, model_lora_keys_unet/_clip): text-encoder keys by the CLIP
+        # layer's path, kohya's and diffusers' spelling
+        self.comfyui_keys = comfyui_unet_keys(pairs)
         for layer in range(text_layers):
             for part in CLIP_LAYER_PARTS:
                 target = f"transformer.text_model.encoder.layers.{layer}.{part}"
@@ -225,8 +292,7 @@ class LdmLayout:
 
     def a1111(self, kohya_module: str) -> str | None:
         """The module A1111 applies this kohya module to, or None (skipped)."""
-        converted = a1111_name(kohya_module)
-        return self._a1111.get(converted) if converted else None
+        return a1111_lookup(kohya_module, self._a1111, {})
 
     def comfyui(self, kohya_module: str) -> str | None:
         """The module ComfyUI applies this kohya module to, or None (skipped)."""
@@ -237,18 +303,5 @@ class LdmLayout:
         itself, not from any tool's name rule: where a client must land it."""
         if component == "unet":
             return self._ldm.get(module)
-        path = module if module.startswith("text_model.") else "text_model." + module
+        path = module if module.startswith(TE_ROOT) else TE_ROOT + module
         return "transformer." + path if "transformer." + path in self.modules else None
-
-
-def a1111_name(kohya_module: str) -> str | None:
-    """A1111's rewrite of an SD1.x kohya module name into an LDM module name (underscores),
-    or None when none of its rules matches."""
-    for pattern, build in A1111_UNET_RULES:
-        match = re.fullmatch(pattern, kohya_module)
-        if match:
-            return "diffusion_model_" + build(_numbers(match))
-    match = re.fullmatch(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", kohya_module)
-    if match:
-        return f"transformer_text_model_encoder_layers_{match[1]}_{match[2]}"
-    return None

@@ -4,12 +4,13 @@ refused when anything would be lost or land at another strength.
 - the clients of each file: the kohya file (and every step's) is for diffusers, AUTOMATIC1111,
   ComfyUI and kohya sd-scripts; the diffusers file for diffusers and ComfyUI;
 - diffusers: ``lora_state_dict`` + ``load_lora_into_unet`` / ``load_lora_into_text_encoder``
-  (what ``pipe.load_lora_weights`` does) must give every module of the file a LoRA layer, and
-  no layer more;
+  (what the family's pipeline's ``load_lora_weights`` does, SDXL's with its UNet config and
+  both encoders) must give every module of the file a LoRA layer, and no layer more;
 - every client, diffusers' real loader and the others' rules (export.client_rules; A1111
-  and ComfyUI on the SD1.x/2.x UNet layout, their text-encoder rules for SD1.x's CLIP-L), must
-  read every key and apply each trained module to the module it was trained on with the
-  checkpoint's delta, alpha / rank · B @ A;
+  and ComfyUI on the LDM layout: loramill.export.ldm_names for SD1.x/2.x, whose text-encoder
+  rules are checked for SD1.x's CLIP-L, .sdxl_layout for SDXL), must read every key and apply
+  each trained module to the module it was trained on with the checkpoint's delta,
+  alpha / rank · B @ A;
 - the module counts must be those the configured network puts on this base model;
 - at strength 0 the UNet's output must be the base model's, bit for bit.
 """
@@ -27,6 +28,7 @@ import torch
 from loramill import LoramillError
 from loramill.export.client_rules import (
     Applied,
+    a1111_load,
     check_lands,
     comfyui_load,
     kohya_targets,
@@ -34,59 +36,85 @@ from loramill.export.client_rules import (
     tolerance,
     trained_modules,
 )
+from loramill.export.kohya_naming import (
+    KOHYA_KEY_PREFIXES,
+    KohyaNames,
+    loaded_lora_modules,
+    model_names,
+)
 from loramill.export.ldm_names import LdmLayout
-from loramill.models.checkpoint import COMPONENTS, STEP_PREFIX, read_checkpoint
+from loramill.export.sdxl_layout import SdxlLayout
+from loramill.models.checkpoint import STEP_PREFIX, component_order, read_checkpoint
 from loramill.models.diffusers_names import checkpoint_key
-from loramill.models.kohya_names import KOHYA_PREFIXES, kohya_module, loaded_lora_modules
 from loramill.models.network import network_modules
 
 log = logging.getLogger(__name__)
 ADAPTER = "loramill_verify"
 
 
-def module_of(key: str) -> tuple[str, str]:
+def module_of(key: str, names: KohyaNames) -> tuple[str, str]:
     """(component, kohya module name) of an export's tensor key, in either format."""
-    if key.startswith(tuple(KOHYA_PREFIXES.values())):
+    if key.startswith(KOHYA_KEY_PREFIXES):
         name = key.split(".", 1)[0]
-        return "unet" if name.startswith(KOHYA_PREFIXES["unet"]) else "text_encoder", name
+        # another family's prefix (lora_te_ in an SDXL file) counts as a component of its own
+        return names.component_of(name) or "_".join(name.split("_")[:2]), name
     component, _, rest = checkpoint_key(key).partition(".")
     module = rest.removesuffix(".lora_A.weight").removesuffix(".lora_B.weight")
-    return component, kohya_module(component, module)
+    return component, kohya_name(names, component, module)
 
 
-def file_modules(tensors: dict[str, Any]) -> dict[str, set[str]]:
+def kohya_name(names: KohyaNames, component: str, module: str) -> str:
+    """A module's kohya name, or for one kohya has none for its path: the checks then report
+    it as a module of no client's."""
+    try:
+        return names.module(component, module)
+    except LoramillError:
+        return f"{component}.{module}"
+
+
+def file_modules(tensors: dict[str, Any], names: KohyaNames) -> dict[str, set[str]]:
     """The LoRA modules of an export's tensors, by component, in kohya spelling."""
-    modules: dict[str, set[str]] = {c: set() for c in COMPONENTS}
+    modules: dict[str, set[str]] = {c: set() for c in names.prefixes}
     for key in tensors:
         if not key.endswith(".alpha"):
-            component, name = module_of(key)
-            modules[component].add(name)
+            component, name = module_of(key, names)
+            modules.setdefault(component, set()).add(name)
     return modules
 
 
-def loaded_modules(models: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The verification adapter's LoRA layers in the models: kohya name → layer."""
-    return loaded_lora_modules(models, ADAPTER)
+def diffusers_load(path: Path, models: dict[str, Any]) -> None:
+    """Load ``path`` into the models as the family's pipeline does."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-
-def check_diffusers_load(path: Path, tensors: dict[str, Any], models: dict[str, Any]) -> Applied:
-    """Load ``path`` as diffusers does; every module of ``tensors`` (the file's) must land.
-    Returns what the loaded layers apply, by kohya name."""
-    from diffusers import StableDiffusionPipeline as Loader
-
-    state, alphas, metadata = Loader.lora_state_dict(str(path), return_lora_metadata=True)
-    Loader.load_lora_into_unet(
+    sdxl = "text_encoder_2" in models
+    loader = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    # SDXL's pipeline passes its UNet config: kohya's LDM block numbers are read by it
+    options = {"unet_config": models["unet"].config} if sdxl else {}
+    state, alphas, metadata = loader.lora_state_dict(
+        str(path), return_lora_metadata=True, **options
+    )
+    loader.load_lora_into_unet(
         state, alphas, models["unet"], adapter_name=ADAPTER, metadata=metadata
     )
-    if any(key.startswith("text_encoder.") for key in state):
-        Loader.load_lora_into_text_encoder(
-            state, alphas, models["text_encoder"], prefix="text_encoder",
-            adapter_name=ADAPTER, metadata=metadata,
-        )  # fmt: skip
-    in_file, loaded = file_modules(tensors), loaded_modules(models)
-    for component in COMPONENTS:
-        missing = sorted(in_file[component] - set(loaded[component]))
-        extra = sorted(set(loaded[component]) - in_file[component])
+    for component in (c for c in models if c != "unet"):
+        if any(key.startswith(f"{component}.") for key in state):
+            loader.load_lora_into_text_encoder(
+                state, alphas, models[component], prefix=component,
+                adapter_name=ADAPTER, metadata=metadata,
+            )  # fmt: skip
+
+
+def check_diffusers_load(
+    path: Path, tensors: dict[str, Any], models: dict[str, Any], names: KohyaNames
+) -> Applied:
+    """Load ``path`` as diffusers does; every module of ``tensors`` (the file's) must land.
+    Returns what the loaded layers apply, by kohya name."""
+    diffusers_load(path, models)
+    in_file = file_modules(tensors, names)
+    loaded = loaded_lora_modules(models, ADAPTER, names)
+    for component in sorted(set(in_file) | set(loaded), key=component_order):
+        missing = sorted(in_file.get(component, set()) - set(loaded.get(component, {})))
+        extra = sorted(set(loaded.get(component, {})) - in_file.get(component, set()))
         if missing or extra:
             first = (missing or extra)[0]
             raise LoramillError(
@@ -106,22 +134,29 @@ def check_counts(
 ) -> None:
     """The file holds exactly the modules the configured network trains on this base."""
     counts = Counter({c: len(m) for c, m in modules.items()})
-    for component, count in expected.items():
-        if counts[component] != count:
+    for component in sorted(set(expected) | set(counts), key=component_order):
+        if counts[component] != expected.get(component, 0):
             raise LoramillError(
                 f"{path}: {counts[component]} {component} LoRA modules; network_target "
-                f"{target} on this base model has {count}"
+                f"{target} on this base model has {expected.get(component, 0)}"
             )
 
 
 def probe(unet: Any) -> torch.Tensor:
     """The UNet's output on a fixed small input (seeded), for the strength-0 comparison."""
     generator = torch.Generator().manual_seed(0)
-    channels, width = unet.config.in_channels, unet.config.cross_attention_dim
-    sample = torch.randn(1, channels, 8, 8, generator=generator)
-    hidden = torch.randn(1, 8, width, generator=generator)
+    config = unet.config
+    sample = torch.randn(1, config.in_channels, 8, 8, generator=generator)
+    hidden = torch.randn(1, 8, config.cross_attention_dim, generator=generator)
+    extra = {}
+    if config.addition_embed_type == "text_time":  # SDXL: pooled text and six size numbers
+        time_ids = 6 * config.addition_time_embed_dim
+        pooled = config.projection_class_embeddings_input_dim - time_ids
+        added = {"text_embeds": torch.randn(1, pooled, generator=generator)}
+        added["time_ids"] = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+        extra["added_cond_kwargs"] = added
     with torch.no_grad():
-        return unet(sample, 10, hidden).sample
+        return unet(sample, 10, hidden, **extra).sample
 
 
 def check_strength_zero(path: Path, unet: Any, base: torch.Tensor) -> None:
@@ -140,7 +175,7 @@ LDM_TOOLS = ("AUTOMATIC1111", "ComfyUI")  # they apply LoRAs to the original (LD
 
 def file_format(tensors: dict[str, Any]) -> str:
     """``kohya`` when every key has a kohya prefix (as diffusers decides), else ``diffusers``."""
-    kohya = all(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in tensors)
+    kohya = all(key.startswith(KOHYA_KEY_PREFIXES) for key in tensors)
     return "kohya" if kohya else "diffusers"
 
 
@@ -149,29 +184,40 @@ class Clients:
 
     def __init__(self, models: dict[str, Any]) -> None:
         unet, text_encoder = models["unet"], models["text_encoder"]
-        self.models = models
-        self.kohya = kohya_targets(models)
-        self.layout = LdmLayout(unet.config, text_encoder.config.num_hidden_layers)
-        # A1111's rules assume SD's block layout; no checkpoint of another layout exists for it
+        self.models, self.names = models, model_names(models)
+        self.kohya = kohya_targets(models, self.names)
         config = unet.config
-        self.standard = config.layers_per_block == 2 and len(config.block_out_channels) == 4
-        self.sd1 = text_encoder.config.hidden_size == 768  # CLIP-L: the tools' CLIP rules
+        self.layout: LdmLayout | SdxlLayout
+        if self.names.family == "sdxl":
+            layers = [
+                models[c].config.num_hidden_layers for c in ("text_encoder", "text_encoder_2")
+            ]
+            self.layout = SdxlLayout(config, *layers)
+            # kohya's SDXL names are LDM names, which both tools look up in any layout
+            self.standard = self.text_rules = True
+        else:
+            self.layout = LdmLayout(config, text_encoder.config.num_hidden_layers)
+            # A1111's rules assume SD's block layout; no checkpoint of another exists for it
+            self.standard = config.layers_per_block == 2 and len(config.block_out_channels) == 4
+            self.text_rules = text_encoder.config.hidden_size == 768  # CLIP-L: SD1.x's
 
     def of(self, file_kind: str) -> list[str]:
         """The clients of a file of this format whose rules apply to this base model."""
         return [c for c in CLIENTS[file_kind] if self.standard or c not in LDM_TOOLS]
 
     def _checked(self, client: str, component: str) -> bool:
-        return client not in LDM_TOOLS or component == "unet" or self.sd1
+        return client not in LDM_TOOLS or component == "unet" or self.text_rules
 
     def load(self, client: str, path: Path, tensors: dict[str, Any]) -> tuple[Applied, list[str]]:
         if client == "diffusers":
-            return check_diffusers_load(path, tensors, self.models), []
+            return check_diffusers_load(path, tensors, self.models, self.names), []
         if client == "kohya sd-scripts":
             return named_load(tensors, lambda name: name if name in self.kohya else None)
-        tensors = {k: t for k, t in tensors.items() if self._checked(client, module_of(k)[0])}
+        tensors = {
+            k: t for k, t in tensors.items() if self._checked(client, module_of(k, self.names)[0])
+        }
         if client == "AUTOMATIC1111":
-            return named_load(tensors, self.layout.a1111)
+            return a1111_load(tensors, self.layout.a1111, self.layout.packed)
         return comfyui_load(tensors, self.layout.comfyui_keys)
 
     def expected(self, client: str, trained: dict[tuple[str, str], Any]) -> Applied:
@@ -180,21 +226,33 @@ class Clients:
         for (component, module), value in trained.items():
             if not self._checked(client, component):
                 continue
-            target = kohya_module(component, module)
             if client in LDM_TOOLS:  # from the layout itself, not from the tool's name rule
                 target = self.layout.ldm_module(component, module) or f"{component}.{module}"
+            else:
+                target = kohya_name(self.names, component, module)
             out[target] = value
         return out
 
 
-def verify_exports(
-    exports: dict[Path, Path], unet: Any, text_encoder: Any, target: str, trained: set[str]
-) -> None:
-    """Run every check on each export (file → the checkpoint it was exported from); raise on
-    the first failure."""
+def _remove_adapter(models: dict[str, Any]) -> None:
+    """The models back to the base model's, whatever a check left in them."""
     from diffusers.utils.peft_utils import delete_adapter_layers
 
-    models = {"unet": unet, "text_encoder": text_encoder}
+    for component, model in models.items():
+        if ADAPTER in getattr(model, "peft_config", {}):
+            if component == "unet":
+                model.delete_adapters(ADAPTER)
+            else:
+                delete_adapter_layers(model, ADAPTER)  # and its config
+
+
+def verify_exports(
+    exports: dict[Path, Path], models: dict[str, Any], target: str, trained: set[str]
+) -> None:
+    """Run every check on each export (file → the checkpoint it was exported from); raise on
+    the first failure. ``models``: the base model's UNet and text encoders by pipeline
+    component name; ``trained``: the components the run trained."""
+    unet = models["unet"]
     expected = {
         c: len(network_modules(m, c, target)) if c in trained else 0 for c, m in models.items()
     }
@@ -206,7 +264,7 @@ def verify_exports(
         if source not in sources:
             sources[source] = trained_modules(read_checkpoint(source))
         tensors = read_checkpoint(path).tensors  # read once for every check
-        check_counts(path, file_modules(tensors), expected, target)
+        check_counts(path, file_modules(tensors, clients.names), expected, target)
         names = clients.of(file_format(tensors))
         try:
             for client in names:
@@ -214,11 +272,8 @@ def verify_exports(
                 want = clients.expected(client, sources[source])
                 check_lands(path, client, loaded, want, tolerance(tensors))
             check_strength_zero(path, unet, base)
-        finally:  # the models stay the base model's, whatever failed
-            if ADAPTER in getattr(unet, "peft_config", {}):
-                unet.delete_adapters(ADAPTER)
-            if ADAPTER in getattr(text_encoder, "peft_config", {}):
-                delete_adapter_layers(text_encoder, ADAPTER)  # and its config
+        finally:
+            _remove_adapter(models)
         counts = ", ".join(f"{n} {c} modules" for c, n in expected.items())
         log.info("%s: %s at the trained scale in %s", path, counts, ", ".join(names))
 
@@ -246,20 +301,23 @@ def export_and_verify(
     Snakemake removes the files), the model card."""
     from loramill.export.model_card import write_model_card
     from loramill.export.write import export_adapter
-    from loramill.models.base_model import load_pipeline
+    from loramill.models.base_model import load_pipeline, pipeline_family
     from loramill.models.checkpoint import list_checkpoints
     from loramill.train.config import TrainConfig
 
+    pipe = load_pipeline(base_model, "float32", allow_unsafe_weights)
     checkpoints, precision = list_checkpoints(checkpoints_dir), export["save_precision"]
-    export_adapter(checkpoints[-1], kohya_path, diffusers_path, output_name, precision)
+    options = {"save_precision": precision, "unet_config": pipe.unet.config}
+    export_adapter(checkpoints[-1], kohya_path, diffusers_path, output_name, **options)
     exports = {Path(kohya_path): checkpoints[-1], Path(diffusers_path): checkpoints[-1]}
     for checkpoint in checkpoints:  # picking the best step from the grid is what users do next
         path = Path(steps_dir) / step_export_name(output_name, checkpoint)
-        export_adapter(checkpoint, path, None, output_name, precision)
+        export_adapter(checkpoint, path, None, output_name, **options)
         exports[path] = checkpoint
     cfg = TrainConfig.from_dict(train)
-    trained = {"unet", "text_encoder"} if cfg.train_text_encoder else {"unet"}
-    pipe = load_pipeline(base_model, "float32", allow_unsafe_weights)
-    verify_exports(exports, pipe.unet, pipe.text_encoder, cfg.network_target, trained)
+    text_encoders = pipeline_family(pipe).text_encoders
+    models = {c: getattr(pipe, c) for c in ("unet", *text_encoders)}
+    trained = {"unet", *text_encoders} if cfg.train_text_encoder else {"unet"}
+    verify_exports(exports, models, cfg.network_target, trained)
     grid = os.path.relpath(Path("grids") / f"{output_name}.png", Path(card_path).parent)
     write_model_card(kohya_path, card_path, output_name, grid)

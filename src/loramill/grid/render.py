@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
+from loramill.export.kohya_naming import kohya_file_modules, loaded_lora_modules, model_names
 from loramill.files import atomic_path
 from loramill.grid.plan import Cell
 from loramill.hashing import hash_value
-from loramill.models.kohya_names import kohya_file_modules, loaded_lora_modules
 from loramill.reruns.run_cache import human
 from loramill.software import RENDERING, versions
 
@@ -181,11 +181,16 @@ def _quiet_adapter_loading() -> Iterator[None]:
 def _check_loaded(pipe: Any, adapter: str, tensors: dict[str, Any], path: Path) -> None:
     """Refuse a silent partial load (DESIGN §5): every LoRA module of the file must be in use
     (diffusers drops modules that match none of the base model's without a word)."""
-    in_file = kohya_file_modules(tensors)
+    from loramill.models.base_model import pipeline_family
+
+    components = ("unet", *pipeline_family(pipe).text_encoders)
+    models = {component: getattr(pipe, component) for component in components}
+    names = model_names(models)
+    in_file = kohya_file_modules(tensors, names)
     if not any(in_file.values()):
-        raise LoramillError(f"{path}: no lora_unet_/lora_te_ modules (not a kohya LoRA file)")
-    models = {component: getattr(pipe, component) for component in in_file}
-    loaded = loaded_lora_modules(models, adapter)
+        prefixes = "/".join(f"{prefix}_" for prefix in names.prefixes.values())
+        raise LoramillError(f"{path}: no {prefixes} modules (not a kohya LoRA file)")
+    loaded = loaded_lora_modules(models, adapter, names)
     for component, wanted in in_file.items():
         missing = sorted(wanted - set(loaded[component]))
         if missing:

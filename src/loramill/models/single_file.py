@@ -1,7 +1,8 @@
 """Single-file checkpoints (what AUTOMATIC1111 and ComfyUI load) as base models.
 
-loramill trains on diffusers pipeline folders. A single ``.safetensors`` checkpoint is
-converted once, by diffusers' own single-file loader, into such a folder, which also keeps
+loramill trains on diffusers pipeline folders. A single ``.safetensors`` checkpoint (SD 1.x/2.x,
+or SDXL base such as ``sd_xl_base_1.0.safetensors``, told apart by its keys) is converted
+once, by diffusers' own single-file loader, into such a folder, which also keeps
 the file's name and its two AUTOMATIC1111 hashes (``loramill_single_file.json``): adapters
 trained on it carry them as ``ss_sd_model_hash`` / ``ss_new_sd_model_hash``, so model sites
 and A1111 link the LoRA to the checkpoint it was trained on.
@@ -49,10 +50,28 @@ def source_checkpoint(folder: str | os.PathLike) -> dict[str, str] | None:
         raise LoramillError(f"{path}: unreadable ({error})") from None
 
 
+def checkpoint_family(path: Path) -> str:
+    """``sdxl`` for an SDXL base checkpoint (its second text encoder sits at
+    ``conditioner.embedders.1``), else ``sd1`` (SD 1.x/2.x: diffusers tells them apart); the
+    SDXL refiner (OpenCLIP bigG alone, at ``conditioner.embedders.0.model``) is refused."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except (OSError, SafetensorError) as error:
+        raise LoramillError(f"{path}: cannot read checkpoint ({error})") from None
+    if any(key.startswith("conditioner.embedders.1.") for key in keys):
+        return "sdxl"
+    if any(key.startswith("conditioner.") for key in keys):
+        raise LoramillError(f"{path}: an SDXL refiner checkpoint; loramill trains SDXL base")
+    return "sd1"
+
+
 def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, config: str | None) -> Path:
-    """Write the diffusers folder for a single-file SD 1.x/2.x checkpoint (safetensors only:
-    a pickle checkpoint can run code when loaded)."""
-    from diffusers import StableDiffusionPipeline
+    """Write the diffusers folder for a single-file SD 1.x/2.x or SDXL checkpoint (safetensors
+    only: a pickle checkpoint can run code when loaded)."""
+    from loramill.models.families import family_code
 
     source, out = Path(checkpoint), Path(out_dir)
     if source.suffix != ".safetensors":
@@ -60,11 +79,11 @@ def convert(checkpoint: str | os.PathLike, out_dir: str | os.PathLike, config: s
     if out.exists():
         raise LoramillError(f"{out}: already exists")
     local = config is not None and Path(config).exists()
+    family = family_code(checkpoint_family(source))
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(source), config=config, local_files_only=local,
-            safety_checker=None, requires_safety_checker=False,
-        )  # fmt: skip
+        pipe = family.pipeline_class().from_single_file(
+            str(source), config=config, local_files_only=local, **family.pipeline_options()
+        )
     except (OSError, ValueError, KeyError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise LoramillError(f"{source}: cannot convert ({reason})") from None

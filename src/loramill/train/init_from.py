@@ -1,7 +1,8 @@
 """Incremental training: start a LoRA from an existing adapter file (``train.init_from``).
 
 Accepts what loramill exports and what other trainers share: kohya-named files
-(``lora_unet_…`` / ``lora_te_…`` with per-module ``.alpha``), checkpoints
+(``lora_unet_…`` / ``lora_te_…``, SDXL's ``lora_te1_…`` / ``lora_te2_…``, with per-module
+``.alpha``), checkpoints
 (``unet.…lora_A.weight``) and the diffusers-format export (whose alpha is the rank: the trained
 scale is in its weights). The rank is read from the file; a rank or alpha that differs from
 the configured one is refused, because the adapter would then load at another strength.
@@ -14,34 +15,37 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
+from loramill.export.kohya_naming import KOHYA_KEY_PREFIXES, KohyaNames, model_names
 from loramill.models.checkpoint import adapter_state, read_checkpoint
 from loramill.models.diffusers_names import checkpoint_key
-from loramill.models.kohya_names import KOHYA_PREFIXES, PEFT_SUFFIXES, TE_ROOT, kohya_module
+from loramill.models.kohya_names import PEFT_SUFFIXES, TE_ROOT
 from loramill.models.network import NetworkSpec
 
 KOHYA_SUFFIXES = {kohya: peft for peft, kohya in PEFT_SUFFIXES.items()}
 
 
-def _kohya_names(models: dict[str, Any]) -> dict[str, tuple[str, str]]:
+def _kohya_names(models: dict[str, Any], kohya: KohyaNames) -> dict[str, tuple[str, str]]:
     """kohya module name → (component, peft module path), for the layers being trained."""
     names = {}
     for component, model in models.items():
         for key in adapter_state(model)[0]:
             module = key.removesuffix(".lora_A.weight").removesuffix(".lora_B.weight")
-            names[kohya_module(component, module)] = (component, module)
+            names[kohya.module(component, module)] = (component, module)
     return names
 
 
 def _from_kohya(tensors: dict[str, Any], models: dict[str, Any], path: str) -> dict[str, Any]:
-    names = _kohya_names(models)
+    kohya = model_names(models)
+    names = _kohya_names(models, kohya)
     converted = {}
     for key, tensor in sorted(tensors.items()):
         module, _, suffix = key.partition(".")
         if suffix == "alpha":
             continue
-        if module.startswith(KOHYA_PREFIXES["text_encoder"]) and "text_encoder" not in models:
+        component = kohya.component_of(module)
+        if component not in (None, "unet") and component not in models:
             raise LoramillError(
-                f"train.init_from {path}: the file has text_encoder layers; set "
+                f"train.init_from {path}: the file has {component} layers; set "
                 "train.train_text_encoder: true to train them"
             )
         if module not in names:
@@ -93,7 +97,7 @@ def read_init_weights(
             f"the config has rank {rank}, alpha {alpha:g} (set train.rank and train.alpha)"
         )
     tensors = checkpoint.tensors
-    if any(key.startswith(tuple(KOHYA_PREFIXES.values())) for key in tensors):
+    if any(key.startswith(KOHYA_KEY_PREFIXES) for key in tensors):
         tensors = _from_kohya(tensors, models, str(path))
     else:  # the diffusers export spells UNet keys as diffusers and ComfyUI both read them
         tensors = {checkpoint_key(key): tensor for key, tensor in tensors.items()}

@@ -1,0 +1,217 @@
+"""The metadata of an exported file: kohya sd-scripts' ``ss_*`` training fields and its
+``sshs_*`` hashes, ModelSpec's ``modelspec.*`` labels, and loramill's own keys, as model sites,
+metadata viewers and AUTOMATIC1111 read them."""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loramill import LoramillError
+from loramill.export.kohya_naming import KOHYA_KEY_PREFIXES
+from loramill.files import serialize_safetensors as serialize
+from loramill.hashing import LEGACY_LENGTH, LEGACY_OFFSET, legacy_hash
+from loramill.models.checkpoint import (
+    ADAPTER_METADATA_KEY,
+    METADATA_PREFIX,
+    PROVENANCE_KEY,
+    STEP_KEY,
+    Checkpoint,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+MODELSPEC = {
+    "modelspec.sai_model_spec": "1.0.0",
+    "modelspec.implementation": "https://github.com/huggingface/diffusers",
+}
+# The base the adapter was trained on (its family's ``version``: loramill.models.sd, .sdxl) as
+# kohya and ModelSpec name it: ss_base_model_version, ss_v2, modelspec.architecture.
+BASE_LABELS = {
+    "sd_v1": ("sd_v1", "False", "stable-diffusion-v1/lora"),
+    "sd_v2": ("sd_v2", "True", "stable-diffusion-v2-512/lora"),
+    "sd_v2-v": ("sd_v2", "True", "stable-diffusion-v2-768-v/lora"),
+    "sdxl": ("sdxl_base_v1-0", "False", "stable-diffusion-xl-v1-base/lora"),
+}
+# ModelSpec's implementation of a file: the code whose module names its keys use. kohya's SDXL
+# names are the original (Stability AI) UNet's, so kohya writes this for SDXL LoRAs.
+SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+
+
+def _provenance(checkpoint: Checkpoint) -> dict[str, Any]:
+    raw = checkpoint.metadata.get(PROVENANCE_KEY)
+    if raw is None:
+        raise LoramillError(f"checkpoint has no '{PROVENANCE_KEY}' metadata")
+    try:
+        provenance = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise LoramillError(f"'{PROVENANCE_KEY}' metadata is not JSON ({error.msg})") from None
+    if not isinstance(provenance, dict):
+        raise LoramillError(f"'{PROVENANCE_KEY}' metadata is not a JSON object")
+    return provenance
+
+
+def _epoch(provenance: dict[str, Any], step: str | None) -> int | None:
+    """The epoch a step falls in (kohya's ss_epoch), from the batches an epoch has."""
+    per_epoch = provenance.get("batches_per_epoch")
+    if not per_epoch or step is None:
+        return None
+    accumulation = provenance.get("train_config", {}).get("gradient_accumulation_steps", 1)
+    return -(-int(step) * accumulation // per_epoch)
+
+
+def _network_args(train_config: dict[str, Any]) -> str | None:
+    """kohya's ss_network_args: the network options beyond dim and alpha, as JSON strings."""
+    args = {}
+    if train_config.get("network_target") == "kohya_conv":  # LoCon: conv rank and alpha
+        conv_alpha = train_config.get("conv_alpha")
+        args["conv_dim"] = str(train_config.get("conv_rank") or train_config.get("rank"))
+        args["conv_alpha"] = str(
+            conv_alpha if conv_alpha is not None else train_config.get("alpha")
+        )
+    for name in ("rank_dropout", "module_dropout"):
+        if train_config.get(name):
+            args[name] = str(train_config[name])
+    return json.dumps(args, sort_keys=True) if args else None
+
+
+def _model_name(base_model: str) -> str | None:
+    # kohya's rule: a local path is recorded by its last component, a hub id as given.
+    path = Path(base_model)
+    return (path.name if path.exists() else base_model) or None
+
+
+def data_hash(serialized: bytes) -> str:
+    """sha256 of a safetensors file's tensor data (everything after the header).
+
+    A1111 and kohya's ``sshs_model_hash``: editing metadata does not change it.
+    """
+    header_length = int.from_bytes(serialized[:8], "little")
+    return hashlib.sha256(serialized[8 + header_length :]).hexdigest()
+
+
+def safetensors_hashes(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]
+) -> tuple[str, str]:
+    """(``sshs_model_hash``, ``sshs_legacy_hash``) as kohya sd-scripts precomputes them.
+
+    Both are taken from the file serialized with only the ``ss_*`` metadata, so later edits
+    of other metadata keep them stable.
+    """
+    training = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    # Canonical header: the legacy hash reads bytes that can include the header.
+    serialized = serialize(dict(tensors), training)
+    return data_hash(serialized), legacy_hash(
+        serialized[LEGACY_OFFSET : LEGACY_OFFSET + LEGACY_LENGTH]
+    )
+
+
+def creation_date() -> str:
+    """``modelspec.date``: the UTC day the file is written, or the day of ``SOURCE_DATE_EPOCH``.
+
+    A date, not a time, and only in the header: tensors and hashes never see it, and two exports
+    on one day are byte-identical. SOURCE_DATE_EPOCH (the reproducible-builds convention)
+    pins it, so a rebuild matches a published file byte for byte.
+    """
+    raw = os.environ.get("SOURCE_DATE_EPOCH")
+    if raw is None:
+        moment = datetime.datetime.now(datetime.UTC)
+    else:
+        try:
+            moment = datetime.datetime.fromtimestamp(int(raw), datetime.UTC)
+        except (ValueError, OverflowError, OSError):
+            raise LoramillError(
+                f"SOURCE_DATE_EPOCH={raw!r} is not a count of seconds since 1970"
+            ) from None
+    return moment.date().isoformat()
+
+
+def _training_fields(provenance: dict[str, Any], step: str | None) -> dict[str, Any]:
+    """kohya's ss_* fields that a checkpoint may lack (None: left out)."""
+    train_config = provenance.get("train_config") or {}
+    source = provenance.get("base_model_file") or {}
+    resolution = provenance.get("resolution")
+    return {
+        "ss_seed": provenance.get("seed"),
+        "ss_num_train_images": provenance.get("num_images"),
+        "ss_max_train_steps": train_config.get("max_train_steps"),
+        "ss_learning_rate": train_config.get("learning_rate"),
+        "ss_resolution": None if resolution is None else (resolution, resolution),
+        "ss_sd_model_name": source.get("file") or _model_name(provenance.get("base_model", "")),
+        # AUTOMATIC1111's hashes exist for single-file checkpoints only (models.single_file)
+        "ss_sd_model_hash": source.get("model_hash"),
+        "ss_new_sd_model_hash": source.get("sha256"),
+        "ss_steps": step,
+        "ss_epoch": _epoch(provenance, step),
+        "ss_max_train_epochs": train_config.get("max_train_epochs"),
+        "ss_unet_lr": train_config.get("unet_lr") or train_config.get("learning_rate"),
+        "ss_text_encoder_lr": train_config.get("text_encoder_lr"),
+        "ss_network_dropout": train_config.get("network_dropout") or None,
+        "ss_network_args": _network_args(train_config),
+    }
+
+
+def _base_labels(provenance: dict[str, Any], tensors: Mapping[str, Any]) -> dict[str, str]:
+    """What the adapter was trained on, as kohya and ModelSpec label it, and the code whose
+    module names the file's keys use."""
+    # Checkpoints from before the label was recorded were all trained on SD1 bases.
+    base = provenance.get("base_version", "sd_v1")
+    if base not in BASE_LABELS:
+        raise LoramillError(f"provenance base_version '{base}': no kohya label for it")
+    version, v2, architecture = BASE_LABELS[base]
+    labels = {"ss_base_model_version": version, "ss_v2": v2, "modelspec.architecture": architecture}
+    if base == "sdxl" and all(key.startswith(KOHYA_KEY_PREFIXES) for key in tensors):
+        labels["modelspec.implementation"] = SGM_IMPLEMENTATION
+    return labels
+
+
+def kohya_metadata(
+    checkpoint: Checkpoint, tensors: Mapping[str, torch.Tensor], output_name: str
+) -> dict[str, str]:
+    """String metadata for an exported file holding ``tensors``.
+
+    Values are written the way kohya sd-scripts writes them (``str()`` of its Python
+    values) so metadata viewers and model sites parse them. The one time-dependent value is
+    ``modelspec.date`` (see creation_date).
+    """
+    provenance = _provenance(checkpoint)
+    # kohya has one dim/alpha per file; the UNet's is the one users set (and the TE's match).
+    configs = checkpoint.adapter_configs
+    config = configs.get("unet") or configs.get("text_encoder") or configs.get("text_encoder_2")
+    if not config or "r" not in config or "lora_alpha" not in config:
+        raise LoramillError(
+            f"checkpoint has no adapter config (r, lora_alpha) in {ADAPTER_METADATA_KEY}"
+        )
+    resolution = provenance.get("resolution")
+    optional = _training_fields(provenance, checkpoint.metadata.get(STEP_KEY))
+    metadata = {
+        "ss_output_name": output_name,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(int(config["r"])),
+        "ss_network_alpha": str(float(config["lora_alpha"])),
+        # kohya groups tag counts by dataset folder: {folder: {tag: count}}.
+        "ss_tag_frequency": json.dumps(
+            {str(provenance.get("dataset", output_name)): provenance.get("tag_frequency", {})},
+            sort_keys=True,
+        ),
+        **{k: str(v) for k, v in optional.items() if v is not None},
+        **MODELSPEC,
+        **_base_labels(provenance, tensors),
+        "modelspec.title": output_name,
+        "modelspec.date": creation_date(),
+    }
+    if resolution is not None:
+        metadata["modelspec.resolution"] = f"{resolution}x{resolution}"
+    if provenance.get("trigger"):
+        metadata["modelspec.trigger_phrase"] = str(provenance["trigger"])
+    metadata.update({k: v for k, v in checkpoint.metadata.items() if k.startswith(METADATA_PREFIX)})
+    model_hash, legacy_hash = safetensors_hashes(tensors, metadata)
+    metadata["sshs_model_hash"] = model_hash
+    metadata["sshs_legacy_hash"] = legacy_hash
+    return metadata
