@@ -24,13 +24,24 @@ def sd15():
     return unet, text_encoder
 
 
-def test_the_layout_is_the_one_diffusers_converts_from(sd15):
-    """Every LDM module of the generated layout, run through diffusers' own single-file
-    converter, lands on the diffusers module the layout pairs it with."""
+@pytest.mark.parametrize("unet_config", ["sd15", "sdxl", "tiny_sdxl"])
+def test_the_layout_is_the_one_diffusers_converts_from(unet_config):
+    """Every LDM module of the generated layout (SDXL's: per-level transformer depth,
+    ``label_emb``), run through diffusers' own single-file converter, lands on the diffusers
+    module the layout pairs it with; they are all of the UNet's weighted modules."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
-    unet = sd15[0]
+    from loramill.demo.full_size import SDXL
+    from loramill.demo.tiny_sdxl import TINY_SDXL
+
+    sizes = {"sd15": SD15, "sdxl": SDXL, "tiny_sdxl": TINY_SDXL}[unet_config]["unet"]
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**sizes)
     pairs = unet_pairs(unet.config)
+    if "sdxl" in unet_config:
+        assert pairs["label_emb.0.0"] == "add_embedding.linear_1"
     checkpoint, origin = {}, {}
     for ldm in sorted(pairs):
         for kind in ("weight", "bias"):
@@ -42,7 +53,6 @@ def test_the_layout_is_the_one_diffusers_converts_from(sd15):
     assert len(landed) == len(origin)
     for (ldm, kind), diffusers_key in landed.items():
         assert diffusers_key == f"{pairs[ldm]}.{kind}", ldm
-    # and those are the modules of a real SD1.5-architecture UNet
     weighted = {n for n, m in unet.named_modules() if getattr(m, "weight", None) is not None}
     assert set(pairs.values()) == weighted
 

@@ -11,7 +11,6 @@ import torch
 from loramill import LoramillError
 from loramill.export.client_rules import check_lands, trained_modules
 from loramill.export.kohya_naming import KohyaNames
-from loramill.export.ldm_names import unet_pairs
 from loramill.export.sdxl_layout import SdxlLayout
 from loramill.export.verify import Clients
 from loramill.export.write import to_diffusers, to_kohya
@@ -100,38 +99,6 @@ def test_full_size_sdxl_names_are_kohyas(full_size):
     assert names.module("text_encoder", "encoder.layers.11.mlp.fc1") == (
         "lora_te1_text_model_encoder_layers_11_mlp_fc1"
     )
-
-
-@pytest.mark.parametrize("size", ["full", "tiny"])
-def test_the_sdxl_layout_is_the_one_diffusers_converts_from(full_size, size):
-    """Every LDM module of the generated SDXL layout (per-level transformer depth,
-    ``label_emb``), run through diffusers' own single-file converter, lands on the diffusers
-    module the layout pairs it with; they are all of the UNet's weighted modules."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    from loramill.demo.tiny_sdxl import TINY_SDXL
-
-    if size == "full":
-        unet = full_size["unet"]
-    else:
-        with init_empty_weights():
-            unet = UNet2DConditionModel(**TINY_SDXL["unet"])
-    pairs = unet_pairs(unet.config)
-    assert pairs["label_emb.0.0"] == "add_embedding.linear_1"
-    checkpoint, origin = {}, {}
-    for ldm in sorted(pairs):
-        for kind in ("weight", "bias"):
-            checkpoint[f"model.diffusion_model.{ldm}.{kind}"] = torch.tensor([float(len(origin))])
-            origin[len(origin)] = (ldm, kind)
-    converted = convert_ldm_unet_checkpoint(checkpoint, dict(unet.config))
-    landed = {origin[int(v.item())]: k for k, v in converted.items()}
-    assert len(landed) == len(origin)
-    for (ldm, kind), diffusers_key in landed.items():
-        assert diffusers_key == f"{pairs[ldm]}.{kind}", ldm
-    weighted = {n for n, m in unet.named_modules() if getattr(m, "weight", None) is not None}
-    assert set(pairs.values()) == weighted
 
 
 def fake_checkpoint(models: dict, target: str) -> Checkpoint:
