@@ -5,6 +5,7 @@ the train stage's peak memory.
     .venv/bin/python bench/sdxl_train_step.py build /tmp/sdxl-full       # once: 7 GB in bf16
     .venv/bin/python bench/sdxl_train_step.py compare /tmp/sdxl-full [--resolution 512]
     .venv/bin/python bench/sdxl_train_step.py memory /tmp/sdxl-full [--resolution 1024]
+    .venv/bin/python bench/sdxl_train_step.py export /tmp/sdxl-full --checkpoints DIR
 
 ``compare``: loramill's ``Training.step`` (the train stage's own step, its models loaded by
 the stage's own ``prepare``: latents and both encoders' outputs cached, kohya's 722 UNet
@@ -13,7 +14,10 @@ modules or the attention projections) against the step of diffusers'
 batch, both text encoders (bf16) encode its captions, the UNet (bf16, LoRA on to_q/k/v/out at
 rank 4, float32) predicts the noise under bf16 autocast, AdamW. Both: batch 1, bf16, gradient
 checkpointing, 2 threads. ``memory``: one process that trains 2 steps through ``train_lora``,
-as the stage does; its peak RSS (loading included).
+as the stage does; its peak RSS (loading included). ``export``: the export job's own
+``export_and_verify`` on those checkpoints (every file checked against the full-size model in
+diffusers, ComfyUI's, AUTOMATIC1111's and kohya's rules, strength 0 = base); its time and
+peak RSS.
 """
 
 from __future__ import annotations
@@ -168,7 +172,11 @@ def compare(model: Path, resolution: int, rounds: int, steps: int, target: str) 
 
 
 def memory(model: Path, resolution: int) -> None:
+    import logging
+
     from loramill.train.loop import train_lora
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     root = Path(tempfile.mkdtemp(prefix="sdxl-memory-"))
     data = dataset(root, resolution)
@@ -177,24 +185,42 @@ def memory(model: Path, resolution: int) -> None:
     train_lora(*data, root / "checkpoints", root / "tb", str(model), config,
                cache_root=root / "cache")  # fmt: skip
     print(f"{resolution} px: 2 steps through train_lora in {time.perf_counter() - start:.0f} s, "
-          f"peak RSS {rss_gib():.2f} GiB")  # fmt: skip
+          f"peak RSS {rss_gib():.2f} GiB; checkpoints in {root / 'checkpoints'}")  # fmt: skip
+
+
+def export(model: Path, checkpoints: Path) -> None:
+    from loramill.config import schema_defaults
+    from loramill.export.verify import export_and_verify
+
+    out = Path(tempfile.mkdtemp(prefix="sdxl-export-"))
+    files = [out / name for name in ("b.safetensors", "b.diffusers.safetensors", "b.md")]
+    start = time.perf_counter()
+    export_and_verify(checkpoints, *files, out / "steps", "b", schema_defaults("export"),
+                      str(model), False, TRAIN)  # fmt: skip
+    print(
+        f"exported and verified in {time.perf_counter() - start:.0f} s, "
+        f"peak RSS {rss_gib():.2f} GiB: {', '.join(p.name for p in out.rglob('*.*'))}"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("build", "compare", "memory"))
+    parser.add_argument("command", choices=("build", "compare", "memory", "export"))
     parser.add_argument("model", type=Path)
     parser.add_argument("--resolution", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=2, help="steps per round")
     parser.add_argument("--target", default="kohya", help="loramill's network_target")
+    parser.add_argument("--checkpoints", type=Path, help="export: a memory run's checkpoints")
     args = parser.parse_args()
     if args.command == "build":
         build(args.model)
     elif args.command == "compare":
         compare(args.model, args.resolution or 512, args.rounds, args.steps, args.target)
-    else:
+    elif args.command == "memory":
         memory(args.model, args.resolution or 1024)
+    else:
+        export(args.model, args.checkpoints)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ import torch
 
 from loramill.demo.full_size import SD15
 from loramill.demo.tiny_models import CLIP_TEXT
-from loramill.export.kohya_naming import KohyaNames
 from loramill.export.ldm_names import LdmLayout, a1111_name, unet_pairs
+from loramill.models.kohya_names import KohyaNames
 
 
 @pytest.fixture(scope="module")

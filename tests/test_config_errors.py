@@ -438,8 +438,7 @@ def test_option_classes_take_the_schema_defaults():
     from dataclasses import asdict, fields
 
     from loramill.captions.merge_rules import Rules
-    from loramill.models.families import DEFAULT_RESOLUTION
-    from loramill.prepare.buckets import BucketSpec
+    from loramill.prepare.buckets import DEFAULT_RESOLUTION, BucketSpec
     from loramill.prepare.resize import Settings
     from loramill.text.train import TextTrainConfig
     from loramill.train.config import TrainConfig

@@ -19,16 +19,16 @@ from safetensors.torch import load_file, save_file
 
 from loramill import LoramillError
 from loramill.export.client_rules import trained_modules
-from loramill.export.kohya_naming import (
+from loramill.export.verify import export_and_verify, verify_exports
+from loramill.export.write import export_adapter, to_kohya
+from loramill.models.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
+from loramill.models.kohya_names import (
     KohyaNames,
     checkpoint_names,
     kohya_file_modules,
     loaded_lora_modules,
     model_names,
 )
-from loramill.export.verify import export_and_verify, verify_exports
-from loramill.export.write import export_adapter, to_kohya
-from loramill.models.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from loramill.models.network import NetworkSpec, add_lora
 
 ENCODERS = ("text_encoder", "text_encoder_2")

@@ -10,11 +10,11 @@ import torch
 
 from loramill import LoramillError
 from loramill.export.client_rules import check_lands, trained_modules
-from loramill.export.kohya_naming import KohyaNames
 from loramill.export.sdxl_layout import SdxlLayout
 from loramill.export.verify import Clients
 from loramill.export.write import to_diffusers, to_kohya
 from loramill.models.checkpoint import Checkpoint
+from loramill.models.kohya_names import KohyaNames
 from loramill.models.network import network_modules
 
 ENCODERS = ("text_encoder", "text_encoder_2")

@@ -12,10 +12,10 @@ from safetensors.torch import load_file, save_file
 
 from loramill import LoramillError
 from loramill.export.client_rules import check_lands
-from loramill.export.kohya_naming import KohyaNames
 from loramill.export.verify import Clients, file_modules, verify_exports
 from loramill.export.write import export_adapter
 from loramill.models.checkpoint import ADAPTER_METADATA_KEY, read_checkpoint, save_checkpoint
+from loramill.models.kohya_names import KohyaNames
 from loramill.models.network import NetworkSpec, add_lora
 
 

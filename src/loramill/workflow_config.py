@@ -36,8 +36,8 @@ from loramill.config import (
 )
 from loramill.grid.plan import check_grid
 from loramill.models.base_model import resolve_base_model
-from loramill.models.families import DEFAULT_RESOLUTION, image_family
-from loramill.prepare.buckets import BucketSpec
+from loramill.models.families import image_family
+from loramill.prepare.buckets import DEFAULT_RESOLUTION, BucketSpec
 from loramill.text.language_model import resolve_language_model
 from loramill.train.config import TrainConfig, text_encoder_lrs
 

@@ -18,7 +18,7 @@ leaves unread, which it skips with at most a log line:
 - kohya sd-scripts (``networks/lora.py`` ``create_network_from_weights``): the same grouping;
   dim from ``lora_down``, alpha from ``.alpha`` or else the dim (scale 1); a module exists
   only for the names its network gives the Linear and Conv2d layers of its target blocks (on
-  SDXL, in its own LDM-layout UNet: loramill.export.kohya_naming), and
+  SDXL, in its own LDM-layout UNet: loramill.models.kohya_names), and
   ``load_state_dict(strict=False)`` drops every other key silently. (On SDXL it first
   renames diffusers-layout UNet names to its own, ``convert_diffusers_to_sai_if_needed``;
   exports hold kohya's own names only, so that rename is not modelled: such a name counts
@@ -38,7 +38,7 @@ from loramill import LoramillError
 from loramill.models.checkpoint import Checkpoint, module_alpha
 
 if TYPE_CHECKING:
-    from loramill.export.kohya_naming import KohyaNames
+    from loramill.models.kohya_names import KohyaNames
 
 Applied = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
 Load = tuple[Applied, list[str]]

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loramill import LoramillError
-from loramill.export.kohya_naming import KOHYA_KEY_PREFIXES
 from loramill.files import serialize_safetensors as serialize
 from loramill.hashing import LEGACY_LENGTH, LEGACY_OFFSET, legacy_hash
 from loramill.models.checkpoint import (
@@ -23,6 +22,7 @@ from loramill.models.checkpoint import (
     STEP_KEY,
     Checkpoint,
 )
+from loramill.models.kohya_names import KOHYA_KEY_PREFIXES
 
 if TYPE_CHECKING:
     import torch

@@ -36,16 +36,16 @@ from loramill.export.client_rules import (
     tolerance,
     trained_modules,
 )
-from loramill.export.kohya_naming import (
+from loramill.export.ldm_names import LdmLayout
+from loramill.export.sdxl_layout import SdxlLayout
+from loramill.models.checkpoint import STEP_PREFIX, component_order, read_checkpoint
+from loramill.models.diffusers_names import checkpoint_key
+from loramill.models.kohya_names import (
     KOHYA_KEY_PREFIXES,
     KohyaNames,
     loaded_lora_modules,
     model_names,
 )
-from loramill.export.ldm_names import LdmLayout
-from loramill.export.sdxl_layout import SdxlLayout
-from loramill.models.checkpoint import STEP_PREFIX, component_order, read_checkpoint
-from loramill.models.diffusers_names import checkpoint_key
 from loramill.models.network import network_modules
 
 log = logging.getLogger(__name__)

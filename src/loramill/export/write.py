@@ -16,7 +16,6 @@ from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from loramill import LoramillError
-from loramill.export.kohya_naming import KohyaNames, checkpoint_names
 from loramill.export.metadata import kohya_metadata
 from loramill.files import serialize_safetensors as serialize
 from loramill.files import write_bytes
@@ -27,7 +26,7 @@ from loramill.models.checkpoint import (
     read_checkpoint,
 )
 from loramill.models.diffusers_names import diffusers_key
-from loramill.models.kohya_names import PEFT_SUFFIXES, TE_ROOT
+from loramill.models.kohya_names import PEFT_SUFFIXES, TE_ROOT, KohyaNames, checkpoint_names
 
 if TYPE_CHECKING:
     import torch
@@ -81,7 +80,7 @@ def _module_alpha(checkpoint: Checkpoint, component: str, module: str) -> float:
 def to_kohya(checkpoint: Checkpoint, names: KohyaNames | None = None) -> dict[str, torch.Tensor]:
     """Rename checkpoint tensors to kohya keys and add each module's true ``.alpha``.
 
-    ``names``: kohya's names for the checkpoint's base model (loramill.export.kohya_naming;
+    ``names``: kohya's names for the checkpoint's base model (loramill.models.kohya_names;
     by default its family's, SDXL's from its base model's UNet config).
     """
     import torch
@@ -153,7 +152,7 @@ def to_diffusers(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], str]:
     tensors = {}
     for (component, module), pair in _pairs(checkpoint).items():
         scale = _module_alpha(checkpoint, component, module) / pair["A"].shape[0]
-        # every text encoder by transformers 4's path (loramill.export.kohya_naming)
+        # every text encoder by transformers 4's path (loramill.models.kohya_names)
         if component != "unet" and not module.startswith(TE_ROOT):
             module = TE_ROOT + module
         tensors[diffusers_key(component, module, "A")] = pair["A"]

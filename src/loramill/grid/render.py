@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
-from loramill.export.kohya_naming import kohya_file_modules, loaded_lora_modules, model_names
 from loramill.files import atomic_path
 from loramill.grid.plan import Cell
 from loramill.hashing import hash_value
+from loramill.models.kohya_names import kohya_file_modules, loaded_lora_modules, model_names
 from loramill.reruns.run_cache import human
 from loramill.software import RENDERING, versions
 

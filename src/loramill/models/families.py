@@ -22,8 +22,6 @@ from loramill.model_files import HUB_ID, hub_snapshot
 
 FAMILIES = ("sd1", "sd2", "sdxl")
 DESCRIBED = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL"}
-# resize.resolution when the config sets none: what each family's base models were trained at
-DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
 TRAINED = "Stable Diffusion 1.x/2.x and SDXL base models (a UNet on 4 latent channels)"
 
 

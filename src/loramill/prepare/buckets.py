@@ -32,12 +32,14 @@ from typing import TYPE_CHECKING, Any
 
 from loramill import LoramillError
 from loramill.config import with_schema_defaults
-from loramill.models.families import DEFAULT_RESOLUTION
 
 if TYPE_CHECKING:
     import torch
 
 Size = tuple[int, int]  # (width, height)
+# resize.resolution when the config sets none: what each model family's base models were
+# trained at (family names: loramill.models.families)
+DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
 
 
 @dataclass(frozen=True)

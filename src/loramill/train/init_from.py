@@ -15,10 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
-from loramill.export.kohya_naming import KOHYA_KEY_PREFIXES, KohyaNames, model_names
 from loramill.models.checkpoint import adapter_state, read_checkpoint
 from loramill.models.diffusers_names import checkpoint_key
-from loramill.models.kohya_names import PEFT_SUFFIXES, TE_ROOT
+from loramill.models.kohya_names import (
+    KOHYA_KEY_PREFIXES,
+    PEFT_SUFFIXES,
+    TE_ROOT,
+    KohyaNames,
+    model_names,
+)
 from loramill.models.network import NetworkSpec
 
 KOHYA_SUFFIXES = {kohya: peft for peft, kohya in PEFT_SUFFIXES.items()}
