@@ -283,6 +283,9 @@ def grid_settings(grid: dict[str, Any], trigger: str, resolution: int) -> dict[s
 REPLACED = {
     "dtype": "replaced by train.mixed_precision (no | fp16 | bf16); LoRA weights and "
     "optimizer state always stay float32",
+    # kohya's SDXL option: loramill's only behaviour, whatever the family
+    "no_half_vae": "the VAE always encodes in float32 here (SDXL's overflows in fp16), "
+    "once per image into the latent cache; remove the option",
 }
 
 
