@@ -48,7 +48,7 @@ def base_dtypes(cfg: TrainConfig) -> str | dict[str, str]:
 
 
 def make_accelerator(cfg: TrainConfig, device_spec: str, logdir: str | os.PathLike) -> Any:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
     device = resolve_device(device_spec)
@@ -56,11 +56,15 @@ def make_accelerator(cfg: TrainConfig, device_spec: str, logdir: str | os.PathLi
     # accelerate keeps its settings in a process-wide singleton; a second training in one
     # process (tests, notebooks) with other settings must start from a clean one.
     AcceleratorState._reset_state(reset_partial_state=True)
+    # A trained text encoder read below its last layer (SDXL's penultimate states, clip_skip)
+    # has LoRA layers no loss reaches, as in kohya's network: DDP must be told to expect them.
+    unused = DistributedDataParallelKwargs(find_unused_parameters=cfg.train_text_encoder)
     return Accelerator(
         mixed_precision=cfg.mixed_precision,
         cpu=device.type == "cpu",
         log_with="tensorboard",
         project_dir=str(logdir),
+        kwargs_handlers=[unused],
     )
 
 
