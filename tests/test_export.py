@@ -417,8 +417,10 @@ def test_base_version_comes_from_the_model_config(tiny_sd):
 
     assert base_version(load_pipeline(tiny_sd)) == "sd_v1"
 
+    from diffusers.configuration_utils import FrozenDict  # what a model's .config is
+
     def pipe(width, prediction):
-        unet = SimpleNamespace(config=SimpleNamespace(cross_attention_dim=width))
+        unet = SimpleNamespace(config=FrozenDict(cross_attention_dim=width))
         return SimpleNamespace(
             unet=unet, scheduler=SimpleNamespace(config={"prediction_type": prediction})
         )

@@ -15,7 +15,7 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.model_files import load_error, resolve_base_model
-from loramill.models.families import family_code, image_family
+from loramill.models.families import family_code, image_family, unet_family
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -38,11 +38,7 @@ def load_pipeline(
     ``family``: base_model_family, which the model must agree with). ``dtype``: one for every
     component, or one per component name with the others' under ``default``."""
     source = resolve_base_model(spec)
-    try:
-        found = image_family(str(model_folder(spec)), family)
-    except LoramillError as error:  # named by the spec the user wrote, not the cache folder
-        raise LoramillError(str(error).replace(str(model_folder(spec)), spec)) from None
-    code = family_code(found or "sd1")
+    code = family_code(image_family(source, family) or "sd1")
     try:
         pipe = code.pipeline_class().from_pretrained(
             source,
@@ -62,9 +58,7 @@ def load_pipeline(
 
 def pipeline_family(pipe: Any) -> Any:
     """The family code of a loaded pipeline (loramill.models.sd or .sdxl)."""
-    if hasattr(pipe, "text_encoder_2"):
-        return family_code("sdxl")
-    return family_code("sd2" if pipe.unet.config.cross_attention_dim == 1024 else "sd1")
+    return family_code(unet_family(pipe.unet.config))
 
 
 def text_parts(pipe: Any) -> tuple[list[Any], list[Any]]:

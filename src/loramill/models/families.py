@@ -56,8 +56,11 @@ def folder_family(folder: Path) -> str | None:
     unet = _config(folder / "unet" / "config.json")
     if found := _refused(folder, pipeline, unet):
         raise LoramillError(f"{found}; loramill trains {TRAINED}")
-    if unet is None:
-        return None
+    return None if unet is None else unet_family(unet)
+
+
+def unet_family(unet: Any) -> str:
+    """The family of a UNet of a family loramill trains, from its config (a mapping)."""
     if unet.get("addition_embed_type") == "text_time":  # SDXL's size and crop conditioning
         return "sdxl"
     return "sd2" if unet.get("cross_attention_dim") == 1024 else "sd1"

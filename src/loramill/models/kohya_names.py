@@ -19,7 +19,7 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.models.checkpoint import PROVENANCE_KEY, Checkpoint
-from loramill.models.families import family_code
+from loramill.models.families import family_code, unet_family
 from loramill.models.ldm_unet import unet_pairs
 
 # peft suffix -> kohya suffix; nothing else (biases, DoRA magnitudes) has a kohya spelling.
@@ -116,9 +116,7 @@ def model_names(models: Mapping[str, Any]) -> KohyaNames:
     """kohya's names for a base model's UNet and text encoders (pipeline component name →
     model): SDXL's for a UNet with SDXL's size and crop conditioning."""
     config = models["unet"].config
-    if config.get("addition_embed_type") == "text_time" or "text_encoder_2" in models:
-        return KohyaNames("sdxl", config)
-    return KohyaNames("sd")
+    return KohyaNames(unet_family(config), config)
 
 
 def kohya_file_modules(keys: Iterable[str], names: KohyaNames) -> dict[str, set[str]]:

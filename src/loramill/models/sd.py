@@ -60,9 +60,9 @@ class StableDiffusion:
         return self.pipeline_class()(**components, **extra)
 
     def version(self, pipe: Any) -> str:
-        """``sd_v2`` (a 1024-wide text encoder, OpenCLIP ViT-H) with ``-v`` for
-        v-prediction, else ``sd_v1``: what the export labels the adapter."""
-        if pipe.unet.config.cross_attention_dim != 1024:
+        """``sd_v1``, or ``sd_v2`` with ``-v`` for v-prediction: what the export labels
+        the adapter."""
+        if self.name != "sd2":
             return "sd_v1"
         v_prediction = pipe.scheduler.config.get("prediction_type") == "v_prediction"
         return "sd_v2-v" if v_prediction else "sd_v2"
