@@ -145,6 +145,11 @@ def test_a_config_error_reaches_the_terminal_as_one_line(workdir):
             "loramill: config: train.no_half_vae: the VAE always encodes in float32 here",
         ),
         (
+            {"train": {"cache_text_encoder_outputs": True}},
+            "loramill: config: train.cache_text_encoder_outputs: the frozen text encoders' "
+            "outputs are always cached here",
+        ),
+        (
             {"train": {"lr_warmup_steps": 5}},
             "config: datasets.wide_bands.train.lr_warmup_steps: 5 has no effect with "
             "lr_scheduler: constant; use lr_scheduler: constant_with_warmup",

@@ -286,6 +286,8 @@ REPLACED = {
     # kohya's SDXL option: loramill's only behaviour, whatever the family
     "no_half_vae": "the VAE always encodes in float32 here (SDXL's overflows in fp16), "
     "once per image into the latent cache; remove the option",
+    "cache_text_encoder_outputs": "the frozen text encoders' outputs are always cached here "
+    "(.cache/text_embeddings/) while captions do not vary per step; remove the option",
 }
 
 
