@@ -3,7 +3,9 @@
 ``SD15`` feeds ``loramill.demo.tiny_models.sd_pipeline`` (with ``CLIP_TEXT``'s token ids);
 ``SDXL`` holds the keyword arguments of diffusers' ``UNet2DConditionModel`` and
 ``AutoencoderKL`` and of the two transformers ``CLIPTextConfig`` of Stable Diffusion XL base 1.0
-(it feeds ``loramill.demo.tiny_sdxl.sdxl_pipeline``).
+(it feeds ``loramill.demo.tiny_sdxl.sdxl_pipeline``). ``FLUX_DEV``, ``FLUX_SCHNELL`` and
+``CHROMA`` hold the keyword arguments of diffusers' ``FluxTransformer2DModel`` and
+``ChromaTransformer2DModel`` for FLUX.1 [dev], FLUX.1 [schnell] and Chroma.
 """
 
 # Stable Diffusion 1.5's layer sizes (UNet 859.5 M, VAE 83.7 M, CLIP-L 123.1 M parameters);
@@ -61,4 +63,27 @@ SDXL = {
         "hidden_act": "gelu",
         "projection_dim": 1280,
     },
+}
+
+# FLUX.1's MMDiT transformer (11.9 G parameters): 19 double-stream and 38 single-stream blocks,
+# 3072 wide (24 heads of 128), on T5-XXL's 4096-wide states and CLIP-L's 768-wide pooled output;
+# 64 input features (16 latent channels packed 2 × 2). [dev] embeds a guidance scale, [schnell]
+# does not. Chroma prunes the blocks' modulation layers for one approximator and drops CLIP.
+FLUX = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "axes_dims_rope": (16, 56, 56),
+}
+FLUX_DEV = {**FLUX, "pooled_projection_dim": 768, "guidance_embeds": True}
+FLUX_SCHNELL = {**FLUX, "pooled_projection_dim": 768, "guidance_embeds": False}
+CHROMA = {
+    **FLUX,
+    "approximator_num_channels": 64,
+    "approximator_hidden_dim": 5120,
+    "approximator_layers": 5,
 }
