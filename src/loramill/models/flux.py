@@ -1,0 +1,145 @@
+"""The Flux family: FLUX.1 [dev] and [schnell] (``flux``) and Chroma (``chroma``), MMDiT
+transformers on packed 16-channel latents, trained by flow matching.
+
+As kohya's ``flux_train_network.py`` and diffusers' Flux pipelines do it:
+
+- FLUX.1: T5's last hidden states (``t5xxl_max_token_length`` tokens, padded; 512 for [dev],
+  256 for [schnell], kohya's defaults) and CLIP-L's pooled output (77 tokens), T5 attending to
+  its padding as FluxPipeline's does (kohya's ``apply_t5_attn_mask`` is not offered yet); [dev]
+  also gets the guidance scale it was distilled with (``guidance_scale``), [schnell] has no
+  guidance embedding;
+- Chroma: T5 alone, reading the caption with its attention mask; the transformer gets
+  ChromaPipeline's mask of the caption and one padding token (kohya keeps one padding token
+  too) as diffusers' pipeline passes it, so training sees what its grid renders with;
+- the latents, scaled and shifted by the VAE's config, packed 2 × 2 into tokens
+  (loramill.models.flux_latents), the text tokens at position zero.
+
+Which modules are trained, and their names in kohya's layout: loramill.models.flux_layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from loramill.models.flux_latents import image_ids, pack
+
+CLIP_TOKENS = 77
+
+
+@dataclass(frozen=True)
+class FluxText:
+    """How captions become Flux's conditioning (kohya's option names)."""
+
+    t5xxl_max_token_length: int = 512
+
+
+class Flux:
+    denoiser = "transformer"
+
+    def __init__(self, name: str = "flux") -> None:
+        self.name = name  # "flux" (FLUX.1 [dev] or [schnell]) or "chroma"
+        chroma = name == "chroma"
+        self.text_encoders = ("text_encoder",) if chroma else ("text_encoder", "text_encoder_2")
+        self.tokenizers = ("tokenizer",) if chroma else ("tokenizer", "tokenizer_2")
+        # kohya's prefixes (networks/lora_flux.py): CLIP-L is te1, T5 te3 (Chroma's only encoder)
+        prefixes = ("lora_te3",) if chroma else ("lora_te1", "lora_te3")
+        encoders = dict(zip(self.text_encoders, prefixes, strict=True))
+        self.kohya_prefixes: dict[str, str] = {"transformer": "lora_unet", **encoders}
+
+    def pipeline_class(self) -> Any:
+        from diffusers import ChromaPipeline, FluxPipeline
+
+        return ChromaPipeline if self.name == "chroma" else FluxPipeline
+
+    def pipeline_options(self) -> dict[str, Any]:
+        return {}
+
+    def assemble(self, components: dict[str, Any]) -> Any:
+        return self.pipeline_class()(**components, **self.pipeline_options())
+
+    def version(self, pipe: Any) -> str:
+        """kohya's ``ss_base_model_version``: ``flux1`` for [dev] and [schnell], ``chroma``."""
+        return "chroma" if self.name == "chroma" else "flux1"
+
+    def architecture(self, pipe: Any) -> str:
+        """ModelSpec's ``architecture`` of a LoRA on this base (kohya's sai_model_spec)."""
+        if self.name == "chroma":
+            return "chroma/lora"
+        dev = pipe.transformer.config.guidance_embeds
+        return f"flux-1-{'dev' if dev else 'schnell'}/lora"
+
+    def encode(
+        self, tokenizers: list[Any], encoders: list[Any], captions: Sequence[str], how: FluxText
+    ) -> dict[str, torch.Tensor]:
+        """T5's hidden states (``hidden``); for Chroma its attention mask (``mask``), for FLUX.1
+        CLIP-L's pooled output (``pooled``)."""
+        t5, t5_tokenizer = encoders[-1], tokenizers[-1]
+        tokens = t5_tokenizer(
+            list(captions),
+            padding="max_length",
+            max_length=how.t5xxl_max_token_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        ids, mask = tokens.input_ids.to(t5.device), tokens.attention_mask.to(t5.device)
+        if self.name == "chroma":  # Chroma's T5 reads the caption alone
+            return {"hidden": t5(ids, attention_mask=mask)[0], "mask": mask}
+        out = {"hidden": t5(ids)[0]}
+        clip_ids = tokenizers[0](
+            list(captions),
+            padding="max_length",
+            max_length=CLIP_TOKENS,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(encoders[0].device)
+        out["pooled"] = encoders[0](clip_ids).pooler_output
+        return out
+
+    def denoiser_inputs(
+        self,
+        conditioning: dict[str, torch.Tensor],
+        latents: torch.Tensor,
+        sigma: torch.Tensor,
+        guidance_scale: float,
+        config: Any,
+    ) -> dict[str, Any]:
+        """The transformer's keyword inputs for noisy ``latents`` (batch, 16, h, w) at noise
+        levels ``sigma`` (its timestep; it scales by 1000 itself)."""
+        hidden = conditioning["hidden"]
+        height, width = latents.shape[-2:]
+        inputs = {
+            "hidden_states": pack(latents),
+            "timestep": sigma.to(latents.dtype),
+            "encoder_hidden_states": hidden,
+            "txt_ids": torch.zeros(hidden.shape[1], 3, device=latents.device),
+            "img_ids": image_ids(height, width).to(latents.device),
+        }
+        if self.name == "chroma":
+            # As ChromaPipeline passes it: 1 for the tokens kept, 0 for the others, in the
+            # latents' dtype (the transformer's attention adds it to the scores)
+            text = _kept_text(conditioning["mask"]).to(latents.dtype)
+            image = torch.ones(text.shape[0], inputs["hidden_states"].shape[1], dtype=text.dtype)
+            inputs["attention_mask"] = torch.cat([text, image.to(text.device)], dim=1)
+            return inputs
+        inputs["pooled_projections"] = conditioning["pooled"]
+        if config.guidance_embeds:
+            guidance = torch.full((latents.shape[0],), float(guidance_scale))
+            inputs["guidance"] = guidance.to(latents.device)
+        return inputs
+
+    def prompt_arguments(
+        self, pipe: Any, prompts: list[str], negatives: list[str], how: FluxText
+    ) -> dict[str, Any]:
+        """The pipeline's prompt arguments: T5 read as training read it."""
+        return {"prompt": list(prompts), "max_sequence_length": how.t5xxl_max_token_length}
+
+
+def _kept_text(mask: torch.Tensor) -> torch.Tensor:
+    """Chroma's text tokens the transformer attends to: the caption's and one padding token."""
+    lengths = mask.sum(dim=1, keepdim=True)
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+    return positions <= lengths
