@@ -35,17 +35,6 @@ RANK = 16
 RECIPE_TARGETS = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj",
                   "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj",
                   "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")  # fmt: skip
-FLUX_VAE = {
-    "block_out_channels": (128, 256, 512, 512),
-    "down_block_types": ("DownEncoderBlock2D",) * 4,
-    "up_block_types": ("UpDecoderBlock2D",) * 4,
-    "latent_channels": 16,
-    "layers_per_block": 2,
-    "scaling_factor": 0.3611,
-    "shift_factor": 0.1159,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
 
 
 def rss_gib() -> float:
@@ -127,6 +116,8 @@ def main() -> None:
           f"{runs['loramill'][2]}; peak RSS {rss_gib():.2f} GiB", flush=True)  # fmt: skip
     if args.recipe:
         from diffusers import AutoencoderKL
+
+        from loramill.demo.full_size import FLUX_VAE
 
         vae = AutoencoderKL(**FLUX_VAE).to(torch.bfloat16).requires_grad_(False)
         pixels = torch.rand(1, 3, args.resolution, args.resolution, generator=rng) * 2 - 1

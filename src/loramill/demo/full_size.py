@@ -5,7 +5,8 @@
 ``AutoencoderKL`` and of the two transformers ``CLIPTextConfig`` of Stable Diffusion XL base 1.0
 (it feeds ``loramill.demo.tiny_sdxl.sdxl_pipeline``). ``FLUX_DEV``, ``FLUX_SCHNELL`` and
 ``CHROMA`` hold the keyword arguments of diffusers' ``FluxTransformer2DModel`` and
-``ChromaTransformer2DModel`` for FLUX.1 [dev], FLUX.1 [schnell] and Chroma.
+``ChromaTransformer2DModel`` for FLUX.1 [dev], FLUX.1 [schnell] and Chroma, ``FLUX_VAE`` those of
+their autoencoder.
 """
 
 # Stable Diffusion 1.5's layer sizes (UNet 859.5 M, VAE 83.7 M, CLIP-L 123.1 M parameters);
@@ -86,4 +87,15 @@ CHROMA = {
     "approximator_num_channels": 64,
     "approximator_hidden_dim": 5120,
     "approximator_layers": 5,
+}
+# FLUX.1's autoencoder (Chroma's too): SD's layout with 16 latent channels, its own latent scale
+# and shift, no quant convs.
+FLUX_VAE = {
+    **SD15["vae"],
+    "latent_channels": 16,
+    "sample_size": 1024,
+    "scaling_factor": 0.3611,
+    "shift_factor": 0.1159,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
 }

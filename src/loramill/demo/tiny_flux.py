@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from loramill.demo.full_size import FLUX_VAE
 from loramill.demo.tiny_models import CLIP_TEXT, build_clip_tokenizer
 
 HEADS, HEAD_DIM = 2, 8  # 16 wide; the rotary axes (2, 2, 4) split a head's 8 dims
@@ -34,19 +35,9 @@ TINY_FLUX = {
         "pooled_projection_dim": 32,
         "axes_dims_rope": (2, 2, 4),
     },
-    "vae": {
-        "block_out_channels": (16, 16, 32, 32),
-        "down_block_types": ("DownEncoderBlock2D",) * 4,
-        "up_block_types": ("UpDecoderBlock2D",) * 4,
-        "latent_channels": 16,
-        "layers_per_block": 1,
-        "norm_num_groups": 8,
-        "sample_size": 64,
-        "scaling_factor": 0.3611,  # FLUX.1's autoencoder
-        "shift_factor": 0.1159,
-        "use_quant_conv": False,
-        "use_post_quant_conv": False,
-    },
+    # FLUX.1's autoencoder at small widths (its four levels: 8× down, 16 channels)
+    "vae": {**FLUX_VAE, "block_out_channels": (16, 16, 32, 32), "layers_per_block": 1,
+            "norm_num_groups": 8, "sample_size": 64},
     "text_encoder": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                      "num_attention_heads": 4, "projection_dim": 32},
     "text_encoder_2": {"d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
