@@ -87,8 +87,12 @@ def test_the_map_agrees_with_diffusers_single_file_converter():
     model = full_size(FLUX_DEV)
     found, modules = linears(model), bfl_modules(model.config)
     sizes = {bfl: sum(found[p].out_features for p in parts) for bfl, parts in modules.items()}
-    counter = iter(range(10**9))
-    numbered = lambda rows: torch.tensor([[float(next(counter))] for _ in range(rows)])  # noqa: E731
+    start = [0]
+
+    def numbered(rows: int) -> torch.Tensor:  # one column of consecutive numbers
+        start[0] += rows
+        return torch.arange(start[0] - rows, start[0], dtype=torch.float64)[:, None]
+
     checkpoint = {}
     for name, rows in [*sizes.items(), *((outside, 2) for outside in OUTSIDE)]:
         checkpoint[f"{name}.weight"] = numbered(rows)
