@@ -53,9 +53,11 @@ def test_diffusers_reads_the_bfl_file_back_into_each_part():
     assert kohya[f"{kohya_name('single_blocks.0.linear2')}.alpha"] == ALPHA
     theirs = FluxPipeline.lora_state_dict(dict(kohya))
     assert len(theirs) == 2 * len(pairs)
+    probe = torch.randn(15360, 8, generator=torch.Generator().manual_seed(2))  # B·A·probe, not B·A
     for name, pair in pairs.items():
         a, b = (theirs[f"transformer.{name}.lora_{x}.weight"] for x in "AB")
-        assert torch.allclose(b @ a, ALPHA / RANK * pair["B"] @ pair["A"], rtol=1e-5), name
+        ours = ALPHA / RANK * pair["B"] @ (pair["A"] @ probe[: a.shape[1]])
+        assert torch.allclose(b @ (a @ probe[: a.shape[1]]), ours, rtol=1e-5, atol=1e-5), name
 
 
 def test_the_fused_file_on_bfl_weights_gives_the_diffusers_adapters_model():
