@@ -18,6 +18,11 @@ def configs(folder) -> tuple[str, dict]:
     return pipeline, json.loads((folder / "transformer" / "config.json").read_text())
 
 
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory) -> tuple[str, dict]:
+    return configs(build_tiny_flux(tmp_path_factory.mktemp("dev")))
+
+
 @pytest.mark.parametrize(
     ("options", "family", "variant"),
     [
@@ -47,7 +52,7 @@ def test_written_folders_are_told_apart(tmp_path, options, family, variant):
     ],
     ids=["fill", "kontext", "fill-weights", "control", "sd3", "mismatch"],
 )  # fmt: skip
-def test_other_kinds_are_refused_by_name(tmp_path, pipeline, changes, message):
-    _, transformer = configs(build_tiny_flux(tmp_path / "m"))
+def test_other_kinds_are_refused_by_name(dev, pipeline, changes, message):
+    _, transformer = dev
     with pytest.raises(LoramillError, match=message):
         transformer_family(pipeline, {**transformer, **changes})
