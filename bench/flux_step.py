@@ -8,10 +8,10 @@ process. Every block kind appears, so per-block figures extrapolate: 19 double +
 groups of one double and two single blocks, so the full model's step is the (1, 2) run plus 18
 times the difference between the (2, 4) run and it.
 
-``loramill``: loramill's pieces of a Flux step — kohya's targets (loramill.models.flux_layout,
+``loramill``: loramill's pieces of a Flux step — kohya's targets (loramill.models.flux.layout,
 every Linear of the blocks), the flow-matching draw (loramill.train.flow_matching, kohya's
 default ``sigma`` sampling, shift 3, ``raw`` prediction), the transformer's inputs
-(loramill.models.flux) — on cached latents and text states, bf16 autocast, fp32 LoRA layers,
+(loramill.models.flux.family) — on cached latents and text states, bf16 autocast, fp32 LoRA layers,
 AdamW, gradient checkpointing; ``--fp8`` stores the frozen Linear weights in float8
 (loramill.models.float8). ``recipe``: diffusers' ``train_dreambooth_lora_flux.py`` step — the
 VAE (full-size FLUX.1 autoencoder, random weights) encodes the batch every step, LoRA on its
@@ -72,8 +72,8 @@ def build(double: int, single: int, targets: list[str] | tuple[str, ...], fp8: b
 
 
 def step(model, optimizer, latents, text, sigma) -> None:
-    from loramill.models.flux import Flux
-    from loramill.models.flux_latents import unpack
+    from loramill.models.flux.family import Flux
+    from loramill.models.flux.latents import unpack
     from loramill.train.flow_matching import FlowMatching, as_prediction, noisy_latents, velocity
 
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
@@ -90,7 +90,7 @@ def step(model, optimizer, latents, text, sigma) -> None:
 
 
 def main() -> None:
-    from loramill.models.flux_layout import peft_targets
+    from loramill.models.flux.layout import peft_targets
     from loramill.train.flow_matching import FlowMatching, sample_sigmas
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

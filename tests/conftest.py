@@ -410,3 +410,49 @@ def plain_run(prepared, tiny_sd, tmp_path_factory):
     folder = tmp_path_factory.mktemp("plain")
     written, lines = train_recorded(prepared, folder, tiny_sd, cache_root=folder / "cache")
     return SimpleNamespace(written=written, lines=lines, folder=folder)
+
+
+# ---------------------------------------------------------------- exports and Flux layouts
+
+
+def render(pipe):
+    """A 64 px image of the pipeline (two steps, seed 0), as a tensor: exports compared."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    images = pipe("a photo of smplx", height=64, width=64, num_inference_steps=2,
+                  generator=generator, output_type="np").images  # fmt: skip
+    return torch.from_numpy(images)
+
+
+def assert_kohya_and_diffusers_agree(pipe, base) -> None:
+    """With the two export files loaded as adapters ``kohya`` and ``diffusers``: strength 0 is
+    the base image ``base``, strength 1 changes it, and both files draw the same image."""
+    import torch
+
+    pipe.set_adapters("kohya", adapter_weights=0.0)
+    assert torch.equal(render(pipe), base)
+    pipe.set_adapters("kohya", adapter_weights=1.0)
+    with_kohya = render(pipe)
+    assert (with_kohya - base).abs().max() > 1e-3
+    pipe.set_adapters("diffusers", adapter_weights=1.0)
+    torch.testing.assert_close(render(pipe), with_kohya, rtol=1e-5, atol=1e-5)
+
+
+def linears(model) -> dict:
+    """A model's Linear layers by name."""
+    import torch
+
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def random_lora_pairs(model, names, rank: int, seed: int = 0) -> dict:
+    """Random LoRA factors {"A": (rank, in), "B": (out, rank)} for the Linears ``names``."""
+    import torch
+
+    rng, found = torch.Generator().manual_seed(seed), linears(model)
+    return {
+        name: {"A": torch.randn(rank, found[name].in_features, generator=rng),
+               "B": torch.randn(found[name].out_features, rank, generator=rng)}
+        for name in names
+    }  # fmt: skip

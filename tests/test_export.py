@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE_PROVENANCE, digest, make_random_checkpoint
+from conftest import (
+    SAMPLE_PROVENANCE,
+    assert_kohya_and_diffusers_agree,
+    digest,
+    make_random_checkpoint,
+    render,
+)
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
@@ -38,19 +44,6 @@ def exported(random_checkpoint, tmp_path_factory) -> dict[str, Path]:
     paths = {"kohya": out / "sample.safetensors", "diffusers": out / "sample.diffusers.safetensors"}
     export_adapter(random_checkpoint, paths["kohya"], paths["diffusers"], "sample")
     return paths
-
-
-def render(pipe) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(0)
-    images = pipe(
-        "a photo of smplx",
-        height=64,
-        width=64,
-        num_inference_steps=2,
-        generator=generator,
-        output_type="np",
-    ).images
-    return torch.from_numpy(images)
 
 
 @pytest.mark.parametrize("kind", ["kohya", "diffusers"])
@@ -85,14 +78,7 @@ def test_strength_zero_is_base_and_both_formats_agree(exported, tiny_sd):
     pipe.load_lora_weights(str(exported["kohya"]), adapter_name="kohya")
     pipe.load_lora_weights(str(exported["diffusers"]), adapter_name="diffusers")
 
-    pipe.set_adapters("kohya", adapter_weights=0.0)
-    assert torch.equal(render(pipe), base)
-    pipe.set_adapters("kohya", adapter_weights=1.0)
-    with_kohya = render(pipe)
-    assert (with_kohya - base).abs().max() > 1e-3
-    pipe.set_adapters("diffusers", adapter_weights=1.0)
-    with_diffusers = render(pipe)
-    torch.testing.assert_close(with_kohya, with_diffusers, rtol=1e-5, atol=1e-5)
+    assert_kohya_and_diffusers_agree(pipe, base)
 
 
 def test_kohya_alpha_is_the_trained_alpha_not_the_rank(exported):

@@ -9,28 +9,16 @@ import copy
 import pytest
 import torch
 from accelerate import init_empty_weights
+from conftest import linears, random_lora_pairs
 
 from loramill import LoramillError
 from loramill.demo.full_size import FLUX_DEV
 from loramill.demo.tiny_flux import TINY_FLUX
-from loramill.export.flux_kohya import to_bfl_kohya
-from loramill.models.flux_latents import image_ids
-from loramill.models.flux_layout import bfl_modules, kohya_name, peft_targets, row_slices
+from loramill.export.flux.kohya import to_bfl_kohya
+from loramill.models.flux.latents import image_ids
+from loramill.models.flux.layout import bfl_modules, kohya_name, peft_targets, row_slices
 
 RANK, ALPHA = 4, 8.0
-
-
-def linears(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-
-
-def random_pairs(model: torch.nn.Module, config: dict, seed: int = 0) -> dict:
-    rng, found = torch.Generator().manual_seed(seed), linears(model)
-    return {
-        name: {"A": torch.randn(RANK, found[name].in_features, generator=rng),
-               "B": torch.randn(found[name].out_features, RANK, generator=rng)}
-        for name in peft_targets(config)
-    }  # fmt: skip
 
 
 def test_diffusers_reads_the_bfl_file_back_into_each_part():
@@ -43,7 +31,7 @@ def test_diffusers_reads_the_bfl_file_back_into_each_part():
         from diffusers import FluxTransformer2DModel
 
         model = FluxTransformer2DModel(**config)
-    pairs = random_pairs(model, config)
+    pairs = random_lora_pairs(model, peft_targets(config), RANK)
     kohya = to_bfl_kohya(pairs, dict.fromkeys(pairs, ALPHA), config)
     assert len(kohya) == 3 * 13  # 10 + 3 modules: down, up, alpha each
     fused = kohya_name("double_blocks.0.img_attn.qkv")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SAMPLE_PROVENANCE
+from conftest import SAMPLE_PROVENANCE, assert_kohya_and_diffusers_agree, render
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -167,14 +167,6 @@ def test_sdxl_kohya_keys_are_kohyas_sdxl_names(export_job, checkpoints):
     assert "text_encoder.text_model.encoder.layers.1.mlp.fc2.lora_B.weight" in diffusers
 
 
-def render(pipe) -> torch.Tensor:
-    images = pipe(
-        "a photo of smplx", height=64, width=64, num_inference_steps=2,
-        generator=torch.Generator().manual_seed(0), output_type="np",
-    ).images  # fmt: skip
-    return torch.from_numpy(images)
-
-
 def test_both_files_load_into_the_sdxl_pipeline_at_the_trained_scale(export_job, checkpoints):
     """``StableDiffusionXLPipeline.load_lora_weights``: every trained module of the UNet and
     both encoders gets a layer applying alpha / rank · B @ A, nothing more; strength 0 renders
@@ -211,13 +203,7 @@ def test_both_files_load_into_the_sdxl_pipeline_at_the_trained_scale(export_job,
     assert [len(in_file[c]) for c in COMPONENTS] == [119, 12, 12]
     loaded = loaded_lora_modules(models, "kohya", names)
     assert {c: set(layers) for c, layers in loaded.items()} == in_file
-    pipe.set_adapters("kohya", adapter_weights=0.0)
-    assert torch.equal(render(pipe), base)
-    pipe.set_adapters("kohya", adapter_weights=1.0)
-    with_kohya = render(pipe)
-    assert (with_kohya - base).abs().max() > 1e-3
-    pipe.set_adapters("diffusers", adapter_weights=1.0)
-    torch.testing.assert_close(render(pipe), with_kohya, rtol=1e-5, atol=1e-5)
+    assert_kohya_and_diffusers_agree(pipe, base)
 
 
 def renamed(path: Path, out: Path, old: str, new: str) -> Path:

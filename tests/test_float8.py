@@ -10,8 +10,8 @@ import torch
 from loramill import LoramillError
 from loramill.demo.tiny_flux import TINY_FLUX
 from loramill.models.float8 import FLOAT8, check_float8_device, store_float8
-from loramill.models.flux_latents import image_ids
-from loramill.models.flux_layout import peft_targets
+from loramill.models.flux.latents import image_ids
+from loramill.models.flux.layout import peft_targets
 
 
 def transformer() -> torch.nn.Module:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loramill import LoramillError
-from loramill.models.flux_latents import image_ids, pack, unpack
+from loramill.models.flux.latents import image_ids, pack, unpack
 from loramill.train.flow_matching import (
     FlowMatching,
     as_prediction,

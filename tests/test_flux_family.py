@@ -1,4 +1,4 @@
-"""The Flux family's code (loramill.models.flux, issue #30) reads captions and feeds the
+"""The Flux family's code (loramill.models.flux.family, issue #30) reads captions and feeds the
 transformer exactly as diffusers' FluxPipeline and ChromaPipeline do: same text states, and a
 transformer call built from our inputs gives the pipeline's own first prediction."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from loramill.demo.tiny_flux import build_tiny_flux
-from loramill.models.flux import Flux, FluxText
-from loramill.models.flux_latents import pack
+from loramill.models.flux.family import Flux, FluxText
+from loramill.models.flux.latents import pack
 
 CAPTIONS = ["wband, a red circle on a white background", "a blue square"]
 HOW = FluxText(t5xxl_max_token_length=16)

@@ -9,23 +9,25 @@ import re
 import pytest
 import torch
 from accelerate import init_empty_weights
+from conftest import linears
 
 from loramill import LoramillError
 from loramill.demo.full_size import CHROMA, FLUX_DEV, FLUX_SCHNELL
-from loramill.models.flux_layout import bfl_modules, kohya_name, peft_targets, row_slices
+from loramill.models.flux.layout import (
+    bfl_modules,
+    is_chroma,
+    kohya_name,
+    peft_targets,
+    row_slices,
+)
 
 
 def full_size(config: dict) -> torch.nn.Module:
     from diffusers import ChromaTransformer2DModel, FluxTransformer2DModel
 
-    chroma = "approximator_num_channels" in config
-    kind = ChromaTransformer2DModel if chroma else FluxTransformer2DModel
+    kind = ChromaTransformer2DModel if is_chroma(config) else FluxTransformer2DModel
     with init_empty_weights():
         return kind(**config)
-
-
-def linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 @pytest.mark.parametrize(

@@ -1,15 +1,16 @@
-"""ComfyUI's (and Forge's) reading of a Flux LoRA (loramill.export.flux_rules, issue #30): kohya's
-fused BFL keys and diffusers' split keys both land on the BFL model's weights, each part on its
-own rows, at the trained strength; a key it has no name for is left unread."""
+"""ComfyUI's (and Forge's) reading of a Flux LoRA (loramill.export.flux.client_rules, issue
+#30): kohya's fused BFL keys and diffusers' split keys both land on the BFL model's weights,
+each part on its own rows, at the trained strength; a key it has no name for is left unread."""
 
 from __future__ import annotations
 
 import torch
+from conftest import linears, random_lora_pairs
 
 from loramill.demo.tiny_flux import TINY_FLUX
-from loramill.export.flux_kohya import to_bfl_kohya
-from loramill.export.flux_rules import comfyui_flux_load, fused_deltas
-from loramill.models.flux_layout import bfl_modules, peft_targets
+from loramill.export.flux.client_rules import comfyui_flux_load, fused_deltas
+from loramill.export.flux.kohya import to_bfl_kohya
+from loramill.models.flux.layout import bfl_modules, peft_targets
 
 RANK, ALPHA = 4, 8.0
 
@@ -18,12 +19,9 @@ def tiny() -> tuple[dict, dict, dict]:
     from diffusers import FluxTransformer2DModel
 
     model = FluxTransformer2DModel(**TINY_FLUX["transformer"], guidance_embeds=True)
-    config, rng = dict(model.config), torch.Generator().manual_seed(0)
-    found = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    pairs = {name: {"A": torch.randn(RANK, found[name].in_features, generator=rng),
-                    "B": torch.randn(found[name].out_features, RANK, generator=rng)}
-             for name in peft_targets(config)}  # fmt: skip
-    return config, pairs, {name: module.out_features for name, module in found.items()}
+    config = dict(model.config)
+    pairs = random_lora_pairs(model, peft_targets(config), RANK)
+    return config, pairs, {name: module.out_features for name, module in linears(model).items()}
 
 
 def expected(config: dict, pairs: dict, sizes: dict) -> dict:

@@ -10,7 +10,7 @@ from conftest import digest
 from loramill import LoramillError
 from loramill.demo.tiny_flux import build_t5_tokenizer, build_tiny_flux
 from loramill.models.families import image_family
-from loramill.models.flux_latents import image_ids, pack
+from loramill.models.flux.latents import image_ids, pack
 
 PROMPT = "wband, a red circle on a white background"
 

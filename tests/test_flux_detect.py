@@ -1,4 +1,4 @@
-"""Flux base models told apart from their configs (loramill.models.transformer_families, issue
+"""Flux base models told apart from their configs (loramill.models.flux.detect, issue
 #30): FLUX.1 [dev] / [schnell] and Chroma folders as the tiny builders and diffusers write them;
 Flux's task models and other transformers refused in one line naming what they are."""
 
@@ -10,7 +10,7 @@ import pytest
 
 from loramill import LoramillError
 from loramill.demo.tiny_flux import build_tiny_flux
-from loramill.models.transformer_families import flux_variant, transformer_family
+from loramill.models.flux.detect import flux_variant, transformer_family
 
 
 def configs(folder) -> tuple[str, dict]:

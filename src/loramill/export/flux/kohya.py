@@ -2,7 +2,7 @@
 
 loramill trains a LoRA pair on each diffusers module (``attn.to_q``, ``to_k``, ``to_v`` apart);
 kohya sd-scripts, ComfyUI and Forge name modules in Black Forest Labs' layout, where those three
-are one fused ``img_attn.qkv`` (loramill.models.flux_layout). A fused module's adapter is the
+are one fused ``img_attn.qkv`` (loramill.models.flux.layout). A fused module's adapter is the
 parts' adapters side by side: ``lora_down`` stacks the parts' ``lora_A`` (rank n·r), ``lora_up``
 puts each part's ``lora_B`` on the diagonal, so every part's output rows get exactly their own
 delta and nothing else. The file's rank is n·r, so its alpha is n·α: every loader scales by
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from loramill import LoramillError
-from loramill.models.flux_layout import bfl_modules, kohya_name
+from loramill.models.flux.layout import bfl_modules, kohya_name
 
 Pair = Mapping[str, torch.Tensor]  # {"A": lora_A (r, in), "B": lora_B (out, r)}
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from loramill.export.client_rules import Applied, comfyui_load
-from loramill.models.flux_layout import bfl_modules, kohya_name, row_slices
+from loramill.models.flux.layout import bfl_modules, kohya_name, row_slices
 
 
 def comfyui_key_map(config: Mapping[str, Any], sizes: Mapping[str, int]) -> dict[str, str]:

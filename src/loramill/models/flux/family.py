@@ -12,9 +12,9 @@ As kohya's ``flux_train_network.py`` and diffusers' Flux pipelines do it:
   ChromaPipeline's mask of the caption and one padding token (kohya keeps one padding token
   too) as diffusers' pipeline passes it, so training sees what its grid renders with;
 - the latents, scaled and shifted by the VAE's config, packed 2 × 2 into tokens
-  (loramill.models.flux_latents), the text tokens at position zero.
+  (loramill.models.flux.latents), the text tokens at position zero.
 
-Which modules are trained, and their names in kohya's layout: loramill.models.flux_layout.
+Which modules are trained, and their names in kohya's layout: loramill.models.flux.layout.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from loramill.models.flux_latents import image_ids, pack
+from loramill.models.flux.latents import image_ids, pack
 
 CLIP_TOKENS = 77
 

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from loramill import LoramillError
+from loramill.models.flux.layout import is_chroma
 
 TRANSFORMERS = {"FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "chroma"}
 PIPELINES = {"FluxPipeline": "flux", "ChromaPipeline": "chroma"}
@@ -48,6 +49,6 @@ def transformer_family(pipeline: str, transformer: Mapping[str, Any]) -> str:
 
 def flux_variant(transformer: Mapping[str, Any]) -> str:
     """``dev`` (a guidance embedding), ``schnell`` or ``chroma``: what labels the LoRA."""
-    if TRANSFORMERS.get(transformer.get("_class_name", "")) == "chroma":
+    if is_chroma(transformer):
         return "chroma"
     return "dev" if transformer.get("guidance_embeds") else "schnell"
