@@ -31,6 +31,7 @@ from loramill.train.stopping import pass_signals_to_jobs
 from loramill.reruns.staleness import Planner
 from loramill.text.language_model import text_job_mem_mb
 from loramill.train.config import LAUNCH_OPTIONS
+from loramill.train.family_options import FLUX_FAMILIES
 from loramill.config import grid_settings
 from loramill.workflow_config import load_datasets
 
@@ -248,6 +249,17 @@ def metadata_csv(wildcards):
     """The human caption edits table, when the dataset has one."""
     path = os.path.join(DATASETS[wildcards.ds]["path"], "metadata.csv")
     return [path] if os.path.isfile(path) else []
+
+
+def grid_adapters(wildcards):
+    """The grid's adapter file of every step: the export's kohya files (what users load, as
+    they load them); for FLUX.1 and Chroma the training checkpoints, diffusers-format files
+    of the adapter the export's kohya files hold (it verifies them against these), which
+    diffusers loads at any width (its converter of kohya's Flux layout reads FLUX.1's only).
+    """
+    if DATASETS[wildcards.ds]["family"] in FLUX_FAMILIES:
+        return f"results/{wildcards.ds}/checkpoints"
+    return f"exports/{wildcards.ds}-steps"
 
 
 def grid_captions(wildcards):

@@ -5,7 +5,8 @@ rule grid:
     input:
         # the export's kohya file of every checkpoint (<ds>-NNNNNN.safetensors, the last one
         # also exports/<ds>.safetensors): the grid shows what users load, and follows the export
-        adapters=keyed("exports/{ds}-steps"),
+        # (FLUX.1 and Chroma: the training checkpoints, see grid_adapters)
+        adapters=keyed(grid_adapters),
         # the training captions, only for a grid that sets no prompts
         captions=keyed(grid_captions),
         gate=gate("grid"),
@@ -39,9 +40,11 @@ rule grid:
             DATASETS[wildcards.ds]["trigger"],
             DATASETS[wildcards.ds]["resize"]["resolution"],
         ),
-        # the caption encoding the adapter was trained with
+        # the caption encoding the adapter was trained with (SD and SDXL: CLIP's; FLUX.1 and
+        # Chroma: T5's token count)
         clip_skip=setting("train", "clip_skip"),
         max_token_length=setting("train", "max_token_length"),
+        t5xxl_max_token_length=setting("train", "t5xxl_max_token_length"),
         device=config["device"],
     script:
         "../scripts/grid.py"

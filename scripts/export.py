@@ -1,4 +1,4 @@
-from loramill.export.verify import export_and_verify
+from loramill.export.job import export_and_verify
 from loramill.reruns.runner import run
 
 run(

@@ -7,7 +7,8 @@ run(
     snakemake,
     lambda: render_grid(
         base_model=snakemake.params.base_model,
-        # the export's kohya file of every step: what users load, as they load it
+        # every step's adapter: the export's kohya files, what users load as they load them
+        # (FLUX.1 and Chroma: the training checkpoints, rules/common.smk grid_adapters)
         adapters=sorted(Path(snakemake.input.adapters).glob("*.safetensors")),
         settings=with_caption_prompts(
             snakemake.params.grid, snakemake.input.captions, snakemake.wildcards.ds
@@ -18,6 +19,7 @@ run(
         name=snakemake.wildcards.ds,  # for the log only: a renamed dataset keeps its grid
         clip_skip=snakemake.params.clip_skip,
         max_token_length=snakemake.params.max_token_length,
+        t5xxl_max_token_length=snakemake.params.t5xxl_max_token_length,
         allow_unsafe_weights=snakemake.params.allow_unsafe_weights,
         device=snakemake.params.device,
     ),

@@ -105,6 +105,22 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     return build_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
 
 
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """The tiny FLUX.1 [dev]-architecture pipeline (loramill.demo.tiny_flux), built once."""
+    from loramill.demo.tiny_flux import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
+
+
+@pytest.fixture(scope="session")
+def tiny_chroma(tmp_path_factory) -> Path:
+    """The tiny Chroma-architecture pipeline, built once a session."""
+    from loramill.demo.tiny_flux import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-chroma", chroma=True)
+
+
 def make_random_checkpoint(path: Path, rank: int = 4, alpha: float = 2.0, seed: int = 0) -> Path:
     """A checkpoint whose LoRA weights are random (non-zero B), so strength visibly matters."""
     import torch

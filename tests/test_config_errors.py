@@ -251,9 +251,10 @@ OTHER_FAMILIES = {
         "an inpainting model (StableDiffusionInpaintPipeline: its UNet takes 9 input channels, "
         "not 4)",
     ),
-    "flux": (
-        "FluxPipeline", None, ["transformer"], ["unet"],
-        "a FluxPipeline whose denoiser is a transformer (transformer/), not a UNet",
+    "sd3": (
+        "StableDiffusion3Pipeline", None, ["transformer"], ["unet"],
+        "a StableDiffusion3Pipeline whose denoiser is a SD3Transformer2DModel, not a Flux "
+        "transformer",
     ),
 }  # fmt: skip
 
@@ -270,12 +271,15 @@ def test_a_base_model_of_another_family_is_named_before_any_job(workdir, tmp_pat
         (model / "unet" / "config.json").write_text(json.dumps({**config, **unet}))
     for name in added:
         (model / name).mkdir()
+        if name == "transformer":
+            config = {"_class_name": "SD3Transformer2DModel", "in_channels": 16}
+            (model / name / "config.json").write_text(json.dumps(config))
     for name in removed:
         shutil.rmtree(model / name)
     line = config_error(workdir, tmp_path, {"base_model": str(model)})
     assert line == (
         f"loramill: base_model '{model}': {found}; loramill trains Stable Diffusion 1.x/2.x "
-        "and SDXL base models (a UNet on 4 latent channels)"
+        "and SDXL base models (a UNet on 4 latent channels), FLUX.1 [dev] / [schnell] and Chroma"
     )
 
 
@@ -562,3 +566,47 @@ def test_options_that_mean_nothing_for_the_family_are_refused(workdir, tmp_path,
         "train.text_encoder_lr: 2 rates for 1 text encoders; give one number, or a list of one "
         "per text encoder (SDXL has two)"
     )
+
+
+FLUX_REFUSALS = {
+    "sd-only option on flux": (
+        "flux", {"train": {"clip_skip": 2}},
+        "train.clip_skip: an option of the Stable Diffusion families, and the base model is "
+        "flux; remove it",
+    ),
+    "flux option on sd1": (
+        "sd", {"train": {"timestep_sampling": "shift"}},
+        "train.timestep_sampling: an option of FLUX.1 and Chroma, and the base model is sd1; "
+        "remove it",
+    ),
+    "network target": (
+        "flux", {"train": {"network_target": "attention"}},
+        "train.network_target 'attention': Flux trains kohya's Flux network (every Linear of "
+        "the double and single blocks); use kohya, and train_blocks to choose blocks",
+    ),
+    "chroma's t5": (
+        "chroma", {"train": {"train_text_encoder": True}},
+        "train.train_text_encoder: Chroma's only text encoder is T5, which is not trained "
+        "(kohya's default); remove it",
+    ),
+    "bucket step": (
+        "flux", {"resize": {"bucket_reso_steps": 8}},
+        "resize.bucket_reso_steps 8: flux needs bucket sides that are multiples of 16; use 16, "
+        "64 or another multiple",
+    ),
+    "fp8 without bf16": (
+        "flux", {"train": {"fp8_base": True}},
+        "train.fp8_base: True has no effect with train.mixed_precision: no; use "
+        "mixed_precision: bf16, or drop fp8_base",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FLUX_REFUSALS)
+def test_flux_and_sd_options_are_refused_on_the_other_family(
+    workdir, tmp_path, tiny_flux, tiny_chroma, case
+):
+    base, override, message = FLUX_REFUSALS[case]
+    model = {"flux": str(tiny_flux), "chroma": str(tiny_chroma), "sd": "models/tiny-sd"}[base]
+    line = config_error(workdir, tmp_path, {"base_model": model, **override})
+    assert line.startswith("loramill: config: datasets.") and line.endswith(message)

@@ -19,7 +19,8 @@ from safetensors.torch import load_file, save_file
 
 from loramill import LoramillError
 from loramill.export.client_rules import trained_modules
-from loramill.export.verify import export_and_verify, verify_exports
+from loramill.export.job import export_and_verify
+from loramill.export.verify import verify_exports
 from loramill.export.write import export_adapter, to_kohya
 from loramill.models.checkpoint import Checkpoint, read_checkpoint, save_checkpoint
 from loramill.models.kohya_names import (

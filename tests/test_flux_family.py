@@ -62,11 +62,11 @@ def test_the_transformer_gets_the_pipelines_inputs(family_pipe):
     with torch.no_grad():
         conditioning = code.encode(*parts(code, pipe), CAPTIONS[:1], HOW)
         sigma = seen["kwargs"]["timestep"]
-        inputs = code.denoiser_inputs(conditioning, latents, sigma, 2.5, pipe.transformer.config)
+        inputs = code.denoiser_inputs(conditioning, latents, sigma, 2.5)
         ours = pipe.transformer(**inputs).sample
     assert torch.allclose(ours, seen["output"], atol=1e-6)
     if code.name == "flux":  # the guidance scale reaches the prediction
-        inputs = code.denoiser_inputs(conditioning, latents, sigma, 4.0, pipe.transformer.config)
+        inputs = code.denoiser_inputs(conditioning, latents, sigma, 4.0)
         with torch.no_grad():
             assert not torch.allclose(pipe.transformer(**inputs).sample, ours)
 

@@ -47,7 +47,7 @@ def _with_step(source: Path, target: Path, step: int) -> Path:
 
 def _exported(checkpoint: Path) -> Path:
     """The export stage's kohya file of a checkpoint, beside it in ``g-steps/``."""
-    from loramill.export.verify import step_export_name
+    from loramill.export.job import step_export_name
     from loramill.export.write import export_adapter
 
     target = checkpoint.parent / "g-steps" / step_export_name("g", checkpoint)

@@ -15,11 +15,6 @@ from loramill.models.flux.latents import image_ids, pack
 PROMPT = "wband, a red circle on a white background"
 
 
-@pytest.fixture(scope="module")
-def tiny_flux(tmp_path_factory):
-    return build_tiny_flux(tmp_path_factory.mktemp("models") / "tiny-flux")
-
-
 def files(root) -> list:
     return sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file())
 
@@ -76,6 +71,8 @@ def test_the_same_seed_builds_the_same_bytes(tiny_flux, tmp_path):
     assert digest(other / weights) != digest(tiny_flux / weights)
 
 
-def test_it_is_refused_as_a_base_model_until_flux_trains(tiny_flux):
-    with pytest.raises(LoramillError, match="a FluxPipeline whose denoiser is a transformer"):
-        image_family(str(tiny_flux))
+def test_it_is_a_base_model_of_the_flux_family(tiny_flux, tmp_path):
+    assert image_family(str(tiny_flux)) == "flux"
+    assert image_family(str(build_tiny_flux(tmp_path / "c", chroma=True))) == "chroma"
+    with pytest.raises(LoramillError, match=r"base_model_family 'sdxl' \(SDXL\) but base_model"):
+        image_family(str(tiny_flux), "sdxl")

@@ -18,8 +18,14 @@ from conftest import crash_and_resume, digest, train, train_logged, train_record
 from PIL import Image
 
 from loramill import LoramillError
-from loramill.models.checkpoint import list_checkpoints, read_checkpoint, step_name, step_of
-from loramill.train.config import TrainConfig, checkpoint_steps
+from loramill.models.checkpoint import (
+    checkpoint_steps,
+    list_checkpoints,
+    read_checkpoint,
+    step_name,
+    step_of,
+)
+from loramill.train.config import TrainConfig
 from loramill.train.state import state_key
 
 

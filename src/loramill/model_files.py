@@ -243,7 +243,9 @@ def check_pipeline_folder(spec: str, path: Path) -> None:
         ) from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise LoramillError(f"base_model '{spec}': unreadable model_index.json ({error})") from None
-    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+    # the denoiser: a UNet, or Flux's transformer
+    denoiser = "transformer" if (path / "transformer").is_dir() else "unet"
+    for name in (denoiser, "vae", "text_encoder", "tokenizer", "scheduler"):
         if not (path / name).is_dir():
             raise LoramillError(f"base_model '{spec}': missing component folder '{name}/'")
     if not isinstance(components, dict):

@@ -37,9 +37,10 @@ from loramill.config import (
 from loramill.grid.plan import check_grid
 from loramill.models.base_model import resolve_base_model
 from loramill.models.families import image_family
-from loramill.prepare.buckets import DEFAULT_RESOLUTION, BucketSpec
+from loramill.prepare.buckets import FAMILY_RESOLUTION, BucketSpec, check_family_step
 from loramill.text.language_model import resolve_language_model
-from loramill.train.config import TrainConfig, text_encoder_lrs
+from loramill.train.config import TrainConfig
+from loramill.train.family_options import check_family_options
 
 
 def validate_config(data: dict[str, Any]) -> None:
@@ -87,6 +88,7 @@ def check_image_dataset(settings: dict[str, Any]) -> None:
     """Problems a user can fix before any job runs: unknown captioner, train options that
     contradict each other, a missing init_from file."""
     BucketSpec.from_settings(settings["resize"])
+    check_family_step(settings["resize"]["bucket_reso_steps"], settings.get("family"))
     captioner_class(settings["caption"])
     train = TrainConfig.from_dict(settings["train"])
     check_family_options(train, settings.get("family"))
@@ -96,20 +98,9 @@ def check_image_dataset(settings: dict[str, Any]) -> None:
     if train.init_from and not Path(train.init_from).is_file():
         raise LoramillError(f"train.init_from: {train.init_from} is not a file")
     check_grid(
-        grid_settings(settings["grid"], settings["trigger"], settings["resize"]["resolution"])
+        grid_settings(settings["grid"], settings["trigger"], settings["resize"]["resolution"]),
+        settings.get("family"),
     )
-
-
-def check_family_options(train: TrainConfig, family: str | None) -> None:
-    """Options that mean nothing for the base model's family (None: not known yet)."""
-    if family == "sdxl" and train.clip_skip != 1:
-        raise LoramillError(
-            f"train.clip_skip {train.clip_skip}: SDXL is conditioned on each text encoder's "
-            "penultimate layer (kohya's sdxl_train_network ignores clip_skip); remove it"
-        )
-    encoders = 2 if family == "sdxl" else 1
-    if family and isinstance(train.text_encoder_lr, tuple):
-        text_encoder_lrs(train, ["unet", *[f"text_encoder_{i}" for i in range(encoders)]])
 
 
 def check_dataset(ds: str, settings: dict[str, Any]) -> None:
@@ -146,7 +137,7 @@ def load_datasets(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         if not text:  # first: a refiner, an inpainting or a Flux folder is named as such
             family = settings["family"] = image_family(model, settings["base_model_family"])
             # a hub model not downloaded yet: SD's, as before families (its job checks it)
-            settings["resize"].setdefault("resolution", DEFAULT_RESOLUTION[family or "sd1"])
+            settings["resize"].setdefault("resolution", FAMILY_RESOLUTION[family or "sd1"])
         (resolve_language_model if text else resolve_base_model)(model)
     for ds, settings in datasets.items():
         check_dataset(ds, settings)

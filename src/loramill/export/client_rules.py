@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from loramill import LoramillError
+from loramill.export.ldm_names import CLIP_LAYER_PARTS
 from loramill.models.checkpoint import Checkpoint, module_alpha
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ KOHYA_BLOCKS = {
     "unet": ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"),
     "text_encoder": ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"),
 }
+COMFYUI_CLIP_LAYERS = 32  # comfy/lora.py maps the layers of range(32)
 
 
 def comfyui_load(tensors: dict[str, torch.Tensor], key_map: dict[str, str]) -> Load:
@@ -74,6 +76,22 @@ def comfyui_load(tensors: dict[str, torch.Tensor], key_map: dict[str, str]) -> L
                 read |= {key + up, key + down, key + ".alpha"}
                 break
     return applied, sorted(set(tensors) - read)
+
+
+def comfyui_clip_keys(
+    component: str, prefixes: tuple[str, ...], layers: int, target: Callable[[int, str], str]
+) -> dict[str, str]:
+    """ComfyUI's keys of a CLIP text encoder's LoRA-able layers (``comfy/lora.py``
+    ``model_lora_keys_clip``: the first 32 layers): kohya's ``<prefix>text_model_encoder_…``
+    for each of ``prefixes`` and diffusers' ``<component>.text_model.…``, each to the module
+    ``target(layer, part)`` of the tool's model."""
+    keys = {}
+    for layer in range(min(layers, COMFYUI_CLIP_LAYERS)):
+        for part in CLIP_LAYER_PARTS:
+            path = f"text_model.encoder.layers.{layer}.{part}"
+            keys |= {prefix + path.replace(".", "_"): target(layer, part) for prefix in prefixes}
+            keys[f"{component}.{path}"] = target(layer, part)  # the diffusers-format spelling
+    return keys
 
 
 def named_load(tensors: dict[str, torch.Tensor], resolve: Callable[[str], str | None]) -> Load:

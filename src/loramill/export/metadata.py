@@ -22,6 +22,7 @@ from loramill.models.checkpoint import (
     STEP_KEY,
     Checkpoint,
 )
+from loramill.models.families import DENOISERS
 from loramill.models.kohya_names import KOHYA_KEY_PREFIXES
 
 if TYPE_CHECKING:
@@ -42,6 +43,20 @@ BASE_LABELS = {
 # ModelSpec's implementation of a file: the code whose module names its keys use. kohya's SDXL
 # names are the original (Stability AI) UNet's, so kohya writes this for SDXL LoRAs.
 SGM_IMPLEMENTATION = "https://github.com/Stability-AI/generative-models"
+# A Flux-family base (its family's ``version``: loramill.models.flux.family) → ModelSpec's
+# implementation of kohya's Flux LoRA, whose names are BFL's (kohya's sai_model_spec.py
+# IMPL_FLUX, IMPL_CHROMA). ModelSpec's architecture comes from the base model itself
+# (flux-1-dev/lora or flux-1-schnell/lora; chroma/lora): its version does not tell [dev] apart.
+FLUX_IMPLEMENTATIONS = {
+    "flux1": "https://github.com/black-forest-labs/flux",
+    "chroma": "https://huggingface.co/lodestones/Chroma",
+}
+FLUX_NETWORK_MODULE = "networks.lora_flux"  # kohya's ss_network_module of a Flux LoRA
+# The flow-matching options kohya's flux_train_network.py records (update_metadata), as ss_<name>
+FLUX_TRAINING = (
+    "timestep_sampling", "discrete_flow_shift", "sigmoid_scale", "model_prediction_type",
+    "guidance_scale",
+)  # fmt: skip
 
 
 def _provenance(checkpoint: Checkpoint) -> dict[str, Any]:
@@ -78,6 +93,8 @@ def _network_args(train_config: dict[str, Any]) -> str | None:
     for name in ("rank_dropout", "module_dropout"):
         if train_config.get(name):
             args[name] = str(train_config[name])
+    if train_config.get("train_blocks", "all") != "all":  # lora_flux's network argument
+        args["train_blocks"] = str(train_config["train_blocks"])
     return json.dumps(args, sort_keys=True) if args else None
 
 
@@ -157,33 +174,72 @@ def _training_fields(provenance: dict[str, Any], step: str | None) -> dict[str, 
     }
 
 
-def _base_labels(provenance: dict[str, Any], tensors: Mapping[str, Any]) -> dict[str, str]:
+def _base_labels(
+    provenance: dict[str, Any], tensors: Mapping[str, Any], architecture: str | None = None
+) -> dict[str, str]:
     """What the adapter was trained on, as kohya and ModelSpec label it, and the code whose
-    module names the file's keys use."""
+    module names the file's keys use. ``architecture``: ModelSpec's, for a Flux-family base."""
     # Checkpoints from before the label was recorded were all trained on SD1 bases.
     base = provenance.get("base_version", "sd_v1")
+    kohya_file = all(key.startswith(KOHYA_KEY_PREFIXES) for key in tensors)
+    if base in FLUX_IMPLEMENTATIONS:
+        return _flux_labels(provenance, base, architecture, kohya_file)
     if base not in BASE_LABELS:
         raise LoramillError(f"provenance base_version '{base}': no kohya label for it")
     version, v2, architecture = BASE_LABELS[base]
     labels = {"ss_base_model_version": version, "ss_v2": v2, "modelspec.architecture": architecture}
-    if base == "sdxl" and all(key.startswith(KOHYA_KEY_PREFIXES) for key in tensors):
+    if base == "sdxl" and kohya_file:
         labels["modelspec.implementation"] = SGM_IMPLEMENTATION
     return labels
 
 
-def kohya_metadata(
-    checkpoint: Checkpoint, tensors: Mapping[str, torch.Tensor], output_name: str
+def _flux_labels(
+    provenance: dict[str, Any], base: str, architecture: str | None, kohya_file: bool
 ) -> dict[str, str]:
-    """String metadata for an exported file holding ``tensors``.
+    """kohya's labels of a Flux-family LoRA (flux_train_network.py): its network module,
+    the base's version and family, the flow-matching options it was trained with."""
+    if architecture is None:
+        raise LoramillError(
+            f"base_version '{base}': a Flux LoRA's architecture is read from its base model"
+        )
+    train_config = provenance.get("train_config") or {}
+    labels = {
+        "ss_network_module": FLUX_NETWORK_MODULE,
+        "ss_base_model_version": base,
+        "ss_v2": "False",
+        "ss_model_type": str(provenance.get("family", base)),
+        "modelspec.architecture": architecture,
+    }
+    labels |= {
+        f"ss_{name}": str(train_config[name])
+        for name in FLUX_TRAINING
+        if train_config.get(name) is not None
+    }
+    if kohya_file:
+        labels["modelspec.implementation"] = FLUX_IMPLEMENTATIONS[base]
+    return labels
+
+
+def kohya_metadata(
+    checkpoint: Checkpoint,
+    tensors: Mapping[str, torch.Tensor],
+    output_name: str,
+    architecture: str | None = None,
+) -> dict[str, str]:
+    """String metadata for an exported file holding ``tensors``; ``architecture``: ModelSpec's
+    architecture of a LoRA on a Flux-family base (the family's ``architecture``).
 
     Values are written the way kohya sd-scripts writes them (``str()`` of its Python
     values) so metadata viewers and model sites parse them. The one time-dependent value is
     ``modelspec.date`` (see creation_date).
     """
     provenance = _provenance(checkpoint)
-    # kohya has one dim/alpha per file; the UNet's is the one users set (and the TE's match).
+    # kohya has one dim/alpha per file; the denoiser's is the one users set (the TE's match).
     configs = checkpoint.adapter_configs
-    config = configs.get("unet") or configs.get("text_encoder") or configs.get("text_encoder_2")
+    config = next(
+        (configs[c] for c in (*DENOISERS, "text_encoder", "text_encoder_2") if configs.get(c)),
+        None,
+    )
     if not config or "r" not in config or "lora_alpha" not in config:
         raise LoramillError(
             f"checkpoint has no adapter config (r, lora_alpha) in {ADAPTER_METADATA_KEY}"
@@ -202,7 +258,7 @@ def kohya_metadata(
         ),
         **{k: str(v) for k, v in optional.items() if v is not None},
         **MODELSPEC,
-        **_base_labels(provenance, tensors),
+        **_base_labels(provenance, tensors, architecture),
         "modelspec.title": output_name,
         "modelspec.date": creation_date(),
     }

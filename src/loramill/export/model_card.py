@@ -10,6 +10,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from loramill.export.metadata import FLUX_NETWORK_MODULE
 from loramill.files import write_bytes, write_text
 from loramill.models.checkpoint import PROVENANCE_KEY, read_checkpoint
 from loramill.report_pages import markdown_page
@@ -19,6 +20,12 @@ SETTINGS = (
     "learning_rate", "unet_lr", "text_encoder_lr", "train_text_encoder", "lr_scheduler",
     "max_train_steps", "max_train_epochs", "train_batch_size", "gradient_accumulation_steps",
     "mixed_precision", "min_snr_gamma", "noise_offset", "flip_aug", "repeats", "clip_skip",
+)  # fmt: skip
+# a Flux-family run's settings: its own (loramill.models.flux.family, .layout), without SD's
+FLUX_SETTINGS = (
+    *(s for s in SETTINGS if s != "clip_skip"),
+    "train_blocks", "timestep_sampling", "discrete_flow_shift", "sigmoid_scale",
+    "model_prediction_type", "guidance_scale", "t5xxl_max_token_length", "fp8_base",
 )  # fmt: skip
 
 
@@ -33,11 +40,14 @@ def _single_file(provenance: dict[str, Any]) -> list[tuple[str, str]]:
     )
 
 
-def _use(name: str, trigger: str) -> list[str]:
+def _use(name: str, trigger: str, flux: bool = False) -> list[str]:
     """The card's "Use" lines: which file goes to which client."""
+    words = ", ".join(f"`{w}`" for w in trigger.split(", ")) if trigger else "none"
+    return [f"Trigger words: {words}", "", *(_flux_use(name) if flux else _sd_use(name))]
+
+
+def _sd_use(name: str) -> list[str]:
     return [
-        f"Trigger words: {', '.join(f'`{w}`' for w in trigger.split(', ')) if trigger else 'none'}",
-        "",
         f"AUTOMATIC1111: copy `{name}.safetensors` to `models/Lora/` and add `<lora:{name}:0.7>`"
         " to the prompt. ComfyUI: `models/loras/`, LoraLoader. kohya sd-scripts: "
         f"`--network_weights {name}.safetensors`. diffusers:",
@@ -53,6 +63,25 @@ def _use(name: str, trigger: str) -> list[str]:
     ]
 
 
+def _flux_use(name: str) -> list[str]:
+    """A Flux-family LoRA's clients (AUTOMATIC1111 has no Flux; Forge loads as ComfyUI does)."""
+    return [
+        f"ComfyUI: copy `{name}.safetensors` to `models/loras/`, LoraLoader (or "
+        f"LoraLoaderModelOnly). Forge: `models/Lora/`, `<lora:{name}:0.7>` in the prompt. kohya "
+        f"sd-scripts (networks.lora_flux): `--network_weights {name}.safetensors`. diffusers:",
+        "",
+        "```python",
+        f'pipe.load_lora_weights("exports", weight_name="{name}.diffusers.safetensors")',
+        "```",
+        "",
+        f"`{name}.diffusers.safetensors` is the diffusers-format file (diffusers' module names, "
+        "alpha = rank, the trained scale in its weights); ComfyUI loads it fully too. diffusers "
+        "reads the kohya file only at FLUX.1's full width: its converter splits the single "
+        "blocks' fused projections at FLUX.1's sizes.",
+        "",
+    ]
+
+
 def model_card(kohya_path: str | os.PathLike, name: str, grid: str, grid_image: bool = True) -> str:
     """The card's Markdown for the kohya export at ``kohya_path``; ``grid``: the evaluation
     grid's path relative to the card, shown as an image or (``grid_image`` false: the card
@@ -62,6 +91,8 @@ def model_card(kohya_path: str | os.PathLike, name: str, grid: str, grid_image: 
     provenance = json.loads(metadata[PROVENANCE_KEY])
     train = provenance.get("train_config", {})
     trigger = metadata.get("modelspec.trigger_phrase", "")
+    flux = metadata.get("ss_network_module") == FLUX_NETWORK_MODULE
+    settings = FLUX_SETTINGS if flux else SETTINGS
     tags: Counter[str] = Counter()
     for folder in json.loads(metadata.get("ss_tag_frequency", "{}")).values():  # kohya: per folder
         tags.update(folder)
@@ -75,10 +106,10 @@ def model_card(kohya_path: str | os.PathLike, name: str, grid: str, grid_image: 
         "",
         "## Use",
         "",
-        *_use(name, trigger),
+        *_use(name, trigger, flux),
         "## Settings",
         "",
-        *_table(("option", "value"), [(k, train[k]) for k in SETTINGS if train.get(k) is not None]),
+        *_table(("option", "value"), [(k, train[k]) for k in settings if train.get(k) is not None]),
         "",
         "## Tags (top 20)",
         "",

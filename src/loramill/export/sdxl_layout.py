@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from loramill.export.client_rules import comfyui_clip_keys
 from loramill.export.ldm_names import (
     CLIP_LAYER_PARTS,
     a1111_lookup,
@@ -43,7 +44,6 @@ OPEN_CLIP = {
     "mlp.fc1": "mlp.c_fc",
     "mlp.fc2": "mlp.c_proj",
 }
-COMFYUI_CLIP_LAYERS = 32  # comfy/lora.py maps the layers of range(32)
 
 
 def text_pairs(layers_1: int, layers_2: int) -> dict[tuple[str, str], str]:
@@ -83,18 +83,14 @@ def _a1111_names(
 
 
 def _comfyui_clip_keys(layers_1: int, layers_2: int) -> dict[str, str]:
-    keys = {}
-    for component, prefixes, layers, base in (
-        ("text_encoder", ("lora_te_", "lora_te1_"), layers_1, TEXT_1),
-        ("text_encoder_2", ("lora_te2_",), layers_2, TEXT_2),
-    ):
-        for layer in range(min(layers, COMFYUI_CLIP_LAYERS)):
-            for part in CLIP_LAYER_PARTS:
-                target = f"{base}.{layer}.{part if base == TEXT_1 else OPEN_CLIP[part]}"
-                path = f"text_model.encoder.layers.{layer}.{part}"
-                keys |= {p + path.replace(".", "_"): target for p in prefixes}
-                keys[f"{component}.{path}"] = target  # the diffusers-format spelling
-    return keys
+    keys = comfyui_clip_keys(
+        "text_encoder", ("lora_te_", "lora_te1_"), layers_1,
+        lambda layer, part: f"{TEXT_1}.{layer}.{part}",
+    )  # fmt: skip
+    return keys | comfyui_clip_keys(
+        "text_encoder_2", ("lora_te2_",), layers_2,
+        lambda layer, part: f"{TEXT_2}.{layer}.{OPEN_CLIP[part]}",
+    )  # fmt: skip
 
 
 class SdxlLayout:

@@ -18,8 +18,8 @@ refused when anything would be lost or land at another strength.
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,9 @@ from loramill.export.client_rules import (
 )
 from loramill.export.ldm_names import LdmLayout
 from loramill.export.sdxl_layout import SdxlLayout
-from loramill.models.checkpoint import STEP_PREFIX, component_order, read_checkpoint
+from loramill.models.checkpoint import component_order, read_checkpoint
 from loramill.models.diffusers_names import checkpoint_key
+from loramill.models.families import DENOISERS
 from loramill.models.kohya_names import (
     KOHYA_KEY_PREFIXES,
     KohyaNames,
@@ -104,14 +105,10 @@ def diffusers_load(path: Path, models: dict[str, Any]) -> None:
             )  # fmt: skip
 
 
-def check_diffusers_load(
-    path: Path, tensors: dict[str, Any], models: dict[str, Any], names: KohyaNames
-) -> Applied:
-    """Load ``path`` as diffusers does; every module of ``tensors`` (the file's) must land.
-    Returns what the loaded layers apply, by kohya name."""
-    diffusers_load(path, models)
-    in_file = file_modules(tensors, names)
-    loaded = loaded_lora_modules(models, ADAPTER, names)
+def check_same_modules(
+    path: Path, in_file: dict[str, set[str]], loaded: Mapping[str, Collection[str]]
+) -> None:
+    """The modules diffusers gave a LoRA layer (``loaded``) are the file's, by component."""
     for component in sorted(set(in_file) | set(loaded), key=component_order):
         missing = sorted(in_file.get(component, set()) - set(loaded.get(component, {})))
         extra = sorted(set(loaded.get(component, {})) - in_file.get(component, set()))
@@ -121,6 +118,16 @@ def check_diffusers_load(
                 f"{path}: diffusers left {len(missing)} {component} LoRA modules unloaded and "
                 f"made {len(extra)} it does not hold (first: {first})"
             )
+
+
+def check_diffusers_load(
+    path: Path, tensors: dict[str, Any], models: dict[str, Any], names: KohyaNames
+) -> Applied:
+    """Load ``path`` as diffusers does; every module of ``tensors`` (the file's) must land.
+    Returns what the loaded layers apply, by kohya name."""
+    diffusers_load(path, models)
+    loaded = loaded_lora_modules(models, ADAPTER, names)
+    check_same_modules(path, file_modules(tensors, names), loaded)
     return {
         name: (layer.lora_B[ADAPTER].weight.detach(), layer.lora_A[ADAPTER].weight.detach(),
                float(layer.scaling[ADAPTER]))
@@ -159,10 +166,18 @@ def probe(unet: Any) -> torch.Tensor:
         return unet(sample, 10, hidden, **extra).sample
 
 
-def check_strength_zero(path: Path, unet: Any, base: torch.Tensor) -> None:
-    unet.set_adapters([ADAPTER], weights=[0.0])
-    if not torch.equal(probe(unet), base):
-        raise LoramillError(f"{path}: at strength 0 the UNet's output is not the base model's")
+def check_strength_zero(
+    path: Path,
+    model: Any,
+    base: torch.Tensor,
+    read: Callable[[Any], torch.Tensor] = probe,
+    what: str = "UNet",
+) -> None:
+    """The denoiser's output with the adapter at strength 0 is ``base`` (the base model's
+    output by ``read``), bit for bit."""
+    model.set_adapters([ADAPTER], weights=[0.0])
+    if not torch.equal(read(model), base):
+        raise LoramillError(f"{path}: at strength 0 the {what}'s output is not the base model's")
 
 
 # the clients each export is for, by its format
@@ -234,13 +249,13 @@ class Clients:
         return out
 
 
-def _remove_adapter(models: dict[str, Any]) -> None:
+def remove_adapter(models: dict[str, Any]) -> None:
     """The models back to the base model's, whatever a check left in them."""
     from diffusers.utils.peft_utils import delete_adapter_layers
 
     for component, model in models.items():
         if ADAPTER in getattr(model, "peft_config", {}):
-            if component == "unet":
+            if component in DENOISERS:
                 model.delete_adapters(ADAPTER)
             else:
                 delete_adapter_layers(model, ADAPTER)  # and its config
@@ -273,51 +288,6 @@ def verify_exports(
                 check_lands(path, client, loaded, want, tolerance(tensors))
             check_strength_zero(path, unet, base)
         finally:
-            _remove_adapter(models)
+            remove_adapter(models)
         counts = ", ".join(f"{n} {c} modules" for c, n in expected.items())
         log.info("%s: %s at the trained scale in %s", path, counts, ", ".join(names))
-
-
-def step_export_name(name: str, checkpoint: Path) -> str:
-    """``<ds>-NNNNNN.safetensors`` (kohya's naming of intermediate saves) for checkpoint
-    ``step-NNNNNN.safetensors``: distinct names when several land in one models/Lora/."""
-    return f"{name}-{checkpoint.name.removeprefix(STEP_PREFIX)}"
-
-
-def export_and_verify(
-    checkpoints_dir: str | os.PathLike,
-    kohya_path: str | os.PathLike,
-    diffusers_path: str | os.PathLike,
-    card_path: str | os.PathLike,
-    steps_dir: str | os.PathLike,
-    output_name: str,
-    export: dict[str, Any],
-    base_model: str,
-    allow_unsafe_weights: bool,
-    train: dict[str, Any],
-) -> None:
-    """The export job: both files of the last checkpoint and a kohya file of every
-    checkpoint, their verification against the base model (a failure fails the job, and
-    Snakemake removes the files), the model card."""
-    from loramill.export.model_card import write_model_card
-    from loramill.export.write import export_adapter
-    from loramill.models.base_model import load_pipeline, pipeline_family
-    from loramill.models.checkpoint import list_checkpoints
-    from loramill.train.config import TrainConfig
-
-    pipe = load_pipeline(base_model, "float32", allow_unsafe_weights)
-    checkpoints, precision = list_checkpoints(checkpoints_dir), export["save_precision"]
-    options = {"save_precision": precision, "unet_config": pipe.unet.config}
-    export_adapter(checkpoints[-1], kohya_path, diffusers_path, output_name, **options)
-    exports = {Path(kohya_path): checkpoints[-1], Path(diffusers_path): checkpoints[-1]}
-    for checkpoint in checkpoints:  # picking the best step from the grid is what users do next
-        path = Path(steps_dir) / step_export_name(output_name, checkpoint)
-        export_adapter(checkpoint, path, None, output_name, **options)
-        exports[path] = checkpoint
-    cfg = TrainConfig.from_dict(train)
-    text_encoders = pipeline_family(pipe).text_encoders
-    models = {c: getattr(pipe, c) for c in ("unet", *text_encoders)}
-    trained = {"unet", *text_encoders} if cfg.train_text_encoder else {"unet"}
-    verify_exports(exports, models, cfg.network_target, trained)
-    grid = os.path.relpath(Path("grids") / f"{output_name}.png", Path(card_path).parent)
-    write_model_card(kohya_path, card_path, output_name, grid)

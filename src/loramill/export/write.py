@@ -26,13 +26,14 @@ from loramill.models.checkpoint import (
     read_checkpoint,
 )
 from loramill.models.diffusers_names import diffusers_key
+from loramill.models.families import DENOISERS
 from loramill.models.kohya_names import PEFT_SUFFIXES, TE_ROOT, KohyaNames, checkpoint_names
 
 if TYPE_CHECKING:
     import torch
 
 MODULE_NAME = re.compile(r"^[a-z0-9_.]+$")
-# The pipeline components a checkpoint (a diffusers-format LoRA) can hold
+# The pipeline components a checkpoint (a diffusers-format LoRA) of the SD families can hold
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 # The LoraConfig fields an adapter needs to load as trained. peft's to_dict() writes every
 # field of the installed release, and older releases refuse the ones they do not know
@@ -62,7 +63,9 @@ def _split_key(key: str, components: Collection[str] = COMPONENTS) -> tuple[str,
     )
 
 
-def _module_alpha(checkpoint: Checkpoint, component: str, module: str) -> float:
+def kohya_alpha(checkpoint: Checkpoint, component: str, module: str) -> float:
+    """A module's alpha, for kohya's one ``.alpha`` per module; refuses peft options that
+    scale otherwise."""
     config = checkpoint.adapter_configs.get(component)
     if not config or "lora_alpha" not in config:
         raise LoramillError(
@@ -119,16 +122,19 @@ def to_kohya(checkpoint: Checkpoint, names: KohyaNames | None = None) -> dict[st
                 f"{tuple(up.shape)} are not a rank-r pair"
             )
         # float32 whatever the weights' dtype: alphas such as 0.1 are not exact in fp16.
-        alpha = _module_alpha(checkpoint, component, module)
+        alpha = kohya_alpha(checkpoint, component, module)
         out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
     return out
 
 
-def _pairs(checkpoint: Checkpoint) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
-    """(component, module) → {"A": lora_A, "B": lora_B} of every checkpoint module."""
+def lora_pairs(
+    checkpoint: Checkpoint, components: Collection[str] = COMPONENTS
+) -> dict[tuple[str, str], dict[str, torch.Tensor]]:
+    """(component, module) → {"A": lora_A, "B": lora_B} of every checkpoint module; a key of
+    another component than ``components`` is refused."""
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key in sorted(checkpoint.tensors):
-        component, module, suffix = _split_key(key)
+        component, module, suffix = _split_key(key, components)
         part = "A" if suffix == PEFT_SUFFIXES[".lora_A.weight"] else "B"
         pairs.setdefault((component, module), {})[part] = checkpoint.tensors[key]
     for (component, module), pair in pairs.items():
@@ -138,7 +144,9 @@ def _pairs(checkpoint: Checkpoint) -> dict[tuple[str, str], dict[str, torch.Tens
     return pairs
 
 
-def to_diffusers(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], str]:
+def to_diffusers(
+    checkpoint: Checkpoint, components: Collection[str] = COMPONENTS
+) -> tuple[dict[str, torch.Tensor], str]:
     """The diffusers-format tensors and adapter metadata (JSON) of a checkpoint.
 
     Keys take the one spelling diffusers and ComfyUI both map (loramill.models.diffusers_names), the
@@ -148,12 +156,13 @@ def to_diffusers(checkpoint: Checkpoint) -> tuple[dict[str, torch.Tensor], str]:
     metadata's), so each ``lora_B`` carries its module's trained scale alpha / rank and the
     metadata says alpha = rank: every client applies the trained delta. The adapter configs
     keep only PORTABLE_FIELDS, so peft releases before the one that trained them load the file.
+    ``components``: those the base model's pipeline has (Flux's: loramill.export.flux.write).
     """
     tensors = {}
-    for (component, module), pair in _pairs(checkpoint).items():
-        scale = _module_alpha(checkpoint, component, module) / pair["A"].shape[0]
+    for (component, module), pair in lora_pairs(checkpoint, components).items():
+        scale = kohya_alpha(checkpoint, component, module) / pair["A"].shape[0]
         # every text encoder by transformers 4's path (loramill.models.kohya_names)
-        if component != "unet" and not module.startswith(TE_ROOT):
+        if component not in DENOISERS and not module.startswith(TE_ROOT):
             module = TE_ROOT + module
         tensors[diffusers_key(component, module, "A")] = pair["A"]
         # in float32, so a half-precision export rounds the scaled weight once
@@ -196,25 +205,34 @@ def export_adapter(
     output_name: str,
     save_precision: str = "fp32",
     unet_config: Mapping[str, Any] | None = None,
+    flux: Any = None,
 ) -> None:
     """Write the kohya-format export of one checkpoint, and its diffusers-format one unless
     ``diffusers_path`` is None. ``unet_config``: the base model's UNet config, which SDXL's
-    kohya names follow (None: read from the base model the checkpoint names)."""
+    kohya names follow (None: read from the base model the checkpoint names); ``flux``: the
+    Flux-family base model of a checkpoint trained on one (loramill.export.flux.write.FluxBase,
+    which writes its kohya tensors: that module builds on this one)."""
     from safetensors import SafetensorError
 
     try:
         checkpoint = read_checkpoint(checkpoint_path)
     except (OSError, SafetensorError, json.JSONDecodeError) as error:
         raise LoramillError(f"{checkpoint_path}: cannot read checkpoint ({error})") from None
+    # ModelSpec's architecture of a Flux LoRA depends on the base ([dev] or [schnell])
+    architecture = None if flux is None else flux.architecture
     try:
         # Build both files before writing either, so a bad checkpoint leaves no output.
-        kohya = cast(
-            to_kohya(checkpoint, checkpoint_names(checkpoint, unet_config)), save_precision
-        )
-        kohya_bytes = serialize(kohya, kohya_metadata(checkpoint, kohya, output_name))
-        diffusers, adapter_metadata = to_diffusers(checkpoint)
+        if flux is None:
+            kohya = to_kohya(checkpoint, checkpoint_names(checkpoint, unet_config))
+            diffusers, adapter_metadata = to_diffusers(checkpoint)
+        else:
+            kohya = flux.kohya(checkpoint)
+            diffusers, adapter_metadata = to_diffusers(checkpoint, flux.components)
+        kohya = cast(kohya, save_precision)
+        kohya_meta = kohya_metadata(checkpoint, kohya, output_name, architecture)
+        kohya_bytes = serialize(kohya, kohya_meta)
         diffusers = cast(diffusers, save_precision)
-        diffusers_meta = kohya_metadata(checkpoint, diffusers, output_name)
+        diffusers_meta = kohya_metadata(checkpoint, diffusers, output_name, architecture)
     except LoramillError as error:
         raise LoramillError(f"{checkpoint_path}: {error}") from None
     diffusers_meta["format"] = checkpoint.metadata.get("format", "pt")

@@ -11,14 +11,24 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from loramill import LoramillError
 from loramill.files import atomic_path, read_jsonl, write_bytes, write_json
 from loramill.grid.layout import Labels, cell_scale, compose, grid_font, layout, paginate, png_info
-from loramill.grid.plan import POSITIONS, Cell, Plan, batches, caption_prompts, plan_grid
+from loramill.grid.plan import (
+    POSITIONS,
+    Cell,
+    Plan,
+    batches,
+    caption_prompts,
+    check_family,
+    plan_grid,
+)
 from loramill.grid.render import (
     CACHE_DIR,
     CellCache,
@@ -72,14 +82,15 @@ def _render_missing(
     if not missing:
         return 0  # nothing to draw: no model is loaded
     from loramill.devices import resolve_device
-    from loramill.models.base_model import load_pipeline
-    from loramill.models.clip_text import Conditioning
+    from loramill.models.base_model import load_pipeline, pipeline_family
 
     start = time.perf_counter()
     pipe = load_pipeline(pipeline["base_model"], pipeline["dtype"], pipeline["allow_unsafe"])
     pipe.to(resolve_device(pipeline["device"]))
     log.info("base model loaded in %.1f s", time.perf_counter() - start)
-    renderer = Renderer(pipe, Conditioning(*pipeline["conditioning"]))
+    # the loaded pipeline's family: FLUX.1 [schnell]'s default T5 length is not [dev]'s
+    how = pipeline_family(pipe).conditioning(SimpleNamespace(**pipeline["text"]))
+    renderer = Renderer(pipe, how)
     loaded: int | None = None
     groups = batches(missing, batch_size)
     start = time.perf_counter()
@@ -151,14 +162,27 @@ def with_caption_prompts(
     return {**settings, "prompts": prompts}
 
 
+def text_options(family: Any, train: Mapping[str, Any]) -> dict[str, Any]:
+    """The train options that decide how ``family`` (its code) reads a prompt, as ``train``
+    sets them (unset ones: their defaults): the fields of the family's conditioning (SD's
+    clip_skip and max_token_length, Flux's t5xxl_max_token_length)."""
+    from loramill.train.config import TrainConfig
+
+    options = TrainConfig.from_dict(dict(train))
+    how = family.conditioning(options)
+    return {field.name: getattr(options, field.name) for field in fields(how)}
+
+
 def render_context(
-    base_model: str, settings: dict[str, Any], device: str = "auto", clip_skip: int = 1,
-    max_token_length: int = 75, allow_unsafe_weights: bool = False,
+    base_model: str, settings: dict[str, Any], device: str = "auto",
+    train: Mapping[str, Any] | None = None, allow_unsafe_weights: bool = False,
     hashes: HashCache | None = None,
 ) -> RenderContext:  # fmt: skip
     """What every cell of a grid shares. The base model is named by the files its loader reads
-    (as the stages' fingerprints name it): a README or ``.git/`` beside them redraws nothing."""
+    (as the stages' fingerprints name it): a README or ``.git/`` beside them redraws nothing.
+    ``train``: the train options prompts are read with (unset ones: their defaults)."""
     from loramill.devices import resolve_device
+    from loramill.models.base_model import base_family
 
     device_type = resolve_device(device).type
     batch_size = settings.get("batch_size", "auto")
@@ -167,9 +191,8 @@ def render_context(
     fingerprint = base_model_fingerprint(
         base_model, hashes or HashCache(DEFAULT_DB), allow_unsafe_weights
     )
-    return RenderContext(
-        fingerprint, settings["dtype"], device_type, int(batch_size), clip_skip, max_token_length
-    )
+    text = text_options(base_family(base_model), train or {})
+    return RenderContext(fingerprint, settings["dtype"], device_type, int(batch_size), text)
 
 
 def render_grid(
@@ -183,6 +206,7 @@ def render_grid(
     name: str = "grid",
     clip_skip: int = 1,
     max_token_length: int = 75,
+    t5xxl_max_token_length: int | None = None,
     allow_unsafe_weights: bool = False,
     device: str = "auto",
     cache_dir: str | os.PathLike = CACHE_DIR,
@@ -190,23 +214,30 @@ def render_grid(
     """Write the grid's pages (``pages_dir/page-N.png``; the first also to ``out_png``) and
     ``out_json``; ``name`` (the dataset) is for the log line only.
 
-    ``adapters``: the export's kohya files, one per step (``exports/<ds>-steps/``).
+    ``adapters``: the export's kohya files, one per step (``exports/<ds>-steps/``); for
+    FLUX.1 and Chroma, diffusers-format files (the training checkpoints).
     ``settings``: the grid config (axes x/y/z, prompts with ``{trigger}`` resolved, strengths,
     seed, …, resolution, dtype, batch_size, max_megapixels).
+    ``clip_skip``, ``max_token_length`` (SD, SDXL), ``t5xxl_max_token_length`` (FLUX.1,
+    Chroma; None: the family's default): the train options the adapters were trained with,
+    which the grid reads its prompts with.
     """
+    from loramill.models.base_model import base_family
+
+    check_family(settings, base_family(base_model).name)  # before any file is read
     steps = read_steps(adapters)
     plan = plan_grid(settings, list(steps))
     cells = plan.all_cells()
     used_steps = sorted({c.adapter_step for c in cells} - {None})
     hashes = {step: adapter_hash(read_adapter(steps[step])) for step in used_steps}
-    context = render_context(
-        base_model, settings, device, clip_skip, max_token_length, allow_unsafe_weights
-    )
+    train = {"clip_skip": clip_skip, "max_token_length": max_token_length,
+             "t5xxl_max_token_length": t5xxl_max_token_length}  # fmt: skip
+    context = render_context(base_model, settings, device, train, allow_unsafe_weights)
     keys = {cell: context.cell_key(cell, hashes.get(cell.step)) for cell in cells}
     cache = CellCache(cache_dir)
     pipeline = {
         "base_model": base_model, "dtype": settings["dtype"], "device": device,
-        "allow_unsafe": allow_unsafe_weights, "conditioning": (clip_skip, max_token_length),
+        "allow_unsafe": allow_unsafe_weights, "text": context.text,
     }  # fmt: skip
     rendered = _render_missing(cells, keys, cache, steps, pipeline, context.batch_size)
     log.info("grid %s: %d rendered, %d reused", name, rendered, len(cells) - rendered)
@@ -214,7 +245,7 @@ def render_grid(
     description = {
         "base_model": base_model,
         "base_model_hash": context.base_model_hash,
-        "render": {**asdict(context), "software": context.software()},
+        "render": {**context.describe(), "software": context.software()},
         "axes": _axes_description(plan),
         "checkpoints": [
             {"step": s, "file": steps[s].name, "adapter_hash": hashes[s]} for s in used_steps

@@ -16,6 +16,7 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.models.samplers import SAMPLERS
+from loramill.train.family_options import FLUX_FAMILIES
 
 # axis name -> (config key, label). Labels are AUTOMATIC1111's "Axis: value" captions.
 AXES: dict[str, tuple[str, str]] = {
@@ -35,6 +36,9 @@ LAST_N = re.compile(r"^last:([1-9][0-9]*)$")
 # A grid that sets no prompts shows the dataset's first training captions: this many when
 # prompt is an axis, else the first one.
 CAPTION_PROMPTS = 2
+# FLUX.1's and Chroma's pixels per latent token: 8× latents packed 2 × 2 (their pipelines
+# silently draw another size than a resolution not divisible by it)
+FLUX_PIXELS = 16
 
 
 @dataclass(frozen=True)
@@ -261,9 +265,35 @@ def caption_prompts(captions: Sequence[str], settings: dict[str, Any]) -> list[s
     return distinct[:count]
 
 
-def check_grid(settings: dict[str, Any]) -> None:
+def check_family(settings: dict[str, Any], family: str | None) -> None:
+    """Grid settings that mean nothing for the base model's ``family`` (None: not known yet),
+    refused naming the key: FLUX.1 and Chroma render with their base model's flow-matching
+    Euler scheduler, and FLUX.1 reads no negative prompt (its guidance_scale feeds the
+    guidance embedding [dev] was distilled with; Chroma's is classifier-free guidance)."""
+    if family not in FLUX_FAMILIES:
+        return
+    if samplers := [s for s in _values(settings, "sampler") if s != "default"]:
+        raise LoramillError(
+            f"grid.sampler '{samplers[0]}': FLUX.1 and Chroma render with their base model's "
+            "flow-matching Euler scheduler (the SD samplers do not apply); remove it"
+        )
+    if family == "flux" and (negatives := [n for n in _values(settings, "negative_prompt") if n]):
+        raise LoramillError(
+            f"grid.negative_prompt '{negatives[0]}': FLUX.1 reads no negative prompt (its "
+            "guidance_scale is the distilled guidance embedding's); remove it"
+        )
+    if odd := [r for r in _values(settings, "resolution") if r and int(r) % FLUX_PIXELS]:
+        raise LoramillError(
+            f"grid.resolution {odd[0]}: FLUX.1 and Chroma draw multiples of {FLUX_PIXELS} "
+            "pixels (8× latents packed 2 × 2)"
+        )
+
+
+def check_grid(settings: dict[str, Any], family: str | None = None) -> None:
     """Refuse a grid config that cannot be planned, before any job runs (the saved steps are
-    not known yet: named steps are taken as saved; captions stand in for unset prompts)."""
+    not known yet: named steps are taken as saved; captions stand in for unset prompts).
+    ``family``: the base model's (None: not known yet, a hub model not downloaded)."""
+    check_family(settings, family)
     named = settings.get("checkpoints")
     if not settings.get("prompts"):
         if settings.get("prompt_sr"):

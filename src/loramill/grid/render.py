@@ -2,11 +2,14 @@
 
 The adapters are the export's kohya files (``exports/<ds>-steps/``), the files AUTOMATIC1111,
 ComfyUI and diffusers users load, loaded as a diffusers user loads them: the grid shows what
-they get. The base pipeline is loaded once per job, each step's LoRA once (strength changes
-through set_adapters, no reload), and cells that differ only in prompt and seed share a
-pipeline call. Every image is stored in a per-cell cache keyed by what it depends on — the
-base model's loaded files, adapter tensors, every cell setting, and the rendering software —
-so a grid with one more value renders only the new cells.
+they get. A FLUX.1 or Chroma adapter is a diffusers-format file (a training checkpoint:
+``transformer.…`` and, where CLIP-L was trained, ``text_encoder.…`` tensors), drawn by
+FluxPipeline or ChromaPipeline with the base model's flow-matching scheduler. The base
+pipeline is loaded once per job, each step's LoRA once (strength changes through
+set_adapters, no reload), and cells that differ only in prompt and seed share a pipeline
+call. Every image is stored in a per-cell cache keyed by what it depends on — the base
+model's loaded files, adapter tensors, every cell setting, and the rendering software — so a
+grid with one more value renders only the new cells.
 """
 
 from __future__ import annotations
@@ -70,8 +73,17 @@ class RenderContext:
     device: str  # "cpu" or "cuda": the same settings give other pixels on another device
     # a batch changes float rounding: cells drawn at another batch size are other pixels
     batch_size: int
-    clip_skip: int
-    max_token_length: int
+    # The train options that decide how a prompt is read, as the config sets them, those of
+    # the base model's family only (its conditioning's fields: SD's clip_skip and
+    # max_token_length, Flux's t5xxl_max_token_length, where null is the family's default,
+    # which the base model's hash fixes): the grid reads prompts as training read captions.
+    text: dict[str, Any]
+
+    def describe(self) -> dict[str, Any]:
+        """The context as cell keys and grid descriptions hold it: the text options beside the
+        others, so an SD grid's keys (and cached cells) are those it had before families."""
+        shared = {name: value for name, value in self.__dict__.items() if name != "text"}
+        return {**shared, **self.text}
 
     def software(self) -> dict[str, str]:
         return versions(RENDERING)  # read once per process
@@ -80,7 +92,7 @@ class RenderContext:
         return hash_value(
             {
                 "render": RENDER_VERSION,
-                "context": self.__dict__,
+                "context": self.describe(),
                 "software": self.software(),
                 "adapter": adapter if cell.uses_adapter else None,
                 "cell": cell.settings(),
@@ -178,21 +190,59 @@ def _quiet_adapter_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _check_loaded(pipe: Any, adapter: str, tensors: dict[str, Any], path: Path) -> None:
-    """Refuse a silent partial load (DESIGN §5): every LoRA module of the file must be in use
-    (diffusers drops modules that match none of the base model's without a word)."""
-    from loramill.models.base_model import pipeline_family
-
-    components = ("unet", *pipeline_family(pipe).text_encoders)
-    models = {component: getattr(pipe, component) for component in components}
+def _kohya_modules(
+    models: dict[str, Any], adapter: str, tensors: dict[str, Any], path: Path
+) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """An SD or SDXL kohya file's LoRA modules and the adapter's layers, by component and
+    kohya name."""
     names = model_names(models)
     in_file = kohya_file_modules(tensors, names)
     if not any(in_file.values()):
         prefixes = "/".join(f"{prefix}_" for prefix in names.prefixes.values())
         raise LoramillError(f"{path}: no {prefixes} modules (not a kohya LoRA file)")
     loaded = loaded_lora_modules(models, adapter, names)
+    return in_file, {component: set(layers) for component, layers in loaded.items()}
+
+
+def _diffusers_modules(
+    models: dict[str, Any], adapter: str, tensors: dict[str, Any], path: Path
+) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """A diffusers-format file's LoRA modules (``<component>.<module>.lora_A.weight``) and the
+    adapter's layers, by component and module path: a Flux LoRA as loramill saves it."""
+    from peft.tuners.lora import LoraLayer
+
+    in_file: dict[str, set[str]] = {}
+    for key in tensors:
+        component, _, rest = key.partition(".")
+        if key.startswith("lora_") or ".lora_" not in rest:
+            # e.g. kohya's BFL layout, whose fused modules diffusers splits into their parts:
+            # that every one lands is not verified yet, and an unverified load is not drawn
+            raise LoramillError(
+                f"{path}: '{key}' is not a diffusers-format LoRA key; the grid draws a Flux "
+                "or Chroma adapter from its diffusers-format file (a training checkpoint)"
+            )
+        in_file.setdefault(component, set()).add(rest.split(".lora_", 1)[0])
+    loaded = {
+        component: {name for name, layer in model.named_modules()
+                    if isinstance(layer, LoraLayer) and adapter in layer.lora_A}
+        for component, model in models.items()
+    }  # fmt: skip
+    return in_file, loaded
+
+
+def _check_loaded(pipe: Any, adapter: str, tensors: dict[str, Any], path: Path) -> None:
+    """Refuse a silent partial load (DESIGN §5): every LoRA module of the file must be in use
+    (diffusers drops modules that match none of the base model's without a word, and a
+    component it does not load a LoRA into, such as Flux's T5, whole)."""
+    from loramill.models.base_model import pipeline_family
+
+    family = pipeline_family(pipe)
+    components = (family.denoiser, *family.trainable_encoders)
+    models = {component: getattr(pipe, component) for component in components}
+    modules = _kohya_modules if family.denoiser == "unet" else _diffusers_modules
+    in_file, loaded = modules(models, adapter, tensors, path)
     for component, wanted in in_file.items():
-        missing = sorted(wanted - set(loaded[component]))
+        missing = sorted(wanted - loaded.get(component, set()))
         if missing:
             raise LoramillError(
                 f"{path}: {len(missing)} of {len(wanted)} {component} LoRA modules do not fit "
@@ -220,7 +270,8 @@ class Renderer:
         try:
             with _quiet_adapter_loading():
                 self.pipe.load_lora_weights(str(path), adapter_name=name)
-        except (OSError, ValueError, RuntimeError, KeyError) as error:
+        # AssertionError: diffusers' reader of kohya's Flux layout asserts FLUX.1's widths
+        except (OSError, ValueError, RuntimeError, KeyError, AssertionError) as error:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise LoramillError(f"{path}: cannot load as a LoRA ({reason})") from None
         self.adapter = name
@@ -231,18 +282,19 @@ class Renderer:
         import torch
 
         from loramill.models.base_model import pipeline_family
-        from loramill.models.samplers import make_sampler
 
         first, family = cells[0], pipeline_family(self.pipe)
         if self.adapter is not None:
-            weights = {"unet": first.unet_strength}
-            weights |= {name: first.te_strength for name in family.text_encoders}
+            # the components a LoRA loads into (not Flux's T5): diffusers warns of any other
+            weights = {family.denoiser: first.unet_strength}
+            weights |= {name: first.te_strength for name in family.trainable_encoders}
             self.pipe.set_adapters([self.adapter], adapter_weights=[weights])
         try:
             self.pipe.scheduler = (
                 self.base_scheduler
                 if first.sampler == "default"
-                else make_sampler(first.sampler, self.base_scheduler.config)
+                # kohya's names for SD (check_family refuses them for Flux)
+                else family.sampler(first.sampler, self.base_scheduler)
             )
         except (LoramillError, ValueError, TypeError) as error:
             raise LoramillError(f"grid.sampler: {error}") from None
@@ -250,8 +302,9 @@ class Renderer:
         generators = [torch.Generator(device="cpu").manual_seed(c.seed) for c in cells]
         prompts = [c.prompt for c in cells]
         negatives = [c.negative_prompt for c in cells]
+        arguments = family.prompt_arguments(self.pipe, prompts, negatives, self.how)
         return self.pipe(
-            **family.prompt_arguments(self.pipe, prompts, negatives, self.how),
+            **arguments,
             num_inference_steps=first.num_inference_steps,
             guidance_scale=first.guidance_scale,
             height=first.resolution,

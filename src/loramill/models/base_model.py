@@ -16,6 +16,7 @@ from typing import Any
 from loramill import LoramillError
 from loramill.model_files import load_error, resolve_base_model
 from loramill.models.families import family_code, image_family, unet_family
+from loramill.models.flux.detect import transformer_family
 
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -38,7 +39,7 @@ def load_pipeline(
     ``family``: base_model_family, which the model must agree with). ``dtype``: one for every
     component, or one per component name with the others' under ``default``."""
     source = resolve_base_model(spec)
-    code = family_code(image_family(source, family) or "sd1")
+    code = base_family(spec, family)
     try:
         pipe = code.pipeline_class().from_pretrained(
             source,
@@ -56,9 +57,25 @@ def load_pipeline(
     return pipe
 
 
+def base_family(spec: str, family: str = "auto") -> Any:
+    """The family code of base model ``spec`` (``family``: base_model_family), before it loads."""
+    return family_code(image_family(resolve_base_model(spec), family) or "sd1")
+
+
 def pipeline_family(pipe: Any) -> Any:
-    """The family code of a loaded pipeline (loramill.models.sd or .sdxl)."""
+    """The family code of a loaded pipeline (loramill.models.sd, .sdxl or .flux)."""
+    transformer = getattr(pipe, "transformer", None)
+    if transformer is not None:
+        config = transformer.config
+        code = family_code(transformer_family(type(pipe).__name__, config))
+        code.guidance_embeds = bool(config.get("guidance_embeds"))  # [dev] or [schnell]
+        return code
     return family_code(unet_family(pipe.unet.config))
+
+
+def denoiser(pipe: Any) -> Any:
+    """The pipeline's denoising model: its UNet, or its transformer."""
+    return getattr(pipe, pipeline_family(pipe).denoiser)
 
 
 def text_parts(pipe: Any) -> tuple[list[Any], list[Any]]:
@@ -84,12 +101,12 @@ def model_folder(spec: str) -> Path:
 
 # Floating-point safetensors dtypes: weights that load as float32 (integer buffers do not).
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
-TRAINED = ("unet", "vae", "text_encoder", "text_encoder_2")
+TRAINED = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
 
 
 @functools.cache
 def float32_bytes(spec: str) -> int:
-    """Size of the base model's UNet, VAE and text encoder in float32, read from the
+    """Size of the base model's denoiser, VAE and text encoders in float32, read from the
     safetensors headers only (a few KB each), for Snakemake's ``mem_mb``."""
     try:
         root = model_folder(spec)
@@ -133,6 +150,6 @@ def use_sdpa(pipe: Any, on: bool) -> None:
         return
     from diffusers.models.attention_processor import AttnProcessor
 
-    pipe.unet.set_attn_processor(AttnProcessor())
+    denoiser(pipe).set_attn_processor(AttnProcessor())
     for text_encoder in text_parts(pipe)[1]:
         text_encoder.set_attn_implementation("eager")

@@ -1,9 +1,9 @@
 """The training checkpoint format (the network itself: loramill.models.network).
 
 A checkpoint is a diffusers-format LoRA file: peft keys prefixed by their pipeline component
-(``unet.``, ``text_encoder.``, and SDXL's ``text_encoder_2.``) and the adapter configs under
-the ``lora_adapter_metadata`` key, so ``pipe.load_lora_weights`` reads it directly and keeps
-alpha. Extra provenance goes under ``loramill.*`` metadata keys.
+(``unet.`` or Flux's ``transformer.``, ``text_encoder.``, and SDXL's ``text_encoder_2.``) and
+the adapter configs under the ``lora_adapter_metadata`` key, so ``pipe.load_lora_weights``
+reads it directly and keeps alpha. Extra provenance goes under ``loramill.*`` metadata keys.
 This module owns the names: a checkpoint's file name and its metadata keys are spelled here
 only, and every writer and reader of checkpoints (train, export, grid, text) takes them from it.
 """
@@ -19,6 +19,7 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.files import save_safetensors
+from loramill.models.families import DENOISERS
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 # loramill's own metadata keys; exports copy every key with the prefix along.
@@ -48,6 +49,11 @@ def step_of(name: str) -> int:
 def step_metadata(step: int, provenance: str) -> dict[str, str]:
     """The loramill metadata of a checkpoint: its step and its JSON provenance."""
     return {STEP_KEY: str(step), PROVENANCE_KEY: provenance}
+
+
+def checkpoint_steps(max_train_steps: int, save_steps: int) -> list[int]:
+    """Steps at which checkpoints are written: every save_steps, and always the last step."""
+    return sorted({*range(save_steps, max_train_steps + 1, save_steps), max_train_steps})
 
 
 def _json_ready(config: dict[str, Any]) -> dict[str, Any]:
@@ -90,17 +96,23 @@ class Checkpoint:
         return sorted({key.partition(".")[0] for key in self.tensors}, key=component_order)
 
     @property
+    def denoiser(self) -> str:
+        """The denoising component it holds a LoRA for: ``unet``, or Flux's ``transformer``."""
+        return next(name for name in self.components if name in DENOISERS)
+
+    @property
     def rank(self) -> int:
-        return int(self.adapter_configs["unet"]["r"])
+        return int(self.adapter_configs[self.denoiser]["r"])
 
     @property
     def alpha(self) -> float:
-        return float(self.adapter_configs["unet"]["lora_alpha"])
+        return float(self.adapter_configs[self.denoiser]["lora_alpha"])
 
 
 def component_order(name: str) -> tuple[int, str]:
-    """The UNet first, then the text encoders by name (``text_encoder``, ``text_encoder_2``)."""
-    return (name != "unet", name)
+    """The denoiser (UNet or transformer) first, then the text encoders by name
+    (``text_encoder``, ``text_encoder_2``)."""
+    return (name not in DENOISERS, name)
 
 
 def network_state(models: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -2,9 +2,11 @@
 
 loramill trains two families of UNet on 4-channel latents: Stable Diffusion 1.x/2.x (``sd1``,
 ``sd2``: one CLIP text encoder) and SDXL (``sdxl``: two CLIP text encoders, size and crop
-conditioning). Each family's code lives in its own module (loramill.models.sd,
-loramill.models.sdxl); this one tells them apart. A folder of another kind (the SDXL
-refiner, an inpainting or depth UNet, a transformer denoiser such as Flux or SD3) is refused
+conditioning); and one family of transformer on packed 16-channel latents: FLUX.1 [dev] and
+[schnell] (``flux``) and Chroma (``chroma``), told apart by loramill.models.flux.detect. Each
+family's code lives in its own module (loramill.models.sd, loramill.models.sdxl,
+loramill.models.flux); this one tells them apart. A folder of another kind (the SDXL
+refiner, an inpainting or depth UNet, Flux's Fill or Kontext, SD3's transformer) is refused
 in one line naming what was found: when the workflow parses, or for a hub model not
 downloaded yet, by the job that downloads it, before anything loads it. ``base_model_family``
 may force a family; one the model is not is refused naming both. Free of torch: it runs at
@@ -19,10 +21,22 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.model_files import HUB_ID, hub_snapshot
+from loramill.models.flux.detect import transformer_family
 
-FAMILIES = ("sd1", "sd2", "sdxl")
-DESCRIBED = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x", "sdxl": "SDXL"}
-TRAINED = "Stable Diffusion 1.x/2.x and SDXL base models (a UNet on 4 latent channels)"
+# The pipeline component each family denoises with, and trains a LoRA on
+DENOISERS = ("unet", "transformer")
+FAMILIES = ("sd1", "sd2", "sdxl", "flux", "chroma")
+DESCRIBED = {
+    "sd1": "Stable Diffusion 1.x",
+    "sd2": "Stable Diffusion 2.x",
+    "sdxl": "SDXL",
+    "flux": "FLUX.1",
+    "chroma": "Chroma",
+}
+TRAINED = (
+    "Stable Diffusion 1.x/2.x and SDXL base models (a UNet on 4 latent channels), "
+    "FLUX.1 [dev] / [schnell] and Chroma"
+)
 
 
 def _config(path: Path) -> dict[str, Any] | None:
@@ -35,10 +49,8 @@ def _config(path: Path) -> dict[str, Any] | None:
 
 
 def _refused(folder: Path, pipeline: str, unet: dict[str, Any] | None) -> str | None:
-    """What ``folder`` holds when it is of no family loramill trains, else None."""
+    """What ``folder`` holds when it is a UNet model of no family loramill trains, else None."""
     if unet is None:
-        if (folder / "transformer").is_dir():
-            return f"a {pipeline} whose denoiser is a transformer (transformer/), not a UNet"
         return None
     if unet.get("addition_embed_type") == "text_time" and not (folder / "text_encoder").is_dir():
         return f"an SDXL refiner ({pipeline}: OpenCLIP bigG only)"
@@ -54,8 +66,14 @@ def folder_family(folder: Path) -> str | None:
     structural checks say what is missing); raises for a kind loramill does not train."""
     pipeline = (_config(folder / "model_index.json") or {}).get("_class_name", "pipeline")
     unet = _config(folder / "unet" / "config.json")
-    if found := _refused(folder, pipeline, unet):
-        raise LoramillError(f"{found}; loramill trains {TRAINED}")
+    transformer = _config(folder / "transformer" / "config.json")
+    try:
+        if unet is None and transformer is not None:
+            return transformer_family(pipeline, transformer)
+        if found := _refused(folder, pipeline, unet):
+            raise LoramillError(found)
+    except LoramillError as error:
+        raise LoramillError(f"{error}; loramill trains {TRAINED}") from None
     return None if unet is None else unet_family(unet)
 
 
@@ -88,7 +106,11 @@ def image_family(spec: str, forced: str = "auto") -> str | None:
 
 
 def family_code(name: str) -> Any:
-    """The family's code (loramill.models.sd or .sdxl; imports torch)."""
+    """The family's code (loramill.models.sd, .sdxl or .flux; imports torch)."""
+    if name in ("flux", "chroma"):
+        from loramill.models.flux.family import Flux
+
+        return Flux(name)
     if name == "sdxl":
         from loramill.models.sdxl import StableDiffusionXL
 

@@ -10,6 +10,9 @@ three dropouts.
 - ``kohya_conv``: also the ResNet, down- and upsampling blocks, their 3×3 convs at
   ``conv_rank`` / ``conv_alpha`` (LoCon).
 
+A Flux transformer takes kohya's Flux targets (``kohya`` only: every Linear of its double and
+single blocks, those ``train_blocks`` keeps; loramill.models.flux.layout); its CLIP-L as above.
+
 The layers themselves are peft's; the modules are named in the adapter config, with the conv
 modules' rank and alpha in its ``rank_pattern`` / ``alpha_pattern``.
 """
@@ -23,6 +26,7 @@ import torch
 
 from loramill import LoramillError
 from loramill.models.checkpoint import component_order
+from loramill.models.flux.layout import peft_targets
 from loramill.models.network_targets import NETWORK_TARGETS
 
 ATTENTION_PROJECTIONS = {
@@ -47,12 +51,13 @@ class NetworkSpec:
     network_dropout: float = 0.0  # on the rank activations (after lora_down), rescaled
     rank_dropout: float = 0.0  # whole ranks per sample, rescaled
     module_dropout: float = 0.0  # the whole LoRA of a module per forward, not rescaled
+    train_blocks: str = "all"  # a Flux transformer's blocks: all | double | single
 
     @classmethod
     def from_config(cls, cfg: Any) -> NetworkSpec:
         """The network a TrainConfig asks for."""
         names = ("rank", "alpha", "conv_rank", "conv_alpha")
-        names += ("network_dropout", "rank_dropout", "module_dropout")
+        names += ("network_dropout", "rank_dropout", "module_dropout", "train_blocks")
         return cls(cfg.network_target, **{name: getattr(cfg, name) for name in names})
 
     @property
@@ -90,12 +95,17 @@ def _inside(model: torch.nn.Module, blocks: tuple[str, ...]) -> dict[str, torch.
     return found
 
 
-def network_modules(model: torch.nn.Module, component: str, target: str) -> dict[str, str]:
+def network_modules(
+    model: torch.nn.Module, component: str, target: str, train_blocks: str = "all"
+) -> dict[str, str]:
     """The modules ``target`` puts LoRA layers on: full module name → ``rank`` or ``conv``.
-    ``component``: the pipeline component; every text encoder (SDXL's two) is a CLIP."""
-    component = "unet" if component == "unet" else "text_encoder"
+    ``component``: the pipeline component; every text encoder (SDXL's two, Flux's CLIP-L) is
+    a CLIP."""
     if target not in NETWORK_TARGETS:
         raise LoramillError(f"train.network_target '{target}': use {' | '.join(NETWORK_TARGETS)}")
+    if component == "transformer":  # Flux: kohya's targets (the workflow refuses the others)
+        return dict.fromkeys(sorted(peft_targets(model.config, train_blocks)), "rank")
+    component = "unet" if component == "unet" else "text_encoder"
     if target == "attention":
         ends = tuple("." + p for p in ATTENTION_PROJECTIONS[component])
         return {
@@ -134,7 +144,7 @@ def add_lora(models: dict[str, Any], spec: NetworkSpec, init: bool | str = True)
     for component in sorted(models, key=component_order):
         model = models[component]
         model.requires_grad_(False)
-        modules = network_modules(model, component, spec.target)
+        modules = network_modules(model, component, spec.target, spec.train_blocks)
         model.add_adapter(lora_config(modules, spec, init))
         if spec.has_dropout:
             add_dropout(model, spec)

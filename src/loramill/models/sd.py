@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 
 from loramill.models.clip_text import Conditioning, chunked, tokenize
+from loramill.models.samplers import make_sampler
 
 
 def _encode(text_encoder: Any, tokens: torch.Tensor, clip_skip: int) -> torch.Tensor:
@@ -36,13 +37,25 @@ def encode_prompts(
 class StableDiffusion:
     """SD 1.x (``sd1``) and 2.x (``sd2``): they differ in their labels only."""
 
+    denoiser = "unet"
     text_encoders = ("text_encoder",)
+    trainable_encoders = text_encoders  # train_text_encoder trains them all
+    sample_guidance = 7.5  # samples' guidance scale unless a prompt's --l says
     tokenizers = ("tokenizer",)
     # kohya's key prefixes (networks/lora.py): the UNet, then the text encoder
     kohya_prefixes: ClassVar[dict[str, str]] = {"unet": "lora_unet", "text_encoder": "lora_te"}
 
     def __init__(self, name: str) -> None:
         self.name = name
+
+    def conditioning(self, cfg: Any) -> Conditioning:
+        """How captions are read, from the train options (kohya's clip_skip and
+        max_token_length)."""
+        return Conditioning(cfg.clip_skip, cfg.max_token_length)
+
+    def sampler(self, name: str, scheduler: Any) -> Any:
+        """The scheduler samples render with: kohya's ``sample_sampler`` ``name``."""
+        return make_sampler(name, scheduler.config)
 
     def pipeline_class(self) -> Any:
         from diffusers import StableDiffusionPipeline

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 import torch
 
 from loramill.models.clip_text import Conditioning, chunked, tokenize
+from loramill.models.samplers import make_sampler
 
 
 def size_condition(entry: dict[str, Any]) -> list[int]:
@@ -32,7 +33,10 @@ def size_condition(entry: dict[str, Any]) -> list[int]:
 
 class StableDiffusionXL:
     name = "sdxl"
+    denoiser = "unet"
     text_encoders = ("text_encoder", "text_encoder_2")
+    trainable_encoders = text_encoders  # train_text_encoder trains them all
+    sample_guidance = 7.5  # samples' guidance scale unless a prompt's --l says
     tokenizers = ("tokenizer", "tokenizer_2")
     # kohya's SDXL key prefixes (networks/lora.py: LORA_PREFIX_TEXT_ENCODER1 / 2)
     kohya_prefixes: ClassVar[dict[str, str]] = {
@@ -40,6 +44,15 @@ class StableDiffusionXL:
         "text_encoder": "lora_te1",
         "text_encoder_2": "lora_te2",
     }
+
+    def conditioning(self, cfg: Any) -> Conditioning:
+        """How captions are read, from the train options (kohya's clip_skip and
+        max_token_length)."""
+        return Conditioning(cfg.clip_skip, cfg.max_token_length)
+
+    def sampler(self, name: str, scheduler: Any) -> Any:
+        """The scheduler samples render with: kohya's ``sample_sampler`` ``name``."""
+        return make_sampler(name, scheduler.config)
 
     def pipeline_class(self) -> Any:
         from diffusers import StableDiffusionXLPipeline

@@ -40,6 +40,19 @@ Size = tuple[int, int]  # (width, height)
 # resize.resolution when the config sets none: what each model family's base models were
 # trained at (family names: loramill.models.families)
 DEFAULT_RESOLUTION = {"sd1": 512, "sd2": 512, "sdxl": 1024}
+FAMILY_RESOLUTION = {**DEFAULT_RESOLUTION, "flux": 1024, "chroma": 1024}  # resize.resolution unset
+# Flux's VAE downsamples 8× and its transformer reads 2 × 2 patches of latents
+FAMILY_STEP = {"flux": 16, "chroma": 16}
+
+
+def check_family_step(step: int, family: str | None) -> None:
+    """Bucket sides the family's model can read: a Flux image side must divide by 16."""
+    need = FAMILY_STEP.get(family or "", 8)
+    if step % need:
+        raise LoramillError(
+            f"resize.bucket_reso_steps {step}: {family} needs bucket sides that are multiples "
+            f"of {need}; use {need}, {need * 4} or another multiple"
+        )
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,10 @@ from loramill import LoramillError
 from loramill.config import with_schema_defaults
 from loramill.devices import resolve_device
 from loramill.files import atomic_folder, write_json
-from loramill.models.checkpoint import step_name
+from loramill.models.checkpoint import checkpoint_steps, step_name
 from loramill.text.language_model import load_causal_lm, load_tokenizer
 from loramill.text.prepare import read_tokens
 from loramill.text.records import IGNORE, Tokenized, pad_batch
-from loramill.train.config import checkpoint_steps
 from loramill.train.progress import plot_loss
 from loramill.train.state import STATE_ROOT, RunState, trajectory_key
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.config import check_replaced, with_schema_defaults
+from loramill.models.families import DENOISERS
 from loramill.models.network_targets import NETWORK_TARGETS
 from loramill.train.optimizers import check_optimizer
 
@@ -97,6 +98,15 @@ class TrainConfig:
     caption_tag_dropout_rate: float
     caption_prefix: str
     caption_suffix: str
+    # FLUX.1 and Chroma (loramill.train.flow_matching; kohya's flux_train_network names)
+    timestep_sampling: str
+    sigmoid_scale: float
+    discrete_flow_shift: float
+    model_prediction_type: str
+    guidance_scale: float  # [dev]'s guidance embedding
+    t5xxl_max_token_length: int | None  # None: the family's default (256 [schnell], else 512)
+    train_blocks: str  # all | double | single
+    fp8_base: bool  # the frozen denoiser's Linear weights in float8, computed in bf16
     # CPU kernels split reductions by thread count, so it is part of what makes a run
     # bit-reproducible: fixed here rather than taken from the scheduler.
     threads: int
@@ -152,6 +162,7 @@ class TrainConfig:
             ("lr_scheduler_power", "lr_scheduler", "polynomial"),
             ("huber_c", "loss_type", ("huber", "smooth_l1")),
             ("vae_batch_size", "cache_latents", "true"),  # per step: the batch is the batch
+            ("fp8_base", "mixed_precision", "bf16"),  # float8 weights compute in bfloat16
         ]
         if self.num_machines == 1:
             needs.append(("rdzv_endpoint", "num_machines", "N > 1"))
@@ -240,13 +251,6 @@ class TrainConfig:
         return NetworkSpec.from_config(self)
 
     @property
-    def conditioning(self) -> Any:
-        """How captions are encoded (loramill.models.clip_text.Conditioning)."""
-        from loramill.models.clip_text import Conditioning  # here: parsing the workflow skips torch
-
-        return Conditioning(self.clip_skip, self.max_token_length)
-
-    @property
     def continues(self) -> bool:
         """Whether a longer run of this config may continue a shorter one's saved state."""
         return self.lr_scheduler in TOTAL_FREE_SCHEDULES
@@ -261,14 +265,9 @@ def _tuples(config: dict[str, Any]) -> dict[str, Any]:
     return {k: tuple(v) for k, v in config.items() if isinstance(v, list) and k != "optimizer_args"}
 
 
-def checkpoint_steps(max_train_steps: int, save_steps: int) -> list[int]:
-    """Steps at which checkpoints are written: every save_steps, and always the last step."""
-    return sorted({*range(save_steps, max_train_steps + 1, save_steps), max_train_steps})
-
-
 def text_encoder_lrs(cfg: TrainConfig, components: Any) -> dict[str, float]:
     """The learning rate of each trained text encoder among ``components`` (names)."""
-    names = [name for name in components if name != "unet"]
+    names = [name for name in components if name not in DENOISERS]
     rates = cfg.text_encoder_lr
     if not isinstance(rates, tuple):
         rates = (rates,) * len(names)

@@ -108,6 +108,7 @@ class Encoded:
         if cfg.cache_latents:
             self._encode_latents(pipe.vae.to(device), examples, encoder, cfg, hashes)
         self.scaling = pipe.vae.config.scaling_factor
+        self.shift = pipe.vae.config.get("shift_factor") or 0.0  # Flux's VAE; SD's have none
         self.texts: TensorCache | None = None
         self.text_keys: list[str] = []
         variation = CaptionVariation(cfg)
@@ -125,12 +126,17 @@ class Encoded:
             for name in (*family.tokenizers, *family.text_encoders)
         }
         text_encoder |= {"device": device.type, "versions": self.versions}
+        tokenizers, encoders = text_parts(pipe)
+        # an encoder loaded in half precision (Flux's T5 under mixed precision) gives other bits
+        half = {n: str(e.dtype) for n, e in zip(family.text_encoders, encoders, strict=True)
+                if e.dtype != torch.float32}  # fmt: skip
+        text_encoder |= {"dtypes": half} if half else {}
         self.texts = TensorCache(cache_root / "text_embeddings")
         captions = [CaptionVariation(cfg).fixed(caption) for caption in examples.captions]
-        self.text_keys = text_keys(captions, text_encoder, cfg.conditioning)
-        tokenizers, encoders = text_parts(pipe)
+        how = family.conditioning(cfg)
+        self.text_keys = text_keys(captions, text_encoder, how)
         encode = lambda texts: family.encode(  # noqa: E731
-            tokenizers, [e.to(device) for e in encoders], texts, cfg.conditioning
+            tokenizers, [e.to(device) for e in encoders], texts, how
         )
         counts = encode_texts(encode, self.texts, self.text_keys, captions)
         log.info("%s", counts.line("text embeddings"))

@@ -28,10 +28,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from loramill import LoramillError
+from loramill.models.flux.latents import unpack
+from loramill.train.objective import Noised, input_noise, loss
 
 SAMPLINGS = ("sigma", "uniform", "sigmoid", "shift", "flux_shift")
 PREDICTIONS = ("raw", "additive", "sigma_scaled")
@@ -118,3 +121,36 @@ def as_prediction(
     if how.model_prediction_type == "sigma_scaled":
         return noisy - per_image(sigma, output) * output
     return output
+
+
+class FlowObjective:
+    """Flux's objective: σ drawn as ``timestep_sampling`` says, the noisy latents packed into
+    tokens for the transformer, its output unpacked and compared with the velocity as
+    ``model_prediction_type`` says (the loss as the UNet families': ``loss_type``, unweighted
+    as kohya's default weighting). ``ip_noise_gamma`` perturbs the noise added, as there."""
+
+    def __init__(self, cfg: Any, family: Any) -> None:
+        self.cfg, self.family = cfg, family
+        self.how = FlowMatching(
+            cfg.timestep_sampling,
+            cfg.sigmoid_scale,
+            cfg.discrete_flow_shift,
+            cfg.model_prediction_type,
+        )
+
+    def noised(self, latents: torch.Tensor, rng: torch.Generator) -> Noised:
+        noise = torch.randn(latents.shape, generator=rng)
+        height, width = latents.shape[-2:]
+        sigma = sample_sigmas(self.how, latents.shape[0], (height // 2) * (width // 2), rng)
+        noisy = noisy_latents(latents, input_noise(noise, self.cfg, rng), sigma)
+        return Noised(noisy, velocity(latents, noise), sigma)
+
+    def predict(
+        self, model: Any, noisy: torch.Tensor, level: torch.Tensor, conditioning: dict, sizes: Any
+    ) -> torch.Tensor:
+        inputs = self.family.denoiser_inputs(conditioning, noisy, level, self.cfg.guidance_scale)
+        output = unpack(model(**inputs).sample, *noisy.shape[-2:])
+        return as_prediction(self.how, output, noisy, level)
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        return loss(pred, target, None, self.cfg)

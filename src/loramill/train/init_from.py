@@ -17,6 +17,7 @@ from typing import Any
 from loramill import LoramillError
 from loramill.models.checkpoint import adapter_state, read_checkpoint
 from loramill.models.diffusers_names import checkpoint_key
+from loramill.models.families import DENOISERS
 from loramill.models.kohya_names import (
     KOHYA_KEY_PREFIXES,
     PEFT_SUFFIXES,
@@ -48,7 +49,7 @@ def _from_kohya(tensors: dict[str, Any], models: dict[str, Any], path: str) -> d
         if suffix == "alpha":
             continue
         component = kohya.component_of(module)
-        if component not in (None, "unet") and component not in models:
+        if component not in (None, *DENOISERS) and component not in models:
             raise LoramillError(
                 f"train.init_from {path}: the file has {component} layers; set "
                 "train.train_text_encoder: true to train them"
@@ -70,7 +71,8 @@ def _rank_and_alphas(checkpoint: Any) -> tuple[list[int], list[float]]:
     down = (".lora_down.weight", ".lora_A.weight")
     ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith(down)})
     alphas = [float(t) for k, t in tensors.items() if k.endswith(".alpha")]
-    config = checkpoint.adapter_configs.get("unet", {})
+    configs = checkpoint.adapter_configs
+    config = configs.get("unet") or configs.get("transformer") or {}
     if not alphas and "lora_alpha" in config:
         patterns = config.get("alpha_pattern") or {}
         alphas = [float(config["lora_alpha"]), *map(float, patterns.values())]
@@ -102,7 +104,13 @@ def read_init_weights(
             f"the config has rank {rank}, alpha {alpha:g} (set train.rank and train.alpha)"
         )
     tensors = checkpoint.tensors
-    if any(key.startswith(KOHYA_KEY_PREFIXES) for key in tensors):
+    kohya = any(key.startswith(KOHYA_KEY_PREFIXES) for key in tensors)
+    if kohya and "transformer" in models:
+        raise LoramillError(
+            f"train.init_from {path}: a kohya-format Flux LoRA; start from a loramill "
+            "checkpoint or the diffusers-format export (exports/<ds>.diffusers.safetensors)"
+        )
+    if kohya:
         tensors = _from_kohya(tensors, models, str(path))
     else:  # the diffusers export spells UNet keys as diffusers and ComfyUI both read them
         tensors = {checkpoint_key(key): tensor for key, tensor in tensors.items()}

@@ -33,12 +33,14 @@ from loramill.files import write_bytes
 from loramill.hashing import DEFAULT_DB, HashCache
 from loramill.model_files import base_model_fingerprint
 from loramill.models.base_model import (
+    base_family,
     load_pipeline,
     model_folder,
     pipeline_family,
     use_sdpa,
 )
 from loramill.models.checkpoint import (
+    checkpoint_steps,
     step_metadata,
     step_name,
     write_checkpoint,
@@ -46,9 +48,10 @@ from loramill.models.checkpoint import (
 from loramill.models.single_file import source_checkpoint
 from loramill.prepare.buckets import batches_per_epoch
 from loramill.software import installed
-from loramill.train.config import TrainConfig, checkpoint_steps
+from loramill.train.config import TrainConfig
 from loramill.train.data import Encoded, Examples, read_examples
 from loramill.train.distributed import in_worker, launch
+from loramill.train.family_options import check_family_options
 from loramill.train.latents import CACHE_ROOT
 from loramill.train.progress import Progress, plot_loss
 from loramill.train.samples import SampleRenderer, sample_prompts, save_samples
@@ -236,7 +239,9 @@ def prepare(
     device = accelerator.device
     record = provenance(trigger, base_model, cfg, examples, data_fingerprint, device.type,
                         hashes, allow_unsafe_weights)  # fmt: skip
-    pipe = load_pipeline(base_model, base_dtypes(cfg), allow_unsafe_weights, family)
+    check_family_options(cfg, base_family(base_model, family).name)  # a hub model's, first here
+    dtypes = base_dtypes(cfg, base_family(base_model, family))
+    pipe = load_pipeline(base_model, dtypes, allow_unsafe_weights, family)
     use_sdpa(pipe, cfg.sdpa)
     code = pipeline_family(pipe)
     record["family"] = code.name
@@ -246,7 +251,7 @@ def prepare(
         hashes.save()
     samples = None
     if cfg.sample_every_n_steps:
-        prompts = sample_prompts(cfg, trigger, examples.resolution)
+        prompts = sample_prompts(cfg, trigger, examples.resolution, code.sample_guidance)
         samples = SampleRenderer(cfg, pipe, prompts)
     # Past here only Training keeps references: the VAE, the frozen text encoder and the
     # sample renderer's parts when they are needed, nothing else.

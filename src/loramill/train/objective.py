@@ -18,10 +18,61 @@ mean squared error on Gaussian noise.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from loramill import LoramillError
+
+
+class Noised(NamedTuple):
+    """A batch's noisy latents, the target the model learns and the noise level per image (a
+    DDPM timestep, or Flux's σ)."""
+
+    noisy: torch.Tensor
+    target: torch.Tensor
+    level: torch.Tensor
+
+
+def timestep_range(cfg: Any, total: int) -> tuple[int, int]:
+    """The timesteps a run draws from: ``[min_timestep, max_timestep)``, at most all."""
+    high = total if cfg.max_timestep is None else cfg.max_timestep
+    if high > total:
+        raise LoramillError(
+            f"train.max_timestep {high}: the base model's scheduler has {total} timesteps"
+        )
+    return cfg.min_timestep, high
+
+
+class NoisePrediction:
+    """The UNet families' objective (SD 1.x/2.x, SDXL): the DDPM scheduler's noise, the noise
+    or the velocity as target, the UNet told the timestep and its family's conditioning."""
+
+    def __init__(self, cfg: Any, family: Any, scheduler_config: Any) -> None:
+        from diffusers import DDPMScheduler
+
+        self.cfg, self.family = cfg, family
+        self.scheduler = DDPMScheduler.from_config(scheduler_config)
+        self.timesteps = timestep_range(cfg, self.scheduler.config.num_train_timesteps)
+
+    def noised(self, latents: torch.Tensor, rng: torch.Generator) -> Noised:
+        cfg, scheduler = self.cfg, self.scheduler
+        noise = sample_noise(latents, cfg, rng)
+        timesteps = torch.randint(*self.timesteps, (latents.shape[0],), generator=rng)
+        noisy = scheduler.add_noise(latents, input_noise(noise, cfg, rng), timesteps)
+        if scheduler.config.prediction_type == "v_prediction":
+            return Noised(noisy, scheduler.get_velocity(latents, noise, timesteps), timesteps)
+        return Noised(noisy, noise, timesteps)
+
+    def predict(
+        self, model: Any, noisy: torch.Tensor, level: torch.Tensor, conditioning: dict, sizes: Any
+    ) -> torch.Tensor:
+        return model(noisy, level, **self.family.unet_inputs(conditioning, sizes)).sample
+
+    def loss(self, pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """The batch's loss; ``level``: the rows' timesteps, on the CPU."""
+        return loss(pred, target, weights(self.scheduler, level, self.cfg), self.cfg)
 
 
 def sample_noise(latents: torch.Tensor, cfg: Any, rng: torch.Generator) -> torch.Tensor:

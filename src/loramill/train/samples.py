@@ -22,7 +22,6 @@ import torch
 from loramill import LoramillError
 from loramill.files import write_bytes
 from loramill.models.checkpoint import step_name
-from loramill.models.samplers import make_sampler
 
 OPTION = re.compile(r"\s--([a-z]+)\s+")
 # kohya's option letter -> (field, type)
@@ -71,8 +70,11 @@ def parse_sample_prompt(line: str, default: SamplePrompt) -> SamplePrompt:
     return sample
 
 
-def sample_prompts(cfg: Any, trigger: str, resolution: int) -> list[SamplePrompt]:
-    """The configured sample prompts, ``{trigger}`` filled in, each with its settings."""
+def sample_prompts(
+    cfg: Any, trigger: str, resolution: int, guidance: float = 7.5
+) -> list[SamplePrompt]:
+    """The configured sample prompts, ``{trigger}`` filled in, each with its settings
+    (``guidance``: the family's guidance scale, where a prompt does not give one)."""
     samples = []
     for index, line in enumerate(cfg.sample_prompts):
         default = SamplePrompt(
@@ -81,7 +83,7 @@ def sample_prompts(cfg: Any, trigger: str, resolution: int) -> list[SamplePrompt
             width=resolution,
             height=resolution,
             seed=cfg.seed + index,
-            guidance_scale=7.5,
+            guidance_scale=guidance,
             steps=cfg.sample_steps,
         )
         samples.append(parse_sample_prompt(line.replace("{trigger}", trigger), default))
@@ -99,10 +101,11 @@ class SampleRenderer:
         from loramill.models.base_model import pipeline_family
 
         self.cfg, self.prompts, self.family = cfg, prompts, pipeline_family(pipe)
+        self.how = self.family.conditioning(cfg)
         # the base pipeline's parts; the trained models replace theirs when rendering
-        names = ("vae", "unet", *self.family.tokenizers, *self.family.text_encoders)
+        names = ("vae", self.family.denoiser, *self.family.tokenizers, *self.family.text_encoders)
         self.parts = {name: getattr(pipe, name) for name in names}
-        self.scheduler = make_sampler(cfg.sample_sampler, pipe.scheduler.config)
+        self.scheduler = self.family.sampler(cfg.sample_sampler, pipe.scheduler)
 
     def due(self, step: int) -> bool:
         every = self.cfg.sample_every_n_steps
@@ -122,7 +125,7 @@ class SampleRenderer:
             with torch.no_grad(), accelerator.autocast():
                 for sample in self.prompts:
                     prompts = ([sample.prompt], [sample.negative])
-                    args = self.family.prompt_arguments(pipe, *prompts, self.cfg.conditioning)
+                    args = self.family.prompt_arguments(pipe, *prompts, self.how)
                     images += pipe(
                         **args,
                         width=sample.width,

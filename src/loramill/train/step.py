@@ -11,22 +11,24 @@ from typing import Any
 
 import torch
 
-from loramill import LoramillError
 from loramill.devices import resolve_device
 from loramill.models.base_model import pipeline_family, text_parts
 from loramill.models.checkpoint import (
     load_network_state,
     network_state,
 )
+from loramill.models.float8 import check_float8_device, store_float8
 from loramill.models.network import add_lora
 from loramill.prepare.buckets import batches
-from loramill.train import objective
 from loramill.train.caption_variation import CaptionVariation
 from loramill.train.config import TrainConfig, text_encoder_lrs
 from loramill.train.data import Encoded, Examples
 from loramill.train.distributed import share
+from loramill.train.family_options import check_guidance
+from loramill.train.flow_matching import FlowObjective
 from loramill.train.init_from import read_init_weights
 from loramill.train.latents import load_batch, read_pixels
+from loramill.train.objective import NoisePrediction
 from loramill.train.optimizers import make_optimizer, make_scheduler
 from loramill.train.samples import SampleRenderer
 
@@ -36,15 +38,21 @@ log = logging.getLogger(__name__)
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def base_dtypes(cfg: TrainConfig) -> str | dict[str, str]:
+def base_dtypes(cfg: TrainConfig, family: Any) -> str | dict[str, str]:
     """What the base model loads in: the frozen weights a run keeps in half precision load in
-    it (a float32 copy of SDXL's UNet alone is 10 GB); the VAE and the frozen text encoders in
-    float32, the dtype the caches are filled in."""
+    it (a float32 copy of SDXL's UNet alone is 10 GB, of Flux's transformer 48 GB, of its T5
+    19 GB); the VAE and the other frozen text encoders in float32, the dtype the caches are
+    filled in."""
     half = {"fp16": "float16", "bf16": "bfloat16"}.get(cfg.mixed_precision)
     if half is None:
         return "float32"
-    trained = ("unet", "text_encoder", "text_encoder_2") if cfg.train_text_encoder else ("unet",)
-    return {"default": "float32", **dict.fromkeys(trained, half)}
+    trained = (family.denoiser, *(family.trainable_encoders if cfg.train_text_encoder else ()))
+    return {"default": "float32", **dict.fromkeys((*trained, *half_encoders(family)), half)}
+
+
+def half_encoders(family: Any) -> tuple[str, ...]:
+    """Frozen text encoders kept in half precision under mixed precision: Flux's T5-XXL."""
+    return (family.t5,) if hasattr(family, "t5") else ()
 
 
 def make_accelerator(cfg: TrainConfig, device_spec: str, logdir: str | os.PathLike) -> Any:
@@ -68,14 +76,13 @@ def make_accelerator(cfg: TrainConfig, device_spec: str, logdir: str | os.PathLi
     )
 
 
-def timestep_range(cfg: TrainConfig, total: int) -> tuple[int, int]:
-    """The timesteps a run draws from: ``[min_timestep, max_timestep)``, at most all."""
-    high = total if cfg.max_timestep is None else cfg.max_timestep
-    if high > total:
-        raise LoramillError(
-            f"train.max_timestep {high}: the base model's scheduler has {total} timesteps"
-        )
-    return cfg.min_timestep, high
+def make_objective(cfg: TrainConfig, family: Any, pipe: Any) -> Any:
+    """What the run minimises: flow matching for a transformer (Flux), DDPM noise prediction
+    for a UNet."""
+    if family.denoiser == "transformer":
+        check_guidance(cfg, family.guidance_embeds)
+        return FlowObjective(cfg, family)
+    return NoisePrediction(cfg, family, pipe.scheduler.config)
 
 
 class Training:
@@ -90,8 +97,6 @@ class Training:
         examples: Examples,
         samples: SampleRenderer | None = None,
     ) -> None:
-        from diffusers import DDPMScheduler
-
         self.cfg, self.accelerator = cfg, accelerator
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
         self.encoded, self.captions, self.buckets = encoded, examples.captions, examples.buckets
@@ -102,13 +107,17 @@ class Training:
         self.samples = samples
         self.rng = torch.Generator().manual_seed(cfg.seed)  # every draw of the loop
         self.order: list[list[int]] = []  # the epoch's batches still to train on
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.timesteps = timestep_range(cfg, self.noise_scheduler.config.num_train_timesteps)
+        self.objective = make_objective(cfg, self.family, pipe)
         self.tokenizers, encoders = text_parts(pipe)
         self.variation = CaptionVariation(cfg)
-        # Captions that vary per step are encoded per step, by the frozen encoders if untrained.
-        frozen = encoded.texts is None and not cfg.train_text_encoder
-        self.frozen_text_encoders = [e.to(self.device).eval() for e in encoders] if frozen else []
+        # Captions that vary per step are encoded per step, by the frozen encoders those the
+        # run does not train.
+        trained_encoders = self.family.trainable_encoders if cfg.train_text_encoder else ()
+        self.frozen_text_encoders = {
+            name: encoder.to(self.device).eval()
+            for name, encoder in zip(self.family.text_encoders, encoders, strict=True)
+            if encoded.texts is None and name not in trained_encoders
+        }
         trained = self._network(pipe)
         *models, self.optimizer, self.lr_scheduler = accelerator.prepare(
             *trained.values(), *self._optimizer(trained)
@@ -122,7 +131,9 @@ class Training:
         from diffusers.training_utils import cast_training_params
 
         cfg, weight_dtype = self.cfg, HALF.get(self.cfg.mixed_precision, torch.float32)
-        names = ("unet", *self.family.text_encoders) if cfg.train_text_encoder else ("unet",)
+        denoiser = self.family.denoiser
+        encoders = self.family.trainable_encoders if cfg.train_text_encoder else ()
+        names = (denoiser, *encoders)
         models = {name: getattr(pipe, name) for name in names}
         torch.manual_seed(cfg.seed)  # LoRA init draws from the global generator
         add_lora(models, cfg.network)
@@ -133,19 +144,26 @@ class Training:
             log.info("LoRA initialised from %s", cfg.init_from)
         for model in models.values():
             model.to(self.device, dtype=weight_dtype)
+        if cfg.fp8_base:
+            check_float8_device(self.device)
+            log.info("fp8_base: %d Linear weights in float8", store_float8(models[denoiser]))
         if cfg.gradient_checkpointing:  # recompute activations in backward: less memory
-            models["unet"].enable_gradient_checkpointing()
+            models[denoiser].enable_gradient_checkpointing()
             for name in names[1:]:
                 models[name].gradient_checkpointing_enable()
         if weight_dtype != torch.float32:
             cast_training_params(list(models.values()), dtype=torch.float32)
-            models["unet"].to(memory_format=torch.channels_last)  # faster with bf16 on CPU
+            if denoiser == "unet":  # faster with bf16 on CPU
+                models[denoiser].to(memory_format=torch.channels_last)
         return models
 
     def _optimizer(self, models: dict[str, Any]) -> tuple[Any, Any]:
         """One parameter group per trained component, each at its learning rate."""
         cfg = self.cfg
-        rates = {"unet": cfg.unet_lr or cfg.learning_rate, **text_encoder_lrs(cfg, models)}
+        rates = {
+            self.family.denoiser: cfg.unet_lr or cfg.learning_rate,
+            **text_encoder_lrs(cfg, models),
+        }
         groups = [
             {"params": [p for p in model.parameters() if p.requires_grad], "lr": rates[name]}
             for name, model in models.items()
@@ -182,38 +200,37 @@ class Training:
         if encoded.texts is not None:
             return load_batch(encoded.texts, [encoded.text_keys[i] for i in batch])
         texts = [self.variation.draw(self.captions[i], self.rng) for i in batch]
-        how, family = self.cfg.conditioning, self.family
-        if not self.frozen_text_encoders:
-            encoders = [self.models[name] for name in family.text_encoders]
+        family, frozen = self.family, self.frozen_text_encoders
+        encoders = [frozen[n] if n in frozen else self.models[n] for n in family.text_encoders]
+        how = family.conditioning(self.cfg)
+        with torch.set_grad_enabled(len(frozen) < len(encoders)):  # a trained encoder's grads
             return family.encode(self.tokenizers, encoders, texts, how)
-        with torch.no_grad():
-            return family.encode(self.tokenizers, self.frozen_text_encoders, texts, how)
+
+    def _latents(self, batch: list[int]) -> torch.Tensor:
+        """A draw of the batch's latents, shifted and scaled as the denoiser reads them."""
+        encoded, dists = self.encoded, self._latent_dists(batch)
+        mean, std = dists["mean"], dists["std"]
+        latents = mean + std * torch.randn(mean.shape, generator=self.rng)
+        if encoded.shift:  # Flux's VAE centres its latents
+            latents = latents - encoded.shift
+        return latents * encoded.scaling
 
     def _loss(self, batch: list[int]) -> torch.Tensor:
-        encoded, rng, scheduler = self.encoded, self.rng, self.noise_scheduler
-        dists = self._latent_dists(batch)
-        mean, std = dists["mean"], dists["std"]
-        latents = (mean + std * torch.randn(mean.shape, generator=rng)) * encoded.scaling
-        noise = objective.sample_noise(latents, self.cfg, rng)
-        timesteps = torch.randint(*self.timesteps, (len(batch),), generator=rng)
-        noisy = scheduler.add_noise(latents, objective.input_noise(noise, self.cfg, rng), timesteps)
+        noised = self.objective.noised(self._latents(batch), self.rng)
         conditioning = self._conditioning(batch)
         sizes = self.family.size_conditions([self.entries[i] for i in batch])
-        if scheduler.config.prediction_type == "v_prediction":
-            target = scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
         # Every process drew for the whole batch (the same draws: one seed); each trains on
         # its share of the rows, its loss scaled so DDP's mean of gradients is the batch's.
         rows, scale = share(len(batch), self.rank, self.world)
         on_device = lambda t: t[rows].to(self.device)  # noqa: E731
-        inputs = self.family.unet_inputs(
+        pred = self.objective.predict(
+            self.models[self.family.denoiser],
+            on_device(noised.noisy),
+            on_device(noised.level),
             {name: on_device(value) for name, value in conditioning.items()},
             None if sizes is None else on_device(sizes),
         )
-        pred = self.models["unet"](on_device(noisy), on_device(timesteps), **inputs).sample
-        weight = objective.weights(scheduler, timesteps[rows], self.cfg)
-        return objective.loss(pred, on_device(target), weight, self.cfg) * scale
+        return self.objective.loss(pred, on_device(noised.target), noised.level[rows]) * scale
 
     def step(self) -> float:
         """One optimizer step over gradient_accumulation_steps batches; the mean loss."""

@@ -40,15 +40,40 @@ class FluxText:
 class Flux:
     denoiser = "transformer"
 
-    def __init__(self, name: str = "flux") -> None:
+    def __init__(self, name: str = "flux", guidance_embeds: bool = True) -> None:
         self.name = name  # "flux" (FLUX.1 [dev] or [schnell]) or "chroma"
+        # [dev]'s guidance embedding; [schnell] has none (its family code from a loaded
+        # pipeline knows which, loramill.models.base_model.pipeline_family)
+        self.guidance_embeds = guidance_embeds and name != "chroma"
         chroma = name == "chroma"
         self.text_encoders = ("text_encoder",) if chroma else ("text_encoder", "text_encoder_2")
         self.tokenizers = ("tokenizer",) if chroma else ("tokenizer", "tokenizer_2")
+        # train_text_encoder trains CLIP-L, never T5 (kohya's default; Chroma has no CLIP-L)
+        self.trainable_encoders = () if chroma else ("text_encoder",)
+        self.t5 = self.text_encoders[-1]
+        # samples' guidance scale unless a prompt's --l says: the pipelines' defaults
+        self.sample_guidance = 5.0 if chroma else 3.5
         # kohya's prefixes (networks/lora_flux.py): CLIP-L is te1, T5 te3 (Chroma's only encoder)
         prefixes = ("lora_te3",) if chroma else ("lora_te1", "lora_te3")
         encoders = dict(zip(self.text_encoders, prefixes, strict=True))
         self.kohya_prefixes: dict[str, str] = {"transformer": "lora_unet", **encoders}
+
+    def conditioning(self, cfg: Any) -> FluxText:
+        """How captions are read: T5's token count is ``t5xxl_max_token_length``, or kohya's
+        default (256 for [schnell], 512 for [dev] and Chroma)."""
+        tokens = cfg.t5xxl_max_token_length
+        if tokens is None:
+            tokens = 512 if self.guidance_embeds or self.name == "chroma" else 256
+        return FluxText(tokens)
+
+    def size_conditions(self, entries: list[dict[str, Any]]) -> None:
+        """Flux is told nothing of an image's size but its latent positions (image ids)."""
+        return None
+
+    def sampler(self, name: str, scheduler: Any) -> Any:
+        """The scheduler samples render with: the base model's own flow-matching Euler
+        (kohya's SD sampler names do not apply; the workflow refuses them)."""
+        return type(scheduler).from_config(scheduler.config)
 
     def pipeline_class(self) -> Any:
         from diffusers import ChromaPipeline, FluxPipeline
@@ -105,7 +130,6 @@ class Flux:
         latents: torch.Tensor,
         sigma: torch.Tensor,
         guidance_scale: float,
-        config: Any,
     ) -> dict[str, Any]:
         """The transformer's keyword inputs for noisy ``latents`` (batch, 16, h, w) at noise
         levels ``sigma`` (its timestep; it scales by 1000 itself)."""
@@ -126,7 +150,7 @@ class Flux:
             inputs["attention_mask"] = torch.cat([text, image.to(text.device)], dim=1)
             return inputs
         inputs["pooled_projections"] = conditioning["pooled"]
-        if config.guidance_embeds:
+        if self.guidance_embeds:
             guidance = torch.full((latents.shape[0],), float(guidance_scale))
             inputs["guidance"] = guidance.to(latents.device)
         return inputs
@@ -134,8 +158,10 @@ class Flux:
     def prompt_arguments(
         self, pipe: Any, prompts: list[str], negatives: list[str], how: FluxText
     ) -> dict[str, Any]:
-        """The pipeline's prompt arguments: T5 read as training read it."""
-        return {"prompt": list(prompts), "max_sequence_length": how.t5xxl_max_token_length}
+        """The pipeline's prompt arguments: T5 read as training read it. Chroma's guidance is
+        classifier-free, against the negative prompt; FLUX.1's guidance embedding reads none."""
+        args = {"prompt": list(prompts), "max_sequence_length": how.t5xxl_max_token_length}
+        return args | ({"negative_prompt": list(negatives)} if self.name == "chroma" else {})
 
 
 def _kept_text(mask: torch.Tensor) -> torch.Tensor:

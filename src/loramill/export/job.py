@@ -1,0 +1,77 @@
+"""The export job: both files of a run's last checkpoint and a kohya file of every checkpoint,
+each verified against the base model by the verification of its family (a UNet base:
+loramill.export.verify; a Flux transformer: loramill.export.flux.verify), and the model card."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from loramill.export.verify import verify_exports
+from loramill.models.checkpoint import STEP_PREFIX
+
+
+def step_export_name(name: str, checkpoint: Path) -> str:
+    """``<ds>-NNNNNN.safetensors`` (kohya's naming of intermediate saves) for checkpoint
+    ``step-NNNNNN.safetensors``: distinct names when several land in one models/Lora/."""
+    return f"{name}-{checkpoint.name.removeprefix(STEP_PREFIX)}"
+
+
+def export_and_verify(
+    checkpoints_dir: str | os.PathLike,
+    kohya_path: str | os.PathLike,
+    diffusers_path: str | os.PathLike,
+    card_path: str | os.PathLike,
+    steps_dir: str | os.PathLike,
+    output_name: str,
+    export: dict[str, Any],
+    base_model: str,
+    allow_unsafe_weights: bool,
+    train: dict[str, Any],
+) -> None:
+    """The export job: both files of the last checkpoint and a kohya file of every
+    checkpoint, their verification against the base model (a failure fails the job, and
+    Snakemake removes the files), the model card."""
+    from loramill.export.model_card import write_model_card
+    from loramill.export.write import export_adapter
+    from loramill.models.base_model import base_family
+    from loramill.models.checkpoint import list_checkpoints
+    from loramill.train.config import TrainConfig
+
+    cfg = TrainConfig.from_dict(train)
+    if base_family(base_model).denoiser == "transformer":
+        from loramill.export.flux.verify import flux_verifier as verifier  # Flux only: lazily
+    else:
+        verifier = unet_verifier
+    options, verify = verifier(base_model, allow_unsafe_weights, cfg)
+    checkpoints = list_checkpoints(checkpoints_dir)
+    options["save_precision"] = export["save_precision"]
+    export_adapter(checkpoints[-1], kohya_path, diffusers_path, output_name, **options)
+    exports = {Path(kohya_path): checkpoints[-1], Path(diffusers_path): checkpoints[-1]}
+    for checkpoint in checkpoints:  # picking the best step from the grid is what users do next
+        path = Path(steps_dir) / step_export_name(output_name, checkpoint)
+        export_adapter(checkpoint, path, None, output_name, **options)
+        exports[path] = checkpoint
+    verify(exports)
+    grid = os.path.relpath(Path("grids") / f"{output_name}.png", Path(card_path).parent)
+    write_model_card(kohya_path, card_path, output_name, grid)
+
+
+def unet_verifier(
+    base_model: str, allow_unsafe_weights: bool, cfg: Any
+) -> tuple[dict[str, Any], Callable[[dict[Path, Path]], None]]:
+    """The export options and the verification of a run on a Stable Diffusion (UNet) base:
+    the whole pipeline in float32, the UNet's config for SDXL's kohya names."""
+    from loramill.models.base_model import load_pipeline, pipeline_family
+
+    pipe = load_pipeline(base_model, "float32", allow_unsafe_weights)
+    text_encoders = pipeline_family(pipe).text_encoders
+    models = {c: getattr(pipe, c) for c in ("unet", *text_encoders)}
+    trained = {"unet", *text_encoders} if cfg.train_text_encoder else {"unet"}
+
+    def verify(exports: dict[Path, Path]) -> None:
+        verify_exports(exports, models, cfg.network_target, trained)
+
+    return {"unet_config": pipe.unet.config}, verify
