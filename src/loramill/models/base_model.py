@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +35,18 @@ def load_pipeline(
     dtype: str | dict[str, str] = "float32",
     allow_unsafe_weights: bool = False,
     family: str = "auto",
+    skip: Collection[str] = (),
 ) -> Any:
     """Load the base model's pipeline, of its family's class (loramill.models.families;
     ``family``: base_model_family, which the model must agree with). ``dtype``: one for every
-    component, or one per component name with the others' under ``default``."""
+    component, or one per component name with the others' under ``default``. ``skip``:
+    components not loaded (None in the pipeline): a job that needs part of a 12 B model."""
     source = resolve_base_model(spec)
     code = base_family(spec, family)
     try:
         pipe = code.pipeline_class().from_pretrained(
             source,
+            **dict.fromkeys(skip),
             dtype={k: torch_dtype(v) for k, v in dtype.items()}
             if isinstance(dtype, dict)
             else torch_dtype(dtype),

@@ -78,24 +78,11 @@ DIFFUSERS_KOHYA = {"width": 3072, "num_layers": 19, "num_single_layers": 38}
 def load_flux_base(spec: str, allow_unsafe_weights: bool, encoders: tuple[str, ...]) -> Any:
     """The base model's pipeline with only the transformer and ``encoders`` loaded, in
     float32 (the module docstring says why, and what that holds at full size)."""
-    from loramill.model_files import load_error, resolve_base_model
-    from loramill.models.base_model import base_family
+    from loramill.models.base_model import base_family, load_pipeline
 
-    source, code = resolve_base_model(spec), base_family(spec)
+    code = base_family(spec)
     skipped = {"vae", *code.tokenizers, *(e for e in code.text_encoders if e not in encoders)}
-    try:
-        pipe = code.pipeline_class().from_pretrained(
-            source,
-            **dict.fromkeys(skipped),
-            dtype=torch.float32,
-            use_safetensors=None if allow_unsafe_weights else True,
-            local_files_only=Path(source).exists(),
-            **code.pipeline_options(),
-        )
-    except (OSError, ValueError) as error:
-        raise load_error(spec, error) from error
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline(spec, "float32", allow_unsafe_weights, skip=skipped)
 
 
 def _linears(model: Any) -> dict[str, torch.nn.Module]:
