@@ -332,3 +332,58 @@ def test_at_flux1s_width_diffusers_loads_the_kohya_file_at_the_trained_scale(tmp
     modules = "20 transformer modules, 12 text_encoder modules at the trained scale in"
     assert f"{paths[0]}: {modules} diffusers, ComfyUI, kohya sd-scripts" in lines
     assert f"{paths[1]}: {modules} diffusers, ComfyUI" in lines
+
+
+# ---------------------------------------------------------------- init_from a kohya Flux file
+
+
+def _network_models(base: Path, text: bool) -> tuple[dict, NetworkSpec]:
+    """The tiny model's components with the run's network (FLUX's rank and alpha) on them."""
+    from loramill.train.config import TrainConfig
+
+    pipe = load_pipeline(str(base))
+    models = {"transformer": pipe.transformer} | (
+        {"text_encoder": pipe.text_encoder} if text else {}
+    )
+    spec = TrainConfig.from_dict({**FLUX, "rank": 4, "alpha": 2}).network
+    add_lora(models, spec)
+    return models, spec
+
+
+def test_init_from_reads_the_kohya_export_back_into_the_trained_tensors(flux_job, tiny_flux):
+    from loramill.train.init_from import read_init_weights
+
+    paths, _ = flux_job
+    models, spec = _network_models(tiny_flux, text=True)
+    tensors = read_init_weights(paths["kohya"], models, spec)
+    trained = read_checkpoint(paths["checkpoints"] / "step-000006.safetensors").tensors
+    assert tensors.keys() == trained.keys()
+    assert all(torch.equal(tensors[key], trained[key]) for key in trained)
+
+
+def test_init_from_splits_kohya_sd_scripts_shared_down_and_refuses_another_scale(
+    tiny_flux, tmp_path
+):
+    from loramill.train.init_from import read_init_weights
+
+    models, spec = _network_models(tiny_flux, text=False)
+    transformer, generator = models["transformer"], torch.Generator().manual_seed(0)
+    tensors = {}
+    for bfl, parts in bfl_modules(transformer.config).items():
+        stem = "lora_unet_" + bfl.replace(".", "_")
+        rows = sum(transformer.get_submodule(p).base_layer.out_features for p in parts)
+        width = transformer.get_submodule(parts[0]).base_layer.in_features
+        tensors[f"{stem}.lora_down.weight"] = torch.randn(4, width, generator=generator)
+        tensors[f"{stem}.lora_up.weight"] = torch.randn(rows, 4, generator=generator)
+        tensors[f"{stem}.alpha"] = torch.tensor(2.0)
+    save_file(tensors, tmp_path / "kohya.safetensors")
+    read = read_init_weights(tmp_path / "kohya.safetensors", models, spec)
+    down = tensors[f"{QKV}.lora_down.weight"]
+    parts = [f"transformer.transformer_blocks.0.attn.to_{p}" for p in "qkv"]
+    assert all(torch.equal(read[f"{p}.lora_A.weight"], down) for p in parts)  # one shared down
+    up = torch.cat([read[f"{p}.lora_B.weight"] for p in parts])
+    assert torch.equal(up, tensors[f"{QKV}.lora_up.weight"])
+    tensors[f"{QKV}.alpha"] = torch.tensor(4.0)
+    save_file(tensors, tmp_path / "other.safetensors")
+    with pytest.raises(LoramillError, match=f"'{QKV}': rank 4, alpha 4 over 3 part"):
+        read_init_weights(tmp_path / "other.safetensors", models, spec)

@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
-from loramill.models.checkpoint import adapter_state, read_checkpoint
+from loramill.models.checkpoint import Checkpoint, adapter_state, read_checkpoint
 from loramill.models.diffusers_names import checkpoint_key
 from loramill.models.families import DENOISERS
+from loramill.models.flux.layout import KOHYA_PREFIX, bfl_modules, is_chroma, kohya_name
+from loramill.models.flux.unfused import split_fused
 from loramill.models.kohya_names import (
     KOHYA_KEY_PREFIXES,
     PEFT_SUFFIXES,
@@ -40,8 +42,10 @@ def _kohya_names(models: dict[str, Any], kohya: KohyaNames) -> dict[str, tuple[s
     return names
 
 
-def _from_kohya(tensors: dict[str, Any], models: dict[str, Any], path: str) -> dict[str, Any]:
-    kohya = model_names(models)
+def _from_kohya(
+    tensors: dict[str, Any], models: dict[str, Any], path: str, kohya: KohyaNames | None = None
+) -> dict[str, Any]:
+    kohya = kohya or model_names(models)
     names = _kohya_names(models, kohya)
     converted = {}
     for key, tensor in sorted(tensors.items()):
@@ -80,17 +84,9 @@ def _rank_and_alphas(checkpoint: Any) -> tuple[list[int], list[float]]:
     return ranks, sorted(set(alphas)) or [float(r) for r in ranks]
 
 
-def read_init_weights(
-    path: str | os.PathLike, models: dict[str, Any], network: NetworkSpec
-) -> dict[str, Any]:
-    """The file's LoRA tensors under checkpoint keys (``unet.<module>.lora_A.weight`` …),
-    checked against the configured ranks and alphas and the layers being trained."""
-    if not Path(path).is_file():
-        raise LoramillError(f"train.init_from {path}: no such file")
-    try:
-        checkpoint = read_checkpoint(path)
-    except Exception as error:  # safetensors reports a bad file in several exception types
-        raise LoramillError(f"train.init_from {path}: not a safetensors file ({error})") from None
+def _check_scale(checkpoint: Any, network: NetworkSpec, path: str) -> None:
+    """The file's ranks and alphas are the configured network's: else it loads at another
+    strength than it was trained at."""
     ranks, alphas = _rank_and_alphas(checkpoint)
     if not ranks:
         raise LoramillError(f"train.init_from {path}: no LoRA tensors")
@@ -103,17 +99,72 @@ def read_init_weights(
             f"train.init_from {path}: the file has rank {shown_rank}, alpha {shown_alpha}; "
             f"the config has rank {rank}, alpha {alpha:g} (set train.rank and train.alpha)"
         )
+
+
+def _from_kohya_flux(
+    tensors: dict[str, Any], models: dict[str, Any], network: NetworkSpec, path: str
+) -> dict[str, Any]:
+    """A kohya-format Flux file: its fused transformer modules split into the diffusers
+    modules they stack (loramill.models.flux.unfused), CLIP-L's keys as for SD."""
+    transformer = models["transformer"]
+    blocks = bfl_modules(transformer.config, network.train_blocks)
+    fused = {kohya_name(bfl): parts for bfl, parts in blocks.items()}
+    scale = (network.rank, float(network.alpha))
+    converted, text = {}, {}
+    for stem in sorted({key.split(".", 1)[0] for key in tensors}):
+        if not stem.startswith(KOHYA_PREFIX):
+            text |= {k: v for k, v in tensors.items() if k.split(".", 1)[0] == stem}
+            continue
+        if stem not in fused:
+            raise LoramillError(
+                f"train.init_from {path}: '{stem}' is not a layer of the configured network "
+                f"(train_blocks: {network.train_blocks})"
+            )
+        parts = fused[stem]
+        sizes = [_out_features(transformer, part) for part in parts]
+        down, up = tensors[f"{stem}.lora_down.weight"], tensors[f"{stem}.lora_up.weight"]
+        alpha = float(tensors.get(f"{stem}.alpha", down.shape[0]))
+        try:
+            pairs = split_fused(stem, down, up, alpha, sizes, scale)
+        except LoramillError as error:
+            raise LoramillError(f"train.init_from {path}: {error}") from None
+        for part, (a, b) in zip(parts, pairs, strict=True):
+            converted[f"transformer.{part}.lora_A.weight"] = a.contiguous()
+            converted[f"transformer.{part}.lora_B.weight"] = b.contiguous()
+    if text:
+        _check_scale(Checkpoint(text, {}), network, path)
+        encoders = {c: m for c, m in models.items() if c != "transformer"}
+        family = "chroma" if is_chroma(transformer.config) else "flux"
+        converted |= _from_kohya(text, encoders, path, KohyaNames(family))
+    return converted
+
+
+def _out_features(model: Any, module: str) -> int:
+    layer = model.get_submodule(module)
+    return getattr(layer, "base_layer", layer).out_features
+
+
+def read_init_weights(
+    path: str | os.PathLike, models: dict[str, Any], network: NetworkSpec
+) -> dict[str, Any]:
+    """The file's LoRA tensors under checkpoint keys (``unet.<module>.lora_A.weight`` …),
+    checked against the configured ranks and alphas and the layers being trained."""
+    if not Path(path).is_file():
+        raise LoramillError(f"train.init_from {path}: no such file")
+    try:
+        checkpoint = read_checkpoint(path)
+    except Exception as error:  # safetensors reports a bad file in several exception types
+        raise LoramillError(f"train.init_from {path}: not a safetensors file ({error})") from None
     tensors = checkpoint.tensors
     kohya = any(key.startswith(KOHYA_KEY_PREFIXES) for key in tensors)
     if kohya and "transformer" in models:
-        raise LoramillError(
-            f"train.init_from {path}: a kohya-format Flux LoRA; start from a loramill "
-            "checkpoint or the diffusers-format export (exports/<ds>.diffusers.safetensors)"
-        )
-    if kohya:
-        tensors = _from_kohya(tensors, models, str(path))
-    else:  # the diffusers export spells UNet keys as diffusers and ComfyUI both read them
-        tensors = {checkpoint_key(key): tensor for key, tensor in tensors.items()}
+        tensors = _from_kohya_flux(tensors, models, network, str(path))
+    else:
+        _check_scale(checkpoint, network, str(path))
+        if kohya:
+            tensors = _from_kohya(tensors, models, str(path))
+        else:  # the diffusers export spells UNet keys as diffusers and ComfyUI both read them
+            tensors = {checkpoint_key(key): tensor for key, tensor in tensors.items()}
     if not hasattr(models.get("text_encoder"), "text_model"):
         # diffusers-format files name the text encoder by transformers 4's path (kohya
         # files' keys, converted above, have none)
