@@ -39,6 +39,7 @@ rule grid:
             DATASETS[wildcards.ds]["grid"],
             DATASETS[wildcards.ds]["trigger"],
             DATASETS[wildcards.ds]["resize"]["resolution"],
+            DATASETS[wildcards.ds]["family"],
         ),
         # the caption encoding the adapter was trained with (SD and SDXL: CLIP's; FLUX.1 and
         # Chroma: T5's token count)

@@ -538,18 +538,33 @@ def test_filled_defaults_are_the_configs_own():
     assert repr(schema()) == before
 
 
-def test_the_resolution_a_config_leaves_unset_is_the_base_model_familys(workdir, tiny_sdxl):
+def test_the_resolution_and_grid_guidance_left_unset_are_the_base_model_familys(
+    workdir, tiny_sdxl, tiny_flux, tiny_chroma
+):
+    from loramill.config import grid_settings
+
     config = load_configfile(workdir / "config" / "config.yaml")
     config["resize"] = {}  # the demo's small sizes gone: every resize option at its default
+    config["train"]["train_text_encoder"] = False  # Chroma has no encoder it would train
     for entry in config["datasets"].values():
         (entry or {}).pop("resize", None)
     chosen = {}
-    for model in ("models/tiny-sd", str(tiny_sdxl)):
+    models = ("models/tiny-sd", str(tiny_sdxl), str(tiny_flux), str(tiny_chroma))
+    for model in models:
         with contextlib.chdir(workdir):
             datasets = load_datasets({**copy.deepcopy(config), "base_model": model})
         image = [s for s in datasets.values() if s["task"] == "image"]
-        chosen[model] = {s["resize"]["resolution"] for s in image}
-    assert chosen == {"models/tiny-sd": {512}, str(tiny_sdxl): {1024}}
+        guidance = {
+            grid_settings(s["grid"], s["trigger"], 64, s["family"])["guidance_scale"] for s in image
+        }
+        chosen[model] = ({s["resize"]["resolution"] for s in image}, guidance)
+    assert chosen == dict(
+        zip(
+            models, [({512}, {7.5}), ({1024}, {7.5}), ({1024}, {3.5}), ({1024}, {5.0})], strict=True
+        )
+    )
+    grid = {**image[0]["grid"], "guidance_scale": 2.0}  # one the user sets is kept
+    assert grid_settings(grid, "t", 64, "flux")["guidance_scale"] == 2.0
 
 
 def test_options_that_mean_nothing_for_the_family_are_refused(workdir, tmp_path, tiny_sdxl):

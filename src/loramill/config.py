@@ -269,10 +269,20 @@ def grid_prompts(prompts: list[str], trigger: str) -> list[str]:
     return [p.replace("{trigger}", trigger).strip(" ,") for p in prompts]
 
 
-def grid_settings(grid: dict[str, Any], trigger: str, resolution: int) -> dict[str, Any]:
-    """A dataset's grid settings as the grid job takes them: ``{trigger}`` filled in, and
-    the training resolution where none is set."""
+# The grid's guidance_scale where none is set, by family: the pipelines' own defaults
+# (FLUX.1 [dev]'s feeds its guidance embedding, Chroma's is classifier-free guidance)
+GRID_GUIDANCE = {"flux": 3.5, "chroma": 5.0}
+SD_GUIDANCE = 7.5
+
+
+def grid_settings(
+    grid: dict[str, Any], trigger: str, resolution: int, family: str | None = None
+) -> dict[str, Any]:
+    """A dataset's grid settings as the grid job takes them: ``{trigger}`` filled in, the
+    training resolution where none is set, the ``family``'s guidance scale where none is."""
     settings = {**grid, "prompts": grid_prompts(grid["prompts"], trigger)}
+    if settings.get("guidance_scale") is None:
+        settings["guidance_scale"] = GRID_GUIDANCE.get(family or "", SD_GUIDANCE)
     if grid.get("prompt_sr"):
         settings["prompt_sr"] = [v.replace("{trigger}", trigger) for v in grid["prompt_sr"]]
     if settings.get("resolution") is None:

@@ -98,7 +98,12 @@ def check_image_dataset(settings: dict[str, Any]) -> None:
     if train.init_from and not Path(train.init_from).is_file():
         raise LoramillError(f"train.init_from: {train.init_from} is not a file")
     check_grid(
-        grid_settings(settings["grid"], settings["trigger"], settings["resize"]["resolution"]),
+        grid_settings(
+            settings["grid"],
+            settings["trigger"],
+            settings["resize"]["resolution"],
+            settings.get("family"),
+        ),
         settings.get("family"),
     )
 
