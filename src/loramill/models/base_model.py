@@ -71,9 +71,8 @@ def pipeline_family(pipe: Any) -> Any:
     transformer = getattr(pipe, "transformer", None)
     if transformer is not None:
         config = transformer.config
-        code = family_code(transformer_family(type(pipe).__name__, config))
-        code.guidance_embeds = bool(config.get("guidance_embeds"))  # [dev] or [schnell]
-        return code
+        name = transformer_family(type(pipe).__name__, config)
+        return family_code(name, guidance_embeds=bool(config.get("guidance_embeds")))
     return family_code(unet_family(pipe.unet.config))
 
 

@@ -105,12 +105,13 @@ def image_family(spec: str, forced: str = "auto") -> str | None:
     return found if forced == "auto" else forced
 
 
-def family_code(name: str) -> Any:
-    """The family's code (loramill.models.sd, .sdxl or .flux; imports torch)."""
+def family_code(name: str, guidance_embeds: bool = True) -> Any:
+    """The family's code (loramill.models.sd, .sdxl or .flux; imports torch).
+    ``guidance_embeds``: a FLUX.1 transformer's ([dev]: True, [schnell]: False)."""
     if name in ("flux", "chroma"):
         from loramill.models.flux.family import Flux
 
-        return Flux(name)
+        return Flux(name, guidance_embeds)
     if name == "sdxl":
         from loramill.models.sdxl import StableDiffusionXL
 

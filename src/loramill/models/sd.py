@@ -40,6 +40,7 @@ class StableDiffusion:
     denoiser = "unet"
     text_encoders = ("text_encoder",)
     trainable_encoders = text_encoders  # train_text_encoder trains them all
+    half_encoders = ()  # frozen encoders held in half precision: none, they fill the caches
     sample_guidance = 7.5  # samples' guidance scale unless a prompt's --l says
     tokenizers = ("tokenizer",)
     # kohya's key prefixes (networks/lora.py): the UNet, then the text encoder

@@ -36,6 +36,7 @@ class StableDiffusionXL:
     denoiser = "unet"
     text_encoders = ("text_encoder", "text_encoder_2")
     trainable_encoders = text_encoders  # train_text_encoder trains them all
+    half_encoders = ()  # frozen encoders held in half precision: none, they fill the caches
     sample_guidance = 7.5  # samples' guidance scale unless a prompt's --l says
     tokenizers = ("tokenizer", "tokenizer_2")
     # kohya's SDXL key prefixes (networks/lora.py: LORA_PREFIX_TEXT_ENCODER1 / 2)

@@ -239,8 +239,9 @@ def prepare(
     device = accelerator.device
     record = provenance(trigger, base_model, cfg, examples, data_fingerprint, device.type,
                         hashes, allow_unsafe_weights)  # fmt: skip
-    check_family_options(cfg, base_family(base_model, family).name)  # a hub model's, first here
-    dtypes = base_dtypes(cfg, base_family(base_model, family))
+    base = base_family(base_model, family)
+    check_family_options(cfg, base.name)  # a hub model's family is known first here
+    dtypes = base_dtypes(cfg, base)
     pipe = load_pipeline(base_model, dtypes, allow_unsafe_weights, family)
     use_sdpa(pipe, cfg.sdpa)
     code = pipeline_family(pipe)

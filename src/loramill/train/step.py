@@ -47,12 +47,7 @@ def base_dtypes(cfg: TrainConfig, family: Any) -> str | dict[str, str]:
     if half is None:
         return "float32"
     trained = (family.denoiser, *(family.trainable_encoders if cfg.train_text_encoder else ()))
-    return {"default": "float32", **dict.fromkeys((*trained, *half_encoders(family)), half)}
-
-
-def half_encoders(family: Any) -> tuple[str, ...]:
-    """Frozen text encoders kept in half precision under mixed precision: Flux's T5-XXL."""
-    return (family.t5,) if hasattr(family, "t5") else ()
+    return {"default": "float32", **dict.fromkeys((*trained, *family.half_encoders), half)}
 
 
 def make_accelerator(cfg: TrainConfig, device_spec: str, logdir: str | os.PathLike) -> Any:

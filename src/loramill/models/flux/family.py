@@ -50,7 +50,9 @@ class Flux:
         self.tokenizers = ("tokenizer",) if chroma else ("tokenizer", "tokenizer_2")
         # train_text_encoder trains CLIP-L, never T5 (kohya's default; Chroma has no CLIP-L)
         self.trainable_encoders = () if chroma else ("text_encoder",)
-        self.t5 = self.text_encoders[-1]
+        # T5-XXL (19 GB in float32, the last encoder) loads in half precision under mixed
+        # precision
+        self.half_encoders = (self.text_encoders[-1],)
         # samples' guidance scale unless a prompt's --l says: the pipelines' defaults
         self.sample_guidance = 5.0 if chroma else 3.5
         # kohya's prefixes (networks/lora_flux.py): CLIP-L is te1, T5 te3 (Chroma's only encoder)
