@@ -11,16 +11,22 @@ times the difference between the (2, 4) run and it.
 ``loramill``: loramill's pieces of a Flux step — kohya's targets (loramill.models.flux.layout,
 every Linear of the blocks), the flow-matching draw (loramill.train.flow_matching, kohya's
 default ``sigma`` sampling, shift 3, ``raw`` prediction), the transformer's inputs
-(loramill.models.flux.family) — on cached latents and text states, bf16 autocast, fp32 LoRA layers,
-AdamW, gradient checkpointing; ``--fp8`` stores the frozen Linear weights in float8
-(loramill.models.float8). ``recipe``: diffusers' ``train_dreambooth_lora_flux.py`` step — the
-VAE (full-size FLUX.1 autoencoder, random weights) encodes the batch every step, LoRA on its
-default targets (attention and feed-forward projections), the same sigmas, prompt embeddings
-precomputed as that script does for one instance prompt. Both run interleaved in one process.
+(loramill.models.flux.family) — on cached latents and text states, bf16 autocast, fp32 LoRA
+layers, AdamW, gradient checkpointing; ``--fp8`` stores the frozen Linear weights in float8
+(loramill.models.float8), ``--quantize int8|nf4`` by bitsandbytes (loramill.models.quantize,
+after the LoRA layers, as the train step does). ``recipe``: diffusers'
+``train_dreambooth_lora_flux.py`` step — the VAE (full-size FLUX.1 autoencoder, random weights)
+encodes the batch every step, LoRA on its default targets (attention and feed-forward
+projections), the same sigmas, prompt embeddings precomputed as that script does for one
+instance prompt. Both run interleaved in one process.
 
-    .venv/bin/python bench/flux_step.py --double 2 --single 4 [--fp8] [--recipe] [--rounds 2]
+    .venv/bin/python bench/flux_step.py --double 2 --single 4 [--fp8 | --quantize nf4]
+        [--recipe] [--rounds 2]
 
-Each configuration is best measured in its own process: peak RSS is the process's.
+Each configuration is best measured in its own process: peak RSS is the process's. The build
+itself peaks at the bf16 model; the training peak (the kernel's VmHWM, reset once the models
+are built) is what the steps hold: the stored weights, the LoRA with its optimizer state, and
+the activations.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import argparse
 import resource
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,7 +48,18 @@ def rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def build(double: int, single: int, targets: list[str] | tuple[str, ...], fp8: bool) -> tuple:
+def reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from now
+
+
+def training_peak_gib() -> float:
+    status = Path("/proc/self/status").read_text().splitlines()
+    return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 2**20
+
+
+def build(
+    double: int, single: int, targets: list[str] | tuple[str, ...], fp8: bool, quantize: str | None
+) -> tuple:
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig
 
@@ -63,6 +81,11 @@ def build(double: int, single: int, targets: list[str] | tuple[str, ...], fp8: b
     if fp8:
         store_float8(model)
     model.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=list(targets)))
+    if quantize:
+        from loramill.models.quantize import quantize_linears
+
+        quantize_linears(model, quantize, torch.bfloat16)
+        model.to("cpu")  # quantizes
     lora = [p for p in model.parameters() if p.requires_grad]
     for parameter in lora:
         parameter.data = parameter.data.float()
@@ -78,7 +101,7 @@ def step(model, optimizer, latents, text, sigma) -> None:
 
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
     noisy = noisy_latents(latents, noise, sigma)
-    inputs = Flux("flux").denoiser_inputs(text, noisy, sigma, 1.0, model.config)
+    inputs = Flux("flux").denoiser_inputs(text, noisy, sigma, 1.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = model(**inputs).sample
     output = unpack(output.float(), *latents.shape[-2:])
@@ -98,6 +121,7 @@ def main() -> None:
     parser.add_argument("--single", type=int, default=4)
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--fp8", action="store_true")
+    parser.add_argument("--quantize", choices=("int8", "nf4"))
     parser.add_argument("--recipe", action="store_true", help="also the recipe's step, interleaved")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per round, after one")
@@ -111,7 +135,9 @@ def main() -> None:
     text = {"hidden": torch.randn(1, 512, 4096, generator=rng),
             "pooled": torch.randn(1, 768, generator=rng)}  # fmt: skip
     tokens = (side // 2) ** 2
-    runs = {"loramill": build(args.double, args.single, peft_targets(config), args.fp8)}
+    runs = {
+        "loramill": build(args.double, args.single, peft_targets(config), args.fp8, args.quantize)
+    }
     print(f"built loramill: {runs['loramill'][3]:,} LoRA parameters; block weights (bytes, bf16) "
           f"{runs['loramill'][2]}; peak RSS {rss_gib():.2f} GiB", flush=True)  # fmt: skip
     if args.recipe:
@@ -125,8 +151,9 @@ def main() -> None:
         recipe = [f"transformer_blocks.{i}.{t}" for i in range(args.double) for t in RECIPE_TARGETS]
         recipe += [f"single_transformer_blocks.{i}.attn.to_{x}"
                    for i in range(args.single) for x in "qkv"]  # fmt: skip
-        runs["recipe"] = build(args.double, args.single, recipe, args.fp8)
+        runs["recipe"] = build(args.double, args.single, recipe, args.fp8, args.quantize)
     how = FlowMatching()
+    reset_peak()
     for round_ in range(args.rounds):
         for name, (model, optimizer, _, _) in runs.items():
             times = []
@@ -143,7 +170,8 @@ def main() -> None:
                 if index:
                     times.append(time.perf_counter() - start)
             print(f"round {round_ + 1} {name}: s/step {' '.join(f'{t:.1f}' for t in times)}; "
-                  f"peak RSS {rss_gib():.2f} GiB", flush=True)  # fmt: skip
+                  f"peak RSS {rss_gib():.2f} GiB, training peak {training_peak_gib():.2f} GiB",
+                  flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

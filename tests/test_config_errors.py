@@ -614,6 +614,11 @@ FLUX_REFUSALS = {
         "train.fp8_base: True has no effect with train.mixed_precision: no; use "
         "mixed_precision: bf16, or drop fp8_base",
     ),
+    "fp8 and quantized": (
+        "flux", {"train": {"fp8_base": True, "quantize_base": "nf4", "mixed_precision": "bf16"}},
+        "train.quantize_base: nf4 and train.fp8_base: true both store the frozen weights; "
+        "choose one",
+    ),
 }  # fmt: skip
 
 

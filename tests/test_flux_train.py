@@ -87,18 +87,31 @@ def test_chroma_trains_its_blocks_without_modulation_from_t5_alone(
     assert len(modules) == 2 * 12 + 2 * 5 and not any("norm" in m for m in modules)
 
 
-def test_fp8_base_stores_the_frozen_transformer_in_float8_and_trains(
+def test_fp8_and_quantized_bases_store_the_frozen_transformer_and_train(
     prepared, tiny_flux, tmp_path, caplog
 ):
     bf16 = {**FLUX, "mixed_precision": "bf16", "max_train_steps": 2, "save_steps": 2}
     plain, _ = train_logged(prepared, tmp_path / "bf16", str(tiny_flux), caplog, bf16)
-    fp8, lines = train_logged(
-        prepared, tmp_path / "fp8", str(tiny_flux), caplog, {**bf16, "fp8_base": True}
-    )
+    runs = {}
+    for name, option in {"fp8": {"fp8_base": True}, "nf4": {"quantize_base": "nf4"}}.items():
+        runs[name] = train_logged(
+            prepared, tmp_path / name, str(tiny_flux), caplog, {**bf16, **option}
+        )
     # every frozen Linear of the 4 blocks and the embedders: 14·2 + 6·2 in the blocks
-    assert any(line.startswith("fp8_base: ") and int(line.split()[1]) > 40 for line in lines)
-    # a rounding of the base: another adapter, trained from the same draws
-    assert digest(fp8[-1]) != digest(plain[-1])
+    assert any(
+        line.startswith("fp8_base: ") and int(line.split()[1]) > 40 for line in runs["fp8"][1]
+    )
+    assert any(
+        line.startswith("quantize_base: ") and int(line.split()[1]) > 40 and line.endswith("nf4")
+        for line in runs["nf4"][1]
+    )
+    # each a rounding of the base: another adapter, trained from the same draws
+    adapters = {digest(plain[-1]), digest(runs["fp8"][0][-1]), digest(runs["nf4"][0][-1])}
+    assert len(adapters) == 3
+    again, _ = train_logged(
+        prepared, tmp_path / "nf4-again", str(tiny_flux), caplog, {**bf16, "quantize_base": "nf4"}
+    )
+    assert digest(again[-1]) == digest(runs["nf4"][0][-1])  # quantizing draws nothing
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,8 @@ SETTINGS = (
     "network_target", "rank", "alpha", "conv_rank", "conv_alpha", "optimizer_type",
     "learning_rate", "unet_lr", "text_encoder_lr", "train_text_encoder", "lr_scheduler",
     "max_train_steps", "max_train_epochs", "train_batch_size", "gradient_accumulation_steps",
-    "mixed_precision", "min_snr_gamma", "noise_offset", "flip_aug", "repeats", "clip_skip",
+    "mixed_precision", "quantize_base", "min_snr_gamma", "noise_offset", "flip_aug", "repeats",
+    "clip_skip",
 )  # fmt: skip
 # a Flux-family run's settings: its own (loramill.models.flux.family, .layout), without SD's
 FLUX_SETTINGS = (

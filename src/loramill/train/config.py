@@ -107,6 +107,7 @@ class TrainConfig:
     t5xxl_max_token_length: int | None  # None: the family's default (256 [schnell], else 512)
     train_blocks: str  # all | double | single
     fp8_base: bool  # the frozen denoiser's Linear weights in float8, computed in bf16
+    quantize_base: str | None  # int8 | nf4: the same weights by bitsandbytes (models.quantize)
     # CPU kernels split reductions by thread count, so it is part of what makes a run
     # bit-reproducible: fixed here rather than taken from the scheduler.
     threads: int
@@ -141,6 +142,11 @@ class TrainConfig:
         if self.loss_type not in LOSS_TYPES:
             raise LoramillError(f"train.loss_type '{self.loss_type}': use {' | '.join(LOSS_TYPES)}")
         check_optimizer(self)
+        if self.quantize_base and self.fp8_base:
+            raise LoramillError(
+                f"train.quantize_base: {self.quantize_base} and train.fp8_base: true both store "
+                "the frozen weights; choose one"
+            )
         if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
             raise LoramillError(
                 f"train.max_timestep {self.max_timestep}: must be above train.min_timestep "

@@ -19,6 +19,7 @@ from loramill.models.checkpoint import (
 )
 from loramill.models.float8 import check_float8_device, store_float8
 from loramill.models.network import add_lora
+from loramill.models.quantize import check_quantize_device, quantize_linears
 from loramill.prepare.buckets import batches
 from loramill.train.caption_variation import CaptionVariation
 from loramill.train.config import TrainConfig, text_encoder_lrs
@@ -137,6 +138,10 @@ class Training:
             start.update(read_init_weights(cfg.init_from, models, cfg.network))
             load_network_state(models, start)
             log.info("LoRA initialised from %s", cfg.init_from)
+        if cfg.quantize_base:  # before the move, which quantizes weight by weight
+            check_quantize_device(self.device)
+            count = quantize_linears(models[denoiser], cfg.quantize_base, weight_dtype)
+            log.info("quantize_base: %d Linear weights in %s", count, cfg.quantize_base)
         for model in models.values():
             model.to(self.device, dtype=weight_dtype)
         if cfg.fp8_base:
