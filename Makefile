@@ -21,7 +21,7 @@ demo: $(VENV)/.installed
 PYTEST_ARGS ?= -n 3 --dist loadscope --no-loadscope-reorder --durations=25
 
 ## set up .venv if missing, run the test suite (lint included)
-test: $(VENV)/.installed $(VENV)/.llama-cpp
+test: $(VENV)/.installed $(VENV)/.llama-cpp $(VENV)/.bitsandbytes
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 ## set up .venv only (pinned torch, locked dependencies, loramill itself)
@@ -65,6 +65,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 # out). Only `make test` needs it.
 $(VENV)/.llama-cpp: $(VENV)/.installed
 	CMAKE_ARGS="-DLLAVA_BUILD=OFF" $(BIN)/pip install --quiet -c constraints.txt -e '.[llama]'
+	touch $@
+
+# bitsandbytes (the `quantize` extra), for the tests that quantize a base: in a folder of its
+# own that those tests put on their path, not in the environment, where peft would import it in
+# every test's jobs (about 2 s each; pyproject.toml says why).
+# Its pin is the extra's in pyproject.toml.
+$(VENV)/.bitsandbytes: $(VENV)/.installed pyproject.toml
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt --target $(VENV)/bitsandbytes \
+	  "$$(grep -o 'bitsandbytes==[0-9.]*' pyproject.toml)"
 	touch $@
 
 ## regenerate constraints.txt from the installed .venv

@@ -35,6 +35,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 REPO = Path(__file__).resolve().parent.parent
+# bitsandbytes (train.quantize_base) beside the environment, not in it (Makefile)
+BITSANDBYTES = REPO / ".venv" / "bitsandbytes"
 # The embedded model, pretrained to draw coloured shapes (models/pretrain_tiny_sd.py).
 EMBEDDED_SD = REPO / "models" / "tiny-sd"
 
@@ -472,3 +474,12 @@ def random_lora_pairs(model, names, rank: int, seed: int = 0) -> dict:
                "B": torch.randn(found[name].out_features, rank, generator=rng)}
         for name in names
     }  # fmt: skip
+
+
+@pytest.fixture
+def bitsandbytes(monkeypatch):
+    """bitsandbytes importable in this test: make test installs it beside .venv, where the
+    other tests' processes do not import it (peft imports it whenever it can)."""
+    if not BITSANDBYTES.is_dir():
+        pytest.fail(f"no {BITSANDBYTES}: run make .venv/.bitsandbytes")
+    monkeypatch.syspath_prepend(str(BITSANDBYTES))

@@ -88,7 +88,7 @@ def test_chroma_trains_its_blocks_without_modulation_from_t5_alone(
 
 
 def test_fp8_and_quantized_bases_store_the_frozen_transformer_and_train(
-    prepared, tiny_flux, tmp_path, caplog
+    prepared, tiny_flux, tmp_path, caplog, bitsandbytes
 ):
     bf16 = {**FLUX, "mixed_precision": "bf16", "max_train_steps": 2, "save_steps": 2}
     plain, _ = train_logged(prepared, tmp_path / "bf16", str(tiny_flux), caplog, bf16)

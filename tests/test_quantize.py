@@ -5,12 +5,17 @@ takes on CUDA."""
 
 from __future__ import annotations
 
+import json
+import sys
+from importlib import metadata
+
 import pytest
 import torch
 from conftest import digest, train_logged
 from test_float8 import inputs, transformer
 
 from loramill import LoramillError
+from loramill.models.checkpoint import read_checkpoint
 from loramill.models.flux.layout import peft_targets
 from loramill.models.quantize import check_quantize_device, quantize_linears
 
@@ -27,7 +32,7 @@ def frozen_weight_bytes(model: torch.nn.Module) -> int:
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_quantized_weights_shrink_by_their_bits_and_compute_close_to_bfloat16(kind):
+def test_quantized_weights_shrink_by_their_bits_and_compute_close_to_bfloat16(kind, bitsandbytes):
     share, bound = KINDS[kind]
     reference, stored = transformer(), transformer()
     bf16_bytes = frozen_weight_bytes(stored)
@@ -43,7 +48,7 @@ def test_quantized_weights_shrink_by_their_bits_and_compute_close_to_bfloat16(ki
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_lora_on_quantized_weights_trains_and_leaves_them_alone(kind):
+def test_a_lora_on_quantized_weights_trains_and_leaves_them_alone(kind, bitsandbytes):
     from peft import LoraConfig
 
     model = transformer()
@@ -71,15 +76,26 @@ def test_a_lora_on_quantized_weights_trains_and_leaves_them_alone(kind):
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
 
 
-def test_an_unknown_kind_or_a_device_without_kernels_is_refused_by_name():
+def test_a_missing_library_an_unknown_kind_or_a_device_without_kernels_is_refused(
+    monkeypatch,
+):
     check_quantize_device(torch.device("cpu"))
     with pytest.raises(LoramillError, match=r"^train\.quantize_base: the device 'mps' has no"):
         check_quantize_device(torch.device("mps"))
     with pytest.raises(LoramillError, match=r"^train\.quantize_base 'fp4': use int8 \| nf4$"):
         quantize_linears(transformer(), "fp4", torch.bfloat16)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed: import fails
+    model = transformer()
+    with pytest.raises(
+        LoramillError, match=r"^train\.quantize_base: needs bitsandbytes.*\[quantize\]"
+    ):
+        quantize_linears(model, "nf4", torch.bfloat16)
+    assert any(type(m) is torch.nn.Linear for m in model.modules())  # left as it was
 
 
-def test_an_sd_run_trains_on_an_int8_unet_in_float32(prepared, tiny_sd, tmp_path, caplog):
+def test_an_sd_run_trains_on_an_int8_unet_in_float32(
+    prepared, tiny_sd, tmp_path, caplog, bitsandbytes
+):
     """Any family's denoiser: the tiny SD UNet's Linears in int8, LoRA computed in float32."""
     config = {"quantize_base": "int8", "max_train_steps": 2, "save_steps": 2}
     written, lines = train_logged(prepared, tmp_path / "int8", tiny_sd, caplog, config)
@@ -88,3 +104,10 @@ def test_an_sd_run_trains_on_an_int8_unet_in_float32(prepared, tiny_sd, tmp_path
     )
     assert any(line.startswith("quantize_base: ") and line.endswith(" int8") for line in lines)
     assert digest(written[-1]) != digest(plain[-1])
+    # the provenance names the bitsandbytes that quantized the run, and only then
+    versions = [
+        json.loads(read_checkpoint(path[-1]).metadata["loramill.provenance"])["versions"]
+        for path in (written, plain)
+    ]
+    assert versions[0]["bitsandbytes"] == metadata.version("bitsandbytes")
+    assert "bitsandbytes" not in versions[1]

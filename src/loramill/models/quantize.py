@@ -6,7 +6,8 @@
 - ``nf4``: QLoRA's 4-bit NormalFloat in blocks of 64, computed in the run's precision
   (bfloat16, float16, or float32 without mixed precision): an eighth of float32's memory.
 
-Why bitsandbytes: its wheel carries CPU and CUDA kernels that run with torch 2.13, so a test on
+bitsandbytes is the ``quantize`` extra, not a dependency (pyproject.toml says why). Why
+bitsandbytes: its wheel carries CPU and CUDA kernels that run with torch 2.13, so a test on
 CPU runs the code a GPU run does; it is what QLoRA and peft's quantized LoRA layers are built
 on. (diffusers loads bitsandbytes models only where a GPU is present, optimum-quanto is
 deprecated in diffusers, and torchao's training path is CUDA-first.)
@@ -21,6 +22,8 @@ unquantized run.
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
 from typing import Any
 
 import torch
@@ -40,9 +43,28 @@ def check_quantize_device(device: torch.device) -> None:
         )
 
 
-def _quantized(linear: torch.nn.Linear, kind: str, compute_dtype: torch.dtype) -> Any:
-    import bitsandbytes as bnb
+def _bitsandbytes() -> Any:
+    # By name, not by an import statement: a stage's fingerprint holds the release of every
+    # distribution its code imports (loramill.reruns.code), and installing the extra must not
+    # retrain the runs that do not quantize. A quantized run's provenance names the version
+    # (versions(), in loramill.train.loop); a new bitsandbytes alone does not rerun it.
+    try:
+        bitsandbytes = importlib.import_module("bitsandbytes")
+    except ImportError:
+        raise LoramillError(
+            "train.quantize_base: needs bitsandbytes, which is not installed here; "
+            "pip install 'loramill[quantize]'"
+        ) from None
+    return bitsandbytes
 
+
+def versions(kind: str | None) -> dict[str, str]:
+    """The bitsandbytes that quantized a run, for its provenance; nothing when none did."""
+    return {"bitsandbytes": importlib.metadata.version("bitsandbytes")} if kind else {}
+
+
+def _quantized(linear: torch.nn.Linear, kind: str, compute_dtype: torch.dtype) -> Any:
+    bnb = _bitsandbytes()
     shape = (linear.in_features, linear.out_features)
     bias = linear.bias is not None
     weight = linear.weight.data
@@ -67,6 +89,7 @@ def quantize_linears(model: torch.nn.Module, kind: str, compute_dtype: torch.dty
     model is next moved to a device (``model.to(device)``)."""
     if kind not in KINDS:
         raise LoramillError(f"train.quantize_base '{kind}': use {' | '.join(KINDS)}")
+    _bitsandbytes()  # before any module is replaced
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -45,6 +45,7 @@ from loramill.models.checkpoint import (
     step_name,
     write_checkpoint,
 )
+from loramill.models.quantize import versions as quantized_with
 from loramill.models.single_file import source_checkpoint
 from loramill.prepare.buckets import batches_per_epoch
 from loramill.software import installed
@@ -95,7 +96,7 @@ def provenance(
             ),
             "tag_frequency": tag_frequency(examples.captions),
             "device": device,
-            "versions": installed(),
+            "versions": installed() | quantized_with(cfg.quantize_base),
         }
         | init_from
         | single_file
