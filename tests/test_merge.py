@@ -355,3 +355,14 @@ def test_captions_over_the_text_encoders_limit_are_reported(ds, tiny_sd, caplog)
     assert warnings == [
         f"1 caption(s) exceed the text encoder's limit: a.png ({report['too_long']['a.png']})"
     ]
+
+
+@pytest.mark.parametrize(("family", "limit"), [("flux", 511), ("chroma", 511)])
+def test_flux_captions_are_counted_with_t5s_tokenizer(ds, tiny_flux, tiny_chroma, family, limit):
+    """FLUX.1's captions reach the transformer through T5 (its second tokenizer), Chroma's
+    through its only one: 512 tokens less T5's end token, not CLIP's 75."""
+    model = {"flux": tiny_flux, "chroma": tiny_chroma}[family]
+    medium = " ".join(["stripes"] * 200)  # over CLIP's 75, within T5's 511
+    write_table(ds, f'a.png,"{medium}",,', f'b.png,"{medium} {medium} {medium}",,')
+    _, report = merge(ds, base_model=str(model))
+    assert list(report["too_long"]) == ["b.png"] and report["too_long"]["b.png"] > limit

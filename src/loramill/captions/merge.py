@@ -47,26 +47,36 @@ def edit_problems(auto: list[dict[str, Any]], edits: dict[str, Edit]) -> list[di
     return rows
 
 
+# The tokenizer whose limit cuts a caption short: CLIP's for the UNet families (kohya's 75
+# tokens), T5's for FLUX.1 (its second; CLIP-L only gives the pooled vector) and Chroma (its
+# only one).
+CAPTION_TOKENIZER = {"flux": "tokenizer_2"}  # any other family: "tokenizer"
+
+
 def too_long(captions: dict[str, str], base_model: str | None) -> list[tuple[str, int]]:
     """(image, tokens) of captions over the text encoder's limit, counted with its tokenizer."""
     if not base_model:
         return []
     try:
-        from transformers import CLIPTokenizer
+        from transformers import AutoTokenizer
 
         from loramill.models.base_model import resolve_base_model
+        from loramill.models.families import folder_family
 
         source = resolve_base_model(base_model)
         local = Path(source).exists()
-        tokenizer = CLIPTokenizer.from_pretrained(
-            source, subfolder="tokenizer", local_files_only=local
+        subfolder = CAPTION_TOKENIZER.get(folder_family(Path(source)), "tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, subfolder=subfolder, local_files_only=local
         )
     except Exception as error:  # the count is advice: never fail the merge for it
         log.warning("cannot count caption tokens (%s: %s)", type(error).__name__, error)
         return []
-    limit = tokenizer.model_max_length - 2  # start and end tokens
-    count = lambda text: len(tokenizer(text, verbose=False)["input_ids"]) - 2  # noqa: E731
-    counts = {image: count(text) for image, text in captions.items()}
+    limit = tokenizer.model_max_length - tokenizer.num_special_tokens_to_add()  # start, end
+    counts = {
+        image: len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        for image, text in captions.items()
+    }
     return [(image, n) for image, n in sorted(counts.items()) if n > limit]
 
 

@@ -73,7 +73,7 @@ def build_t5_tokenizer() -> Any:
     pieces += list("abcdefghijklmnopqrstuvwxyz0123456789,.-'!?")
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [(piece, -float(rank)) for rank, piece in enumerate(pieces, start=1)]
-    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)  # as FLUX.1's
 
 
 def flux_pipeline(
