@@ -361,7 +361,7 @@ def test_init_from_reads_the_kohya_export_back_into_the_trained_tensors(flux_job
     assert all(torch.equal(tensors[key], trained[key]) for key in trained)
 
 
-def test_init_from_splits_kohya_sd_scripts_shared_down_and_refuses_another_scale(
+def test_init_from_splits_kohya_sd_scripts_shared_down_and_refuses_another_scale_or_t5(
     tiny_flux, tmp_path
 ):
     from loramill.train.init_from import read_init_weights
@@ -387,3 +387,12 @@ def test_init_from_splits_kohya_sd_scripts_shared_down_and_refuses_another_scale
     save_file(tensors, tmp_path / "other.safetensors")
     with pytest.raises(LoramillError, match=f"'{QKV}': rank 4, alpha 4 over 3 part"):
         read_init_weights(tmp_path / "other.safetensors", models, spec)
+    tensors[f"{QKV}.alpha"] = torch.tensor(2.0)
+    t5 = "lora_te3_encoder_block_0_layer_0_SelfAttention_q"  # kohya's name for a T5 module
+    tensors |= {
+        f"{t5}.lora_down.weight": torch.zeros(4, 32),
+        f"{t5}.lora_up.weight": torch.zeros(32, 4),
+    }
+    save_file(tensors, tmp_path / "t5.safetensors")
+    with pytest.raises(LoramillError, match=f"has T5 layers \\('{t5}'\\); loramill does not train"):
+        read_init_weights(tmp_path / "t5.safetensors", models, spec)

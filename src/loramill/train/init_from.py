@@ -17,7 +17,7 @@ from typing import Any
 from loramill import LoramillError
 from loramill.models.checkpoint import Checkpoint, adapter_state, read_checkpoint
 from loramill.models.diffusers_names import checkpoint_key
-from loramill.models.families import DENOISERS
+from loramill.models.families import DENOISERS, family_code
 from loramill.models.flux.layout import KOHYA_PREFIX, bfl_modules, is_chroma, kohya_name
 from loramill.models.flux.unfused import split_fused
 from loramill.models.kohya_names import (
@@ -110,8 +110,15 @@ def _from_kohya_flux(
     blocks = bfl_modules(transformer.config, network.train_blocks)
     fused = {kohya_name(bfl): parts for bfl, parts in blocks.items()}
     scale = (network.rank, float(network.alpha))
+    family = family_code("chroma" if is_chroma(transformer.config) else "flux")
+    t5 = family.kohya_prefixes[family.text_encoders[-1]]  # T5 is the last encoder of both
     converted, text = {}, {}
     for stem in sorted({key.split(".", 1)[0] for key in tensors}):
+        if stem.startswith(f"{t5}_"):
+            raise LoramillError(
+                f"train.init_from {path}: the file has T5 layers ('{stem}'); loramill does not "
+                "train T5 (kohya's default), so it cannot start from them"
+            )
         if not stem.startswith(KOHYA_PREFIX):
             text |= {k: v for k, v in tensors.items() if k.split(".", 1)[0] == stem}
             continue
@@ -134,8 +141,7 @@ def _from_kohya_flux(
     if text:
         _check_scale(Checkpoint(text, {}), network, path)
         encoders = {c: m for c, m in models.items() if c != "transformer"}
-        family = "chroma" if is_chroma(transformer.config) else "flux"
-        converted |= _from_kohya(text, encoders, path, KohyaNames(family))
+        converted |= _from_kohya(text, encoders, path, KohyaNames(family.name))
     return converted
 
 
