@@ -137,3 +137,21 @@ def test_samples_render_with_the_flux_pipeline_during_training(prepared, tiny_fl
 
     with Image.open(sample) as image:
         assert sample.name == "step-000002-00.png" and image.size == (32, 48)
+
+
+def test_two_processes_of_batch_1_train_flux_as_one_process_of_batch_2(
+    prepared, tiny_flux, tmp_path
+):
+    """DDP on the transformer and CLIP-L, as tests/test_distributed.py for SD: the noise and σ
+    are drawn for the whole batch and each process takes its rows, the gradients averaged."""
+    from safetensors.torch import load_file
+
+    fast = {**FLUX, "max_train_steps": 4, "save_steps": 4, "threads": 1, "train_text_encoder": True}
+    two = train(prepared, tmp_path / "two", str(tiny_flux), train_batch_size=1,
+                num_processes=2, **fast)  # fmt: skip
+    one = train(prepared, tmp_path / "one", str(tiny_flux), train_batch_size=2, **fast)
+    a, b = load_file(str(one[-1])), load_file(str(two[-1]))
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
+    off = {k: float((a[k] - b[k]).abs().max()) for k in a}  # gradients summed in another order
+    assert max(off.values()) < 1e-4, max(off.items(), key=lambda item: item[1])
+    assert max(float(a[k].abs().max()) for k in a if "lora_B" in k) > 1e-3
