@@ -9,12 +9,13 @@
 bitsandbytes is the ``quantize`` extra, not a dependency (pyproject.toml says why). Why
 bitsandbytes: its wheel carries CPU and CUDA kernels that run with torch 2.13, so a test on
 CPU runs the code a GPU run does; it is what QLoRA and peft's quantized LoRA layers are built
-on. (diffusers loads bitsandbytes models only where a GPU is present, optimum-quanto is
-deprecated in diffusers, and torchao's training path is CUDA-first.)
+on. (diffusers' bitsandbytes loader refuses to run where no GPU is present, and its
+optimum-quanto backend is deprecated.)
 
 Each frozen Linear becomes bitsandbytes' module holding the same, not yet quantized weight;
 bitsandbytes quantizes a weight when it is moved to its device. Moving the model there thus
-quantizes it one weight at a time: a GPU never holds the unquantized model. The LoRA layers on
+quantizes it one weight at a time, so a GPU holds one unquantized weight at a time, not the
+model (bitsandbytes' design; not measured here, where no GPU was lent). The LoRA layers on
 top are peft's, untouched, and stay float32. Quantizing is a rounding of the base done once,
 deterministically, with no random draws: the LoRA init and every later draw are those of an
 unquantized run.
