@@ -12,7 +12,7 @@ from importlib import metadata
 import pytest
 import torch
 from conftest import digest, train_logged
-from test_float8 import inputs, transformer
+from test_float8 import inputs, linear_bytes, transformer
 
 from loramill import LoramillError
 from loramill.models.checkpoint import read_checkpoint
@@ -23,24 +23,16 @@ from loramill.models.quantize import check_quantize_device, quantize_linears
 KINDS = {"int8": (1 / 2, 0.05), "nf4": (1 / 4, 0.3)}
 
 
-def frozen_weight_bytes(model: torch.nn.Module) -> int:
-    return sum(
-        m.weight.numel() * m.weight.element_size()
-        for m in model.modules()
-        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad
-    )
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_quantized_weights_shrink_by_their_bits_and_compute_close_to_bfloat16(kind, bitsandbytes):
     share, bound = KINDS[kind]
     reference, stored = transformer(), transformer()
-    bf16_bytes = frozen_weight_bytes(stored)
+    bf16_bytes = linear_bytes(stored)
     linears = sum(type(m) is torch.nn.Linear for m in stored.modules())
     assert quantize_linears(stored, kind, torch.bfloat16) == linears
     stored.to("cpu")  # bitsandbytes quantizes on the move
     assert not any(type(m) is torch.nn.Linear for m in stored.modules())
-    assert frozen_weight_bytes(stored) == bf16_bytes * share
+    assert linear_bytes(stored) == bf16_bytes * share
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         ours, theirs = stored(**inputs()).sample, reference(**inputs()).sample
     error = (ours.float() - theirs.float()).norm() / theirs.float().norm()

@@ -47,12 +47,6 @@ def edit_problems(auto: list[dict[str, Any]], edits: dict[str, Edit]) -> list[di
     return rows
 
 
-# The tokenizer whose limit cuts a caption short: CLIP's for the UNet families (kohya's 75
-# tokens), T5's for FLUX.1 (its second; CLIP-L only gives the pooled vector) and Chroma (its
-# only one).
-CAPTION_TOKENIZER = {"flux": "tokenizer_2"}  # any other family: "tokenizer"
-
-
 def too_long(captions: dict[str, str], base_model: str | None) -> list[tuple[str, int]]:
     """(image, tokens) of captions over the text encoder's limit, counted with its tokenizer."""
     if not base_model:
@@ -61,11 +55,14 @@ def too_long(captions: dict[str, str], base_model: str | None) -> list[tuple[str
         from transformers import AutoTokenizer
 
         from loramill.models.base_model import resolve_base_model
-        from loramill.models.families import folder_family
+        from loramill.models.families import family_code, folder_family
 
         source = resolve_base_model(base_model)
         local = Path(source).exists()
-        subfolder = CAPTION_TOKENIZER.get(folder_family(Path(source)), "tokenizer")
+        # The family's last tokenizer is the one whose limit cuts a caption short: CLIP's for
+        # SD and SDXL (75 tokens; both of SDXL's are CLIP's), T5's for FLUX.1 (CLIP-L only
+        # gives the pooled vector) and Chroma. A folder without a UNet config: SD's layout.
+        subfolder = family_code(folder_family(Path(source)) or "sd1").tokenizers[-1]
         tokenizer = AutoTokenizer.from_pretrained(
             source, subfolder=subfolder, local_files_only=local
         )

@@ -24,7 +24,6 @@ unquantized run.
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 from typing import Any
 
 import torch
@@ -32,6 +31,7 @@ import torch
 from loramill import LoramillError
 
 KINDS = ("int8", "nf4")
+LIBRARY = ("bitsandbytes",)  # what a quantized run's provenance adds to its versions
 DEVICES = ("cpu", "cuda")  # bitsandbytes' kernels for both ship in its wheel
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold, as transformers' load_in_8bit
 
@@ -48,7 +48,7 @@ def _bitsandbytes() -> Any:
     # By name, not by an import statement: a stage's fingerprint holds the release of every
     # distribution its code imports (loramill.reruns.code), and installing the extra must not
     # retrain the runs that do not quantize. A quantized run's provenance names the version
-    # (versions(), in loramill.train.loop); a new bitsandbytes alone does not rerun it.
+    # (LIBRARY, in loramill.train.loop); a new bitsandbytes alone does not rerun it.
     try:
         bitsandbytes = importlib.import_module("bitsandbytes")
     except ImportError:
@@ -59,13 +59,7 @@ def _bitsandbytes() -> Any:
     return bitsandbytes
 
 
-def versions(kind: str | None) -> dict[str, str]:
-    """The bitsandbytes that quantized a run, for its provenance; nothing when none did."""
-    return {"bitsandbytes": importlib.metadata.version("bitsandbytes")} if kind else {}
-
-
-def _quantized(linear: torch.nn.Linear, kind: str, compute_dtype: torch.dtype) -> Any:
-    bnb = _bitsandbytes()
+def _quantized(bnb: Any, linear: torch.nn.Linear, kind: str, compute_dtype: torch.dtype) -> Any:
     shape = (linear.in_features, linear.out_features)
     bias = linear.bias is not None
     weight = linear.weight.data
@@ -90,12 +84,12 @@ def quantize_linears(model: torch.nn.Module, kind: str, compute_dtype: torch.dty
     model is next moved to a device (``model.to(device)``)."""
     if kind not in KINDS:
         raise LoramillError(f"train.quantize_base '{kind}': use {' | '.join(KINDS)}")
-    _bitsandbytes()  # before any module is replaced
+    bnb = _bitsandbytes()  # before any module is replaced
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             # exactly torch's Linear: not a LoRA layer, not a module already quantized
             if type(child) is torch.nn.Linear and not child.weight.requires_grad:
-                setattr(parent, name, _quantized(child, kind, compute_dtype))
+                setattr(parent, name, _quantized(bnb, child, kind, compute_dtype))
                 replaced += 1
     return replaced

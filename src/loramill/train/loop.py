@@ -45,7 +45,7 @@ from loramill.models.checkpoint import (
     step_name,
     write_checkpoint,
 )
-from loramill.models.quantize import versions as quantized_with
+from loramill.models.quantize import LIBRARY as QUANTIZING_LIBRARY
 from loramill.models.single_file import source_checkpoint
 from loramill.prepare.buckets import batches_per_epoch
 from loramill.software import installed
@@ -96,7 +96,7 @@ def provenance(
             ),
             "tag_frequency": tag_frequency(examples.captions),
             "device": device,
-            "versions": installed() | quantized_with(cfg.quantize_base),
+            "versions": installed() | (installed(QUANTIZING_LIBRARY) if cfg.quantize_base else {}),
         }
         | init_from
         | single_file
