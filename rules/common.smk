@@ -30,7 +30,7 @@ from loramill.reruns.rule_jobs import rule_stage
 from loramill.train.stopping import pass_signals_to_jobs
 from loramill.reruns.staleness import Planner
 from loramill.text.language_model import text_job_mem_mb
-from loramill.train.config import LAUNCH_OPTIONS
+from loramill.train.config import LAUNCH_OPTIONS, PROMPT_OPTIONS
 from loramill.train.family_options import FLUX_FAMILIES
 from loramill.config import grid_settings
 from loramill.workflow_config import load_datasets
@@ -177,10 +177,13 @@ wildcard_constraints:
 
 
 def setting(section, key=None):
-    """Params helper: a dataset's effective config section (or one key of it)."""
+    """Params helper: a dataset's effective config section, one key of it, or some keys of
+    it (a tuple: those keys' values by name)."""
 
     def value(wildcards):
         chosen = DATASETS[wildcards.ds][section]
+        if isinstance(key, tuple):
+            return {name: chosen[name] for name in key}
         return chosen if key is None else chosen[key]
 
     return value

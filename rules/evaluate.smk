@@ -41,11 +41,9 @@ rule grid:
             DATASETS[wildcards.ds]["resize"]["resolution"],
             DATASETS[wildcards.ds]["family"],
         ),
-        # the caption encoding the adapter was trained with (SD and SDXL: CLIP's; FLUX.1 and
-        # Chroma: T5's token count)
-        clip_skip=setting("train", "clip_skip"),
-        max_token_length=setting("train", "max_token_length"),
-        t5xxl_max_token_length=setting("train", "t5xxl_max_token_length"),
+        # how the adapter was trained to read captions (SD and SDXL: CLIP's layer and length;
+        # FLUX.1 and Chroma: T5's length and mask)
+        prompt_reading=setting("train", PROMPT_OPTIONS),
         device=config["device"],
     script:
         "../scripts/grid.py"

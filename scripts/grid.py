@@ -17,9 +17,7 @@ run(
         out_json=snakemake.output.cells,
         pages_dir=snakemake.output.pages,
         name=snakemake.wildcards.ds,  # for the log only: a renamed dataset keeps its grid
-        clip_skip=snakemake.params.clip_skip,
-        max_token_length=snakemake.params.max_token_length,
-        t5xxl_max_token_length=snakemake.params.t5xxl_max_token_length,
+        prompt_reading=snakemake.params.prompt_reading,
         allow_unsafe_weights=snakemake.params.allow_unsafe_weights,
         device=snakemake.params.device,
     ),

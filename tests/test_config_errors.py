@@ -604,6 +604,11 @@ FLUX_REFUSALS = {
         "train.train_text_encoder: Chroma's only text encoder is T5, which is not trained "
         "(kohya's default); remove it",
     ),
+    "chroma unmasked": (
+        "chroma", {"train": {"apply_t5_attn_mask": False}},
+        "train.apply_t5_attn_mask: false: Chroma reads T5 with its attention mask (kohya "
+        "requires it for Chroma); remove it",
+    ),
     "bucket step": (
         "flux", {"resize": {"bucket_reso_steps": 8}},
         "resize.bucket_reso_steps 8: flux needs bucket sides that are multiples of 16; use 16, "

@@ -101,6 +101,7 @@ def test_the_export_job_writes_and_verifies_every_flux_file(flux_job):
     assert meta["modelspec.implementation"] == "https://github.com/black-forest-labs/flux"
     assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["ss_steps"]) == ("4", "2.0", "6")
     assert (meta["ss_timestep_sampling"], meta["ss_discrete_flow_shift"]) == ("shift", "3.0")
+    assert meta["ss_apply_t5_attn_mask"] == "False"  # kohya's default on FLUX.1
     assert meta["ss_v2"] == "False" and "ss_network_args" not in meta  # train_blocks all
     diffusers_meta = metadata_of(paths["diffusers"])
     assert diffusers_meta["modelspec.architecture"] == "flux-1-dev/lora"
@@ -142,6 +143,7 @@ def test_chroma_exports_its_blocks_without_modulation_and_its_labels(chroma_job)
     assert f"{paths['diffusers']}: {modules} diffusers, ComfyUI" in lines
     meta = metadata_of(paths["kohya"])
     assert (meta["ss_base_model_version"], meta["ss_model_type"]) == ("chroma", "chroma")
+    assert meta["ss_apply_t5_attn_mask"] == "True"  # as kohya requires for Chroma
     assert meta["modelspec.architecture"] == "chroma/lora"
     assert meta["modelspec.implementation"] == "https://huggingface.co/lodestones/Chroma"
 

@@ -66,7 +66,8 @@ def draw(base: str, adapters: list[Path], out: Path, stem: str = "g", **changes)
     settings = {**SETTINGS, **changes}
     stats = render_grid(
         base, adapters, settings, out / f"{stem}.png", out / f"{stem}.json", out / f"{stem}-p",
-        name=stem, t5xxl_max_token_length=T5_TOKENS, device="cpu", cache_dir=out / "cache",
+        name=stem, prompt_reading={"t5xxl_max_token_length": T5_TOKENS}, device="cpu",
+        cache_dir=out / "cache",
     )  # fmt: skip
     image = np.asarray(Image.open(out / f"{stem}.png").convert("RGB"))
     return stats, json.loads((out / f"{stem}.json").read_text()), image
@@ -144,15 +145,20 @@ def test_flux_grid_is_described_and_labelled(flux_grid):
     assert chunk["render"] == d["render"] and chunk["checkpoints"] == d["checkpoints"]
 
 
-def test_the_train_configs_t5_length_reads_the_prompts(flux_grid, tmp_path):
-    """Unset (the family's 512 tokens, T5 attending to its padding), the prompts read
-    otherwise: other pixels, under other cell keys."""
+@pytest.mark.parametrize(
+    "reading", [{}, {"t5xxl_max_token_length": T5_TOKENS, "apply_t5_attn_mask": True}]
+)
+def test_the_train_configs_t5_reading_reads_the_prompts(flux_grid, tmp_path, reading):
+    """Unset (the family's 512 tokens, T5 attending to its padding), or with T5's mask, the
+    prompts read otherwise: other pixels, under other cell keys."""
     base, adapters, _, _, d, image = flux_grid
     render_grid(base, adapters[-1:], {**SETTINGS, "strengths": [0.0]}, tmp_path / "d.png",
-                tmp_path / "d.json", cache_dir=tmp_path / "c", device="cpu")  # fmt: skip
-    default = json.loads((tmp_path / "d.json").read_text())
-    assert default["render"]["t5xxl_max_token_length"] is None
-    (only,) = default["cells"]
+                tmp_path / "d.json", cache_dir=tmp_path / "c", device="cpu",
+                prompt_reading=reading)  # fmt: skip
+    other = json.loads((tmp_path / "d.json").read_text())
+    assert other["render"]["t5xxl_max_token_length"] == reading.get("t5xxl_max_token_length")
+    assert other["render"]["apply_t5_attn_mask"] == reading.get("apply_t5_attn_mask")
+    (only,) = other["cells"]
     x0, y0, x1, y1 = only["box"]
     drawn = np.asarray(Image.open(tmp_path / "d.png").convert("RGB"))[y0:y1, x0:x1]
     assert not np.array_equal(drawn, cell(d, image, 6, 0.0))

@@ -58,6 +58,23 @@ def test_retraining_on_cpu_gives_identical_tensors_from_the_caches(
     assert [digest(p) for p in again] == [digest(p) for p in written]
 
 
+def test_apply_t5_attn_mask_reads_captions_with_their_mask_into_other_caches(
+    flux_run, prepared, tiny_flux, tmp_path, caplog
+):
+    """kohya's apply_t5_attn_mask: the captions are encoded again (T5 with its mask; the
+    latents are reused) and the mask is cached with them; the transformer then leaves the
+    padding out, which trains another adapter from the same draws."""
+    written, _, folder = flux_run
+    config = {**FLUX, "apply_t5_attn_mask": True}
+    masked, lines = train_logged(
+        prepared, tmp_path, str(tiny_flux), caplog, config, cache_root=folder / "cache"
+    )
+    assert {"latents: 0 encoded, 5 reused", "text embeddings: 5 encoded, 0 reused"} <= set(lines)
+    entries = [load_file(p) for p in (folder / "cache" / "text_embeddings").rglob("*.safetensors")]
+    assert sum("mask" in entry for entry in entries) == 5
+    assert digest(masked[-1]) != digest(written[-1])
+
+
 def test_an_interrupted_run_with_clip_l_trained_resumes_bit_identical(
     prepared, tiny_flux, tmp_path, caplog, monkeypatch
 ):
@@ -130,7 +147,9 @@ def test_options_without_effect_on_the_base_are_refused_by_name(
 
 def test_samples_render_with_the_flux_pipeline_during_training(prepared, tiny_flux, tmp_path):
     config = {**FLUX, "max_train_steps": 2, "save_steps": 2, "sample_every_n_steps": 2}
+    # read with T5's mask, as training read the captions, at a size that is not square
     config |= {"sample_prompts": ["{trigger} --w 32 --h 48"], "sample_steps": 2}
+    config |= {"apply_t5_attn_mask": True}
     train(prepared, tmp_path, str(tiny_flux), **config)
     (sample,) = (tmp_path / "checkpoints" / "samples").glob("*.png")
     from PIL import Image

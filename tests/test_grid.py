@@ -379,7 +379,8 @@ def test_the_grid_encodes_prompts_as_training_did(grid, tiny_sd, tmp_path):
     }
     for stem, how in render.items():
         render_grid(tiny_sd, [ckpt], {**SETTINGS, **one}, tmp_path / f"{stem}.png",
-                    tmp_path / f"{stem}.json", cache_dir=cache, device="cpu", **how)  # fmt: skip
+                    tmp_path / f"{stem}.json", cache_dir=cache, device="cpu",
+                    prompt_reading=how)  # fmt: skip
     same = np.asarray(Image.open(tmp_path / "s.png"))
     for other in ("k.png", "l.png"):
         changed = np.asarray(Image.open(tmp_path / other))

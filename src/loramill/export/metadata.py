@@ -215,6 +215,8 @@ def _flux_labels(
         for name in FLUX_TRAINING
         if train_config.get(name) is not None
     }
+    masked = train_config.get("apply_t5_attn_mask")  # None: the family's (Chroma always masks)
+    labels["ss_apply_t5_attn_mask"] = str(base == "chroma" if masked is None else masked)
     if kohya_file:
         labels["modelspec.implementation"] = FLUX_IMPLEMENTATIONS[base]
     return labels

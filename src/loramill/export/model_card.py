@@ -26,7 +26,8 @@ SETTINGS = (
 FLUX_SETTINGS = (
     *(s for s in SETTINGS if s != "clip_skip"),
     "train_blocks", "timestep_sampling", "discrete_flow_shift", "sigmoid_scale",
-    "model_prediction_type", "guidance_scale", "t5xxl_max_token_length", "fp8_base",
+    "model_prediction_type", "guidance_scale", "t5xxl_max_token_length", "apply_t5_attn_mask",
+    "fp8_base",
 )  # fmt: skip
 
 

@@ -204,9 +204,7 @@ def render_grid(
     pages_dir: str | os.PathLike | None = None,
     *,
     name: str = "grid",
-    clip_skip: int = 1,
-    max_token_length: int = 75,
-    t5xxl_max_token_length: int | None = None,
+    prompt_reading: Mapping[str, Any] | None = None,
     allow_unsafe_weights: bool = False,
     device: str = "auto",
     cache_dir: str | os.PathLike = CACHE_DIR,
@@ -218,9 +216,9 @@ def render_grid(
     FLUX.1 and Chroma, diffusers-format files (the training checkpoints).
     ``settings``: the grid config (axes x/y/z, prompts with ``{trigger}`` resolved, strengths,
     seed, …, resolution, dtype, batch_size, max_megapixels).
-    ``clip_skip``, ``max_token_length`` (SD, SDXL), ``t5xxl_max_token_length`` (FLUX.1,
-    Chroma; None: the family's default): the train options the adapters were trained with,
-    which the grid reads its prompts with.
+    ``prompt_reading``: the train options the adapters were trained with that decide how a
+    caption is read (PROMPT_OPTIONS; unset ones: their defaults, those of other families are
+    ignored), which the grid reads its prompts with.
     """
     from loramill.models.base_model import base_family
 
@@ -230,9 +228,7 @@ def render_grid(
     cells = plan.all_cells()
     used_steps = sorted({c.adapter_step for c in cells} - {None})
     hashes = {step: adapter_hash(read_adapter(steps[step])) for step in used_steps}
-    train = {"clip_skip": clip_skip, "max_token_length": max_token_length,
-             "t5xxl_max_token_length": t5xxl_max_token_length}  # fmt: skip
-    context = render_context(base_model, settings, device, train, allow_unsafe_weights)
+    context = render_context(base_model, settings, device, prompt_reading, allow_unsafe_weights)
     keys = {cell: context.cell_key(cell, hashes.get(cell.step)) for cell in cells}
     cache = CellCache(cache_dir)
     pipeline = {

@@ -302,13 +302,14 @@ class Renderer:
         generators = [torch.Generator(device="cpu").manual_seed(c.seed) for c in cells]
         prompts = [c.prompt for c in cells]
         negatives = [c.negative_prompt for c in cells]
-        arguments = family.prompt_arguments(self.pipe, prompts, negatives, self.how)
+        size = (first.resolution, first.resolution)
+        arguments = family.prompt_arguments(self.pipe, prompts, negatives, self.how, size)
         return self.pipe(
             **arguments,
             num_inference_steps=first.num_inference_steps,
             guidance_scale=first.guidance_scale,
-            height=first.resolution,
-            width=first.resolution,
+            height=size[0],
+            width=size[1],
             generator=generators,
         ).images
 

@@ -98,11 +98,16 @@ class StableDiffusion:
         return None
 
     def prompt_arguments(
-        self, pipe: Any, prompts: list[str], negatives: list[str], how: Conditioning
+        self,
+        pipe: Any,
+        prompts: list[str],
+        negatives: list[str],
+        how: Conditioning,
+        size: tuple[int, int],
     ) -> dict[str, Any]:
-        """The pipeline's prompt arguments. With clip_skip or longer captions the embeddings
-        are made here, the way training made them (diffusers' own clip_skip expects
-        transformers 4's CLIP layout)."""
+        """The pipeline's prompt arguments (the same at any image ``size``). With clip_skip or
+        longer captions the embeddings are made here, the way training made them (diffusers'
+        own clip_skip expects transformers 4's CLIP layout)."""
         if how.clip_skip <= 1 and how.max_token_length <= 75:
             return {"prompt": prompts, "negative_prompt": negatives}
         parts = ([pipe.tokenizer], [pipe.text_encoder])

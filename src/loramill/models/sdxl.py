@@ -97,11 +97,16 @@ class StableDiffusionXL:
         return torch.tensor([size_condition(entry) for entry in entries], dtype=torch.float32)
 
     def prompt_arguments(
-        self, pipe: Any, prompts: list[str], negatives: list[str], how: Conditioning
+        self,
+        pipe: Any,
+        prompts: list[str],
+        negatives: list[str],
+        how: Conditioning,
+        size: tuple[int, int],
     ) -> dict[str, Any]:
-        """The pipeline's prompt arguments. No negative prompt is the pipeline's zeros (SDXL
-        base's ``force_zeros_for_empty_prompt``); longer captions are encoded here, as
-        training encoded them."""
+        """The pipeline's prompt arguments (the same at any image ``size``). No negative prompt
+        is the pipeline's zeros (SDXL base's ``force_zeros_for_empty_prompt``); longer captions
+        are encoded here, as training encoded them."""
         negative = list(negatives) if any(negatives) else None
         if how.max_token_length <= 75:
             return {"prompt": list(prompts), "negative_prompt": negative}

@@ -26,6 +26,10 @@ STOPPING_OPTIONS = ("max_train_steps", "max_train_epochs", "save_steps")
 # Where a multi-machine run's processes meet: no part of what it trains, and a resubmission
 # lands on other machines, so it stays out of fingerprints, provenance and the state's key.
 LAUNCH_OPTIONS = ("rdzv_endpoint",)
+# The options that decide how a caption or prompt is read, the fields of the families'
+# conditioning (SD's and SDXL's CLIP layer and length, Flux's T5 length and mask): the grid
+# reads its prompts with them as training read its captions.
+PROMPT_OPTIONS = ("clip_skip", "max_token_length", "t5xxl_max_token_length", "apply_t5_attn_mask")
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,7 @@ class TrainConfig:
     model_prediction_type: str
     guidance_scale: float  # [dev]'s guidance embedding
     t5xxl_max_token_length: int | None  # None: the family's default (256 [schnell], else 512)
+    apply_t5_attn_mask: bool | None  # None: the family's default (off; Chroma always masks)
     train_blocks: str  # all | double | single
     fp8_base: bool  # the frozen denoiser's Linear weights in float8, computed in bf16
     quantize_base: str | None  # int8 | nf4: the same weights by bitsandbytes (models.quantize)

@@ -23,6 +23,7 @@ FLUX_ONLY = (
     "model_prediction_type",
     "guidance_scale",
     "t5xxl_max_token_length",
+    "apply_t5_attn_mask",
     "train_blocks",
 )
 UNET_ONLY = (
@@ -75,6 +76,11 @@ def _check_flux(train: Any, family: str) -> None:
     if not train.sdpa:
         raise LoramillError(
             "train.sdpa: false: Flux's transformer has scaled_dot_product_attention only; remove it"
+        )
+    if family == "chroma" and train.apply_t5_attn_mask is False:
+        raise LoramillError(
+            "train.apply_t5_attn_mask: false: Chroma reads T5 with its attention mask (kohya "
+            "requires it for Chroma); remove it"
         )
     if family == "chroma" and train.train_text_encoder:
         raise LoramillError(

@@ -125,11 +125,12 @@ class SampleRenderer:
             with torch.no_grad(), accelerator.autocast():
                 for sample in self.prompts:
                     prompts = ([sample.prompt], [sample.negative])
-                    args = self.family.prompt_arguments(pipe, *prompts, self.how)
+                    size = (sample.height, sample.width)
+                    args = self.family.prompt_arguments(pipe, *prompts, self.how, size)
                     images += pipe(
                         **args,
-                        width=sample.width,
-                        height=sample.height,
+                        height=size[0],
+                        width=size[1],
                         num_inference_steps=sample.steps,
                         guidance_scale=sample.guidance_scale,
                         generator=torch.Generator().manual_seed(sample.seed),

@@ -4,10 +4,12 @@ transformers on packed 16-channel latents, trained by flow matching.
 As kohya's ``flux_train_network.py`` and diffusers' Flux pipelines do it:
 
 - FLUX.1: T5's last hidden states (``t5xxl_max_token_length`` tokens, padded; 512 for [dev],
-  256 for [schnell], kohya's defaults) and CLIP-L's pooled output (77 tokens), T5 attending to
-  its padding as FluxPipeline's does (kohya's ``apply_t5_attn_mask`` is not offered yet); [dev]
-  also gets the guidance scale it was distilled with (``guidance_scale``), [schnell] has no
-  guidance embedding;
+  256 for [schnell], kohya's defaults) and CLIP-L's pooled output (77 tokens). T5 attends to
+  its padding as FluxPipeline's does, unless ``apply_t5_attn_mask``: then, as kohya's
+  strategy_flux and flux_models do it, T5 reads the caption with its attention mask and every
+  attention of the transformer leaves the padding tokens out as keys (``text_mask_inputs``);
+  [dev] also gets the guidance scale it was distilled with (``guidance_scale``), [schnell] has
+  no guidance embedding;
 - Chroma: T5 alone, reading the caption with its attention mask; the transformer gets
   ChromaPipeline's mask of the caption and one padding token (kohya keeps one padding token
   too) as diffusers' pipeline passes it, so training sees what its grid renders with;
@@ -35,6 +37,9 @@ class FluxText:
     """How captions become Flux's conditioning (kohya's option names)."""
 
     t5xxl_max_token_length: int = 512
+    # kohya's option: T5 and the transformer leave the caption's padding out (always so for
+    # Chroma, in ChromaPipeline's way)
+    apply_t5_attn_mask: bool = False
 
 
 class Flux:
@@ -62,11 +67,14 @@ class Flux:
 
     def conditioning(self, cfg: Any) -> FluxText:
         """How captions are read: T5's token count is ``t5xxl_max_token_length``, or kohya's
-        default (256 for [schnell], 512 for [dev] and Chroma)."""
+        default (256 for [schnell], 512 for [dev] and Chroma); ``apply_t5_attn_mask`` unset is
+        kohya's default (off for FLUX.1; Chroma is always read with its mask)."""
+        chroma = self.name == "chroma"
         tokens = cfg.t5xxl_max_token_length
         if tokens is None:
-            tokens = 512 if self.guidance_embeds or self.name == "chroma" else 256
-        return FluxText(tokens)
+            tokens = 512 if self.guidance_embeds or chroma else 256
+        masked = cfg.apply_t5_attn_mask
+        return FluxText(tokens, chroma if masked is None else masked)
 
     def size_conditions(self, entries: list[dict[str, Any]]) -> None:
         """Flux is told nothing of an image's size but its latent positions (image ids)."""
@@ -102,8 +110,8 @@ class Flux:
     def encode(
         self, tokenizers: list[Any], encoders: list[Any], captions: Sequence[str], how: FluxText
     ) -> dict[str, torch.Tensor]:
-        """T5's hidden states (``hidden``); for Chroma its attention mask (``mask``), for FLUX.1
-        CLIP-L's pooled output (``pooled``)."""
+        """T5's hidden states (``hidden``); its attention mask (``mask``) for Chroma and with
+        ``apply_t5_attn_mask``; for FLUX.1 CLIP-L's pooled output (``pooled``)."""
         t5, t5_tokenizer = encoders[-1], tokenizers[-1]
         tokens = t5_tokenizer(
             list(captions),
@@ -113,9 +121,12 @@ class Flux:
             return_tensors="pt",
         )
         ids, mask = tokens.input_ids.to(t5.device), tokens.attention_mask.to(t5.device)
-        if self.name == "chroma":  # Chroma's T5 reads the caption alone
-            return {"hidden": t5(ids, attention_mask=mask)[0], "mask": mask}
-        out = {"hidden": t5(ids)[0]}
+        if how.apply_t5_attn_mask or self.name == "chroma":  # T5 reads the caption alone
+            out = {"hidden": t5(ids, attention_mask=mask)[0], "mask": mask}
+        else:
+            out = {"hidden": t5(ids)[0]}
+        if self.name == "chroma":
+            return out
         clip_ids = tokenizers[0](
             list(captions),
             padding="max_length",
@@ -152,18 +163,52 @@ class Flux:
             inputs["attention_mask"] = torch.cat([text, image.to(text.device)], dim=1)
             return inputs
         inputs["pooled_projections"] = conditioning["pooled"]
+        if "mask" in conditioning:  # apply_t5_attn_mask
+            image_tokens = inputs["hidden_states"].shape[1]
+            inputs["joint_attention_kwargs"] = text_mask_inputs(conditioning["mask"], image_tokens)
         if self.guidance_embeds:
             guidance = torch.full((latents.shape[0],), float(guidance_scale))
             inputs["guidance"] = guidance.to(latents.device)
         return inputs
 
     def prompt_arguments(
-        self, pipe: Any, prompts: list[str], negatives: list[str], how: FluxText
+        self,
+        pipe: Any,
+        prompts: list[str],
+        negatives: list[str],
+        how: FluxText,
+        size: tuple[int, int],
     ) -> dict[str, Any]:
-        """The pipeline's prompt arguments: T5 read as training read it. Chroma's guidance is
-        classifier-free, against the negative prompt; FLUX.1's guidance embedding reads none."""
-        args = {"prompt": list(prompts), "max_sequence_length": how.t5xxl_max_token_length}
-        return args | ({"negative_prompt": list(negatives)} if self.name == "chroma" else {})
+        """The pipeline's prompt arguments for images of ``size`` (height, width): T5 read as
+        training read it. Chroma's guidance is classifier-free, against the negative prompt;
+        FLUX.1's guidance embedding reads none."""
+        if self.name == "chroma" or not how.apply_t5_attn_mask:
+            args = {"prompt": list(prompts), "max_sequence_length": how.t5xxl_max_token_length}
+            return args | ({"negative_prompt": list(negatives)} if self.name == "chroma" else {})
+        # FluxPipeline reads T5 without its mask: the conditioning is made here, as training
+        # made it, and the mask goes to every attention of every step
+        encoders = [getattr(pipe, name) for name in self.text_encoders]
+        tokenizers = [getattr(pipe, name) for name in self.tokenizers]
+        with torch.no_grad():
+            conditioning = self.encode(tokenizers, encoders, prompts, how)
+        per_side = 2 * pipe.vae_scale_factor  # latent pixels per packed token, on each side
+        image_tokens = (size[0] // per_side) * (size[1] // per_side)
+        return {
+            "prompt_embeds": conditioning["hidden"],
+            "pooled_prompt_embeds": conditioning["pooled"],
+            "joint_attention_kwargs": text_mask_inputs(conditioning["mask"], image_tokens),
+        }
+
+
+def text_mask_inputs(mask: torch.Tensor, image_tokens: int) -> dict[str, torch.Tensor]:
+    """The transformer's ``joint_attention_kwargs`` that leave T5's padding out, as kohya's
+    flux_models does with ``apply_t5_attn_mask``: every query (text and image tokens) sees the
+    caption's tokens and every image token as keys, none of the padding; a boolean mask of
+    (batch, 1, 1, text + image tokens) that each attention's scaled_dot_product_attention
+    broadcasts over heads and queries."""
+    image = torch.ones(mask.shape[0], image_tokens, dtype=torch.bool, device=mask.device)
+    keys = torch.cat([mask.to(torch.bool), image], dim=1)
+    return {"attention_mask": keys[:, None, None, :]}
 
 
 def _kept_text(mask: torch.Tensor) -> torch.Tensor:
