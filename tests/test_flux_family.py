@@ -132,3 +132,15 @@ def test_masked_prompts_render_the_same_picture_at_any_t5_length(flux_pipe):
     short, long = picture(16, True), picture(40, True)
     assert torch.allclose(short, long, atol=1e-4)
     assert not torch.allclose(picture(16, False), picture(40, False), atol=1e-2)
+
+
+def test_the_grid_is_given_every_option_a_family_reads_captions_with():
+    """The grid rule passes PROMPT_OPTIONS: each field of each family's conditioning, so a
+    grid reads its prompts as training read the captions."""
+    from dataclasses import fields
+
+    from loramill.models.clip_text import Conditioning
+    from loramill.train.config import PROMPT_OPTIONS
+
+    read = {field.name for kind in (Conditioning, FluxText) for field in fields(kind)}
+    assert set(PROMPT_OPTIONS) == read
