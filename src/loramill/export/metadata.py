@@ -81,6 +81,10 @@ def _epoch(provenance: dict[str, Any], step: str | None) -> int | None:
     return -(-int(step) * accumulation // per_epoch)
 
 
+# LoRA+'s ratios, network arguments in kohya's networks/lora.py
+LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+
+
 def _network_args(train_config: dict[str, Any]) -> str | None:
     """kohya's ss_network_args: the network options beyond dim and alpha, as JSON strings."""
     args = {}
@@ -90,7 +94,7 @@ def _network_args(train_config: dict[str, Any]) -> str | None:
         args["conv_alpha"] = str(
             conv_alpha if conv_alpha is not None else train_config.get("alpha")
         )
-    for name in ("rank_dropout", "module_dropout"):
+    for name in ("rank_dropout", "module_dropout", *LORAPLUS):
         if train_config.get(name):
             args[name] = str(train_config[name])
     if train_config.get("train_blocks", "all") != "all":  # lora_flux's network argument

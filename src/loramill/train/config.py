@@ -73,6 +73,10 @@ class TrainConfig:
     optimizer_type: str
     optimizer_args: dict
     unet_lr: float | None
+    # LoRA+: up matrices at ratio × their rate (optimizers.loraplus_groups; None: no ratio)
+    loraplus_lr_ratio: float | None
+    loraplus_unet_lr_ratio: float | None
+    loraplus_text_encoder_lr_ratio: float | None
     lr_scheduler_num_cycles: int
     lr_scheduler_power: float
     repeats: int  # times each image is seen per epoch

@@ -4,7 +4,8 @@
 Prodigy (prodigyopt), Adafactor (transformers, with the learning rate given, not relative).
 ``optimizer_args`` go to the optimizer as keyword arguments (``weight_decay``, ``betas``,
 ``eps``, Prodigy's ``d_coef`` …); lists become tuples. Parameter groups: the UNet's LoRA
-layers at ``unet_lr`` (default ``learning_rate``), the text encoder's at ``text_encoder_lr``.
+layers at ``unet_lr`` (default ``learning_rate``), the text encoder's at ``text_encoder_lr``;
+with LoRA+ (``loraplus_lr_ratio``) each component's up matrices in a group of their own.
 ``lr_scheduler`` is any of diffusers' schedules; ``cosine_with_restarts`` takes
 ``lr_scheduler_num_cycles``, ``polynomial`` ``lr_scheduler_power``.
 """
@@ -35,6 +36,28 @@ def check_optimizer(cfg: Any) -> None:
         raise LoramillError(f"train.optimizer_type '{cfg.optimizer_type}': use {choices}")
     if not isinstance(cfg.optimizer_args, dict):
         raise LoramillError("train.optimizer_args: expected a mapping such as {weight_decay: 0.01}")
+
+
+def param_groups(
+    models: dict[str, Any], rates: dict[str, float], ratios: dict[str, float | None]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The optimizer's parameter groups and their names: each component's trained parameters
+    at its rate (``rates``, by component name). Where the component has a LoRA+ ratio, its
+    up matrices (peft's ``lora_B``, kohya's ``lora_up``) get a group of their own, named
+    ``<component>_plus``, at ratio × rate, after the rest, as kohya's networks/lora.py
+    orders them (an optimizer state saved before names no group, so the names live here)."""
+    groups, names = [], []
+    for name, model in models.items():
+        trained = [(key, p) for key, p in model.named_parameters() if p.requires_grad]
+        ratio = ratios.get(name)
+        up = [p for key, p in trained if ratio and ".lora_B." in key]
+        ids = {id(p) for p in up}
+        groups.append({"params": [p for _, p in trained if id(p) not in ids], "lr": rates[name]})
+        names.append(name)
+        if up:
+            groups.append({"params": up, "lr": rates[name] * ratio})
+            names.append(f"{name}_plus")
+    return groups, names
 
 
 def make_optimizer(cfg: Any, groups: list[dict[str, Any]]) -> Any:

@@ -30,7 +30,7 @@ from loramill.train.flow_matching import FlowObjective
 from loramill.train.init_from import read_init_weights
 from loramill.train.latents import load_batch, read_pixels
 from loramill.train.objective import NoisePrediction
-from loramill.train.optimizers import make_optimizer, make_scheduler
+from loramill.train.optimizers import make_optimizer, make_scheduler, param_groups
 from loramill.train.samples import SampleRenderer
 
 log = logging.getLogger(__name__)
@@ -158,16 +158,13 @@ class Training:
         return models
 
     def _optimizer(self, models: dict[str, Any]) -> tuple[Any, Any]:
-        """One parameter group per trained component, each at its learning rate."""
-        cfg = self.cfg
-        rates = {
-            self.family.denoiser: cfg.unet_lr or cfg.learning_rate,
-            **text_encoder_lrs(cfg, models),
-        }
-        groups = [
-            {"params": [p for p in model.parameters() if p.requires_grad], "lr": rates[name]}
-            for name, model in models.items()
-        ]
+        """One parameter group per trained component, each at its learning rate (with LoRA+
+        two: loramill.train.optimizers.param_groups)."""
+        cfg, denoiser = self.cfg, self.family.denoiser
+        rates = {denoiser: cfg.unet_lr or cfg.learning_rate, **text_encoder_lrs(cfg, models)}
+        ratios = dict.fromkeys(models, cfg.loraplus_text_encoder_lr_ratio or cfg.loraplus_lr_ratio)
+        ratios[denoiser] = cfg.loraplus_unet_lr_ratio or cfg.loraplus_lr_ratio
+        groups, self.group_names = param_groups(models, rates, ratios)
         optimizer = make_optimizer(cfg, groups)
         return optimizer, make_scheduler(cfg, optimizer, self.accelerator.num_processes)
 
@@ -240,7 +237,8 @@ class Training:
             self.accelerator.backward(loss / accumulation)
             # the batch's mean loss: the processes' scaled losses average to it
             total += self.accelerator.reduce(loss.detach(), "mean").item()
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        # in the models' order, whatever the groups (LoRA+ splits them): the norm's sum is too
+        params = [p for m in self.models.values() for p in m.parameters() if p.requires_grad]
         self.accelerator.clip_grad_norm_(params, self.cfg.max_grad_norm)
         self.optimizer.step()
         self.lr_scheduler.step()
@@ -248,7 +246,7 @@ class Training:
         return total / accumulation
 
     def lrs(self) -> dict[str, float]:
-        return dict(zip(self.models, self.lr_scheduler.get_last_lr(), strict=True))
+        return dict(zip(self.group_names, self.lr_scheduler.get_last_lr(), strict=True))
 
     def unwrapped(self) -> dict[str, Any]:
         """The trained models by component name, unwrapped from DDP."""
