@@ -609,6 +609,11 @@ FLUX_REFUSALS = {
         "train.apply_t5_attn_mask: false: Chroma reads T5 with its attention mask (kohya "
         "requires it for Chroma); remove it",
     ),
+    "block list length": (
+        "sd", {"train": {"block_dims": [4] * 23}},
+        "train.block_dims: 23 values; Stable Diffusion 1.x/2.x has 25 blocks in kohya's "
+        "indexing, give one value each",
+    ),
     "bucket step": (
         "flux", {"resize": {"bucket_reso_steps": 8}},
         "resize.bucket_reso_steps 8: flux needs bucket sides that are multiples of 16; use 16, "

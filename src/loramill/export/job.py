@@ -72,6 +72,6 @@ def unet_verifier(
     trained = {"unet", *text_encoders} if cfg.train_text_encoder else {"unet"}
 
     def verify(exports: dict[Path, Path]) -> None:
-        verify_exports(exports, models, cfg.network_target, trained)
+        verify_exports(exports, models, cfg.network, trained)
 
     return {"unet_config": pipe.unet.config}, verify

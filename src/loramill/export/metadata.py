@@ -24,6 +24,7 @@ from loramill.models.checkpoint import (
 )
 from loramill.models.families import DENOISERS
 from loramill.models.kohya_names import KOHYA_KEY_PREFIXES
+from loramill.models.unet_blocks import BLOCK_OPTIONS
 
 if TYPE_CHECKING:
     import torch
@@ -97,6 +98,9 @@ def _network_args(train_config: dict[str, Any]) -> str | None:
     for name in ("rank_dropout", "module_dropout", *LORAPLUS):
         if train_config.get(name):
             args[name] = str(train_config[name])
+    for name in BLOCK_OPTIONS:  # as kohya's command line takes them: comma-separated
+        if train_config.get(name) is not None:
+            args[name] = ",".join(f"{value:g}" for value in train_config[name])
     if train_config.get("train_blocks", "all") != "all":  # lora_flux's network argument
         args["train_blocks"] = str(train_config["train_blocks"])
     return json.dumps(args, sort_keys=True) if args else None

@@ -47,7 +47,7 @@ from loramill.models.kohya_names import (
     loaded_lora_modules,
     model_names,
 )
-from loramill.models.network import network_modules
+from loramill.models.network import NetworkSpec, module_scales
 
 log = logging.getLogger(__name__)
 ADAPTER = "loramill_verify"
@@ -262,15 +262,19 @@ def remove_adapter(models: dict[str, Any]) -> None:
 
 
 def verify_exports(
-    exports: dict[Path, Path], models: dict[str, Any], target: str, trained: set[str]
+    exports: dict[Path, Path],
+    models: dict[str, Any],
+    network: str | NetworkSpec,
+    trained: set[str],
 ) -> None:
     """Run every check on each export (file → the checkpoint it was exported from); raise on
     the first failure. ``models``: the base model's UNet and text encoders by pipeline
-    component name; ``trained``: the components the run trained."""
+    component name; ``network``: the network the run trained (or its target alone);
+    ``trained``: the components the run trained."""
     unet = models["unet"]
-    expected = {
-        c: len(network_modules(m, c, target)) if c in trained else 0 for c, m in models.items()
-    }
+    spec = network if isinstance(network, NetworkSpec) else NetworkSpec(network)
+    target = spec.target
+    expected = {c: len(module_scales(m, c, spec)) if c in trained else 0 for c, m in models.items()}
     clients = Clients(models)
     if not clients.standard:
         log.info("not the SD1.x/2.x UNet layout: A1111 and ComfyUI names not checked")

@@ -13,8 +13,13 @@ three dropouts.
 A Flux transformer takes kohya's Flux targets (``kohya`` only: every Linear of its double and
 single blocks, those ``train_blocks`` keeps; loramill.models.flux.layout); its CLIP-L as above.
 
+kohya's block-wise options (``block_dims``, ``block_alphas``, ``conv_block_dims``,
+``conv_block_alphas``) give a UNet's modules the rank and alpha of their block
+(loramill.models.unet_blocks); a block of rank 0 has no LoRA layers.
+
 The layers themselves are peft's; the modules are named in the adapter config, with the conv
-modules' rank and alpha in its ``rank_pattern`` / ``alpha_pattern``.
+modules' rank and alpha, and any other module's of its own, in its ``rank_pattern`` /
+``alpha_pattern``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from loramill import LoramillError
 from loramill.models.checkpoint import component_order
 from loramill.models.flux.layout import peft_targets
 from loramill.models.network_targets import NETWORK_TARGETS
+from loramill.models.unet_blocks import BLOCK_OPTIONS, sd_block, sdxl_block
 
 ATTENTION_PROJECTIONS = {
     "unet": ("to_q", "to_k", "to_v", "to_out.0"),
@@ -52,12 +58,18 @@ class NetworkSpec:
     rank_dropout: float = 0.0  # whole ranks per sample, rescaled
     module_dropout: float = 0.0  # the whole LoRA of a module per forward, not rescaled
     train_blocks: str = "all"  # a Flux transformer's blocks: all | double | single
+    # kohya's block-wise ranks and alphas of a UNet's modules (unet_blocks); None: not set
+    block_dims: tuple[int, ...] | None = None
+    block_alphas: tuple[float, ...] | None = None
+    conv_block_dims: tuple[int, ...] | None = None
+    conv_block_alphas: tuple[float, ...] | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> NetworkSpec:
         """The network a TrainConfig asks for."""
         names = ("rank", "alpha", "conv_rank", "conv_alpha")
         names += ("network_dropout", "rank_dropout", "module_dropout", "train_blocks")
+        names += BLOCK_OPTIONS
         return cls(cfg.network_target, **{name: getattr(cfg, name) for name in names})
 
     @property
@@ -65,6 +77,10 @@ class NetworkSpec:
         """Rank and alpha of the 3×3 conv layers."""
         alpha = self.alpha if self.conv_alpha is None else self.conv_alpha
         return self.conv_rank or self.rank, float(alpha)
+
+    @property
+    def blockwise(self) -> bool:
+        return any(getattr(self, name) is not None for name in BLOCK_OPTIONS)
 
     @property
     def has_dropout(self) -> bool:
@@ -123,17 +139,52 @@ def network_modules(
     return dict(sorted(chosen.items()))
 
 
-def lora_config(modules: dict[str, str], spec: NetworkSpec, init: bool | str = True) -> Any:
+def module_scales(
+    model: torch.nn.Module, component: str, spec: NetworkSpec
+) -> dict[str, tuple[int, float]]:
+    """The rank and alpha of each module the network trains on ``model``: the network's
+    (kohya_conv's 3×3 convs: the conv rank and alpha), or with kohya's block-wise options its
+    block's; a module whose rank is 0 has no LoRA layers and is left out."""
+    modules = network_modules(model, component, spec.target, spec.train_blocks)
+    plain = {"rank": (spec.rank, float(spec.alpha)), "conv": spec.conv}
+    if component != "unet" or not spec.blockwise:
+        return {name: plain[kind] for name, kind in modules.items()}
+    from loramill.models.ldm_unet import unet_pairs
+
+    block_of = sd_block  # SDXL's by the LDM names kohya gives its modules
+    if model.config.get("addition_embed_type") == "text_time":
+        ldm = {diffusers: ldm for ldm, diffusers in unet_pairs(model.config).items()}
+        block_of = lambda name: sdxl_block(ldm[name])  # noqa: E731
+    lists = {  # per kind: the ranks and the alphas of the blocks
+        "rank": (spec.block_dims, spec.block_alphas),
+        "conv": (spec.conv_block_dims, spec.conv_block_alphas),
+    }
+    scales = {}
+    for name, kind in modules.items():
+        block = block_of(name)
+        (dims, alphas), (rank, alpha) = lists[kind], plain[kind]
+        scales[name] = (
+            int(dims[block]) if dims else rank,
+            float(alphas[block] if alphas else alpha),
+        )
+    return {name: scale for name, scale in scales.items() if scale[0] > 0}
+
+
+def lora_config(
+    scales: dict[str, tuple[int, float]], conv: set[str], spec: NetworkSpec, init: bool | str = True
+) -> Any:
+    """peft's config of the modules at ``scales`` (their rank and alpha); the ``conv``
+    modules' and every module's at other scales than the network's are in its patterns."""
     from peft import LoraConfig
 
-    conv = sorted(n for n, kind in modules.items() if kind == "conv")
-    conv_rank, conv_alpha = spec.conv
+    plain = (spec.rank, float(spec.alpha))
+    own = sorted(n for n, scale in scales.items() if n in conv or scale != plain)
     return LoraConfig(
         r=spec.rank,
         lora_alpha=float(spec.alpha),
-        target_modules=sorted(modules),
-        rank_pattern={n: conv_rank for n in conv},
-        alpha_pattern={n: conv_alpha for n in conv},
+        target_modules=sorted(scales),
+        rank_pattern={n: scales[n][0] for n in own},
+        alpha_pattern={n: scales[n][1] for n in own},
         init_lora_weights=init,
     )
 
@@ -145,7 +196,8 @@ def add_lora(models: dict[str, Any], spec: NetworkSpec, init: bool | str = True)
         model = models[component]
         model.requires_grad_(False)
         modules = network_modules(model, component, spec.target, spec.train_blocks)
-        model.add_adapter(lora_config(modules, spec, init))
+        conv = {name for name, kind in modules.items() if kind == "conv"}
+        model.add_adapter(lora_config(module_scales(model, component, spec), conv, spec, init))
         if spec.has_dropout:
             add_dropout(model, spec)
 

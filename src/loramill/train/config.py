@@ -41,6 +41,11 @@ class TrainConfig:
     alpha: float
     conv_rank: int | None  # kohya_conv's 3×3 convs; None = rank
     conv_alpha: float | None  # None = alpha
+    # kohya's block-wise ranks and alphas of the UNet's modules (models.unet_blocks)
+    block_dims: tuple[int, ...] | None
+    block_alphas: tuple[float, ...] | None
+    conv_block_dims: tuple[int, ...] | None
+    conv_block_alphas: tuple[float, ...] | None
     network_dropout: float
     rank_dropout: float
     module_dropout: float

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from loramill import LoramillError
+from loramill.models.unet_blocks import BLOCK_OPTIONS, check_block_lists
 from loramill.train.config import text_encoder_lrs
 
 FLUX_FAMILIES = ("flux", "chroma")
@@ -36,6 +37,7 @@ UNET_ONLY = (
     "noise_offset",
     "multires_noise_iterations",
     "sample_sampler",
+    *BLOCK_OPTIONS,
 )
 
 
@@ -56,7 +58,9 @@ def check_family_options(train: Any, family: str | None) -> None:
         )
     if flux:
         _check_flux(train, family)
-    elif family == "sdxl" and train.clip_skip != 1:
+    else:
+        check_block_lists(train, family == "sdxl")
+    if family == "sdxl" and train.clip_skip != 1:
         raise LoramillError(
             f"train.clip_skip {train.clip_skip}: SDXL is conditioned on each text encoder's "
             "penultimate layer (kohya's sdxl_train_network ignores clip_skip); remove it"

@@ -84,20 +84,33 @@ def _rank_and_alphas(checkpoint: Any) -> tuple[list[int], list[float]]:
     return ranks, sorted(set(alphas)) or [float(r) for r in ranks]
 
 
-def _check_scale(checkpoint: Any, network: NetworkSpec, path: str) -> None:
+def _configured_scales(models: dict[str, Any]) -> tuple[set[int], set[float]]:
+    """The ranks and alphas of the LoRA layers being trained (the network's, kohya_conv's
+    convs', each block's with kohya's block-wise options)."""
+    ranks, alphas = set(), set()
+    for model in models.values():
+        config = model.peft_config["default"]
+        ranks |= {int(config.r), *map(int, config.rank_pattern.values())}
+        alphas |= {float(config.lora_alpha), *map(float, config.alpha_pattern.values())}
+    return ranks, alphas
+
+
+def _check_scale(checkpoint: Any, models: dict[str, Any], path: str) -> None:
     """The file's ranks and alphas are the configured network's: else it loads at another
     strength than it was trained at."""
     ranks, alphas = _rank_and_alphas(checkpoint)
     if not ranks:
         raise LoramillError(f"train.init_from {path}: no LoRA tensors")
-    rank, alpha = network.rank, float(network.alpha)
-    # kohya_conv's 3×3 convs may have their own rank and alpha
-    conv = network.conv if network.target == "kohya_conv" else (rank, alpha)
-    if set(ranks) != {rank, conv[0]} or set(alphas) != {alpha, conv[1]}:
+    want_ranks, want_alphas = _configured_scales(models)
+    if not (set(ranks) <= want_ranks and set(alphas) <= want_alphas):
         shown_rank, shown_alpha = "/".join(map(str, ranks)), "/".join(f"{a:g}" for a in alphas)
+        rank, alpha = (
+            "/".join(map(str, sorted(want_ranks))),
+            "/".join(f"{a:g}" for a in sorted(want_alphas)),
+        )
         raise LoramillError(
             f"train.init_from {path}: the file has rank {shown_rank}, alpha {shown_alpha}; "
-            f"the config has rank {rank}, alpha {alpha:g} (set train.rank and train.alpha)"
+            f"the config has rank {rank}, alpha {alpha} (set train.rank and train.alpha)"
         )
 
 
@@ -139,7 +152,7 @@ def _from_kohya_flux(
             converted[f"transformer.{part}.lora_A.weight"] = a.contiguous()
             converted[f"transformer.{part}.lora_B.weight"] = b.contiguous()
     if text:
-        _check_scale(Checkpoint(text, {}), network, path)
+        _check_scale(Checkpoint(text, {}), models, path)
         encoders = {c: m for c, m in models.items() if c != "transformer"}
         converted |= _from_kohya(text, encoders, path, KohyaNames(family.name))
     return converted
@@ -166,7 +179,7 @@ def read_init_weights(
     if kohya and "transformer" in models:
         tensors = _from_kohya_flux(tensors, models, network, str(path))
     else:
-        _check_scale(checkpoint, network, str(path))
+        _check_scale(checkpoint, models, str(path))
         if kohya:
             tensors = _from_kohya(tensors, models, str(path))
         else:  # the diffusers export spells UNet keys as diffusers and ComfyUI both read them
