@@ -133,3 +133,40 @@ def test_a_run_trains_its_blocks_and_records_them_for_kohya(prepared, tiny_sd, t
     assert any(k.startswith("up_blocks.1.") for k in unet)
     args = json.loads(kohya_metadata(checkpoint, checkpoint.tensors, "x")["ss_network_args"])
     assert args == {"block_dims": ",".join(map(str, dims))}
+
+    # init_from continues it from its kohya export; another block's rank is refused
+    kohya = tmp_path / "blocks.safetensors"
+    export_adapter(written[-1], kohya, None, "blocks")
+    again = train(prepared, tmp_path / "again", tiny_sd, block_dims=dims, init_from=str(kohya),
+                  max_train_steps=1, save_steps=1)  # fmt: skip
+    assert read_checkpoint(again[-1]).component("unet").keys() == unet.keys()
+    dims[16] = 8
+    with pytest.raises(
+        LoramillError,
+        match=r"unet module 'up_blocks.1.attentions.0.proj_in' has rank 4 in the file, 8 in",
+    ):
+        train(prepared, tmp_path / "other", tiny_sd, block_dims=dims, init_from=str(kohya))
+
+
+def test_block_learning_rates_train_each_block_at_its_weight(prepared, tiny_sd, tmp_path):
+    """kohya's down/mid/up_lr_weight on the tiny UNet's attentions (blocks 1, 12, 16, 17):
+    block 1 at weight 0 is not trained, the others learn at weight × rate, each in its own
+    parameter group, as the run's state records them."""
+    from loramill.export.metadata import kohya_metadata
+
+    down = [1.0] * 12
+    down[1] = 0.0
+    config = {"down_lr_weight": down, "mid_lr_weight": [0.5], "up_lr_weight": "linear"}
+    config |= {"lr_scheduler": "constant", "max_train_steps": 2, "save_steps": 2}
+    written = train(prepared, tmp_path, tiny_sd, call={"state_dir": tmp_path / "state"}, **config)
+    (state,) = (tmp_path / "state" / "state").glob("step-*.pt")
+    lrs = torch.load(state, weights_only=True)["history"][-1]["lr"]
+    rate = 1e-3  # conftest's learning_rate; up_lr_weight linear: block 13 + k at k / 11
+    expected = {"unet_block12": rate * 0.5, "unet_block16": rate * 3 / 11}
+    expected["unet_block17"] = rate * 4 / 11
+    assert lrs.keys() == expected.keys()
+    assert all(lrs[name] == pytest.approx(lr, rel=1e-12) for name, lr in expected.items())
+    checkpoint = read_checkpoint(written[-1])
+    assert not any(k.startswith("down_blocks.0.") for k in checkpoint.component("unet"))
+    args = json.loads(kohya_metadata(checkpoint, checkpoint.tensors, "x")["ss_network_args"])
+    assert (args["mid_lr_weight"], args["up_lr_weight"]) == ("0.5", "linear")

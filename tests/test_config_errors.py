@@ -614,6 +614,10 @@ FLUX_REFUSALS = {
         "train.block_dims: 23 values; Stable Diffusion 1.x/2.x has 25 blocks in kohya's "
         "indexing, give one value each",
     ),
+    "block lr weights": (
+        "sd", {"train": {"down_lr_weight": [1.0] * 9}},
+        "train.down_lr_weight: 9 weights; give 12 (one per block)",
+    ),
     "bucket step": (
         "flux", {"resize": {"bucket_reso_steps": 8}},
         "resize.bucket_reso_steps 8: flux needs bucket sides that are multiples of 16; use 16, "

@@ -24,7 +24,7 @@ from loramill.models.checkpoint import (
 )
 from loramill.models.families import DENOISERS
 from loramill.models.kohya_names import KOHYA_KEY_PREFIXES
-from loramill.models.unet_blocks import BLOCK_OPTIONS
+from loramill.models.unet_blocks import BLOCK_OPTIONS, LR_OPTIONS
 
 if TYPE_CHECKING:
     import torch
@@ -98,9 +98,12 @@ def _network_args(train_config: dict[str, Any]) -> str | None:
     for name in ("rank_dropout", "module_dropout", *LORAPLUS):
         if train_config.get(name):
             args[name] = str(train_config[name])
-    for name in BLOCK_OPTIONS:  # as kohya's command line takes them: comma-separated
-        if train_config.get(name) is not None:
-            args[name] = ",".join(f"{value:g}" for value in train_config[name])
+    for name in (*BLOCK_OPTIONS, *LR_OPTIONS):  # as kohya's command line takes them
+        value = train_config.get(name)
+        if value is not None:  # a list comma-separated, a preset's name as it is
+            args[name] = value if isinstance(value, str) else ",".join(f"{v:g}" for v in value)
+    if train_config.get("block_lr_zero_threshold"):
+        args["block_lr_zero_threshold"] = str(train_config["block_lr_zero_threshold"])
     if train_config.get("train_blocks", "all") != "all":  # lora_flux's network argument
         args["train_blocks"] = str(train_config["train_blocks"])
     return json.dumps(args, sort_keys=True) if args else None

@@ -24,6 +24,7 @@ modules' rank and alpha, and any other module's of its own, in its ``rank_patter
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +34,14 @@ from loramill import LoramillError
 from loramill.models.checkpoint import component_order
 from loramill.models.flux.layout import peft_targets
 from loramill.models.network_targets import NETWORK_TARGETS
-from loramill.models.unet_blocks import BLOCK_OPTIONS, sd_block, sdxl_block
+from loramill.models.unet_blocks import (
+    BLOCK_LR_OPTIONS,
+    BLOCK_OPTIONS,
+    LR_OPTIONS,
+    block_lr_weights,
+    sd_block,
+    sdxl_block,
+)
 
 ATTENTION_PROJECTIONS = {
     "unet": ("to_q", "to_k", "to_v", "to_out.0"),
@@ -63,13 +71,18 @@ class NetworkSpec:
     block_alphas: tuple[float, ...] | None = None
     conv_block_dims: tuple[int, ...] | None = None
     conv_block_alphas: tuple[float, ...] | None = None
+    # kohya's block learning-rate weights, as the config gives them (unet_blocks)
+    down_lr_weight: tuple[float, ...] | str | None = None
+    mid_lr_weight: tuple[float, ...] | None = None
+    up_lr_weight: tuple[float, ...] | str | None = None
+    block_lr_zero_threshold: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: Any) -> NetworkSpec:
         """The network a TrainConfig asks for."""
         names = ("rank", "alpha", "conv_rank", "conv_alpha")
         names += ("network_dropout", "rank_dropout", "module_dropout", "train_blocks")
-        names += BLOCK_OPTIONS
+        names += (*BLOCK_OPTIONS, *BLOCK_LR_OPTIONS)
         return cls(cfg.network_target, **{name: getattr(cfg, name) for name in names})
 
     @property
@@ -80,7 +93,7 @@ class NetworkSpec:
 
     @property
     def blockwise(self) -> bool:
-        return any(getattr(self, name) is not None for name in BLOCK_OPTIONS)
+        return any(getattr(self, name) is not None for name in (*BLOCK_OPTIONS, *LR_OPTIONS))
 
     @property
     def has_dropout(self) -> bool:
@@ -139,22 +152,34 @@ def network_modules(
     return dict(sorted(chosen.items()))
 
 
+def unet_blocks(unet: torch.nn.Module) -> Callable[[str], int]:
+    """kohya's block of each module of ``unet`` (its diffusers name): SD's by that name,
+    SDXL's by the LDM name kohya gives its modules (loramill.models.unet_blocks)."""
+    from loramill.models.ldm_unet import unet_pairs
+
+    if unet.config.get("addition_embed_type") != "text_time":
+        return sd_block
+    ldm = {diffusers: ldm for ldm, diffusers in unet_pairs(unet.config).items()}
+    return lambda name: sdxl_block(ldm[name])
+
+
+def block_lrs(unet: torch.nn.Module, spec: NetworkSpec) -> list[float] | None:
+    """kohya's learning-rate weight of each block of ``unet`` (None: none set)."""
+    return block_lr_weights(spec, unet.config.get("addition_embed_type") == "text_time")
+
+
 def module_scales(
     model: torch.nn.Module, component: str, spec: NetworkSpec
 ) -> dict[str, tuple[int, float]]:
     """The rank and alpha of each module the network trains on ``model``: the network's
     (kohya_conv's 3×3 convs: the conv rank and alpha), or with kohya's block-wise options its
-    block's; a module whose rank is 0 has no LoRA layers and is left out."""
+    block's; a module whose rank or block learning-rate weight is 0 has no LoRA layers and is
+    left out."""
     modules = network_modules(model, component, spec.target, spec.train_blocks)
     plain = {"rank": (spec.rank, float(spec.alpha)), "conv": spec.conv}
     if component != "unet" or not spec.blockwise:
         return {name: plain[kind] for name, kind in modules.items()}
-    from loramill.models.ldm_unet import unet_pairs
-
-    block_of = sd_block  # SDXL's by the LDM names kohya gives its modules
-    if model.config.get("addition_embed_type") == "text_time":
-        ldm = {diffusers: ldm for ldm, diffusers in unet_pairs(model.config).items()}
-        block_of = lambda name: sdxl_block(ldm[name])  # noqa: E731
+    block_of, weights = unet_blocks(model), block_lrs(model, spec)
     lists = {  # per kind: the ranks and the alphas of the blocks
         "rank": (spec.block_dims, spec.block_alphas),
         "conv": (spec.conv_block_dims, spec.conv_block_alphas),
@@ -163,10 +188,11 @@ def module_scales(
     for name, kind in modules.items():
         block = block_of(name)
         (dims, alphas), (rank, alpha) = lists[kind], plain[kind]
-        scales[name] = (
-            int(dims[block]) if dims else rank,
-            float(alphas[block] if alphas else alpha),
-        )
+        if weights is None or weights[block] > 0:
+            scales[name] = (
+                int(dims[block]) if dims else rank,
+                float(alphas[block] if alphas else alpha),
+            )
     return {name: scale for name, scale in scales.items() if scale[0] > 0}
 
 

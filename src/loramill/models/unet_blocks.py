@@ -15,13 +15,26 @@ Free of torch: the workflow checks the lists' lengths when it parses.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 from loramill import LoramillError
 
 BLOCK_OPTIONS = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas")
+# kohya's block learning-rate weights: the down (input) blocks', the middle's, the up
+# (output) blocks', and the weight at or under which a block is not trained
+LR_OPTIONS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
+BLOCK_LR_OPTIONS = (*LR_OPTIONS, "block_lr_zero_threshold")
 SD_BLOCKS, SDXL_BLOCKS = 25, 23
+# kohya's presets of down_lr_weight / up_lr_weight, i counting the side's blocks from 0 to n - 1
+PRESETS = {
+    "cosine": lambda i, n: math.sin(math.pi * ((n - 1 - i) / (n - 1)) / 2),
+    "sine": lambda i, n: math.sin(math.pi * (i / (n - 1)) / 2),
+    "linear": lambda i, n: i / (n - 1),
+    "reverse_linear": lambda i, n: (n - 1 - i) / (n - 1),
+    "zeros": lambda i, n: 0.0,
+}
 
 
 def block_count(sdxl: bool) -> int:
@@ -84,5 +97,46 @@ def check_block_lists(train: Any, sdxl: bool) -> None:
             f"train.conv_block_dims: the 3×3 convs are trained by network_target kohya_conv, "
             f"not {train.network_target}"
         )
+    block_lr_weights(train, sdxl)  # the lr weights' lengths and presets
     if train.block_dims is not None and not any(train.block_dims):
         raise LoramillError("train.block_dims: every block is 0, so nothing would train")
+
+
+def _side_counts(sdxl: bool) -> dict[str, int]:
+    """How many weights each of kohya's lr-weight options takes."""
+    side = (SDXL_BLOCKS - 5) // 2 if sdxl else SD_BLOCKS // 2  # 9 or 12
+    return {"down_lr_weight": side, "mid_lr_weight": 3 if sdxl else 1, "up_lr_weight": side}
+
+
+def _weights(key: str, value: Any, count: int) -> list[float]:
+    """An lr-weight option's weights: a list of ``count``, or a preset name (down and up
+    only) with an optional ``+base`` added to each (``cosine+0.5``)."""
+    if value is None:
+        return [1.0] * count
+    if isinstance(value, str):
+        name, _, base = value.partition("+")
+        if key == "mid_lr_weight" or name not in PRESETS:
+            raise LoramillError(
+                f"train.{key} '{value}': a list of {count} weights, or one of "
+                f"{', '.join(PRESETS)} (optionally +<number>)"
+            )
+        try:
+            offset = float(base or 0.0)
+        except ValueError:
+            raise LoramillError(f"train.{key} '{value}': '{base}' is not a number") from None
+        return [PRESETS[name](i, count) + offset for i in range(count)]
+    if len(value) != count:
+        raise LoramillError(f"train.{key}: {len(value)} weights; give {count} (one per block)")
+    return [float(weight) for weight in value]
+
+
+def block_lr_weights(train: Any, sdxl: bool) -> list[float] | None:
+    """kohya's learning-rate weight of each block (None: no lr-weight option set): the down
+    blocks', the middle's, the up blocks' (SDXL: also 1.0 for blocks 0 and 22); a weight at
+    or under ``block_lr_zero_threshold`` is 0, and such a block is not trained."""
+    if all(getattr(train, key) is None for key in LR_OPTIONS):
+        return None
+    counts = _side_counts(sdxl)
+    weights = [w for key in LR_OPTIONS for w in _weights(key, getattr(train, key), counts[key])]
+    weights = [w if w > train.block_lr_zero_threshold else 0.0 for w in weights]
+    return [1.0, *weights, 1.0] if sdxl else weights

@@ -46,6 +46,11 @@ class TrainConfig:
     block_alphas: tuple[float, ...] | None
     conv_block_dims: tuple[int, ...] | None
     conv_block_alphas: tuple[float, ...] | None
+    # kohya's block learning-rate weights (a list, or a preset name for down and up)
+    down_lr_weight: tuple[float, ...] | str | None
+    mid_lr_weight: tuple[float, ...] | None
+    up_lr_weight: tuple[float, ...] | str | None
+    block_lr_zero_threshold: float
     network_dropout: float
     rank_dropout: float
     module_dropout: float

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from loramill import LoramillError
-from loramill.models.unet_blocks import BLOCK_OPTIONS, check_block_lists
+from loramill.models.unet_blocks import BLOCK_LR_OPTIONS, BLOCK_OPTIONS, check_block_lists
 from loramill.train.config import text_encoder_lrs
 
 FLUX_FAMILIES = ("flux", "chroma")
@@ -38,6 +38,7 @@ UNET_ONLY = (
     "multires_noise_iterations",
     "sample_sampler",
     *BLOCK_OPTIONS,
+    *BLOCK_LR_OPTIONS,
 )
 
 

@@ -196,7 +196,26 @@ def read_init_weights(
             "train.train_text_encoder: true to train them"
         )
     _check_covers(tensors, models, network.target, str(path))
+    _check_ranks(tensors, models, str(path))
     return tensors
+
+
+def _check_ranks(tensors: dict[str, Any], models: dict[str, Any], path: str) -> None:
+    """Each module's rank is the one configured for it (block-wise ranks differ by module)."""
+    for component, model in models.items():
+        for key, layer in adapter_state(model)[0].items():
+            found = tensors.get(f"{component}.{key}")
+            if (
+                key.endswith(".lora_A.weight")
+                and found is not None
+                and (found.shape[0] != layer.shape[0])
+            ):
+                module = key.removesuffix(".lora_A.weight")
+                raise LoramillError(
+                    f"train.init_from {path}: {component} module '{module}' has rank "
+                    f"{found.shape[0]} in the file, {layer.shape[0]} in the config (set "
+                    "train.rank, or block_dims / conv_block_dims)"
+                )
 
 
 def _check_covers(tensors: dict[str, Any], models: dict[str, Any], target: str, path: str) -> None:

@@ -13,6 +13,7 @@ with LoRA+ (``loraplus_lr_ratio``) each component's up matrices in a group of th
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 from loramill import LoramillError
@@ -39,25 +40,47 @@ def check_optimizer(cfg: Any) -> None:
 
 
 def param_groups(
-    models: dict[str, Any], rates: dict[str, float], ratios: dict[str, float | None]
+    models: dict[str, Any],
+    rates: dict[str, float],
+    ratios: dict[str, float | None],
+    blocks: dict[str, tuple[Callable[[str], int], list[float]]] | None = None,
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """The optimizer's parameter groups and their names: each component's trained parameters
-    at its rate (``rates``, by component name). Where the component has a LoRA+ ratio, its
-    up matrices (peft's ``lora_B``, kohya's ``lora_up``) get a group of their own, named
-    ``<component>_plus``, at ratio × rate, after the rest, as kohya's networks/lora.py
-    orders them (an optimizer state saved before names no group, so the names live here)."""
-    groups, names = [], []
+    at its rate (``rates``, by component name). With kohya's block learning rates
+    (``blocks``: a component's block of each module, and each block's weight) a group per
+    block, ``<component>_block<N>``, at weight × rate. Where the component has a LoRA+ ratio,
+    each group's up matrices (peft's ``lora_B``, kohya's ``lora_up``) get one of their own,
+    ``…_plus``, at ratio × its rate, after the rest, as kohya's networks/lora.py orders them
+    (an optimizer state saved before names no group, so the names live here)."""
+    groups: list[dict[str, Any]] = []
+    names: list[str] = []
     for name, model in models.items():
         trained = [(key, p) for key, p in model.named_parameters() if p.requires_grad]
-        ratio = ratios.get(name)
-        up = [p for key, p in trained if ratio and ".lora_B." in key]
-        ids = {id(p) for p in up}
-        groups.append({"params": [p for _, p in trained if id(p) not in ids], "lr": rates[name]})
-        names.append(name)
-        if up:
-            groups.append({"params": up, "lr": rates[name] * ratio})
-            names.append(f"{name}_plus")
+        parts: dict[str, tuple[list[tuple[str, Any]], float]] = {name: (trained, 1.0)}
+        if blocks and name in blocks:
+            block_of, weights = blocks[name]
+            parts = {}
+            for key, param in trained:
+                block = block_of(key.split(".lora_")[0])
+                parts.setdefault(f"{name}_block{block}", ([], weights[block]))[0].append(
+                    (key, param)
+                )
+        for part, (params, weight) in parts.items():
+            _add_group(groups, names, part, params, rates[name] * weight, ratios.get(name))
     return groups, names
+
+
+def _add_group(
+    groups: list[dict[str, Any]], names: list[str], name: str,
+    params: list[tuple[str, Any]], lr: float, ratio: float | None,
+) -> None:  # fmt: skip
+    up = [p for key, p in params if ratio and ".lora_B." in key]
+    ids = {id(p) for p in up}
+    groups.append({"params": [p for _, p in params if id(p) not in ids], "lr": lr})
+    names.append(name)
+    if up:
+        groups.append({"params": up, "lr": lr * ratio})
+        names.append(f"{name}_plus")
 
 
 def make_optimizer(cfg: Any, groups: list[dict[str, Any]]) -> Any:

@@ -18,7 +18,7 @@ from loramill.models.checkpoint import (
     network_state,
 )
 from loramill.models.float8 import check_float8_device, store_float8
-from loramill.models.network import add_lora
+from loramill.models.network import add_lora, block_lrs, unet_blocks
 from loramill.models.quantize import check_quantize_device, quantize_linears
 from loramill.prepare.buckets import batches
 from loramill.train.caption_variation import CaptionVariation
@@ -158,13 +158,17 @@ class Training:
         return models
 
     def _optimizer(self, models: dict[str, Any]) -> tuple[Any, Any]:
-        """One parameter group per trained component, each at its learning rate (with LoRA+
-        two: loramill.train.optimizers.param_groups)."""
+        """One parameter group per trained component, each at its learning rate (with kohya's
+        block learning rates one per UNet block, with LoRA+ twice as many:
+        loramill.train.optimizers.param_groups)."""
         cfg, denoiser = self.cfg, self.family.denoiser
         rates = {denoiser: cfg.unet_lr or cfg.learning_rate, **text_encoder_lrs(cfg, models)}
         ratios = dict.fromkeys(models, cfg.loraplus_text_encoder_lr_ratio or cfg.loraplus_lr_ratio)
         ratios[denoiser] = cfg.loraplus_unet_lr_ratio or cfg.loraplus_lr_ratio
-        groups, self.group_names = param_groups(models, rates, ratios)
+        blocks = {}
+        if denoiser == "unet" and (weights := block_lrs(models[denoiser], cfg.network)):
+            blocks[denoiser] = (unet_blocks(models[denoiser]), weights)
+        groups, self.group_names = param_groups(models, rates, ratios, blocks)
         optimizer = make_optimizer(cfg, groups)
         return optimizer, make_scheduler(cfg, optimizer, self.accelerator.num_processes)
 
