@@ -103,8 +103,22 @@ def test_block_ranks_and_alphas_export_and_verify_module_by_module(tmp_path):
     rank = lambda module: kohya[f"lora_unet_{module}.lora_down.weight"].shape[0]  # noqa: E731
     alpha = lambda module: float(kohya[f"lora_unet_{module}.alpha"])  # noqa: E731
     assert not any(k.startswith("lora_unet_down_blocks_0_downsamplers_0") for k in kohya)
-    emb = "up_blocks_0_resnets_0_time_emb_proj"  # block 13
-    assert (rank(emb), alpha(emb)) == (2, 8.0)
+    emb = "up_blocks_0_resnets_0_time_emb_proj"  # block 13: rank 2, alpha 8
+    # written at the UNet's alpha, 2, its own scale folded into lora_up (diffusers' reader
+    # loses other alphas of Linear modules); a 3×3 conv keeps its alpha
+    source = read_checkpoint(checkpoint).tensors
+    up = source["unet.up_blocks.0.resnets.0.time_emb_proj.lora_B.weight"]
+    assert (rank(emb), alpha(emb)) == (2, 2.0)
+    assert torch.equal(kohya[f"lora_unet_{emb}.lora_up.weight"], up * 4.0)
+    # init_from reads the file back into the trained tensors, the fold undone
+    from loramill.train.init_from import read_init_weights
+
+    fresh = load_pipeline(str(TINY_SD))
+    layers = {"unet": fresh.unet, "text_encoder": fresh.text_encoder}
+    add_lora(layers, spec)
+    read = read_init_weights(paths[0], layers, spec)
+    assert read.keys() == source.keys()
+    assert all(torch.equal(read[key], tensor) for key, tensor in source.items())
     assert rank("up_blocks_1_attentions_0_proj_in") == 8  # block 16
     assert (rank("mid_block_resnets_0_conv1"), alpha("mid_block_resnets_0_conv1")) == (6, 1.0)
     assert rank("down_blocks_0_resnets_0_conv1") == 2
@@ -170,3 +184,42 @@ def test_block_learning_rates_train_each_block_at_its_weight(prepared, tiny_sd, 
     assert not any(k.startswith("down_blocks.0.") for k in checkpoint.component("unet"))
     args = json.loads(kohya_metadata(checkpoint, checkpoint.tensors, "x")["ss_network_args"])
     assert (args["mid_lr_weight"], args["up_lr_weight"]) == ("0.5", "linear")
+
+
+def test_sdxl_block_ranks_follow_kohyas_ldm_names_and_verify(tiny_sdxl, tmp_path):
+    """On SDXL kohya names the UNet's modules by their LDM path, and the block is read from
+    it: every module of the kohya file has its block's rank (input_blocks.N: 1 + N,
+    middle_block.N: 10 + N, output_blocks.N: 13 + N), verified in every client's rules."""
+    import re
+
+    from loramill.models.base_model import load_pipeline
+
+    dims = tuple(2 + block % 3 for block in range(23))
+    alphas = tuple(float(1 + block % 2) for block in range(23))
+    spec = NetworkSpec("kohya", 4, 2.0, block_dims=dims, block_alphas=alphas)
+    pipe = load_pipeline(str(tiny_sdxl))
+    models = {c: getattr(pipe, c) for c in ("unet", "text_encoder", "text_encoder_2")}
+    torch.manual_seed(1)
+    add_lora(models, spec, init=False)
+    provenance = {**SAMPLE_PROVENANCE, "base_model": str(tiny_sdxl), "resolution": 1024}
+    provenance |= {"family": "sdxl", "base_version": "sdxl"}
+    checkpoint = tmp_path / "step-000001.safetensors"
+    save_checkpoint(checkpoint, models, {"loramill.provenance": json.dumps(provenance)})
+    paths = [tmp_path / "x.safetensors", tmp_path / "x.diffusers.safetensors"]
+    export_adapter(checkpoint, *paths, "x", unet_config=pipe.unet.config)
+    base = load_pipeline(str(tiny_sdxl))
+    bases = {c: getattr(base, c) for c in models}
+    verify_exports(dict.fromkeys(paths, checkpoint), bases, spec, set(models))
+
+    first = {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}
+    kohya = load_file(str(paths[0]))
+    downs = {k: t for k, t in kohya.items() if k.startswith("lora_unet_") and "lora_down" in k}
+    assert downs
+    for key, down in downs.items():
+        kind, number = re.match(
+            r"lora_unet_(input_blocks|middle_block|output_blocks)_(\d+)_", key
+        ).groups()
+        block = first[kind] + int(number)
+        # each block's own alpha is folded into lora_up, the file's alpha is the UNet's
+        module = key.split(".")[0]
+        assert (down.shape[0], float(kohya[module + ".alpha"])) == (dims[block], 2.0), key

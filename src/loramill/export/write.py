@@ -123,8 +123,23 @@ def to_kohya(checkpoint: Checkpoint, names: KohyaNames | None = None) -> dict[st
             )
         # float32 whatever the weights' dtype: alphas such as 0.1 are not exact in fp16.
         alpha = kohya_alpha(checkpoint, component, module)
-        out[f"{name}.alpha"] = torch.tensor(alpha, dtype=torch.float32)
+        written = _written_alpha(checkpoint, component, alpha, down)
+        if written != alpha:  # the module's own scale folded into its up matrix
+            out[f"{name}.lora_up.weight"] = up * (alpha / written)
+        out[f"{name}.alpha"] = torch.tensor(written, dtype=torch.float32)
     return out
+
+
+def _written_alpha(checkpoint: Checkpoint, component: str, alpha: float, down: Any) -> float:
+    """The ``.alpha`` a module is written with. diffusers' reader of kohya files keys the
+    alphas of attention projections by names its modules do not have, so each of those
+    loads at the file's most common alpha: a Linear or 1×1 module whose alpha is not its
+    component's (kohya's block_alphas) is written at the component's, its trained scale
+    folded into lora_up, which every client then applies alike. kohya_conv's 3×3 convs keep
+    their own alpha, which every client reads."""
+    if down.ndim == 4 and tuple(down.shape[2:]) != (1, 1):
+        return alpha
+    return float(checkpoint.adapter_configs[component]["lora_alpha"])
 
 
 def lora_pairs(

@@ -65,8 +65,20 @@ def _from_kohya(
         if suffix not in KOHYA_SUFFIXES:
             raise LoramillError(f"train.init_from {path}: key '{key}' is not a LoRA weight")
         component, peft_module = names[module]
+        if suffix == "lora_up.weight":  # a scale folded into it (export.write._written_alpha)
+            tensor = _unfolded(
+                tensor, tensors.get(f"{module}.alpha"), models[component], peft_module
+            )
         converted[f"{component}.{peft_module}{KOHYA_SUFFIXES[suffix]}"] = tensor
     return converted
+
+
+def _unfolded(up: Any, alpha: Any, model: Any, module: str) -> Any:
+    """A kohya file's up matrix at the configured alpha of its module: a file written at
+    another alpha than the module trains with holds the trained scale in its up matrix."""
+    configured = float(model.get_submodule(module).lora_alpha["default"])
+    written = configured if alpha is None else float(alpha)
+    return up if written == configured else up * (written / configured)
 
 
 def _rank_and_alphas(checkpoint: Any) -> tuple[list[int], list[float]]:
