@@ -60,3 +60,17 @@ def test_up_matrices_learn_at_the_ratio_times_their_components_rate(
 def tensors(written) -> str:
     """The last checkpoint's tensors, by content (its metadata names the options)."""
     return hash_value({k: t.numpy().tobytes().hex() for k, t in load_file(written[-1]).items()})
+
+
+def test_a_run_with_loraplus_and_block_rates_resumes_bit_identical(
+    prepared, tiny_sd, tmp_path, caplog, monkeypatch
+):
+    """Killed in its fifth step and run again: the split groups' optimizer state and rates
+    come back, and the adapter is the uninterrupted run's."""
+    from conftest import crash_and_resume, digest
+
+    config = {**RATES, "loraplus_unet_lr_ratio": 8, "up_lr_weight": "cosine+0.5"}
+    resumed, lines = crash_and_resume(prepared, tmp_path, tiny_sd, caplog, monkeypatch, config)
+    assert "resumed from step 4" in lines
+    whole, _ = train_logged(prepared, tmp_path / "whole", tiny_sd, caplog, config)
+    assert [digest(p) for p in resumed] == [digest(p) for p in whole]
