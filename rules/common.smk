@@ -26,6 +26,7 @@ from loramill.reruns.fingerprints import CONDA_ENV_VAR
 from loramill.reruns.gates import done_marker, ensure_markers, stale_gate
 from loramill.hashing import DEFAULT_DB, HashCache, hash_file
 from loramill.models.base_model import job_mem_mb
+from loramill.models.families import half_in_training
 from loramill.reruns.rule_jobs import rule_stage
 from loramill.train.stopping import pass_signals_to_jobs
 from loramill.reruns.staleness import Planner
@@ -218,8 +219,10 @@ def model_mem_mb(training):
         batch = settings["train"]["train_batch_size"] if training else 1
         resolution = settings["resize"]["resolution"]
         processes = settings["train"]["num_processes"] if training else 1
+        precision = settings["train"]["mixed_precision"] if training else "no"
+        half = half_in_training(settings["family"], precision)
         return processes * job_mem_mb(
-            settings["base_model"], resolution, batch, training
+            settings["base_model"], resolution, batch, training, half
         )
 
     return mem_mb

@@ -76,3 +76,22 @@ def test_it_is_a_base_model_of_the_flux_family(tiny_flux, tmp_path):
     assert image_family(str(build_tiny_flux(tmp_path / "c", chroma=True))) == "chroma"
     with pytest.raises(LoramillError, match=r"base_model_family 'sdxl' \(SDXL\) but base_model"):
         image_family(str(tiny_flux), "sdxl")
+
+
+def test_a_bf16_flux_jobs_memory_request_counts_the_transformer_and_t5_in_half(tiny_flux):
+    """Snakemake's mem_mb for a Flux train job (rules/common.smk model_mem_mb): under mixed
+    precision the transformer and T5 load in bf16, so their weights count 2 bytes each (at
+    full size, from the parameter counts: about 80 GiB asked before, 42 GiB now, at 512 px);
+    the VAE and CLIP-L, float32, and every UNet family stay at 4."""
+    from loramill.models.base_model import float32_bytes, job_mem_mb
+    from loramill.models.families import half_in_training
+
+    sizes = float32_bytes(str(tiny_flux))
+    assert sizes["transformer"] > 0 and sizes["text_encoder_2"] > 0
+    half = half_in_training("flux", "bf16")
+    assert half == ("transformer", "text_encoder_2")
+    assert half_in_training("chroma", "bf16") == ("transformer", "text_encoder")
+    assert half_in_training("flux", "no") == half_in_training("sdxl", "bf16") == ()
+    whole, halved = (job_mem_mb(str(tiny_flux), 512, 1, True, h) for h in ((), half))
+    saved = (sizes["transformer"] + sizes["text_encoder_2"]) / 2 / 2**20 * 1.25
+    assert whole - halved == pytest.approx(saved, abs=1)

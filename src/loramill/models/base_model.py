@@ -108,19 +108,17 @@ TRAINED = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
 
 
 @functools.cache
-def float32_bytes(spec: str) -> int:
-    """Size of the base model's denoiser, VAE and text encoders in float32, read from the
-    safetensors headers only (a few KB each), for Snakemake's ``mem_mb``."""
+def float32_bytes(spec: str) -> dict[str, int]:
+    """Size of each of the base model's denoiser, VAE and text encoders in float32, read from
+    the safetensors headers only (a few KB each), for Snakemake's ``mem_mb``."""
     try:
         root = model_folder(spec)
     except LoramillError:
-        return 0  # a hub model not downloaded yet: the job will say so
-    return sum(
-        map(
-            safetensors_float32_bytes,
-            (f for c in TRAINED for f in sorted((root / c).glob("*.safetensors"))),
-        )
-    )
+        return {}  # a hub model not downloaded yet: the job will say so
+    return {
+        c: sum(map(safetensors_float32_bytes, sorted((root / c).glob("*.safetensors"))))
+        for c in TRAINED
+    }
 
 
 def safetensors_float32_bytes(path: Path) -> int:
@@ -134,14 +132,20 @@ def safetensors_float32_bytes(path: Path) -> int:
     )
 
 
-def job_mem_mb(spec: str, resolution: int, batch_size: int, training: bool) -> int:
-    """A realistic memory request for a model job: float32 weights, plus activations.
+def job_mem_mb(
+    spec: str, resolution: int, batch_size: int, training: bool, half: Collection[str] = ()
+) -> int:
+    """A realistic memory request for a model job: the weights in float32 (the ``half``
+    components in half precision), plus activations.
 
     Calibrated on the SD1.5 architecture (bench/README.md): with 4.0 GiB of float32 weights a
     LoRA step peaked at 6.1 GiB at 512 px and 4.4 GiB (5.2 GiB in bf16) at 256 px, batch 1;
-    this asks 7.0 and 5.8 GiB.
+    this asks 7.0 and 5.8 GiB. A bf16 Flux step at 512 px peaked near 29.6 GiB (extrapolated
+    from full width, reduced depth), its transformer alone 22.2 GiB in bf16; this asks 30 GiB
+    for the transformer (and more for T5, which the job loads to fill the caption cache).
     """
-    weights_mb = float32_bytes(spec) / 2**20
+    sizes = float32_bytes(spec)
+    weights_mb = sum(size / (2 if c in half else 1) for c, size in sizes.items()) / 2**20
     per_image_mb = (1600 if training else 600) * (resolution / 512) ** 2
     return int(weights_mb * 1.25 + per_image_mb * batch_size + 500)
 

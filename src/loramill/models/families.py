@@ -33,6 +33,9 @@ DESCRIBED = {
     "flux": "FLUX.1",
     "chroma": "Chroma",
 }
+# The frozen text encoder a Flux-family run holds in half precision under mixed precision:
+# T5-XXL (19 GB in float32), the family's last (loramill.models.flux.family)
+HALF_ENCODERS = {"flux": ("text_encoder_2",), "chroma": ("text_encoder",)}
 TRAINED = (
     "Stable Diffusion 1.x/2.x and SDXL base models (a UNet on 4 latent channels), "
     "FLUX.1 [dev] / [schnell] and Chroma"
@@ -119,3 +122,13 @@ def family_code(name: str, guidance_embeds: bool = True) -> Any:
     from loramill.models.sd import StableDiffusion
 
     return StableDiffusion(name)
+
+
+def half_in_training(family: str | None, mixed_precision: str) -> tuple[str, ...]:
+    """The components a training job's memory request counts in half precision: under mixed
+    precision a Flux-family run's transformer and T5, which load in it. The UNet families are
+    counted in float32: their measured bf16 peaks are above their weights in half precision
+    (bench/README.md)."""
+    if mixed_precision == "no" or family not in HALF_ENCODERS:
+        return ()
+    return ("transformer", *HALF_ENCODERS[family])

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from loramill.models.families import HALF_ENCODERS
 from loramill.models.flux.latents import image_ids, pack
 
 CLIP_TOKENS = 77
@@ -57,7 +58,7 @@ class Flux:
         self.trainable_encoders = () if chroma else ("text_encoder",)
         # T5-XXL (19 GB in float32, the last encoder) loads in half precision under mixed
         # precision
-        self.half_encoders = (self.text_encoders[-1],)
+        self.half_encoders = HALF_ENCODERS[name]
         # samples' guidance scale unless a prompt's --l says: the pipelines' defaults
         self.sample_guidance = 5.0 if chroma else 3.5
         # kohya's prefixes (networks/lora_flux.py): CLIP-L is te1, T5 te3 (Chroma's only encoder)
