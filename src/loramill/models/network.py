@@ -15,7 +15,8 @@ single blocks, those ``train_blocks`` keeps; loramill.models.flux.layout); its C
 
 kohya's block-wise options (``block_dims``, ``block_alphas``, ``conv_block_dims``,
 ``conv_block_alphas``) give a UNet's modules the rank and alpha of their block
-(loramill.models.unet_blocks); a block of rank 0 has no LoRA layers.
+(loramill.models.unet_blocks); a block of rank 0, or of learning-rate weight 0 (kohya's
+``down_lr_weight`` / ``mid_lr_weight`` / ``up_lr_weight``), has no LoRA layers.
 
 The layers themselves are peft's; the modules are named in the adapter config, with the conv
 modules' rank and alpha, and any other module's of its own, in its ``rank_pattern`` /

@@ -5,7 +5,8 @@ Prodigy (prodigyopt), Adafactor (transformers, with the learning rate given, not
 ``optimizer_args`` go to the optimizer as keyword arguments (``weight_decay``, ``betas``,
 ``eps``, Prodigy's ``d_coef`` …); lists become tuples. Parameter groups: the UNet's LoRA
 layers at ``unet_lr`` (default ``learning_rate``), the text encoder's at ``text_encoder_lr``;
-with LoRA+ (``loraplus_lr_ratio``) each component's up matrices in a group of their own.
+with kohya's block learning rates (``down_lr_weight`` …) a group per UNet block; with LoRA+
+(``loraplus_lr_ratio``) each group's up matrices in a group of their own.
 ``lr_scheduler`` is any of diffusers' schedules; ``cosine_with_restarts`` takes
 ``lr_scheduler_num_cycles``, ``polynomial`` ``lr_scheduler_power``.
 """
