@@ -223,3 +223,22 @@ def test_sdxl_block_ranks_follow_kohyas_ldm_names_and_verify(tiny_sdxl, tmp_path
         # each block's own alpha is folded into lora_up, the file's alpha is the UNet's
         module = key.split(".")[0]
         assert (down.shape[0], float(kohya[module + ".alpha"])) == (dims[block], 2.0), key
+
+
+def test_an_sdxl_run_trains_its_blocks_at_their_ranks_and_rates(prepared, tiny_sdxl, tmp_path):
+    """SDXL's 23 blocks: block_dims by the LDM names, mid_lr_weight's three middle blocks
+    (10–12) and LoRA+ on each block's group, as the run's state records them."""
+    dims = [4] * 23
+    dims[11] = 8  # middle_block.1, the middle attention
+    config = {"block_dims": dims, "mid_lr_weight": [1.0, 0.5, 1.0], "loraplus_lr_ratio": 4}
+    config |= {"lr_scheduler": "constant", "max_train_steps": 2, "save_steps": 2}
+    state = tmp_path / "state"
+    written = train(prepared, tmp_path, str(tiny_sdxl), call={"state_dir": state}, **config)
+    unet = read_checkpoint(written[-1]).component("unet")
+    middle = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"
+    assert unet[middle].shape[0] == 8
+    assert unet["up_blocks.0.attentions.0.proj_in.lora_A.weight"].shape[0] == 4
+    (saved,) = (state / "state").glob("step-*.pt")
+    lrs = torch.load(saved, weights_only=True)["history"][-1]["lr"]
+    assert (lrs["unet_block11"], lrs["unet_block11_plus"]) == pytest.approx((5e-4, 2e-3))
+    assert lrs["unet_block13"] == pytest.approx(1e-3)
