@@ -21,7 +21,7 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.model_files import HUB_ID, hub_snapshot
-from loramill.models.flux.detect import transformer_family
+from loramill.models.flux.detect import HALF_ENCODERS, transformer_family
 
 # The pipeline component each family denoises with, and trains a LoRA on
 DENOISERS = ("unet", "transformer")
@@ -33,9 +33,6 @@ DESCRIBED = {
     "flux": "FLUX.1",
     "chroma": "Chroma",
 }
-# The frozen text encoder a Flux-family run holds in half precision under mixed precision:
-# T5-XXL (19 GB in float32), the family's last (loramill.models.flux.family)
-HALF_ENCODERS = {"flux": ("text_encoder_2",), "chroma": ("text_encoder",)}
 TRAINED = (
     "Stable Diffusion 1.x/2.x and SDXL base models (a UNet on 4 latent channels), "
     "FLUX.1 [dev] / [schnell] and Chroma"

@@ -18,6 +18,9 @@ from loramill import LoramillError
 from loramill.models.flux.layout import is_chroma
 
 TRANSFORMERS = {"FluxTransformer2DModel": "flux", "ChromaTransformer2DModel": "chroma"}
+# The frozen text encoder a Flux-family run holds in half precision under mixed precision:
+# T5-XXL (19 GB in float32), each pipeline's last (loramill.models.flux.family)
+HALF_ENCODERS = {"flux": ("text_encoder_2",), "chroma": ("text_encoder",)}
 PIPELINES = {"FluxPipeline": "flux", "ChromaPipeline": "chroma"}
 TASK_MODELS = {
     "FluxFillPipeline": "FLUX.1 Fill (inpainting)",

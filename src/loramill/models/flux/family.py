@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from loramill.models.families import HALF_ENCODERS
+from loramill.models.flux.detect import HALF_ENCODERS
 from loramill.models.flux.latents import image_ids, pack
 
 CLIP_TOKENS = 77
