@@ -102,10 +102,12 @@ def check_block_lists(train: Any, sdxl: bool) -> None:
         raise LoramillError("train.block_dims: every block is 0, so nothing would train")
 
 
-def _side_counts(sdxl: bool) -> dict[str, int]:
-    """How many weights each of kohya's lr-weight options takes."""
-    side = (SDXL_BLOCKS - 5) // 2 if sdxl else SD_BLOCKS // 2  # 9 or 12
-    return {"down_lr_weight": side, "mid_lr_weight": 3 if sdxl else 1, "up_lr_weight": side}
+# How many weights each of kohya's lr-weight options takes (its NUM_OF_BLOCKS and
+# NUM_OF_MID_BLOCKS, SDXL's own), by whether the UNet is SDXL's
+WEIGHT_COUNTS = {
+    False: {"down_lr_weight": 12, "mid_lr_weight": 1, "up_lr_weight": 12},
+    True: {"down_lr_weight": 9, "mid_lr_weight": 3, "up_lr_weight": 9},
+}
 
 
 def _weights(key: str, value: Any, count: int) -> list[float]:
@@ -136,7 +138,7 @@ def block_lr_weights(train: Any, sdxl: bool) -> list[float] | None:
     or under ``block_lr_zero_threshold`` is 0, and such a block is not trained."""
     if all(getattr(train, key) is None for key in LR_OPTIONS):
         return None
-    counts = _side_counts(sdxl)
+    counts = WEIGHT_COUNTS[sdxl]
     weights = [w for key in LR_OPTIONS for w in _weights(key, getattr(train, key), counts[key])]
     weights = [w if w > train.block_lr_zero_threshold else 0.0 for w in weights]
     return [1.0, *weights, 1.0] if sdxl else weights

@@ -207,33 +207,32 @@ def read_init_weights(
             f"train.init_from {path}: the file has {component} layers; set "
             "train.train_text_encoder: true to train them"
         )
-    _check_covers(tensors, models, network.target, str(path))
-    _check_ranks(tensors, models, str(path))
+    layers = {
+        f"{c}.{k}": t.shape for c, m in models.items() for k, t in adapter_state(m)[0].items()
+    }
+    _check_covers(tensors, layers, network.target, str(path))
+    _check_ranks(tensors, layers, str(path))
     return tensors
 
 
-def _check_ranks(tensors: dict[str, Any], models: dict[str, Any], path: str) -> None:
-    """Each module's rank is the one configured for it (block-wise ranks differ by module)."""
-    for component, model in models.items():
-        for key, layer in adapter_state(model)[0].items():
-            found = tensors.get(f"{component}.{key}")
-            if (
-                key.endswith(".lora_A.weight")
-                and found is not None
-                and (found.shape[0] != layer.shape[0])
-            ):
-                module = key.removesuffix(".lora_A.weight")
-                raise LoramillError(
-                    f"train.init_from {path}: {component} module '{module}' has rank "
-                    f"{found.shape[0]} in the file, {layer.shape[0]} in the config (set "
-                    "train.rank, or block_dims / conv_block_dims)"
-                )
+def _check_ranks(tensors: dict[str, Any], layers: dict[str, Any], path: str) -> None:
+    """Each module's rank is the one configured for it (``layers``: the shape of each LoRA
+    tensor being trained; block-wise ranks differ by module)."""
+    for key, shape in layers.items():
+        found = tensors.get(key)
+        if key.endswith(".lora_A.weight") and found is not None and found.shape[0] != shape[0]:
+            component, _, module = key.removesuffix(".lora_A.weight").partition(".")
+            raise LoramillError(
+                f"train.init_from {path}: {component} module '{module}' has rank "
+                f"{found.shape[0]} in the file, {shape[0]} in the config (set train.rank, or "
+                "block_dims / conv_block_dims)"
+            )
 
 
-def _check_covers(tensors: dict[str, Any], models: dict[str, Any], target: str, path: str) -> None:
+def _check_covers(tensors: dict[str, Any], layers: dict[str, Any], target: str, path: str) -> None:
     """A file with fewer layers than the configured network would leave some layers fresh
     and train another network than the one it claims to continue."""
-    expected = {f"{c}.{k}" for c, model in models.items() for k in adapter_state(model)[0]}
+    expected = set(layers)
     if not expected <= set(tensors):
         have, want = len(set(tensors) & expected) // 2, len(expected) // 2
         raise LoramillError(
