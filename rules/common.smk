@@ -3,6 +3,7 @@
 import functools
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -27,7 +28,8 @@ from loramill.reruns.gates import done_marker, ensure_markers, stale_gate
 from loramill.hashing import DEFAULT_DB, HashCache, hash_file
 from loramill.models.base_model import job_mem_mb
 from loramill.models.families import half_in_training
-from loramill.reruns.rule_jobs import rule_stage
+from loramill.models.network_targets import NO_DIFFUSERS_FILE
+from loramill.reruns.rule_jobs import rule_stage, stage_of
 from loramill.train.stopping import pass_signals_to_jobs
 from loramill.reruns.staleness import Planner
 from loramill.text.language_model import text_job_mem_mb
@@ -47,6 +49,13 @@ except LoramillError as error:
     sys.exit(f"loramill: {error}")
 IMAGE_DATASETS = [
     ds for ds, settings in DATASETS.items() if settings["task"] == "image"
+]
+# Image datasets whose network type diffusers cannot load (LoHa, LoKr): their export is the
+# rule export_lycoris, which writes no diffusers-format file
+NO_DIFFUSERS = [
+    ds
+    for ds in IMAGE_DATASETS
+    if DATASETS[ds]["train"]["network_type"] in NO_DIFFUSERS_FILE
 ]
 TEXT_DATASETS = [ds for ds, settings in DATASETS.items() if settings["task"] == "text"]
 
@@ -97,10 +106,17 @@ def hash_cache():
 @functools.cache
 def planner(task):
     check_profile()
-    stages = [
-        rule_stage(workflow.get_rule(name), DATASETS) for name in STAGE_RULES[task]
-    ]
+    stages = [rule_stage(stage_rules(stage), DATASETS) for stage in STAGE_RULES[task]]
     return Planner(stages, hash_cache(), set(workflow.dag_settings.forcerun))
+
+
+def stage_rules(stage):
+    """The rules that run ``stage``: those whose done marker is the stage's."""
+    return [
+        each
+        for each in workflow.rules
+        if each.output.get("done") is not None and stage_of(each) == stage
+    ]
 
 
 @functools.cache
@@ -133,7 +149,8 @@ def gate(stage, task="image"):
     """Input helper: the stale gate when the stage must run, plus the done markers of the
     stages it reads from that will run. ``task``: the kind of dataset the stage is for.
     """
-    STAGE_RULES[task].append(stage)
+    if stage not in STAGE_RULES[task]:  # a stage may have a rule per kind of dataset
+        STAGE_RULES[task].append(stage)
 
     def paths(wildcards):
         if not workflow.is_main_process:
@@ -175,6 +192,11 @@ onerror:
 
 wildcard_constraints:
     ds="|".join(DATASETS),
+
+
+def one_of(names):
+    """A wildcard constraint admitting exactly ``names`` (none: nothing)."""
+    return "|".join(re.escape(name) for name in names) or "(?!)"
 
 
 def setting(section, key=None):

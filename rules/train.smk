@@ -43,25 +43,33 @@ rule train:
         "../scripts/train.py"
 
 
+# What every export writes: the kohya file, the model card and a kohya file per checkpoint.
+EXPORT_OUTPUTS = dict(
+    kohya="exports/{ds}.safetensors",
+    card="exports/{ds}.md",
+    # the card as a web page, written beside the .md (loramill.export.model_card): the report
+    # opens HTML in place, a Markdown result only as a download link
+    card_html=report(
+        "exports/{ds}.html",
+        caption="../report/card.rst",
+        category="Model cards",
+        labels={"dataset": "{ds}"},
+    ),
+    # a kohya file of every checkpoint: <ds>-NNNNNN.safetensors
+    steps=directory("exports/{ds}-steps"),
+    done=done("export"),
+)
+
+
 rule export:
     input:
         checkpoints=keyed("results/{ds}/checkpoints"),
         gate=gate("export"),
     output:
-        kohya="exports/{ds}.safetensors",
+        **EXPORT_OUTPUTS,
         diffusers="exports/{ds}.diffusers.safetensors",
-        card="exports/{ds}.md",
-        # the card as a web page, written beside the .md (loramill.export.model_card): the report
-        # opens HTML in place, a Markdown result only as a download link
-        card_html=report(
-            "exports/{ds}.html",
-            caption="../report/card.rst",
-            category="Model cards",
-            labels={"dataset": "{ds}"},
-        ),
-        # a kohya file of every checkpoint: <ds>-NNNNNN.safetensors
-        steps=directory("exports/{ds}-steps"),
-        done=done("export"),
+    wildcard_constraints:
+        ds=one_of(sorted(set(IMAGE_DATASETS) - set(NO_DIFFUSERS))),
     log:
         "logs/export/{ds}.log",
     conda:
@@ -78,3 +86,11 @@ rule export:
         train=train_setting,
     script:
         "../scripts/export.py"
+
+
+# The same stage for a network diffusers cannot load (LoHa, LoKr): no diffusers-format file.
+use rule export as export_lycoris with:
+    output:
+        **EXPORT_OUTPUTS,
+    wildcard_constraints:
+        ds=one_of(NO_DIFFUSERS),

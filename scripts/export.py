@@ -6,7 +6,7 @@ run(
     export_and_verify,
     checkpoints_dir=snakemake.input.checkpoints,
     kohya_path=snakemake.output.kohya,
-    diffusers_path=snakemake.output.diffusers,
+    diffusers_path=snakemake.output.get("diffusers"),  # export_lycoris writes none
     card_path=snakemake.output.card,
     steps_dir=snakemake.output.steps,
     output_name=snakemake.params.name,

@@ -1,6 +1,7 @@
 """The newer model families through the whole workflow (resize → caption → merge → train →
-export → grid), side by side in one project: an SDXL dataset on the tiny SDXL-architecture
-model and a FLUX.1 dataset on the tiny FLUX.1 [dev]-architecture one (issues #29 and #30), and
+export → grid), side by side in one project: an SDXL dataset training LyCORIS's LoKr on the
+tiny SDXL-architecture model (issue #31: its export rule writes no diffusers-format file) and
+a FLUX.1 dataset on the tiny FLUX.1 [dev]-architecture one (issues #29 and #30), and
 the reruns a user relies on: none when nothing changed, train → export → grid of every dataset
 when a training option changed, of that dataset alone when its own did."""
 
@@ -28,6 +29,7 @@ def families(config):
     # T5 read at 32 tokens (the tiny model's captions); the demo's train_text_encoder trains
     # both of SDXL's encoders and FLUX.1's CLIP-L, so every export holds text-encoder LoRAs
     config["datasets"][FLUX]["train"] = {"t5xxl_max_token_length": 32, "timestep_sampling": "shift"}
+    config["datasets"][SDXL]["train"] = {"network_type": "lokr", "factor": 4}
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +56,11 @@ def test_an_sdxl_dataset_runs_every_stage_into_sdxl_exports_and_a_grid(built):
     keys, metadata = export(root, SDXL)
     assert {key.split("_", 2)[1] for key in keys} == {"unet", "te1", "te2"}
     assert any(key.startswith("lora_unet_input_blocks_") for key in keys)  # SDXL's LDM names
+    assert {key.split(".")[1] for key in keys} >= {"lokr_w1", "alpha"}
+    assert not (root / "exports" / f"{SDXL}.diffusers.safetensors").exists()
+    assert "export_lycoris" in result.stderr
+    assert metadata["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(metadata["ss_network_args"]) == {"algo": "lokr", "factor": "4"}
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
     grid = json.loads((root / "grids" / f"{SDXL}.json").read_text())
@@ -82,8 +89,9 @@ def test_a_second_run_plans_nothing_and_training_changes_rerun_train_onward(buil
     shutil.copytree(root, copy, symlinks=True)
     edit_config(copy, lambda config: config["train"].update(learning_rate=5e-4))
     onward = {(stage, ds) for stage in ("train", "export", "grid") for ds in (SDXL, FLUX)}
-    assert plan(copy)[1] == onward
+    renamed = {("export_lycoris" if job == ("export", SDXL) else job[0], job[1]) for job in onward}
+    assert plan(copy)[1] == renamed  # LoKr's export is its own rule of the export stage
     edit_config(copy, lambda config: config["datasets"][FLUX]["train"].update(seed=7))
     edit_config(copy, lambda config: config["train"].update(learning_rate=2e-3))  # as built
     assert plan(copy)[1] == {(stage, FLUX) for stage in ("train", "export", "grid")}
-    assert plan(copy)[1] < {(stage, ds) for stage in STAGES for ds in (SDXL, FLUX)}
+    assert plan(copy)[1] < {(stage, ds) for stage in STAGES for ds in (SDXL, FLUX)} | renamed

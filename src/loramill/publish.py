@@ -21,13 +21,18 @@ import os
 import shlex
 import subprocess
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from loramill import LoramillError
+from loramill.config import dataset_config
+from loramill.models.network_targets import NO_DIFFUSERS_FILE
 
+DIFFUSERS_FILE = "exports/{ds}.diffusers.safetensors"
 # What a dataset publishes: outputs of its stage rules (rules/*.smk, their one source), as the
 # rules spell them; tests/test_outputs_documented.py refuses any that no rule writes.
 ARTIFACTS = {
@@ -36,7 +41,7 @@ ARTIFACTS = {
         "results/{ds}/loss.png",  # the loss curve (the report shows it)
         "results/{ds}/captions.jsonl",  # a grid that sets no prompts draws them from these
         "exports/{ds}.safetensors",
-        "exports/{ds}.diffusers.safetensors",
+        DIFFUSERS_FILE,  # not for LoHa and LoKr (models.network_targets.NO_DIFFUSERS_FILE)
         "exports/{ds}.md",  # the model card
         "exports/{ds}.html",  # the model card as the report opens it
         "exports/{ds}-steps",  # a folder: one kohya file per checkpoint
@@ -147,14 +152,18 @@ def target_remote(root: Path, remote: str | None) -> str:
 
 def publish(
     root: Path, datasets: list[str], remote: str | None = None, dry_run: bool = False,
-    tasks: dict[str, str] | None = None,
+    tasks: dict[str, str] | None = None, without_diffusers: Collection[str] = (),
 ) -> PublishReport:  # fmt: skip
     """`dvc add` the changed artifacts of ``datasets`` (``tasks``: each one's task, image
-    when not given) and push them with data.dvc."""
+    when not given; ``without_diffusers``: image datasets whose network type has no
+    diffusers-format file) and push them with data.dvc."""
     root = Path(root).resolve()
     kinds = tasks or {}
     artifacts = [
-        t.format(ds=ds) for ds in dict.fromkeys(datasets) for t in ARTIFACTS[kinds.get(ds, "image")]
+        t.format(ds=ds)
+        for ds in dict.fromkeys(datasets)
+        for t in ARTIFACTS[kinds.get(ds, "image")]
+        if not (ds in without_diffusers and t == DIFFUSERS_FILE)
     ]
     # All or nothing: a half-published dataset would leave a teammate's pull inconsistent.
     missing = [path for path in artifacts if not (root / path).exists()]
@@ -232,6 +241,14 @@ def summary(report: PublishReport) -> str:
     return "\n".join(lines)
 
 
+def _has_diffusers_file(config: dict[str, Any], ds: str) -> bool:
+    """Whether an image dataset's export writes a diffusers-format file (its effective
+    network type's, the global train section merged with its own)."""
+    settings = dataset_config(config, ds)
+    network_type = settings.get("train", {}).get("network_type", "lora")
+    return settings.get("task", "image") != "image" or network_type not in NO_DIFFUSERS_FILE
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loramill.publish",
@@ -246,16 +263,20 @@ def main(argv: list[str] | None = None) -> int:
         config_path = root / "config" / "config.yaml"
         if not config_path.is_file():
             raise LoramillError(f"{config_path} not found: run from the project root")
-        entries = (yaml.safe_load(config_path.read_text()) or {}).get("datasets") or {}
+        config = yaml.safe_load(config_path.read_text()) or {}
+        entries = config.get("datasets") or {}
         configured = list(entries)
         tasks = {ds: (entry or {}).get("task", "image") for ds, entry in entries.items()}
+        without = [ds for ds in entries if not _has_diffusers_file(config, ds)]
         unknown = [ds for ds in args.datasets if ds not in configured]
         if unknown:
             raise LoramillError(
                 f"unknown dataset {', '.join(unknown)} (config/config.yaml has: "
                 f"{', '.join(configured)})"
             )
-        report = publish(root, args.datasets or configured, args.remote, args.dry_run, tasks)
+        report = publish(
+            root, args.datasets or configured, args.remote, args.dry_run, tasks, without
+        )
     except LoramillError as error:
         print(f"loramill: publish: {error}", file=sys.stderr)
         return 1

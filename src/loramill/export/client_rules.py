@@ -36,12 +36,15 @@ import torch
 
 from loramill import LoramillError
 from loramill.export.ldm_names import CLIP_LAYER_PARTS
-from loramill.models.checkpoint import Checkpoint, module_alpha
+from loramill.models.checkpoint import Checkpoint, module_alpha, module_rank
+from loramill.models.network_parts import HADA, LOKR
 
 if TYPE_CHECKING:
     from loramill.models.kohya_names import KohyaNames
 
-Applied = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+# (up, down, scale): a LoRA pair, or a LoHa's or LoKr's whole delta (out, in·kh·kw) and None
+Landed = tuple[torch.Tensor, torch.Tensor | None, float]
+Applied = dict[str, Landed]
 Load = tuple[Applied, list[str]]
 
 # (up, down) spellings in the order comfy/weight_adapter/lora.py tries them
@@ -75,7 +78,55 @@ def comfyui_load(tensors: dict[str, torch.Tensor], key_map: dict[str, str]) -> L
                 applied[target] = (tensors[key + up], tensors[key + down], scale)
                 read |= {key + up, key + down, key + ".alpha"}
                 break
+        else:
+            parts = {p: tensors[f"{key}.{p}"] for p in (*HADA, *LOKR) if f"{key}.{p}" in tensors}
+            if parts and (landed := lycoris_landed(parts, tensors.get(key + ".alpha"))):
+                applied[target] = landed
+                read |= {f"{key}.{part}" for part in (*parts, "alpha")}
     return applied, sorted(set(tensors) - read)
+
+
+def lycoris_landed(parts: dict[str, torch.Tensor], alpha: Any) -> Landed | None:
+    """What ComfyUI and AUTOMATIC1111 apply of a LoHa or LoKr module (``parts``: its tensors
+    by suffix; both read them alike): the whole delta (out, in·kh·kw) and its scale, the
+    file's alpha over the module's dim, 1.0 without alpha or (LoKr) without a decomposed
+    factor; None when the parts are neither's (the module is not loaded)."""
+    made = lycoris_delta(parts)
+    if made is None:
+        return None
+    delta, dim = made
+    return delta, None, 1.0 if alpha is None or dim is None else float(alpha) / dim
+
+
+def lycoris_delta(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int | None] | None:
+    """A LoHa or LoKr module's unscaled delta, flattened to (out, in·kh·kw), and the dim the
+    clients divide its alpha by. LoHa (``network_hada.py``, ``weight_adapter/loha.py``):
+    (w1_a @ w1_b) ⊙ (w2_a @ w2_b), dim w1_b's rows. LoKr (``network_lokr.py``,
+    ``weight_adapter/lokr.py``): kron(w1, w2), each factor whole or a product, a conv's w1
+    given two unit axes; dim the last decomposed factor's rank (w2_b's over w1_b's)."""
+    if set(HADA) <= set(parts):
+        w1 = parts["hada_w1_a"].float() @ parts["hada_w1_b"].float()
+        w2 = parts["hada_w2_a"].float() @ parts["hada_w2_b"].float()
+        return w1 * w2, int(parts["hada_w1_b"].shape[0])
+    w1, w2 = _lokr_factor(parts, "lokr_w1"), _lokr_factor(parts, "lokr_w2")
+    if w1 is None or w2 is None:
+        return None
+    dim = None
+    for part in ("lokr_w1_b", "lokr_w2_b"):
+        if part in parts:
+            dim = int(parts[part].shape[0])
+    if w2.ndim == 4:
+        w1 = w1[:, :, None, None]
+    return torch.kron(w1, w2).flatten(1), dim
+
+
+def _lokr_factor(parts: dict[str, torch.Tensor], name: str) -> torch.Tensor | None:
+    """A LoKr factor, whole or as its product (None: the file has neither)."""
+    if name in parts:
+        return parts[name].float()
+    if f"{name}_a" in parts and f"{name}_b" in parts:
+        return parts[f"{name}_a"].float() @ parts[f"{name}_b"].float()
+    return None
 
 
 def comfyui_clip_keys(
@@ -94,9 +145,12 @@ def comfyui_clip_keys(
     return keys
 
 
-def named_load(tensors: dict[str, torch.Tensor], resolve: Callable[[str], str | None]) -> Load:
+def named_load(
+    tensors: dict[str, torch.Tensor], resolve: Callable[[str], str | None], lycoris: bool = False
+) -> Load:
     """What A1111 or kohya sd-scripts applies of a file: ``resolve`` is the tool's rule from
-    a kohya module name to its target (None: no module of that name)."""
+    a kohya module name to its target (None: no module of that name); ``lycoris``: the tool
+    also reads LoHa and LoKr modules (A1111 does; kohya's networks.lora reads LoRA only)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         name, _, part = key.partition(".")
@@ -105,12 +159,17 @@ def named_load(tensors: dict[str, torch.Tensor], resolve: Callable[[str], str | 
     unread = []
     for name, parts in sorted(groups.items()):
         target = resolve(name)
-        if target is None or not {"lora_up.weight", "lora_down.weight"} <= set(parts):
+        landed = None
+        if target is not None and {"lora_up.weight", "lora_down.weight"} <= set(parts):
+            down, alpha = parts["lora_down.weight"], parts.get("alpha")
+            scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
+            landed = (parts["lora_up.weight"], down, scale)
+        elif target is not None and lycoris:
+            landed = lycoris_landed(parts, parts.get("alpha"))
+        if landed is None:
             unread += [f"{name}.{part}" for part in sorted(parts)]
-            continue
-        down, alpha = parts["lora_down.weight"], parts.get("alpha")
-        scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
-        applied[target] = (parts["lora_up.weight"], down, scale)
+        else:
+            applied[target] = landed
     return applied, unread
 
 
@@ -126,7 +185,9 @@ def a1111_load(
         parts = {f"{attention}.in_proj_weight[{p}]" for p in "qkv"} | {f"{attention}.out_proj"}
         if not parts <= landed:
             incomplete |= parts
-    return named_load(tensors, lambda name: None if targets[name] in incomplete else targets[name])
+    return named_load(
+        tensors, lambda name: None if targets[name] in incomplete else targets[name], lycoris=True
+    )
 
 
 def kohya_targets(models: dict[str, Any], names: KohyaNames) -> set[str]:
@@ -146,23 +207,41 @@ def kohya_targets(models: dict[str, Any], names: KohyaNames) -> set[str]:
     return found
 
 
-def trained_modules(checkpoint: Checkpoint) -> dict[tuple[str, str], tuple[Any, Any, float]]:
-    """(component, module) → (lora_B, lora_A, alpha / rank) as the checkpoint trained them."""
-    modules = {}
+def trained_modules(checkpoint: Checkpoint) -> dict[tuple[str, str], Landed]:
+    """(component, module) → what it trained, as peft computes it: LoRA's (lora_B, lora_A,
+    alpha / rank); LoHa's and LoKr's delta (flattened, peft's own functions) and scale."""
+    from peft.tuners.loha.layer import make_weight
+    from peft.tuners.lokr.layer import make_kron
+
+    modules: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in checkpoint.tensors.items():
-        if key.endswith(".lora_A.weight"):
-            component, _, module = key.removesuffix(".lora_A.weight").partition(".")
-            up = checkpoint.tensors[key.replace(".lora_A.weight", ".lora_B.weight")]
-            alpha = module_alpha(checkpoint.adapter_configs[component], module)
-            modules[(component, module)] = (up, tensor, alpha / tensor.shape[0])
-    return modules
+        component, _, rest = key.partition(".")
+        module, _, part = rest.rpartition(".lora_" if ".lora_" in rest else ".")
+        modules.setdefault((component, module), {})[part] = tensor
+    trained: dict[tuple[str, str], Landed] = {}
+    for (component, module), parts in modules.items():
+        config = checkpoint.adapter_configs[component]
+        scale = module_alpha(config, module) / module_rank(config, module)
+        if "A.weight" in parts:
+            trained[(component, module)] = (parts["B.weight"], parts["A.weight"], scale)
+        elif "hada_w1_a" in parts:
+            hada = [parts[name].float() for name in HADA]
+            trained[(component, module)] = (make_weight(*hada, 1.0).flatten(1), None, scale)
+        else:
+            w1, w2 = (_lokr_factor(parts, name) for name in ("lokr_w1", "lokr_w2"))
+            trained[(component, module)] = (make_kron(w1, w2).flatten(1), None, scale)
+    return trained
 
 
-def _delta_probe(up: torch.Tensor, down: torch.Tensor, scale: float) -> torch.Tensor:
-    """``scale · up @ down`` applied to fixed random vectors: the delta, without forming it."""
-    down2, up2 = down.flatten(1).float(), up.flatten(1).float()
-    vectors = torch.randn(down2.shape[1], 2, generator=torch.Generator().manual_seed(0))
-    return scale * (up2 @ (down2 @ vectors))
+def _delta_probe(up: torch.Tensor, down: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """``scale · up @ down`` (``down`` None: ``up`` is the whole delta) applied to fixed
+    random vectors: the delta, without forming a LoRA's."""
+    up2 = up.flatten(1).float()
+    width = up2.shape[1] if down is None else down.flatten(1).shape[1]
+    vectors = torch.randn(width, 2, generator=torch.Generator().manual_seed(0))
+    if down is None:
+        return scale * (up2 @ vectors)
+    return scale * (up2 @ (down.flatten(1).float() @ vectors))
 
 
 def tolerance(tensors: dict[str, torch.Tensor]) -> float:

@@ -22,7 +22,7 @@ def step_export_name(name: str, checkpoint: Path) -> str:
 def export_and_verify(
     checkpoints_dir: str | os.PathLike,
     kohya_path: str | os.PathLike,
-    diffusers_path: str | os.PathLike,
+    diffusers_path: str | os.PathLike | None,
     card_path: str | os.PathLike,
     steps_dir: str | os.PathLike,
     output_name: str,
@@ -31,9 +31,10 @@ def export_and_verify(
     allow_unsafe_weights: bool,
     train: dict[str, Any],
 ) -> None:
-    """The export job: both files of the last checkpoint and a kohya file of every
-    checkpoint, their verification against the base model (a failure fails the job, and
-    Snakemake removes the files), the model card."""
+    """The export job: both files of the last checkpoint (the kohya file alone for LoHa and
+    LoKr, ``diffusers_path`` None) and a kohya file of every checkpoint, their verification
+    against the base model (a failure fails the job, and Snakemake removes the files), the
+    model card."""
     from loramill.export.model_card import write_model_card
     from loramill.export.write import export_adapter
     from loramill.models.base_model import base_family
@@ -49,7 +50,9 @@ def export_and_verify(
     checkpoints = list_checkpoints(checkpoints_dir)
     options["save_precision"] = export["save_precision"]
     export_adapter(checkpoints[-1], kohya_path, diffusers_path, output_name, **options)
-    exports = {Path(kohya_path): checkpoints[-1], Path(diffusers_path): checkpoints[-1]}
+    exports = {Path(kohya_path): checkpoints[-1]}
+    if diffusers_path is not None:  # LoHa and LoKr have none (export.write.NO_DIFFUSERS_FILE)
+        exports[Path(diffusers_path)] = checkpoints[-1]
     for checkpoint in checkpoints:  # picking the best step from the grid is what users do next
         path = Path(steps_dir) / step_export_name(output_name, checkpoint)
         export_adapter(checkpoint, path, None, output_name, **options)

@@ -21,6 +21,7 @@ from loramill.models.checkpoint import (
     PROVENANCE_KEY,
     STEP_KEY,
     Checkpoint,
+    config_alpha,
 )
 from loramill.models.families import DENOISERS
 from loramill.models.kohya_names import KOHYA_KEY_PREFIXES
@@ -82,6 +83,9 @@ def _epoch(provenance: dict[str, Any], step: str | None) -> int | None:
     return -(-int(step) * accumulation // per_epoch)
 
 
+# The types LyCORIS trains (kohya's --network_module lycoris.kohya), by its algo names
+LYCORIS_MODULE = "lycoris.kohya"
+ALGOS = {"loha": "loha", "lokr": "lokr"}
 # LoRA+'s ratios, network arguments in kohya's networks/lora.py
 LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
@@ -89,6 +93,14 @@ LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encode
 def _network_args(train_config: dict[str, Any]) -> str | None:
     """kohya's ss_network_args: the network options beyond dim and alpha, as JSON strings."""
     args = {}
+    kind = train_config.get("network_type", "lora")
+    if kind in ALGOS:  # LyCORIS's network module: its algorithm and options
+        args["algo"] = ALGOS[kind]
+        lokr = {"factor": -1, "decompose_both": False, "full_matrix": False}
+        if kind == "lokr":
+            args |= {
+                k: str(train_config[k]) for k, v in lokr.items() if train_config.get(k, v) != v
+            }
     if train_config.get("network_target") == "kohya_conv":  # LoCon: conv rank and alpha
         conv_alpha = train_config.get("conv_alpha")
         args["conv_dim"] = str(train_config.get("conv_rank") or train_config.get("rank"))
@@ -253,17 +265,22 @@ def kohya_metadata(
         (configs[c] for c in (*DENOISERS, "text_encoder", "text_encoder_2") if configs.get(c)),
         None,
     )
-    if not config or "r" not in config or "lora_alpha" not in config:
+    if not config or "r" not in config or not {"lora_alpha", "alpha"} & set(config):
         raise LoramillError(
             f"checkpoint has no adapter config (r, lora_alpha) in {ADAPTER_METADATA_KEY}"
         )
+    train_config = provenance.get("train_config") or {}
+    if train_config.get("full_matrix"):  # trained at peft's full-matrix rank (models.network)
+        config = {"r": train_config["rank"], "lora_alpha": train_config["alpha"]}
     resolution = provenance.get("resolution")
     optional = _training_fields(provenance, checkpoint.metadata.get(STEP_KEY))
     metadata = {
         "ss_output_name": output_name,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": LYCORIS_MODULE
+        if train_config.get("network_type") in ALGOS
+        else "networks.lora",
         "ss_network_dim": str(int(config["r"])),
-        "ss_network_alpha": str(float(config["lora_alpha"])),
+        "ss_network_alpha": str(config_alpha(config)),
         # kohya groups tag counts by dataset folder: {folder: {tag: count}}.
         "ss_tag_frequency": json.dumps(
             {str(provenance.get("dataset", output_name)): provenance.get("tag_frequency", {})},

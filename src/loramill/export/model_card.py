@@ -10,13 +10,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from loramill.export.metadata import FLUX_NETWORK_MODULE
+from loramill.export.metadata import FLUX_NETWORK_MODULE, LYCORIS_MODULE
 from loramill.files import write_bytes, write_text
 from loramill.models.checkpoint import PROVENANCE_KEY, read_checkpoint
 from loramill.report_pages import markdown_page
 
 SETTINGS = (
-    "network_target", "rank", "alpha", "conv_rank", "conv_alpha", "optimizer_type",
+    "network_type", "network_target", "rank", "alpha", "conv_rank", "conv_alpha", "optimizer_type",
     "learning_rate", "unet_lr", "text_encoder_lr", "train_text_encoder", "lr_scheduler",
     "max_train_steps", "max_train_epochs", "train_batch_size", "gradient_accumulation_steps",
     "mixed_precision", "quantize_base", "min_snr_gamma", "noise_offset", "flip_aug", "repeats",
@@ -42,10 +42,25 @@ def _single_file(provenance: dict[str, Any]) -> list[tuple[str, str]]:
     )
 
 
-def _use(name: str, trigger: str, flux: bool = False) -> list[str]:
-    """The card's "Use" lines: which file goes to which client."""
+def _use(name: str, trigger: str, module: str | None) -> list[str]:
+    """The card's "Use" lines: which file goes to which client (``module``: the file's
+    ss_network_module)."""
     words = ", ".join(f"`{w}`" for w in trigger.split(", ")) if trigger else "none"
-    return [f"Trigger words: {words}", "", *(_flux_use(name) if flux else _sd_use(name))]
+    uses = {FLUX_NETWORK_MODULE: _flux_use, LYCORIS_MODULE: _lycoris_use}.get(module, _sd_use)
+    return [f"Trigger words: {words}", "", *uses(name)]
+
+
+def _lycoris_use(name: str) -> list[str]:
+    """A LoHa's or LoKr's clients: diffusers and kohya's networks.lora load neither."""
+    return [
+        f"AUTOMATIC1111: copy `{name}.safetensors` to `models/Lora/` and add `<lora:{name}:0.7>`"
+        " to the prompt (its Lora extension reads LyCORIS's LoHa and LoKr). ComfyUI: "
+        "`models/loras/`, LoraLoader. kohya sd-scripts: `--network_module lycoris.kohya "
+        f"--network_weights {name}.safetensors` (LyCORIS's package, lycoris-lora; kohya's own "
+        "networks.lora loads none of its modules). diffusers loads no LoHa or LoKr file, so "
+        "there is no diffusers-format file.",
+        "",
+    ]
 
 
 def _sd_use(name: str) -> list[str]:
@@ -93,7 +108,8 @@ def model_card(kohya_path: str | os.PathLike, name: str, grid: str, grid_image: 
     provenance = json.loads(metadata[PROVENANCE_KEY])
     train = provenance.get("train_config", {})
     trigger = metadata.get("modelspec.trigger_phrase", "")
-    flux = metadata.get("ss_network_module") == FLUX_NETWORK_MODULE
+    module = metadata.get("ss_network_module")
+    flux = module == FLUX_NETWORK_MODULE
     settings = FLUX_SETTINGS if flux else SETTINGS
     tags: Counter[str] = Counter()
     for folder in json.loads(metadata.get("ss_tag_frequency", "{}")).values():  # kohya: per folder
@@ -108,7 +124,7 @@ def model_card(kohya_path: str | os.PathLike, name: str, grid: str, grid_image: 
         "",
         "## Use",
         "",
-        *_use(name, trigger, flux),
+        *_use(name, trigger, module),
         "## Settings",
         "",
         *_table(("option", "value"), [(k, train[k]) for k in settings if train.get(k) is not None]),

@@ -22,12 +22,22 @@ from loramill.files import write_bytes
 from loramill.models.checkpoint import (
     ADAPTER_METADATA_KEY,
     Checkpoint,
+    config_alpha,
     module_alpha,
+    module_rank,
     read_checkpoint,
 )
 from loramill.models.diffusers_names import diffusers_key
 from loramill.models.families import DENOISERS
-from loramill.models.kohya_names import PEFT_SUFFIXES, TE_ROOT, KohyaNames, checkpoint_names
+from loramill.models.kohya_names import TE_ROOT, KohyaNames, checkpoint_names
+from loramill.models.network_parts import (
+    PEFT_SUFFIXES,
+    carrier,
+    dora_scale,
+    fold,
+    parts_problem,
+)
+from loramill.models.network_targets import NO_DIFFUSERS_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -58,42 +68,31 @@ def _split_key(key: str, components: Collection[str] = COMPONENTS) -> tuple[str,
             module = rest[: -len(suffix)]
             if MODULE_NAME.match(module):
                 return component, module, kohya_suffix
-    raise LoramillError(
-        f"checkpoint key '{key}': no kohya equivalent (not a plain LoRA A/B weight)"
-    )
+    raise LoramillError(f"checkpoint key '{key}': no kohya equivalent (not a LoRA weight)")
 
 
 def kohya_alpha(checkpoint: Checkpoint, component: str, module: str) -> float:
     """A module's alpha, for kohya's one ``.alpha`` per module; refuses peft options that
     scale otherwise."""
     config = checkpoint.adapter_configs.get(component)
-    if not config or "lora_alpha" not in config:
+    if not config or not {"lora_alpha", "alpha"} & set(config):
         raise LoramillError(
             f"checkpoint has '{component}' tensors but no '{component}' adapter config "
             f"in {ADAPTER_METADATA_KEY}: its alpha is unknown"
         )
-    # kohya stores one alpha per module and scales by alpha / rank; these peft options
-    # scale differently and would load with the wrong strength.
-    for option in ("use_dora", "use_rslora"):
-        if config.get(option):
-            raise LoramillError(f"'{component}' adapter uses {option}: no kohya equivalent")
+    # kohya stores one alpha per module and scales by alpha / rank; rsLoRA scales by
+    # alpha / sqrt(rank) and would load with the wrong strength.
+    if config.get("use_rslora"):
+        raise LoramillError(f"'{component}' adapter uses use_rslora: no kohya equivalent")
     return module_alpha(config, module)
 
 
-def to_kohya(checkpoint: Checkpoint, names: KohyaNames | None = None) -> dict[str, torch.Tensor]:
-    """Rename checkpoint tensors to kohya keys and add each module's true ``.alpha``.
-
-    ``names``: kohya's names for the checkpoint's base model (loramill.models.kohya_names;
-    by default its family's, SDXL's from its base model's UNet config).
-    """
-    import torch
-
-    if not checkpoint.tensors:
-        raise LoramillError("checkpoint holds no LoRA tensors")
-    names = names or checkpoint_names(checkpoint)
-    out: dict[str, torch.Tensor] = {}
+def _kohya_modules(
+    checkpoint: Checkpoint, names: KohyaNames
+) -> dict[str, tuple[str, str, str, dict[str, torch.Tensor]]]:
+    """kohya name → (component, peft module, first key, {kohya suffix: tensor})."""
+    modules: dict[str, tuple[str, str, str, dict[str, torch.Tensor]]] = {}
     source: dict[str, str] = {}
-    modules: dict[str, tuple[str, str, str]] = {}
     for key in sorted(checkpoint.tensors):
         component, module, suffix = _split_key(key, names.prefixes)
         try:
@@ -102,44 +101,72 @@ def to_kohya(checkpoint: Checkpoint, names: KohyaNames | None = None) -> dict[st
             raise LoramillError(f"checkpoint key '{key}': {error}") from None
         target = f"{name}.{suffix}"
         # dots -> underscores is lossy; two modules must never share one kohya name.
-        if target in out:
+        if target in source:
             raise LoramillError(
                 f"checkpoint keys '{source[target]}' and '{key}' both map to kohya key '{target}'"
             )
-        out[target] = checkpoint.tensors[key]
         source[target] = key
-        modules[name] = (component, module, key)
+        modules.setdefault(name, (component, module, key, {}))[3][suffix] = checkpoint.tensors[key]
+    return modules
 
-    for name, (component, module, key) in sorted(modules.items()):
-        down, up = out.get(f"{name}.lora_down.weight"), out.get(f"{name}.lora_up.weight")
-        if down is None or up is None:
-            missing = "lora_B" if up is None else "lora_A"
-            raise LoramillError(f"checkpoint key '{key}': its {missing} partner is missing")
-        # Linear pairs are 2-D; conv pairs 4-D (lora_down has the conv's kernel, lora_up 1×1).
-        if down.ndim != up.ndim or down.ndim not in (2, 4) or down.shape[0] != up.shape[1]:
-            raise LoramillError(
-                f"checkpoint key '{key}': lora_A {tuple(down.shape)} and lora_B "
-                f"{tuple(up.shape)} are not a rank-r pair"
-            )
+
+def to_kohya(checkpoint: Checkpoint, names: KohyaNames | None = None) -> dict[str, torch.Tensor]:
+    """Rename checkpoint tensors to kohya's (LyCORIS's for LoHa, LoKr and DoRA) keys and add
+    each module's ``.alpha``, its trained scale folded into a factor where the clients would
+    scale it otherwise (loramill.models.network_parts).
+
+    ``names``: kohya's names for the checkpoint's base model (loramill.models.kohya_names;
+    by default its family's, SDXL's from its base model's UNet config).
+    """
+    import torch
+
+    if not checkpoint.tensors:
+        raise LoramillError("checkpoint holds no LoRA tensors")
+    kind = checkpoint.network_type
+    out: dict[str, torch.Tensor] = {}
+    modules = _kohya_modules(checkpoint, names or checkpoint_names(checkpoint))
+    for name, (component, module, key, parts) in sorted(modules.items()):
+        if problem := parts_problem(kind, set(parts)):
+            raise LoramillError(f"checkpoint key '{key}': its module {problem}")
+        if "lora_down.weight" in parts:
+            _check_pair(key, parts["lora_down.weight"], parts["lora_up.weight"])
         # float32 whatever the weights' dtype: alphas such as 0.1 are not exact in fp16.
         alpha = kohya_alpha(checkpoint, component, module)
-        written = _written_alpha(checkpoint, component, alpha, down)
-        if written != alpha:  # the module's own scale folded into its up matrix
-            out[f"{name}.lora_up.weight"] = up * (alpha / written)
+        rank = module_rank(checkpoint.adapter_configs[component], module)
+        written = _written_alpha(checkpoint, component, alpha, parts)
+        factor = fold(parts, alpha / rank, written)
+        if factor != 1.0:  # the module's trained scale folded into one factor
+            parts[carrier(parts)] = parts[carrier(parts)] * factor
+        if "dora_scale" in parts:
+            parts["dora_scale"] = dora_scale(parts["dora_scale"])
+        out |= {f"{name}.{suffix}": tensor for suffix, tensor in parts.items()}
         out[f"{name}.alpha"] = torch.tensor(written, dtype=torch.float32)
     return out
 
 
-def _written_alpha(checkpoint: Checkpoint, component: str, alpha: float, down: Any) -> float:
+def _check_pair(key: str, down: torch.Tensor, up: torch.Tensor) -> None:
+    """Linear pairs are 2-D; conv pairs 4-D (lora_down has the conv's kernel, lora_up 1×1)."""
+    if down.ndim != up.ndim or down.ndim not in (2, 4) or down.shape[0] != up.shape[1]:
+        raise LoramillError(
+            f"checkpoint key '{key}': lora_A {tuple(down.shape)} and lora_B "
+            f"{tuple(up.shape)} are not a rank-r pair"
+        )
+
+
+def _written_alpha(
+    checkpoint: Checkpoint, component: str, alpha: float, parts: dict[str, torch.Tensor]
+) -> float:
     """The ``.alpha`` a module is written with. diffusers' reader of kohya files keys the
     alphas of attention projections by names its modules do not have, so each of those
-    loads at the file's most common alpha: a Linear or 1×1 module whose alpha is not its
-    component's (kohya's block_alphas) is written at the component's, its trained scale
+    loads at the file's most common alpha: a LoRA Linear or 1×1 module whose alpha is not
+    its component's (kohya's block_alphas) is written at the component's, its trained scale
     folded into lora_up, which every client then applies alike. kohya_conv's 3×3 convs keep
-    their own alpha, which every client reads."""
-    if down.ndim == 4 and tuple(down.shape[2:]) != (1, 1):
+    their own alpha, which every client reads; so does every module of the types diffusers
+    does not load (LoHa, LoKr)."""
+    down = parts.get("lora_down.weight")
+    if down is None or (down.ndim == 4 and tuple(down.shape[2:]) != (1, 1)):
         return alpha
-    return float(checkpoint.adapter_configs[component]["lora_alpha"])
+    return config_alpha(checkpoint.adapter_configs[component])
 
 
 def lora_pairs(
@@ -235,23 +262,42 @@ def export_adapter(
         raise LoramillError(f"{checkpoint_path}: cannot read checkpoint ({error})") from None
     # ModelSpec's architecture of a Flux LoRA depends on the base ([dev] or [schnell])
     architecture = None if flux is None else flux.architecture
+    if diffusers_path is not None and checkpoint.network_type in NO_DIFFUSERS_FILE:
+        raise LoramillError(
+            f"{checkpoint_path}: diffusers loads no {checkpoint.network_type} adapter; it has "
+            "no diffusers-format file"
+        )
     try:
         # Build both files before writing either, so a bad checkpoint leaves no output.
         if flux is None:
             kohya = to_kohya(checkpoint, checkpoint_names(checkpoint, unet_config))
-            diffusers, adapter_metadata = to_diffusers(checkpoint)
         else:
             kohya = flux.kohya(checkpoint)
-            diffusers, adapter_metadata = to_diffusers(checkpoint, flux.components)
         kohya = cast(kohya, save_precision)
-        kohya_meta = kohya_metadata(checkpoint, kohya, output_name, architecture)
-        kohya_bytes = serialize(kohya, kohya_meta)
-        diffusers = cast(diffusers, save_precision)
-        diffusers_meta = kohya_metadata(checkpoint, diffusers, output_name, architecture)
+        kohya_bytes = serialize(kohya, kohya_metadata(checkpoint, kohya, output_name, architecture))
+        if diffusers_path is not None:
+            components = COMPONENTS if flux is None else flux.components
+            diffusers_bytes = _diffusers_file(checkpoint, components, save_precision, output_name,
+                                              architecture)  # fmt: skip
     except LoramillError as error:
         raise LoramillError(f"{checkpoint_path}: {error}") from None
-    diffusers_meta["format"] = checkpoint.metadata.get("format", "pt")
-    diffusers_meta[ADAPTER_METADATA_KEY] = adapter_metadata
     write_bytes(kohya_path, kohya_bytes)
     if diffusers_path is not None:
-        write_bytes(diffusers_path, serialize(diffusers, diffusers_meta))
+        write_bytes(diffusers_path, diffusers_bytes)
+
+
+def _diffusers_file(
+    checkpoint: Checkpoint,
+    components: Collection[str],
+    save_precision: str,
+    output_name: str,
+    architecture: str | None,
+) -> bytes:
+    """The diffusers-format file of a checkpoint: its tensors, kohya's metadata and the
+    adapter configs."""
+    diffusers, adapter_metadata = to_diffusers(checkpoint, components)
+    diffusers = cast(diffusers, save_precision)
+    metadata = kohya_metadata(checkpoint, diffusers, output_name, architecture)
+    metadata["format"] = checkpoint.metadata.get("format", "pt")
+    metadata[ADAPTER_METADATA_KEY] = adapter_metadata
+    return serialize(diffusers, metadata)

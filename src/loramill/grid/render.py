@@ -2,7 +2,8 @@
 
 The adapters are the export's kohya files (``exports/<ds>-steps/``), the files AUTOMATIC1111,
 ComfyUI and diffusers users load, loaded as a diffusers user loads them: the grid shows what
-they get. A FLUX.1 or Chroma adapter is a diffusers-format file (a training checkpoint:
+they get. A LoHa's or LoKr's file, which diffusers refuses, is applied to the weights as
+AUTOMATIC1111 and ComfyUI apply it (loramill.grid.patched). A FLUX.1 or Chroma adapter is a diffusers-format file (a training checkpoint:
 ``transformer.…`` and, where CLIP-L was trained, ``text_encoder.…`` tensors), drawn by
 FluxPipeline or ChromaPipeline with the base model's flow-matching scheduler. The base
 pipeline is loaded once per job, each step's LoRA once (strength changes through
@@ -28,6 +29,7 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.files import atomic_path
+from loramill.grid.patched import PatchedAdapter
 from loramill.grid.plan import Cell
 from loramill.hashing import hash_value
 from loramill.models.kohya_names import kohya_file_modules, loaded_lora_modules, model_names
@@ -256,15 +258,23 @@ class Renderer:
     def __init__(self, pipe: Any, conditioning: Any) -> None:
         self.pipe, self.how = pipe, conditioning
         self.adapter: str | None = None
+        self.patched: PatchedAdapter | None = None  # a LoHa's or LoKr's file
         self.base_scheduler = pipe.scheduler
 
     def use_adapter(self, step: int | None, path: Path | None) -> None:
         """Load one step's kohya file (None: the base model alone), dropping the previous
         one: a run may have dozens of checkpoints."""
+        if self.patched is not None:
+            self.patched.remove()
+            self.patched = None
         if self.adapter is not None:
             self.pipe.delete_adapters(self.adapter)
             self.adapter = None
         if step is None or path is None:
+            return
+        tensors = read_adapter(path)
+        if any(key.split(".", 1)[-1].startswith(("hada_", "lokr_")) for key in tensors):
+            self.patched = self._patched(tensors, path)
             return
         name = f"step{step}"
         try:
@@ -275,7 +285,16 @@ class Renderer:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise LoramillError(f"{path}: cannot load as a LoRA ({reason})") from None
         self.adapter = name
-        _check_loaded(self.pipe, name, read_adapter(path), path)
+        _check_loaded(self.pipe, name, tensors, path)
+
+    def _patched(self, tensors: dict[str, Any], path: Path) -> PatchedAdapter:
+        """A LoHa or LoKr file, which diffusers cannot load: applied to the weights."""
+        from loramill.models.base_model import pipeline_family
+
+        family = pipeline_family(self.pipe)
+        components = (family.denoiser, *family.trainable_encoders)
+        models = {name: getattr(self.pipe, name) for name in components}
+        return PatchedAdapter(models, family.denoiser, tensors, path)
 
     def render(self, cells: list[Cell]) -> list[Any]:
         """One pipeline call for cells of one batch group (see Cell.batch_group)."""
@@ -284,6 +303,8 @@ class Renderer:
         from loramill.models.base_model import pipeline_family
 
         first, family = cells[0], pipeline_family(self.pipe)
+        if self.patched is not None:
+            self.patched.apply(first.unet_strength, first.te_strength)
         if self.adapter is not None:
             # the components a LoRA loads into (not Flux's T5): diffusers warns of any other
             weights = {family.denoiser: first.unet_strength}

@@ -61,13 +61,39 @@ def _json_ready(config: dict[str, Any]) -> dict[str, Any]:
     return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
-def module_alpha(config: dict[str, Any], module: str) -> float:
-    """A module's alpha as peft resolves it: the first ``alpha_pattern`` key that matches the
-    end of the module's dotted name, else ``lora_alpha`` (kohya_conv's convs have their own)."""
-    for pattern, alpha in (config.get("alpha_pattern") or {}).items():
+def _pattern(patterns: dict[str, Any] | None, module: str) -> Any:
+    """The value of the first pattern that matches the end of the module's dotted name, as
+    peft resolves its ``rank_pattern`` and ``alpha_pattern`` (None: no match)."""
+    for pattern, value in (patterns or {}).items():
         if re.match(rf"(.*\.)?({pattern})$", module):
-            return float(alpha)
-    return float(config["lora_alpha"])
+            return value
+    return None
+
+
+def module_alpha(config: dict[str, Any], module: str) -> float:
+    """A module's alpha as peft resolves it: its ``alpha_pattern`` entry, else the config's
+    (kohya_conv's convs and kohya's block-wise alphas have their own)."""
+    alpha = _pattern(config.get("alpha_pattern"), module)
+    return config_alpha(config) if alpha is None else float(alpha)
+
+
+def module_rank(config: dict[str, Any], module: str) -> int:
+    """A module's rank as peft resolves it: its ``rank_pattern`` entry, else ``r``."""
+    rank = _pattern(config.get("rank_pattern"), module)
+    return int(config["r"] if rank is None else rank)
+
+
+def config_alpha(config: dict[str, Any]) -> float:
+    """An adapter config's alpha: LoRA's (and DoRA's) ``lora_alpha``, LoHa's and LoKr's
+    ``alpha``."""
+    return float(config["lora_alpha"] if "lora_alpha" in config else config["alpha"])
+
+
+def network_type(config: dict[str, Any]) -> str:
+    """The network type (train.network_type) of an adapter config."""
+    # "LORA", or "PeftType.LORA" where the enum was written by str()
+    kind = str(config.get("peft_type", "LORA")).rsplit(".", 1)[-1].lower()
+    return "dora" if kind == "lora" and config.get("use_dora") else kind
 
 
 def adapter_state(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -106,7 +132,12 @@ class Checkpoint:
 
     @property
     def alpha(self) -> float:
-        return float(self.adapter_configs[self.denoiser]["lora_alpha"])
+        return config_alpha(self.adapter_configs[self.denoiser])
+
+    @property
+    def network_type(self) -> str:
+        configs = self.adapter_configs
+        return network_type(next((configs[c] for c in self.components if c in configs), {}))
 
 
 def component_order(name: str) -> tuple[int, str]:

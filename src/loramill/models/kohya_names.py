@@ -22,8 +22,6 @@ from loramill.models.checkpoint import PROVENANCE_KEY, Checkpoint
 from loramill.models.families import family_code, unet_family
 from loramill.models.ldm_unet import unet_pairs
 
-# peft suffix -> kohya suffix; nothing else (biases, DoRA magnitudes) has a kohya spelling.
-PEFT_SUFFIXES = {".lora_A.weight": "lora_down.weight", ".lora_B.weight": "lora_up.weight"}
 # A1111 and ComfyUI map SD1.x text-encoder keys by the transformers-4 module path, which had
 # a `text_model.` level that transformers 5's CLIPTextModel no longer has.
 TE_ROOT = "text_model."

@@ -54,6 +54,11 @@ KOHYA_BLOCKS = {
     "text_encoder": ("CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"),
 }
 CONV_BLOCKS = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
+TYPE_OPTIONS = ("network_type", "factor", "decompose_both", "full_matrix")
+# LoKr's full_matrix: a rank this high makes both of peft's factors full matrices (it
+# decomposes a factor only below half its larger side), and alpha = rank its scale 1, as
+# LyCORIS trains them
+FULL_MATRIX_RANK = 2**20
 
 
 @dataclass(frozen=True)
@@ -77,13 +82,17 @@ class NetworkSpec:
     mid_lr_weight: tuple[float, ...] | None = None
     up_lr_weight: tuple[float, ...] | str | None = None
     block_lr_zero_threshold: float = 0.0
+    network_type: str = "lora"  # lora | loha | lokr | dora (NETWORK_TYPES)
+    factor: int = -1  # lokr: LyCORIS's factor, decompose_both, full_matrix
+    decompose_both: bool = False
+    full_matrix: bool = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> NetworkSpec:
         """The network a TrainConfig asks for."""
         names = ("rank", "alpha", "conv_rank", "conv_alpha")
         names += ("network_dropout", "rank_dropout", "module_dropout", "train_blocks")
-        names += (*BLOCK_OPTIONS, *BLOCK_LR_OPTIONS)
+        names += (*BLOCK_OPTIONS, *BLOCK_LR_OPTIONS, *TYPE_OPTIONS)
         return cls(cfg.network_target, **{name: getattr(cfg, name) for name in names})
 
     @property
@@ -104,6 +113,8 @@ class NetworkSpec:
 # Parts of a layer that peft has wrapped (also after its adapters are deleted): the wrapper
 # stands for the layer it wraps, its parts are not layers of the model.
 PEFT_PARTS = {"base_layer", "lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector"}
+PEFT_PARTS |= {f"hada_{part}" for part in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")}
+PEFT_PARTS |= {f"lokr_{part}" for part in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")}
 
 
 def _is_pointwise(module: torch.nn.Module) -> bool:
@@ -200,20 +211,31 @@ def module_scales(
 def lora_config(
     scales: dict[str, tuple[int, float]], conv: set[str], spec: NetworkSpec, init: bool | str = True
 ) -> Any:
-    """peft's config of the modules at ``scales`` (their rank and alpha); the ``conv``
-    modules' and every module's at other scales than the network's are in its patterns."""
-    from peft import LoraConfig
+    """peft's config of the network's type for the modules at ``scales`` (their rank and
+    alpha); the ``conv`` modules' and every module's at other scales than the network's are
+    in its patterns. LoHa and LoKr take kohya's rank and module dropout as LyCORIS does (on
+    the weight's rows, in the layer); LoKr's ``full_matrix`` is peft's full factors at
+    scale 1."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     plain = (spec.rank, float(spec.alpha))
     own = sorted(n for n, scale in scales.items() if n in conv or scale != plain)
-    return LoraConfig(
-        r=spec.rank,
-        lora_alpha=float(spec.alpha),
-        target_modules=sorted(scales),
-        rank_pattern={n: scales[n][0] for n in own},
-        alpha_pattern={n: scales[n][1] for n in own},
-        init_lora_weights=init,
-    )
+    ranks, alphas = {n: scales[n][0] for n in own}, {n: scales[n][1] for n in own}
+    common = {"target_modules": sorted(scales), "rank_pattern": ranks, "alpha_pattern": alphas}
+    if spec.network_type in ("lora", "dora"):
+        return LoraConfig(r=spec.rank, lora_alpha=float(spec.alpha), init_lora_weights=init,
+                          use_dora=spec.network_type == "dora", **common)  # fmt: skip
+    dropouts = {"rank_dropout": spec.rank_dropout, "module_dropout": spec.module_dropout}
+    if spec.network_type == "loha":
+        return LoHaConfig(r=spec.rank, alpha=float(spec.alpha), init_weights=bool(init),
+                          **dropouts, **common)  # fmt: skip
+    if spec.full_matrix:  # every module full, at scale 1: no pattern needed
+        plain, common = (FULL_MATRIX_RANK, float(FULL_MATRIX_RANK)), {**common, "rank_pattern": {}}
+        common["alpha_pattern"] = {}
+    return LoKrConfig(
+        r=plain[0], alpha=plain[1], init_weights=bool(init), decompose_factor=spec.factor,
+        decompose_both=spec.decompose_both, **dropouts, **common,
+    )  # fmt: skip
 
 
 def add_lora(models: dict[str, Any], spec: NetworkSpec, init: bool | str = True) -> None:
@@ -225,7 +247,7 @@ def add_lora(models: dict[str, Any], spec: NetworkSpec, init: bool | str = True)
         modules = network_modules(model, component, spec.target, spec.train_blocks)
         conv = {name for name, kind in modules.items() if kind == "conv"}
         model.add_adapter(lora_config(module_scales(model, component, spec), conv, spec, init))
-        if spec.has_dropout:
+        if spec.has_dropout and spec.network_type in ("lora", "dora"):
             add_dropout(model, spec)
 
 

@@ -55,12 +55,18 @@ def paths(value: Any) -> list[str]:
     return [str(value)] if isinstance(value, str) else [str(v) for v in value]
 
 
+def stage_name(snakemake: Any) -> str:
+    """The stage a job runs: its done marker's name (rule_jobs.stage_of), else its rule's."""
+    marker = snakemake.output.get(DONE)
+    return snakemake.rule if marker is None else Path(str(marker)).name
+
+
 def received(snakemake: Any) -> Job:
     """What this job received, in the form the planner evaluates from the rule."""
     settings = dataset_config(snakemake.config, snakemake.wildcards.ds)
     return Job(
-        rule=snakemake.rule,
-        script=Path(snakemake.scriptdir) / f"{snakemake.rule}.py",
+        rule=stage_name(snakemake),
+        script=Path(snakemake.scriptdir) / f"{stage_name(snakemake)}.py",
         params=dict(snakemake.params.items()),
         inputs={k: paths(v) for k, v in snakemake.input.items() if k != GATE},
         dataset_root=settings["path"],
@@ -134,12 +140,14 @@ def run_keyed(
     outputs = {k: str(v) for k, v in snakemake.output.items() if k != DONE}
     kept = {**outputs, **{k: str(v) for k, v in snakemake.log.items()}}
     if keyed and run_cache.restore(key, kept):
-        stage = (snakemake.rule, snakemake.wildcards.ds, key[:12])
+        stage = (stage_name(snakemake), snakemake.wildcards.ds, key[:12])
         logging.getLogger("loramill").info("%s %s: restored from the run-cache (%s)", *stage)
     else:
         function(**kwargs, **extra)
         if keyed:
             run_cache.store(key, kept)
     if keyed:
-        write_lock(snakemake.wildcards.ds, snakemake.rule, key, parts, digests(outputs, hashes))
+        write_lock(
+            snakemake.wildcards.ds, stage_name(snakemake), key, parts, digests(outputs, hashes)
+        )
     hashes.save()

@@ -37,6 +37,10 @@ PROMPT_OPTIONS = ("clip_skip", "max_token_length", "t5xxl_max_token_length", "ap
 class TrainConfig:
     # The network (loramill.models.network).
     network_target: str
+    network_type: str  # lora | loha | lokr | dora (models.network)
+    factor: int  # lokr: LyCORIS's factor, decompose_both and full_matrix
+    decompose_both: bool
+    full_matrix: bool
     rank: int
     alpha: float
     conv_rank: int | None  # kohya_conv's 3×3 convs; None = rank
@@ -161,6 +165,7 @@ class TrainConfig:
         if self.loss_type not in LOSS_TYPES:
             raise LoramillError(f"train.loss_type '{self.loss_type}': use {' | '.join(LOSS_TYPES)}")
         check_optimizer(self)
+        self.check_network_type()
         if self.quantize_base and self.fp8_base:
             raise LoramillError(
                 f"train.quantize_base: {self.quantize_base} and train.fp8_base: true both store "
@@ -178,11 +183,39 @@ class TrainConfig:
             )
         self.check_no_effect()
 
+    def check_network_type(self) -> None:
+        """Options the LyCORIS types (loha, lokr) and DoRA cannot take."""
+        if self.factor == 0:
+            raise LoramillError("train.factor 0: use -1 (near the square root) or a divisor")
+        if self.network_type == "lora":
+            return
+        lycoris = self.network_type in ("loha", "lokr")
+        refused = [
+            # LoHa and LoKr have no rank activations for kohya's network_dropout to drop
+            ("network_dropout", lycoris),
+            # LoRA+ raises the up matrices' rate: LoHa and LoKr have no up and down pair
+            ("loraplus_lr_ratio", lycoris),
+            ("loraplus_unet_lr_ratio", lycoris),
+            ("loraplus_text_encoder_lr_ratio", lycoris),
+            # peft's LoHa, LoKr and DoRA layers do not wrap float8 or bitsandbytes weights
+            ("fp8_base", True),
+            ("quantize_base", True),
+        ]
+        for key, applies in refused:
+            if applies and getattr(self, key) != getattr(TrainConfig, key):
+                raise LoramillError(
+                    f"train.{key}: not available with network_type: {self.network_type}; "
+                    "use network_type: lora, or drop it"
+                )
+
     def check_no_effect(self) -> None:
         """An option set away from its default where the option it belongs to is off."""
         needs = [
             ("conv_rank", "network_target", "kohya_conv"),
             ("conv_alpha", "network_target", "kohya_conv"),
+            ("factor", "network_type", "lokr"),
+            ("decompose_both", "network_type", "lokr"),
+            ("full_matrix", "network_type", "lokr"),
             ("lr_scheduler_num_cycles", "lr_scheduler", "cosine_with_restarts"),
             ("lr_scheduler_power", "lr_scheduler", "polynomial"),
             ("huber_c", "loss_type", ("huber", "smooth_l1")),

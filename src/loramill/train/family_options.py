@@ -37,6 +37,7 @@ UNET_ONLY = (
     "noise_offset",
     "multires_noise_iterations",
     "sample_sampler",
+    "network_type",  # LoHa, LoKr and DoRA are verified against the UNet clients' loaders only
     *BLOCK_OPTIONS,
     *BLOCK_LR_OPTIONS,
 )

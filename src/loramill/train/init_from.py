@@ -15,21 +15,22 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
-from loramill.models.checkpoint import Checkpoint, adapter_state, read_checkpoint
+from loramill.models.checkpoint import Checkpoint, adapter_state, config_alpha, read_checkpoint
 from loramill.models.diffusers_names import checkpoint_key
 from loramill.models.families import DENOISERS, family_code
 from loramill.models.flux.layout import KOHYA_PREFIX, bfl_modules, is_chroma, kohya_name
 from loramill.models.flux.unfused import split_fused
-from loramill.models.kohya_names import (
-    KOHYA_KEY_PREFIXES,
-    PEFT_SUFFIXES,
-    TE_ROOT,
-    KohyaNames,
-    model_names,
-)
+from loramill.models.kohya_names import KOHYA_KEY_PREFIXES, TE_ROOT, KohyaNames, model_names
 from loramill.models.network import NetworkSpec
+from loramill.models.network_parts import KOHYA_SUFFIXES, PEFT_SUFFIXES, carrier, fold
 
-KOHYA_SUFFIXES = {kohya: peft for peft, kohya in PEFT_SUFFIXES.items()}
+
+def peft_module(key: str) -> str:
+    """The module path of a checkpoint (peft) key, whatever the network type's part."""
+    for suffix in PEFT_SUFFIXES:
+        if key.endswith(suffix):
+            return key.removesuffix(suffix)
+    return key
 
 
 def _kohya_names(models: dict[str, Any], kohya: KohyaNames) -> dict[str, tuple[str, str]]:
@@ -37,7 +38,7 @@ def _kohya_names(models: dict[str, Any], kohya: KohyaNames) -> dict[str, tuple[s
     names = {}
     for component, model in models.items():
         for key in adapter_state(model)[0]:
-            module = key.removesuffix(".lora_A.weight").removesuffix(".lora_B.weight")
+            module = peft_module(key)
             names[kohya.module(component, module)] = (component, module)
     return names
 
@@ -47,11 +48,9 @@ def _from_kohya(
 ) -> dict[str, Any]:
     kohya = kohya or model_names(models)
     names = _kohya_names(models, kohya)
-    converted = {}
+    modules: dict[str, dict[str, Any]] = {}
     for key, tensor in sorted(tensors.items()):
         module, _, suffix = key.partition(".")
-        if suffix == "alpha":
-            continue
         component = kohya.component_of(module)
         if component not in (None, *DENOISERS) and component not in models:
             raise LoramillError(
@@ -62,36 +61,48 @@ def _from_kohya(
             raise LoramillError(
                 f"train.init_from {path}: '{module}' is not a layer of the configured network"
             )
-        if suffix not in KOHYA_SUFFIXES:
+        if suffix not in (*KOHYA_SUFFIXES, "alpha"):
             raise LoramillError(f"train.init_from {path}: key '{key}' is not a LoRA weight")
-        component, peft_module = names[module]
-        if suffix == "lora_up.weight":  # a scale folded into it (export.write._written_alpha)
-            tensor = _unfolded(
-                tensor, tensors.get(f"{module}.alpha"), models[component], peft_module
-            )
-        converted[f"{component}.{peft_module}{KOHYA_SUFFIXES[suffix]}"] = tensor
+        modules.setdefault(module, {})[suffix] = tensor
+    converted = {}
+    for module, parts in modules.items():
+        component, peft_path = names[module]
+        layer = models[component].get_submodule(peft_path)
+        parts = _unfolded(parts, layer)
+        for suffix, tensor in parts.items():
+            if suffix == "dora_scale":  # LyCORIS's (out, 1, …) as peft's magnitude
+                tensor = tensor.reshape(layer.lora_magnitude_vector["default"].weight.shape)
+            converted[f"{component}.{peft_path}{KOHYA_SUFFIXES[suffix]}"] = tensor
     return converted
 
 
-def _unfolded(up: Any, alpha: Any, model: Any, module: str) -> Any:
-    """A kohya file's up matrix at the configured alpha of its module: a file written at
-    another alpha than the module trains with holds the trained scale in its up matrix."""
-    configured = float(model.get_submodule(module).lora_alpha["default"])
-    written = configured if alpha is None else float(alpha)
-    return up if written == configured else up * (written / configured)
+def _unfolded(parts: dict[str, Any], layer: Any) -> dict[str, Any]:
+    """A kohya file's module (its tensors by suffix, ``alpha`` popped) at the scale of the
+    layer being trained: an export holds the trained scale in one factor where the clients'
+    scale differs from it (loramill.models.network_parts), which is divided out here."""
+    parts = dict(parts)
+    alpha = parts.pop("alpha", None)
+    configured = float(layer.scaling["default"])
+    dim = layer.r["default"]
+    written = float(dim) if alpha is None else float(alpha)  # no alpha: scale 1, as kohya's
+    factor = fold(parts, configured, written)
+    if factor != 1.0:
+        parts[carrier(parts)] = parts[carrier(parts)] / factor
+    return parts
 
 
 def _rank_and_alphas(checkpoint: Any) -> tuple[list[int], list[float]]:
-    """Ranks of the down (A) matrices and the alphas the file stores, in either format."""
+    """Ranks of the down (A) matrices (LoHa's and LoKr's decomposed factors) and the alphas
+    the file stores, in either format."""
     tensors = checkpoint.tensors
-    down = (".lora_down.weight", ".lora_A.weight")
+    down = (".lora_down.weight", ".lora_A.weight", ".hada_w1_b", ".lokr_w1_b", ".lokr_w2_b")
     ranks = sorted({int(t.shape[0]) for k, t in tensors.items() if k.endswith(down)})
     alphas = [float(t) for k, t in tensors.items() if k.endswith(".alpha")]
     configs = checkpoint.adapter_configs
     config = configs.get("unet") or configs.get("transformer") or {}
-    if not alphas and "lora_alpha" in config:
+    if not alphas and {"lora_alpha", "alpha"} & set(config):
         patterns = config.get("alpha_pattern") or {}
-        alphas = [float(config["lora_alpha"]), *map(float, patterns.values())]
+        alphas = [config_alpha(config), *map(float, patterns.values())]
     # Neither format must store alpha; both then mean alpha = rank (scale 1).
     return ranks, sorted(set(alphas)) or [float(r) for r in ranks]
 
@@ -102,8 +113,9 @@ def _configured_scales(models: dict[str, Any]) -> tuple[set[int], set[float]]:
     ranks, alphas = set(), set()
     for model in models.values():
         config = model.peft_config["default"]
+        alpha = config.lora_alpha if hasattr(config, "lora_alpha") else config.alpha
         ranks |= {int(config.r), *map(int, config.rank_pattern.values())}
-        alphas |= {float(config.lora_alpha), *map(float, config.alpha_pattern.values())}
+        alphas |= {float(alpha), *map(float, config.alpha_pattern.values())}
     return ranks, alphas
 
 
@@ -210,33 +222,61 @@ def read_init_weights(
     layers = {
         f"{c}.{k}": t.shape for c, m in models.items() for k, t in adapter_state(m)[0].items()
     }
-    _check_covers(tensors, layers, network.target, str(path))
+    _check_covers(tensors, layers, network, str(path))
     _check_ranks(tensors, layers, str(path))
     return tensors
 
 
 def _check_ranks(tensors: dict[str, Any], layers: dict[str, Any], path: str) -> None:
-    """Each module's rank is the one configured for it (``layers``: the shape of each LoRA
-    tensor being trained; block-wise ranks differ by module)."""
+    """Each module's tensors have the shapes configured for it (``layers``: the shape of each
+    tensor being trained; block-wise ranks differ by module, LoKr's factors by the factor)."""
     for key, shape in layers.items():
         found = tensors.get(key)
-        if key.endswith(".lora_A.weight") and found is not None and found.shape[0] != shape[0]:
-            component, _, module = key.removesuffix(".lora_A.weight").partition(".")
+        if found is None or (found.numel() == shape.numel() and key.endswith("magnitude_vector")):
+            continue  # LyCORIS's dora_scale is reshaped to peft's magnitude
+        if tuple(found.shape) != tuple(shape):
+            component, _, module = peft_module(key).partition(".")
+            part = key.removeprefix(f"{component}.{module}.")
+            rank = part == "lora_A.weight"  # a LoRA's rank is its down matrix's rows
+            found_as, shape_as = (found.shape[0], shape[0]) if rank else (found.shape, shape)
             raise LoramillError(
-                f"train.init_from {path}: {component} module '{module}' has rank "
-                f"{found.shape[0]} in the file, {shape[0]} in the config (set train.rank, or "
-                "block_dims / conv_block_dims)"
+                f"train.init_from {path}: {component} module '{module}' has "
+                f"{'rank' if rank else part} {_shown(found_as)} in the file, "
+                f"{_shown(shape_as)} in the config (set train.rank, or block_dims / "
+                "conv_block_dims; for LoKr, factor)"
             )
 
 
-def _check_covers(tensors: dict[str, Any], layers: dict[str, Any], target: str, path: str) -> None:
+def _shown(size: Any) -> str:
+    return str(size) if isinstance(size, int) else str(tuple(size))
+
+
+def _check_covers(
+    tensors: dict[str, Any], layers: dict[str, Any], network: NetworkSpec, path: str
+) -> None:
     """A file with fewer layers than the configured network would leave some layers fresh
-    and train another network than the one it claims to continue."""
+    and train another network than the one it claims to continue; a file of another type
+    (LoHa's tensors for a LoRA) has none of them."""
+    file_type = _network_type(tensors)
+    if file_type != network.network_type:
+        raise LoramillError(
+            f"train.init_from {path}: the file holds a {file_type} network; set "
+            f"train.network_type: {file_type}"
+        )
     expected = set(layers)
     if not expected <= set(tensors):
-        have, want = len(set(tensors) & expected) // 2, len(expected) // 2
+        have = {peft_module(key) for key in set(tensors) & expected}
+        want = {peft_module(key) for key in expected}
         raise LoramillError(
-            f"train.init_from {path}: the file has LoRA layers for {have} of the {want} "
-            f"modules train.network_target: {target} trains; set network_target to the "
-            "file's (attention, kohya or kohya_conv)"
+            f"train.init_from {path}: the file has LoRA layers for {len(have)} of the "
+            f"{len(want)} modules train.network_target: {network.target} trains; set "
+            "network_target to the file's (attention, kohya or kohya_conv)"
         )
+
+
+def _network_type(tensors: dict[str, Any]) -> str:
+    """The network type of a file's tensors (checkpoint keys)."""
+    for marker, kind in ((".hada_", "loha"), (".lokr_", "lokr"), ("magnitude_vector", "dora")):
+        if any(marker in key for key in tensors):
+            return kind
+    return "lora"

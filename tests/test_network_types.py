@@ -1,0 +1,224 @@
+"""Network types users share (issue #31): LyCORIS's LoHa and LoKr through peft's layers,
+exported with LyCORIS's keys and checked against the rules by which AUTOMATIC1111 and ComfyUI
+apply them (their formulas for each type, loramill.export.client_rules)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import SAMPLE_PROVENANCE, TINY_SD
+from safetensors.torch import load_file, save_file
+
+from loramill import LoramillError
+from loramill.export.verify import Clients, verify_exports
+from loramill.export.write import export_adapter
+from loramill.models.checkpoint import read_checkpoint, save_checkpoint
+from loramill.models.network import NetworkSpec, add_lora
+
+TYPES = {  # a tested network → its type and options
+    "loha": {"network_type": "loha"},
+    "lokr": {"network_type": "lokr"},  # the tiny model's factors are whole: scale 1 in clients
+    "lokr_decomposed": {"network_type": "lokr", "decompose_both": True, "factor": 4},
+}
+
+
+def spec_of(name: str) -> NetworkSpec:
+    return NetworkSpec("kohya_conv", 4, 2.0, conv_rank=2, conv_alpha=4.0, **TYPES[name])
+
+
+def base_models(path=TINY_SD) -> dict:
+    from loramill.models.base_model import load_pipeline
+
+    pipe = load_pipeline(str(path))
+    encoders = [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None)]
+    return {c: getattr(pipe, c) for c in ("unet", *encoders)}
+
+
+def random_checkpoint(folder, spec, base=TINY_SD):
+    """A checkpoint of the network with random values in every factor (the zero-initialised
+    ones too), and the models that hold it."""
+    models = base_models(base)
+    torch.manual_seed(1)
+    add_lora(models, spec, init=False)
+    path = folder / "step-000001.safetensors"
+    save_checkpoint(path, models, {"loramill.provenance": json.dumps(SAMPLE_PROVENANCE)})
+    return path, models
+
+
+def peft_deltas(models: dict, strength: float) -> dict:
+    """(component, module) → the weight change peft's layers make at ``strength``, flattened:
+    the trained network's delta, from peft's own code."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    deltas = {}
+    for component, model in models.items():
+        for name, layer in model.named_modules():
+            if isinstance(layer, BaseTunerLayer):
+                layer.set_scale("default", strength)
+                deltas[(component, name)] = layer.get_delta_weight("default").flatten(1).float()
+                layer.set_scale("default", 1.0)
+    return deltas
+
+
+@pytest.mark.parametrize("name", sorted(TYPES))
+def test_each_type_lands_in_a1111_and_comfyui_at_the_trained_delta(tmp_path, name):
+    """The weight change each client's rule applies, at strength 1 and 0.5, is the change
+    peft's layers make at that strength, module by module; the export job's check agrees."""
+    spec = spec_of(name)
+    checkpoint, trained = random_checkpoint(tmp_path, spec)
+    kohya = tmp_path / "x.safetensors"
+    export_adapter(checkpoint, kohya, None, "x")
+    models = base_models()
+    verify_exports({kohya: checkpoint}, models, spec, set(models))
+
+    tensors = load_file(str(kohya))
+    assert clients_of(models) == ["ComfyUI"]
+    assert any(".hada_w1_a" in k or ".lokr_w1" in k for k in tensors)
+    clients = Clients(models)
+    for strength in (1.0, 0.5):
+        want = peft_deltas(trained, strength)
+        for client in clients.of("lycoris"):  # the tiny UNet's layout is ComfyUI's only
+            applied, unread = clients.load(client, kohya, tensors)
+            assert not unread
+            expected = clients.expected(client, want)
+            assert applied.keys() == expected.keys()
+            for target, (delta, down, scale) in applied.items():
+                assert down is None
+                torch.testing.assert_close(strength * scale * delta, expected[target],
+                                           rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+def clients_of(models):
+    return Clients(models).of("lycoris")
+
+
+def test_a_wrong_scale_in_the_file_is_refused(tmp_path, monkeypatch):
+    """Mutations of the export: a LoHa module's alpha doubled, and a LoKr of whole factors
+    written without its trained scale folded in (the clients apply those at 1, peft trained
+    them at alpha / rank = 0.5) are each refused by the export's check."""
+    import loramill.export.write as write
+
+    spec = spec_of("loha")
+    checkpoint, _ = random_checkpoint(tmp_path, spec)
+    kohya = tmp_path / "loha.safetensors"
+    export_adapter(checkpoint, kohya, None, "x")
+    tensors = load_file(str(kohya))
+    module = "lora_unet_up_blocks_1_attentions_0_proj_in"
+    tensors[f"{module}.alpha"] = tensors[f"{module}.alpha"] * 2
+    save_file(tensors, str(tmp_path / "wrong.safetensors"), read_checkpoint(kohya).metadata)
+    models = base_models()
+    with pytest.raises(LoramillError, match=r"ComfyUI applies .*proj_in at 2× the trained"):
+        verify_exports({tmp_path / "wrong.safetensors": checkpoint}, models, spec, set(models))
+
+    lokr = spec_of("lokr")
+    folder = tmp_path / "lokr"
+    folder.mkdir()
+    checkpoint, _ = random_checkpoint(folder, lokr)
+    monkeypatch.setattr(write, "fold", lambda parts, scale, alpha: 1.0)
+    export_adapter(checkpoint, folder / "unfolded.safetensors", None, "x")
+    with pytest.raises(LoramillError, match=r"ComfyUI applies .* at 2× the trained delta"):
+        verify_exports({folder / "unfolded.safetensors": checkpoint}, models, lokr, set(models))
+
+
+@pytest.fixture(scope="module")
+def sd15_clients():
+    """The clients' rules for SD1.5's architecture (meta device: names and shapes only)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from loramill.demo.full_size import SD15
+    from loramill.demo.tiny_models import CLIP_TEXT
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SD15["unet"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **SD15["text_encoder"]))
+    return Clients({"unet": unet, "text_encoder": text_encoder})
+
+
+LOKR_CONV = {  # a 3×3 conv of 320 → 320 (16 · 20 each way): w2 decomposed at rank 2
+    "lokr_w1": torch.randn(16, 16),
+    "lokr_w2_a": torch.randn(20, 2),
+    "lokr_w2_b": torch.randn(2, 20 * 9),
+    "alpha": torch.tensor(1.0),
+}
+LOHA_LINEAR = {f"hada_w{i}_{p}": torch.randn(*((320, 4) if p == "a" else (4, 768)))
+               for i in (1, 2) for p in "ab"} | {"alpha": torch.tensor(2.0)}  # fmt: skip
+
+
+@pytest.mark.parametrize("client", ["AUTOMATIC1111", "ComfyUI"])
+def test_a1111_and_comfyui_rules_on_sd15_put_each_type_on_its_ldm_module(sd15_clients, client):
+    """LyCORIS modules on SD1.5's layout: a LoHa cross-attention key projection (dim 4,
+    alpha 2) and a LoKr ResNet 3×3 conv (w2's rank 2, alpha 1) land on their LDM modules with
+    (w1_a w1_b) ⊙ (w2_a w2_b) · 2/4 and kron(w1, w2_a w2_b) · 1/2."""
+    attn = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    conv = "lora_unet_up_blocks_1_resnets_2_conv1"
+    tensors = {f"{attn}.{k}": t for k, t in LOHA_LINEAR.items()}
+    tensors |= {f"{conv}.{k}": t for k, t in LOKR_CONV.items()}
+    applied, unread = sd15_clients.load(client, "x", tensors)
+    assert not unread
+    layout = sd15_clients.layout
+    loha_target = layout.ldm_module(
+        "unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    )
+    lokr_target = layout.ldm_module("unet", "up_blocks.1.resnets.2.conv1")
+    assert applied.keys() == {loha_target, lokr_target}
+    h = LOHA_LINEAR
+    loha = (h["hada_w1_a"] @ h["hada_w1_b"]) * (h["hada_w2_a"] @ h["hada_w2_b"])
+    delta, down, scale = applied[loha_target]
+    assert down is None and scale == 0.5
+    torch.testing.assert_close(delta, loha)
+    w2 = (LOKR_CONV["lokr_w2_a"] @ LOKR_CONV["lokr_w2_b"]).reshape(20, 20, 3, 3)
+    lokr = torch.kron(LOKR_CONV["lokr_w1"][:, :, None, None], w2)
+    delta, down, scale = applied[lokr_target]
+    assert scale == 0.5 and delta.shape == (320, 320 * 9)
+    torch.testing.assert_close(delta, lokr.flatten(1))
+
+
+def test_the_grid_draws_a_lycoris_file_as_the_trained_network(tmp_path):
+    """diffusers refuses LoHa keys; the grid applies the file to the weights as A1111 and
+    ComfyUI do: at strength 1 the picture is the trained network's (peft's layers on the
+    base model, within rounding), at 0 the base model's bit for bit, at 0.5 neither."""
+    import numpy as np
+    from PIL import Image
+    from test_grid import SETTINGS, _exported, _with_step, draw
+
+    from loramill.models.base_model import load_pipeline
+    from loramill.models.checkpoint import load_network_state
+
+    spec = replace(spec_of("loha"), alpha=64.0)  # a strong adapter: its change is plain to see
+    raw, _ = random_checkpoint(tmp_path, spec)
+    checkpoint = _with_step(raw, tmp_path / "step-000010.safetensors", 10)
+    for tensor in (t for k, t in read_checkpoint(checkpoint).tensors.items() if "w2_b" in k):
+        assert tensor.abs().max() > 0  # random, not peft's zero init
+    small = {**SETTINGS, "prompts": ["a red circle"], "strengths": [0.0, 0.5, 1.0]}
+    small |= {"x": "strength", "y": "checkpoint"}
+    with pytest.raises(ValueError, match="have not been correctly renamed"):  # diffusers' verdict
+        load_pipeline(str(TINY_SD)).load_lora_weights(str(_exported(checkpoint)))
+    draw(str(TINY_SD), [_exported(checkpoint)], tmp_path, tmp_path / "cache", **small)
+    cells = json.loads((tmp_path / "g.json").read_text())["cells"]
+    image = np.asarray(Image.open(tmp_path / "g.png").convert("RGB"))
+
+    def cell(strength):
+        (box,) = [c["box"] for c in cells if c["unet_strength"] == strength]
+        return image[box[1] : box[3], box[0] : box[2]].astype(int)
+
+    def render(pipe):
+        generator = torch.Generator().manual_seed(small["seed"])
+        picture = pipe("a red circle", num_inference_steps=small["num_inference_steps"],
+                       guidance_scale=small["guidance_scale"], height=64, width=64,
+                       generator=generator).images[0]  # fmt: skip
+        return np.asarray(picture.convert("RGB").resize((256, 256), 0)).astype(int)
+
+    pipe = load_pipeline(str(TINY_SD))
+    assert np.array_equal(cell(0.0), render(pipe))
+    trained = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
+    add_lora(trained, spec)
+    load_network_state(trained, read_checkpoint(checkpoint).tensors)
+    expected = render(pipe)
+    assert np.abs(cell(1.0) - expected).max() <= 2
+    assert np.abs(cell(1.0) - cell(0.0)).max() > 40  # the adapter shows, far past rounding
+    assert not np.array_equal(cell(0.5), cell(1.0)) and not np.array_equal(cell(0.5), cell(0.0))
