@@ -173,6 +173,25 @@ def test_a_config_error_reaches_the_terminal_as_one_line(workdir):
         ),
         ({"device": "gpu"}, "config: device: 'gpu' is not one of ['auto', 'cpu', 'cuda']"),
         (
+            {"train": {"network_type": "lycoris"}},
+            "config: train.network_type: 'lycoris' is not one of ['lora', 'loha', 'lokr', 'dora']",
+        ),
+        (
+            {"train": {"factor": 4}},
+            "config: datasets.wide_bands.train.factor: 4 has no effect with train.network_type: "
+            "lora; use network_type: lokr, or drop factor",
+        ),
+        (
+            {"train": {"network_type": "loha", "loraplus_lr_ratio": 4}},
+            "config: datasets.wide_bands.train.loraplus_lr_ratio: not available with "
+            "network_type: loha; use network_type: lora, or drop it",
+        ),
+        (
+            {"train": {"network_type": "lokr", "network_dropout": 0.1}},
+            "config: datasets.wide_bands.train.network_dropout: not available with "
+            "network_type: lokr; use network_type: lora, or drop it",
+        ),
+        (
             {"text": {"train": {"lora_rank": 0}}},
             "config: text.train.lora_rank: 0 is less than the minimum of 1",
         ),
@@ -617,6 +636,11 @@ FLUX_REFUSALS = {
     "block lr weights": (
         "sd", {"train": {"down_lr_weight": [1.0] * 9}},
         "train.down_lr_weight: 9 weights; give 12 (one per block)",
+    ),
+    "network type on flux": (
+        "flux", {"train": {"network_type": "loha"}},
+        "train.network_type: an option of the Stable Diffusion families, and the base model is "
+        "flux; remove it",
     ),
     "bucket step": (
         "flux", {"resize": {"bucket_reso_steps": 8}},

@@ -222,3 +222,93 @@ def test_the_grid_draws_a_lycoris_file_as_the_trained_network(tmp_path):
     assert np.abs(cell(1.0) - expected).max() <= 2
     assert np.abs(cell(1.0) - cell(0.0)).max() > 40  # the adapter shows, far past rounding
     assert not np.array_equal(cell(0.5), cell(1.0)) and not np.array_equal(cell(0.5), cell(0.0))
+
+
+RUNS = {  # (type, family) → its options: every type on SD1 and SDXL, text encoders trained
+    ("loha", "sd"): {"rank_dropout": 0.25, "module_dropout": 0.1},  # peft's, drawn per step
+    ("lokr", "sd"): {"gradient_checkpointing": True, "factor": 4, "decompose_both": True},
+    ("loha", "sdxl"): {"gradient_checkpointing": True},
+    ("lokr", "sdxl"): {},
+}
+
+
+@pytest.mark.parametrize(("kind", "family"), sorted(RUNS))
+def test_each_type_trains_resumes_bit_identical_and_exports_verified(
+    kind, family, prepared, tiny_sd, tiny_sdxl, tmp_path, caplog, monkeypatch
+):
+    """A run killed in step 5 and resumed writes the checkpoints an uninterrupted run does,
+    byte for byte (which retrains the first steps identically too); its last checkpoint
+    exports to a kohya file of the type's keys that the export's check passes."""
+    from conftest import crash_and_resume, digest, train_logged
+
+    from loramill.export.job import unet_verifier
+    from loramill.train.config import TrainConfig
+
+    base = str(tiny_sdxl if family == "sdxl" else tiny_sd)
+    config = {"network_type": kind, "train_text_encoder": True, **RUNS[(kind, family)]}
+    resumed, lines = crash_and_resume(prepared, tmp_path, base, caplog, monkeypatch, config)
+    assert "resumed from step 4" in lines
+    whole, _ = train_logged(prepared, tmp_path / "whole", base, caplog, config)
+    assert [digest(p) for p in resumed] == [digest(p) for p in whole]
+
+    checkpoint = read_checkpoint(whole[-1])
+    assert checkpoint.network_type == kind
+    assert any(f".{'hada' if kind == 'loha' else 'lokr'}_w1" in k for k in checkpoint.tensors)
+    cfg = TrainConfig.from_dict({**conftest_train_config(), **config})
+    options, verify = unet_verifier(base, False, cfg)
+    kohya = tmp_path / "x.safetensors"
+    export_adapter(whole[-1], kohya, None, "x", **options)
+    verify({kohya: whole[-1]})
+    with pytest.raises(LoramillError, match=f"diffusers loads no {kind} adapter"):
+        export_adapter(whole[-1], kohya, tmp_path / "x.diffusers.safetensors", "x", **options)
+
+
+def conftest_train_config() -> dict:
+    from conftest import TRAIN_CONFIG
+
+    return TRAIN_CONFIG
+
+
+@pytest.mark.parametrize("name", sorted(TYPES))
+def test_init_from_reads_each_types_kohya_file_back(tmp_path, name):
+    """A kohya file of each type reads back into the trained tensors exactly (LoKr's folded
+    scale divided out); a file of another type, or of another LoKr factor, is refused."""
+    from loramill.train.init_from import read_init_weights
+
+    spec = spec_of(name)
+    checkpoint, _ = random_checkpoint(tmp_path, spec)
+    kohya = tmp_path / "x.safetensors"
+    export_adapter(checkpoint, kohya, None, "x")
+    models = base_models()
+    add_lora(models, spec)
+    read = read_init_weights(kohya, models, spec)
+    source = read_checkpoint(checkpoint).tensors
+    assert read.keys() == source.keys()
+    assert all(torch.equal(read[key], tensor) for key, tensor in source.items())
+
+    other = replace(spec, network_type="lora")
+    plain = base_models()
+    add_lora(plain, other)
+    kind = spec.network_type
+    with pytest.raises(LoramillError, match=f"holds a {kind} network; set train.network_type"):
+        read_init_weights(kohya, plain, other)
+    if kind == "lokr":
+        refactored = replace(spec, factor=2)
+        layers = base_models()
+        add_lora(layers, refactored)
+        parts = r"has lokr_w1\+lokr_w2 in the file, lokr_w1\+lokr_w2_a\+lokr_w2_b in the config"
+        with pytest.raises(LoramillError, match=parts):
+            read_init_weights(kohya, layers, refactored)
+
+
+def test_a_lokr_run_continues_from_its_kohya_export(prepared, tiny_sd, tmp_path):
+    from conftest import train
+
+    config = {"network_type": "lokr", "max_train_steps": 2, "save_steps": 2}
+    written = train(prepared, tmp_path, tiny_sd, **config)
+    kohya = tmp_path / "lokr.safetensors"
+    export_adapter(written[-1], kohya, None, "lokr")
+    again = train(prepared, tmp_path / "again", tiny_sd, init_from=str(kohya), **config)
+    first, second = (read_checkpoint(p).tensors for p in (written[-1], again[-1]))
+    assert first.keys() == second.keys()
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # trained on from there

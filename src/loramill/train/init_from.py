@@ -267,6 +267,15 @@ def _check_covers(
     if not expected <= set(tensors):
         have = {peft_module(key) for key in set(tensors) & expected}
         want = {peft_module(key) for key in expected}
+        if have == want:  # every module, split into other parts (a LoKr's factors)
+            module = peft_module(min(expected - set(tensors)))
+            parts = lambda keys: "+".join(sorted(k.removeprefix(module + ".") for k in keys  # noqa: E731
+                                                 if peft_module(k) == module))  # fmt: skip
+            raise LoramillError(
+                f"train.init_from {path}: '{module}' has {parts(tensors)} in the file, "
+                f"{parts(expected)} in the config (set train.rank, and LoKr's factor and "
+                "decompose_both, as the file was trained)"
+            )
         raise LoramillError(
             f"train.init_from {path}: the file has LoRA layers for {len(have)} of the "
             f"{len(want)} modules train.network_target: {network.target} trains; set "
