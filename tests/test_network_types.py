@@ -1,6 +1,7 @@
-"""Network types users share (issue #31): LyCORIS's LoHa and LoKr through peft's layers,
-exported with LyCORIS's keys and checked against the rules by which AUTOMATIC1111 and ComfyUI
-apply them (their formulas for each type, loramill.export.client_rules)."""
+"""Network types users share (issue #31): LyCORIS's LoHa and LoKr through peft's layers, DoRA
+as peft's LoRA with a magnitude per input column (loramill.models.dora), exported with
+LyCORIS's keys and checked against the rules by which AUTOMATIC1111 and ComfyUI apply them
+(their formulas for each type, loramill.export.client_rules)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from conftest import SAMPLE_PROVENANCE, TINY_SD
 from safetensors.torch import load_file, save_file
 
 from loramill import LoramillError
+from loramill.export.client_rules import DORA
 from loramill.export.verify import Clients, verify_exports
 from loramill.export.write import export_adapter
 from loramill.models.checkpoint import read_checkpoint, save_checkpoint
@@ -153,11 +155,16 @@ LOHA_LINEAR = {f"hada_w{i}_{p}": torch.randn(*((320, 4) if p == "a" else (4, 768
 def test_a1111_and_comfyui_rules_on_sd15_put_each_type_on_its_ldm_module(sd15_clients, client):
     """LyCORIS modules on SD1.5's layout: a LoHa cross-attention key projection (dim 4,
     alpha 2) and a LoKr ResNet 3×3 conv (w2's rank 2, alpha 1) land on their LDM modules with
-    (w1_a w1_b) ⊙ (w2_a w2_b) · 2/4 and kron(w1, w2_a w2_b) · 1/2."""
+    (w1_a w1_b) ⊙ (w2_a w2_b) · 2/4 and kron(w1, w2_a w2_b) · 1/2; a DoRA feed-forward layer
+    lands its pair and its magnitude per input column."""
     attn = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
     conv = "lora_unet_up_blocks_1_resnets_2_conv1"
+    ff = "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2"
     tensors = {f"{attn}.{k}": t for k, t in LOHA_LINEAR.items()}
     tensors |= {f"{conv}.{k}": t for k, t in LOKR_CONV.items()}
+    dora = {"lora_down.weight": torch.randn(4, 5120), "lora_up.weight": torch.randn(1280, 4)}
+    dora |= {"alpha": torch.tensor(4.0), "dora_scale": torch.rand(1, 5120)}
+    tensors |= {f"{ff}.{k}": t for k, t in dora.items()}
     applied, unread = sd15_clients.load(client, "x", tensors)
     assert not unread
     layout = sd15_clients.layout
@@ -165,7 +172,10 @@ def test_a1111_and_comfyui_rules_on_sd15_put_each_type_on_its_ldm_module(sd15_cl
         "unet", "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
     )
     lokr_target = layout.ldm_module("unet", "up_blocks.1.resnets.2.conv1")
-    assert applied.keys() == {loha_target, lokr_target}
+    dora_target = layout.ldm_module("unet", "mid_block.attentions.0.transformer_blocks.0.ff.net.2")
+    assert applied.keys() == {loha_target, lokr_target, dora_target, dora_target + DORA}
+    assert torch.equal(applied[dora_target + DORA][0].flatten(), dora["dora_scale"].flatten())
+    assert applied[dora_target][2] == 1.0
     h = LOHA_LINEAR
     loha = (h["hada_w1_a"] @ h["hada_w1_b"]) * (h["hada_w2_a"] @ h["hada_w2_b"])
     delta, down, scale = applied[loha_target]
@@ -226,8 +236,10 @@ def test_the_grid_draws_a_lycoris_file_as_the_trained_network(tmp_path):
 
 RUNS = {  # (type, family) → its options: every type on SD1 and SDXL, text encoders trained
     ("loha", "sd"): {"rank_dropout": 0.25, "module_dropout": 0.1},  # peft's, drawn per step
+    ("dora", "sd"): {"network_dropout": 0.1, "loraplus_lr_ratio": 4},
+    ("dora", "sdxl"): {"gradient_checkpointing": True},
     ("lokr", "sd"): {"gradient_checkpointing": True, "factor": 4, "decompose_both": True},
-    ("loha", "sdxl"): {"gradient_checkpointing": True},
+    ("loha", "sdxl"): {"gradient_checkpointing": True, "mid_lr_weight": [1.0, 0.5, 1.0]},
     ("lokr", "sdxl"): {},
 }
 
@@ -253,7 +265,8 @@ def test_each_type_trains_resumes_bit_identical_and_exports_verified(
 
     checkpoint = read_checkpoint(whole[-1])
     assert checkpoint.network_type == kind
-    assert any(f".{'hada' if kind == 'loha' else 'lokr'}_w1" in k for k in checkpoint.tensors)
+    marker = {"loha": ".hada_w1_a", "lokr": ".lokr_w1", "dora": ".lora_dora_scale"}[kind]
+    assert any(marker in key for key in checkpoint.tensors)
     cfg = TrainConfig.from_dict({**conftest_train_config(), **config})
     options, verify = unet_verifier(base, False, cfg)
     kohya = tmp_path / "x.safetensors"
@@ -312,3 +325,69 @@ def test_a_lokr_run_continues_from_its_kohya_export(prepared, tiny_sd, tmp_path)
     first, second = (read_checkpoint(p).tensors for p in (written[-1], again[-1]))
     assert first.keys() == second.keys()
     assert any(not torch.equal(first[k], second[k]) for k in first)  # trained on from there
+
+
+def dora_checkpoint(folder):
+    """A DoRA checkpoint with random pairs and magnitudes off the base's column norms (a
+    fresh DoRA starts at them, where any axis would look right)."""
+    spec = NetworkSpec("kohya_conv", 4, 2.0, conv_rank=2, conv_alpha=4.0, network_type="dora")
+    models = base_models()
+    torch.manual_seed(1)
+    add_lora(models, spec, init=False)
+    with torch.no_grad():
+        for name, param in models["unet"].named_parameters():
+            if "lora_dora_scale" in name:
+                param.mul_(torch.rand(param.shape) + 0.5)
+    path = folder / "step-000001.safetensors"
+    save_checkpoint(path, models, {"loramill.provenance": json.dumps(SAMPLE_PROVENANCE)})
+    return path, models, spec
+
+
+def test_dora_lands_per_input_column_and_patches_the_trained_weights(tmp_path, monkeypatch):
+    """Each DoRA module of the file, patched in by the clients' formula (W + s·((W + ΔW) ·
+    m / ‖W + ΔW‖ − W), per input column), computes what the trained layer computes at
+    strength 1, and half of its change at 0.5; the export's check passes, and fails for a
+    magnitude written per output row (ComfyUI would read it so, and A1111 broadcast it)."""
+    import loramill.export.write as write
+    from loramill.export.client_rules import patched_weight
+
+    checkpoint, trained, spec = dora_checkpoint(tmp_path)
+    kohya = tmp_path / "dora.safetensors"
+    export_adapter(checkpoint, kohya, None, "x")
+    models = base_models()
+    verify_exports({kohya: checkpoint}, models, spec, set(models))
+
+    tensors = load_file(str(kohya))
+    names = Clients(models).names
+    checked = 0
+    for component, model in trained.items():
+        for path, layer in model.named_modules():
+            if not hasattr(layer, "lora_dora_scale"):
+                continue
+            name = names.module(component, path)
+            parts = {k.split(".", 1)[1]: t for k, t in tensors.items() if k.split(".")[0] == name}
+            assert parts["dora_scale"].shape[:2] == (1, layer.get_base_layer().weight.shape[1])
+            base = layer.get_base_layer()
+            x = torch.randn(2, base.weight.shape[1], *([5, 5] if base.weight.ndim == 4 else []))
+            run = (
+                torch.nn.functional.conv2d if base.weight.ndim == 4 else torch.nn.functional.linear
+            )
+            options = (
+                {"padding": base.padding, "stride": base.stride} if base.weight.ndim == 4 else {}
+            )
+            with torch.no_grad():
+                want, plain = layer(x), base(x)
+                for strength, expected in ((1.0, want), (0.5, (want + plain) / 2)):
+                    got = run(x, patched_weight(parts, base.weight, strength), base.bias, **options)
+                    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+            checked += 1
+    assert checked > 20
+
+    monkeypatch.setattr(
+        write,
+        "dora_scale",
+        lambda magnitude, down: magnitude.reshape(-1, 1, *[1] * (down.ndim - 2)),
+    )
+    export_adapter(checkpoint, tmp_path / "rows.safetensors", None, "x")
+    with pytest.raises(LoramillError, match=r"ComfyUI lands \d+ of the \d+ trained modules"):
+        verify_exports({tmp_path / "rows.safetensors": checkpoint}, models, spec, set(models))

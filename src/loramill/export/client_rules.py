@@ -37,6 +37,7 @@ import torch
 from loramill import LoramillError
 from loramill.export.ldm_names import CLIP_LAYER_PARTS
 from loramill.models.checkpoint import Checkpoint, module_alpha, module_rank
+from loramill.models.dora import column_norms
 from loramill.models.network_parts import HADA, LOKR
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ if TYPE_CHECKING:
 
 # (up, down, scale): a LoRA pair, or a LoHa's or LoKr's whole delta (out, in·kh·kw) and None
 Landed = tuple[torch.Tensor, torch.Tensor | None, float]
+DORA = "#dora_scale"  # a DoRA module's magnitude, checked as a module of its own
 Applied = dict[str, Landed]
 Load = tuple[Applied, list[str]]
 
@@ -77,6 +79,13 @@ def comfyui_load(tensors: dict[str, torch.Tensor], key_map: dict[str, str]) -> L
                 scale = 1.0 if alpha is None else float(alpha) / rank
                 applied[target] = (tensors[key + up], tensors[key + down], scale)
                 read |= {key + up, key + down, key + ".alpha"}
+                if key + ".dora_scale" in tensors:
+                    magnitude = tensors[key + ".dora_scale"]
+                    # ComfyUI's weight_decompose: per output row when the first axis is the
+                    # weight's (and then over the base weight's norm), else per input column
+                    output = magnitude.shape[0] == tensors[key + up].shape[0]
+                    applied |= dora_landed(target, magnitude, "output rows" if output else "")
+                    read.add(key + ".dora_scale")
                 break
         else:
             parts = {p: tensors[f"{key}.{p}"] for p in (*HADA, *LOKR) if f"{key}.{p}" in tensors}
@@ -84,6 +93,16 @@ def comfyui_load(tensors: dict[str, torch.Tensor], key_map: dict[str, str]) -> L
                 applied[target] = landed
                 read |= {f"{key}.{part}" for part in (*parts, "alpha")}
     return applied, sorted(set(tensors) - read)
+
+
+def dora_landed(target: str, magnitude: torch.Tensor, other_axis: str = "") -> Applied:
+    """A DoRA module's magnitude as a client applies it, for the checks: under
+    ``<target>#dora_scale`` when per input column as trained (loramill.models.dora), as a
+    one-column "module" whose delta is the magnitude; under a name of its own when the client
+    reads it on ``other_axis``, so the check reports it as landing nowhere it was trained."""
+    suffix = f" ({other_axis})" if other_axis else ""
+    column = magnitude.flatten().float().reshape(-1, 1)
+    return {f"{target}{DORA}{suffix}": (column, torch.ones(1, 1), 1.0)}
 
 
 def lycoris_landed(parts: dict[str, torch.Tensor], alpha: Any) -> Landed | None:
@@ -96,6 +115,30 @@ def lycoris_landed(parts: dict[str, torch.Tensor], alpha: Any) -> Landed | None:
         return None
     delta, dim = made
     return delta, None, 1.0 if alpha is None or dim is None else float(alpha) / dim
+
+
+def patched_weight(parts: dict[str, torch.Tensor], base: torch.Tensor, strength: float) -> Any:
+    """The weight AUTOMATIC1111 and ComfyUI give a module at ``strength`` (``parts``: the
+    file's tensors of the module by suffix; ``base``: its weight): base + strength × delta,
+    the delta scaled by the file's alpha / dim; for DoRA the delta is
+    (W + ΔW) · m / ‖W + ΔW‖ − W, the norm per input column (A1111's
+    ``apply_weight_decompose``; ComfyUI's input-axis branch adds a float eps to the norm)."""
+    alpha = parts.get("alpha")
+    if "lora_down.weight" in parts:
+        down, up = parts["lora_down.weight"].float(), parts["lora_up.weight"].float()
+        scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
+        delta = scale * (up.flatten(1) @ down.flatten(1))
+    else:
+        delta, _, scale = lycoris_landed(parts, alpha)
+        delta = scale * delta
+    weight = base.float()
+    delta = delta.to(weight.device).reshape(weight.shape)
+    if "dora_scale" in parts:
+        merged = weight + delta
+        magnitude = parts["dora_scale"].float().to(weight.device).flatten()
+        per_column = (magnitude / column_norms(merged)).reshape(1, -1, *[1] * (weight.ndim - 2))
+        delta = merged * per_column - weight
+    return (weight + strength * delta).to(base.dtype)
 
 
 def lycoris_delta(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int | None] | None:
@@ -164,6 +207,12 @@ def named_load(
             down, alpha = parts["lora_down.weight"], parts.get("alpha")
             scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
             landed = (parts["lora_up.weight"], down, scale)
+            if lycoris and "dora_scale" in parts:  # A1111's apply_weight_decompose: per column
+                magnitude = parts["dora_scale"]
+                other = "" if magnitude.shape[0] == 1 else "broadcast over rows"
+                applied |= dora_landed(target, magnitude, other)
+            elif "dora_scale" in parts:  # kohya's networks.lora: a plain LoRA, the rest dropped
+                unread.append(f"{name}.dora_scale")
         elif target is not None and lycoris:
             landed = lycoris_landed(parts, parts.get("alpha"))
         if landed is None:
@@ -224,6 +273,9 @@ def trained_modules(checkpoint: Checkpoint) -> dict[tuple[str, str], Landed]:
         scale = module_alpha(config, module) / module_rank(config, module)
         if "A.weight" in parts:
             trained[(component, module)] = (parts["B.weight"], parts["A.weight"], scale)
+            if "dora_scale" in parts:  # the magnitude, per input column (models.dora)
+                column = parts["dora_scale"].float().reshape(-1, 1)
+                trained[(component, module + DORA)] = (column, torch.ones(1, 1), 1.0)
         elif "hada_w1_a" in parts:
             hada = [parts[name].float() for name in HADA]
             trained[(component, module)] = (make_weight(*hada, 1.0).flatten(1), None, scale)

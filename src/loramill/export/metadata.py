@@ -85,7 +85,7 @@ def _epoch(provenance: dict[str, Any], step: str | None) -> int | None:
 
 # The types LyCORIS trains (kohya's --network_module lycoris.kohya), by its algo names
 LYCORIS_MODULE = "lycoris.kohya"
-ALGOS = {"loha": "loha", "lokr": "lokr"}
+ALGOS = {"loha": "loha", "lokr": "lokr", "dora": "lora"}
 # LoRA+'s ratios, network arguments in kohya's networks/lora.py
 LORAPLUS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
 
@@ -97,6 +97,8 @@ def _network_args(train_config: dict[str, Any]) -> str | None:
     if kind in ALGOS:  # LyCORIS's network module: its algorithm and options
         args["algo"] = ALGOS[kind]
         lokr = {"factor": -1, "decompose_both": False, "full_matrix": False}
+        if kind == "dora":  # LyCORIS's weight decomposition, per input column (models.dora)
+            args |= {"dora_wd": "True", "wd_on_output": "False"}
         if kind == "lokr":
             args |= {
                 k: str(train_config[k]) for k, v in lokr.items() if train_config.get(k, v) != v

@@ -48,6 +48,7 @@ from loramill.models.kohya_names import (
     model_names,
 )
 from loramill.models.network import NetworkSpec, module_scales
+from loramill.models.network_parts import LYCORIS_PARTS
 
 log = logging.getLogger(__name__)
 ADAPTER = "loramill_verify"
@@ -181,8 +182,9 @@ def check_strength_zero(
 
 
 # the clients each export is for, by its format. diffusers refuses a kohya file with LoHa or
-# LoKr keys, and kohya's networks.lora loads none of its modules (its users load LyCORIS files
-# through LyCORIS's own network module, whose rules are ComfyUI's).
+# LoKr keys and drops DoRA's magnitudes, and kohya's networks.lora loads none of LoHa's and
+# LoKr's modules and DoRA's as plain LoRA (its users load LyCORIS files through LyCORIS's own
+# network module).
 CLIENTS = {
     "kohya": ("diffusers", "AUTOMATIC1111", "ComfyUI", "kohya sd-scripts"),
     "lycoris": ("AUTOMATIC1111", "ComfyUI"),
@@ -193,10 +195,10 @@ LDM_TOOLS = ("AUTOMATIC1111", "ComfyUI")  # they apply LoRAs to the original (LD
 
 def file_format(tensors: dict[str, Any]) -> str:
     """``kohya`` when every key has a kohya prefix (as diffusers decides), ``lycoris`` when
-    such a file has LoHa or LoKr modules, else ``diffusers``."""
+    such a file has LoHa, LoKr or DoRA modules, else ``diffusers``."""
     if not all(key.startswith(KOHYA_KEY_PREFIXES) for key in tensors):
         return "diffusers"
-    lycoris = any(key.split(".", 1)[1].startswith(("hada_", "lokr_")) for key in tensors)
+    lycoris = any(key.split(".", 1)[1].startswith(LYCORIS_PARTS) for key in tensors)
     return "lycoris" if lycoris else "kohya"
 
 
@@ -246,14 +248,15 @@ class Clients:
     def expected(self, client: str, trained: dict[tuple[str, str], Any]) -> Applied:
         """The trained modules by the names of the modules the client must land them on."""
         out = {}
-        for (component, module), value in trained.items():
+        for (component, path), value in trained.items():
             if not self._checked(client, component):
                 continue
+            module, part = path.split("#")[0], path[len(path.split("#")[0]) :]  # DoRA's magnitude
             if client in LDM_TOOLS:  # from the layout itself, not from the tool's name rule
                 target = self.layout.ldm_module(component, module) or f"{component}.{module}"
             else:
                 target = kohya_name(self.names, component, module)
-            out[target] = value
+            out[target + part] = value
         return out
 
 

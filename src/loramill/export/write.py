@@ -138,7 +138,7 @@ def to_kohya(checkpoint: Checkpoint, names: KohyaNames | None = None) -> dict[st
         if factor != 1.0:  # the module's trained scale folded into one factor
             parts[carrier(parts)] = parts[carrier(parts)] * factor
         if "dora_scale" in parts:
-            parts["dora_scale"] = dora_scale(parts["dora_scale"])
+            parts["dora_scale"] = dora_scale(parts["dora_scale"], parts["lora_down.weight"])
         out |= {f"{name}.{suffix}": tensor for suffix, tensor in parts.items()}
         out[f"{name}.alpha"] = torch.tensor(written, dtype=torch.float32)
     return out

@@ -1,10 +1,10 @@
-"""A LoHa or LoKr file in the grid, drawn as AUTOMATIC1111 and ComfyUI draw it.
+"""A LoHa, LoKr or DoRA file in the grid, drawn as AUTOMATIC1111 and ComfyUI draw it.
 
-diffusers refuses LyCORIS's keys, so these adapters are applied the way their users' tools
-apply them: each module's weight becomes its base weight plus strength × the module's delta,
-computed by the clients' own rule (loramill.export.client_rules.lycoris_landed, which the
-export's verification checks against the trained network). The base weights of the modules
-it changes are kept, so a new strength or the next adapter starts from them exactly.
+diffusers refuses LoHa's and LoKr's keys and drops DoRA's magnitudes, so these adapters are
+applied the way their users' tools apply them: each module's weight becomes the clients'
+patched weight at the cell's strength (loramill.export.client_rules.patched_weight, by the
+rules the export's verification checks against the trained network). The base weights of the
+modules it changes are kept, so a new strength or the next adapter starts from them exactly.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
-from loramill.export.client_rules import lycoris_landed
+from loramill.export.client_rules import lycoris_landed, patched_weight
 from loramill.models.kohya_names import KohyaNames, model_names
 
 
@@ -33,7 +33,7 @@ def _kohya_layers(models: dict[str, Any], names: KohyaNames) -> dict[str, tuple[
 
 
 class PatchedAdapter:
-    """One LoHa or LoKr file applied to the pipeline's weights (``models``: the components
+    """One LoHa, LoKr or DoRA file applied to the pipeline's weights (``models``: the components
     it may change, by pipeline name; ``denoiser``: the one the UNet strength is for)."""
 
     def __init__(
@@ -47,10 +47,11 @@ class PatchedAdapter:
             groups.setdefault(name, {})[part] = tensor
         self.modules: list[tuple[str, Any, Any, dict[str, Any]]] = []
         for name, parts in sorted(groups.items()):
-            if name not in layers or lycoris_landed(parts, parts.get("alpha")) is None:
+            pair = {"lora_up.weight", "lora_down.weight"} <= set(parts)
+            if name not in layers or not (pair or lycoris_landed(parts, parts.get("alpha"))):
                 raise LoramillError(
                     f"{path}: LoRA module {name} does not fit the base model (or is not a "
-                    "LoHa or LoKr module)"
+                    "LoRA, LoHa, LoKr or DoRA module)"
                 )
             component, layer = layers[name]
             self.modules.append((component, layer, layer.weight.detach().clone(), parts))
@@ -65,9 +66,7 @@ class PatchedAdapter:
         with torch.no_grad():
             for component, layer, base, parts in self.modules:
                 strength = unet_strength if component == self.denoiser else te_strength
-                delta, _, scale = lycoris_landed(parts, parts.get("alpha"))
-                delta = delta.to(base.device).reshape(base.shape)
-                layer.weight.copy_((base.float() + strength * scale * delta).to(base.dtype))
+                layer.weight.copy_(patched_weight(parts, base, strength))
         self.strengths = (unet_strength, te_strength)
 
     def remove(self) -> None:

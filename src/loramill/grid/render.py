@@ -2,8 +2,9 @@
 
 The adapters are the export's kohya files (``exports/<ds>-steps/``), the files AUTOMATIC1111,
 ComfyUI and diffusers users load, loaded as a diffusers user loads them: the grid shows what
-they get. A LoHa's or LoKr's file, which diffusers refuses, is applied to the weights as
-AUTOMATIC1111 and ComfyUI apply it (loramill.grid.patched). A FLUX.1 or Chroma adapter is a diffusers-format file (a training checkpoint:
+they get. A LoHa's, LoKr's or DoRA's file, which diffusers does not load as trained, is
+applied to the weights as AUTOMATIC1111 and ComfyUI apply it (loramill.grid.patched). A
+FLUX.1 or Chroma adapter is a diffusers-format file (a training checkpoint:
 ``transformer.…`` and, where CLIP-L was trained, ``text_encoder.…`` tensors), drawn by
 FluxPipeline or ChromaPipeline with the base model's flow-matching scheduler. The base
 pipeline is loaded once per job, each step's LoRA once (strength changes through
@@ -25,16 +26,19 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loramill import LoramillError
 from loramill.files import atomic_path
-from loramill.grid.patched import PatchedAdapter
 from loramill.grid.plan import Cell
 from loramill.hashing import hash_value
 from loramill.models.kohya_names import kohya_file_modules, loaded_lora_modules, model_names
+from loramill.models.network_parts import LYCORIS_PARTS
 from loramill.reruns.run_cache import human
 from loramill.software import RENDERING, versions
+
+if TYPE_CHECKING:
+    from loramill.grid.patched import PatchedAdapter
 
 CACHE_DIR = Path(".cache/grid")
 # Bump when a change here alters the pixels of equal inputs.
@@ -273,7 +277,7 @@ class Renderer:
         if step is None or path is None:
             return
         tensors = read_adapter(path)
-        if any(key.split(".", 1)[-1].startswith(("hada_", "lokr_")) for key in tensors):
+        if any(key.split(".", 1)[-1].startswith(LYCORIS_PARTS) for key in tensors):
             self.patched = self._patched(tensors, path)
             return
         name = f"step{step}"
@@ -288,7 +292,8 @@ class Renderer:
         _check_loaded(self.pipe, name, tensors, path)
 
     def _patched(self, tensors: dict[str, Any], path: Path) -> PatchedAdapter:
-        """A LoHa or LoKr file, which diffusers cannot load: applied to the weights."""
+        """A LoHa, LoKr or DoRA file, which diffusers cannot load: applied to the weights."""
+        from loramill.grid.patched import PatchedAdapter
         from loramill.models.base_model import pipeline_family
 
         family = pipeline_family(self.pipe)

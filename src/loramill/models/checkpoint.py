@@ -90,10 +90,10 @@ def config_alpha(config: dict[str, Any]) -> float:
 
 
 def network_type(config: dict[str, Any]) -> str:
-    """The network type (train.network_type) of an adapter config."""
+    """The network type (train.network_type) of an adapter config: peft's type (DoRA's is
+    LoRA's, told by its magnitude tensors: Checkpoint.network_type)."""
     # "LORA", or "PeftType.LORA" where the enum was written by str()
-    kind = str(config.get("peft_type", "LORA")).rsplit(".", 1)[-1].lower()
-    return "dora" if kind == "lora" and config.get("use_dora") else kind
+    return str(config.get("peft_type", "LORA")).rsplit(".", 1)[-1].lower()
 
 
 def adapter_state(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -136,6 +136,8 @@ class Checkpoint:
 
     @property
     def network_type(self) -> str:
+        if any(key.endswith(".lora_dora_scale") for key in self.tensors):  # models.dora
+            return "dora"
         configs = self.adapter_configs
         return network_type(next((configs[c] for c in self.components if c in configs), {}))
 

@@ -18,9 +18,10 @@ kohya's block-wise options (``block_dims``, ``block_alphas``, ``conv_block_dims`
 (loramill.models.unet_blocks); a block of rank 0, or of learning-rate weight 0 (kohya's
 ``down_lr_weight`` / ``mid_lr_weight`` / ``up_lr_weight``), has no LoRA layers.
 
-The layers themselves are peft's; the modules are named in the adapter config, with the conv
-modules' rank and alpha, and any other module's of its own, in its ``rank_pattern`` /
-``alpha_pattern``.
+The layers themselves are peft's (``network_type`` lora and dora: peft's LoRA, DoRA's magnitude
+added by loramill.models.dora; loha and lokr: peft's LoHa and LoKr, LyCORIS's algorithms); the
+modules are named in the adapter config, with the conv modules' rank and alpha, and any other
+module's of its own, in its ``rank_pattern`` / ``alpha_pattern``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 
 from loramill import LoramillError
 from loramill.models.checkpoint import component_order
+from loramill.models.dora import MAGNITUDE, add_dora
 from loramill.models.flux.layout import peft_targets
 from loramill.models.network_targets import NETWORK_TARGETS
 from loramill.models.unet_blocks import (
@@ -112,7 +114,7 @@ class NetworkSpec:
 
 # Parts of a layer that peft has wrapped (also after its adapters are deleted): the wrapper
 # stands for the layer it wraps, its parts are not layers of the model.
-PEFT_PARTS = {"base_layer", "lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector"}
+PEFT_PARTS = {"base_layer", "lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector", MAGNITUDE}
 PEFT_PARTS |= {f"hada_{part}" for part in ("w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2")}
 PEFT_PARTS |= {f"lokr_{part}" for part in ("w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2")}
 
@@ -223,8 +225,9 @@ def lora_config(
     ranks, alphas = {n: scales[n][0] for n in own}, {n: scales[n][1] for n in own}
     common = {"target_modules": sorted(scales), "rank_pattern": ranks, "alpha_pattern": alphas}
     if spec.network_type in ("lora", "dora"):
+        # DoRA: the plain layers, its magnitude added after (loramill.models.dora)
         return LoraConfig(r=spec.rank, lora_alpha=float(spec.alpha), init_lora_weights=init,
-                          use_dora=spec.network_type == "dora", **common)  # fmt: skip
+                          **common)  # fmt: skip
     dropouts = {"rank_dropout": spec.rank_dropout, "module_dropout": spec.module_dropout}
     if spec.network_type == "loha":
         return LoHaConfig(r=spec.rank, alpha=float(spec.alpha), init_weights=bool(init),
@@ -247,6 +250,8 @@ def add_lora(models: dict[str, Any], spec: NetworkSpec, init: bool | str = True)
         modules = network_modules(model, component, spec.target, spec.train_blocks)
         conv = {name for name, kind in modules.items() if kind == "conv"}
         model.add_adapter(lora_config(module_scales(model, component, spec), conv, spec, init))
+        if spec.network_type == "dora":
+            add_dora(model)
         if spec.has_dropout and spec.network_type in ("lora", "dora"):
             add_dropout(model, spec)
 

@@ -11,9 +11,9 @@ alpha. Where the two differ, the trained scale over the client's is folded into 
 (the *carrier*: every type's delta is linear in it), so each client applies the trained
 delta; ``fold`` gives that factor and reading a file back divides it out.
 
-DoRA's magnitude is peft's ``lora_magnitude_vector``, one norm per output row ((out,), a
-conv's (1, out, 1, 1)); LyCORIS stores it as ``dora_scale`` shaped (out, 1, …), which is how
-ComfyUI tells it is per output row.
+DoRA's magnitude (loramill.models.dora) is one norm per input column, (in,); LyCORIS stores
+it as ``dora_scale`` shaped (1, in) for a Linear and (1, in, 1, 1) for a conv, which is how
+ComfyUI tells it is per input column.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b"
 PEFT_SUFFIXES = {
     ".lora_A.weight": "lora_down.weight",
     ".lora_B.weight": "lora_up.weight",
-    ".lora_magnitude_vector": "dora_scale",
+    ".lora_dora_scale": "dora_scale",  # DoRA's magnitude (loramill.models.dora)
     **{f".{part}": part for part in (*HADA, *LOKR)},
 }
+# the parts of a kohya file's modules that mark LyCORIS's file (kohya's networks.lora and
+# diffusers do not load them as trained)
+LYCORIS_PARTS = ("hada_", "lokr_", "dora_scale")
 KOHYA_SUFFIXES = {kohya: peft for peft, kohya in PEFT_SUFFIXES.items()}
 # Each type's parts of a module (kohya spelling): LoKr's factors each whole or a product.
 LORA_PARTS = ("lora_down.weight", "lora_up.weight")
@@ -75,7 +78,7 @@ def carrier(parts: dict[str, Any]) -> str:
     return next(part for part in CARRIERS if part in parts)
 
 
-def dora_scale(magnitude: Any) -> Any:
-    """LyCORIS's ``dora_scale`` of peft's magnitude: (out, 1) for a Linear, (out, 1, 1, 1)
-    for a conv."""
-    return magnitude.reshape(magnitude.numel(), *[1] * max(magnitude.ndim - 1, 1))
+def dora_scale(magnitude: Any, down: Any) -> Any:
+    """LyCORIS's ``dora_scale`` of a module's magnitude (``down``: its lora_down, 2-D for a
+    Linear, 4-D for a conv): (1, in) or (1, in, 1, 1)."""
+    return magnitude.reshape(1, -1, *[1] * (down.ndim - 2))

@@ -70,8 +70,8 @@ def _from_kohya(
         layer = models[component].get_submodule(peft_path)
         parts = _unfolded(parts, layer)
         for suffix, tensor in parts.items():
-            if suffix == "dora_scale":  # LyCORIS's (out, 1, …) as peft's magnitude
-                tensor = tensor.reshape(layer.lora_magnitude_vector["default"].weight.shape)
+            if suffix == "dora_scale":  # LyCORIS's (1, in, …) as the layer's (in,)
+                tensor = tensor.reshape(-1)
             converted[f"{component}.{peft_path}{KOHYA_SUFFIXES[suffix]}"] = tensor
     return converted
 
@@ -285,7 +285,7 @@ def _check_covers(
 
 def _network_type(tensors: dict[str, Any]) -> str:
     """The network type of a file's tensors (checkpoint keys)."""
-    for marker, kind in ((".hada_", "loha"), (".lokr_", "lokr"), ("magnitude_vector", "dora")):
+    for marker, kind in ((".hada_", "loha"), (".lokr_", "lokr"), (".lora_dora_scale", "dora")):
         if any(marker in key for key in tensors):
             return kind
     return "lora"

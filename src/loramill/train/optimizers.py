@@ -14,6 +14,7 @@ with kohya's block learning rates (``down_lr_weight`` …) a group per UNet bloc
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +41,10 @@ def check_optimizer(cfg: Any) -> None:
         raise LoramillError("train.optimizer_args: expected a mapping such as {weight_decay: 0.01}")
 
 
+# where a trained parameter's module name ends: peft's LoRA (and DoRA's magnitude), LoHa, LoKr
+ADAPTER_PART = re.compile(r"\.(?:lora_|hada_|lokr_)")
+
+
 def param_groups(
     models: dict[str, Any],
     rates: dict[str, float],
@@ -62,7 +67,7 @@ def param_groups(
             block_of, weights = blocks[name]
             parts = {}
             for key, param in trained:
-                block = block_of(key.split(".lora_")[0])
+                block = block_of(ADAPTER_PART.split(key)[0])
                 parts.setdefault(f"{name}_block{block}", ([], weights[block]))[0].append(
                     (key, param)
                 )
