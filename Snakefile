@@ -16,7 +16,8 @@
 #   results/<ds>/checkpoints/           step-NNNNNN.safetensors (diffusers LoRA format)
 #   results/<ds>/loss.png               loss curve (TensorBoard logs in results/<ds>/tensorboard)
 #   exports/<ds>.safetensors            kohya format: AUTOMATIC1111 / ComfyUI / kohya / diffusers
-#   exports/<ds>.diffusers.safetensors  diffusers format: diffusers / ComfyUI (not AUTOMATIC1111)
+#   exports/<ds>.diffusers.safetensors  diffusers format: diffusers / ComfyUI (not AUTOMATIC1111;
+#                                       none for LoHa, LoKr, DoRA: rule export_lycoris)
 #   exports/<ds>.md                     model card: use, settings, tags, grid, provenance
 #   exports/<ds>.html                   the model card as a web page (for the report)
 #   exports/<ds>-steps/                 <ds>-NNNNNN.safetensors: kohya format, every checkpoint

@@ -28,14 +28,13 @@ from loramill.reruns.gates import done_marker, ensure_markers, stale_gate
 from loramill.hashing import DEFAULT_DB, HashCache, hash_file
 from loramill.models.base_model import job_mem_mb
 from loramill.models.families import half_in_training
-from loramill.models.network_targets import NO_DIFFUSERS_FILE
 from loramill.reruns.rule_jobs import rule_stage, stage_of
 from loramill.train.stopping import pass_signals_to_jobs
 from loramill.reruns.staleness import Planner
 from loramill.text.language_model import text_job_mem_mb
 from loramill.train.config import LAUNCH_OPTIONS, PROMPT_OPTIONS
 from loramill.train.family_options import FLUX_FAMILIES
-from loramill.config import grid_settings
+from loramill.config import NO_DIFFUSERS_FILE, grid_settings
 from loramill.workflow_config import load_datasets
 
 ENV = "../envs/loramill.yaml"
@@ -50,8 +49,8 @@ except LoramillError as error:
 IMAGE_DATASETS = [
     ds for ds, settings in DATASETS.items() if settings["task"] == "image"
 ]
-# Image datasets whose network type diffusers cannot load (LoHa, LoKr): their export is the
-# rule export_lycoris, which writes no diffusers-format file
+# Image datasets whose network type diffusers cannot load (LoHa, LoKr, DoRA): their export is
+# the rule export_lycoris, which writes no diffusers-format file
 NO_DIFFUSERS = [
     ds
     for ds in IMAGE_DATASETS

@@ -68,10 +68,10 @@ rule export:
     output:
         **EXPORT_OUTPUTS,
         diffusers="exports/{ds}.diffusers.safetensors",
-    wildcard_constraints:
-        ds=one_of(sorted(set(IMAGE_DATASETS) - set(NO_DIFFUSERS))),
     log:
         "logs/export/{ds}.log",
+    wildcard_constraints:
+        ds=one_of(sorted(set(IMAGE_DATASETS) - set(NO_DIFFUSERS))),
     conda:
         ENV
     resources:

@@ -483,3 +483,20 @@ def bitsandbytes(monkeypatch):
     if not BITSANDBYTES.is_dir():
         pytest.fail(f"no {BITSANDBYTES}: run make .venv/.bitsandbytes")
     monkeypatch.syspath_prepend(str(BITSANDBYTES))
+
+
+@pytest.fixture(scope="module")
+def sd15_clients():
+    """The clients' rules for SD1.5's architecture (meta device: names and shapes only)."""
+    from accelerate import init_empty_weights
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from loramill.demo.full_size import SD15
+    from loramill.demo.tiny_models import CLIP_TEXT
+    from loramill.export.verify import Clients
+
+    with init_empty_weights():
+        unet = UNet2DConditionModel(**SD15["unet"])
+        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **SD15["text_encoder"]))
+    return Clients({"unet": unet, "text_encoder": text_encoder})

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from loramill import LoramillError
 from loramill.export.client_rules import check_lands
-from loramill.export.verify import Clients, file_modules, verify_exports
+from loramill.export.verify import file_modules, verify_exports
 from loramill.export.write import export_adapter
 from loramill.models.checkpoint import ADAPTER_METADATA_KEY, read_checkpoint, save_checkpoint
 from loramill.models.kohya_names import KohyaNames
@@ -153,22 +153,6 @@ def test_strength_zero_must_be_the_base(tiny_export, monkeypatch):
         verify_exports(
             dict([next(iter(tiny_export.items()))]), models, "attention", {"unet", "text_encoder"}
         )
-
-
-@pytest.fixture(scope="module")
-def sd15_clients():
-    """The clients' rules for SD1.5's architecture (meta device: names and shapes only)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from loramill.demo.full_size import SD15
-    from loramill.demo.tiny_models import CLIP_TEXT
-
-    with init_empty_weights():
-        unet = UNet2DConditionModel(**SD15["unet"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **SD15["text_encoder"]))
-    return Clients({"unet": unet, "text_encoder": text_encoder})
 
 
 MID_Q = "mid_block.attentions.0.transformer_blocks.0.attn1.to_q"

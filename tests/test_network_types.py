@@ -125,22 +125,6 @@ def test_a_wrong_scale_in_the_file_is_refused(tmp_path, monkeypatch):
         verify_exports({folder / "unfolded.safetensors": checkpoint}, models, lokr, set(models))
 
 
-@pytest.fixture(scope="module")
-def sd15_clients():
-    """The clients' rules for SD1.5's architecture (meta device: names and shapes only)."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from loramill.demo.full_size import SD15
-    from loramill.demo.tiny_models import CLIP_TEXT
-
-    with init_empty_weights():
-        unet = UNet2DConditionModel(**SD15["unet"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_TEXT, **SD15["text_encoder"]))
-    return Clients({"unet": unet, "text_encoder": text_encoder})
-
-
 LOKR_CONV = {  # a 3×3 conv of 320 → 320 (16 · 20 each way): w2 decomposed at rank 2
     "lokr_w1": torch.randn(16, 16),
     "lokr_w2_a": torch.randn(20, 2),

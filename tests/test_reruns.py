@@ -215,9 +215,7 @@ def test_code_change_plans_the_stages_that_reach_it(repo):
 def test_code_change_the_grid_never_reaches_plans_exports_and_the_grids_after_them(repo):
     # The grid reads the export's files: it runs after the export (and, when those come out
     # byte-identical, restores its outputs from the run-cache instead of rendering).
-    edit_code(
-        repo, "export/write.py", 'diffusers_meta["format"] = ', 'diffusers_meta["format"] = "" or '
-    )
+    edit_code(repo, "export/write.py", 'metadata["format"] = ', 'metadata["format"] = "" or ')
     result, ran = dry_run(repo)
     assert ran == chain(A, "export", "grid") | chain(B, "export", "grid")
     assert f"stale: grid {A}: after export" in result.stderr

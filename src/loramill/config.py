@@ -26,6 +26,11 @@ from loramill import LoramillError
 
 SECTIONS = ("resize", "caption", "merge", "train", "export", "grid", "text")
 TASKS = ("image", "text")
+# train.network_type values whose export has no diffusers-format file: diffusers refuses LoHa's
+# and LoKr's keys in any file, drops DoRA's magnitudes from a kohya file and reads a
+# diffusers-format DoRA per output row, not per input column (loramill.models.dora). The export
+# rule of such a dataset is export_lycoris; publish leaves the file out.
+NO_DIFFUSERS_FILE = ("loha", "lokr", "dora")
 SCHEMA = Path("config") / "config.schema.yaml"  # in the workflow's folder
 T = TypeVar("T")
 

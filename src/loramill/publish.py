@@ -29,8 +29,7 @@ from typing import Any
 import yaml
 
 from loramill import LoramillError
-from loramill.config import dataset_config
-from loramill.models.network_targets import NO_DIFFUSERS_FILE
+from loramill.config import NO_DIFFUSERS_FILE, dataset_config
 
 DIFFUSERS_FILE = "exports/{ds}.diffusers.safetensors"
 # What a dataset publishes: outputs of its stage rules (rules/*.smk, their one source), as the
@@ -41,7 +40,7 @@ ARTIFACTS = {
         "results/{ds}/loss.png",  # the loss curve (the report shows it)
         "results/{ds}/captions.jsonl",  # a grid that sets no prompts draws them from these
         "exports/{ds}.safetensors",
-        DIFFUSERS_FILE,  # not for LoHa and LoKr (models.network_targets.NO_DIFFUSERS_FILE)
+        DIFFUSERS_FILE,  # not for every network type (config.NO_DIFFUSERS_FILE)
         "exports/{ds}.md",  # the model card
         "exports/{ds}.html",  # the model card as the report opens it
         "exports/{ds}-steps",  # a folder: one kohya file per checkpoint

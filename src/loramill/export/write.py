@@ -16,6 +16,7 @@ from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, Any
 
 from loramill import LoramillError
+from loramill.config import NO_DIFFUSERS_FILE
 from loramill.export.metadata import kohya_metadata
 from loramill.files import serialize_safetensors as serialize
 from loramill.files import write_bytes
@@ -37,7 +38,6 @@ from loramill.models.network_parts import (
     fold,
     parts_problem,
 )
-from loramill.models.network_targets import NO_DIFFUSERS_FILE
 
 if TYPE_CHECKING:
     import torch

@@ -84,7 +84,7 @@ class NetworkSpec:
     mid_lr_weight: tuple[float, ...] | None = None
     up_lr_weight: tuple[float, ...] | str | None = None
     block_lr_zero_threshold: float = 0.0
-    network_type: str = "lora"  # lora | loha | lokr | dora (NETWORK_TYPES)
+    network_type: str = "lora"  # lora | loha | lokr | dora (train.network_type)
     factor: int = -1  # lokr: LyCORIS's factor, decompose_both, full_matrix
     decompose_both: bool = False
     full_matrix: bool = False
