@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -226,6 +227,23 @@ def test_missing_artifact_is_a_clear_error(project):
     with pytest.raises(LoramillError, match=r"grids/beta\.json.*snakemake --cores 1 train_all"):
         publish(root, DATASETS)
     assert not list(root.glob("*/*.dvc")) and remote_objects(store) == []
+
+
+def test_a_lycoris_dataset_publishes_without_a_diffusers_file(project):
+    """A dataset trained as LoKr (through the CLI, from the config) has no diffusers-format
+    export to publish; a LoRA dataset missing its one still cannot publish."""
+    from loramill.publish import main
+
+    root, _ = project
+    (root / "exports" / "beta.diffusers.safetensors").unlink()
+    config = "datasets:\n  alpha: {}\n  beta: {train: {network_type: lokr}}\n"
+    write(root / "config" / "config.yaml", config.encode())
+    with contextlib.chdir(root):
+        assert main(["--dry-run"]) == 0
+    report = publish(root, DATASETS, dry_run=True, without_diffusers=["beta"])
+    assert sorted(report.new) == sorted(set(ALL) - {"exports/beta.diffusers.safetensors"})
+    with pytest.raises(LoramillError, match=r"missing exports/beta\.diffusers\.safetensors"):
+        publish(root, DATASETS, dry_run=True)
 
 
 def test_data_changed_since_data_dvc_is_refused(project):

@@ -149,6 +149,18 @@ def target_remote(root: Path, remote: str | None) -> str:
     return name
 
 
+def _artifacts(
+    datasets: list[str], tasks: dict[str, str], without_diffusers: Collection[str]
+) -> list[str]:
+    """The paths the datasets publish, by their tasks (image when not given)."""
+    return [
+        pattern.format(ds=ds)
+        for ds in dict.fromkeys(datasets)
+        for pattern in ARTIFACTS[tasks.get(ds, "image")]
+        if not (ds in without_diffusers and pattern == DIFFUSERS_FILE)
+    ]
+
+
 def publish(
     root: Path, datasets: list[str], remote: str | None = None, dry_run: bool = False,
     tasks: dict[str, str] | None = None, without_diffusers: Collection[str] = (),
@@ -157,13 +169,7 @@ def publish(
     when not given; ``without_diffusers``: image datasets whose network type has no
     diffusers-format file) and push them with data.dvc."""
     root = Path(root).resolve()
-    kinds = tasks or {}
-    artifacts = [
-        t.format(ds=ds)
-        for ds in dict.fromkeys(datasets)
-        for t in ARTIFACTS[kinds.get(ds, "image")]
-        if not (ds in without_diffusers and t == DIFFUSERS_FILE)
-    ]
+    artifacts = _artifacts(datasets, tasks or {}, without_diffusers)
     # All or nothing: a half-published dataset would leave a teammate's pull inconsistent.
     missing = [path for path in artifacts if not (root / path).exists()]
     if missing:
