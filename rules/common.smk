@@ -242,8 +242,9 @@ def model_mem_mb(training):
         processes = settings["train"]["num_processes"] if training else 1
         precision = settings["train"]["mixed_precision"] if training else "no"
         half = half_in_training(settings["family"], precision)
+        network_type = settings["train"]["network_type"]
         return processes * job_mem_mb(
-            settings["base_model"], resolution, batch, training, half
+            settings["base_model"], resolution, batch, training, half, network_type
         )
 
     return mem_mb

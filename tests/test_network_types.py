@@ -375,3 +375,18 @@ def test_dora_lands_per_input_column_and_patches_the_trained_weights(tmp_path, m
     export_adapter(checkpoint, tmp_path / "rows.safetensors", None, "x")
     with pytest.raises(LoramillError, match=r"ComfyUI lands \d+ of the \d+ trained modules"):
         verify_exports({tmp_path / "rows.safetensors": checkpoint}, models, spec, set(models))
+
+
+def test_a_train_jobs_memory_request_counts_its_network_type(tiny_sd):
+    """Snakemake's mem_mb for a train job asks more for LoHa, LoKr and DoRA (measured on SD1.5:
+    bench/README.md), by a share of the weights; an export or grid job asks the same."""
+    from loramill.models.base_model import NETWORK_TYPE_MEMORY, float32_bytes, job_mem_mb
+
+    weights_mb = sum(float32_bytes(tiny_sd).values()) / 2**20
+    lora = job_mem_mb(tiny_sd, 512, 1, True)
+    for kind in ("loha", "lokr", "dora"):
+        extra = job_mem_mb(tiny_sd, 512, 1, True, network_type=kind) - lora
+        assert extra == pytest.approx(weights_mb * NETWORK_TYPE_MEMORY[kind], abs=1) and extra > 0
+        assert job_mem_mb(tiny_sd, 512, 1, False, network_type=kind) == job_mem_mb(
+            tiny_sd, 512, 1, False
+        )

@@ -132,22 +132,35 @@ def safetensors_float32_bytes(path: Path) -> int:
     )
 
 
+# A training step's memory beyond LoRA's, per byte of float32 weights, by network type: peft's
+# LoHa and LoKr layers build each module's whole weight change every forward, DoRA its merged
+# weight's norms (bench/README.md: SD1.5, kohya network, 256 px: +1.56, +0.93, +0.39 GiB).
+NETWORK_TYPE_MEMORY = {"lora": 0.0, "loha": 0.4, "lokr": 0.25, "dora": 0.1}
+
+
 def job_mem_mb(
-    spec: str, resolution: int, batch_size: int, training: bool, half: Collection[str] = ()
+    spec: str,
+    resolution: int,
+    batch_size: int,
+    training: bool,
+    half: Collection[str] = (),
+    network_type: str = "lora",
 ) -> int:
     """A realistic memory request for a model job: the weights in float32 (the ``half``
-    components in half precision), plus activations.
+    components in half precision), plus activations, plus a training step's network type's.
 
     Calibrated on the SD1.5 architecture (bench/README.md): with 4.0 GiB of float32 weights a
     LoRA step peaked at 6.1 GiB at 512 px and 4.4 GiB (5.2 GiB in bf16) at 256 px, batch 1;
-    this asks 7.0 and 5.8 GiB. A bf16 Flux step at 512 px peaked near 29.6 GiB (extrapolated
-    from full width, reduced depth), its transformer alone 22.2 GiB in bf16; this asks 30 GiB
-    for the transformer (and more for T5, which the job loads to fill the caption cache).
+    this asks 7.0 and 5.8 GiB (LoHa: peak 6.1 GiB at 256 px, asks 7.4). A bf16 Flux step at
+    512 px peaked near 29.6 GiB (extrapolated from full width, reduced depth), its transformer
+    alone 22.2 GiB in bf16; this asks 30 GiB for the transformer (and more for T5, which the
+    job loads to fill the caption cache).
     """
     sizes = float32_bytes(spec)
     weights_mb = sum(size / (2 if c in half else 1) for c, size in sizes.items()) / 2**20
     per_image_mb = (1600 if training else 600) * (resolution / 512) ** 2
-    return int(weights_mb * 1.25 + per_image_mb * batch_size + 500)
+    network = NETWORK_TYPE_MEMORY[network_type] if training else 0.0
+    return int(weights_mb * (1.25 + network) + per_image_mb * batch_size + 500)
 
 
 def use_sdpa(pipe: Any, on: bool) -> None:
