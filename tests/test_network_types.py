@@ -172,10 +172,12 @@ def test_a1111_and_comfyui_rules_on_sd15_put_each_type_on_its_ldm_module(sd15_cl
     torch.testing.assert_close(delta, lokr.flatten(1))
 
 
-def test_the_grid_draws_a_lycoris_file_as_the_trained_network(tmp_path):
-    """diffusers refuses LoHa keys; the grid applies the file to the weights as A1111 and
-    ComfyUI do: at strength 1 the picture is the trained network's (peft's layers on the
-    base model, within rounding), at 0 the base model's bit for bit, at 0.5 neither."""
+@pytest.mark.parametrize("kind", ["loha", "dora"])
+def test_the_grid_draws_a_lycoris_file_as_the_trained_network(tmp_path, kind):
+    """diffusers refuses LoHa keys and drops DoRA's magnitudes; the grid applies the file to
+    the weights as A1111 and ComfyUI do: at strength 1 the picture is the trained network's
+    (its layers on the base model, within rounding), at 0 the base model's bit for bit, at 0.5
+    neither."""
     import numpy as np
     from PIL import Image
     from test_grid import SETTINGS, _exported, _with_step, draw
@@ -183,15 +185,16 @@ def test_the_grid_draws_a_lycoris_file_as_the_trained_network(tmp_path):
     from loramill.models.base_model import load_pipeline
     from loramill.models.checkpoint import load_network_state
 
-    spec = replace(spec_of("loha"), alpha=64.0)  # a strong adapter: its change is plain to see
+    spec = replace(spec_of("loha"), network_type=kind, alpha=64.0)  # a change plain to see
     raw, _ = random_checkpoint(tmp_path, spec)
     checkpoint = _with_step(raw, tmp_path / "step-000010.safetensors", 10)
-    for tensor in (t for k, t in read_checkpoint(checkpoint).tensors.items() if "w2_b" in k):
+    for tensor in (t for k, t in read_checkpoint(checkpoint).tensors.items() if "_b" in k):
         assert tensor.abs().max() > 0  # random, not peft's zero init
     small = {**SETTINGS, "prompts": ["a red circle"], "strengths": [0.0, 0.5, 1.0]}
     small |= {"x": "strength", "y": "checkpoint"}
-    with pytest.raises(ValueError, match="have not been correctly renamed"):  # diffusers' verdict
-        load_pipeline(str(TINY_SD)).load_lora_weights(str(_exported(checkpoint)))
+    if kind == "loha":
+        with pytest.raises(ValueError, match="have not been correctly renamed"):  # diffusers'
+            load_pipeline(str(TINY_SD)).load_lora_weights(str(_exported(checkpoint)))
     draw(str(TINY_SD), [_exported(checkpoint)], tmp_path, tmp_path / "cache", **small)
     cells = json.loads((tmp_path / "g.json").read_text())["cells"]
     image = np.asarray(Image.open(tmp_path / "g.png").convert("RGB"))
@@ -296,6 +299,22 @@ def test_init_from_reads_each_types_kohya_file_back(tmp_path, name):
         parts = r"has lokr_w1\+lokr_w2 in the file, lokr_w1\+lokr_w2_a\+lokr_w2_b in the config"
         with pytest.raises(LoramillError, match=parts):
             read_init_weights(kohya, layers, refactored)
+
+
+def test_init_from_reads_a_dora_file_back(tmp_path):
+    """DoRA's dora_scale (1, in) reads back into the layers' magnitudes (in,) exactly."""
+    from loramill.train.init_from import read_init_weights
+
+    checkpoint, _, spec = dora_checkpoint(tmp_path)
+    kohya = tmp_path / "dora.safetensors"
+    export_adapter(checkpoint, kohya, None, "x")
+    models = base_models()
+    add_lora(models, spec)
+    read = read_init_weights(kohya, models, spec)
+    source = read_checkpoint(checkpoint).tensors
+    assert read.keys() == source.keys()
+    assert any(key.endswith(".lora_dora_scale") for key in read)
+    assert all(torch.equal(read[key], tensor) for key, tensor in source.items())
 
 
 def test_a_lokr_run_continues_from_its_kohya_export(prepared, tiny_sd, tmp_path):
