@@ -177,6 +177,16 @@ def test_a_config_error_reaches_the_terminal_as_one_line(workdir):
             "config: train.network_type: 'lycoris' is not one of ['lora', 'loha', 'lokr', 'dora']",
         ),
         (
+            {"train": {"ema_decay": 0.99}},
+            "config: datasets.wide_bands.train.ema_decay: 0.99 has no effect with train.ema: "
+            "false; use ema: true, or drop ema_decay",
+        ),
+        (
+            {"export": {"use_ema": True}},
+            "config: datasets.wide_bands.export.use_ema: true has no effect with train.ema: "
+            "false; use ema: true, or drop use_ema",
+        ),
+        (
             {"train": {"factor": 4}},
             "config: datasets.wide_bands.train.factor: 4 has no effect with train.network_type: "
             "lora; use network_type: lokr, or drop factor",

@@ -97,6 +97,11 @@ def check_image_dataset(settings: dict[str, Any]) -> None:
         train.check_device("cpu")
     if train.init_from and not Path(train.init_from).is_file():
         raise LoramillError(f"train.init_from: {train.init_from} is not a file")
+    if settings["export"].get("use_ema") and not train.ema:
+        raise LoramillError(
+            "export.use_ema: true has no effect with train.ema: false; use ema: true, or "
+            "drop use_ema"
+        )
     check_grid(
         grid_settings(
             settings["grid"],

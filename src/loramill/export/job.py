@@ -10,13 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from loramill.export.verify import verify_exports
-from loramill.models.checkpoint import STEP_PREFIX
+from loramill.models.checkpoint import AVERAGE_PREFIX, STEP_PREFIX
 
 
 def step_export_name(name: str, checkpoint: Path) -> str:
     """``<ds>-NNNNNN.safetensors`` (kohya's naming of intermediate saves) for checkpoint
     ``step-NNNNNN.safetensors``: distinct names when several land in one models/Lora/."""
-    return f"{name}-{checkpoint.name.removeprefix(STEP_PREFIX)}"
+    return f"{name}-{checkpoint.name.removeprefix(AVERAGE_PREFIX).removeprefix(STEP_PREFIX)}"
 
 
 def export_and_verify(
@@ -47,7 +47,8 @@ def export_and_verify(
     else:
         verifier = unet_verifier
     options, verify = verifier(base_model, allow_unsafe_weights, cfg)
-    checkpoints = list_checkpoints(checkpoints_dir)
+    # export.use_ema: the moving average's checkpoints (train.ema), which say so in metadata
+    checkpoints = list_checkpoints(checkpoints_dir, average=export.get("use_ema", False))
     options["save_precision"] = export["save_precision"]
     export_adapter(checkpoints[-1], kohya_path, diffusers_path, output_name, **options)
     exports = {Path(kohya_path): checkpoints[-1]}

@@ -12,7 +12,7 @@ from typing import Any
 
 from loramill.export.metadata import FLUX_NETWORK_MODULE, LYCORIS_MODULE
 from loramill.files import write_bytes, write_text
-from loramill.models.checkpoint import PROVENANCE_KEY, read_checkpoint
+from loramill.models.checkpoint import AVERAGE_KEY, PROVENANCE_KEY, read_checkpoint
 from loramill.report_pages import markdown_page
 
 SETTINGS = (
@@ -99,6 +99,19 @@ def _flux_use(name: str) -> list[str]:
     ]
 
 
+def _averaged(metadata: dict[str, str]) -> str:
+    """The card's word on a moving average exported in place of the weights (export.use_ema)."""
+    if AVERAGE_KEY not in metadata:
+        return ""
+    about = json.loads(metadata[AVERAGE_KEY])
+    interval = about["update_step_interval"]
+    every = "every step" if interval == 1 else f"every {interval} steps"
+    return (
+        f" The file holds the exponential moving average of its weights (decay "
+        f"{about['decay']}, updated {every}), not the weights themselves."
+    )
+
+
 def model_card(kohya_path: str | os.PathLike, name: str, grid: str, grid_image: bool = True) -> str:
     """The card's Markdown for the kohya export at ``kohya_path``; ``grid``: the evaluation
     grid's path relative to the card, shown as an image or (``grid_image`` false: the card
@@ -120,7 +133,8 @@ def model_card(kohya_path: str | os.PathLike, name: str, grid: str, grid_image: 
         "",
         f"A LoRA for `{provenance.get('base_model', '?')}` "
         f"({metadata.get('modelspec.architecture', '?')}), trained by loramill for "
-        f"{metadata.get('ss_steps', '?')} steps on {provenance.get('num_images', '?')} images.",
+        f"{metadata.get('ss_steps', '?')} steps on {provenance.get('num_images', '?')} images."
+        + _averaged(metadata),
         "",
         "## Use",
         "",

@@ -30,6 +30,9 @@ PROVENANCE_KEY = METADATA_PREFIX + "provenance"  # the training record, as JSON
 STEP_PREFIX = "step-"
 SUFFIX = ".safetensors"
 STEP_NAME = re.compile(rf"^{re.escape(STEP_PREFIX)}(\d{{6,}})")
+# ``ema-step-NNNNNN.safetensors``: the moving average's checkpoint of the step (train.ema)
+AVERAGE_PREFIX = "ema-"
+AVERAGE_KEY = METADATA_PREFIX + "ema"  # its decay, update interval and updates, as JSON
 
 
 def step_name(step: int, suffix: str = SUFFIX) -> str:
@@ -221,10 +224,12 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(tensors=tensors, metadata=metadata, adapter_configs=configs)
 
 
-def list_checkpoints(checkpoints_dir: str | os.PathLike) -> list[Path]:
-    """Checkpoint files of a training run, in step order."""
-    pattern = f"{STEP_PREFIX}*{SUFFIX}"
+def list_checkpoints(checkpoints_dir: str | os.PathLike, average: bool = False) -> list[Path]:
+    """Checkpoint files of a training run, in step order; ``average``: the moving average's
+    (train.ema) instead."""
+    pattern = f"{AVERAGE_PREFIX if average else ''}{STEP_PREFIX}*{SUFFIX}"
     paths = sorted(Path(checkpoints_dir).glob(pattern))
     if not paths:
-        raise LoramillError(f"{checkpoints_dir}: no checkpoints ({pattern})")
+        what = "moving-average checkpoints (train.ema)" if average else "checkpoints"
+        raise LoramillError(f"{checkpoints_dir}: no {what} ({pattern})")
     return paths

@@ -72,6 +72,11 @@ class TrainConfig:
     lr_scheduler: str
     lr_warmup_steps: int
     max_grad_norm: float
+    # an exponential moving average of the adapter (loramill.train.ema)
+    ema: bool
+    ema_decay: float
+    ema_update_step_interval: int
+    ema_device: str
     noise_offset: float
     # Loss and noise (loramill.train.objective).
     multires_noise_iterations: int
@@ -213,6 +218,9 @@ class TrainConfig:
         needs = [
             ("conv_rank", "network_target", "kohya_conv"),
             ("conv_alpha", "network_target", "kohya_conv"),
+            ("ema_decay", "ema", "true"),
+            ("ema_update_step_interval", "ema", "true"),
+            ("ema_device", "ema", "true"),
             ("factor", "network_type", "lokr"),
             ("decompose_both", "network_type", "lokr"),
             ("full_matrix", "network_type", "lokr"),

@@ -40,6 +40,8 @@ from loramill.models.base_model import (
     use_sdpa,
 )
 from loramill.models.checkpoint import (
+    AVERAGE_KEY,
+    AVERAGE_PREFIX,
     checkpoint_steps,
     step_metadata,
     step_name,
@@ -52,6 +54,7 @@ from loramill.software import installed
 from loramill.train.config import TrainConfig
 from loramill.train.data import Encoded, Examples, read_examples
 from loramill.train.distributed import in_worker, launch
+from loramill.train.ema import average_about
 from loramill.train.family_options import check_family_options
 from loramill.train.latents import CACHE_ROOT
 from loramill.train.progress import Progress, plot_loss
@@ -144,15 +147,26 @@ class CheckpointWriter:
     def restore(self, run: RunState, needed: list[int], start: int) -> None:
         """The checkpoints and samples of the steps a resumed run does not train again."""
         for step in (s for s in needed if s <= start):
-            self.write(step, run.load_adapters(step))
+            self.write(step, run.load_adapters(step), run.load_average(step))
         for path in run.sample_files(start):
             write_bytes(self.samples / path.name, path.read_bytes())
 
-    def write(self, step: int, tensors: dict[str, torch.Tensor]) -> None:
+    def write(
+        self,
+        step: int,
+        tensors: dict[str, torch.Tensor],
+        average: tuple[dict[str, torch.Tensor], str] | None = None,
+    ) -> None:
+        """The step's checkpoint and, with ``average`` (train.ema's tensors and what they are),
+        the moving average's beside it, saying so in its metadata."""
         path = self.folder / step_name(step)
         metadata = step_metadata(step, self.provenance)
         write_checkpoint(path, tensors, self.adapter_metadata, metadata)
         self.written.append(path)
+        if average is not None:
+            metadata[AVERAGE_KEY] = average[1]
+            write_checkpoint(self.folder / (AVERAGE_PREFIX + path.name), average[0],
+                             self.adapter_metadata, metadata)  # fmt: skip
 
 
 def in_steps(cfg: TrainConfig, examples: Examples) -> TrainConfig:
@@ -288,10 +302,13 @@ def run_steps(
                 why = stop_reason(training, stop) if step < total else None
                 if (step in needed or why) and main:
                     tensors, _ = training.adapters()
+                    state = training.state(step, progress.history)
                     if step in needed:
-                        writer.write(step, tensors)
+                        ema = state["ema"]
+                        average = None if ema is None else (ema["tensors"], average_about(ema))
+                        writer.write(step, tensors, average)
                     if run:
-                        run.save(step, tensors, training.state(step, progress.history))
+                        run.save(step, tensors, state)
                 if why:
                     raise Interrupted(why, step, saved=run is not None)
     finally:

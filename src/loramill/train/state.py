@@ -33,8 +33,16 @@ import torch
 
 from loramill.files import atomic_path, save_safetensors
 from loramill.hashing import hash_value
-from loramill.models.checkpoint import STEP_NAME, STEP_PREFIX, SUFFIX, step_name
+from loramill.models.checkpoint import (
+    AVERAGE_KEY,
+    AVERAGE_PREFIX,
+    STEP_NAME,
+    STEP_PREFIX,
+    SUFFIX,
+    step_name,
+)
 from loramill.train.config import STOPPING_OPTIONS, TrainConfig
+from loramill.train.ema import average_about
 
 log = logging.getLogger(__name__)
 STATE_ROOT = Path(".cache/train")
@@ -104,9 +112,16 @@ class RunState:
         usable = [s for s in states if s <= end and all(n in adapters for n in needed if n <= s)]
         return max(usable, default=0)
 
+    def average_path(self, step: int) -> Path:
+        return self.adapters / (AVERAGE_PREFIX + step_name(step))
+
     def save(self, step: int, adapters: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        """Snapshot the adapters, then the full state; then drop older full states."""
+        """Snapshot the adapters (and train.ema's average), then the full state; then drop
+        older full states."""
         save_safetensors(adapters, self.adapter_path(step))
+        if state.get("ema") is not None:
+            about = {AVERAGE_KEY: average_about(state["ema"])}
+            save_safetensors(state["ema"]["tensors"], self.average_path(step), about)
         with atomic_path(self.state_path(step)) as tmp:
             torch.save(state, tmp)
         for older in self._steps(self.states):
@@ -122,6 +137,16 @@ class RunState:
         from safetensors.torch import load_file
 
         return load_file(self.adapter_path(step))
+
+    def load_average(self, step: int) -> tuple[dict[str, torch.Tensor], str] | None:
+        """train.ema's average snapshotted at ``step`` and what it is (None: none kept)."""
+        from safetensors import safe_open
+
+        if not self.average_path(step).is_file():
+            return None
+        with safe_open(str(self.average_path(step)), framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            return tensors, handle.metadata()[AVERAGE_KEY]
 
     def load_state(self, step: int) -> dict[str, Any]:
         """The full state saved at ``step``, or the newest later one (for its history only)."""

@@ -25,6 +25,7 @@ from loramill.train.caption_variation import CaptionVariation
 from loramill.train.config import TrainConfig, text_encoder_lrs
 from loramill.train.data import Encoded, Examples
 from loramill.train.distributed import share
+from loramill.train.ema import AdapterAverage
 from loramill.train.family_options import check_guidance
 from loramill.train.flow_matching import FlowObjective
 from loramill.train.init_from import read_init_weights
@@ -121,6 +122,10 @@ class Training:
         self.models = dict(zip(trained, models, strict=True))  # component name → model
         for model in models:
             model.train()
+        self.average = None
+        if cfg.ema:  # after the weights are in place: from init_from's too
+            settings = (cfg.ema_decay, cfg.ema_update_step_interval, cfg.ema_device)
+            self.average = AdapterAverage(self.models, *settings)
 
     def _network(self, pipe: Any) -> dict[str, Any]:
         """Frozen base weights (half precision under mixed precision), fp32 LoRA layers."""
@@ -247,6 +252,8 @@ class Training:
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.average is not None:
+            self.average.update()
         return total / accumulation
 
     def lrs(self) -> dict[str, float]:
@@ -272,6 +279,7 @@ class Training:
             "order": [list(batch) for batch in self.order],
             "history": history,
             "device": self.device.type,
+            "ema": None if self.average is None else self.average.state(self.unwrapped()),
         }
 
     def restore(self, adapters: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
@@ -285,3 +293,5 @@ class Training:
         if state["cuda_rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.order = [list(batch) for batch in state["order"]]
+        if self.average is not None:
+            self.average.restore(self.unwrapped(), state["ema"])
