@@ -277,14 +277,7 @@ def test_init_from_reads_each_types_kohya_file_back(tmp_path, name):
 
     spec = spec_of(name)
     checkpoint, _ = random_checkpoint(tmp_path, spec)
-    kohya = tmp_path / "x.safetensors"
-    export_adapter(checkpoint, kohya, None, "x")
-    models = base_models()
-    add_lora(models, spec)
-    read = read_init_weights(kohya, models, spec)
-    source = read_checkpoint(checkpoint).tensors
-    assert read.keys() == source.keys()
-    assert all(torch.equal(read[key], tensor) for key, tensor in source.items())
+    kohya = read_back_exactly(checkpoint, spec)
 
     other = replace(spec, network_type="lora")
     plain = base_models()
@@ -303,18 +296,24 @@ def test_init_from_reads_each_types_kohya_file_back(tmp_path, name):
 
 def test_init_from_reads_a_dora_file_back(tmp_path):
     """DoRA's dora_scale (1, in) reads back into the layers' magnitudes (in,) exactly."""
+    checkpoint, _, spec = dora_checkpoint(tmp_path)
+    read_back_exactly(checkpoint, spec)
+    assert any(k.endswith(".lora_dora_scale") for k in read_checkpoint(checkpoint).tensors)
+
+
+def read_back_exactly(checkpoint, spec):
+    """Export ``checkpoint``'s kohya file; init_from must read it into the same tensors."""
     from loramill.train.init_from import read_init_weights
 
-    checkpoint, _, spec = dora_checkpoint(tmp_path)
-    kohya = tmp_path / "dora.safetensors"
+    kohya = checkpoint.parent / "x.safetensors"
     export_adapter(checkpoint, kohya, None, "x")
     models = base_models()
     add_lora(models, spec)
     read = read_init_weights(kohya, models, spec)
     source = read_checkpoint(checkpoint).tensors
     assert read.keys() == source.keys()
-    assert any(key.endswith(".lora_dora_scale") for key in read)
     assert all(torch.equal(read[key], tensor) for key, tensor in source.items())
+    return kohya
 
 
 def test_a_lokr_run_continues_from_its_kohya_export(prepared, tiny_sd, tmp_path):

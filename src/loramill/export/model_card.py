@@ -155,24 +155,23 @@ def model_card(kohya_path: str | os.PathLike, name: str, grid: str, grid_image: 
         "",
         "## Provenance",
         "",
-        *_table(
-            ("what", "value"),
-            [
-                ("data fingerprint", f"`{provenance.get('data_fingerprint', '?')}`"),
-                ("base model hash", f"`{provenance.get('base_model_hash', '?')}`"),
-                *_single_file(provenance),
-                ("seed", provenance.get("seed")),
-                ("exported", metadata.get("modelspec.date", "?")),
-                (
-                    "libraries",
-                    ", ".join(f"{k} {v}" for k, v in provenance.get("versions", {}).items()),
-                ),
-                ("sshs_model_hash", f"`{metadata.get('sshs_model_hash', '?')}`"),
-            ],
-        ),
+        *_table(("what", "value"), _provenance_rows(provenance, metadata)),
         "",
     ]
     return "\n".join(lines)
+
+
+def _provenance_rows(provenance: dict[str, Any], metadata: dict[str, str]) -> list[tuple]:
+    """The card's provenance table: where the data, the base and the file came from."""
+    return [
+        ("data fingerprint", f"`{provenance.get('data_fingerprint', '?')}`"),
+        ("base model hash", f"`{provenance.get('base_model_hash', '?')}`"),
+        *_single_file(provenance),
+        ("seed", provenance.get("seed")),
+        ("exported", metadata.get("modelspec.date", "?")),
+        ("libraries", ", ".join(f"{k} {v}" for k, v in provenance.get("versions", {}).items())),
+        ("sshs_model_hash", f"`{metadata.get('sshs_model_hash', '?')}`"),
+    ]
 
 
 def write_model_card(
