@@ -7,6 +7,7 @@ import re
 import sys
 from pathlib import Path
 
+from snakemake.io import apply_wildcards
 from snakemake.settings.enums import RerunTrigger
 from snakemake.settings.types import DeploymentMethod
 import snakemake
@@ -106,7 +107,25 @@ def hash_cache():
 def planner(task):
     check_profile()
     stages = [rule_stage(stage_rules(stage), DATASETS) for stage in STAGE_RULES[task]]
-    return Planner(stages, hash_cache(), set(workflow.dag_settings.forcerun))
+    forced = set().union(*map(forced_outputs, workflow.dag_settings.forcerun))
+    return Planner(stages, hash_cache(), forced)
+
+
+def forced_outputs(name):
+    """What --forcerun's ``name`` forces, as the planner reads it: a stage's rule by its first
+    output for each dataset it runs for (a stage may have a rule per kind of dataset, export
+    and export_lycoris), an output file or a rule of no stage as named."""
+    if not workflow.is_rule(name):
+        return {name}
+    forced = workflow.get_rule(name)
+    if forced.output.get("done") is None:
+        return {name}
+    stage = stage_of(forced)
+    return {
+        apply_wildcards(str(forced.output[0]), {"ds": ds})
+        for ds in DATASETS
+        if forced.is_producer(done_marker(ds, stage))
+    }
 
 
 def stage_rules(stage):

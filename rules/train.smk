@@ -88,7 +88,7 @@ rule export:
         "../scripts/export.py"
 
 
-# The same stage for a network diffusers cannot load (LoHa, LoKr): no diffusers-format file.
+# The same stage for a network diffusers cannot load (LoHa, LoKr, DoRA): no diffusers file.
 use rule export as export_lycoris with:
     output:
         **EXPORT_OUTPUTS,

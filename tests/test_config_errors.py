@@ -197,6 +197,11 @@ def test_a_config_error_reaches_the_terminal_as_one_line(workdir):
             "network_type: loha; use network_type: lora, or drop it",
         ),
         (
+            {"train": {"network_type": "dora", "module_dropout": 0.1}},
+            "config: datasets.wide_bands.train.module_dropout: not available with "
+            "network_type: dora; use network_type: lora, or drop it",
+        ),
+        (
             {"train": {"network_type": "lokr", "network_dropout": 0.1}},
             "config: datasets.wide_bands.train.network_dropout: not available with "
             "network_type: lokr; use network_type: lora, or drop it",

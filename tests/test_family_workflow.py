@@ -85,6 +85,8 @@ def test_a_flux_dataset_runs_every_stage_into_flux_exports_and_a_grid(built):
 def test_a_second_run_plans_nothing_and_training_changes_rerun_train_onward(built, tmp_path):
     root, _ = built
     assert plan(root)[1] == set()
+    # -R names a rule: LoKr's export stage is export_lycoris, the grid after it is stale too
+    assert plan(root, "export_lycoris")[1] == {("export_lycoris", SDXL), ("grid", SDXL)}
     copy = tmp_path / "copy"
     shutil.copytree(root, copy, symlinks=True)
     edit_config(copy, lambda config: config["train"].update(learning_rate=5e-4))

@@ -22,7 +22,8 @@ from loramill.models.network import NetworkSpec, add_lora
 
 TYPES = {  # a tested network → its type and options
     "loha": {"network_type": "loha"},
-    "lokr": {"network_type": "lokr"},  # the tiny model's factors are whole: scale 1 in clients
+    "lokr": {"network_type": "lokr"},  # on the tiny model: w1 whole, w2 of 8 decomposed
+    "lokr_full": {"network_type": "lokr", "full_matrix": True},  # every factor whole: scale 1
     "lokr_decomposed": {"network_type": "lokr", "decompose_both": True, "factor": 4},
 }
 
@@ -285,7 +286,7 @@ def test_init_from_reads_each_types_kohya_file_back(tmp_path, name):
     kind = spec.network_type
     with pytest.raises(LoramillError, match=f"holds a {kind} network; set train.network_type"):
         read_init_weights(kohya, plain, other)
-    if kind == "lokr":
+    if name == "lokr":  # another factor splits w2 into a rank-4 product
         refactored = replace(spec, factor=2)
         layers = base_models()
         add_lora(layers, refactored)
@@ -317,16 +318,31 @@ def read_back_exactly(checkpoint, spec):
 
 
 def test_a_lokr_run_continues_from_its_kohya_export(prepared, tiny_sd, tmp_path):
-    from conftest import train
+    """A run from a LoKr export starts at its weights: at a vanishing learning rate it ends
+    where the exported run did, a fresh run at its own start. The export job of a dataset
+    that trained LoRA before removes its diffusers-format file."""
+    from conftest import TRAIN_CONFIG, train
+
+    from loramill.export.job import export_and_verify
 
     config = {"network_type": "lokr", "max_train_steps": 2, "save_steps": 2}
     written = train(prepared, tmp_path, tiny_sd, **config)
-    kohya = tmp_path / "lokr.safetensors"
-    export_adapter(written[-1], kohya, None, "lokr")
-    again = train(prepared, tmp_path / "again", tiny_sd, init_from=str(kohya), **config)
-    first, second = (read_checkpoint(p).tensors for p in (written[-1], again[-1]))
-    assert first.keys() == second.keys()
-    assert any(not torch.equal(first[k], second[k]) for k in first)  # trained on from there
+    out = tmp_path / "exports"
+    out.mkdir()
+    (out / "lokr.diffusers.safetensors").write_bytes(b"an earlier LoRA's")
+    paths = [out / "lokr.safetensors", None, out / "lokr.md", out / "steps"]
+    export_and_verify(tmp_path / "checkpoints", *paths, "lokr", {"save_precision": "fp32"},
+                      tiny_sd, False, {**TRAIN_CONFIG, **config})  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["lokr.html", "lokr.md", "lokr.safetensors",
+                                                     "steps"]  # fmt: skip
+    still = {**config, "learning_rate": 1e-12}
+    again = train(prepared, tmp_path / "again", tiny_sd, init_from=str(paths[0]), **still)
+    fresh = train(prepared, tmp_path / "fresh", tiny_sd, **still)
+    trained, ends = read_checkpoint(written[-1]).tensors, read_checkpoint(again[-1]).tensors
+    assert ends.keys() == trained.keys()
+    assert all(torch.allclose(ends[k], trained[k], atol=1e-7) for k in trained)
+    start = read_checkpoint(fresh[-1]).tensors
+    assert not all(torch.allclose(start[k], trained[k], atol=1e-4) for k in trained)
 
 
 def dora_checkpoint(folder):

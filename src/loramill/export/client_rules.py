@@ -38,7 +38,7 @@ from loramill import LoramillError
 from loramill.export.ldm_names import CLIP_LAYER_PARTS
 from loramill.models.checkpoint import Checkpoint, module_alpha, module_rank
 from loramill.models.dora import column_norms
-from loramill.models.network_parts import HADA, LOKR
+from loramill.models.network_parts import HADA, LOKR, client_dim
 
 if TYPE_CHECKING:
     from loramill.models.kohya_names import KohyaNames
@@ -154,10 +154,7 @@ def lycoris_delta(parts: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int | N
     w1, w2 = _lokr_factor(parts, "lokr_w1"), _lokr_factor(parts, "lokr_w2")
     if w1 is None or w2 is None:
         return None
-    dim = None
-    for part in ("lokr_w1_b", "lokr_w2_b"):
-        if part in parts:
-            dim = int(parts[part].shape[0])
+    dim = client_dim(parts)
     if w2.ndim == 4:
         w1 = w1[:, :, None, None]
     return torch.kron(w1, w2).flatten(1), dim

@@ -4,6 +4,7 @@ loramill.export.verify; a Flux transformer: loramill.export.flux.verify), and th
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 from loramill.export.verify import verify_exports
 from loramill.models.checkpoint import AVERAGE_PREFIX, STEP_PREFIX
+
+log = logging.getLogger(__name__)
 
 
 def step_export_name(name: str, checkpoint: Path) -> str:
@@ -31,10 +34,10 @@ def export_and_verify(
     allow_unsafe_weights: bool,
     train: dict[str, Any],
 ) -> None:
-    """The export job: both files of the last checkpoint (the kohya file alone for LoHa and
-    LoKr, ``diffusers_path`` None) and a kohya file of every checkpoint, their verification
-    against the base model (a failure fails the job, and Snakemake removes the files), the
-    model card."""
+    """The export job: both files of the last checkpoint (the kohya file alone for LoHa,
+    LoKr and DoRA, ``diffusers_path`` None) and a kohya file of every checkpoint, their
+    verification against the base model (a failure fails the job, and Snakemake removes the
+    files), the model card."""
     from loramill.export.model_card import write_model_card
     from loramill.export.write import export_adapter
     from loramill.models.base_model import base_family
@@ -52,8 +55,10 @@ def export_and_verify(
     options["save_precision"] = export["save_precision"]
     export_adapter(checkpoints[-1], kohya_path, diffusers_path, output_name, **options)
     exports = {Path(kohya_path): checkpoints[-1]}
-    if diffusers_path is not None:  # LoHa and LoKr have none (export.write.NO_DIFFUSERS_FILE)
+    if diffusers_path is not None:
         exports[Path(diffusers_path)] = checkpoints[-1]
+    else:  # LoHa, LoKr, DoRA (config.NO_DIFFUSERS_FILE): no file, not even an older run's
+        drop_stale_diffusers_file(Path(kohya_path), output_name)
     for checkpoint in checkpoints:  # picking the best step from the grid is what users do next
         path = Path(steps_dir) / step_export_name(output_name, checkpoint)
         export_adapter(checkpoint, path, None, output_name, **options)
@@ -61,6 +66,15 @@ def export_and_verify(
     verify(exports)
     grid = os.path.relpath(Path("grids") / f"{output_name}.png", Path(card_path).parent)
     write_model_card(kohya_path, card_path, output_name, grid)
+
+
+def drop_stale_diffusers_file(kohya_path: Path, output_name: str) -> None:
+    """A dataset that trained LoRA before has its diffusers-format file beside the kohya
+    file; this network has none, and that file is not this adapter."""
+    stale = kohya_path.with_name(f"{output_name}.diffusers.safetensors")
+    if stale.is_file():
+        stale.unlink()
+        log.info("%s: removed, the diffusers-format file of an earlier network", stale)
 
 
 def unet_verifier(

@@ -51,14 +51,15 @@ def _use(name: str, trigger: str, module: str | None) -> list[str]:
 
 
 def _lycoris_use(name: str) -> list[str]:
-    """A LoHa's or LoKr's clients: diffusers and kohya's networks.lora load neither."""
+    """A LoHa's, LoKr's or DoRA's clients: diffusers and kohya's networks.lora load none as
+    trained."""
     return [
         f"AUTOMATIC1111: copy `{name}.safetensors` to `models/Lora/` and add `<lora:{name}:0.7>`"
-        " to the prompt (its Lora extension reads LyCORIS's LoHa and LoKr). ComfyUI: "
+        " to the prompt (its Lora extension reads LyCORIS's LoHa, LoKr and DoRA). ComfyUI: "
         "`models/loras/`, LoraLoader. kohya sd-scripts: `--network_module lycoris.kohya "
         f"--network_weights {name}.safetensors` (LyCORIS's package, lycoris-lora; kohya's own "
-        "networks.lora loads none of its modules). diffusers loads no LoHa or LoKr file, so "
-        "there is no diffusers-format file.",
+        "networks.lora loads no LoHa or LoKr module, and DoRA as a plain LoRA). diffusers loads "
+        "none of these as trained, so there is no diffusers-format file.",
         "",
     ]
 

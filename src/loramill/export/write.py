@@ -132,7 +132,9 @@ def to_kohya(checkpoint: Checkpoint, names: KohyaNames | None = None) -> dict[st
             _check_pair(key, parts["lora_down.weight"], parts["lora_up.weight"])
         # float32 whatever the weights' dtype: alphas such as 0.1 are not exact in fp16.
         alpha = kohya_alpha(checkpoint, component, module)
-        rank = module_rank(checkpoint.adapter_configs[component], module)
+        down = parts.get("lora_down.weight")  # a LoRA's rank is its down matrix's rows
+        config = checkpoint.adapter_configs[component]
+        rank = module_rank(config, module) if down is None else int(down.shape[0])
         written = _written_alpha(checkpoint, component, alpha, parts)
         factor = fold(parts, alpha / rank, written)
         if factor != 1.0:  # the module's trained scale folded into one factor
@@ -177,8 +179,10 @@ def lora_pairs(
     pairs: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key in sorted(checkpoint.tensors):
         component, module, suffix = _split_key(key, components)
-        part = "A" if suffix == PEFT_SUFFIXES[".lora_A.weight"] else "B"
-        pairs.setdefault((component, module), {})[part] = checkpoint.tensors[key]
+        parts = {PEFT_SUFFIXES[".lora_A.weight"]: "A", PEFT_SUFFIXES[".lora_B.weight"]: "B"}
+        if suffix not in parts:
+            raise LoramillError(f"checkpoint key '{key}': not a LoRA pair's (diffusers format)")
+        pairs.setdefault((component, module), {})[parts[suffix]] = checkpoint.tensors[key]
     for (component, module), pair in pairs.items():
         if len(pair) != 2:
             missing = "lora_B" if "B" not in pair else "lora_A"

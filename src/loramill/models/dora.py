@@ -43,9 +43,12 @@ def _scale_input(layer: Any, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     if layer.disable_adapters or "default" not in layer.active_adapters:
         return None
     x = args[0]
-    norms = column_norms(merged_weight(layer)).detach()
+    # detached, so without a graph; in the weights' dtype, not autocast's, as the clients
+    # compute it when they patch the weights
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        norms = column_norms(merged_weight(layer))
     scale = (getattr(layer, MAGNITUDE)["default"] / norms).to(x.dtype)
-    if x.ndim == 4:  # a conv's (B, C, H, W)
+    if isinstance(layer.get_base_layer(), torch.nn.Conv2d):  # channels second: (B, C, H, W)
         scale = scale.reshape(1, -1, 1, 1)
     return (x * scale, *args[1:])
 

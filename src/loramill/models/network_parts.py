@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from loramill import LoramillError
+
 HADA = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 LOKR = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 # peft suffix → kohya / LyCORIS suffix
@@ -60,8 +62,10 @@ def parts_problem(kind: str, parts: set[str]) -> str | None:
 
 
 def client_dim(parts: dict[str, Any]) -> int | None:
-    """The dim the clients divide a module's alpha by (None: they scale it by 1)."""
-    for part in ("lora_down.weight", "hada_w1_b", "lokr_w1_b", "lokr_w2_b"):
+    """The dim the clients divide a module's alpha by (None: they scale it by 1): LoRA's down
+    rows, LoHa's w1_b rows, LoKr's decomposed factor's rank (w2_b's over w1_b's, as A1111's
+    network_lokr.py and ComfyUI's lokr.py read it)."""
+    for part in ("lora_down.weight", "hada_w1_b", "lokr_w2_b", "lokr_w1_b"):
         if part in parts:
             return int(parts[part].shape[0])
     return None
@@ -75,7 +79,11 @@ def fold(parts: dict[str, Any], trained_scale: float, alpha: float) -> float:
 
 
 def carrier(parts: dict[str, Any]) -> str:
-    return next(part for part in CARRIERS if part in parts)
+    """The part a module's folded scale is carried by (LoramillError: it has none)."""
+    found = [part for part in CARRIERS if part in parts]
+    if not found:
+        raise LoramillError(f"a module of {'+'.join(sorted(parts))} has no factor to scale")
+    return found[0]
 
 
 def dora_scale(magnitude: Any, down: Any) -> Any:

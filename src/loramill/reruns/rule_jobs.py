@@ -50,7 +50,7 @@ def _check(rule: Any) -> Path:
     expected = f"scripts/{stage}.py"
     if not script.is_file() or not script.resolve().as_posix().endswith(expected):
         raise LoramillError(f"rule {rule.name}: a content-keyed stage runs {expected}")
-    if not rule.name.startswith(stage):
+    if rule.name != stage and not rule.name.startswith(stage + "_"):
         raise LoramillError(
             f"rule {rule.name}: its marker {rule.output.get(DONE)} names another stage"
         )

@@ -198,6 +198,9 @@ class TrainConfig:
         refused = [
             # LoHa and LoKr have no rank activations for kohya's network_dropout to drop
             ("network_dropout", lycoris),
+            # DoRA's magnitude scales the layer's input whatever the dropped LoRA branch does: a
+            # dropped module would be neither the base nor the trained one
+            ("module_dropout", self.network_type == "dora"),
             # LoRA+ raises the up matrices' rate: LoHa and LoKr have no up and down pair
             ("loraplus_lr_ratio", lycoris),
             ("loraplus_unet_lr_ratio", lycoris),

@@ -22,7 +22,13 @@ from loramill.models.flux.layout import KOHYA_PREFIX, bfl_modules, is_chroma, ko
 from loramill.models.flux.unfused import split_fused
 from loramill.models.kohya_names import KOHYA_KEY_PREFIXES, TE_ROOT, KohyaNames, model_names
 from loramill.models.network import NetworkSpec
-from loramill.models.network_parts import KOHYA_SUFFIXES, PEFT_SUFFIXES, carrier, fold
+from loramill.models.network_parts import (
+    KOHYA_SUFFIXES,
+    PEFT_SUFFIXES,
+    carrier,
+    client_dim,
+    fold,
+)
 
 
 def peft_module(key: str) -> str:
@@ -83,8 +89,8 @@ def _unfolded(parts: dict[str, Any], layer: Any) -> dict[str, Any]:
     parts = dict(parts)
     alpha = parts.pop("alpha", None)
     configured = float(layer.scaling["default"])
-    dim = layer.r["default"]
-    written = float(dim) if alpha is None else float(alpha)  # no alpha: scale 1, as kohya's
+    dim = client_dim(parts)
+    written = float(dim or 1) if alpha is None else float(alpha)  # no alpha: scale 1, as kohya's
     factor = fold(parts, configured, written)
     if factor != 1.0:
         parts[carrier(parts)] = parts[carrier(parts)] / factor
@@ -113,9 +119,8 @@ def _configured_scales(models: dict[str, Any]) -> tuple[set[int], set[float]]:
     ranks, alphas = set(), set()
     for model in models.values():
         config = model.peft_config["default"]
-        alpha = config.lora_alpha if hasattr(config, "lora_alpha") else config.alpha
         ranks |= {int(config.r), *map(int, config.rank_pattern.values())}
-        alphas |= {float(alpha), *map(float, config.alpha_pattern.values())}
+        alphas |= {config_alpha(vars(config)), *map(float, config.alpha_pattern.values())}
     return ranks, alphas
 
 
@@ -123,9 +128,11 @@ def _check_scale(checkpoint: Any, models: dict[str, Any], path: str) -> None:
     """The file's ranks and alphas are the configured network's: else it loads at another
     strength than it was trained at."""
     ranks, alphas = _rank_and_alphas(checkpoint)
-    if not ranks:
+    if not any(not key.endswith(".alpha") for key in checkpoint.tensors):
         raise LoramillError(f"train.init_from {path}: no LoRA tensors")
     want_ranks, want_alphas = _configured_scales(models)
+    # no rank to compare in a LoKr file whose factors are all whole (their shapes are checked
+    # against the layers' later, _check_ranks)
     if not (set(ranks) <= want_ranks and set(alphas) <= want_alphas):
         shown_rank, shown_alpha = "/".join(map(str, ranks)), "/".join(f"{a:g}" for a in alphas)
         rank, alpha = (
@@ -203,6 +210,7 @@ def read_init_weights(
     if kohya and "transformer" in models:
         tensors = _from_kohya_flux(tensors, models, network, str(path))
     else:
+        _check_type(tensors, network, str(path))
         _check_scale(checkpoint, models, str(path))
         if kohya:
             tensors = _from_kohya(tensors, models, str(path))
@@ -232,8 +240,8 @@ def _check_ranks(tensors: dict[str, Any], layers: dict[str, Any], path: str) -> 
     tensor being trained; block-wise ranks differ by module, LoKr's factors by the factor)."""
     for key, shape in layers.items():
         found = tensors.get(key)
-        if found is None or (found.numel() == shape.numel() and key.endswith("magnitude_vector")):
-            continue  # LyCORIS's dora_scale is reshaped to peft's magnitude
+        if found is None:
+            continue
         if tuple(found.shape) != tuple(shape):
             component, _, module = peft_module(key).partition(".")
             part = key.removeprefix(f"{component}.{module}.")
@@ -247,6 +255,11 @@ def _check_ranks(tensors: dict[str, Any], layers: dict[str, Any], path: str) -> 
             )
 
 
+def _parts(keys: Any, module: str) -> str:
+    """A module's parts among checkpoint ``keys``: ``lokr_w1+lokr_w2``."""
+    return "+".join(sorted(k.removeprefix(module + ".") for k in keys if peft_module(k) == module))
+
+
 def _shown(size: Any) -> str:
     return str(size) if isinstance(size, int) else str(tuple(size))
 
@@ -255,26 +268,17 @@ def _check_covers(
     tensors: dict[str, Any], layers: dict[str, Any], network: NetworkSpec, path: str
 ) -> None:
     """A file with fewer layers than the configured network would leave some layers fresh
-    and train another network than the one it claims to continue; a file of another type
-    (LoHa's tensors for a LoRA) has none of them."""
-    file_type = _network_type(tensors)
-    if file_type != network.network_type:
-        raise LoramillError(
-            f"train.init_from {path}: the file holds a {file_type} network; set "
-            f"train.network_type: {file_type}"
-        )
+    and train another network than the one it claims to continue."""
     expected = set(layers)
     if not expected <= set(tensors):
         have = {peft_module(key) for key in set(tensors) & expected}
         want = {peft_module(key) for key in expected}
         if have == want:  # every module, split into other parts (a LoKr's factors)
             module = peft_module(min(expected - set(tensors)))
-            parts = lambda keys: "+".join(sorted(k.removeprefix(module + ".") for k in keys  # noqa: E731
-                                                 if peft_module(k) == module))  # fmt: skip
             raise LoramillError(
-                f"train.init_from {path}: '{module}' has {parts(tensors)} in the file, "
-                f"{parts(expected)} in the config (set train.rank, and LoKr's factor and "
-                "decompose_both, as the file was trained)"
+                f"train.init_from {path}: '{module}' has {_parts(tensors, module)} in the file, "
+                f"{_parts(expected, module)} in the config (set train.rank, and LoKr's factor "
+                "and decompose_both, as the file was trained)"
             )
         raise LoramillError(
             f"train.init_from {path}: the file has LoRA layers for {len(have)} of the "
@@ -283,9 +287,20 @@ def _check_covers(
         )
 
 
+def _check_type(tensors: dict[str, Any], network: NetworkSpec, path: str) -> None:
+    """A file of another network type (LoHa's tensors for a LoRA) holds none of the layers'
+    tensors, and scales otherwise: named first."""
+    file_type = _network_type(tensors)
+    if file_type != network.network_type:
+        raise LoramillError(
+            f"train.init_from {path}: the file holds a {file_type} network; set "
+            f"train.network_type: {file_type}"
+        )
+
+
 def _network_type(tensors: dict[str, Any]) -> str:
-    """The network type of a file's tensors (checkpoint keys)."""
-    for marker, kind in ((".hada_", "loha"), (".lokr_", "lokr"), (".lora_dora_scale", "dora")):
+    """The network type of a file's tensors, in either format."""
+    for marker, kind in ((".hada_", "loha"), (".lokr_", "lokr"), ("dora_scale", "dora")):
         if any(marker in key for key in tensors):
             return kind
     return "lora"
