@@ -38,7 +38,7 @@ from loramill import LoramillError
 from loramill.export.ldm_names import CLIP_LAYER_PARTS
 from loramill.models.checkpoint import Checkpoint, module_alpha, module_rank
 from loramill.models.dora import column_norms
-from loramill.models.network_parts import HADA, LOKR, client_dim
+from loramill.models.network_parts import HADA, LOKR, client_dim, kohya_groups
 
 if TYPE_CHECKING:
     from loramill.models.kohya_names import KohyaNames
@@ -190,14 +190,10 @@ def named_load(
 ) -> Load:
     """What A1111 or kohya sd-scripts applies of a file: ``resolve`` is the tool's rule from
     a kohya module name to its target (None: no module of that name); ``lycoris``: the tool
-    also reads LoHa and LoKr modules (A1111 does; kohya's networks.lora reads LoRA only)."""
-    groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        name, _, part = key.partition(".")
-        groups.setdefault(name, {})[part] = tensor
+    also reads LoHa, LoKr and DoRA modules (A1111 does; kohya's networks.lora reads LoRA only)."""
     applied: Applied = {}
     unread = []
-    for name, parts in sorted(groups.items()):
+    for name, parts in sorted(kohya_groups(tensors).items()):
         target = resolve(name)
         landed = None
         if target is not None and {"lora_up.weight", "lora_down.weight"} <= set(parts):

@@ -22,6 +22,7 @@ from loramill.models.checkpoint import (
     STEP_KEY,
     Checkpoint,
     config_alpha,
+    has_alpha,
 )
 from loramill.models.families import DENOISERS
 from loramill.models.kohya_names import KOHYA_KEY_PREFIXES
@@ -267,7 +268,7 @@ def kohya_metadata(
         (configs[c] for c in (*DENOISERS, "text_encoder", "text_encoder_2") if configs.get(c)),
         None,
     )
-    if not config or "r" not in config or not {"lora_alpha", "alpha"} & set(config):
+    if not config or "r" not in config or not has_alpha(config):
         raise LoramillError(
             f"checkpoint has no adapter config (r, lora_alpha) in {ADAPTER_METADATA_KEY}"
         )

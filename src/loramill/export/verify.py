@@ -48,7 +48,7 @@ from loramill.models.kohya_names import (
     model_names,
 )
 from loramill.models.network import NetworkSpec, module_scales
-from loramill.models.network_parts import LYCORIS_PARTS
+from loramill.models.network_parts import network_type_of
 
 log = logging.getLogger(__name__)
 ADAPTER = "loramill_verify"
@@ -198,8 +198,7 @@ def file_format(tensors: dict[str, Any]) -> str:
     such a file has LoHa, LoKr or DoRA modules, else ``diffusers``."""
     if not all(key.startswith(KOHYA_KEY_PREFIXES) for key in tensors):
         return "diffusers"
-    lycoris = any(key.split(".", 1)[1].startswith(LYCORIS_PARTS) for key in tensors)
-    return "lycoris" if lycoris else "kohya"
+    return "kohya" if network_type_of(tensors) == "lora" else "lycoris"
 
 
 class Clients:

@@ -24,6 +24,7 @@ from loramill.models.checkpoint import (
     ADAPTER_METADATA_KEY,
     Checkpoint,
     config_alpha,
+    has_alpha,
     module_alpha,
     module_rank,
     read_checkpoint,
@@ -75,7 +76,7 @@ def kohya_alpha(checkpoint: Checkpoint, component: str, module: str) -> float:
     """A module's alpha, for kohya's one ``.alpha`` per module; refuses peft options that
     scale otherwise."""
     config = checkpoint.adapter_configs.get(component)
-    if not config or not {"lora_alpha", "alpha"} & set(config):
+    if not config or not has_alpha(config):
         raise LoramillError(
             f"checkpoint has '{component}' tensors but no '{component}' adapter config "
             f"in {ADAPTER_METADATA_KEY}: its alpha is unknown"

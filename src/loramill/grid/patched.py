@@ -15,6 +15,7 @@ from typing import Any
 from loramill import LoramillError
 from loramill.export.client_rules import lycoris_landed, patched_weight
 from loramill.models.kohya_names import KohyaNames, model_names
+from loramill.models.network_parts import kohya_groups
 
 
 def _kohya_layers(models: dict[str, Any], names: KohyaNames) -> dict[str, tuple[str, Any]]:
@@ -41,12 +42,8 @@ class PatchedAdapter:
     ) -> None:
         self.denoiser = denoiser
         layers = _kohya_layers(models, model_names(models))
-        groups: dict[str, dict[str, Any]] = {}
-        for key, tensor in tensors.items():
-            name, _, part = key.partition(".")
-            groups.setdefault(name, {})[part] = tensor
         self.modules: list[tuple[str, Any, Any, dict[str, Any]]] = []
-        for name, parts in sorted(groups.items()):
+        for name, parts in sorted(kohya_groups(tensors).items()):
             pair = {"lora_up.weight", "lora_down.weight"} <= set(parts)
             if name not in layers or not (pair or lycoris_landed(parts, parts.get("alpha"))):
                 raise LoramillError(

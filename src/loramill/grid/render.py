@@ -33,7 +33,7 @@ from loramill.files import atomic_path
 from loramill.grid.plan import Cell
 from loramill.hashing import hash_value
 from loramill.models.kohya_names import kohya_file_modules, loaded_lora_modules, model_names
-from loramill.models.network_parts import LYCORIS_PARTS
+from loramill.models.network_parts import network_type_of
 from loramill.reruns.run_cache import human
 from loramill.software import RENDERING, versions
 
@@ -277,7 +277,7 @@ class Renderer:
         if step is None or path is None:
             return
         tensors = read_adapter(path)
-        if any(key.split(".", 1)[-1].startswith(LYCORIS_PARTS) for key in tensors):
+        if network_type_of(tensors) != "lora":
             self.patched = self._patched(tensors, path)
             return
         name = f"step{step}"

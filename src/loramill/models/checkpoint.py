@@ -20,6 +20,7 @@ from typing import Any
 from loramill import LoramillError
 from loramill.files import save_safetensors
 from loramill.models.families import DENOISERS
+from loramill.models.network_parts import network_type_of
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 # loramill's own metadata keys; exports copy every key with the prefix along.
@@ -86,17 +87,15 @@ def module_rank(config: dict[str, Any], module: str) -> int:
     return int(config["r"] if rank is None else rank)
 
 
+def has_alpha(config: dict[str, Any]) -> bool:
+    """Whether an adapter config names its alpha (config_alpha's fields)."""
+    return "lora_alpha" in config or "alpha" in config
+
+
 def config_alpha(config: dict[str, Any]) -> float:
     """An adapter config's alpha: LoRA's (and DoRA's) ``lora_alpha``, LoHa's and LoKr's
     ``alpha``."""
     return float(config["lora_alpha"] if "lora_alpha" in config else config["alpha"])
-
-
-def network_type(config: dict[str, Any]) -> str:
-    """The network type (train.network_type) of an adapter config: peft's type (DoRA's is
-    LoRA's, told by its magnitude tensors: Checkpoint.network_type)."""
-    # "LORA", or "PeftType.LORA" where the enum was written by str()
-    return str(config.get("peft_type", "LORA")).rsplit(".", 1)[-1].lower()
 
 
 def adapter_state(model: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -139,10 +138,8 @@ class Checkpoint:
 
     @property
     def network_type(self) -> str:
-        if any(key.endswith(".lora_dora_scale") for key in self.tensors):  # models.dora
-            return "dora"
-        configs = self.adapter_configs
-        return network_type(next((configs[c] for c in self.components if c in configs), {}))
+        """train.network_type of the network it holds, told by its tensors' names."""
+        return network_type_of(self.tensors)
 
 
 def component_order(name: str) -> tuple[int, str]:

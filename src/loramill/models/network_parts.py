@@ -18,6 +18,7 @@ ComfyUI tells it is per input column.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from loramill import LoramillError
@@ -31,9 +32,8 @@ PEFT_SUFFIXES = {
     ".lora_dora_scale": "dora_scale",  # DoRA's magnitude (loramill.models.dora)
     **{f".{part}": part for part in (*HADA, *LOKR)},
 }
-# the parts of a kohya file's modules that mark LyCORIS's file (kohya's networks.lora and
-# diffusers do not load them as trained)
-LYCORIS_PARTS = ("hada_", "lokr_", "dora_scale")
+# the parts that tell a network type from LoRA's, in a checkpoint's keys and a kohya file's
+TYPE_MARKERS = {".hada_": "loha", ".lokr_": "lokr", "dora_scale": "dora"}
 KOHYA_SUFFIXES = {kohya: peft for peft, kohya in PEFT_SUFFIXES.items()}
 # Each type's parts of a module (kohya spelling): LoKr's factors each whole or a product.
 LORA_PARTS = ("lora_down.weight", "lora_up.weight")
@@ -49,6 +49,25 @@ TYPE_PARTS: dict[str, tuple[tuple[str, ...], ...]] = {
 }
 # the factor that carries a folded scale
 CARRIERS = ("lora_up.weight", "hada_w1_a", "lokr_w1", "lokr_w1_a")
+
+
+def network_type_of(keys: Iterable[str]) -> str:
+    """The network type (train.network_type) whose tensors ``keys`` name, in either format."""
+    keys = list(keys)
+    for marker, kind in TYPE_MARKERS.items():
+        if any(marker in key for key in keys):
+            return kind
+    return "lora"
+
+
+def kohya_groups(tensors: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A kohya file's tensors by module: name → {part (``lora_up.weight``, ``alpha`` …):
+    tensor}."""
+    groups: dict[str, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        name, _, part = key.partition(".")
+        groups.setdefault(name, {})[part] = tensor
+    return groups
 
 
 def parts_problem(kind: str, parts: set[str]) -> str | None:

@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
-from loramill.models.checkpoint import Checkpoint, adapter_state, config_alpha, read_checkpoint
+from loramill.models.checkpoint import (
+    Checkpoint,
+    adapter_state,
+    config_alpha,
+    has_alpha,
+    read_checkpoint,
+)
 from loramill.models.diffusers_names import checkpoint_key
 from loramill.models.families import DENOISERS, family_code
 from loramill.models.flux.layout import KOHYA_PREFIX, bfl_modules, is_chroma, kohya_name
@@ -28,6 +34,7 @@ from loramill.models.network_parts import (
     carrier,
     client_dim,
     fold,
+    network_type_of,
 )
 
 
@@ -106,7 +113,7 @@ def _rank_and_alphas(checkpoint: Any) -> tuple[list[int], list[float]]:
     alphas = [float(t) for k, t in tensors.items() if k.endswith(".alpha")]
     configs = checkpoint.adapter_configs
     config = configs.get("unet") or configs.get("transformer") or {}
-    if not alphas and {"lora_alpha", "alpha"} & set(config):
+    if not alphas and has_alpha(config):
         patterns = config.get("alpha_pattern") or {}
         alphas = [config_alpha(config), *map(float, patterns.values())]
     # Neither format must store alpha; both then mean alpha = rank (scale 1).
@@ -290,17 +297,9 @@ def _check_covers(
 def _check_type(tensors: dict[str, Any], network: NetworkSpec, path: str) -> None:
     """A file of another network type (LoHa's tensors for a LoRA) holds none of the layers'
     tensors, and scales otherwise: named first."""
-    file_type = _network_type(tensors)
+    file_type = network_type_of(tensors)
     if file_type != network.network_type:
         raise LoramillError(
             f"train.init_from {path}: the file holds a {file_type} network; set "
             f"train.network_type: {file_type}"
         )
-
-
-def _network_type(tensors: dict[str, Any]) -> str:
-    """The network type of a file's tensors, in either format."""
-    for marker, kind in ((".hada_", "loha"), (".lokr_", "lokr"), ("dora_scale", "dora")):
-        if any(marker in key for key in tensors):
-            return kind
-    return "lora"
