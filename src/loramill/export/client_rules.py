@@ -36,9 +36,9 @@ import torch
 
 from loramill import LoramillError
 from loramill.export.ldm_names import CLIP_LAYER_PARTS
+from loramill.models.adapter_parts import HADA, LOKR, client_dim, kohya_groups
 from loramill.models.checkpoint import Checkpoint, module_alpha, module_rank
 from loramill.models.dora import column_norms
-from loramill.models.network_parts import HADA, LOKR, client_dim, kohya_groups
 
 if TYPE_CHECKING:
     from loramill.models.kohya_names import KohyaNames

@@ -38,6 +38,7 @@ from loramill.export.client_rules import (
 )
 from loramill.export.ldm_names import LdmLayout
 from loramill.export.sdxl_layout import SdxlLayout
+from loramill.models.adapter_parts import network_type_of
 from loramill.models.checkpoint import component_order, read_checkpoint
 from loramill.models.diffusers_names import checkpoint_key
 from loramill.models.families import DENOISERS
@@ -48,7 +49,6 @@ from loramill.models.kohya_names import (
     model_names,
 )
 from loramill.models.network import NetworkSpec, module_scales
-from loramill.models.network_parts import network_type_of
 
 log = logging.getLogger(__name__)
 ADAPTER = "loramill_verify"

@@ -20,6 +20,13 @@ from loramill.config import NO_DIFFUSERS_FILE
 from loramill.export.metadata import kohya_metadata
 from loramill.files import serialize_safetensors as serialize
 from loramill.files import write_bytes
+from loramill.models.adapter_parts import (
+    PEFT_SUFFIXES,
+    carrier,
+    dora_scale,
+    fold,
+    parts_problem,
+)
 from loramill.models.checkpoint import (
     ADAPTER_METADATA_KEY,
     Checkpoint,
@@ -32,13 +39,6 @@ from loramill.models.checkpoint import (
 from loramill.models.diffusers_names import diffusers_key
 from loramill.models.families import DENOISERS
 from loramill.models.kohya_names import TE_ROOT, KohyaNames, checkpoint_names
-from loramill.models.network_parts import (
-    PEFT_SUFFIXES,
-    carrier,
-    dora_scale,
-    fold,
-    parts_problem,
-)
 
 if TYPE_CHECKING:
     import torch
@@ -114,7 +114,7 @@ def _kohya_modules(
 def to_kohya(checkpoint: Checkpoint, names: KohyaNames | None = None) -> dict[str, torch.Tensor]:
     """Rename checkpoint tensors to kohya's (LyCORIS's for LoHa, LoKr and DoRA) keys and add
     each module's ``.alpha``, its trained scale folded into a factor where the clients would
-    scale it otherwise (loramill.models.network_parts).
+    scale it otherwise (loramill.models.adapter_parts).
 
     ``names``: kohya's names for the checkpoint's base model (loramill.models.kohya_names;
     by default its family's, SDXL's from its base model's UNet config).

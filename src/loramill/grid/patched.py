@@ -14,8 +14,8 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.export.client_rules import lycoris_landed, patched_weight
+from loramill.models.adapter_parts import kohya_groups
 from loramill.models.kohya_names import KohyaNames, model_names
-from loramill.models.network_parts import kohya_groups
 
 
 def _kohya_layers(models: dict[str, Any], names: KohyaNames) -> dict[str, tuple[str, Any]]:

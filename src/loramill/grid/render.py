@@ -32,8 +32,8 @@ from loramill import LoramillError
 from loramill.files import atomic_path
 from loramill.grid.plan import Cell
 from loramill.hashing import hash_value
+from loramill.models.adapter_parts import network_type_of
 from loramill.models.kohya_names import kohya_file_modules, loaded_lora_modules, model_names
-from loramill.models.network_parts import network_type_of
 from loramill.reruns.run_cache import human
 from loramill.software import RENDERING, versions
 

@@ -19,8 +19,8 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.files import save_safetensors
+from loramill.models.adapter_parts import network_type_of
 from loramill.models.families import DENOISERS
-from loramill.models.network_parts import network_type_of
 
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 # loramill's own metadata keys; exports copy every key with the prefix along.

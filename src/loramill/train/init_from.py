@@ -15,6 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
+from loramill.models.adapter_parts import (
+    KOHYA_SUFFIXES,
+    PEFT_SUFFIXES,
+    carrier,
+    client_dim,
+    fold,
+    network_type_of,
+)
 from loramill.models.checkpoint import (
     Checkpoint,
     adapter_state,
@@ -28,14 +36,6 @@ from loramill.models.flux.layout import KOHYA_PREFIX, bfl_modules, is_chroma, ko
 from loramill.models.flux.unfused import split_fused
 from loramill.models.kohya_names import KOHYA_KEY_PREFIXES, TE_ROOT, KohyaNames, model_names
 from loramill.models.network import NetworkSpec
-from loramill.models.network_parts import (
-    KOHYA_SUFFIXES,
-    PEFT_SUFFIXES,
-    carrier,
-    client_dim,
-    fold,
-    network_type_of,
-)
 
 
 def peft_module(key: str) -> str:
@@ -92,7 +92,7 @@ def _from_kohya(
 def _unfolded(parts: dict[str, Any], layer: Any) -> dict[str, Any]:
     """A kohya file's module (its tensors by suffix, ``alpha`` popped) at the scale of the
     layer being trained: an export holds the trained scale in one factor where the clients'
-    scale differs from it (loramill.models.network_parts), which is divided out here."""
+    scale differs from it (loramill.models.adapter_parts), which is divided out here."""
     parts = dict(parts)
     alpha = parts.pop("alpha", None)
     configured = float(layer.scaling["default"])
