@@ -12,7 +12,10 @@ random weights:
   tiny tokenizer's vocabulary.
 
     .venv/bin/python bench/text_speed.py [--models tiny 100m] [--steps 20] [--repeats 2]
-        [--precision fp32 bf16] [--device cpu|cuda]
+        [--precision fp32 bf16] [--device cpu|cuda] [--profile DIR]
+
+--profile DIR runs each side's timed call once under torch.profiler instead and writes its
+operators by self CPU time to DIR/<model>-<precision>-<side>.txt (issue #28).
 """
 
 from __future__ import annotations
@@ -109,6 +112,30 @@ def run_trainer(model, data, tokenizer, steps: int, precision: str, device: str)
     return elapsed
 
 
+def profiled(out: Path, run, *args) -> float:
+    """``run(*args)`` under torch.profiler; its operators by self CPU time go to ``out``."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        seconds = run(*args)
+    table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    out.write_text(f"{out.stem}: {seconds:.2f} s (profiled)\n{table}\n")
+    return seconds
+
+
+def profile(args: argparse.Namespace, tokenizer, data) -> None:
+    args.profile.mkdir(parents=True, exist_ok=True)
+    for kind in args.models:
+        for precision in args.precision:
+            stem = f"{kind}-{precision}"
+            runs = {
+                "loramill": (run_loramill, tokenizer.pad_token_id, args.steps, precision),
+                "trainer": (run_trainer, tokenizer, args.steps, precision, args.device),
+            }
+            for side, (run, *rest) in runs.items():
+                out = args.profile / f"{stem}-{side}.txt"
+                seconds = profiled(out, run, build(kind, args.device), data, *rest)
+                print(f"{stem} {side}: {seconds:.2f} s profiled, {out}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["tiny", "100m"])
@@ -116,9 +143,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--profile", type=Path, help="profile each side once into this folder")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tokenizer, data = examples()
+    if args.profile:
+        profile(args, tokenizer, data)
+        return
     tokens = real_tokens(data, args.steps)
     for kind in args.models:
         for precision in args.precision:

@@ -100,7 +100,8 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
         if profile and len(timings["steps"]) + 1 == profile["step"]:
             from step_profile import StepProfile
 
-            profiled = StepProfile(self.unet, profile["out"], "loramill")
+            denoiser = self.models[self.family.denoiser]
+            profiled = StepProfile(denoiser, profile["out"], "loramill")
             profiled.start()
         start = time.perf_counter()
         loss = step(self)

@@ -21,7 +21,7 @@ transformers 4 and diffusers 0.32, so it cannot share loramill's):
     .venv/bin/python bench/vs_kohya.py --model /tmp/sd15 --kohya /work/kohya/sd-scripts \
         --kohya-python /work/kohya/venv/bin/python [--rounds 3] [--warm 3] [--timed 20]
 
---profile instead runs one fp32 step of each side under torch.profiler (by operator and by
+--profile [fp32|bf16] instead runs one step of each side under torch.profiler (by operator and by
 UNet block: bench/step_profile.py) and prints both reports.
 
 Exits 1 when a target is missed: loramill ≥ 1.2× kohya's speed in fp32 and in bf16 (against
@@ -38,6 +38,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from loramill import openmp
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is no package
 from train_real_size import (
     ENV,
@@ -49,10 +51,10 @@ from train_real_size import (
 )
 
 SPEED_TARGET = 1.2  # kohya s/step / loramill s/step, per precision
-# Each side with the OpenMP setting its users get: loramill's jobs wait passively unless the
-# user says otherwise (rules/setup.smk); kohya sets nothing, so libgomp's default applies.
-LORAMILL_ENV = {**ENV, "OMP_WAIT_POLICY": ENV.get("OMP_WAIT_POLICY", "PASSIVE")}
-KOHYA_ENV = {k: v for k, v in ENV.items() if k != "OMP_WAIT_POLICY"}
+# Each side with the OpenMP setting its users get: loramill's jobs spin briefly, then sleep,
+# unless the user says otherwise (rules/setup.smk); kohya sets nothing: libgomp's default.
+LORAMILL_ENV = {**ENV, **openmp.job_environment(ENV)}
+KOHYA_ENV = {k: v for k, v in ENV.items() if k not in openmp.VARIABLES}
 RUNNER = Path(__file__).resolve().parent / "kohya_runner.py"
 TRIGGER = "zzt"
 # side -> (who, loramill mixed_precision or kohya flags)
@@ -198,15 +200,17 @@ def measure(args: argparse.Namespace) -> dict[str, dict[str, list]]:
 
 
 def profile(args: argparse.Namespace) -> None:
-    """One fp32 step of each side under torch.profiler (bench/step_profile.py): the step after
-    the warm-up, in a run of its own; the reports go to the workdir and to stdout."""
+    """One step of each side at ``args.profile`` precision (fp32 or bf16: kohya's mixed bf16)
+    under torch.profiler (bench/step_profile.py): the step after the warm-up, in a run of its
+    own; the reports go to the workdir and to stdout."""
     work, step = args.workdir, args.warm + 1
+    ours, kohyas = PAIRS[args.profile]
     data, paths = prepare(args)
-    spec = loramill_spec(args, data, "no") | {
+    spec = loramill_spec(args, data, SIDES[ours][1]) | {
         "profile": {"step": step, "out": str(work / "profile-loramill.txt")}
     }
     run_child(spec, work, "profile-loramill", env=LORAMILL_ENV)
-    command = kohya_command(args, paths, ["--mixed_precision", "no"])
+    command = kohya_command(args, paths, SIDES[kohyas[0]][1])
     env = KOHYA_ENV | {"PROFILE_STEP": str(step), "PROFILE_OUT": str(work / "profile-kohya.txt")}
     run_child({}, work, "profile-kohya", command=command, cwd=args.kohya, env=env)
     for side in ("loramill", "kohya"):
@@ -251,7 +255,9 @@ def main() -> int:
     parser.add_argument("--warm", type=int, default=3, help="untimed steps per run")
     parser.add_argument("--timed", type=int, default=20, help="timed steps per run")
     parser.add_argument("--images", type=int, default=8)
-    parser.add_argument("--profile", action="store_true", help="profile one fp32 step of each")
+    parser.add_argument(
+        "--profile", nargs="?", const="fp32", choices=PAIRS, help="profile one step of each"
+    )
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.workdir, args.kohya = args.workdir.resolve(), args.kohya.resolve()

@@ -14,15 +14,18 @@ sys.path.insert(0, SRC)
 os.environ["PYTHONPATH"] = os.pathsep.join(
     filter(None, [SRC, os.environ.get("PYTHONPATH")])
 )
-# Jobs' OpenMP threads sleep while they wait instead of spinning: beside other busy processes
-# spinning threads made training 10-100x slower (bench/thread_policy.py). libgomp reads this
-# when torch loads, in each job process, which inherits it from here. A user's value stands.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Jobs' OpenMP threads spin briefly, then sleep, while they wait (loramill.openmp): fast on a
+# quiet machine, and beside other busy processes no slower than their share of the cores.
+# libgomp reads this when torch loads, in each job process, which inherits it from here. A
+# user's OMP_WAIT_POLICY or GOMP_SPINCOUNT stands.
+from loramill import openmp
+
+os.environ.update(openmp.job_environment(os.environ))
 
 
 envvars:
     "PYTHONPATH",
-    "OMP_WAIT_POLICY",
+    *[name for name in openmp.VARIABLES if name in os.environ],
 
 
 from loramill import LoramillError

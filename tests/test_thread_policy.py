@@ -1,5 +1,6 @@
-"""Jobs run with OpenMP threads that sleep while they wait (issue #25, item 12): beside other
-busy processes, spinning threads made a training step 10-100x slower (bench/thread_policy.py).
+"""Jobs run with OpenMP threads that spin briefly, then sleep, while they wait (issues #25 and
+#28): beside other busy processes, threads that spin long made a training step 10-37x slower,
+and threads that sleep at once cost a tenth of a quiet step (bench/thread_policy.py).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import pytest
 import yaml
 from conftest import REPO, run_tool
 
+from loramill import openmp
 from loramill.demo.images import generate_dataset
 from loramill.demo.text import procedure_records, write_jsonl
 
@@ -27,7 +29,8 @@ rule omp_probe:
 PROBE_SCRIPT = """import os
 from pathlib import Path
 
-Path(snakemake.output[0]).write_text(os.environ.get("OMP_WAIT_POLICY", "unset"))
+names = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+Path(snakemake.output[0]).write_text(" ".join(os.environ.get(n, "unset") for n in names))
 """
 
 
@@ -51,17 +54,19 @@ def workflow(tmp_path_factory):
     return root
 
 
-def job_policy(root, monkeypatch, value: str | None) -> str:
-    """OMP_WAIT_POLICY as a job sees it when Snakemake starts with ``value`` (None: unset)."""
-    if value is None:
-        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)  # conftest sets it for the suite
-    else:
-        monkeypatch.setenv("OMP_WAIT_POLICY", value)
+def job_policy(root, monkeypatch, **values: str) -> str:
+    """OMP_WAIT_POLICY and GOMP_SPINCOUNT as a job sees them when Snakemake starts with
+    ``values`` of them set (the others unset)."""
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        monkeypatch.delenv(name, raising=False)  # conftest sets OMP_WAIT_POLICY for the suite
+        if name in values:
+            monkeypatch.setenv(name, values[name])
     (root / "omp_probe.txt").unlink(missing_ok=True)
     run_tool("snakemake", "--cores", "1", "omp_probe.txt", cwd=root)
     return (root / "omp_probe.txt").read_text()
 
 
-def test_jobs_wait_passively_unless_the_user_says_otherwise(workflow, monkeypatch):
-    assert job_policy(workflow, monkeypatch, None) == "PASSIVE"
-    assert job_policy(workflow, monkeypatch, "ACTIVE") == "ACTIVE"
+def test_jobs_spin_briefly_then_sleep_unless_the_user_says_otherwise(workflow, monkeypatch):
+    assert job_policy(workflow, monkeypatch) == f"unset {openmp.SPIN_COUNT}"
+    assert job_policy(workflow, monkeypatch, OMP_WAIT_POLICY="PASSIVE") == "PASSIVE unset"
+    assert job_policy(workflow, monkeypatch, GOMP_SPINCOUNT="300000") == "unset 300000"

@@ -290,3 +290,19 @@ def _rank_mask(out: torch.Tensor, p: float) -> torch.Tensor:
     keep = torch.rand(out.shape[0], ranks, device=out.device) > p
     shape = (out.shape[0], ranks, 1, 1) if conv else (out.shape[0], *[1] * (out.ndim - 2), ranks)
     return keep.reshape(shape).to(out.dtype) / (1.0 - p)
+
+
+def keep_input_dtype(models: list[torch.nn.Module]) -> None:
+    """Let the LoRA layers of ``models`` take their input in the dtype it comes in.
+
+    Only for models that run under autocast: there LoRA's matmuls compute in the half dtype
+    whatever the input's, so peft's cast of each half-precision input to the float32 LoRA
+    weights copies every activation (and its gradient) for nothing: about a tenth of a bf16
+    SD1.5 step on CPU, the same bits (bench/README.md, issue #28). Outside autocast the cast
+    is needed: a half input would meet float32 weights."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for model in models:
+        for module in model.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.cast_input_dtype_enabled = False

@@ -18,7 +18,7 @@ from loramill.models.checkpoint import (
     network_state,
 )
 from loramill.models.float8 import check_float8_device, store_float8
-from loramill.models.network import add_lora, block_lrs, unet_blocks
+from loramill.models.network import add_lora, block_lrs, keep_input_dtype, unet_blocks
 from loramill.models.quantize import check_quantize_device, quantize_linears
 from loramill.prepare.buckets import batches
 from loramill.train.caption_variation import CaptionVariation
@@ -156,8 +156,9 @@ class Training:
             models[denoiser].enable_gradient_checkpointing()
             for name in names[1:]:
                 models[name].gradient_checkpointing_enable()
-        if weight_dtype != torch.float32:
+        if weight_dtype != torch.float32:  # mixed precision: every forward runs under autocast
             cast_training_params(list(models.values()), dtype=torch.float32)
+            keep_input_dtype(list(models.values()))
             if denoiser == "unet":  # faster with bf16 on CPU
                 models[denoiser].to(memory_format=torch.channels_last)
         return models
