@@ -240,6 +240,21 @@ def test_bf16_mixed_precision_keeps_lora_weights_float32(plain_run, prepared, tm
     assert any(not torch.equal(bf16.tensors[k], fp32.tensors[k]) for k in fp32.tensors)
 
 
+def test_bf16_lora_layers_take_their_input_uncast_with_the_same_bits(
+    prepared, tmp_path, tiny_sd, monkeypatch
+):
+    """Under autocast the LoRA layers skip peft's cast of their input to the float32 LoRA
+    weights (issue #28: it copied every activation and its gradient); autocast's matmuls see
+    the same bf16 values either way, so the adapter is the same bits as with the cast."""
+    options = {"mixed_precision": "bf16", "train_text_encoder": True}
+    uncast = read_checkpoint(train(prepared, tmp_path / "uncast", tiny_sd, **options)[-1])
+    monkeypatch.setattr("loramill.train.step.keep_input_dtype", lambda models: None)
+    cast = read_checkpoint(train(prepared, tmp_path / "cast", tiny_sd, **options)[-1])
+    assert uncast.tensors.keys() == cast.tensors.keys()
+    assert any(k.startswith("text_encoder.") for k in cast.tensors)
+    assert all(torch.equal(uncast.tensors[k], cast.tensors[k]) for k in cast.tensors)
+
+
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
