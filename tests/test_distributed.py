@@ -1,6 +1,7 @@
 """Data-parallel training of one dataset: two gloo processes of batch 1 on the CPU train as one
-process of batch 2 does, only rank 0 writes, and a stopped run resumes exactly; the workers are
-torchrun's (its variables, its rendezvous across machines, its signal handling)."""
+process of batch 2 does (the adapter and its moving average), only rank 0 writes, and a stopped
+run resumes exactly; the workers are torchrun's (its variables, its rendezvous across machines,
+its signal handling)."""
 
 from __future__ import annotations
 
@@ -23,10 +24,17 @@ from loramill.train.config import TrainConfig
 from loramill.train.distributed import launch, share
 
 FAST = {"max_train_steps": 4, "save_steps": 2, "threads": 1}
+# the runs compared keep an EMA too (issue #32): a decay far from 1 keeps it apart from the weights
+EMA = {"ema": True, "ema_decay": 0.5}
 
 
 def tensors(paths):
     return [load_file(str(p)) for p in paths]
+
+
+def averages(checkpoints):
+    """The EMA files written beside ``checkpoints``."""
+    return [p.with_name(f"ema-{p.name}") for p in checkpoints]
 
 
 def test_the_rows_each_process_trains_on():
@@ -43,16 +51,19 @@ def two(prepared, tmp_path_factory, tiny_sd):
     """Two processes of batch 1, uninterrupted: the run a single process of batch 2 and a
     stopped-and-resumed two-process run are compared with."""
     out = tmp_path_factory.mktemp("two")
-    return train(prepared, out, tiny_sd, train_batch_size=1, num_processes=2, **FAST)
+    return train(prepared, out, tiny_sd, train_batch_size=1, num_processes=2, **FAST, **EMA)
 
 
 def test_two_processes_of_batch_1_train_as_one_process_of_batch_2(two, prepared, tmp_path, tiny_sd):
-    one = train(prepared, tmp_path / "one", tiny_sd, train_batch_size=2, **FAST)
+    one = train(prepared, tmp_path / "one", tiny_sd, train_batch_size=2, **FAST, **EMA)
     names = ["step-000002.safetensors", "step-000004.safetensors"]
     assert [p.name for p in two] == [p.name for p in one] == names
-    # only rank 0 wrote: the checkpoints and nothing else
-    assert sorted(p.name for p in two[0].parent.iterdir()) == [p.name for p in two]
-    for a, b in zip(tensors(one), tensors(two), strict=True):
+    # only rank 0 wrote: the checkpoints and their averages, nothing else
+    written = sorted(p.name for p in two[0].parent.iterdir())
+    assert written == sorted(p.name for p in two + averages(two))
+    pairs = [*zip(tensors(one), tensors(two), strict=True)]
+    pairs += zip(tensors(averages(one)), tensors(averages(two)), strict=True)
+    for a, b in pairs:
         assert a.keys() == b.keys()
         # gradients summed in another order, then through Adam (which evens out magnitudes):
         # measured 7e-6 apart at most, updates of up to 4e-3
@@ -61,17 +72,21 @@ def test_two_processes_of_batch_1_train_as_one_process_of_batch_2(two, prepared,
     moved = max(float((b[k] - a[k]).abs().max()) for a, b in zip(tensors(one)[:1],
                 tensors(one)[1:], strict=True) for k in a)  # fmt: skip
     assert moved > 1e-4  # the comparison is of weights that trained
+    last, average = tensors(one[-1:])[0], tensors(averages(one[-1:]))[0]
+    assert any(not torch.equal(last[k], average[k]) for k in last)  # and of an average apart
 
 
 def test_a_stopped_two_process_run_resumes_exactly(prepared, two, tmp_path, tiny_sd):
     state = tmp_path / "state"
-    config = {**FAST, "train_batch_size": 1, "num_processes": 2}
+    config = {**FAST, **EMA, "train_batch_size": 1, "num_processes": 2}
     first = train(prepared, tmp_path / "a", tiny_sd, call={"state_dir": state},
                   **{**config, "max_train_steps": 2})  # fmt: skip
     assert [p.name for p in first] == ["step-000002.safetensors"]
     resumed = train(prepared, tmp_path / "b", tiny_sd, call={"state_dir": state}, **config)
     assert [p.name for p in resumed] == [p.name for p in two]
-    for a, b in zip(tensors(resumed), tensors(two), strict=True):
+    pairs = [*zip(tensors(resumed), tensors(two), strict=True)]
+    pairs += zip(tensors(averages(resumed)), tensors(averages(two)), strict=True)
+    for a, b in pairs:
         assert all(torch.equal(a[k], b[k]) for k in a)
 
 
