@@ -5,8 +5,11 @@ bit-reproducible on CPU."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
+import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -16,8 +19,15 @@ from safetensors.torch import load_file
 from loramill import LoramillError
 from loramill.demo.text import procedure_records
 from loramill.text.language_model import load_causal_lm, load_tokenizer
+from loramill.text.prepare import write_tokens
 from loramill.text.records import Record, hold_out, pad_batch, parse_record, tokenize
-from loramill.text.train import TextTrainConfig, eval_loss, train_text_lora
+from loramill.text.train import (
+    PROVENANCE_FILE,
+    TextTrainConfig,
+    eval_loss,
+    train_text,
+    train_text_lora,
+)
 
 TINY_LLAMA = str(Path(__file__).resolve().parents[1] / "models" / "tiny-llama")
 CONFIG = {
@@ -132,6 +142,53 @@ def test_gradient_checkpointing_and_bf16(setup, tmp_path):
     assert {t.dtype for t in tensors.values()} == {torch.float32}  # LoRA weights stay float32
     with pytest.raises(LoramillError, match=r"train\.mixed_precision: 'fp8': use no or bf16"):
         TextTrainConfig.from_dict({"mixed_precision": "fp8"})
+
+
+def quantized_run(setup, out, **changes):
+    """A short run of the text_train stage, on the base loaded as ``changes`` say."""
+    out.mkdir(parents=True)
+    write_tokens(setup[1], out / "train.jsonl")
+    config = {**CONFIG, "max_train_steps": 5, **changes}
+    return train_text(str(out / "train.jsonl"), str(out / "adapters"), str(out / "loss.png"),
+                      TINY_LLAMA, config, device="cpu")  # fmt: skip
+
+
+def adapter(written):
+    return load_file(str(written[-1] / "adapter_model.safetensors"))
+
+
+def test_qlora_trains_a_float32_adapter_on_a_quantized_base(setup, tmp_path, bitsandbytes, caplog):
+    """load_in_4bit (NF4, double-quantized) and load_in_8bit (issue #33): bitsandbytes quantizes
+    the base's Linear weights as they load (its CPU kernels here), the LoRA trains on top in
+    float32, reproducibly, and the base's rounding shows in the adapter."""
+    caplog.set_level(logging.INFO, logger="loramill.text.train")
+    plain = adapter(run(setup, setup[1], tmp_path / "plain", max_train_steps=5)[2])
+    for key in ("load_in_4bit", "load_in_8bit"):
+        written = quantized_run(setup, tmp_path / key, **{key: True})
+        tensors = adapter(written)
+        again = adapter(quantized_run(setup, tmp_path / f"{key}-again", **{key: True}))
+        assert tensors.keys() == plain.keys()
+        assert {t.dtype for t in tensors.values()} == {torch.float32}
+        assert all(torch.equal(tensors[k], again[k]) for k in tensors)
+        assert any(not torch.equal(tensors[k], plain[k]) for k in tensors)
+        assert all(t.abs().sum() > 0 for k, t in tensors.items() if "lora_B" in k)  # trained
+        # the tiny LLaMA's 2 blocks of 7 Linear layers; lm_head stays unquantized
+        assert f"{key}: 14 Linear weights quantized" in caplog.text
+        provenance = json.loads((written[-1] / PROVENANCE_FILE).read_text())
+        assert provenance["versions"] == {"bitsandbytes": version("bitsandbytes")}
+
+
+def test_qlora_options_name_their_key(setup, tmp_path, bitsandbytes, monkeypatch):
+    with pytest.raises(LoramillError, match=r"^train\.load_in_4bit and train\.load_in_8bit: "):
+        TextTrainConfig.from_dict({"load_in_4bit": True, "load_in_8bit": True})
+    with pytest.raises(LoramillError, match=r"^train\.load_in_4bit/load_in_8bit: .*unquantized"):
+        run(setup, setup[1], tmp_path, max_train_steps=1, load_in_4bit=True)
+    eight = {"load_in_8bit": True}
+    with pytest.raises(LoramillError, match=r"^train\.load_in_8bit: the device 'mps' has no "):
+        load_causal_lm(TINY_LLAMA, quantization=eight, device="mps")
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(LoramillError, match=r"^train\.load_in_8bit: needs bitsandbytes, "):
+        load_causal_lm(TINY_LLAMA, quantization=eight)
 
 
 def test_a_stopped_run_resumes_exactly(setup, tmp_path, caplog):

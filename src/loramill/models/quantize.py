@@ -36,15 +36,16 @@ DEVICES = ("cpu", "cuda")  # bitsandbytes' kernels for both ship in its wheel
 INT8_THRESHOLD = 6.0  # LLM.int8's outlier threshold, as transformers' load_in_8bit
 
 
-def check_quantize_device(device: torch.device) -> None:
+def check_quantize_device(device: torch.device, key: str = "train.quantize_base") -> None:
+    """``key``: the option that asked for bitsandbytes, named in the error."""
     if device.type not in DEVICES:
         raise LoramillError(
-            f"train.quantize_base: the device '{device}' has no bitsandbytes kernels; "
-            f"use it on {' or '.join(DEVICES)}, or drop quantize_base"
+            f"{key}: the device '{device}' has no bitsandbytes kernels; "
+            f"use it on {' or '.join(DEVICES)}, or drop {key.rsplit('.', 1)[-1]}"
         )
 
 
-def _bitsandbytes() -> Any:
+def require_bitsandbytes(key: str = "train.quantize_base") -> Any:
     # By name, not by an import statement: a stage's fingerprint holds the release of every
     # distribution its code imports (loramill.reruns.code), and installing the extra must not
     # retrain the runs that do not quantize. A quantized run's provenance names the version
@@ -53,7 +54,7 @@ def _bitsandbytes() -> Any:
         bitsandbytes = importlib.import_module("bitsandbytes")
     except ImportError:
         raise LoramillError(
-            "train.quantize_base: needs bitsandbytes, which is not installed here; "
+            f"{key}: needs bitsandbytes, which is not installed here; "
             "pip install 'loramill[quantize]'"
         ) from None
     return bitsandbytes
@@ -84,7 +85,7 @@ def quantize_linears(model: torch.nn.Module, kind: str, compute_dtype: torch.dty
     model is next moved to a device (``model.to(device)``)."""
     if kind not in KINDS:
         raise LoramillError(f"train.quantize_base '{kind}': use {' | '.join(KINDS)}")
-    bnb = _bitsandbytes()  # before any module is replaced
+    bnb = require_bitsandbytes()  # before any module is replaced
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

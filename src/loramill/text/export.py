@@ -85,6 +85,9 @@ def model_card(name: str, provenance: dict[str, Any], gguf: bool, merged: bool) 
         lines += [f"llama.cpp: `llama-cli -m BASE.gguf --lora exports/{name}/{name}.gguf`", ""]
     if merged:
         lines += [f"Merged model (no peft needed): `exports/{name}/merged/`.", ""]
+    if quantized := [key for key in ("load_in_4bit", "load_in_8bit") if cfg.get(key)]:
+        lines += [f"Trained on the base quantized by bitsandbytes as it loaded (`{quantized[0]}`, "
+                  "QLoRA); the adapter loads on the unquantized base as above.", ""]  # fmt: skip
     lines += ["## Training", "", "| option | value |", "| --- | --- |"]
     lines += [f"| {key} | {json.dumps(value)} |" for key, value in sorted(cfg.items())]
     lines += [

@@ -12,6 +12,7 @@ from typing import Any
 from loramill import LoramillError
 from loramill.model_files import language_model_files, load_error, resolve_language_model
 from loramill.models.base_model import safetensors_float32_bytes, torch_dtype
+from loramill.models.quantize import check_quantize_device, require_bitsandbytes
 
 
 def _local(source: str) -> dict[str, Any]:
@@ -32,21 +33,44 @@ def load_tokenizer(spec: str) -> Any:
     return tokenizer
 
 
-def load_causal_lm(spec: str, dtype: str = "float32", allow_unsafe_weights: bool = False) -> Any:
-    """The frozen base model, in eval mode."""
+def load_causal_lm(
+    spec: str,
+    dtype: str = "float32",
+    allow_unsafe_weights: bool = False,
+    quantization: dict[str, Any] | None = None,
+    device: Any = None,
+) -> Any:
+    """The frozen base model, in eval mode. With ``quantization`` (BitsAndBytesConfig's
+    arguments, loramill.text.train.TextTrainConfig.quantization) its Linear weights are
+    quantized by bitsandbytes as they load, onto ``device``; without, it loads on the CPU."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_language_model(spec)
+    extra = _quantized_loading(quantization, device) if quantization else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
             dtype=torch_dtype(dtype),
             use_safetensors=None if allow_unsafe_weights else True,  # None: pickle allowed
             **_local(source),
+            **extra,
         )
     except (OSError, ValueError) as error:
         raise load_error(spec, error) from error
     return model.eval().requires_grad_(False)
+
+
+def _quantized_loading(quantization: dict[str, Any], device: Any) -> dict[str, Any]:
+    """from_pretrained's arguments that quantize the weights as they load, on ``device``
+    (a quantized model cannot be moved after)."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    key = "train.load_in_4bit" if quantization.get("load_in_4bit") else "train.load_in_8bit"
+    device = torch.device(device or "cpu")
+    check_quantize_device(device, key)
+    require_bitsandbytes(key)
+    return {"quantization_config": BitsAndBytesConfig(**quantization), "device_map": {"": device}}
 
 
 def model_config(spec: str) -> dict[str, Any]:

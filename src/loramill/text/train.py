@@ -26,6 +26,8 @@ from loramill.config import with_schema_defaults
 from loramill.devices import resolve_device
 from loramill.files import atomic_folder, write_json
 from loramill.models.checkpoint import checkpoint_steps, step_name
+from loramill.models.quantize import LIBRARY as QUANTIZING_LIBRARY
+from loramill.software import installed
 from loramill.text.language_model import load_causal_lm, load_tokenizer
 from loramill.text.prepare import read_tokens
 from loramill.text.records import IGNORE, Tokenized, pad_batch
@@ -53,6 +55,9 @@ class TextTrainConfig:
     threads: int
     mixed_precision: str  # no | bf16 (autocast; LoRA weights stay float32)
     gradient_checkpointing: bool  # recompute activations: less memory, slower
+    # QLoRA: the frozen base's Linear weights in bitsandbytes' NF4 (double-quantized) or LLM.int8
+    load_in_4bit: bool
+    load_in_8bit: bool
 
     @classmethod
     def from_dict(cls, options: dict[str, Any]) -> TextTrainConfig:
@@ -67,7 +72,29 @@ class TextTrainConfig:
             raise LoramillError(
                 f"train.mixed_precision: '{values['mixed_precision']}': use no or bf16"
             )
+        if values.get("load_in_4bit") and values.get("load_in_8bit"):
+            raise LoramillError(
+                "train.load_in_4bit and train.load_in_8bit: the base is quantized one way; "
+                "set one of them"
+            )
         return cls(**values)
+
+    def quantization(self) -> dict[str, Any] | None:
+        """transformers' BitsAndBytesConfig arguments for the base, or None. NF4 computes in
+        the run's precision: bf16 under mixed precision, else float32."""
+        if self.load_in_4bit:
+            compute = "bfloat16" if self.mixed_precision == "bf16" else "float32"
+            return {
+                "load_in_4bit": True,
+                "bnb_4bit_quant_type": "nf4",
+                "bnb_4bit_use_double_quant": True,
+                "bnb_4bit_compute_dtype": compute,
+            }
+        return {"load_in_8bit": True} if self.load_in_8bit else None
+
+
+def quantized_key(cfg: TextTrainConfig) -> str:
+    return "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
 
 
 def add_text_lora(model: Any, cfg: TextTrainConfig) -> Any:
@@ -148,6 +175,16 @@ def save_adapter(
 
 def _prepare(model: Any, cfg: TextTrainConfig) -> tuple[Any, Any, Any]:
     """The peft model, its optimizer and the autocast context the steps run in."""
+    if cfg.quantization():
+        from peft import prepare_model_for_kbit_training
+
+        quantized = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
+        if not quantized:
+            raise LoramillError("train.load_in_4bit/load_in_8bit: the base was loaded unquantized")
+        log.info("%s: %d Linear weights quantized", quantized_key(cfg), quantized)
+        # QLoRA's preparation: the weights left unquantized in float32, the model frozen
+        # (gradient checkpointing is set up below, as for any run)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if cfg.gradient_checkpointing:
         # the frozen embeddings' output must carry gradients for the recomputed blocks
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -238,12 +275,16 @@ def train_text(
     """The text_train stage: a LoRA on the base model from the prepared tokens."""
     cfg = TextTrainConfig.from_dict(config)
     tokenizer = load_tokenizer(language_model)
-    model = load_causal_lm(language_model, allow_unsafe_weights=allow_unsafe_weights)
-    model.to(resolve_device(device))
+    target, quantization = resolve_device(device), cfg.quantization()
+    model = load_causal_lm(language_model, allow_unsafe_weights=allow_unsafe_weights,
+                           quantization=quantization, device=target)  # fmt: skip
+    if not quantization:  # a quantized model is loaded onto its device
+        model.to(target)
     data = read_tokens(train_tokens)
     provenance = {
         "base_model": language_model,
         "train_config": asdict(cfg),
+        **({"versions": installed(QUANTIZING_LIBRARY)} if quantization else {}),
         "examples": len(data.input_ids),
         "tokens": sum(map(len, data.input_ids)),
         "stage": stage or {},
