@@ -12,7 +12,6 @@ from typing import Any
 from loramill import LoramillError
 from loramill.model_files import language_model_files, load_error, resolve_language_model
 from loramill.models.base_model import safetensors_float32_bytes, torch_dtype
-from loramill.models.quantize import check_quantize_device, require_bitsandbytes
 
 
 def _local(source: str) -> dict[str, Any]:
@@ -65,6 +64,9 @@ def _quantized_loading(quantization: dict[str, Any], device: Any) -> dict[str, A
     (a quantized model cannot be moved after)."""
     import torch
     from transformers import BitsAndBytesConfig
+
+    # here, not at the top: the workflow imports this module to plan, without torch
+    from loramill.models.quantize import check_quantize_device, require_bitsandbytes
 
     key = "train.load_in_4bit" if quantization.get("load_in_4bit") else "train.load_in_8bit"
     device = torch.device(device or "cpu")
