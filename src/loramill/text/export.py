@@ -23,6 +23,12 @@ from loramill.files import atomic_folder, write_json, write_text
 from loramill.hashing import hash_file
 from loramill.models.checkpoint import STEP_PREFIX, step_of
 from loramill.text.gguf import export_gguf_lora
+from loramill.text.language_model import (
+    load_causal_lm,
+    load_tokenizer,
+    model_config,
+    quantizing_option,
+)
 from loramill.text.train import PROVENANCE_FILE
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
@@ -85,8 +91,8 @@ def model_card(name: str, provenance: dict[str, Any], gguf: bool, merged: bool) 
         lines += [f"llama.cpp: `llama-cli -m BASE.gguf --lora exports/{name}/{name}.gguf`", ""]
     if merged:
         lines += [f"Merged model (no peft needed): `exports/{name}/merged/`.", ""]
-    if quantized := [key for key in ("load_in_4bit", "load_in_8bit") if cfg.get(key)]:
-        lines += [f"Trained on the base quantized by bitsandbytes as it loaded (`{quantized[0]}`, "
+    if quantized := quantizing_option(cfg):
+        lines += [f"Trained on the base quantized by bitsandbytes as it loaded (`{quantized}`, "
                   "QLoRA); the adapter loads on the unquantized base as above.", ""]  # fmt: skip
     lines += ["## Training", "", "| option | value |", "| --- | --- |"]
     lines += [f"| {key} | {json.dumps(value)} |" for key, value in sorted(cfg.items())]
@@ -103,7 +109,6 @@ def export_text(
     settings: dict[str, Any], allow_unsafe_weights: bool = False,
 ) -> Path:  # fmt: skip
     """The text_export stage: the last checkpoint as ``out_dir`` (see the module doc)."""
-    from loramill.text.language_model import load_causal_lm, load_tokenizer, model_config
 
     last = checkpoint_folders(checkpoints_dir)[-1]
     provenance = json.loads((last / PROVENANCE_FILE).read_text(encoding="utf-8"))

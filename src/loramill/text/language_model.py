@@ -13,6 +13,9 @@ from loramill import LoramillError
 from loramill.model_files import language_model_files, load_error, resolve_language_model
 from loramill.models.base_model import safetensors_float32_bytes, torch_dtype
 
+# text.train's options that load the base quantized (QLoRA), named as transformers names them
+QUANTIZING_OPTIONS = ("load_in_4bit", "load_in_8bit")
+
 
 def _local(source: str) -> dict[str, Any]:
     return {"local_files_only": Path(source).exists()}
@@ -39,9 +42,9 @@ def load_causal_lm(
     quantization: dict[str, Any] | None = None,
     device: Any = None,
 ) -> Any:
-    """The frozen base model, in eval mode. With ``quantization`` (BitsAndBytesConfig's
-    arguments, loramill.text.train.TextTrainConfig.quantization) its Linear weights are
-    quantized by bitsandbytes as they load, onto ``device``; without, it loads on the CPU."""
+    """The frozen base model, in eval mode, on ``device`` (default: the CPU). With
+    ``quantization`` (BitsAndBytesConfig's arguments, TextTrainConfig.quantization) its Linear
+    weights are quantized by bitsandbytes as they load onto the device."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_language_model(spec)
@@ -56,7 +59,15 @@ def load_causal_lm(
         )
     except (OSError, ValueError) as error:
         raise load_error(spec, error) from error
+    if device is not None and not quantization:  # a quantized model is loaded in place
+        model.to(device)
     return model.eval().requires_grad_(False)
+
+
+def quantizing_option(options: dict[str, Any]) -> str | None:
+    """Which of ``QUANTIZING_OPTIONS`` ``options`` (text.train's, or the BitsAndBytesConfig
+    arguments made from them) sets, if any."""
+    return next((name for name in QUANTIZING_OPTIONS if options.get(name)), None)
 
 
 def _quantized_loading(quantization: dict[str, Any], device: Any) -> dict[str, Any]:
@@ -68,7 +79,7 @@ def _quantized_loading(quantization: dict[str, Any], device: Any) -> dict[str, A
     # here, not at the top: the workflow imports this module to plan, without torch
     from loramill.models.quantize import check_quantize_device, require_bitsandbytes
 
-    key = "train.load_in_4bit" if quantization.get("load_in_4bit") else "train.load_in_8bit"
+    key = f"train.{quantizing_option(quantization)}"
     device = torch.device(device or "cpu")
     check_quantize_device(device, key)
     require_bitsandbytes(key)

@@ -28,7 +28,12 @@ from loramill.files import atomic_folder, write_json
 from loramill.models.checkpoint import checkpoint_steps, step_name
 from loramill.models.quantize import LIBRARY as QUANTIZING_LIBRARY
 from loramill.software import installed
-from loramill.text.language_model import load_causal_lm, load_tokenizer
+from loramill.text.language_model import (
+    QUANTIZING_OPTIONS,
+    load_causal_lm,
+    load_tokenizer,
+    quantizing_option,
+)
 from loramill.text.prepare import read_tokens
 from loramill.text.records import IGNORE, Tokenized, pad_batch
 from loramill.train.progress import plot_loss
@@ -72,7 +77,7 @@ class TextTrainConfig:
             raise LoramillError(
                 f"train.mixed_precision: '{values['mixed_precision']}': use no or bf16"
             )
-        if values.get("load_in_4bit") and values.get("load_in_8bit"):
+        if all(values.get(name) for name in QUANTIZING_OPTIONS):
             raise LoramillError(
                 "train.load_in_4bit and train.load_in_8bit: the base is quantized one way; "
                 "set one of them"
@@ -91,10 +96,6 @@ class TextTrainConfig:
                 "bnb_4bit_compute_dtype": compute,
             }
         return {"load_in_8bit": True} if self.load_in_8bit else None
-
-
-def quantized_key(cfg: TextTrainConfig) -> str:
-    return "load_in_4bit" if cfg.load_in_4bit else "load_in_8bit"
 
 
 def add_text_lora(model: Any, cfg: TextTrainConfig) -> Any:
@@ -181,7 +182,7 @@ def _prepare(model: Any, cfg: TextTrainConfig) -> tuple[Any, Any, Any]:
         quantized = sum(type(m).__module__.startswith("bitsandbytes") for m in model.modules())
         if not quantized:
             raise LoramillError("train.load_in_4bit/load_in_8bit: the base was loaded unquantized")
-        log.info("%s: %d Linear weights quantized", quantized_key(cfg), quantized)
+        log.info("%s: %d Linear weights quantized", quantizing_option(vars(cfg)), quantized)
         # QLoRA's preparation: the weights left unquantized in float32, the model frozen
         # (gradient checkpointing is set up below, as for any run)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -275,11 +276,9 @@ def train_text(
     """The text_train stage: a LoRA on the base model from the prepared tokens."""
     cfg = TextTrainConfig.from_dict(config)
     tokenizer = load_tokenizer(language_model)
-    target, quantization = resolve_device(device), cfg.quantization()
+    quantization = cfg.quantization()
     model = load_causal_lm(language_model, allow_unsafe_weights=allow_unsafe_weights,
-                           quantization=quantization, device=target)  # fmt: skip
-    if not quantization:  # a quantized model is loaded onto its device
-        model.to(target)
+                           quantization=quantization, device=resolve_device(device))  # fmt: skip
     data = read_tokens(train_tokens)
     provenance = {
         "base_model": language_model,
