@@ -15,6 +15,9 @@
 #                                       trainers
 #   results/<ds>/checkpoints/           step-NNNNNN.safetensors (diffusers LoRA format)
 #   results/<ds>/loss.png               loss curve (TensorBoard logs in results/<ds>/tensorboard)
+#   results/<ds>/validation.json        validation loss per checkpoint (train.validation_split
+#                                       or data/<ds>/validation/; rule validate)
+#   results/<ds>/validation.png         the same as a plot, beside the training loss
 #   exports/<ds>.safetensors            kohya format: AUTOMATIC1111 / ComfyUI / kohya / diffusers
 #   exports/<ds>.diffusers.safetensors  diffusers format: diffusers / ComfyUI (not AUTOMATIC1111;
 #                                       none for LoHa, LoKr, DoRA: rule export_lycoris)
@@ -76,6 +79,7 @@ rule train_all:
     input:
         exports=expand("exports/{ds}.safetensors", ds=IMAGE_DATASETS),
         grids=expand("grids/{ds}.png", ds=IMAGE_DATASETS),
+        validations=expand("results/{ds}/validation.json", ds=VALIDATED),
         text_exports=expand("exports/{ds}", ds=TEXT_DATASETS),
         evaluations=expand("evaluations/{ds}.html", ds=TEXT_DATASETS),
 
@@ -95,7 +99,7 @@ rule grids:
 rule report_pages:
     input:
         rules.train_all.input,
-        expand("results/{ds}/overview.html", ds=DATASETS),
+        expand("results/{ds}/overview.html", ds=IMAGE_DATASETS + TEXT_DATASETS),
 
 
 # ---- stages -----------------------------------------------------------------------------

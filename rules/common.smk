@@ -33,10 +33,14 @@ from loramill.reruns.rule_jobs import rule_stage, stage_of
 from loramill.train.stopping import pass_signals_to_jobs
 from loramill.reruns.staleness import Planner
 from loramill.text.language_model import text_job_mem_mb
-from loramill.train.config import LAUNCH_OPTIONS, PROMPT_OPTIONS
+from loramill.train.config import (
+    LAUNCH_OPTIONS,
+    PROMPT_OPTIONS,
+    VALIDATION_ONLY_OPTIONS,
+)
 from loramill.train.family_options import FLUX_FAMILIES
-from loramill.config import NO_DIFFUSERS_FILE, grid_settings
-from loramill.workflow_config import load_datasets
+from loramill.config import NO_DIFFUSERS_FILE, VALIDATION_TASK, grid_settings
+from loramill.workflow_config import load_datasets, validated
 
 ENV = "../envs/loramill.yaml"
 
@@ -58,6 +62,9 @@ NO_DIFFUSERS = [
     if DATASETS[ds]["train"]["network_type"] in NO_DIFFUSERS_FILE
 ]
 TEXT_DATASETS = [ds for ds, settings in DATASETS.items() if settings["task"] == "text"]
+# Image datasets with a validation loss (the validate rule), from validation_split or a folder of
+# their own, whose entry <ds>.validation in DATASETS runs resize, caption and merge only
+VALIDATED = [ds for ds in IMAGE_DATASETS if validated(DATASETS[ds])]
 
 
 # ---- content-keyed reruns (src/loramill/reruns/staleness.py, gates.py) ---------------------------
@@ -75,7 +82,8 @@ PROFILE_HINT = (
     "max-checksum-file-size: 0), or Snakemake reruns by modification time; drop "
     "--workflow-profile none / --rerun-triggers / --max-checksum-file-size"
 )
-STAGE_RULES = {"image": [], "text": []}  # per task, in definition order, from gate()
+# per task, in definition order, from gate()
+STAGE_RULES = {"image": [], "text": [], VALIDATION_TASK: []}
 # What the planner warns about (a lock it cannot use, a dataset that took over another's
 # results) reaches the terminal as one line each.
 logging.getLogger("loramill").addHandler(logging.StreamHandler(sys.stderr))
@@ -163,12 +171,16 @@ def keyed(path):
     return ancient(path)
 
 
-def gate(stage, task="image"):
+def gate(stage, *tasks):
     """Input helper: the stale gate when the stage must run, plus the done markers of the
-    stages it reads from that will run. ``task``: the kind of dataset the stage is for.
+    stages it reads from that will run. ``tasks``: the kinds of dataset the stage is for
+    (default: image).
     """
-    if stage not in STAGE_RULES[task]:  # a stage may have a rule per kind of dataset
-        STAGE_RULES[task].append(stage)
+    for task in tasks or ("image",):
+        if (
+            stage not in STAGE_RULES[task]
+        ):  # a stage may have a rule per kind of dataset
+            STAGE_RULES[task].append(stage)
 
     def paths(wildcards):
         if not workflow.is_main_process:
@@ -209,7 +221,8 @@ onerror:
 
 
 wildcard_constraints:
-    ds="|".join(DATASETS),
+    # validation folders' entries have a dot in their names (<ds>.validation)
+    ds="|".join(map(re.escape, DATASETS)),
 
 
 def one_of(names):
@@ -233,9 +246,12 @@ def setting(section, key=None):
 def train_setting(wildcards):
     """Params helper: the train section less where a multi-machine run meets
     (LAUNCH_OPTIONS), which scripts/train.py reads from the config: a resubmission meeting on
-    other machines is the same training, so its fingerprint and resumable state stay."""
+    other machines is the same training, so its fingerprint and resumable state stay; and
+    less what only validation reads (VALIDATION_ONLY_OPTIONS: rule validate has them).
+    """
     chosen = DATASETS[wildcards.ds]["train"]
-    return {k: v for k, v in chosen.items() if k not in LAUNCH_OPTIONS}
+    left_out = (*LAUNCH_OPTIONS, *VALIDATION_ONLY_OPTIONS)
+    return {k: v for k, v in chosen.items() if k not in left_out}
 
 
 def gpus(wildcards):
@@ -277,6 +293,12 @@ def dataset_images(wildcards):
     return dataset_dir(wildcards, "images")
 
 
+def dataset_masks(wildcards):
+    """The loss masks folder, when the dataset has one."""
+    folder = dataset_dir(wildcards, "masks")
+    return [folder] if os.path.isdir(folder) else []
+
+
 def caption_edits(wildcards):
     """The human caption edits folder, when the dataset has one."""
     folder = dataset_dir(wildcards, "captions")
@@ -307,6 +329,37 @@ def grid_adapters(wildcards):
     if DATASETS[wildcards.ds]["family"] in FLUX_FAMILIES:
         return f"results/{wildcards.ds}/checkpoints"
     return f"exports/{wildcards.ds}-steps"
+
+
+def validation_set(wildcards):
+    """Where the dataset's validation images are prepared: its validation folder's entry
+    (<ds>.validation), else the dataset itself (validation_split holds them out)."""
+    folder = f"{wildcards.ds}.validation"
+    return folder if folder in DATASETS else wildcards.ds
+
+
+def validation_input(name):
+    """Input helper: one of the validation images' prepared files."""
+    return lambda wildcards: f"results/{validation_set(wildcards)}/{name}"
+
+
+def validation_folder(wildcards):
+    """The validation folder the images come from ("": validation_split's)."""
+    ds = validation_set(wildcards)
+    return DATASETS[ds]["path"] if ds != wildcards.ds else ""
+
+
+def validation_result(wildcards):
+    """The validation result, for the datasets that have one."""
+    return (
+        [f"results/{wildcards.ds}/validation.json"] if wildcards.ds in VALIDATED else []
+    )
+
+
+def grid_validation(wildcards):
+    """The validation result, when the grid compares the best checkpoints by it (best:N)."""
+    selection = str(DATASETS[wildcards.ds]["grid"].get("checkpoints"))
+    return validation_result(wildcards) if selection.startswith("best:") else []
 
 
 def grid_captions(wildcards):

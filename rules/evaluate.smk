@@ -9,6 +9,8 @@ rule grid:
         adapters=keyed(grid_adapters),
         # the training captions, only for a grid that sets no prompts
         captions=keyed(grid_captions),
+        # the validation loss per checkpoint, only for grid.checkpoints: best:N
+        validation=keyed(grid_validation),
         gate=gate("grid"),
     output:
         grid="grids/{ds}.png",
@@ -47,3 +49,44 @@ rule grid:
         device=config["device"],
     script:
         "../scripts/grid.py"
+
+
+# The validation loss of every checkpoint, on held-out images (train.validation_split) or the
+# dataset's validation folder: a stage of its own, so new validation images train nothing.
+rule validate:
+    input:
+        checkpoints=keyed("results/{ds}/checkpoints"),
+        resized=keyed(validation_input("resized")),
+        captions=keyed(validation_input("captions.jsonl")),
+        gate=gate("validate"),
+    output:
+        validation="results/{ds}/validation.json",
+        plot=report(
+            "results/{ds}/validation.png",
+            caption="../report/validation.rst",
+            category="Validation loss",
+            labels={"dataset": "{ds}"},
+        ),
+        done=done("validate"),
+    log:
+        "logs/validate/{ds}.log",
+        tensorboard=directory("results/{ds}/tensorboard-validation"),
+    benchmark:
+        "benchmarks/validate/{ds}.tsv"
+    wildcard_constraints:
+        ds=one_of(VALIDATED),
+    conda:
+        ENV
+    resources:
+        mem_mb=model_mem_mb(training=False),
+        gpu=gpus,
+    params:
+        base_model=setting("base_model"),
+        base_model_family=setting("base_model_family"),
+        allow_unsafe_weights=config["allow_unsafe_weights"],
+        # the whole train section: the network, the objective and validation_seed
+        train=setting("train"),
+        folder=validation_folder,
+        device=config["device"],
+    script:
+        "../scripts/validate.py"

@@ -4,7 +4,9 @@
 rule resize:
     input:
         images=keyed(dataset_images),
-        gate=gate("resize"),
+        # loss masks, beside images/ (train.masked_loss): read with them
+        masks=keyed(dataset_masks),
+        gate=gate("resize", "image", VALIDATION_TASK),
     output:
         resized=directory("results/{ds}/resized"),
         quarantine="results/{ds}/quarantine.csv",
@@ -28,7 +30,7 @@ rule resize:
 rule caption:
     input:
         resized=keyed("results/{ds}/resized"),
-        gate=gate("caption"),
+        gate=gate("caption", "image", VALIDATION_TASK),
     output:
         auto_captions="results/{ds}/auto_captions.jsonl",
         done=done("caption"),
@@ -56,7 +58,7 @@ rule merge_captions:
         auto_captions=keyed("results/{ds}/auto_captions.jsonl"),
         edits=keyed(caption_edits),
         metadata=keyed(metadata_csv),
-        gate=gate("merge_captions"),
+        gate=gate("merge_captions", "image", VALIDATION_TASK),
     output:
         captions="results/{ds}/captions.jsonl",
         report="results/{ds}/caption_report.json",

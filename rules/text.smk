@@ -6,7 +6,7 @@ rule text_prepare:
         records=keyed(lambda wildcards: dataset_dir(wildcards, "train.jsonl")),
         # a dataset's own evaluation records, when it has them (else a hold-out of train)
         eval_records=keyed(eval_jsonl),
-        gate=gate("text_prepare", task="text"),
+        gate=gate("text_prepare", "text"),
     output:
         train="results/{ds}/tokens/train.jsonl",
         eval="results/{ds}/tokens/eval.jsonl",
@@ -28,7 +28,7 @@ rule text_prepare:
 rule text_train:
     input:
         tokens=keyed("results/{ds}/tokens/train.jsonl"),
-        gate=gate("text_train", task="text"),
+        gate=gate("text_train", "text"),
     output:
         checkpoints=directory("results/{ds}/adapters"),
         loss=report(
@@ -60,7 +60,7 @@ rule text_train:
 rule text_export:
     input:
         checkpoints=keyed("results/{ds}/adapters"),
-        gate=gate("text_export", task="text"),
+        gate=gate("text_export", "text"),
     output:
         # adapter folder, provenance, model card, <ds>.gguf, merged/ (loramill.text.export)
         adapter=directory("exports/{ds}"),
@@ -84,7 +84,7 @@ rule text_evaluate:
     input:
         checkpoints=keyed("results/{ds}/adapters"),
         tokens=keyed("results/{ds}/tokens/eval.jsonl"),
-        gate=gate("text_evaluate", task="text"),
+        gate=gate("text_evaluate", "text"),
     output:
         markdown="evaluations/{ds}.md",
         table="evaluations/{ds}.json",

@@ -64,6 +64,8 @@ EXPORT_OUTPUTS = dict(
 rule export:
     input:
         checkpoints=keyed("results/{ds}/checkpoints"),
+        # the validation loss per checkpoint: the card's, and export.checkpoint: best's
+        validation=keyed(validation_result),
         gate=gate("export"),
     output:
         **EXPORT_OUTPUTS,

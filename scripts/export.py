@@ -14,4 +14,6 @@ run(
     base_model=snakemake.params.base_model,
     allow_unsafe_weights=snakemake.params.allow_unsafe_weights,
     train=snakemake.params.train,
+    # results/<ds>/validation.json, for the datasets with a validation loss
+    validation_json=next(iter(snakemake.input.validation), None),
 )

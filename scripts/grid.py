@@ -2,6 +2,7 @@ from pathlib import Path
 
 from loramill.grid.build import render_grid, with_caption_prompts
 from loramill.reruns.runner import run
+from loramill.train.ranking import with_best_checkpoints
 
 run(
     snakemake,
@@ -10,8 +11,11 @@ run(
         # every step's adapter: the export's kohya files, what users load as they load them
         # (FLUX.1 and Chroma: the training checkpoints, rules/common.smk grid_adapters)
         adapters=sorted(Path(snakemake.input.adapters).glob("*.safetensors")),
-        settings=with_caption_prompts(
-            snakemake.params.grid, snakemake.input.captions, snakemake.wildcards.ds
+        settings=with_best_checkpoints(
+            with_caption_prompts(
+                snakemake.params.grid, snakemake.input.captions, snakemake.wildcards.ds
+            ),
+            next(iter(snakemake.input.validation), None),  # grid.checkpoints: best:N
         ),
         out_png=snakemake.output.grid,
         out_json=snakemake.output.cells,

@@ -182,6 +182,37 @@ def test_a_config_error_reaches_the_terminal_as_one_line(workdir):
             "false; use ema: true, or drop ema_decay",
         ),
         (
+            {"train": {"alpha_mask": True}},
+            "config: datasets.wide_bands.train.alpha_mask: True has no effect with "
+            "train.masked_loss: false; use masked_loss: true, or drop alpha_mask",
+        ),
+        (
+            {"train": {"validation_seed": 3}},
+            "config: datasets.wide_bands.train.validation_seed has no effect without validation "
+            "images: set train.validation_split, or add validation images in "
+            "data/wide_bands/validation/images",
+        ),
+        (
+            {"train": {"validate_every_n_steps": 5}},
+            "config: datasets.wide_bands.train.validate_every_n_steps has no effect without "
+            "validation images: set train.validation_split, or add validation images in "
+            "data/wide_bands/validation/images",
+        ),
+        (
+            {"export": {"checkpoint": "best"}},
+            "config: datasets.wide_bands.export.checkpoint: best needs a validation loss: set "
+            "train.validation_split, or add validation images in data/wide_bands/validation/images",
+        ),
+        (
+            {"grid": {"checkpoints": "best:2"}},
+            "config: datasets.wide_bands.grid.checkpoints: best:N needs a validation loss: set "
+            "train.validation_split, or add validation images in data/wide_bands/validation/images",
+        ),
+        (
+            {"train": {"validation_split": 1}},
+            "config: train.validation_split: 1 is greater than or equal to the maximum of 1",
+        ),
+        (
             {"export": {"use_ema": True}},
             "config: datasets.wide_bands.export.use_ema: true has no effect with train.ema: "
             "false; use ema: true, or drop use_ema",
@@ -683,3 +714,23 @@ def test_flux_and_sd_options_are_refused_on_the_other_family(
     model = {"flux": str(tiny_flux), "chroma": str(tiny_chroma), "sd": "models/tiny-sd"}[base]
     line = config_error(workdir, tmp_path, {"base_model": model, **override})
     assert line.startswith("loramill: config: datasets.") and line.endswith(message)
+
+
+def test_a_validation_folder_beside_validation_split_or_without_images_is_refused(
+    workdir, tmp_path
+):
+    folder = workdir / "data" / "wide_bands" / "validation"
+    folder.mkdir()
+    try:
+        assert config_error(workdir, tmp_path, {"train": {"validation_split": 0.2}}) == (
+            "loramill: config: datasets.wide_bands.train.validation_split 0.2 has no effect "
+            "beside data/wide_bands/validation/, which is what validation measures; drop "
+            "validation_split (kohya's name) or the folder"
+        )
+        assert config_error(workdir, tmp_path, {}) == (
+            "loramill: dataset wide_bands: put the validation images in "
+            "data/wide_bands/validation/images/ (the validation folder is laid out as a "
+            "dataset: images/, optional captions/ and metadata.csv)"
+        )
+    finally:
+        folder.rmdir()

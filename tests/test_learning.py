@@ -105,3 +105,33 @@ def test_an_adapter_without_up_weights_fails_the_learning_check(demo_run, cell_c
     save_file(tensors, zeroed, metadata=metadata)
     distances = strength_distances(demo_run, "paper_stripes", zeroed, tmp_path, cell_cache)
     assert not learned(distances), distances
+
+
+def test_the_demo_validation_loss_falls_and_is_flat_without_up_weights(demo_run, tmp_path):
+    """paper_stripes' validation folder (issue #32): the validation loss of the last checkpoint
+    is below the first's; the same checkpoints with their up matrices zeroed measure flat."""
+    from loramill.models.checkpoint import list_checkpoints, read_checkpoint
+    from loramill.train.validation import validate_checkpoints
+
+    ds = "paper_stripes"
+    result = json.loads((demo_run / "results" / ds / "validation.json").read_text())
+    losses = [row["loss"] for row in result["checkpoints"]]
+    assert result["source"] == f"data/{ds}/validation" and len(losses) == 3
+    assert losses[-1] < 0.9 * losses[0], losses
+    zeroed = tmp_path / "checkpoints"
+    zeroed.mkdir()
+    for path in list_checkpoints(demo_run / "results" / ds / "checkpoints"):
+        checkpoint = read_checkpoint(path)
+        tensors = {k: torch.zeros_like(v) if ".lora_B." in k else v
+                   for k, v in checkpoint.tensors.items()}  # fmt: skip
+        save_file(tensors, zeroed / path.name, metadata=checkpoint.metadata)
+    config = yaml.safe_load((demo_run / "config" / "config.yaml").read_text())
+    train = {**config["train"], **config["datasets"][ds]["train"]}
+    flat = validate_checkpoints(
+        zeroed, demo_run / "results" / f"{ds}.validation" / "resized",
+        demo_run / "results" / f"{ds}.validation" / "captions.jsonl", tmp_path / "v.json",
+        tmp_path / "v.png", tmp_path / "tb", str(demo_run / config["base_model"]), train,
+        folder=f"data/{ds}/validation", device="cpu", cache_root=tmp_path / "cache",
+    )  # fmt: skip
+    assert len({row["loss"] for row in flat["checkpoints"]}) == 1
+    assert flat["checkpoints"][0]["loss"] > losses[-1]

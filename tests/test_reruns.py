@@ -32,8 +32,11 @@ from loramill.files import read_jsonl
 pytestmark = [pytest.mark.workflow, pytest.mark.spread]
 
 A, B, T = "wide_bands", "paper_stripes", "station_procedures"  # T: a text dataset
-CHAIN = ("resize", "caption", "merge_captions", "train", "export", "grid")
+V = f"{B}.validation"  # B's validation folder, data/paper_stripes/validation (the demo's)
+PREPARE = ("resize", "caption", "merge_captions")
+CHAIN = (*PREPARE, "train", "export", "grid")
 TEXT_CHAIN = ("text_prepare", "text_train", "text_export", "text_evaluate")
+DEFAULT_CHAIN = {T: TEXT_CHAIN, V: PREPARE, B: (*CHAIN, "validate")}
 
 
 def snakemake(root: Path, *args: str):
@@ -63,7 +66,7 @@ def computed(root: Path, ran: set[tuple[str, str]]) -> set[tuple[str, str]]:
 
 
 def chain(ds: str, *stages: str) -> set[tuple[str, str]]:
-    return {(stage, ds) for stage in (stages or (TEXT_CHAIN if ds == T else CHAIN))}
+    return {(stage, ds) for stage in (stages or DEFAULT_CHAIN.get(ds, CHAIN))}
 
 
 def run(root: Path, *args: str):
@@ -87,7 +90,7 @@ def clone_and_pull(source: Path, dest: Path) -> Path:
 def base(small_build) -> Path:
     """A committed, published repository whose datasets are all built, with its own remote
     (conftest's one small build, shared with the Slurm tests)."""
-    assert jobs(small_build.result) == chain(A) | chain(B) | chain(T)
+    assert jobs(small_build.result) == chain(A) | chain(B) | chain(V) | chain(T)
     return small_build.built
 
 
@@ -329,9 +332,33 @@ def test_learning_rate_plans_train_onward_and_its_revert_nothing(repo):
     assert plan(repo)[1] == set()
 
 
+def test_a_validation_image_added_measures_again_and_trains_nothing(repo):
+    """Issue #32: the validation folder is prepared as a dataset of its own, and validation
+    reads the checkpoints, so a new validation image reaches the model card and the grid after
+    it, never training."""
+    from loramill.demo.images import generate_dataset
+
+    generate_dataset(repo / "tmp", "stripes", 5, seed=99)
+    added = sorted((repo / "tmp" / "images").iterdir())[-1]
+    shutil.move(added, repo / "data" / B / "validation" / "images" / f"added{added.suffix}")
+    stderr, ran = plan(repo)
+    assert ran == chain(V) | chain(B, "validate", "export", "grid")
+    assert f"stale: resize {V}: images changed (1 added)" in stderr
+    assert f"stale: validate {B}: after merge_captions" in stderr
+
+
+def test_a_validation_seed_measures_again_and_trains_nothing(repo):
+    edit_config(repo, lambda c: c["datasets"][B].setdefault("train", {}).update(validation_seed=5))
+    stderr, ran = plan(repo)
+    assert ran == chain(B, "validate", "export", "grid")
+    assert f"stale: validate {B}: config train.validation_seed changed" in stderr
+
+
 def test_forcerun_train_plans_its_consumers_too(repo):
     result, ran = dry_run(repo, "-R", "train")  # the command line users type
-    assert ran == chain(A, "train", "export", "grid") | chain(B, "train", "export", "grid")
+    assert ran == chain(A, "train", "export", "grid") | chain(
+        B, "train", "validate", "export", "grid"
+    )
     assert f"stale: export {A}: after train" in result.stderr
     assert plan(repo, f"results/{A}/checkpoints")[1] == chain(A, "train", "export", "grid")
 

@@ -297,8 +297,10 @@ def test_threads_and_the_cache_give_the_same_bytes(tmp_path):
     outputs = []
     for threads, cache in ((1, "one"), (2, "two"), (2, "two")):  # the last one reuses
         resize(tmp_path, BUCKETS, threads=threads, cache_dir=tmp_path / cache)
-        outputs.append({p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()})
+        out = tmp_path / "out"
+        outputs.append({p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()})
     assert outputs[0] == outputs[1] == outputs[2]
+    assert any(path.parts[0] == "masks" for path in outputs[0])  # transparency's masks too
 
 
 def test_jpeg_draft_decoding_matches_a_full_decode(tmp_path):

@@ -230,6 +230,20 @@ def _compose(text: str) -> None:
     yaml.compose(text, Loader=yaml.SafeLoader)
 
 
+# A dataset's validation folder, data/<ds>/validation/, is laid out as a dataset; its entry
+# <ds>.validation (a name no dataset has: names have no dots) is resized, captioned and merged
+# with the dataset's settings, and nothing is trained on it (loramill.train.validation).
+VALIDATION_FOLDER = "validation"
+VALIDATION_TASK = "validation"
+
+
+def validation_entry(settings: dict[str, Any]) -> dict[str, Any]:
+    """The entry of a dataset's validation folder: the dataset's settings, the folder's path."""
+    name = f"{settings['name']}.{VALIDATION_FOLDER}"
+    path = f"{settings['path']}/{VALIDATION_FOLDER}"
+    return settings | {"path": path, "task": VALIDATION_TASK, "name": name}
+
+
 def dataset_config(
     config: dict[str, Any],
     dataset: str,
@@ -238,8 +252,11 @@ def dataset_config(
     """A dataset's effective config: global sections with its overrides merged in.
 
     ``validate`` checks the merged result against the schema, so a bad override is reported
-    under the dataset's own key.
+    under the dataset's own key. ``<ds>.validation``: the dataset's validation folder's entry.
     """
+    parent, dot, part = dataset.partition(".")
+    if dot and part == VALIDATION_FOLDER and parent in config["datasets"]:
+        return validation_entry(dataset_config(config, parent, validate))
     entry = config["datasets"][dataset] or {}
     merged = {k: v for k, v in config.items() if k != "datasets"}
     for section in SECTIONS:

@@ -23,11 +23,12 @@ from loramill.hashing import HashCache, hash_value
 # Files operating systems and file managers drop into folders: never data.
 SYSTEM_FILES = frozenset({"Thumbs.db", "ehthumbs.db", "desktop.ini", "Icon\r"})
 # The layout of data/<ds>/: each folder a stage reads, with the names it reads there.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 SUFFIXES = {
     "images": None,
     "captions": (".txt", ".caption"),
+    "masks": None,  # loss masks and their repeats folders (loramill.prepare.masks)
 }  # None: every file (resize reports the rest)
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # The human caption edits of a dataset, one row per image (loramill.captions.edits).
 METADATA = "metadata.csv"
 # kohya sd-scripts' DreamBooth folders: ``images/<repeats>_<concept>/`` (``5_sks dog``).
@@ -113,7 +114,8 @@ def folder_hashes(folder: str | os.PathLike, kind: str, hashes: HashCache) -> di
     found = {}
     for entry in entries(folder, kind):
         found[entry.name] = _entry_hash(entry, root, hashes)
-        if kind == "images" and found[entry.name] == "folder" and repeats_folder(entry.name):
+        nested = kind in ("images", "masks") and found[entry.name] == "folder"
+        if nested and repeats_folder(entry.name):
             del found[entry.name]  # its files say it all: a rename is theirs, counted once
             for inner in entries(entry.path, kind):
                 found[f"{entry.name}/{inner.name}"] = _entry_hash(inner, root, hashes)

@@ -26,6 +26,7 @@ from snakemake.exceptions import WorkflowError
 from loramill import LoramillError
 from loramill.captions.autocaption import captioner_class
 from loramill.config import (
+    VALIDATION_FOLDER,
     check_replaced_keys,
     coerce_numbers,
     dataset_config,
@@ -33,6 +34,7 @@ from loramill.config import (
     grid_settings,
     schema,
     schema_file,
+    validation_entry,
 )
 from loramill.grid.plan import check_grid
 from loramill.models.base_model import resolve_base_model
@@ -84,12 +86,62 @@ def _validator() -> jsonschema.protocols.Validator:
     return extended(contents, registry=registry)
 
 
+VALIDATION_OPTIONS = ("validation_seed", "validate_every_n_steps")  # need validation
+
+
+def validation_folder(settings: dict[str, Any]) -> Path | None:
+    """The dataset's own validation folder, when it has one."""
+    folder = Path(settings["path"]) / VALIDATION_FOLDER
+    return folder if folder.is_dir() else None
+
+
+def validated(settings: dict[str, Any]) -> bool:
+    """Whether the dataset has a validation loss: a validation folder or validation_split."""
+    return bool(validation_folder(settings) or settings["train"]["validation_split"])
+
+
+def check_validation(settings: dict[str, Any]) -> None:
+    """Options that need validation images, and a validation folder as the stages read it."""
+    train, folder = settings["train"], validation_folder(settings)
+    if folder is not None and train["validation_split"]:
+        raise LoramillError(
+            f"train.validation_split {train['validation_split']} has no effect beside "
+            f"{folder}/, which is what validation measures; drop validation_split (kohya's "
+            "name) or the folder"
+        )
+    if validated(settings):
+        return
+    needs = "set train.validation_split, or add validation images in " + str(
+        Path(settings["path"]) / VALIDATION_FOLDER / "images"
+    )
+    for key in VALIDATION_OPTIONS:
+        if train[key] is not None:
+            raise LoramillError(f"train.{key} has no effect without validation images: {needs}")
+    if settings["export"]["checkpoint"] == "best":
+        raise LoramillError(f"export.checkpoint: best needs a validation loss: {needs}")
+    if str(settings["grid"].get("checkpoints")).startswith("best:"):
+        raise LoramillError(f"grid.checkpoints: best:N needs a validation loss: {needs}")
+
+
+def with_validation_sets(datasets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``datasets`` and, for each image dataset with a validation folder, the folder's entry
+    ``<ds>.validation`` (loramill.config.validation_entry): its images are resized, captioned
+    and merged as the dataset's are, with their own manifest, captions and caches."""
+    sets = {}
+    for settings in datasets.values():
+        if settings["task"] == "image" and validation_folder(settings) is not None:
+            entry = validation_entry(settings)
+            sets[entry["name"]] = entry
+    return datasets | sets
+
+
 def check_image_dataset(settings: dict[str, Any]) -> None:
     """Problems a user can fix before any job runs: unknown captioner, train options that
     contradict each other, a missing init_from file."""
     BucketSpec.from_settings(settings["resize"])
     check_family_step(settings["resize"]["bucket_reso_steps"], settings.get("family"))
     captioner_class(settings["caption"])
+    check_validation(settings)
     train = TrainConfig.from_dict(settings["train"])
     check_family_options(train, settings.get("family"))
     train.check_machines()
@@ -127,6 +179,12 @@ def check_dataset(ds: str, settings: dict[str, Any]) -> None:
     data = Path(settings["path"]) / ("train.jsonl" if text else "images")
     if not data.exists():
         raise LoramillError(f"dataset {ds}: {data} not found (new clone? run `dvc pull`)")
+    folder = None if text else validation_folder(settings)
+    if folder is not None and not (folder / "images").is_dir():
+        raise LoramillError(
+            f"dataset {ds}: put the validation images in {folder}/images/ (the validation "
+            "folder is laid out as a dataset: images/, optional captions/ and metadata.csv)"
+        )
 
 
 def load_datasets(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -151,4 +209,4 @@ def load_datasets(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         (resolve_language_model if text else resolve_base_model)(model)
     for ds, settings in datasets.items():
         check_dataset(ds, settings)
-    return datasets
+    return with_validation_sets(datasets)

@@ -1,17 +1,21 @@
-"""The export job: both files of a run's last checkpoint and a kohya file of every checkpoint,
+"""The export job: both files of a run's exported checkpoint (its last, or its best by validation
+loss) and a kohya file of every checkpoint,
 each verified against the base model by the verification of its family (a UNet base:
 loramill.export.verify; a Flux transformer: loramill.export.flux.verify), and the model card."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from loramill import LoramillError
 from loramill.export.verify import verify_exports
-from loramill.models.checkpoint import AVERAGE_PREFIX, STEP_PREFIX
+from loramill.models.checkpoint import AVERAGE_PREFIX, CHOICE_KEY, STEP_PREFIX
+from loramill.train.ranking import best_checkpoint, read_result
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,7 @@ def export_and_verify(
     base_model: str,
     allow_unsafe_weights: bool,
     train: dict[str, Any],
+    validation_json: str | os.PathLike | None = None,
 ) -> None:
     """The export job: both files of the last checkpoint (the kohya file alone for LoHa,
     LoKr and DoRA, ``diffusers_path`` None) and a kohya file of every checkpoint, their
@@ -53,10 +58,12 @@ def export_and_verify(
     # export.use_ema: the moving average's checkpoints (train.ema), which say so in metadata
     checkpoints = list_checkpoints(checkpoints_dir, average=export.get("use_ema", False))
     options["save_precision"] = export["save_precision"]
-    export_adapter(checkpoints[-1], kohya_path, diffusers_path, output_name, **options)
-    exports = {Path(kohya_path): checkpoints[-1]}
+    validation = read_result(validation_json) if validation_json else None
+    chosen, choice = exported_checkpoint(checkpoints, export, validation)
+    export_adapter(chosen, kohya_path, diffusers_path, output_name, **options, extra=choice)
+    exports = {Path(kohya_path): chosen}
     if diffusers_path is not None:
-        exports[Path(diffusers_path)] = checkpoints[-1]
+        exports[Path(diffusers_path)] = chosen
     else:  # LoHa, LoKr, DoRA (config.NO_DIFFUSERS_FILE): no file, not even an older run's
         drop_stale_diffusers_file(Path(kohya_path), output_name)
     for checkpoint in checkpoints:  # picking the best step from the grid is what users do next
@@ -65,7 +72,26 @@ def export_and_verify(
         exports[path] = checkpoint
     verify(exports)
     grid = os.path.relpath(Path("grids") / f"{output_name}.png", Path(card_path).parent)
-    write_model_card(kohya_path, card_path, output_name, grid)
+    write_model_card(kohya_path, card_path, output_name, grid, validation)
+
+
+def exported_checkpoint(
+    checkpoints: list[Path], export: dict[str, Any], validation: dict[str, Any] | None
+) -> tuple[Path, dict[str, str]]:
+    """The checkpoint exports/<ds>.safetensors is (export.checkpoint: the last, or the best by
+    validation loss) and, for the best, the metadata that says so."""
+    if export.get("checkpoint", "last") == "last":
+        return checkpoints[-1], {}
+    if validation is None:
+        raise LoramillError("export.checkpoint: best needs the validation result")
+    average = export.get("use_ema", False)
+    best = best_checkpoint(validation, average)
+    path = next((p for p in checkpoints if p.name.endswith(best["file"])), None)
+    if path is None:
+        raise LoramillError(f"export.checkpoint: best is {best['file']}, which is gone")
+    record = {"checkpoint": "best", "step": best["step"], "validation_loss": best["loss"]}
+    record["validation"] = validation["source"] + (", moving average" if average else "")
+    return path, {CHOICE_KEY: json.dumps(record, sort_keys=True)}
 
 
 def drop_stale_diffusers_file(kohya_path: Path, output_name: str) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from loramill.export.metadata import FLUX_NETWORK_MODULE, LYCORIS_MODULE
 from loramill.files import write_bytes, write_text
-from loramill.models.checkpoint import AVERAGE_KEY, PROVENANCE_KEY, read_checkpoint
+from loramill.models.checkpoint import AVERAGE_KEY, PROVENANCE_KEY, STEP_KEY, read_checkpoint
 from loramill.report_pages import markdown_page
 
 SETTINGS = (
@@ -31,8 +31,9 @@ FLUX_SETTINGS = (
 )  # fmt: skip
 
 
-def _table(header: tuple[str, str], rows: list[tuple[Any, Any]]) -> list[str]:
-    return [f"| {header[0]} | {header[1]} |", "| --- | --- |"] + [f"| {a} | {b} |" for a, b in rows]
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> list[str]:
+    line = lambda cells: "| " + " | ".join(map(str, cells)) + " |"  # noqa: E731
+    return [line(header), line(["---"] * len(header)), *map(line, rows)]
 
 
 def _single_file(provenance: dict[str, Any]) -> list[tuple[str, str]]:
@@ -113,7 +114,38 @@ def _averaged(metadata: dict[str, str]) -> str:
     )
 
 
-def model_card(kohya_path: str | os.PathLike, name: str, grid: str, grid_image: bool = True) -> str:
+def _validation(result: dict[str, Any] | None, metadata: dict[str, str]) -> list[str]:
+    """The card's validation section: each checkpoint's validation loss, the exported one's
+    marked (validation.json, rule validate)."""
+    if result is None:
+        return []
+    exported = metadata.get(STEP_KEY)
+    rows = [
+        (
+            f"{row['step']}" + (" (this file)" if str(row["step"]) == exported else ""),
+            f"{row['loss']:.6f}",
+            "" if row.get("train_loss") is None else f"{row['train_loss']:.6f}",
+        )
+        for row in result["checkpoints"]
+    ]
+    return [
+        "## Validation",
+        "",
+        f"Loss on {len(result['images'])} images no step trained on ({result['source']}), the "
+        "same noise and timestep per image at every checkpoint:",
+        "",
+        *_table(("step", "validation loss", "training loss since the checkpoint before"), rows),
+        "",
+    ]
+
+
+def model_card(
+    kohya_path: str | os.PathLike,
+    name: str,
+    grid: str,
+    grid_image: bool = True,
+    validation: dict[str, Any] | None = None,
+) -> str:
     """The card's Markdown for the kohya export at ``kohya_path``; ``grid``: the evaluation
     grid's path relative to the card, shown as an image or (``grid_image`` false: the card
     as the report shows it, a page without a location, where a relative path leads nowhere)
@@ -154,6 +186,7 @@ def model_card(kohya_path: str | os.PathLike, name: str, grid: str, grid_image: 
         if grid_image
         else f"`{grid}`, and on the first page of the report.",
         "",
+        *_validation(validation, metadata),
         "## Provenance",
         "",
         *_table(("what", "value"), _provenance_rows(provenance, metadata)),
@@ -176,10 +209,14 @@ def _provenance_rows(provenance: dict[str, Any], metadata: dict[str, str]) -> li
 
 
 def write_model_card(
-    kohya_path: str | os.PathLike, card_path: str | os.PathLike, name: str, grid: str
+    kohya_path: str | os.PathLike,
+    card_path: str | os.PathLike,
+    name: str,
+    grid: str,
+    validation: dict[str, Any] | None = None,
 ) -> None:
     """The card as Markdown at ``card_path`` and, beside it with the suffix ``.html``, as a web
     page: the report opens HTML, while Markdown is only a download link there."""
-    write_bytes(card_path, model_card(kohya_path, name, grid).encode())
-    page = markdown_page(model_card(kohya_path, name, grid, grid_image=False), name)
+    write_bytes(card_path, model_card(kohya_path, name, grid, validation=validation).encode())
+    page = markdown_page(model_card(kohya_path, name, grid, False, validation), name)
     write_text(Path(card_path).with_suffix(".html"), page)

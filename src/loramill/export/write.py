@@ -253,18 +253,21 @@ def export_adapter(
     save_precision: str = "fp32",
     unet_config: Mapping[str, Any] | None = None,
     flux: Any = None,
+    extra: Mapping[str, str] | None = None,
 ) -> None:
     """Write the kohya-format export of one checkpoint, and its diffusers-format one unless
     ``diffusers_path`` is None. ``unet_config``: the base model's UNet config, which SDXL's
     kohya names follow (None: read from the base model the checkpoint names); ``flux``: the
     Flux-family base model of a checkpoint trained on one (loramill.export.flux.write.FluxBase,
-    which writes its kohya tensors: that module builds on this one)."""
+    which writes its kohya tensors: that module builds on this one); ``extra``: loramill
+    metadata both files carry besides the checkpoint's (loramill.checkpoint)."""
     from safetensors import SafetensorError
 
     try:
         checkpoint = read_checkpoint(checkpoint_path)
     except (OSError, SafetensorError, json.JSONDecodeError) as error:
         raise LoramillError(f"{checkpoint_path}: cannot read checkpoint ({error})") from None
+    checkpoint.metadata.update(extra or {})
     # ModelSpec's architecture of a Flux LoRA depends on the base ([dev] or [schnell])
     architecture = None if flux is None else flux.architecture
     if diffusers_path is not None and checkpoint.network_type in NO_DIFFUSERS_FILE:

@@ -114,7 +114,8 @@ def select_checkpoints(selection: Any, steps: Sequence[int]) -> list[int]:
         match = LAST_N.match(selection)
         if not match:
             raise LoramillError(
-                f"grid.checkpoints: '{selection}' is not all, last, last:N or a list of steps"
+                f"grid.checkpoints: '{selection}' is not all, last, last:N, best:N or a list "
+                "of steps"
             )
         return available[-int(match.group(1)) :]
     wanted = [selection] if isinstance(selection, int) else list(selection)
@@ -295,6 +296,8 @@ def check_grid(settings: dict[str, Any], family: str | None = None) -> None:
     ``family``: the base model's (None: not known yet, a hub model not downloaded)."""
     check_family(settings, family)
     named = settings.get("checkpoints")
+    if isinstance(named, str) and named.startswith("best:"):  # the validation result's steps
+        settings = {**settings, "checkpoints": "last"}
     if not settings.get("prompts"):
         if settings.get("prompt_sr"):
             # its search text must be in the prompts, which the captions cannot promise

@@ -27,6 +27,10 @@ ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADA
 METADATA_PREFIX = "loramill."
 STEP_KEY = METADATA_PREFIX + "step"  # the optimizer step, as a decimal string
 PROVENANCE_KEY = METADATA_PREFIX + "provenance"  # the training record, as JSON
+# the mean training loss since the previous checkpoint, as a decimal string
+TRAIN_LOSS_KEY = METADATA_PREFIX + "train_loss"
+# an export's record of which checkpoint it is when not the last (export.checkpoint: best)
+CHOICE_KEY = METADATA_PREFIX + "checkpoint"
 # ``step-NNNNNN``: six digits at least, so names sort in step order up to a million steps.
 STEP_PREFIX = "step-"
 SUFFIX = ".safetensors"
@@ -50,9 +54,11 @@ def step_of(name: str) -> int:
     return int(match.group(1))
 
 
-def step_metadata(step: int, provenance: str) -> dict[str, str]:
-    """The loramill metadata of a checkpoint: its step and its JSON provenance."""
-    return {STEP_KEY: str(step), PROVENANCE_KEY: provenance}
+def step_metadata(step: int, provenance: str, loss: float | None = None) -> dict[str, str]:
+    """The loramill metadata of a checkpoint: its step, its JSON provenance and the mean
+    training loss since the previous checkpoint."""
+    metadata = {STEP_KEY: str(step), PROVENANCE_KEY: provenance}
+    return metadata | ({} if loss is None else {TRAIN_LOSS_KEY: repr(loss)})
 
 
 def checkpoint_steps(max_train_steps: int, save_steps: int) -> list[int]:

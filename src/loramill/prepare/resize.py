@@ -40,6 +40,7 @@ from loramill.dataset_files import (
 from loramill.files import atomic_path, write_bytes, write_json
 from loramill.hashing import HashCache, hash_value
 from loramill.prepare.buckets import BucketSpec, bucket_for, bucket_sizes
+from loramill.prepare.masks import ALPHA, MASKS, fitted_mask, mask_files, mask_of, orphans
 from loramill.prepare.pixels import (
     Unusable,
     crop_top_left,
@@ -82,6 +83,7 @@ class Task:
     source: str
     entry: str  # cache entry path, without suffix
     settings: Settings
+    mask: str | None = None  # its mask file (loramill.prepare.masks)
 
 
 def output_name(path: Path, concept: str = "") -> str:
@@ -171,18 +173,27 @@ def prepare(task: Task) -> dict[str, Any]:
                 )
             spec = settings.buckets
             bucket = bucket_for(size, spec, bucket_sizes(spec))
-            pixels = fit(to_rgb(decode(image, bucket), settings.background), bucket)
+            decoded = decode(image, bucket)
+            pixels = fit(to_rgb(decoded, settings.background), bucket)
+            mask = fitted_mask(decoded, task.mask, size, bucket)
     except Unusable as error:
         record: dict[str, Any] = {"reason": str(error)}
     except Exception as error:  # a decoder's own failure must not stop the dataset
         record = {"reason": f"could not be processed ({type(error).__name__}: {error})"}
     else:
-        buffer = io.BytesIO()
-        pixels.save(buffer, format="PNG", compress_level=PNG_LEVEL)
-        write_bytes(f"{task.entry}.png", buffer.getvalue())
+        write_png(pixels, f"{task.entry}.png")
         record = {"original_size": list(size), "bucket": list(bucket)}
+        if mask is not None:
+            write_png(mask, f"{task.entry}.mask.png")
+            record["mask"] = MASKS if task.mask else ALPHA
     write_json(f"{task.entry}.json", record)
     return record
+
+
+def write_png(image: Any, path: str) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=PNG_LEVEL)
+    write_bytes(path, buffer.getvalue())
 
 
 def run_all(tasks: list[Task], threads: int) -> list[dict[str, Any]]:
@@ -198,6 +209,8 @@ def cached(entry: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     usable = "reason" in record or entry.with_suffix(".png").is_file()
+    if "mask" in record and not entry.with_suffix(".mask.png").is_file():
+        usable = False
     return record if usable else None
 
 
@@ -216,6 +229,7 @@ class Found:
     digest: str  # of the source file
     entry: Path
     record: dict[str, Any] | None
+    mask: Path | None = None  # its mask file, relative to masks/
 
     def names(self) -> dict[str, Any]:
         """Its manifest entry's names; a repeats folder's image adds its repeats and concept
@@ -223,16 +237,25 @@ class Found:
         item = self.item
         names = {"file": item.file, "source": item.source, "sha256": self.digest}
         kohya = {"repeats": item.repeats, "concept": item.concept} if item.concept else {}
-        return names | kohya
+        return names | kohya | self.mask_source()
+
+    def mask_source(self) -> dict[str, str]:
+        """Its manifest entry's mask: its mask file, or its own transparency."""
+        kind = (self.record or {}).get("mask")
+        if kind == MASKS and self.mask is not None:
+            return {"mask": f"{MASKS}/{self.mask.as_posix()}"}
+        return {"mask": ALPHA} if kind == ALPHA else {}
 
 
 def survey(
     images_dir: Path, chosen: Settings, cache_dir: Path, code: str, hashes: HashCache
 ) -> tuple[dict[str, Found], list[dict[str, str]]]:
-    """The images by source (``images/<name>``), with their cached records where there are
-    some, and what is quarantined before decoding anything."""
+    """The images by source (``images/<name>``), each with its mask file and its cached record
+    where there is one, and what is quarantined before decoding anything."""
     found: dict[str, Found] = {}
     quarantined, by_hash, settings = [], {}, asdict(chosen)
+    masks_dir = images_dir.parent / MASKS
+    masks = mask_files(masks_dir if masks_dir.is_dir() else None)
     for item, reason in listed(images_dir):
         source = item.source
         digest = None if reason else hashes.file(item.path)
@@ -242,22 +265,27 @@ def survey(
             quarantined.append({"source": source, "reason": reason})
             continue
         by_hash[digest] = source
-        found[source] = lookup(item, digest, cache_dir, settings, code)
+        mask = mask_of(source, masks)
+        key = {"image": digest, "settings": settings}
+        key |= {"mask": hashes.file(mask)} if mask else {}
+        found[source] = lookup(item, key, cache_dir, code)
+        found[source].mask = mask.relative_to(masks_dir) if mask else None
+    if unused := orphans(masks, {masks_dir / f.mask for f in found.values() if f.mask}):
+        log.warning("masks: %d file(s) no image is named as: %s", len(unused), ", ".join(unused))
     return found, quarantined
 
 
-def lookup(
-    item: Listed, digest: str, cache_dir: Path, settings: dict[str, Any], code: str
-) -> Found:
-    """The image's cache entry under this code, else under older code that makes the same
-    pixels (loramill.prepare.same_pixels); a new entry is made under this code."""
+def lookup(item: Listed, key: dict[str, Any], cache_dir: Path, code: str) -> Found:
+    """The image's cache entry (``key``: its content and settings) under this code, else
+    under older code that makes the same pixels (loramill.prepare.same_pixels); a new entry is
+    made under this code."""
     codes = (code, *SAME_PIXELS.get(code, ()))
-    keys = [hash_value({"image": digest, "settings": settings, "code": c}) for c in codes]
+    keys = [hash_value({**key, "code": c}) for c in codes]
     entries = [cache_dir / key[:2] / key for key in keys]
     for entry in entries:
         if (record := cached(entry)) is not None:
-            return Found(item, digest, entry, record)
-    return Found(item, digest, entries[0], None)
+            return Found(item, key["image"], entry, record)
+    return Found(item, key["image"], entries[0], None)
 
 
 def resize_dataset(
@@ -281,7 +309,9 @@ def resize_dataset(
     chosen, hashes = Settings.from_config(settings), hashes or HashCache()
     found, quarantined = survey(images_dir, chosen, Path(cache_dir), code, hashes)
     todo = [f for f in found.values() if f.record is None]
-    tasks = [Task(str(f.item.path), str(f.entry), chosen) for f in todo]
+    masks = images_dir.parent / MASKS
+    tasks = [Task(str(f.item.path), str(f.entry), chosen, f.mask and str(masks / f.mask))
+             for f in todo]  # fmt: skip
     for image, record in zip(todo, run_all(tasks, threads), strict=True):
         image.record = record
 
@@ -293,9 +323,14 @@ def resize_dataset(
             continue
         with atomic_path(out_dir / image.item.file) as tmp:
             link_data(str(image.entry.with_suffix(".png")), str(tmp), share=True)
+        if "mask" in image.record:  # masks/<file>, beside the image
+            (out_dir / MASKS).mkdir(exist_ok=True)
+            with atomic_path(out_dir / MASKS / image.item.file) as tmp:
+                link_data(str(image.entry.with_suffix(".mask.png")), str(tmp), share=True)
         size, bucket = image.record["original_size"], image.record["bucket"]
         crop = {"crop_top_left": list(crop_top_left(size, bucket))}
-        images.append({**image.names(), **image.record, **crop})
+        record = {k: v for k, v in image.record.items() if k != "mask"}  # names() says it
+        images.append({**image.names(), **record, **crop})
     quarantined.sort(key=lambda q: q["source"])
     report(quarantined, quarantine_csv)
     hashes.save()
@@ -308,6 +343,10 @@ def resize_dataset(
         "quarantined": quarantined,
     }
     write_json(out_dir / MANIFEST, manifest)
+    kinds = [image["mask"] for image in images if "mask" in image]
+    if kinds:
+        log.info("masks: %d from %s/, %d from transparency", len(kinds) - kinds.count(ALPHA),
+                 MASKS, kinds.count(ALPHA))  # fmt: skip
     new = sum("reason" not in image.record for image in todo)
     counts = (new, len(images) - new, len(quarantined))
     log.info(

@@ -82,4 +82,7 @@ def rule_stage(rules: list[Any], datasets: dict[str, dict[str, Any]]) -> Stage:
         wildcards = Wildcards(fromdict={"ds": ds})
         return {k: str(v) for k, v in _named(rule_for(ds).output.items(), wildcards, DONE).items()}
 
-    return Stage(stage, job, outputs)
+    def applies(ds: str) -> bool:
+        return any(rule.is_producer(done_marker(ds, stage)) for rule in rules)
+
+    return Stage(stage, job, outputs, applies)

@@ -35,6 +35,8 @@ class Stage:
     name: str
     job: Callable[[str], Job]  # dataset → what its job will receive
     outputs: Callable[[str], dict[str, str]]  # dataset → named outputs (markers excluded)
+    # dataset → whether it runs the stage at all (rule validate: only validated datasets)
+    applies: Callable[[str], bool] = lambda ds: True
 
 
 @dataclass
@@ -65,17 +67,21 @@ class Planner:
         self.stages, self.hashes = stages, hashes
         self.forced = forced  # what --forcerun names: rules or output files
 
+    def of(self, ds: str) -> list[Stage]:
+        """The stages ``ds`` runs."""
+        return [stage for stage in self.stages if stage.applies(ds)]
+
     def producers(self, ds: str) -> dict[str, tuple[str, str]]:
         """Which stage makes which path: ``{path: (stage, output name)}``."""
         made = {}
-        for stage in self.stages:
+        for stage in self.of(ds):
             made.update({path: (stage.name, name) for name, path in stage.outputs(ds).items()})
         return made
 
     def ordered(self, ds: str, made: dict) -> list[tuple[Stage, Job, set[str]]]:
         """Each stage with its job and the stages it reads from, producers first whatever
         order the rules were defined (or the Snakefile's includes written) in."""
-        jobs = [(stage, stage.job(ds)) for stage in self.stages]
+        jobs = [(stage, stage.job(ds)) for stage in self.of(ds)]
         reads = {
             stage.name: {made[p][0] for paths in job.inputs.values() for p in paths if p in made}
             - {stage.name}

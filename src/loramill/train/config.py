@@ -22,7 +22,12 @@ TOTAL_FREE_SCHEDULES = ("constant", "constant_with_warmup")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LOSS_TYPES = ("l2", "huber", "smooth_l1")
 # Options that only decide where a run stops and what it writes out, not its trajectory.
-STOPPING_OPTIONS = ("max_train_steps", "max_train_epochs", "save_steps")
+# Options that only decide which checkpoints a run writes out (validation measures those).
+SAVING_OPTIONS = ("save_steps", "validate_every_n_steps")
+STOPPING_OPTIONS = ("max_train_steps", "max_train_epochs", *SAVING_OPTIONS)
+# Options only the validate stage reads (loramill.train.validation): the train stage's params
+# leave them out, so changing them measures the checkpoints again and trains nothing.
+VALIDATION_ONLY_OPTIONS = ("validation_seed",)
 # Where a multi-machine run's processes meet: no part of what it trains, and a resubmission
 # lands on other machines, so it stays out of fingerprints, provenance and the state's key.
 LAUNCH_OPTIONS = ("rdzv_endpoint",)
@@ -77,6 +82,13 @@ class TrainConfig:
     ema_decay: float
     ema_update_step_interval: int
     ema_device: str
+    # a validation loss per checkpoint (loramill.train.validation; kohya's names)
+    validation_split: float  # the fraction of images held out of training, by content
+    validation_seed: int | None  # None: seed
+    validate_every_n_steps: int | None  # checkpoints at these steps too; None: save_steps
+    # the loss weighted by each image's mask (loramill.prepare.masks; kohya's names)
+    masked_loss: bool
+    alpha_mask: bool  # an image's transparency is its mask when it has no mask file
     noise_offset: float
     # Loss and noise (loramill.train.objective).
     multires_noise_iterations: int
@@ -221,6 +233,7 @@ class TrainConfig:
         needs = [
             ("conv_rank", "network_target", "kohya_conv"),
             ("conv_alpha", "network_target", "kohya_conv"),
+            ("alpha_mask", "masked_loss", "true"),
             ("ema_decay", "ema", "true"),
             ("ema_update_step_interval", "ema", "true"),
             ("ema_device", "ema", "true"),
@@ -318,6 +331,18 @@ class TrainConfig:
         from loramill.models.network import NetworkSpec
 
         return NetworkSpec.from_config(self)
+
+    @property
+    def checkpoint_steps(self) -> list[int]:
+        """The steps a run writes checkpoints at: every save_steps and, with
+        validate_every_n_steps, every such step too (validation measures checkpoints); the
+        last step always."""
+        from loramill.models.checkpoint import checkpoint_steps
+
+        steps = checkpoint_steps(self.max_train_steps, self.save_steps)
+        if self.validate_every_n_steps:
+            steps += checkpoint_steps(self.max_train_steps, self.validate_every_n_steps)
+        return sorted(set(steps))
 
     @property
     def continues(self) -> bool:

@@ -7,9 +7,10 @@ Latents are encoded bucket by bucket, so every encoder call has one shape, and c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,47 @@ def read_examples(resized_dir: Path, captions_jsonl: Path) -> Examples:
         repeats=[repeats[r["image"]] for r in records],
         entries=[entries[r["image"]] for r in records],
     )
+
+
+def subset(examples: Examples, chosen: list[bool]) -> Examples:
+    """The examples whose entry in ``chosen`` is true, in their order."""
+    lists = {
+        f.name: [v for v, keep in zip(getattr(examples, f.name), chosen, strict=True) if keep]
+        for f in fields(examples)
+        if f.name != "resolution"
+    }
+    return Examples(**lists, resolution=examples.resolution)
+
+
+def split_value(image_hash: str) -> float:
+    """Where an image falls in [0, 1) for validation_split: from its content alone, so
+    adding or removing other images moves none of the others across the split."""
+    digest = hashlib.sha256(f"loramill validation_split:{image_hash}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def held_out(image_hashes: list[str], fraction: float) -> list[bool]:
+    """Which images validation_split ``fraction`` holds out: those whose split_value falls
+    below it, and at least one (the lowest) when the fraction is above 0."""
+    if not fraction:
+        return [False] * len(image_hashes)
+    values = [split_value(h) for h in image_hashes]
+    chosen = [value < fraction for value in values]
+    if values and not any(chosen):
+        chosen[values.index(min(values))] = True
+    return chosen
+
+
+def split(examples: Examples, fraction: float, hashes: HashCache) -> tuple[Examples, Examples]:
+    """The examples to train on and those validation_split holds out."""
+    chosen = held_out([hashes.file(path) for path in examples.images], fraction)
+    kept = subset(examples, [not held for held in chosen])
+    if fraction and not kept.images:
+        raise LoramillError(
+            f"train.validation_split {fraction}: it holds out all {len(chosen)} images, and "
+            "none is left to train on; lower it, add images or use a validation folder"
+        )
+    return kept, subset(examples, chosen)
 
 
 class Encoded:

@@ -152,5 +152,7 @@ class FlowObjective:
         output = unpack(model(**inputs).sample, *noisy.shape[-2:])
         return as_prediction(self.how, output, noisy, level)
 
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        return loss(pred, target, None, self.cfg)
+    def loss(
+        self, pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor, mask: Any = None
+    ) -> torch.Tensor:
+        return loss(pred, target, None, self.cfg, mask)

@@ -42,7 +42,6 @@ from loramill.models.base_model import (
 from loramill.models.checkpoint import (
     AVERAGE_KEY,
     AVERAGE_PREFIX,
-    checkpoint_steps,
     step_metadata,
     step_name,
     write_checkpoint,
@@ -52,7 +51,7 @@ from loramill.models.single_file import source_checkpoint
 from loramill.prepare.buckets import batches_per_epoch
 from loramill.software import installed
 from loramill.train.config import TrainConfig
-from loramill.train.data import Encoded, Examples, read_examples
+from loramill.train.data import Encoded, Examples, read_examples, split
 from loramill.train.distributed import in_worker, launch
 from loramill.train.ema import average_about
 from loramill.train.family_options import check_family_options
@@ -144,10 +143,13 @@ class CheckpointWriter:
         self.provenance = json.dumps(record, sort_keys=True)
         self.samples = self.folder / "samples"
 
-    def restore(self, run: RunState, needed: list[int], start: int) -> None:
+    def restore(
+        self, run: RunState, needed: list[int], start: int, history: list[dict[str, Any]]
+    ) -> None:
         """The checkpoints and samples of the steps a resumed run does not train again."""
         for step in (s for s in needed if s <= start):
-            self.write(step, run.load_adapters(step), run.load_average(step))
+            loss = interval_loss(history, needed, step)
+            self.write(step, run.load_adapters(step), run.load_average(step), loss)
         for path in run.sample_files(start):
             write_bytes(self.samples / path.name, path.read_bytes())
 
@@ -156,17 +158,28 @@ class CheckpointWriter:
         step: int,
         tensors: dict[str, torch.Tensor],
         average: tuple[dict[str, torch.Tensor], str] | None = None,
+        loss: float | None = None,
     ) -> None:
         """The step's checkpoint and, with ``average`` (train.ema's tensors and what they are),
-        the moving average's beside it, saying so in its metadata."""
+        the moving average's beside it, saying so in its metadata. ``loss``: the mean training
+        loss since the previous checkpoint, which the validation plot sets beside its own."""
         path = self.folder / step_name(step)
-        metadata = step_metadata(step, self.provenance)
+        metadata = step_metadata(step, self.provenance, loss)
         write_checkpoint(path, tensors, self.adapter_metadata, metadata)
         self.written.append(path)
         if average is not None:
             metadata[AVERAGE_KEY] = average[1]
             write_checkpoint(self.folder / (AVERAGE_PREFIX + path.name), average[0],
                              self.adapter_metadata, metadata)  # fmt: skip
+
+
+def held_out_for_validation(examples: Examples, cfg: TrainConfig, hashes: HashCache) -> Examples:
+    """The examples left to train on once validation_split has held its share out."""
+    kept, held = split(examples, cfg.validation_split, hashes)
+    if held.images:
+        log.info("validation_split %g: %d of %d images held out for validation",
+                 cfg.validation_split, len(held.images), len(examples.images))  # fmt: skip
+    return kept
 
 
 def in_steps(cfg: TrainConfig, examples: Examples) -> TrainConfig:
@@ -208,24 +221,25 @@ def train_lora(
         check_gpus(cfg.num_processes, device)
         return [Path(p) for p in launch(train_lora, arguments, cfg)]
     torch.set_num_threads(cfg.threads)
-    examples = read_examples(Path(resized_dir), Path(captions_jsonl))
+    hashes = HashCache(DEFAULT_DB)
+    examples = held_out_for_validation(read_examples(Path(resized_dir), Path(captions_jsonl)),
+                                       cfg, hashes)  # fmt: skip
     cfg.check_dataset(len(examples.images))
     cfg = in_steps(cfg, examples)
     accelerator = make_accelerator(cfg, device, logdir)
     accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.as_dict().items()})
-    hashes = HashCache(DEFAULT_DB)
     data = f"{hashes.digest(resized_dir)}:{hashes.file(captions_jsonl)}"
     source = (base_model, trigger, allow_unsafe_weights, data, family)
     training, record = prepare(cfg, accelerator, examples, source, Path(cache_root), hashes)
     record |= {"stage": stage} if stage else {}
     run = RunState(state_dir) if state_dir else None
     total = cfg.max_train_steps
-    needed = checkpoint_steps(total, cfg.save_steps)
+    needed = cfg.checkpoint_steps
     start, history = resume(training, run, needed)
     main = accelerator.is_main_process  # only it writes checkpoints, state and the curve
     writer = CheckpointWriter(checkpoints_dir, training.adapters()[1], record)
     if run and main:
-        writer.restore(run, needed, start)
+        writer.restore(run, needed, start, history)
 
     log.info("training: %d images in %d bucket(s), steps %d → %d",
              len(examples.images), len(set(examples.buckets)), start, total)  # fmt: skip
@@ -274,6 +288,13 @@ def prepare(
     return Training(cfg, accelerator, pipe, encoded, examples, samples), record
 
 
+def interval_loss(history: list[dict[str, Any]], needed: list[int], step: int) -> float | None:
+    """The mean training loss of the steps after the checkpoint before ``step``, up to it."""
+    before = max((s for s in needed if s < step), default=0)
+    losses = [r["loss"] for r in history if before < r["step"] <= step]
+    return sum(losses) / len(losses) if losses else None
+
+
 def run_steps(
     training: Training,
     start: int,
@@ -306,7 +327,8 @@ def run_steps(
                     if step in needed:
                         ema = state["ema"]
                         average = None if ema is None else (ema["tensors"], average_about(ema))
-                        writer.write(step, tensors, average)
+                        loss_since = interval_loss(progress.history, needed, step)
+                        writer.write(step, tensors, average, loss_since)
                     if run:
                         run.save(step, tensors, state)
                 if why:

@@ -8,7 +8,8 @@
   is added (input perturbation) while the target keeps the unperturbed noise.
 - Target: the noise, or the velocity for v-prediction bases (from the scheduler's config).
 - Loss per image: ``loss_type`` l2 (squared error), huber or smooth_l1 (with ``huber_c``),
-  averaged over the latent; then weighted by min-SNR (``min_snr_gamma``: min(SNR, γ) / SNR,
+  averaged over the latent (with ``masked_loss``, each element times its image's mask
+  first); then weighted by min-SNR (``min_snr_gamma``: min(SNR, γ) / SNR,
   or / (SNR + 1) for v-prediction) and, with ``scale_v_pred_loss_like_noise_pred``, by
   SNR / (SNR + 1); the batch mean is the loss.
 
@@ -70,9 +71,12 @@ class NoisePrediction:
     ) -> torch.Tensor:
         return model(noisy, level, **self.family.unet_inputs(conditioning, sizes)).sample
 
-    def loss(self, pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
-        """The batch's loss; ``level``: the rows' timesteps, on the CPU."""
-        return loss(pred, target, weights(self.scheduler, level, self.cfg), self.cfg)
+    def loss(
+        self, pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor, mask: Any = None
+    ) -> torch.Tensor:
+        """The batch's loss; ``level``: the rows' timesteps, on the CPU; ``mask``: per image,
+        a weight per latent pixel (train.masked_loss)."""
+        return loss(pred, target, weights(self.scheduler, level, self.cfg), self.cfg, mask)
 
 
 def sample_noise(latents: torch.Tensor, cfg: Any, rng: torch.Generator) -> torch.Tensor:
@@ -124,9 +128,14 @@ def weights(scheduler: Any, timesteps: torch.Tensor, cfg: Any) -> torch.Tensor |
     return weight
 
 
-def loss(pred: torch.Tensor, target: torch.Tensor, weight: Any, cfg: Any) -> torch.Tensor:
+def loss(
+    pred: torch.Tensor, target: torch.Tensor, weight: Any, cfg: Any, mask: Any = None
+) -> torch.Tensor:
+    """The batch's mean loss: per element, times ``mask`` (B × 1 × h × w, as kohya's masked
+    loss: the average over the latent keeps the masked-out elements' zeros), averaged per
+    image, times the image's ``weight``."""
     pred, target = pred.float(), target.float()
-    if cfg.loss_type == "l2" and weight is None:
+    if cfg.loss_type == "l2" and weight is None and mask is None:
         return F.mse_loss(pred, target, reduction="mean")  # the plain case, as it always was
     if cfg.loss_type == "l2":
         error = F.mse_loss(pred, target, reduction="none")
@@ -134,6 +143,8 @@ def loss(pred: torch.Tensor, target: torch.Tensor, weight: Any, cfg: Any) -> tor
         error = F.huber_loss(pred, target, reduction="none", delta=cfg.huber_c)
     else:
         error = F.smooth_l1_loss(pred, target, reduction="none", beta=cfg.huber_c)
+    if mask is not None:
+        error = error * mask.to(error.device, error.dtype)
     per_image = error.mean(dim=tuple(range(1, error.dim())))
     if weight is not None:
         per_image = per_image * weight.to(per_image.device)

@@ -41,7 +41,7 @@ from loramill.models.checkpoint import (
     SUFFIX,
     step_name,
 )
-from loramill.train.config import STOPPING_OPTIONS, TrainConfig
+from loramill.train.config import SAVING_OPTIONS, STOPPING_OPTIONS, TrainConfig
 from loramill.train.ema import average_about
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def trajectory_key(fingerprint: dict[str, Any], section: str, stops: tuple[str, 
 
 def state_key(fingerprint: dict[str, Any], cfg: TrainConfig) -> str:
     return trajectory_key(
-        fingerprint, "train", STOPPING_OPTIONS if cfg.continues else ("save_steps",)
+        fingerprint, "train", STOPPING_OPTIONS if cfg.continues else SAVING_OPTIONS
     )
 
 

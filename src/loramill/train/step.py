@@ -30,6 +30,7 @@ from loramill.train.family_options import check_guidance
 from loramill.train.flow_matching import FlowObjective
 from loramill.train.init_from import read_init_weights
 from loramill.train.latents import load_batch, read_pixels
+from loramill.train.masks import batch_masks, mask_paths
 from loramill.train.objective import NoisePrediction
 from loramill.train.optimizers import make_optimizer, make_scheduler, param_groups
 from loramill.train.samples import SampleRenderer
@@ -82,6 +83,44 @@ def make_objective(cfg: TrainConfig, family: Any, pipe: Any) -> Any:
     return NoisePrediction(cfg, family, pipe.scheduler.config)
 
 
+def network_models(cfg: TrainConfig, family: Any, pipe: Any, device: Any) -> dict[str, Any]:
+    """The components a run trains (by pipeline name), with their LoRA layers: frozen base
+    weights (half precision under mixed precision), fp32 LoRA layers, on ``device``."""
+    from diffusers.training_utils import cast_training_params
+
+    weight_dtype = HALF.get(cfg.mixed_precision, torch.float32)
+    denoiser = family.denoiser
+    encoders = family.trainable_encoders if cfg.train_text_encoder else ()
+    names = (denoiser, *encoders)
+    models = {name: getattr(pipe, name) for name in names}
+    torch.manual_seed(cfg.seed)  # LoRA init draws from the global generator
+    add_lora(models, cfg.network)
+    if cfg.init_from:
+        start, _ = network_state(models)
+        start.update(read_init_weights(cfg.init_from, models, cfg.network))
+        load_network_state(models, start)
+        log.info("LoRA initialised from %s", cfg.init_from)
+    if cfg.quantize_base:  # before the move, which quantizes weight by weight
+        check_quantize_device(device)
+        count = quantize_linears(models[denoiser], cfg.quantize_base, weight_dtype)
+        log.info("quantize_base: %d Linear weights in %s", count, cfg.quantize_base)
+    for model in models.values():
+        model.to(device, dtype=weight_dtype)
+    if cfg.fp8_base:
+        check_float8_device(device)
+        log.info("fp8_base: %d Linear weights in float8", store_float8(models[denoiser]))
+    if cfg.gradient_checkpointing:  # recompute activations in backward: less memory
+        models[denoiser].enable_gradient_checkpointing()
+        for name in names[1:]:
+            models[name].gradient_checkpointing_enable()
+    if weight_dtype != torch.float32:  # mixed precision: every forward runs under autocast
+        cast_training_params(list(models.values()), dtype=torch.float32)
+        keep_input_dtype(list(models.values()))
+        if denoiser == "unet":  # faster with bf16 on CPU
+            models[denoiser].to(memory_format=torch.channels_last)
+    return models
+
+
 class Training:
     """The models, optimizer and data order of one run, and the step that advances them."""
 
@@ -102,6 +141,7 @@ class Training:
         self.device = accelerator.device
         self.vae = None if cfg.cache_latents else pipe.vae.to(self.device).eval()
         self.samples = samples
+        self.masks = mask_paths(cfg, examples.images, examples.entries)  # train.masked_loss
         self.rng = torch.Generator().manual_seed(cfg.seed)  # every draw of the loop
         self.order: list[list[int]] = []  # the epoch's batches still to train on
         self.objective = make_objective(cfg, self.family, pipe)
@@ -128,40 +168,7 @@ class Training:
             self.average = AdapterAverage(self.models, *settings)
 
     def _network(self, pipe: Any) -> dict[str, Any]:
-        """Frozen base weights (half precision under mixed precision), fp32 LoRA layers."""
-        from diffusers.training_utils import cast_training_params
-
-        cfg, weight_dtype = self.cfg, HALF.get(self.cfg.mixed_precision, torch.float32)
-        denoiser = self.family.denoiser
-        encoders = self.family.trainable_encoders if cfg.train_text_encoder else ()
-        names = (denoiser, *encoders)
-        models = {name: getattr(pipe, name) for name in names}
-        torch.manual_seed(cfg.seed)  # LoRA init draws from the global generator
-        add_lora(models, cfg.network)
-        if cfg.init_from:
-            start, _ = network_state(models)
-            start.update(read_init_weights(cfg.init_from, models, cfg.network))
-            load_network_state(models, start)
-            log.info("LoRA initialised from %s", cfg.init_from)
-        if cfg.quantize_base:  # before the move, which quantizes weight by weight
-            check_quantize_device(self.device)
-            count = quantize_linears(models[denoiser], cfg.quantize_base, weight_dtype)
-            log.info("quantize_base: %d Linear weights in %s", count, cfg.quantize_base)
-        for model in models.values():
-            model.to(self.device, dtype=weight_dtype)
-        if cfg.fp8_base:
-            check_float8_device(self.device)
-            log.info("fp8_base: %d Linear weights in float8", store_float8(models[denoiser]))
-        if cfg.gradient_checkpointing:  # recompute activations in backward: less memory
-            models[denoiser].enable_gradient_checkpointing()
-            for name in names[1:]:
-                models[name].gradient_checkpointing_enable()
-        if weight_dtype != torch.float32:  # mixed precision: every forward runs under autocast
-            cast_training_params(list(models.values()), dtype=torch.float32)
-            keep_input_dtype(list(models.values()))
-            if denoiser == "unet":  # faster with bf16 on CPU
-                models[denoiser].to(memory_format=torch.channels_last)
-        return models
+        return network_models(self.cfg, self.family, pipe, self.device)
 
     def _optimizer(self, models: dict[str, Any]) -> tuple[Any, Any]:
         """One parameter group per trained component, each at its learning rate (with kohya's
@@ -185,11 +192,14 @@ class Training:
             self.order = batches(self.buckets, cfg.global_batch_size, self.rng, self.times)
         return self.order.pop(0)
 
-    def _latent_dists(self, batch: list[int]) -> dict[str, torch.Tensor]:
+    def _flips(self, batch: list[int]) -> list[bool]:
+        """Which of the batch's images are drawn mirrored: half the time with flip_aug."""
+        if not self.cfg.flip_aug:
+            return [False] * len(batch)
+        return (torch.rand(len(batch), generator=self.rng) < 0.5).tolist()
+
+    def _latent_dists(self, batch: list[int], flips: list[bool]) -> dict[str, torch.Tensor]:
         """Mean and std of the batch's latents: cached, or encoded now (cache_latents off)."""
-        flips = [False] * len(batch)
-        if self.cfg.flip_aug:  # each draw of an image is its mirror image half the time
-            flips = (torch.rand(len(batch), generator=self.rng) < 0.5).tolist()
         pairs = list(zip(flips, batch, strict=True))
         if self.vae is None:
             keys = (self.encoded.latent_keys, self.encoded.flipped_keys)
@@ -213,9 +223,9 @@ class Training:
         with torch.set_grad_enabled(len(frozen) < len(encoders)):  # a trained encoder's grads
             return family.encode(self.tokenizers, encoders, texts, how)
 
-    def _latents(self, batch: list[int]) -> torch.Tensor:
+    def _latents(self, batch: list[int], flips: list[bool]) -> torch.Tensor:
         """A draw of the batch's latents, shifted and scaled as the denoiser reads them."""
-        encoded, dists = self.encoded, self._latent_dists(batch)
+        encoded, dists = self.encoded, self._latent_dists(batch, flips)
         mean, std = dists["mean"], dists["std"]
         latents = mean + std * torch.randn(mean.shape, generator=self.rng)
         if encoded.shift:  # Flux's VAE centres its latents
@@ -223,7 +233,10 @@ class Training:
         return latents * encoded.scaling
 
     def _loss(self, batch: list[int]) -> torch.Tensor:
-        noised = self.objective.noised(self._latents(batch), self.rng)
+        flips = self._flips(batch)
+        latents = self._latents(batch, flips)
+        mask = batch_masks([self.masks[i] for i in batch], flips, latents.shape[-2:])
+        noised = self.objective.noised(latents, self.rng)
         conditioning = self._conditioning(batch)
         sizes = self.family.size_conditions([self.entries[i] for i in batch])
         # Every process drew for the whole batch (the same draws: one seed); each trains on
@@ -237,7 +250,9 @@ class Training:
             {name: on_device(value) for name, value in conditioning.items()},
             None if sizes is None else on_device(sizes),
         )
-        return self.objective.loss(pred, on_device(noised.target), noised.level[rows]) * scale
+        mask = None if mask is None else on_device(mask)
+        target, level = on_device(noised.target), noised.level[rows]
+        return self.objective.loss(pred, target, level, mask) * scale
 
     def step(self) -> float:
         """One optimizer step over gradient_accumulation_steps batches; the mean loss."""
