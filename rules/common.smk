@@ -150,10 +150,19 @@ def gate_file():
     return stale_gate()  # dated once per pass
 
 
+def linked_sets(ds):
+    """The entries whose outputs the dataset's stages read: its validation folder's."""
+    return [other for other in (f"{ds}.validation",) if other in DATASETS]
+
+
 @functools.cache
 def verdicts(ds):
     task = DATASETS[ds]["task"]
-    found = planner(task).plan(ds)
+    linked = {
+        other: (planner(DATASETS[other]["task"]), verdicts(other))
+        for other in linked_sets(ds)
+    }
+    found = planner(task).plan(ds, linked)
     hash_cache().save()
     ensure_markers(ds, STAGE_RULES[task])
     for verdict in found.values():
@@ -191,7 +200,8 @@ def gate(stage, *tasks):
         # Every producer's marker, not only the stale ones': a fresh producer may run too
         # (an output to rebuild, a run Snakemake found incomplete), and then Snakemake would
         # not look at this stage's gate until the next invocation (Snakemake issue #4166).
-        return [gate_file()] + [done_marker(wildcards.ds, u) for u in verdict.upstream]
+        own = [done_marker(wildcards.ds, u) for u in verdict.upstream]
+        return [gate_file(), *own, *(done_marker(o, s) for o, s in verdict.linked)]
 
     return paths if CONTENT_KEYED else []
 

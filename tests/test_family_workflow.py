@@ -92,8 +92,10 @@ def test_a_second_run_plans_nothing_and_training_changes_rerun_train_onward(buil
     edit_config(copy, lambda config: config["train"].update(learning_rate=5e-4))
     onward = {(stage, ds) for stage in ("train", "export", "grid") for ds in (SDXL, FLUX)}
     renamed = {("export_lycoris" if job == ("export", SDXL) else job[0], job[1]) for job in onward}
-    assert plan(copy)[1] == renamed  # LoKr's export is its own rule of the export stage
+    # LoKr's export is its own rule of the export stage; FLUX's dataset has a validation folder
+    assert plan(copy)[1] == renamed | {("validate", FLUX)}
     edit_config(copy, lambda config: config["datasets"][FLUX]["train"].update(seed=7))
     edit_config(copy, lambda config: config["train"].update(learning_rate=2e-3))  # as built
-    assert plan(copy)[1] == {(stage, FLUX) for stage in ("train", "export", "grid")}
-    assert plan(copy)[1] < {(stage, ds) for stage in STAGES for ds in (SDXL, FLUX)} | renamed
+    assert plan(copy)[1] == {(stage, FLUX) for stage in ("train", "validate", "export", "grid")}
+    every = {(stage, ds) for stage in (*STAGES, "validate") for ds in (SDXL, FLUX)}
+    assert plan(copy)[1] < every | renamed

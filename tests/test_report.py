@@ -73,6 +73,8 @@ def settled(page: Page, expression: str) -> tuple[Any, Image.Image]:
 def original(checkout, dataset, kind):
     if kind == "loramill-grid":
         return checkout / "grids" / f"{dataset}.png"
+    if kind == "loramill-validation":
+        return checkout / "results" / dataset / "validation.png"
     losses = [checkout / "results" / dataset / n for n in ("loss.png", "adapter_loss.png")]
     return next(p for p in losses if p.exists())
 
@@ -86,9 +88,11 @@ def test_first_screen_shows_every_datasets_grid_and_loss_curve(demo_report, demo
     assert screen.size == SCREEN
     kinds = {(s["dataset"], s["kind"]) for s in shown}
     images, texts = demo_datasets(demo_run), demo_datasets(demo_run, "text")
+    validated = [ds for ds in images if (demo_run / "results" / ds / "validation.json").exists()]
+    assert validated == ["paper_stripes"]  # its validation folder
     assert kinds == {(ds, k) for ds in images for k in ("loramill-grid", "loramill-loss")} | {
         (ds, "loramill-loss") for ds in texts
-    }
+    } | {(ds, "loramill-validation") for ds in validated}
     for item in shown:
         box = item["box"]
         where = f"{item['dataset']} {item['kind']} at {box}"

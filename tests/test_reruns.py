@@ -424,7 +424,8 @@ def test_new_dataset_plans_only_its_chain(repo):
     shutil.copytree(repo / "data" / B, repo / "data" / "extra")
     sorted((repo / "data" / "extra" / "images").iterdir())[0].unlink()  # not a copy of B's
     edit_config(repo, lambda c: c["datasets"].update(extra={"trigger": "xtra"}))
-    assert plan(repo)[1] == chain("extra")
+    # with B's validation folder: the extra one's is prepared and measured too
+    assert plan(repo)[1] == chain("extra", *CHAIN, "validate") | chain("extra.validation", *PREPARE)
 
 
 def test_removed_dataset_leaves_the_rest_alone(repo):

@@ -267,13 +267,18 @@ def test_adding_one_image_processes_one(tmp_path, caplog):
     ]
 
 
+def written(out: Path) -> dict[Path, bytes]:
+    """Every file the stage wrote, masks/ included, by its path in ``out``."""
+    return {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+
 def test_images_cached_by_older_code_that_makes_the_same_pixels_are_reused(
     tmp_path, caplog, monkeypatch
 ):
     generate_dataset(tmp_path / "ds", "stripes", 4)
     with caplog.at_level(logging.INFO, logger="loramill"):
         resize(tmp_path, BUCKETS, name="stripes", code="older")
-        made = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+        made = written(tmp_path / "out")
         resize(tmp_path, BUCKETS, name="stripes", code="newer")  # code changed: redone
         monkeypatch.setattr(resize_module, "SAME_PIXELS", {"latest": ("other", "older")})
         resize(tmp_path, BUCKETS, name="stripes", code="latest")
@@ -283,7 +288,7 @@ def test_images_cached_by_older_code_that_makes_the_same_pixels_are_reused(
         "resize stripes: 4 new, 0 reused, 0 quarantined",
         "resize stripes: 0 new, 4 reused, 0 quarantined",
     ]
-    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == made
+    assert written(tmp_path / "out") == made
 
 
 def test_same_pixels_names_only_the_resize_code_of_today(tmp_path):
@@ -297,8 +302,7 @@ def test_threads_and_the_cache_give_the_same_bytes(tmp_path):
     outputs = []
     for threads, cache in ((1, "one"), (2, "two"), (2, "two")):  # the last one reuses
         resize(tmp_path, BUCKETS, threads=threads, cache_dir=tmp_path / cache)
-        out = tmp_path / "out"
-        outputs.append({p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()})
+        outputs.append(written(tmp_path / "out"))
     assert outputs[0] == outputs[1] == outputs[2]
     assert any(path.parts[0] == "masks" for path in outputs[0])  # transparency's masks too
 

@@ -29,9 +29,10 @@ from typing import Any
 import yaml
 
 from loramill import LoramillError
-from loramill.config import NO_DIFFUSERS_FILE, dataset_config
+from loramill.config import NO_DIFFUSERS_FILE, VALIDATION_FOLDER, dataset_config
 
 DIFFUSERS_FILE = "exports/{ds}.diffusers.safetensors"
+VALIDATION_FILES = ("results/{ds}/validation.json", "results/{ds}/validation.png")
 # What a dataset publishes: outputs of its stage rules (rules/*.smk, their one source), as the
 # rules spell them; tests/test_outputs_documented.py refuses any that no rule writes.
 ARTIFACTS = {
@@ -47,6 +48,8 @@ ARTIFACTS = {
         "grids/{ds}.png",
         "grids/{ds}.json",
         "grids/{ds}-pages",  # a folder: the grid's pages after the first (empty for one page)
+        VALIDATION_FILES[0],  # with a validation loss only (rule validate)
+        VALIDATION_FILES[1],
     ),
     "text": (
         "results/{ds}/adapters",  # a folder: every checkpoint's peft adapter
@@ -150,26 +153,33 @@ def target_remote(root: Path, remote: str | None) -> str:
 
 
 def _artifacts(
-    datasets: list[str], tasks: dict[str, str], without_diffusers: Collection[str]
+    datasets: list[str],
+    tasks: dict[str, str],
+    without_diffusers: Collection[str],
+    validated: Collection[str] = (),
 ) -> list[str]:
-    """The paths the datasets publish, by their tasks (image when not given)."""
+    """The paths the datasets publish, by their tasks (image when not given); ``validated``:
+    the image datasets with a validation loss."""
     return [
         pattern.format(ds=ds)
         for ds in dict.fromkeys(datasets)
         for pattern in ARTIFACTS[tasks.get(ds, "image")]
         if not (ds in without_diffusers and pattern == DIFFUSERS_FILE)
+        and (ds in validated or pattern not in VALIDATION_FILES)
     ]
 
 
 def publish(
     root: Path, datasets: list[str], remote: str | None = None, dry_run: bool = False,
     tasks: dict[str, str] | None = None, without_diffusers: Collection[str] = (),
+    validated: Collection[str] = (),
 ) -> PublishReport:  # fmt: skip
     """`dvc add` the changed artifacts of ``datasets`` (``tasks``: each one's task, image
     when not given; ``without_diffusers``: image datasets whose network type has no
-    diffusers-format file) and push them with data.dvc."""
+    diffusers-format file; ``validated``: those with a validation loss) and push them with
+    data.dvc."""
     root = Path(root).resolve()
-    artifacts = _artifacts(datasets, tasks or {}, without_diffusers)
+    artifacts = _artifacts(datasets, tasks or {}, without_diffusers, validated)
     # All or nothing: a half-published dataset would leave a teammate's pull inconsistent.
     missing = [path for path in artifacts if not (root / path).exists()]
     if missing:
@@ -254,6 +264,14 @@ def _has_diffusers_file(config: dict[str, Any], ds: str) -> bool:
     return settings.get("task", "image") != "image" or network_type not in NO_DIFFUSERS_FILE
 
 
+def _validated(config: dict[str, Any], ds: str) -> bool:
+    """Whether an image dataset has a validation loss: validation_split, or a folder."""
+    settings = dataset_config(config, ds)
+    folder = Path(settings["path"]) / VALIDATION_FOLDER
+    split = settings.get("train", {}).get("validation_split")
+    return settings.get("task", "image") == "image" and bool(split or folder.is_dir())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loramill.publish",
@@ -279,9 +297,11 @@ def main(argv: list[str] | None = None) -> int:
                 f"unknown dataset {', '.join(unknown)} (config/config.yaml has: "
                 f"{', '.join(configured)})"
             )
+        validated = [ds for ds in entries if _validated(config, ds)]
         report = publish(
-            root, args.datasets or configured, args.remote, args.dry_run, tasks, without
-        )
+            root, args.datasets or configured, args.remote, args.dry_run, tasks, without,
+            validated,
+        )  # fmt: skip
     except LoramillError as error:
         print(f"loramill: publish: {error}", file=sys.stderr)
         return 1

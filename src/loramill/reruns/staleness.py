@@ -46,6 +46,8 @@ class Verdict:
     reasons: list[str] = field(default_factory=list)
     lock: dict[str, Any] | None = None
     upstream: list[str] = field(default_factory=list)  # the stages whose outputs it reads
+    # (dataset, stage) of another dataset whose outputs it reads (a validation folder's)
+    linked: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def fresh(self) -> bool:
@@ -58,6 +60,10 @@ class Verdict:
 def digests(outputs: dict[str, str], hashes: HashCache) -> dict[str, str]:
     """One hash per existing output (a folder hashes as its manifest)."""
     return {name: hashes.digest(path) for name, path in outputs.items() if os.path.exists(path)}
+
+
+# Other datasets a dataset reads from: each one's planner and its verdicts.
+Linked = dict[str, tuple["Planner", dict[str, Verdict]]]
 
 
 class Planner:
@@ -97,18 +103,30 @@ class Planner:
             order.append((*ready[0], reads[ready[0][0].name]))
         return order
 
-    def plan(self, ds: str) -> dict[str, Verdict]:
+    def plan(self, ds: str, linked: Linked | None = None) -> dict[str, Verdict]:
+        """``linked``: datasets whose outputs ``ds`` reads (its validation folder's entry),
+        each with its planner and verdicts: a stale one makes its readers stale."""
+        linked = linked or {}
         made, verdicts = self.producers(ds), {}
+        foreign = {
+            path: (other, *made_by)
+            for other, (planner, _) in linked.items()
+            for path, made_by in planner.producers(other).items()
+        }
+        found = (verdicts, made, foreign, linked)
+        recorded = lambda name, path: self.recorded(*found, path)  # noqa: E731
         for stage, job, read in self.ordered(ds, made):
             verdict = verdicts[stage.name] = Verdict(stage.name, ds)
             verdict.upstream = sorted(read)
+            paths = [p for listed in job.inputs.values() for p in listed if p in foreign]
+            verdict.linked = sorted({foreign[p][:2] for p in paths})
             after = [u for u in verdict.upstream if not verdicts[u].fresh]
+            after += [f"{s} {o}" for o, s in verdict.linked if not linked[o][1][s].fresh]
             if self.forced & {stage.name, *stage.outputs(ds).values()}:  # -R rule or file
                 verdict.reasons.append("forced (--forcerun)")
             elif after:
                 verdict.reasons.append(f"after {', '.join(after)}")
             else:
-                recorded = lambda name, path: self.recorded(verdicts, made, path)  # noqa: E731
                 self.judge(verdict, stage, job, recorded)
         return verdicts
 
@@ -157,11 +175,17 @@ class Planner:
             return lock, f"same inputs as {other}"
         return None, ""
 
-    def recorded(self, verdicts: dict[str, Verdict], made: dict, path: str) -> str:
-        """A produced input's hash as its (fresh) producer's lock records it; any other
-        input file by its content, as the job will see it."""
-        if path not in made:
+    def recorded(
+        self, verdicts: dict[str, Verdict], made: dict, foreign: dict, linked: Linked, path: str
+    ) -> str:
+        """A produced input's hash as its (fresh) producer's lock records it, a linked
+        dataset's too; any other input file by its content, as the job will see it."""
+        if path in foreign:
+            other, producer, name = foreign[path]
+            lock = linked[other][1][producer].lock or {}
+        elif path in made:
+            producer, name = made[path]
+            lock = verdicts[producer].lock or {}
+        else:
             return self.hashes.digest(path) if os.path.exists(path) else "missing"
-        producer, name = made[path]
-        lock = verdicts[producer].lock or {}
         return lock.get("outputs", {}).get(name, "missing")
