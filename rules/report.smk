@@ -19,11 +19,6 @@ rule overview:
                     "loss": f"results/{wildcards.ds}/loss.png",
                     "grid": f"grids/{wildcards.ds}.png",
                 }
-                | (
-                    {"validation": f"results/{wildcards.ds}/validation.png"}
-                    if wildcards.ds in VALIDATED
-                    else {}
-                )
             )
         ),
     output:

@@ -8,5 +8,4 @@ run(
     overview_path=snakemake.output.overview,
     loss_png=snakemake.input.loss,
     grid_png=snakemake.input.get("grid"),
-    validation_png=snakemake.input.get("validation"),
 )

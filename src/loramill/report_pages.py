@@ -17,7 +17,6 @@ import base64
 import html
 import io
 import os
-from pathlib import Path
 
 from loramill.files import write_text
 
@@ -52,21 +51,15 @@ def thumbnail(path: str | os.PathLike, side: int = THUMBNAIL_SIDE) -> bytes:
 
 
 def overview_html(
-    name: str,
-    loss_png: str | os.PathLike,
-    grid_png: str | os.PathLike | None,
-    validation_png: str | os.PathLike | None = None,
+    name: str, loss_png: str | os.PathLike, grid_png: str | os.PathLike | None
 ) -> str:
-    """A dataset's overview fragment: its name, grid thumbnail (image datasets), loss curve
-    and, with a validation loss, its plot."""
+    """A dataset's overview fragment: its name, grid thumbnail (image datasets) and loss curve."""
     title = html.escape(name)
     figures = []
     if grid_png is not None:
         figures.append(("loramill-grid", f"evaluation grid of {title}", thumbnail(grid_png)))
-    curves = [("loramill-loss", "training loss", loss_png)]
-    curves += [("loramill-validation", "validation loss", validation_png)] if validation_png else []
-    for cls, what, path in curves:
-        figures.append((cls, f"{what} of {title}", Path(path).read_bytes()))
+    with open(loss_png, "rb") as f:
+        figures.append(("loramill-loss", f"training loss of {title}", f.read()))
     images = "\n".join(
         f'<img class="{cls}" alt="{alt}" src="{png_data_uri(data)}">' for cls, alt, data in figures
     )
@@ -81,7 +74,6 @@ def write_overview(
     overview_path: str | os.PathLike,
     loss_png: str | os.PathLike,
     grid_png: str | os.PathLike | None = None,
-    validation_png: str | os.PathLike | None = None,
 ) -> None:
     """The ``overview`` stage: ``results/<ds>/overview.html``."""
-    write_text(overview_path, overview_html(name, loss_png, grid_png, validation_png))
+    write_text(overview_path, overview_html(name, loss_png, grid_png))
