@@ -18,6 +18,9 @@
 #   results/<ds>/validation.json        validation loss per checkpoint (train.validation_split
 #                                       or data/<ds>/validation/; rule validate)
 #   results/<ds>/validation.png         the same as a plot, beside the training loss
+#   results/<ds>.validation/, results/<ds>.reg/
+#                                       a validation folder's, regularization images' resized/,
+#                                       captions.jsonl …: prepared as a dataset's
 #   exports/<ds>.safetensors            kohya format: AUTOMATIC1111 / ComfyUI / kohya / diffusers
 #   exports/<ds>.diffusers.safetensors  diffusers format: diffusers / ComfyUI (not AUTOMATIC1111;
 #                                       none for LoHa, LoKr, DoRA: rule export_lycoris)

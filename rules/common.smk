@@ -39,7 +39,7 @@ from loramill.train.config import (
     VALIDATION_ONLY_OPTIONS,
 )
 from loramill.train.family_options import FLUX_FAMILIES
-from loramill.config import NO_DIFFUSERS_FILE, VALIDATION_TASK, grid_settings
+from loramill.config import IMAGE_SET_TASK, NO_DIFFUSERS_FILE, grid_settings
 from loramill.workflow_config import load_datasets, validated
 
 ENV = "../envs/loramill.yaml"
@@ -83,7 +83,7 @@ PROFILE_HINT = (
     "--workflow-profile none / --rerun-triggers / --max-checksum-file-size"
 )
 # per task, in definition order, from gate()
-STAGE_RULES = {"image": [], "text": [], VALIDATION_TASK: []}
+STAGE_RULES = {"image": [], "text": [], IMAGE_SET_TASK: []}
 # What the planner warns about (a lock it cannot use, a dataset that took over another's
 # results) reaches the terminal as one line each.
 logging.getLogger("loramill").addHandler(logging.StreamHandler(sys.stderr))
@@ -151,8 +151,12 @@ def gate_file():
 
 
 def linked_sets(ds):
-    """The entries whose outputs the dataset's stages read: its validation folder's."""
-    return [other for other in (f"{ds}.validation",) if other in DATASETS]
+    """The entries whose outputs the dataset's stages read: its validation folder's and its
+    regularization images' (an image set, or another dataset)."""
+    if DATASETS[ds]["task"] != "image":
+        return []
+    sets = [f"{ds}.validation", reg_set(ds)]
+    return [other for other in sets if other in DATASETS]
 
 
 @functools.cache
@@ -339,6 +343,25 @@ def grid_adapters(wildcards):
     if DATASETS[wildcards.ds]["family"] in FLUX_FAMILIES:
         return f"results/{wildcards.ds}/checkpoints"
     return f"exports/{wildcards.ds}-steps"
+
+
+def reg_set(ds):
+    """Where the dataset's regularization images are prepared: another dataset train.reg_data
+    names, or the entry of its folder (<ds>.reg); None without any."""
+    named = DATASETS[ds]["train"]["reg_data"]
+    if named in DATASETS:
+        return named
+    return f"{ds}.reg" if f"{ds}.reg" in DATASETS else None
+
+
+def reg_input(name):
+    """Input helper: one of the regularization images' prepared files, when there are some."""
+
+    def path(wildcards):
+        found = reg_set(wildcards.ds)
+        return [f"results/{found}/{name}"] if found else []
+
+    return path
 
 
 def validation_set(wildcards):

@@ -6,7 +6,7 @@ rule resize:
         images=keyed(dataset_images),
         # loss masks, beside images/ (train.masked_loss): read with them
         masks=keyed(dataset_masks),
-        gate=gate("resize", "image", VALIDATION_TASK),
+        gate=gate("resize", "image", IMAGE_SET_TASK),
     output:
         resized=directory("results/{ds}/resized"),
         quarantine="results/{ds}/quarantine.csv",
@@ -30,7 +30,7 @@ rule resize:
 rule caption:
     input:
         resized=keyed("results/{ds}/resized"),
-        gate=gate("caption", "image", VALIDATION_TASK),
+        gate=gate("caption", "image", IMAGE_SET_TASK),
     output:
         auto_captions="results/{ds}/auto_captions.jsonl",
         done=done("caption"),
@@ -58,7 +58,7 @@ rule merge_captions:
         auto_captions=keyed("results/{ds}/auto_captions.jsonl"),
         edits=keyed(caption_edits),
         metadata=keyed(metadata_csv),
-        gate=gate("merge_captions", "image", VALIDATION_TASK),
+        gate=gate("merge_captions", "image", IMAGE_SET_TASK),
     output:
         captions="results/{ds}/captions.jsonl",
         report="results/{ds}/caption_report.json",

@@ -5,6 +5,9 @@ rule train:
     input:
         resized=keyed("results/{ds}/resized"),
         captions=keyed("results/{ds}/captions.jsonl"),
+        # regularization images, prepared as a dataset's (train.reg_data, data/<ds>/reg/)
+        reg_resized=keyed(reg_input("resized")),
+        reg_captions=keyed(reg_input("captions.jsonl")),
         gate=gate("train"),
     output:
         checkpoints=directory("results/{ds}/checkpoints"),

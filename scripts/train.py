@@ -21,6 +21,9 @@ run(
     },
     resized_dir=snakemake.input.resized,
     captions_jsonl=snakemake.input.captions,
+    # regularization images, when the dataset has some
+    reg_resized_dir=next(iter(snakemake.input.reg_resized), None),
+    reg_captions_jsonl=next(iter(snakemake.input.reg_captions), None),
     checkpoints_dir=snakemake.output.checkpoints,
     logdir=snakemake.log.tensorboard,
     loss_png=snakemake.output.loss,

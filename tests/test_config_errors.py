@@ -182,6 +182,27 @@ def test_a_config_error_reaches_the_terminal_as_one_line(workdir):
             "false; use ema: true, or drop ema_decay",
         ),
         (
+            {"train": {"prior_loss_weight": 0.5}},
+            "config: datasets.wide_bands.train.prior_loss_weight has no effect without "
+            "regularization images: add data/wide_bands/reg/images/, or set train.reg_data",
+        ),
+        (
+            {"datasets": {"wide_bands": {"train": {"reg_data": "nowhere"}}}},
+            "config: datasets.wide_bands.train.reg_data 'nowhere': neither a dataset of the "
+            "config nor a folder with images/ (a folder is laid out as a dataset: images/, "
+            "optional captions/ and metadata.csv)",
+        ),
+        (
+            {"datasets": {"wide_bands": {"train": {"reg_data": "wide_bands"}}}},
+            "config: datasets.wide_bands.train.reg_data 'wide_bands': name another image "
+            "dataset, or a folder",
+        ),
+        (
+            {"datasets": {"wide_bands": {"train": {"reg_data": TEXT}}}},
+            f"config: datasets.wide_bands.train.reg_data '{TEXT}': name another image "
+            "dataset, or a folder",
+        ),
+        (
             {"train": {"alpha_mask": True}},
             "config: datasets.wide_bands.train.alpha_mask: True has no effect with "
             "train.masked_loss: false; use masked_loss: true, or drop alpha_mask",

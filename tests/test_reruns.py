@@ -347,6 +347,23 @@ def test_a_validation_image_added_measures_again_and_trains_nothing(repo):
     assert f"stale: validate {B}: after merge_captions" in stderr
 
 
+def test_regularization_images_added_are_prepared_and_retrain(repo):
+    """Issue #32: data/<ds>/reg/ is prepared as a dataset of its own; training reads it."""
+    from loramill.demo.images import generate_dataset
+
+    generate_dataset(repo / "data" / A / "reg", "circles", 3)
+    stderr, ran = plan(repo)
+    assert ran == chain(f"{A}.reg", *PREPARE) | chain(A, "train", "export", "grid")
+    assert f"stale: train {A}: after merge_captions {A}.reg, resize {A}.reg" in stderr
+
+
+def test_another_datasets_images_as_regularization_images_retrain_only(repo):
+    edit_config(repo, lambda c: c["datasets"][A].setdefault("train", {}).update(reg_data=B))
+    stderr, ran = plan(repo)
+    assert ran == chain(A, "train", "export", "grid")  # B's prepared images, as they are
+    assert f"stale: train {A}: config train.reg_data changed" in stderr
+
+
 def test_a_validation_seed_measures_again_and_trains_nothing(repo):
     edit_config(repo, lambda c: c["datasets"][B].setdefault("train", {}).update(validation_seed=5))
     stderr, ran = plan(repo)

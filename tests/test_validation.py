@@ -43,7 +43,7 @@ def test_a_split_holds_out_at_least_one_image_and_refuses_to_hold_out_all():
     chosen = held_out(hashes, 1e-9)
     lowest = min(hashes, key=split_value)
     assert chosen == [h == lowest for h in hashes]
-    one = Examples([SimpleNamespace(name="a.png")], ["a"], [(8, 8)], 8, [1], [{}])
+    one = Examples([SimpleNamespace(name="a.png")], ["a"], [(8, 8)], 8, [1], [{}], [False])
     with pytest.raises(LoramillError, match="holds out all 1 images, and none is left"):
         split(one, 0.5, SimpleNamespace(file=lambda path: "x"))
 

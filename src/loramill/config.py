@@ -230,18 +230,26 @@ def _compose(text: str) -> None:
     yaml.compose(text, Loader=yaml.SafeLoader)
 
 
-# A dataset's validation folder, data/<ds>/validation/, is laid out as a dataset; its entry
-# <ds>.validation (a name no dataset has: names have no dots) is resized, captioned and merged
-# with the dataset's settings, and nothing is trained on it (loramill.train.validation).
+# Image sets: folders laid out as a dataset (images/, optional captions/ and metadata.csv) that
+# a dataset's stages read beside its images: data/<ds>/validation/ (the validation loss,
+# loramill.train.validation) and data/<ds>/reg/ or train.reg_data's folder (regularization
+# images, loramill.train.regularization). Each has an entry <ds>.<kind> (a name no dataset has:
+# names have no dots), resized, captioned and merged with the dataset's settings.
 VALIDATION_FOLDER = "validation"
-VALIDATION_TASK = "validation"
+REG_FOLDER = "reg"
+IMAGE_SET_TASK = "image_set"
 
 
-def validation_entry(settings: dict[str, Any]) -> dict[str, Any]:
-    """The entry of a dataset's validation folder: the dataset's settings, the folder's path."""
-    name = f"{settings['name']}.{VALIDATION_FOLDER}"
-    path = f"{settings['path']}/{VALIDATION_FOLDER}"
-    return settings | {"path": path, "task": VALIDATION_TASK, "name": name}
+def image_set_path(settings: dict[str, Any], kind: str) -> str:
+    """Where a dataset's image set of ``kind`` lies: its folder, or train.reg_data's."""
+    reg_data = settings.get("train", {}).get("reg_data")
+    return reg_data if kind == REG_FOLDER and reg_data else f"{settings['path']}/{kind}"
+
+
+def image_set_entry(settings: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The entry of a dataset's image set: the dataset's settings, the set's path."""
+    name, path = f"{settings['name']}.{kind}", image_set_path(settings, kind)
+    return settings | {"path": path, "task": IMAGE_SET_TASK, "name": name}
 
 
 def dataset_config(
@@ -252,11 +260,11 @@ def dataset_config(
     """A dataset's effective config: global sections with its overrides merged in.
 
     ``validate`` checks the merged result against the schema, so a bad override is reported
-    under the dataset's own key. ``<ds>.validation``: the dataset's validation folder's entry.
+    under the dataset's own key. ``<ds>.validation``, ``<ds>.reg``: its image sets' entries.
     """
-    parent, dot, part = dataset.partition(".")
-    if dot and part == VALIDATION_FOLDER and parent in config["datasets"]:
-        return validation_entry(dataset_config(config, parent, validate))
+    parent, dot, kind = dataset.partition(".")
+    if dot and kind in (VALIDATION_FOLDER, REG_FOLDER) and parent in config["datasets"]:
+        return image_set_entry(dataset_config(config, parent, validate), kind)
     entry = config["datasets"][dataset] or {}
     merged = {k: v for k, v in config.items() if k != "datasets"}
     for section in SECTIONS:

@@ -26,15 +26,16 @@ from snakemake.exceptions import WorkflowError
 from loramill import LoramillError
 from loramill.captions.autocaption import captioner_class
 from loramill.config import (
+    REG_FOLDER,
     VALIDATION_FOLDER,
     check_replaced_keys,
     coerce_numbers,
     dataset_config,
     describe,
     grid_settings,
+    image_set_entry,
     schema,
     schema_file,
-    validation_entry,
 )
 from loramill.grid.plan import check_grid
 from loramill.models.base_model import resolve_base_model
@@ -123,14 +124,67 @@ def check_validation(settings: dict[str, Any]) -> None:
         raise LoramillError(f"grid.checkpoints: best:N needs a validation loss: {needs}")
 
 
-def with_validation_sets(datasets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """``datasets`` and, for each image dataset with a validation folder, the folder's entry
-    ``<ds>.validation`` (loramill.config.validation_entry): its images are resized, captioned
-    and merged as the dataset's are, with their own manifest, captions and caches."""
+def regularization(settings: dict[str, Any], datasets: Any) -> tuple[str, str] | None:
+    """The dataset's regularization images: ``("dataset", name)`` of another dataset of the
+    config (train.reg_data names it), ``("folder", path)`` of a folder laid out as a dataset
+    (train.reg_data's, else data/<ds>/reg/), or None."""
+    reg_data = settings["train"].get("reg_data")
+    if reg_data in datasets:
+        return "dataset", reg_data
+    if reg_data:
+        return "folder", reg_data
+    folder = Path(settings["path"]) / REG_FOLDER
+    return ("folder", folder.as_posix()) if folder.is_dir() else None
+
+
+def check_regularization(ds: str, settings: dict[str, Any], datasets: dict[str, Any]) -> None:
+    """train.reg_data and the options that need regularization images, before any job."""
+    train, found = settings["train"], regularization(settings, datasets)
+    folder = Path(settings["path"]) / REG_FOLDER
+    if train.get("reg_data") and folder.is_dir():
+        raise LoramillError(
+            f"train.reg_data '{train['reg_data']}' beside {folder}/: choose one (drop "
+            "reg_data, kohya's reg_data_dir, or the folder)"
+        )
+    if found is None:
+        for key, unset in (("prior_loss_weight", 1.0), ("reg_caption", None)):
+            if train[key] != unset:
+                raise LoramillError(
+                    f"train.{key} has no effect without regularization images: add "
+                    f"{folder}/images/, or set train.reg_data"
+                )
+        return
+    kind, where = found
+    other = datasets.get(where, {})
+    if kind == "dataset" and (where == ds or other.get("task") != "image"):
+        raise LoramillError(f"train.reg_data '{where}': name another image dataset, or a folder")
+    if kind == "dataset" and other["train"].get("reg_data") == ds:
+        raise LoramillError(
+            f"train.reg_data '{where}': {where} regularizes with {ds}; one must not be the "
+            "other's regularization images"
+        )
+    if kind == "folder" and not (Path(where) / "images").is_dir():
+        raise LoramillError(
+            f"train.reg_data '{where}': neither a dataset of the config nor a folder with "
+            "images/ (a folder is laid out as a dataset: images/, optional captions/ and "
+            "metadata.csv)"
+        )
+
+
+def with_image_sets(datasets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``datasets`` and, for each image dataset with a validation folder or a folder of
+    regularization images, the folder's entry ``<ds>.validation`` or ``<ds>.reg``
+    (loramill.config.image_set_entry): its images are resized, captioned and merged as the
+    dataset's are, with their own manifest, captions and caches."""
     sets = {}
     for settings in datasets.values():
-        if settings["task"] == "image" and validation_folder(settings) is not None:
-            entry = validation_entry(settings)
+        if settings["task"] != "image":
+            continue
+        kinds = [VALIDATION_FOLDER] if validation_folder(settings) is not None else []
+        if (regularization(settings, datasets) or ("",))[0] == "folder":
+            kinds.append(REG_FOLDER)
+        for kind in kinds:
+            entry = image_set_entry(settings, kind)
             sets[entry["name"]] = entry
     return datasets | sets
 
@@ -209,4 +263,9 @@ def load_datasets(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
         (resolve_language_model if text else resolve_base_model)(model)
     for ds, settings in datasets.items():
         check_dataset(ds, settings)
-    return with_validation_sets(datasets)
+        if settings["task"] == "image":
+            try:
+                check_regularization(ds, settings, datasets)
+            except LoramillError as error:
+                raise LoramillError(f"config: datasets.{ds}.{error}") from None
+    return with_image_sets(datasets)

@@ -86,6 +86,10 @@ class TrainConfig:
     validation_split: float  # the fraction of images held out of training, by content
     validation_seed: int | None  # None: seed
     validate_every_n_steps: int | None  # checkpoints at these steps too; None: save_steps
+    # regularization images (loramill.train.regularization; kohya's names)
+    reg_data: str | None  # a folder or another dataset; None: data/<ds>/reg/ if there
+    prior_loss_weight: float
+    reg_caption: str | None
     # the loss weighted by each image's mask (loramill.prepare.masks; kohya's names)
     masked_loss: bool
     alpha_mask: bool  # an image's transparency is its mask when it has no mask file

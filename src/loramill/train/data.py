@@ -46,10 +46,16 @@ class Examples:
     resolution: int
     repeats: list[int]  # per image: its kohya repeats folder's count, else 1
     entries: list[dict[str, Any]]  # per image: its manifest entry (sizes, crop)
+    # per image: whether it is a regularization image (loramill.train.regularization), whose
+    # repeats are its appearances per epoch
+    reg: list[bool]
 
     def times(self, repeats: int) -> list[int]:
-        """Each image's appearances per epoch: its folder's repeats × ``train.repeats``."""
-        return [own * repeats for own in self.repeats]
+        """Each image's appearances per epoch: its folder's repeats × ``train.repeats``; a
+        regularization image's, as kohya's ratio gave them."""
+        return [
+            own if reg else own * repeats for own, reg in zip(self.repeats, self.reg, strict=True)
+        ]
 
 
 def read_examples(resized_dir: Path, captions_jsonl: Path) -> Examples:
@@ -71,6 +77,7 @@ def read_examples(resized_dir: Path, captions_jsonl: Path) -> Examples:
         resolution=manifest["resolution"],
         repeats=[repeats[r["image"]] for r in records],
         entries=[entries[r["image"]] for r in records],
+        reg=[False] * len(records),
     )
 
 

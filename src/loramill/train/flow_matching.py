@@ -153,6 +153,7 @@ class FlowObjective:
         return as_prediction(self.how, output, noisy, level)
 
     def loss(
-        self, pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor, mask: Any = None
-    ) -> torch.Tensor:
-        return loss(pred, target, None, self.cfg, mask)
+        self, pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor, mask: Any = None,
+        weight: Any = None,
+    ) -> torch.Tensor:  # fmt: skip
+        return loss(pred, target, weight, self.cfg, mask)

@@ -51,12 +51,13 @@ from loramill.models.single_file import source_checkpoint
 from loramill.prepare.buckets import batches_per_epoch
 from loramill.software import installed
 from loramill.train.config import TrainConfig
-from loramill.train.data import Encoded, Examples, read_examples, split
+from loramill.train.data import Encoded, Examples, read_examples, split, subset
 from loramill.train.distributed import in_worker, launch
 from loramill.train.ema import average_about
 from loramill.train.family_options import check_family_options
 from loramill.train.latents import CACHE_ROOT
 from loramill.train.progress import Progress, plot_loss
+from loramill.train.regularization import with_regularization
 from loramill.train.samples import SampleRenderer, sample_prompts, save_samples
 from loramill.train.state import RunState
 from loramill.train.step import Training, base_dtypes, make_accelerator
@@ -75,6 +76,7 @@ def provenance(
     hashes: HashCache,
     allow_unsafe_weights: bool = False,
 ) -> dict[str, Any]:
+    trained = subset(examples, [not reg for reg in examples.reg])  # the dataset's own
     init_from = {"init_from_hash": hashes.file(cfg.init_from)} if cfg.init_from else {}
     # a base converted from a single-file checkpoint: that file's AUTOMATIC1111 hashes
     source = source_checkpoint(model_folder(base_model))
@@ -90,13 +92,14 @@ def provenance(
             "train_config": cfg.as_dict(),
             "seed": cfg.seed,
             "resolution": examples.resolution,
-            "buckets": dict(Counter(f"{w}x{h}" for w, h in sorted(examples.buckets))),
-            "num_images": len(examples.captions),
+            "buckets": dict(Counter(f"{w}x{h}" for w, h in sorted(trained.buckets))),
+            "num_images": len(trained.captions),
+            "num_reg_images": len(examples.captions) - len(trained.captions),
             # what an epoch is (the export's ss_epoch): batches over every image × repeats
             "batches_per_epoch": batches_per_epoch(
                 examples.buckets, cfg.global_batch_size, examples.times(cfg.repeats)
             ),
-            "tag_frequency": tag_frequency(examples.captions),
+            "tag_frequency": tag_frequency(trained.captions),
             "device": device,
             "versions": installed() | (installed(QUANTIZING_LIBRARY) if cfg.quantize_base else {}),
         }
@@ -173,6 +176,27 @@ class CheckpointWriter:
                              self.adapter_metadata, metadata)  # fmt: skip
 
 
+def training_examples(
+    folders: list[tuple[Any, Any]], cfg: TrainConfig, hashes: HashCache
+) -> tuple[Examples, str]:
+    """What a run trains on — the dataset's examples less what validation_split holds out,
+    then its regularization images at kohya's ratio — and the data's fingerprint.
+    ``folders``: the resized folder and captions of the dataset, then of its regularization
+    images (None, None without)."""
+    (resized_dir, captions_jsonl), (reg_dir, reg_captions) = folders
+    examples = read_examples(Path(resized_dir), Path(captions_jsonl))
+    examples = held_out_for_validation(examples, cfg, hashes)
+    data = f"{hashes.digest(resized_dir)}:{hashes.file(captions_jsonl)}"
+    if reg_dir is None:
+        for key, unset in (("prior_loss_weight", 1.0), ("reg_caption", None)):
+            if getattr(cfg, key) != unset:
+                raise LoramillError(f"train.{key}: no regularization images were given")
+        return examples, data
+    reg = read_examples(Path(reg_dir), Path(reg_captions))
+    data += f":{hashes.digest(reg_dir)}:{hashes.file(reg_captions)}"
+    return with_regularization(examples, reg, cfg), data
+
+
 def held_out_for_validation(examples: Examples, cfg: TrainConfig, hashes: HashCache) -> Examples:
     """The examples left to train on once validation_split has held its share out."""
     kept, held = split(examples, cfg.validation_split, hashes)
@@ -200,6 +224,8 @@ def train_lora(
     base_model: str,
     config: dict[str, Any],
     trigger: str = "",
+    reg_resized_dir: str | os.PathLike | None = None,
+    reg_captions_jsonl: str | os.PathLike | None = None,
     allow_unsafe_weights: bool = False,
     device: str = "auto",
     family: str = "auto",
@@ -214,6 +240,8 @@ def train_lora(
     resumes from it (see loramill.train.state). ``stage``: the train stage's fingerprint and
     its parts, for the checkpoints' provenance (loramill.reruns.fingerprints.stage_provenance).
     ``family``: ``base_model_family`` (loramill.models.families), checked against the model.
+    ``reg_resized_dir``, ``reg_captions_jsonl``: regularization images, prepared as a
+    dataset's (loramill.train.regularization).
     """
     arguments = dict(locals())  # every argument, for the workers of a multi-process run
     cfg = TrainConfig.from_dict(config)
@@ -222,13 +250,12 @@ def train_lora(
         return [Path(p) for p in launch(train_lora, arguments, cfg)]
     torch.set_num_threads(cfg.threads)
     hashes = HashCache(DEFAULT_DB)
-    examples = held_out_for_validation(read_examples(Path(resized_dir), Path(captions_jsonl)),
-                                       cfg, hashes)  # fmt: skip
+    folders = [(resized_dir, captions_jsonl), (reg_resized_dir, reg_captions_jsonl)]
+    examples, data = training_examples(folders, cfg, hashes)
     cfg.check_dataset(len(examples.images))
     cfg = in_steps(cfg, examples)
     accelerator = make_accelerator(cfg, device, logdir)
     accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.as_dict().items()})
-    data = f"{hashes.digest(resized_dir)}:{hashes.file(captions_jsonl)}"
     source = (base_model, trigger, allow_unsafe_weights, data, family)
     training, record = prepare(cfg, accelerator, examples, source, Path(cache_root), hashes)
     record |= {"stage": stage} if stage else {}

@@ -72,11 +72,14 @@ class NoisePrediction:
         return model(noisy, level, **self.family.unet_inputs(conditioning, sizes)).sample
 
     def loss(
-        self, pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor, mask: Any = None
-    ) -> torch.Tensor:
+        self, pred: torch.Tensor, target: torch.Tensor, level: torch.Tensor, mask: Any = None,
+        weight: Any = None,
+    ) -> torch.Tensor:  # fmt: skip
         """The batch's loss; ``level``: the rows' timesteps, on the CPU; ``mask``: per image,
-        a weight per latent pixel (train.masked_loss)."""
-        return loss(pred, target, weights(self.scheduler, level, self.cfg), self.cfg, mask)
+        a weight per latent pixel (train.masked_loss); ``weight``: per image, a weight of its
+        own (prior_loss_weight)."""
+        snr_weights = weights(self.scheduler, level, self.cfg)
+        return loss(pred, target, times(snr_weights, weight), self.cfg, mask)
 
 
 def sample_noise(latents: torch.Tensor, cfg: Any, rng: torch.Generator) -> torch.Tensor:
@@ -126,6 +129,13 @@ def weights(scheduler: Any, timesteps: torch.Tensor, cfg: Any) -> torch.Tensor |
     if v_prediction and cfg.scale_v_pred_loss_like_noise_pred:
         weight = weight * ratio / (ratio + 1)
     return weight
+
+
+def times(weight: Any, other: Any) -> Any:
+    """Two per-image weights multiplied; None stands for all ones."""
+    if weight is None or other is None:
+        return other if weight is None else weight
+    return weight * other.to(weight.device)
 
 
 def loss(

@@ -142,6 +142,9 @@ class Training:
         self.vae = None if cfg.cache_latents else pipe.vae.to(self.device).eval()
         self.samples = samples
         self.masks = mask_paths(cfg, examples.images, examples.entries)  # train.masked_loss
+        # prior_loss_weight: regularization images' loss weight, when it is not 1
+        prior = cfg.prior_loss_weight if any(examples.reg) and cfg.prior_loss_weight != 1 else None
+        self.loss_weights = None if prior is None else [prior if r else 1.0 for r in examples.reg]
         self.rng = torch.Generator().manual_seed(cfg.seed)  # every draw of the loop
         self.order: list[list[int]] = []  # the epoch's batches still to train on
         self.objective = make_objective(cfg, self.family, pipe)
@@ -252,7 +255,10 @@ class Training:
         )
         mask = None if mask is None else on_device(mask)
         target, level = on_device(noised.target), noised.level[rows]
-        return self.objective.loss(pred, target, level, mask) * scale
+        weight = None
+        if self.loss_weights is not None:
+            weight = torch.tensor([self.loss_weights[i] for i in batch])[rows]
+        return self.objective.loss(pred, target, level, mask, weight) * scale
 
     def step(self) -> float:
         """One optimizer step over gradient_accumulation_steps batches; the mean loss."""
