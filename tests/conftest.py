@@ -349,6 +349,26 @@ def prepared(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def prepared_reg(tmp_path_factory):
+    """Three captioned circle pictures, resized as ``prepared``'s: regularization images."""
+    from loramill.captions.merge import merge_captions
+    from loramill.demo.images import generate_dataset
+    from loramill.files import write_jsonl
+    from loramill.prepare.resize import resize_dataset
+
+    root = tmp_path_factory.mktemp("reg")
+    generate_dataset(root / "ds", "circles", 3)
+    settings = {"resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64,
+                "bucket_reso_steps": 16}  # fmt: skip
+    manifest = resize_dataset(root / "ds" / "images", root / "resized", settings,
+                              cache_dir=root / "cache")  # fmt: skip
+    auto = [{"image": e["file"], "caption": e["file"][:-4]} for e in manifest["images"]]
+    write_jsonl(root / "auto.jsonl", auto)
+    merge_captions(root / "auto.jsonl", None, root / "captions.jsonl", root / "r.json", "")
+    return {"reg_resized_dir": root / "resized", "reg_captions_jsonl": root / "captions.jsonl"}
+
+
 def train(prepared, out, tiny_sd, call=None, **overrides):
     """Train with TRAIN_CONFIG plus ``overrides``; ``call`` holds further train_lora arguments."""
     from loramill.train.loop import train_lora

@@ -24,8 +24,11 @@ from loramill.train.config import TrainConfig
 from loramill.train.distributed import launch, share
 
 FAST = {"max_train_steps": 4, "save_steps": 2, "threads": 1}
-# the runs compared keep an EMA too (issue #32): a decay far from 1 keeps it apart from the weights
-EMA = {"ema": True, "ema_decay": 0.5}
+# The runs compared have issue #32's features too: an EMA (a decay far from 1 keeps it apart
+# from the weights), the masked loss (prepared's RGBA picture's transparency) and
+# regularization images weighted by a prior weight (the prepared_reg fixture's, in ``call``).
+EMA = {"ema": True, "ema_decay": 0.5, "masked_loss": True, "alpha_mask": True,
+       "prior_loss_weight": 0.5}  # fmt: skip
 
 
 def tensors(paths):
@@ -47,15 +50,19 @@ def test_the_rows_each_process_trains_on():
 
 
 @pytest.fixture(scope="module")
-def two(prepared, tmp_path_factory, tiny_sd):
+def two(prepared, prepared_reg, tmp_path_factory, tiny_sd):
     """Two processes of batch 1, uninterrupted: the run a single process of batch 2 and a
     stopped-and-resumed two-process run are compared with."""
     out = tmp_path_factory.mktemp("two")
-    return train(prepared, out, tiny_sd, train_batch_size=1, num_processes=2, **FAST, **EMA)
+    return train(prepared, out, tiny_sd, call=prepared_reg, train_batch_size=1,
+                 num_processes=2, **FAST, **EMA)  # fmt: skip
 
 
-def test_two_processes_of_batch_1_train_as_one_process_of_batch_2(two, prepared, tmp_path, tiny_sd):
-    one = train(prepared, tmp_path / "one", tiny_sd, train_batch_size=2, **FAST, **EMA)
+def test_two_processes_of_batch_1_train_as_one_process_of_batch_2(
+    two, prepared, prepared_reg, tmp_path, tiny_sd
+):
+    one = train(prepared, tmp_path / "one", tiny_sd, call=prepared_reg, train_batch_size=2,
+                **FAST, **EMA)  # fmt: skip
     names = ["step-000002.safetensors", "step-000004.safetensors"]
     assert [p.name for p in two] == [p.name for p in one] == names
     # only rank 0 wrote: the checkpoints and their averages, nothing else
@@ -76,13 +83,14 @@ def test_two_processes_of_batch_1_train_as_one_process_of_batch_2(two, prepared,
     assert any(not torch.equal(last[k], average[k]) for k in last)  # and of an average apart
 
 
-def test_a_stopped_two_process_run_resumes_exactly(prepared, two, tmp_path, tiny_sd):
+def test_a_stopped_two_process_run_resumes_exactly(prepared, prepared_reg, two, tmp_path, tiny_sd):
     state = tmp_path / "state"
     config = {**FAST, **EMA, "train_batch_size": 1, "num_processes": 2}
-    first = train(prepared, tmp_path / "a", tiny_sd, call={"state_dir": state},
+    call = {"state_dir": state, **prepared_reg}
+    first = train(prepared, tmp_path / "a", tiny_sd, call=call,
                   **{**config, "max_train_steps": 2})  # fmt: skip
     assert [p.name for p in first] == ["step-000002.safetensors"]
-    resumed = train(prepared, tmp_path / "b", tiny_sd, call={"state_dir": state}, **config)
+    resumed = train(prepared, tmp_path / "b", tiny_sd, call=call, **config)
     assert [p.name for p in resumed] == [p.name for p in two]
     pairs = [*zip(tensors(resumed), tensors(two), strict=True)]
     pairs += zip(tensors(averages(resumed)), tensors(averages(two)), strict=True)

@@ -210,3 +210,19 @@ def test_the_held_out_images_are_named_in_the_training_log(prepared, tiny_sd, tm
     _, lines = train_logged(prepared, tmp_path, tiny_sd, caplog, {**SPLIT, "max_train_steps": 1})
     held = [line for line in lines if line.startswith("validation_split 0.4: ")]
     assert held and held[0].endswith("of 5 images held out for validation")
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_sdxl_validation_is_identical_across_runs_in_either_precision(
+    prepared, tiny_sdxl, tmp_path, precision
+):
+    """SDXL's size conditions and two text encoders, the masked loss, bf16 autocast: the same
+    numbers from two validations of the same checkpoints."""
+    config = {**SPLIT, "max_train_steps": 2, "save_steps": 1, "masked_loss": True,
+              "alpha_mask": True, "mixed_precision": precision}  # fmt: skip
+    train(prepared, tmp_path, str(tiny_sdxl), **config)
+    first = validate(prepared, tmp_path, str(tiny_sdxl), config)
+    again = validate(prepared, tmp_path, str(tiny_sdxl), config)
+    assert [row["step"] for row in first["checkpoints"]] == [1, 2]
+    assert again["checkpoints"] == first["checkpoints"]
+    assert first["checkpoints"][0]["loss"] != first["checkpoints"][1]["loss"]
