@@ -325,47 +325,43 @@ TRAIN_CONFIG = {
 }
 
 
-@pytest.fixture(scope="session")
-def prepared(tmp_path_factory):
-    """Five captioned stripe images resized into two buckets (read-only: shared by every
-    module, and by the session's shared runs)."""
+# Buckets 16×64 … 64×16 around 32²
+SMALL_BUCKETS = {"resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64,
+                 "bucket_reso_steps": 16}  # fmt: skip
+
+
+def prepare_set(root: Path, style: str, count: int, seed: int = 0, trigger: str = "") -> dict:
+    """Generated pictures in ``root/ds``, resized into ``root/resized`` and captioned into
+    ``root/captions.jsonl`` as the stages would; the resize manifest."""
     from loramill.captions.merge import merge_captions
     from loramill.demo.images import generate_dataset
     from loramill.files import write_jsonl
     from loramill.prepare.resize import resize_dataset
 
-    root = tmp_path_factory.mktemp("train")
-    generate_dataset(root / "ds", "stripes", 5)
-    # Buckets 16×64 … 64×16 around 32²: the five images land in two of them.
-    buckets = {"resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64}
-    settings = {**buckets, "bucket_reso_steps": 16}
-    manifest = resize_dataset(
-        root / "ds" / "images", root / "resized", settings, cache_dir=root / "cache"
-    )
-    assert len({tuple(e["bucket"]) for e in manifest["images"]}) == 2
+    generate_dataset(root / "ds", style, count, seed)
+    manifest = resize_dataset(root / "ds" / "images", root / "resized", SMALL_BUCKETS,
+                              cache_dir=root / "cache")  # fmt: skip
     auto = [{"image": e["file"], "caption": e["file"][:-4]} for e in manifest["images"]]
     write_jsonl(root / "auto.jsonl", auto)
-    merge_captions(root / "auto.jsonl", None, root / "captions.jsonl", root / "r.json", "zzt")
+    merge_captions(root / "auto.jsonl", None, root / "captions.jsonl", root / "r.json", trigger)
+    return manifest
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory):
+    """Five captioned stripe images resized into two buckets (read-only: shared by every
+    module, and by the session's shared runs)."""
+    root = tmp_path_factory.mktemp("train")
+    manifest = prepare_set(root, "stripes", 5, trigger="zzt")
+    assert len({tuple(e["bucket"]) for e in manifest["images"]}) == 2
     return root
 
 
 @pytest.fixture(scope="session")
 def prepared_reg(tmp_path_factory):
     """Three captioned circle pictures, resized as ``prepared``'s: regularization images."""
-    from loramill.captions.merge import merge_captions
-    from loramill.demo.images import generate_dataset
-    from loramill.files import write_jsonl
-    from loramill.prepare.resize import resize_dataset
-
     root = tmp_path_factory.mktemp("reg")
-    generate_dataset(root / "ds", "circles", 3)
-    settings = {"resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64,
-                "bucket_reso_steps": 16}  # fmt: skip
-    manifest = resize_dataset(root / "ds" / "images", root / "resized", settings,
-                              cache_dir=root / "cache")  # fmt: skip
-    auto = [{"image": e["file"], "caption": e["file"][:-4]} for e in manifest["images"]]
-    write_jsonl(root / "auto.jsonl", auto)
-    merge_captions(root / "auto.jsonl", None, root / "captions.jsonl", root / "r.json", "")
+    prepare_set(root, "circles", 3)
     return {"reg_resized_dir": root / "resized", "reg_captions_jsonl": root / "captions.jsonl"}
 
 

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import TRAIN_CONFIG
+from conftest import TRAIN_CONFIG, prepare_set
 
 from loramill import LoramillError
 from loramill.models.checkpoint import read_checkpoint
@@ -33,19 +33,7 @@ def test_regularization_images_appear_as_often_as_training_images_as_kohya_count
 
 def make_set(root, style, count, seed=0):
     """A folder laid out as a dataset, resized and captioned as the stages would."""
-    from loramill.captions.merge import merge_captions
-    from loramill.demo.images import generate_dataset
-    from loramill.files import write_jsonl
-    from loramill.prepare.resize import resize_dataset
-
-    generate_dataset(root / "ds", style, count, seed)
-    buckets = {"resolution": 32, "min_bucket_reso": 16, "max_bucket_reso": 64,
-               "bucket_reso_steps": 16}  # fmt: skip
-    manifest = resize_dataset(root / "ds" / "images", root / "resized", buckets,
-                              cache_dir=root / "cache")  # fmt: skip
-    auto = [{"image": e["file"], "caption": e["file"][:-4]} for e in manifest["images"]]
-    write_jsonl(root / "auto.jsonl", auto)
-    merge_captions(root / "auto.jsonl", None, root / "captions.jsonl", root / "r.json", "")
+    prepare_set(root, style, count, seed)
     return root
 
 
