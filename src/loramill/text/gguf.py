@@ -5,12 +5,13 @@ llama.cpp loads a LoRA from its own GGUF layout (``general.type = adapter``,
 torch shape (rank, in) and ``<name>.lora_b`` of (out, rank), the scale alpha / rank as in
 peft). Weight names follow llama.cpp's (``blk.0.attn_q.weight``), looked up with the gguf
 package's name map. For the LLaMA architecture llama.cpp stores the query and key
-projections with their rotary halves interleaved, so those LoRAs' B rows are permuted the
-same way; Qwen2 keeps the Hugging Face order.
+projections with their rotary halves interleaved (Mistral too, which llama.cpp reads as
+LLaMA), so those LoRAs' B rows are permuted the same way; Qwen2 and Qwen3 keep the Hugging Face
+order.
 
-``write_base_gguf`` converts a small LLaMA with a byte-level BPE tokenizer (the embedded
-tiny model) so an adapter can be checked in llama.cpp offline; for hub models use llama.cpp's
-own ``convert_hf_to_gguf.py``.
+``write_base_gguf`` converts a small model of those families with a byte-level BPE tokenizer
+(the embedded tiny model, loramill.demo.tiny_families') so an adapter can be checked in
+llama.cpp offline; for hub models use llama.cpp's own ``convert_hf_to_gguf.py``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ ARCHITECTURES = {
     "LlamaForCausalLM": ("llama", True),
     "MistralForCausalLM": ("llama", True),
     "Qwen2ForCausalLM": ("qwen2", False),
+    "Qwen3ForCausalLM": ("qwen3", False),  # its q/k norms are tensors of their own
 }
+# Not here: Gemma 2 and 3, which llama.cpp has, but whose converter also rewrites the norm
+# weights (Gemma's RMSNorm scales by 1 + weight); a Gemma adapter's GGUF is refused.
 PEFT_PREFIX = "base_model.model."
 
 
@@ -153,7 +157,8 @@ def _add_bpe_tokenizer(writer: Any, folder: Path, config: dict[str, Any]) -> Non
 
 
 def write_base_gguf(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """A small LLaMA model folder (float32, byte-level BPE) as a llama.cpp GGUF model."""
+    """A small model folder of a family in ARCHITECTURES (float32, byte-level BPE) as a
+    llama.cpp GGUF model."""
     import gguf
     from safetensors.torch import load_file
 

@@ -1,0 +1,75 @@
+"""Tiny causal language models of the families users fine-tune (issue #33), built offline:
+LLaMA (the embedded model's), Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3, each transformers'
+own architecture at test size with seeded random weights, and the embedded model's byte-level
+BPE tokenizer (loramill.demo.tiny_llama), whose chat template the text stages apply.
+
+What sets each family apart is kept: grouped-query attention (fewer key/value heads than
+query heads), Qwen2's q/k/v biases, Qwen3's q/k norms, Gemma's soft-capped logits, scaled
+embeddings and tied input / output embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from loramill.demo.tiny_llama import build_tokenizer
+
+# family → (transformers config class, model class, what the family's config sets apart)
+FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2}),
+    # sliding_window off, as Mistral 7B v0.2 onwards
+    "mistral": ("MistralConfig", "MistralForCausalLM",
+                {"num_key_value_heads": 2, "sliding_window": None}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"num_key_value_heads": 2}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"num_key_value_heads": 2, "head_dim": 16}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {
+        "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
+        "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+        "sliding_window": 4096, "tie_word_embeddings": True,
+    }),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", {
+        "num_key_value_heads": 2, "head_dim": 16, "query_pre_attn_scalar": 16,
+        "sliding_window": 4096, "tie_word_embeddings": True,
+    }),
+}  # fmt: skip
+
+
+def build_family_model(
+    family: str, tokenizer: Any, seed: int = 0, hidden: int = 64, layers: int = 2,
+    init_std: float = 0.25,
+) -> Any:  # fmt: skip
+    """A ``family`` model sized for tests, seeded random weights (``init_std``: as
+    loramill.demo.tiny_llama.build_model's, wide enough for an adapter to teach it)."""
+    import torch
+    import transformers
+
+    config_class, model_class, own = FAMILIES[family]
+    config = getattr(transformers, config_class)(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        initializer_range=init_std,
+        **{"tie_word_embeddings": False, **own},
+    )
+    torch.manual_seed(seed)
+    return getattr(transformers, model_class)(config).eval()
+
+
+def write_family_model(
+    family: str, out: str | os.PathLike, texts: list[str], seed: int = 0
+) -> Path:
+    """A ``family`` model folder at ``out`` (safetensors, config, tokenizer) whose tokenizer is
+    trained on ``texts``."""
+    tokenizer = build_tokenizer(texts)
+    model = build_family_model(family, tokenizer, seed)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return Path(out)
