@@ -1,5 +1,6 @@
 """Tiny causal language models of the families users fine-tune (issue #33), built offline:
-LLaMA (the embedded model's), Mistral, Qwen2, Qwen3, Gemma 2 and Gemma 3, each transformers'
+LLaMA (the embedded model's; Llama 3.x's rope scaling too), Mistral, Qwen2, Qwen3, Gemma 2 and
+Gemma 3, each transformers'
 own architecture at test size with seeded random weights, and the embedded model's byte-level
 BPE tokenizer (loramill.demo.tiny_llama), whose chat template the text stages apply.
 
@@ -19,6 +20,12 @@ from loramill.demo.tiny_llama import build_tokenizer
 # family → (transformers config class, model class, what the family's config sets apart)
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2}),
+    # Llama 3.x's rope scaling; its original context shrunk to 64 positions, so the tiny head's
+    # 8 rotary frequencies fall on both sides of the blend (kept, blended, divided)
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", {"num_key_value_heads": 2, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+    }}),
     # sliding_window off, as Mistral 7B v0.2 onwards
     "mistral": ("MistralConfig", "MistralForCausalLM",
                 {"num_key_value_heads": 2, "sliding_window": None}),

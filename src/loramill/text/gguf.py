@@ -7,7 +7,7 @@ peft). Weight names follow llama.cpp's (``blk.0.attn_q.weight``), looked up with
 package's name map. For the LLaMA architecture llama.cpp stores the query and key
 projections with their rotary halves interleaved (Mistral too, which llama.cpp reads as
 LLaMA), so those LoRAs' B rows are permuted the same way; Qwen2 and Qwen3 keep the Hugging Face
-order.
+order. Llama 3.x's rope scaling goes in as llama.cpp's ``rope_freqs`` tensor.
 
 ``write_base_gguf`` converts a small model of those families with a byte-level BPE tokenizer
 (the embedded tiny model, loramill.demo.tiny_families') so an adapter can be checked in
@@ -156,6 +156,28 @@ def _add_bpe_tokenizer(writer: Any, folder: Path, config: dict[str, Any]) -> Non
     writer.add_add_bos_token(True)
 
 
+def llama3_rope_factors(config: dict[str, Any]) -> Any:
+    """Llama 3.x's rope scaling as llama.cpp reads it, a divisor of each rotary frequency
+    (its ``rope_freqs`` tensor), or None without that scaling. Transformers divides the
+    frequencies of wavelengths past ``original / low_freq_factor`` by ``factor``, keeps those
+    below ``original / high_freq_factor``, and blends between them."""
+    import numpy as np
+
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if rope.get("rope_type") != "llama3":
+        return None
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    theta = float(rope.get("rope_theta", config.get("rope_theta", 1e4)))
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    original = rope["original_max_position_embeddings"]
+    frequencies = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    wavelengths = 2 * np.pi / frequencies
+    smooth = (original / wavelengths - low) / (high - low)
+    divisors = 1 / ((1 - smooth) / factor + smooth)
+    divisors = np.where(wavelengths < original / high, 1.0, divisors)
+    return np.where(wavelengths > original / low, factor, divisors).astype(np.float32)
+
+
 def write_base_gguf(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
     """A small model folder of a family in ARCHITECTURES (float32, byte-level BPE) as a
     llama.cpp GGUF model."""
@@ -183,6 +205,8 @@ def write_base_gguf(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
         writer.add_vocab_size(config["vocab_size"])
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
         _add_bpe_tokenizer(writer, folder, config)
+        if (factors := llama3_rope_factors(config)) is not None:
+            writer.add_tensor("rope_freqs.weight", factors)
         for hf_name, weight in sorted(load_file(folder / "model.safetensors").items()):
             if interleaved:
                 weight = _permuted(hf_name, weight, config)
