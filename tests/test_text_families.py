@@ -20,7 +20,9 @@ from loramill.text.language_model import load_causal_lm, load_tokenizer, model_c
 from loramill.text.records import hold_out, parse_record, tokenize
 from loramill.text.train import TextTrainConfig, eval_loss, train_text_lora
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is a dev dependency")
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is a dev dependency")
+from test_text_gguf import llama_logits
+
 # the families whose architecture llama.cpp loads a GGUF LoRA of (loramill.text.gguf)
 GGUF_FAMILIES = [f for f, (_, model, _) in FAMILIES.items() if model in ARCHITECTURES]
 # the schema's default targets (q_proj, v_proj): what a user who sets none trains
@@ -58,14 +60,6 @@ def test_each_family_learns_with_the_default_targets_bit_identically(family, rec
     one, two = (load_file(str(p / "adapter_model.safetensors")) for p in (adapter, again))
     assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
     assert {k.split(".")[-3] for k in one} == {"q_proj", "v_proj"}
-
-
-def llama_logits(model_gguf, ids, lora=None) -> np.ndarray:
-    options = {"lora_path": str(lora)} if lora else {}
-    llm = llama_cpp.Llama(str(model_gguf), logits_all=True, n_ctx=128, n_threads=2, seed=0,
-                          verbose=False, **options)  # fmt: skip
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)])
 
 
 @pytest.mark.parametrize("family", sorted(GGUF_FAMILIES))

@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from loramill.demo.tiny_llama import build_tokenizer
+from loramill.demo.tiny_llama import build_causal_lm, build_tokenizer
 
 # family → (transformers config class, model class, what the family's config sets apart)
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -47,27 +47,10 @@ def build_family_model(
     family: str, tokenizer: Any, seed: int = 0, hidden: int = 64, layers: int = 2,
     init_std: float = 0.25,
 ) -> Any:  # fmt: skip
-    """A ``family`` model sized for tests, seeded random weights (``init_std``: as
-    loramill.demo.tiny_llama.build_model's, wide enough for an adapter to teach it)."""
-    import torch
-    import transformers
-
+    """A ``family`` model sized for tests, seeded random weights (build_causal_lm)."""
     config_class, model_class, own = FAMILIES[family]
-    config = getattr(transformers, config_class)(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        max_position_embeddings=512,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        initializer_range=init_std,
-        **{"tie_word_embeddings": False, **own},
-    )
-    torch.manual_seed(seed)
-    return getattr(transformers, model_class)(config).eval()
+    return build_causal_lm(config_class, model_class, tokenizer, seed, hidden, layers,
+                           init_std, **own)  # fmt: skip
 
 
 def write_family_model(

@@ -48,28 +48,37 @@ def build_tokenizer(texts: Sequence[str], vocab_size: int = 384) -> Any:
 def build_model(
     tokenizer: Any, seed: int = 0, hidden: int = 64, layers: int = 2, init_std: float = 0.25
 ) -> Any:
-    """LlamaForCausalLM sized for tests and the demo, seeded random weights.
+    """LlamaForCausalLM sized for tests and the demo, seeded random weights (build_causal_lm)."""
+    return build_causal_lm("LlamaConfig", "LlamaForCausalLM", tokenizer, seed, hidden, layers,
+                           init_std, num_key_value_heads=4)  # fmt: skip
+
+
+def build_causal_lm(
+    config_class: str, model_class: str, tokenizer: Any, seed: int = 0, hidden: int = 64,
+    layers: int = 2, init_std: float = 0.25, **own: Any,
+) -> Any:  # fmt: skip
+    """A transformers causal LM (``model_class`` of ``config_class``) sized for tests: 4 heads,
+    ``own`` the family's own settings over the shared ones, seeded random weights.
 
     ``init_std`` is wider than transformers' 0.02: behind the final RMSNorm a frozen head that
     small caps every logit near ±1.3, so the model can only predict near-uniform
     distributions and no adapter could teach it anything; a pretrained base has no such cap.
     """
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    config = LlamaConfig(
+    config = getattr(transformers, config_class)(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,
         num_attention_heads=4,
-        num_key_value_heads=4,
         max_position_embeddings=512,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
         initializer_range=init_std,
+        **{"tie_word_embeddings": False, **own},
     )
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
+    return getattr(transformers, model_class)(config).eval()
