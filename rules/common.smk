@@ -39,8 +39,8 @@ from loramill.train.config import (
     VALIDATION_ONLY_OPTIONS,
 )
 from loramill.train.family_options import FLUX_FAMILIES
-from loramill.config import IMAGE_SET_TASK, NO_DIFFUSERS_FILE, grid_settings
-from loramill.workflow_config import load_datasets, validated
+from loramill.config import IMAGE_SET_TASK, NO_DIFFUSERS_FILE, grid_settings, validated
+from loramill.workflow_config import load_datasets
 
 ENV = "../envs/loramill.yaml"
 

@@ -240,6 +240,21 @@ REG_FOLDER = "reg"
 IMAGE_SET_TASK = "image_set"
 
 
+def validation_folder(settings: dict[str, Any]) -> Path | None:
+    """The dataset's own validation folder, when it has one."""
+    folder = Path(settings["path"]) / VALIDATION_FOLDER
+    return folder if folder.is_dir() else None
+
+
+def validated(settings: dict[str, Any]) -> bool:
+    """Whether an image dataset has a validation loss: a validation folder or
+    train.validation_split (read without the schema's defaults too: publish reads the raw
+    config)."""
+    split = settings.get("train", {}).get("validation_split")
+    image = settings.get("task", "image") == "image"
+    return image and bool(validation_folder(settings) or split)
+
+
 def image_set_path(settings: dict[str, Any], kind: str) -> str:
     """Where a dataset's image set of ``kind`` lies: its folder, or train.reg_data's."""
     reg_data = settings.get("train", {}).get("reg_data")

@@ -29,7 +29,8 @@ from typing import Any
 import yaml
 
 from loramill import LoramillError
-from loramill.config import NO_DIFFUSERS_FILE, VALIDATION_FOLDER, dataset_config
+from loramill.config import NO_DIFFUSERS_FILE, dataset_config
+from loramill.config import validated as is_validated
 
 DIFFUSERS_FILE = "exports/{ds}.diffusers.safetensors"
 VALIDATION_FILES = ("results/{ds}/validation.json", "results/{ds}/validation.png")
@@ -264,14 +265,6 @@ def _has_diffusers_file(config: dict[str, Any], ds: str) -> bool:
     return settings.get("task", "image") != "image" or network_type not in NO_DIFFUSERS_FILE
 
 
-def _validated(config: dict[str, Any], ds: str) -> bool:
-    """Whether an image dataset has a validation loss: validation_split, or a folder."""
-    settings = dataset_config(config, ds)
-    folder = Path(settings["path"]) / VALIDATION_FOLDER
-    split = settings.get("train", {}).get("validation_split")
-    return settings.get("task", "image") == "image" and bool(split or folder.is_dir())
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loramill.publish",
@@ -297,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"unknown dataset {', '.join(unknown)} (config/config.yaml has: "
                 f"{', '.join(configured)})"
             )
-        validated = [ds for ds in entries if _validated(config, ds)]
+        validated = [ds for ds in entries if is_validated(dataset_config(config, ds))]
         report = publish(
             root, args.datasets or configured, args.remote, args.dry_run, tasks, without,
             validated,

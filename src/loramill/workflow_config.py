@@ -36,13 +36,15 @@ from loramill.config import (
     image_set_entry,
     schema,
     schema_file,
+    validated,
+    validation_folder,
 )
 from loramill.grid.plan import check_grid
 from loramill.models.base_model import resolve_base_model
 from loramill.models.families import image_family
 from loramill.prepare.buckets import FAMILY_RESOLUTION, BucketSpec, check_family_step
 from loramill.text.language_model import resolve_language_model
-from loramill.train.config import TrainConfig
+from loramill.train.config import REG_OPTIONS, TrainConfig
 from loramill.train.family_options import check_family_options
 
 
@@ -88,17 +90,6 @@ def _validator() -> jsonschema.protocols.Validator:
 
 
 VALIDATION_OPTIONS = ("validation_seed", "validate_every_n_steps")  # need validation
-
-
-def validation_folder(settings: dict[str, Any]) -> Path | None:
-    """The dataset's own validation folder, when it has one."""
-    folder = Path(settings["path"]) / VALIDATION_FOLDER
-    return folder if folder.is_dir() else None
-
-
-def validated(settings: dict[str, Any]) -> bool:
-    """Whether the dataset has a validation loss: a validation folder or validation_split."""
-    return bool(validation_folder(settings) or settings["train"]["validation_split"])
 
 
 def check_validation(settings: dict[str, Any]) -> None:
@@ -147,7 +138,7 @@ def check_regularization(ds: str, settings: dict[str, Any], datasets: dict[str, 
             "reg_data, kohya's reg_data_dir, or the folder)"
         )
     if found is None:
-        for key, unset in (("prior_loss_weight", 1.0), ("reg_caption", None)):
+        for key, unset in REG_OPTIONS.items():
             if train[key] != unset:
                 raise LoramillError(
                     f"train.{key} has no effect without regularization images: add "

@@ -28,6 +28,8 @@ STOPPING_OPTIONS = ("max_train_steps", "max_train_epochs", *SAVING_OPTIONS)
 # Options only the validate stage reads (loramill.train.validation): the train stage's params
 # leave them out, so changing them measures the checkpoints again and trains nothing.
 VALIDATION_ONLY_OPTIONS = ("validation_seed",)
+# Options that need regularization images, with the values that mean "none" (the defaults)
+REG_OPTIONS = {"prior_loss_weight": 1.0, "reg_caption": None}
 # Where a multi-machine run's processes meet: no part of what it trains, and a resubmission
 # lands on other machines, so it stays out of fingerprints, provenance and the state's key.
 LAUNCH_OPTIONS = ("rdzv_endpoint",)

@@ -50,7 +50,7 @@ from loramill.models.quantize import LIBRARY as QUANTIZING_LIBRARY
 from loramill.models.single_file import source_checkpoint
 from loramill.prepare.buckets import batches_per_epoch
 from loramill.software import installed
-from loramill.train.config import TrainConfig
+from loramill.train.config import REG_OPTIONS, TrainConfig
 from loramill.train.data import Encoded, Examples, read_examples, split, subset
 from loramill.train.distributed import in_worker, launch
 from loramill.train.ema import average_about
@@ -188,7 +188,7 @@ def training_examples(
     examples = held_out_for_validation(examples, cfg, hashes)
     data = f"{hashes.digest(resized_dir)}:{hashes.file(captions_jsonl)}"
     if reg_dir is None:
-        for key, unset in (("prior_loss_weight", 1.0), ("reg_caption", None)):
+        for key, unset in REG_OPTIONS.items():
             if getattr(cfg, key) != unset:
                 raise LoramillError(f"train.{key}: no regularization images were given")
         return examples, data
