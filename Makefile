@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test install lock publish gc seed-edits report help
+.PHONY: demo test install lock publish gc seed-edits captions report help
 
 ## set up .venv if missing, fetch the demo data (dvc pull), train every dataset
 demo: $(VENV)/.installed
@@ -42,6 +42,11 @@ publish: $(VENV)/.installed
 ## DS=<ds>: start caption review (auto captions of unedited images into metadata.csv)
 seed-edits: $(VENV)/.installed
 	$(BIN)/python -m loramill.captions.seed_edits $(DS)
+
+# On 127.0.0.1 only, behind the random token of the URL it prints; it writes metadata.csv only.
+## DS=<ds>: review and edit a dataset's captions in the browser (prints a local URL)
+captions: $(VENV)/.installed
+	$(BIN)/python -m loramill.captions.review $(DS)
 
 # The run-cache entries are in .cache/runs, the grid cells in .cache/grid.
 # `$(BIN)/python -m loramill.reruns.run_cache gc --max-size 20G` keeps the most recently used instead.

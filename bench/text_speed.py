@@ -9,7 +9,13 @@ random weights:
 
 - tiny: the embedded models/tiny-llama (2 layers, hidden 64);
 - 100m: a LLaMA of 108 M parameters (14 layers, hidden 768, intermediate 2304) on the
-  tiny tokenizer's vocabulary.
+  tiny tokenizer's vocabulary;
+- 1b: Llama 3.2 1B's shape (16 layers, hidden 2048, intermediate 8192, 32 heads, 8 KV heads:
+  0.97 B parameters) on the tiny tokenizer's vocabulary.
+
+With bf16 the Trainer runs twice: as the peft docs set it up (the float32 base, ``bf16=True``:
+autocast) and with the base loaded in bf16 (norms and the residual stream in bf16 too: other
+numbers, and what many users do).
 
     .venv/bin/python bench/text_speed.py [--models tiny 100m] [--steps 20] [--repeats 2]
         [--precision fp32 bf16] [--device cpu|cuda] [--profile DIR]
@@ -48,20 +54,27 @@ def examples():
     return tokenizer, tokenize(records, tokenizer, SEQ, "truncate", response_only=True)
 
 
-def build(kind: str, device: str):
+SHAPES = {  # LlamaConfig's sizes of the models built here
+    "100m": {"hidden_size": 768, "intermediate_size": 2304, "num_hidden_layers": 14,
+             "num_attention_heads": 12, "num_key_value_heads": 12},
+    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+           "num_attention_heads": 32, "num_key_value_heads": 8},
+}  # fmt: skip
+
+
+def build(kind: str, device: str, dtype: torch.dtype = torch.float32):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from loramill.text.language_model import load_causal_lm
 
     if kind == "tiny":
-        return load_causal_lm(str(TINY)).to(device)
+        return load_causal_lm(str(TINY)).to(device, dtype)
     config = LlamaConfig(
-        vocab_size=384, hidden_size=768, intermediate_size=2304, num_hidden_layers=14,
-        num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512,
-        bos_token_id=0, eos_token_id=1, pad_token_id=2, tie_word_embeddings=False,
+        vocab_size=384, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
+        pad_token_id=2, tie_word_embeddings=False, **SHAPES[kind],
     )  # fmt: skip
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval().requires_grad_(False).to(device)
+    return LlamaForCausalLM(config).eval().requires_grad_(False).to(device, dtype)
 
 
 def real_tokens(data, steps: int) -> float:
@@ -71,7 +84,8 @@ def real_tokens(data, steps: int) -> float:
 
 
 def run_loramill(model, data, pad_id: int, steps: int, precision: str) -> float:
-    from loramill.text.train import TextTrainConfig, train_text_lora
+    from loramill.text.loop import train_text_lora
+    from loramill.text.train import TextTrainConfig
 
     cfg = TextTrainConfig.from_dict({
         "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGETS,
@@ -138,7 +152,7 @@ def profile(args: argparse.Namespace, tokenizer, data) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--models", nargs="+", default=["tiny", "100m"])
+    parser.add_argument("--models", nargs="+", default=["tiny", "100m"], choices=["tiny", *SHAPES])
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2)
@@ -153,23 +167,34 @@ def main() -> None:
     tokens = real_tokens(data, args.steps)
     for kind in args.models:
         for precision in args.precision:
-            best = {"loramill": float("inf"), "Trainer+peft": float("inf")}
-            for _ in range(args.repeats):
-                model = build(kind, args.device)
-                best["loramill"] = min(
-                    best["loramill"],
-                    run_loramill(model, data, tokenizer.pad_token_id, args.steps, precision),
-                )
-                model = build(kind, args.device)
-                best["Trainer+peft"] = min(
-                    best["Trainer+peft"],
-                    run_trainer(model, data, tokenizer, args.steps, precision, args.device),
-                )
-            rates = {name: tokens / seconds for name, seconds in best.items()}
-            ratio = rates["loramill"] / rates["Trainer+peft"]
-            print(f"{kind:5s} {precision}: loramill {rates['loramill']:.0f} tok/s, "
-                  f"Trainer+peft {rates['Trainer+peft']:.0f} tok/s, ratio {ratio:.2f}",
+            best = compare(kind, precision, args, tokenizer, data)
+            rates = {side: tokens / seconds for side, seconds in best.items()}
+            others = ", ".join(
+                f"{side} {rate:.0f} tok/s (ratio {rates['loramill'] / rate:.2f})"
+                for side, rate in rates.items() if side != "loramill"
+            )  # fmt: skip
+            print(f"{kind:5s} {precision}: loramill {rates['loramill']:.0f} tok/s; {others}",
                   flush=True)  # fmt: skip
+
+
+def compare(kind: str, precision: str, args: argparse.Namespace, tokenizer, data) -> dict:
+    """Each side's best time over the repeats, the sides alternating, each on a fresh model."""
+    pad, steps, device = tokenizer.pad_token_id, args.steps, args.device
+    sides = {
+        "loramill": lambda: run_loramill(build(kind, device), data, pad, steps, precision),
+        "Trainer+peft": lambda: run_trainer(
+            build(kind, device), data, tokenizer, steps, precision, device
+        ),
+    }
+    if precision == "bf16":
+        sides["Trainer+peft, bf16 base"] = lambda: run_trainer(
+            build(kind, device, torch.bfloat16), data, tokenizer, steps, precision, device
+        )
+    best = dict.fromkeys(sides, float("inf"))
+    for _ in range(args.repeats):
+        for side, run in sides.items():
+            best[side] = min(best[side], run())
+    return best
 
 
 if __name__ == "__main__":

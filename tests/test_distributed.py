@@ -20,7 +20,6 @@ from conftest import train
 from safetensors.torch import load_file
 
 from loramill import LoramillError
-from loramill.train.config import TrainConfig
 from loramill.train.distributed import launch, share
 
 FAST = {"max_train_steps": 4, "save_steps": 2, "threads": 1}
@@ -107,10 +106,10 @@ def test_a_workers_error_is_the_jobs_one_line_error(prepared, tmp_path, tiny_sd)
 
 def test_the_workers_are_torchruns_and_the_job_gets_its_signals_back():
     # os.getenv as the trained function: what rank 0 sees, without a model to load
-    two = TrainConfig(num_processes=2, threads=1)
+    two = {"processes": 2, "threads": 1}
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
-    assert launch(os.getenv, {"key": "TORCHELASTIC_RUN_ID"}, two)  # what accelerate & co. read
-    assert launch(os.getenv, {"key": "LOCAL_WORLD_SIZE"}, two) == "2"
+    assert launch(os.getenv, {"key": "TORCHELASTIC_RUN_ID"}, **two)  # what accelerate & co. read
+    assert launch(os.getenv, {"key": "LOCAL_WORLD_SIZE"}, **two) == "2"
     # the agent's handlers are gone: a Ctrl-C after the training reaches the job as before
     assert {number: signal.getsignal(number) for number in before} == before
     assert "TORCHELASTIC_SIGNALS_TO_HANDLE" not in os.environ
@@ -122,11 +121,10 @@ def test_two_machines_meet_at_the_rendezvous_endpoint():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    cfg = f"num_machines=2, rdzv_endpoint='127.0.0.1:{port}', threads=1"
+    where = f"processes=1, threads=1, machines=2, endpoint='127.0.0.1:{port}'"
     code = (
-        "import json, os; from loramill.train.config import TrainConfig; "
-        "from loramill.train.distributed import launch; "
-        f"print(json.dumps(launch(os.getenv, {{'key': 'WORLD_SIZE'}}, TrainConfig({cfg}))))"
+        "import json, os; from loramill.train.distributed import launch; "
+        f"print(json.dumps(launch(os.getenv, {{'key': 'WORLD_SIZE'}}, {where})))"
     )
     jobs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
             for _ in range(2)]  # fmt: skip

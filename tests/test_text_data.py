@@ -12,7 +12,6 @@ from loramill.text.records import (
     IGNORE,
     Record,
     hold_out,
-    pack,
     pad_batch,
     read_records,
     render,
@@ -119,7 +118,7 @@ def test_hold_out_is_decided_by_content_not_position():
         hold_out(records[:1], 0.01)
 
 
-def test_padding_and_packing(tokenizer):
+def test_padding(tokenizer):
     records = [Record("t:1", "Q", "a"), Record("t:2", "Q", "a much longer answer here")]
     tokenized = tokenize(records, tokenizer, 64, "truncate", response_only=True)
     batch = pad_batch(tokenized.input_ids, tokenized.labels, tokenizer.pad_token_id)
@@ -129,10 +128,6 @@ def test_padding_and_packing(tokenizer):
         batch["input_ids"].shape[1] - first
     )
     assert (batch["labels"][0, first:] == IGNORE).all()
-    packed = pack(tokenized, 8)
-    flat = [t for row in tokenized.input_ids for t in row]
-    assert [t for row in packed.input_ids for t in row] == flat
-    assert all(len(row) == 8 for row in packed.input_ids[:-1])
 
 
 def test_tokenizer_and_model_are_deterministic(tokenizer):

@@ -18,16 +18,14 @@ from safetensors.torch import load_file
 
 from loramill import LoramillError
 from loramill.demo.text import procedure_records
+from loramill.demo.tiny_families import build_family_model
+from loramill.demo.tiny_llama import build_tokenizer
+from loramill.text import loop
 from loramill.text.language_model import load_causal_lm, load_tokenizer
+from loramill.text.loop import PROVENANCE_FILE, eval_loss, train_text_lora
 from loramill.text.prepare import write_tokens
 from loramill.text.records import Record, hold_out, pad_batch, parse_record, tokenize
-from loramill.text.train import (
-    PROVENANCE_FILE,
-    TextTrainConfig,
-    eval_loss,
-    train_text,
-    train_text_lora,
-)
+from loramill.text.train import TextTrainConfig, train_text
 
 TINY_LLAMA = str(Path(__file__).resolve().parents[1] / "models" / "tiny-llama")
 CONFIG = {
@@ -107,8 +105,9 @@ def test_the_adapter_config_is_the_same_bytes_in_every_interpreter(setup, tmp_pa
     import sys
 
     script = (
-        "import sys; from loramill.text.train import TextTrainConfig, add_text_lora, "
-        "save_adapter; from loramill.text.language_model import load_causal_lm; "
+        "import sys; from loramill.text.train import TextTrainConfig; "
+        "from loramill.text.loop import add_text_lora, save_adapter; "
+        "from loramill.text.language_model import load_causal_lm; "
         f"cfg = TextTrainConfig.from_dict({CONFIG!r}); "
         f"save_adapter(add_text_lora(load_causal_lm({TINY_LLAMA!r}), cfg), sys.argv[1])"
     )
@@ -144,6 +143,29 @@ def test_gradient_checkpointing_and_bf16(setup, tmp_path):
         TextTrainConfig.from_dict({"mixed_precision": "fp8"})
 
 
+def test_bf16_stores_the_frozen_linears_rounded_for_the_same_bits(setup, tmp_path, monkeypatch):
+    """Under bf16 autocast the frozen Linear weights are stored in bf16 (once, not rounded at
+    every forward): the adapter is the one autocast alone trains, to the bit. Weights tied to
+    the embeddings (Gemma) and the LoRA's own stay float32."""
+    _, train, _, _ = setup
+    options = {"max_train_steps": 4, "mixed_precision": "bf16"}
+    model, _, stored = run(setup, train, tmp_path / "stored", **options)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    store = loop.frozen_linears_in_bf16
+    monkeypatch.setattr(loop, "frozen_linears_in_bf16", lambda model: 0)
+    _, _, cast = run(setup, train, tmp_path / "cast", **options)
+    one, two = adapter(stored), adapter(cast)
+    assert all(torch.equal(one[k], two[k]) for k in one)
+    tokenizer = build_tokenizer(["a tied model"])
+    gemma = build_family_model("gemma2", tokenizer)
+    lora = loop.add_text_lora(gemma, TextTrainConfig.from_dict({"target_modules": ["q_proj"]}))
+    assert store(lora) == 2 * 7  # q (under its LoRA), k, v, o, gate, up, down
+    assert gemma.lm_head.weight is gemma.model.embed_tokens.weight
+    assert gemma.lm_head.weight.dtype == torch.float32
+
+
 def quantized_run(setup, out, **changes):
     """A short run of the text_train stage, on the base loaded as ``changes`` say."""
     out.mkdir(parents=True)
@@ -161,7 +183,7 @@ def test_qlora_trains_a_float32_adapter_on_a_quantized_base(setup, tmp_path, bit
     """load_in_4bit (NF4, double-quantized) and load_in_8bit (issue #33): bitsandbytes quantizes
     the base's Linear weights as they load (its CPU kernels here), the LoRA trains on top in
     float32, reproducibly, and the base's rounding shows in the adapter."""
-    caplog.set_level(logging.INFO, logger="loramill.text.train")
+    caplog.set_level(logging.INFO, logger="loramill.text")
     plain = adapter(run(setup, setup[1], tmp_path / "plain", max_train_steps=5)[2])
     for key in ("load_in_4bit", "load_in_8bit"):
         written = quantized_run(setup, tmp_path / key, **{key: True})

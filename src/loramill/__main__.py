@@ -15,6 +15,7 @@ from pathlib import Path
 # Tool modules (python -m loramill.<name>): their arguments, and what they do.
 COMMANDS = {
     "captions.seed_edits": ("DATASET", "start caption review: auto captions into metadata.csv"),
+    "captions.review": ("DATASET", "review and edit captions in the browser (a local page)"),
     "publish": ("[DATASET]", "push changed exports, grids and data/ to your DVC remote"),
     "reruns.run_cache": ("gc", "free disk: drop run-cache entries no lock references"),
     "grid.render": ("gc", "free disk: drop cached grid cells no grid shows"),

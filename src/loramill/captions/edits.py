@@ -86,7 +86,12 @@ def read_metadata(path: Path, dataset_root: Path) -> dict[str, Edit]:
     """The edits of a ``metadata.csv``; a missing file means none."""
     if not path.is_file():
         return {}
-    reader = csv.reader(io.StringIO(_decode(path), newline=""), strict=True)
+    return parse_metadata(_decode(path), path, dataset_root)
+
+
+def parse_metadata(text: str, path: Path, dataset_root: Path) -> dict[str, Edit]:
+    """The edits of ``text``, a ``metadata.csv`` at ``path`` (what errors name)."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     edits: dict[str, Edit] = {}
     try:
         header = _header(path, [c.strip() for c in next(reader, [])])

@@ -22,8 +22,8 @@ import torch
 from loramill.files import write_json, write_text
 from loramill.models.checkpoint import step_of
 from loramill.report_pages import markdown_page
+from loramill.text.loop import eval_loss
 from loramill.text.records import Tokenized
-from loramill.text.train import eval_loss
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from loramill.text.language_model import (
     model_config,
     quantizing_option,
 )
-from loramill.text.train import PROVENANCE_FILE
+from loramill.text.loop import PROVENANCE_FILE
 
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 

@@ -11,7 +11,9 @@ order. Llama 3.x's rope scaling goes in as llama.cpp's ``rope_freqs`` tensor.
 
 ``write_base_gguf`` converts a small model of those families with a byte-level BPE tokenizer
 (the embedded tiny model, loramill.demo.tiny_families') so an adapter can be checked in
-llama.cpp offline; for hub models use llama.cpp's own ``convert_hf_to_gguf.py``.
+llama.cpp offline, following the rules of llama.cpp's own ``convert_hf_to_gguf.py`` (use that
+for hub models): Gemma's norm weights shifted by one, its soft-capping and sliding window as
+keys, its output head left to the tied embeddings.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ ARCHITECTURES = {
     "MistralForCausalLM": ("llama", True),
     "Qwen2ForCausalLM": ("qwen2", False),
     "Qwen3ForCausalLM": ("qwen3", False),  # its q/k norms are tensors of their own
+    "Gemma2ForCausalLM": ("gemma2", False),
+    "Gemma3ForCausalLM": ("gemma3", False),
 }
-# Not here: Gemma 2 and 3, which llama.cpp has, but whose converter also rewrites the norm
-# weights (Gemma's RMSNorm scales by 1 + weight); a Gemma adapter's GGUF is refused.
+# Gemma's RMSNorm scales by 1 + weight, llama.cpp's by the weight: its converter adds 1
+NORM_SHIFTED = ("gemma2", "gemma3")
 PEFT_PREFIX = "base_model.model."
 
 
@@ -178,6 +182,20 @@ def llama3_rope_factors(config: dict[str, Any]) -> Any:
     return np.where(wavelengths > original / low, factor, divisors).astype(np.float32)
 
 
+def _add_gemma_keys(writer: Any, arch: str, config: dict[str, Any]) -> None:
+    """What llama.cpp's Gemma reads beyond LLaMA's: the head size, the soft-capping of the
+    attention scores (Gemma 2) and of the logits, and the sliding window."""
+    if arch not in NORM_SHIFTED:
+        return
+    writer.add_key_length(config["head_dim"])
+    writer.add_value_length(config["head_dim"])
+    if config.get("attn_logit_softcapping"):
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    if config.get("final_logit_softcapping"):
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    writer.add_sliding_window(config["sliding_window"])
+
+
 def write_base_gguf(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
     """A small model folder of a family in ARCHITECTURES (float32, byte-level BPE) as a
     llama.cpp GGUF model."""
@@ -204,12 +222,17 @@ def write_base_gguf(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
         writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
         writer.add_vocab_size(config["vocab_size"])
         writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+        _add_gemma_keys(writer, arch, config)
         _add_bpe_tokenizer(writer, folder, config)
         if (factors := llama3_rope_factors(config)) is not None:
             writer.add_tensor("rope_freqs.weight", factors)
         for hf_name, weight in sorted(load_file(folder / "model.safetensors").items()):
+            if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+                continue  # llama.cpp reads the output head from the embeddings
             if interleaved:
                 weight = _permuted(hf_name, weight, config)
+            if arch in NORM_SHIFTED and hf_name.endswith("norm.weight"):
+                weight = weight + 1
             writer.add_tensor(_gguf_name(names, hf_name), weight.float().contiguous().numpy())
         _write(writer)
     return Path(out)

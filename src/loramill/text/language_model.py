@@ -41,14 +41,17 @@ def load_causal_lm(
     allow_unsafe_weights: bool = False,
     quantization: dict[str, Any] | None = None,
     device: Any = None,
+    attention: str | None = None,
 ) -> Any:
     """The frozen base model, in eval mode, on ``device`` (default: the CPU). With
     ``quantization`` (BitsAndBytesConfig's arguments, TextTrainConfig.quantization) its Linear
-    weights are quantized by bitsandbytes as they load onto the device."""
+    weights are quantized by bitsandbytes as they load onto the device. ``attention``:
+    transformers' attention implementation (default: its own choice, SDPA)."""
     from transformers import AutoModelForCausalLM
 
     source = resolve_language_model(spec)
     extra = _quantized_loading(quantization, device) if quantization else {}
+    extra |= {"attn_implementation": attention} if attention else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,

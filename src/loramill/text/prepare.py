@@ -5,6 +5,9 @@ each record's content hash) become token files, one example per line::
 
     {"input_ids": [...], "labels": [...]}      labels -100 where no loss is taken
 
+With ``packing`` each training line is a row of whole examples, with their lengths in
+``"segments": [...]`` (loramill.text.records.pack); evaluation is never packed.
+
 The base model's tokenizer is a param of the stage, so a new tokenizer re-tokenizes and
 nothing else does. The log says per file how many examples came out, truncated and dropped.
 """
@@ -25,9 +28,12 @@ log = logging.getLogger(__name__)
 
 
 def write_tokens(tokenized: Tokenized, path: str | os.PathLike) -> None:
+    segments = tokenized.segments or [None] * len(tokenized.input_ids)
     with atomic_open(path) as handle:
-        for ids, labels in zip(tokenized.input_ids, tokenized.labels, strict=True):
-            handle.write(json.dumps({"input_ids": ids, "labels": labels}) + "\n")
+        for ids, labels, lengths in zip(tokenized.input_ids, tokenized.labels, segments,
+                                        strict=True):  # fmt: skip
+            row = {"input_ids": ids, "labels": labels}
+            handle.write(json.dumps(row | ({"segments": lengths} if lengths else {})) + "\n")
 
 
 def read_tokens(path: str | os.PathLike) -> Tokenized:
@@ -39,6 +45,14 @@ def read_tokens(path: str | os.PathLike) -> Tokenized:
                 row = json.loads(line)
                 out.input_ids.append([int(t) for t in row["input_ids"]])
                 out.labels.append([int(t) for t in row["labels"]])
+                if "segments" in row:
+                    out.segments.append([int(n) for n in row["segments"]])
+                    if sum(out.segments[-1]) != len(out.input_ids[-1]):
+                        raise ValueError("segments do not add up to the row")
+                if len(out.labels[-1]) != len(out.input_ids[-1]) or (
+                    out.segments and len(out.segments) != len(out.input_ids)
+                ):
+                    raise ValueError("rows of different lengths, or some packed and some not")
             except (ValueError, KeyError, TypeError) as error:
                 raise LoramillError(f"{path}:{number}: not a token record ({error})") from None
     return out
@@ -67,10 +81,17 @@ def prepare_text(
         log.info("%s", describe(tokenized, source))
         if split == "train" and settings["packing"]:
             tokenized = pack(tokenized, settings["max_seq_length"])
+            filled = sum(map(len, tokenized.input_ids)) / (
+                len(tokenized.input_ids) * settings["max_seq_length"]
+            )
+            log.info("packed %d examples into %d rows of up to %d tokens, %.0f %% filled",
+                     sum(map(len, tokenized.segments)), len(tokenized.input_ids),
+                     settings["max_seq_length"], 100 * filled)  # fmt: skip
         write_tokens(tokenized, out)
         summary[split] = {
             "records": len(chosen),
-            "examples": len(tokenized.input_ids),
+            "examples": sum(map(len, tokenized.segments)) or len(tokenized.input_ids),
+            **({"packed_rows": len(tokenized.input_ids)} if tokenized.segments else {}),
             "tokens": sum(map(len, tokenized.input_ids)),
             "truncated": tokenized.truncated,
             "dropped": tokenized.dropped,

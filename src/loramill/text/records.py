@@ -14,6 +14,7 @@ are truncated or dropped, and counted.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -123,12 +124,14 @@ def hold_out(records: Sequence[Record], fraction: float) -> tuple[list[Record], 
 
 @dataclass
 class Tokenized:
-    """Token ids and labels per example; labels are IGNORE where no loss is taken."""
+    """Token ids and labels per example; labels are IGNORE where no loss is taken. Packed
+    (``segments`` set), each row holds whole examples end to end, of the lengths listed."""
 
     input_ids: list[list[int]] = field(default_factory=list)
     labels: list[list[int]] = field(default_factory=list)
     truncated: int = 0
     dropped: int = 0
+    segments: list[list[int]] = field(default_factory=list)
 
 
 def render(record: Record, tokenizer: Any) -> tuple[str, str]:
@@ -190,14 +193,53 @@ def pad_batch(ids: Sequence[list[int]], labels: Sequence[list[int]], pad_id: int
     return {name: torch.tensor(rows) for name, rows in batch.items()}
 
 
+def packed_batch(
+    ids: Sequence[list[int]], labels: Sequence[list[int]], segments: Sequence[list[int]],
+    pad_id: int,
+) -> dict:  # fmt: skip
+    """Tensors for a batch of packed rows: input_ids, labels and position_ids that start
+    again at 0 for each example, and no attention mask. From these position ids transformers
+    keeps attention within each example (a block-diagonal mask under SDPA and eager; the
+    varlen kernel under flash-attention). A row's padding is one more segment, of IGNORE."""
+    import torch
+
+    width = max(len(row) for row in ids)
+    positions = []
+    for row, lengths in zip(ids, segments, strict=True):
+        pad = [width - len(row)] if width > len(row) else []
+        positions.append([p for length in [*lengths, *pad] for p in range(length)])
+    batch = {
+        "input_ids": [row + [pad_id] * (width - len(row)) for row in ids],
+        "labels": [row + [IGNORE] * (width - len(row)) for row in labels],
+        "position_ids": positions,
+    }
+    return {name: torch.tensor(rows) for name, rows in batch.items()}
+
+
 def pack(tokenized: Tokenized, block: int) -> Tokenized:
-    """Examples laid end to end and cut into blocks of ``block`` tokens (no padding): fewer,
-    fuller steps for many short records. The last, partial block is kept."""
-    ids = [t for row in tokenized.input_ids for t in row]
-    labels = [t for row in tokenized.labels for t in row]
-    starts = range(0, len(ids), block)
-    return Tokenized([ids[s : s + block] for s in starts], [labels[s : s + block] for s in starts],
-                     tokenized.truncated, tokenized.dropped)  # fmt: skip
+    """Whole examples packed into rows of at most ``block`` tokens (best fit, longest first:
+    few rows, little padding); no example is cut. Each example's first label is IGNORE: in a
+    row it follows another example, whose last token must not learn to predict it (alone,
+    the first token is never a target either)."""
+    sizes = [len(row) for row in tokenized.input_ids]
+    rows: list[list[int]] = []
+    space: list[tuple[int, int]] = []  # (room left, row), sorted: the best fit is a bisection
+    for index in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        at = bisect.bisect_left(space, (sizes[index], -1))
+        if at == len(space):
+            rows.append([])
+            room, row = block, len(rows) - 1
+        else:
+            room, row = space.pop(at)
+        rows[row].append(index)
+        if room > sizes[index]:
+            bisect.insort(space, (room - sizes[index], row))
+    out = Tokenized(truncated=tokenized.truncated, dropped=tokenized.dropped)
+    for members in rows:
+        out.input_ids.append([t for i in members for t in tokenized.input_ids[i]])
+        out.labels.append([t for i in members for t in [IGNORE, *tokenized.labels[i][1:]]])
+        out.segments.append([sizes[i] for i in members])
+    return out
 
 
 def describe(tokenized: Tokenized, path: Path | str) -> str:

@@ -30,12 +30,9 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from loramill import LoramillError
-
-if TYPE_CHECKING:
-    from loramill.train.config import TrainConfig
 
 WORKER_ENV = "LORAMILL_WORKER"  # set in the workers: they run the function, never launch
 # what torchrun's agent takes over in the job's process, and does not give back
@@ -122,25 +119,26 @@ def _agent_process(threads: int) -> Iterator[None]:
                 signal.signal(number, handler)
 
 
-def launch(function: Callable[..., Any], kwargs: dict[str, Any], cfg: TrainConfig) -> Any:
-    """``function(**kwargs)`` in ``cfg.num_processes`` DDP workers on each of
-    ``cfg.num_machines`` machines; rank 0's return value, or [] on a machine without rank 0
-    (whose agent returns once every machine's workers are done)."""
+def launch(
+    function: Callable[..., Any], kwargs: dict[str, Any], processes: int, threads: int,
+    machines: int = 1, endpoint: str = "",
+) -> Any:  # fmt: skip
+    """``function(**kwargs)`` in ``processes`` DDP workers of ``threads`` threads on each of
+    ``machines`` machines (meeting at ``endpoint``); rank 0's return value, or [] on a machine
+    without rank 0 (whose agent returns once every machine's workers are done)."""
     from torch.distributed.elastic.multiprocessing import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous import RendezvousError
     from torch.distributed.launcher.api import elastic_launch
 
-    cfg.check_machines()
     with tempfile.TemporaryDirectory(prefix="loramill-ddp-") as tmp:
         job = Path(tmp) / "job.json"
         spec = {"function": f"{function.__module__}:{function.__qualname__}",
                 "kwargs": _jsonable(kwargs), "log_files": _log_files()}  # fmt: skip
         job.write_text(json.dumps(spec), encoding="utf-8")
-        config = launch_config(cfg.num_processes, cfg.num_machines, cfg.rdzv_endpoint, tmp)
-        agent = elastic_launch(config, sys.executable)
+        agent = elastic_launch(launch_config(processes, machines, endpoint, tmp), sys.executable)
         try:
-            with _agent_process(cfg.threads):
+            with _agent_process(threads):
                 agent("-m", "loramill.train.distributed", str(job))
         except ChildFailedError as error:
             rank = error.get_first_failure()[0]
@@ -148,7 +146,7 @@ def launch(function: Callable[..., Any], kwargs: dict[str, Any], cfg: TrainConfi
             raise LoramillError(_report(Path(tmp)) or why) from None
         except RendezvousError as error:  # a machine missing, or the endpoint unreachable
             raise LoramillError(
-                f"train.rdzv_endpoint {cfg.rdzv_endpoint}: the {cfg.num_machines} machines' "
+                f"train.rdzv_endpoint {endpoint}: the {machines} machines' "
                 f"train jobs did not all meet there ({type(error).__name__}: {error})"
             ) from None
         except SignalException as error:
@@ -156,6 +154,17 @@ def launch(function: Callable[..., Any], kwargs: dict[str, Any], cfg: TrainConfi
             raise LoramillError(_report(Path(tmp)) or why) from None
         result = Path(tmp) / "result.json"
         return json.loads(result.read_text(encoding="utf-8")) if result.exists() else []
+
+
+def check_gpus(processes: int, device: Any) -> None:
+    """On CUDA every process needs a GPU of its own."""
+    import torch
+
+    if device.type == "cuda" and torch.cuda.device_count() < processes:
+        raise LoramillError(
+            f"train.num_processes: {processes} processes, and this machine has "
+            f"{torch.cuda.device_count()} GPU(s)"
+        )
 
 
 def _report(folder: Path) -> str:

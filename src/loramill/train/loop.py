@@ -52,7 +52,7 @@ from loramill.prepare.buckets import batches_per_epoch
 from loramill.software import installed
 from loramill.train.config import REG_OPTIONS, TrainConfig
 from loramill.train.data import Encoded, Examples, read_examples, split, subset
-from loramill.train.distributed import in_worker, launch
+from loramill.train.distributed import check_gpus, in_worker, launch
 from loramill.train.ema import average_about
 from loramill.train.family_options import check_family_options
 from loramill.train.latents import CACHE_ROOT
@@ -61,7 +61,7 @@ from loramill.train.regularization import with_regularization
 from loramill.train.samples import SampleRenderer, sample_prompts, save_samples
 from loramill.train.state import RunState
 from loramill.train.step import Training, base_dtypes, make_accelerator
-from loramill.train.stopping import Interrupted, StopRequest
+from loramill.train.stopping import REASONS, Interrupted, StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -106,15 +106,6 @@ def provenance(
         | init_from
         | single_file
     )
-
-
-def check_gpus(processes: int, device_spec: str) -> None:
-    """On CUDA every process needs a GPU of its own."""
-    if resolve_device(device_spec).type == "cuda" and torch.cuda.device_count() < processes:
-        raise LoramillError(
-            f"train.num_processes: {processes} processes, and this machine has "
-            f"{torch.cuda.device_count()} GPU(s)"
-        )
 
 
 def resume(training: Training, run: RunState | None, needed: list[int]) -> tuple[int, list[dict]]:
@@ -246,8 +237,10 @@ def train_lora(
     arguments = dict(locals())  # every argument, for the workers of a multi-process run
     cfg = TrainConfig.from_dict(config)
     if cfg.world_size > 1 and not in_worker():
-        check_gpus(cfg.num_processes, device)
-        return [Path(p) for p in launch(train_lora, arguments, cfg)]
+        check_gpus(cfg.num_processes, resolve_device(device))
+        cfg.check_machines()
+        processes = (cfg.num_processes, cfg.threads, cfg.num_machines, cfg.rdzv_endpoint)
+        return [Path(p) for p in launch(train_lora, arguments, *processes)]
     torch.set_num_threads(cfg.threads)
     hashes = HashCache(DEFAULT_DB)
     folders = [(resized_dir, captions_jsonl), (reg_resized_dir, reg_captions_jsonl)]
@@ -366,11 +359,11 @@ def run_steps(
 
 
 def stop_reason(training: Training, stop: StopRequest) -> str | None:
-    """Why to stop after this step, agreed by every process of a multi-process run (they all
-    stop at the same step, or the others would wait for it forever)."""
+    """Why to stop after this step, agreed by every process of a multi-process run: they all
+    stop at the same step (or the others would wait for it forever), and all give the reason
+    of the lowest rank that has one (a signal to the job reaches its workers one by one)."""
     why = stop.requested()
     if training.world > 1:
-        flag = torch.tensor([0.0 if why is None else 1.0], device=training.device)
-        if training.accelerator.reduce(flag, "sum").item() and why is None:
-            why = "another process was asked to stop"
+        code = torch.tensor([REASONS.index(why)], device=training.device)
+        why = next((REASONS[c] for c in training.accelerator.gather(code).tolist() if c), None)
     return why

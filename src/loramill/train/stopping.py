@@ -29,6 +29,9 @@ from loramill import LoramillError
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 REPEAT_SECONDS = 2.0
 PARENT_CHECK_SECONDS = 1.0
+SCHEDULER_GONE = "its scheduler exited"
+# every reason a job stops for, by a number the processes of a multi-process run can share
+REASONS = (None, *(number.name for number in SIGNALS), SCHEDULER_GONE)
 
 
 class Interrupted(LoramillError):
@@ -96,7 +99,7 @@ class StopRequest:
             self._looked = time.monotonic()
             now = _ancestors()
             if now and now != self._parents:  # one of them exited: we were left behind
-                self.reason = "its scheduler exited"
+                self.reason = SCHEDULER_GONE
         return self.reason
 
 

@@ -1,0 +1,160 @@
+"""``metadata.csv`` as the review page changes it.
+
+Each record keeps the exact text it was read from, so a save rewrites the rows it changes and
+leaves every other one byte for byte and in order (blank lines, quoting, a byte-order mark and
+CRLF line ends included); rows for images without one are appended, as ``make seed-edits``
+appends them. The result is parsed with the merge stage's own reader before it is written, so
+the page can never save a table the workflow would refuse.
+
+A save names the version it started from (the sha256 of the bytes the page read): when the file
+changed on disk since, it is refused and nothing is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from loramill import LoramillError
+from loramill.captions.edits import COLUMNS, MODES, parse_metadata
+from loramill.dataset_files import match_key
+
+ABSENT = "absent"  # the version of a dataset without a metadata.csv
+BOM = "\ufeff"
+
+
+@dataclass(frozen=True)
+class Change:
+    """What the page sets for one image: its edit (``prompt`` and ``mode``), or no edit."""
+
+    name: str  # the image's name as an edit row gives it (loramill.captions.seed_edits)
+    prompt: str | None  # None: remove the image's row (it trains on its auto caption)
+    mode: str = "replace"
+    image_sha256: str = ""
+
+
+class Conflict(LoramillError):
+    """The file changed on disk since the page read it."""
+
+
+def version(data: bytes | None) -> str:
+    return ABSENT if data is None else hashlib.sha256(data).hexdigest()
+
+
+def _records(text: str) -> Iterator[tuple[str, list[str]]]:
+    """(raw text, fields) of each CSV record, the raw text exactly as in ``text``: csv reads
+    lines one at a time, so the lines it took for a record are that record's text."""
+    lines = iter(text.splitlines(keepends=True))
+    taken: list[str] = []
+
+    def feed() -> Iterator[str]:
+        for line in lines:
+            taken.append(line)
+            yield line
+
+    for fields in csv.reader(feed(), strict=True):
+        yield "".join(taken), fields
+        taken.clear()
+
+
+class Table:
+    """A dataset's ``metadata.csv`` (or its absence), as read."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data = path.read_bytes() if path.is_file() else None
+        text = "" if self.data is None else self.data.decode("utf-8-sig")
+        self.bom = BOM if self.data is not None and self.data.startswith(BOM.encode()) else ""
+        self.newline = "\r\n" if "\r\n" in text else "\n"
+        records = list(_records(text))
+        self.header = [c.strip() for c in records[0][1]] if records else list(COLUMNS)
+        self.head = records[0][0] if records else ""
+        self.rows = records[1:]
+
+    @property
+    def version(self) -> str:
+        return version(self.data)
+
+    def _serialized(self, change: Change) -> str:
+        values = {"filename": change.name, "prompt": change.prompt, "mode": change.mode,
+                  "image_sha256": change.image_sha256}  # fmt: skip
+        if change.mode != "replace" and "mode" not in self.header:
+            raise LoramillError(
+                f"{self.path}: no mode column, so {change.name} cannot {change.mode}; add "
+                "',mode' to the header line (the rows may leave it empty: replace)"
+            )
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator=self.newline).writerow(
+            [values.get(column, "") for column in self.header]
+        )
+        return buffer.getvalue()
+
+    def changed(self, changes: list[Change]) -> str:
+        """The file's text with ``changes`` made (each at its row, or appended), less a
+        byte-order mark (:meth:`save` writes it back)."""
+        pending = {match_key(c.name): c for c in changes}
+        out = [self.head or self._header_line()]
+        for raw, fields in self.rows:
+            named = dict(zip(self.header, fields, strict=False)).get("filename", "").strip()
+            change = pending.pop(match_key(Path(named.replace("\\", "/")).name), None)
+            if change is None:
+                out.append(raw)
+            elif change.prompt is not None:  # the row keeps its filename as the user wrote it
+                out.append(self._serialized(replace(change, name=named)))
+        added = [self._serialized(c) for c in pending.values() if c.prompt is not None]
+        if added and not out[-1].endswith(("\n", "\r")):
+            out[-1] += self.newline
+        return "".join(out + added)
+
+    def _header_line(self) -> str:
+        return ",".join(self.header) + self.newline
+
+    def save(self, started_from: str, changes: list[Change]) -> str:
+        """Write the file with ``changes`` made; its new version. Refused (Conflict) when the
+        file on disk is no longer the version ``started_from``, or when a change is invalid."""
+        for change in changes:
+            if change.prompt is not None and change.mode not in MODES:
+                raise LoramillError(f"{change.name}: mode '{change.mode}'; use one of {MODES}")
+        if self.version != started_from:
+            raise Conflict(f"{self.path} changed on disk since the page read it")
+        text = self.changed(changes)
+        parse_metadata(text, self.path, self.path.parent)  # what the merge stage will read
+        data = (self.bom + text).encode("utf-8")
+        write_in_place_or_atomically(self.path, data)
+        return version(data)
+
+
+def write_in_place_or_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically (a temporary file beside it, then ``os.replace``); where
+    the folder may not be written (a dataset kept read-only but for this file), overwrite the
+    file itself: nothing else in the folder is ever created."""
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except PermissionError:
+        if not path.is_file():
+            why = f"{path.parent}: not writable, and {path.name} does not exist"
+            raise LoramillError(why) from None
+        with open(path, "r+b") as target:
+            target.write(data)
+            target.truncate()
+            target.flush()
+            os.fsync(target.fileno())
+        return
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        if path.exists():
+            os.chmod(tmp, path.stat().st_mode & 0o7777)  # the file keeps its permissions
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
