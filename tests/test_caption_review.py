@@ -173,8 +173,8 @@ def test_a_mode_the_table_has_no_column_for_is_refused_naming_the_fix(client, da
 
 
 def test_only_metadata_csv_is_ever_written(client, dataset, monkeypatch):
-    """Saves, in place where the folder may not be written (as root here a read-only folder
-    is writable: the temporary file is refused instead): data/ holds the same files else."""
+    """Saves, atomically and then in place where the folder may not be written: data/ holds
+    the same files, byte for byte and untouched, but metadata.csv."""
     before = snapshot(dataset.root.parent)
     images = [row["image"] for row in state(client)["images"]]
     assert save(client, "absent", {images[0]: {"prompt": "one"}}).status_code == 200
@@ -183,8 +183,14 @@ def test_only_metadata_csv_is_ever_written(client, dataset, monkeypatch):
     def read_only_folder(*args, **kwargs):
         raise PermissionError("read-only folder")
 
-    monkeypatch.setattr(table_module.tempfile, "mkstemp", read_only_folder)
-    response = save(client, state(client)["version"], {images[2]: {"prompt": "two"}})
+    if os.geteuid():  # the dataset's folder read-only, as a user may keep it
+        os.chmod(dataset.root, 0o555)
+    else:  # root writes into any folder: creating the temporary file is refused instead
+        monkeypatch.setattr(table_module.tempfile, "mkstemp", read_only_folder)
+    try:
+        response = save(client, state(client)["version"], {images[2]: {"prompt": "two"}})
+    finally:
+        os.chmod(dataset.root, 0o755)
     assert response.status_code == 200
     after = snapshot(dataset.root.parent)
     assert sorted(after) == sorted([*before, "bands/metadata.csv"])

@@ -11,8 +11,8 @@ import pytest
 import torch
 from conftest import crash_and_resume, digest, train_logged
 
+from loramill.dataset_files import MANIFEST
 from loramill.models.checkpoint import read_checkpoint
-from loramill.prepare.resize import MANIFEST
 
 
 @pytest.fixture(scope="module")

@@ -31,6 +31,7 @@ SUFFIXES = {
 }  # None: every file (resize reports the rest)
 # The human caption edits of a dataset, one row per image (loramill.captions.edits).
 METADATA = "metadata.csv"
+MANIFEST = "manifest.json"  # the resize stage's record of the images it made, in resized/
 # kohya sd-scripts' DreamBooth folders: ``images/<repeats>_<concept>/`` (``5_sks dog``).
 REPEATS_FOLDER = re.compile(r"(\d+)_(.+)", re.DOTALL)
 

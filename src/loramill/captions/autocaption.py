@@ -31,6 +31,7 @@ from loramill.captions.backends import (  # noqa: F401  (the stage's interface, 
     string_option,
 )
 from loramill.captions.cache import CACHE_DIR, CaptionCache, captioner_key
+from loramill.dataset_files import MANIFEST
 from loramill.files import inside, write_jsonl
 from loramill.hashing import HashCache
 
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 def _read_manifest(resized_dir: Path) -> dict[str, dict[str, Any]]:
     """The resized images' manifest entries by file name, sorted."""
-    manifest_path = resized_dir / "manifest.json"
+    manifest_path = resized_dir / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         entries = {entry["file"]: entry for entry in manifest["images"]}

@@ -23,7 +23,7 @@ import yaml
 from loramill import LoramillError
 from loramill.captions.edits import COLUMNS, read_edits
 from loramill.config import dataset_config
-from loramill.dataset_files import METADATA, match_key
+from loramill.dataset_files import MANIFEST, METADATA, match_key
 from loramill.files import read_jsonl
 
 
@@ -37,7 +37,7 @@ def edit_name(source: str, resized: str) -> str:
 def drafts(results: Path) -> list[dict[str, str]]:
     """Per source image (``name`` in ``images/``): its auto caption and sha256."""
     auto = results / "auto_captions.jsonl"
-    manifest = results / "resized" / "manifest.json"
+    manifest = results / "resized" / MANIFEST
     if not auto.is_file() or not manifest.is_file():
         raise LoramillError(f"{auto}: missing; run the caption stage first")
     sources = {e["file"]: e["source"] for e in json.loads(manifest.read_text())["images"]}

@@ -32,6 +32,7 @@ from typing import Any
 from loramill import LoramillError
 from loramill.dataset_files import (
     IMAGE_SUFFIXES,
+    MANIFEST,
     entries,
     link_allowed,
     match_key,
@@ -55,7 +56,6 @@ from loramill.reruns.run_cache import link_data
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 CACHE_DIR = Path(".cache/resized")
 PNG_LEVEL = 1  # intermediate files: fast to write, read once into the latent cache
 

@@ -31,7 +31,7 @@ from loramill.train.distributed import share
 from loramill.train.state import RunState
 
 if TYPE_CHECKING:
-    from loramill.text.train import TextTrainConfig
+    from loramill.text.train_config import TextTrainConfig
 
 log = logging.getLogger(__name__)
 PROVENANCE_FILE = "loramill_provenance.json"

@@ -1,94 +1,36 @@
 """The text_train stage: LoRA training of a causal language model on tokenized text records.
 
-Its options (lora-scripts' names, the schema's defaults), the base loaded as they say
-(QLoRA's quantized base, on the run's device), and the run: in this process, or with
-``num_processes`` in that many data-parallel workers started by the image training's launcher
-(loramill.train.distributed). The loop itself is loramill.text.loop.
+The base loaded as the options say (loramill.text.train_config: QLoRA's quantized base, on the
+run's device), and the run: in this process, or with ``num_processes`` in that many
+data-parallel workers started by the image training's launcher (loramill.train.distributed).
+The loop itself is loramill.text.loop.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from loramill import LoramillError
-from loramill.config import with_schema_defaults
 from loramill.devices import resolve_device
 from loramill.models.checkpoint import checkpoint_steps
 from loramill.models.quantize import LIBRARY as QUANTIZING_LIBRARY
 from loramill.software import installed
-from loramill.text.language_model import QUANTIZING_OPTIONS, load_causal_lm, load_tokenizer
+from loramill.text.language_model import load_causal_lm, load_tokenizer
 from loramill.text.loop import packed_attention, text_accelerator, train_text_lora
 from loramill.text.prepare import read_tokens
 from loramill.text.records import Tokenized
+from loramill.text.train_config import TextTrainConfig
 from loramill.train.distributed import check_gpus, in_worker, launch
 from loramill.train.progress import plot_loss
 from loramill.train.state import STATE_ROOT, RunState, trajectory_key
 
 log = logging.getLogger(__name__)
 STOPS = ("max_train_steps", "save_steps")  # options that only decide where a run stops
-
-
-@dataclass(frozen=True)
-@with_schema_defaults("text.train")  # every option's default is the schema's
-class TextTrainConfig:
-    # lora-scripts' names for the text workflow's options
-    lora_rank: int
-    lora_alpha: float
-    lora_dropout: float
-    target_modules: tuple[str, ...]
-    learning_rate: float
-    max_train_steps: int
-    train_batch_size: int
-    save_steps: int  # 0: the last step only
-    seed: int
-    threads: int
-    mixed_precision: str  # no | bf16 (autocast; LoRA weights stay float32)
-    gradient_checkpointing: bool  # recompute activations: less memory, slower
-    # QLoRA: the frozen base's Linear weights in bitsandbytes' NF4 (double-quantized) or LLM.int8
-    load_in_4bit: bool
-    load_in_8bit: bool
-    # data-parallel workers on this machine (one per GPU on CUDA); the global batch is
-    # train_batch_size × num_processes, each process training on its share
-    num_processes: int
-
-    @classmethod
-    def from_dict(cls, options: dict[str, Any]) -> TextTrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise LoramillError(f"train.{unknown[0]}: not a text training option")
-        values = dict(options)
-        if "target_modules" in values:
-            values["target_modules"] = tuple(values["target_modules"])
-        if values.get("mixed_precision", "no") not in ("no", "bf16"):
-            raise LoramillError(
-                f"train.mixed_precision: '{values['mixed_precision']}': use no or bf16"
-            )
-        if all(values.get(name) for name in QUANTIZING_OPTIONS):
-            raise LoramillError(
-                "train.load_in_4bit and train.load_in_8bit: the base is quantized one way; "
-                "set one of them"
-            )
-        return cls(**values)
-
-    def quantization(self) -> dict[str, Any] | None:
-        """transformers' BitsAndBytesConfig arguments for the base, or None. NF4 computes in
-        the run's precision: bf16 under mixed precision, else float32."""
-        if self.load_in_4bit:
-            compute = "bfloat16" if self.mixed_precision == "bf16" else "float32"
-            return {
-                "load_in_4bit": True,
-                "bnb_4bit_quant_type": "nf4",
-                "bnb_4bit_use_double_quant": True,
-                "bnb_4bit_compute_dtype": compute,
-            }
-        return {"load_in_8bit": True} if self.load_in_8bit else None
 
 
 def _base(

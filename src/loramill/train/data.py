@@ -17,12 +17,12 @@ from typing import Any
 import torch
 
 from loramill import LoramillError
+from loramill.dataset_files import MANIFEST
 from loramill.files import read_jsonl
 from loramill.hashing import HashCache
 from loramill.model_files import component_fingerprint
 from loramill.models.base_model import pipeline_family, text_parts
 from loramill.prepare.buckets import Size
-from loramill.prepare.resize import MANIFEST
 from loramill.software import installed
 from loramill.train.caption_variation import CaptionVariation
 from loramill.train.config import TrainConfig

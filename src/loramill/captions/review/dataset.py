@@ -21,9 +21,8 @@ from loramill.captions.merge import edit_problems
 from loramill.captions.merge_rules import Rules, training_caption
 from loramill.captions.review.table import Change, Table
 from loramill.captions.seed_edits import edit_name
-from loramill.dataset_files import METADATA, match_key
+from loramill.dataset_files import MANIFEST, METADATA, match_key
 from loramill.files import read_jsonl
-from loramill.prepare.resize import MANIFEST
 
 
 @dataclass(frozen=True)
