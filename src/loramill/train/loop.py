@@ -108,6 +108,14 @@ def provenance(
     )
 
 
+def in_workers(arguments: dict[str, Any], cfg: TrainConfig, device: str) -> list[Path]:
+    """train_lora in ``cfg.world_size`` DDP workers; rank 0's checkpoints."""
+    check_gpus(cfg.num_processes, resolve_device(device))
+    cfg.check_machines()
+    processes = (cfg.num_processes, cfg.threads, cfg.num_machines, cfg.rdzv_endpoint)
+    return [Path(p) for p in launch(train_lora, arguments, *processes)]
+
+
 def resume(training: Training, run: RunState | None, needed: list[int]) -> tuple[int, list[dict]]:
     """Load the newest usable saved state; return its step and the loss history so far."""
     start = run.resume_point(needed) if run else 0
@@ -237,10 +245,7 @@ def train_lora(
     arguments = dict(locals())  # every argument, for the workers of a multi-process run
     cfg = TrainConfig.from_dict(config)
     if cfg.world_size > 1 and not in_worker():
-        check_gpus(cfg.num_processes, resolve_device(device))
-        cfg.check_machines()
-        processes = (cfg.num_processes, cfg.threads, cfg.num_machines, cfg.rdzv_endpoint)
-        return [Path(p) for p in launch(train_lora, arguments, *processes)]
+        return in_workers(arguments, cfg, device)
     torch.set_num_threads(cfg.threads)
     hashes = HashCache(DEFAULT_DB)
     folders = [(resized_dir, captions_jsonl), (reg_resized_dir, reg_captions_jsonl)]
