@@ -272,9 +272,12 @@ def test_any_page_edits_merge_as_the_same_hand_edits(built, saves, tmp_path):
 def test_table_parses_what_it_read(tmp_path):
     """Table's record splitting on the csv module's own quoting: a row over several lines."""
     path = tmp_path / "metadata.csv"
-    path.write_text('filename,prompt\na.png,"x\ny"\nb.png,z\n')
+    path.write_text('filename,prompt\na.png,"x\ny"\nc.png,a\u2028line separator\nb.png,z\n',
+                    newline="")  # fmt: skip
     table = Table(path)
-    assert [raw for raw, _ in table.rows] == ['a.png,"x\ny"\n', "b.png,z\n"]
-    assert table.changed([Change("b", "new")]) == 'filename,prompt\na.png,"x\ny"\nb.png,new\n'
+    kept = ['a.png,"x\ny"\n', "c.png,a\u2028line separator\n"]
+    assert [raw for raw, _ in table.rows] == [*kept, "b.png,z\n"]
+    assert table.changed([Change("b", "new")]) == "".join(["filename,prompt\n", *kept,
+                                                           "b.png,new\n"])  # fmt: skip
     assert json.loads(json.dumps(table.header)) == ["filename", "prompt"]
     assert os.path.exists(path)

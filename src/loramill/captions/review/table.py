@@ -50,8 +50,10 @@ def version(data: bytes | None) -> str:
 
 def _records(text: str) -> Iterator[tuple[str, list[str]]]:
     """(raw text, fields) of each CSV record, the raw text exactly as in ``text``: csv reads
-    lines one at a time, so the lines it took for a record are that record's text."""
-    lines = iter(text.splitlines(keepends=True))
+    lines one at a time, so the lines it took for a record are that record's text. The lines
+    are the merge stage's (io.StringIO with newline=""): str.splitlines would also split at
+    characters such as U+2028 that csv keeps inside a field."""
+    lines = iter(io.StringIO(text, newline=""))
     taken: list[str] = []
 
     def feed() -> Iterator[str]:
