@@ -281,3 +281,34 @@ def test_table_parses_what_it_read(tmp_path):
                                                            "b.png,new\n"])  # fmt: skip
     assert json.loads(json.dumps(table.header)) == ["filename", "prompt"]
     assert os.path.exists(path)
+
+
+def test_bad_requests_and_an_unreadable_table_get_a_message_not_a_crash(client, dataset):
+    image = state(client)["images"][0]["image"]
+    null_prompt = {image: {"prompt": None, "mode": "replace"}}
+    for body in ({"changes": {}}, {"version": "absent", "changes": [image]},
+                 {"version": "absent", "changes": {image: "text"}},
+                 {"version": "absent", "changes": null_prompt}):  # fmt: skip
+        response = client.post("/api/save", headers=HEADERS, json=body)
+        assert response.status_code == 400 and response.get_json()["error"], body
+    assert not (dataset.root / "metadata.csv").exists()
+    assert client.post("/api/preview", headers=HEADERS, json={"image": image}).status_code == 400
+    path = dataset.root / "metadata.csv"
+    for content, where in ((b'filename,prompt\na.png,"unclosed\n', ":2: "),
+                           (b"filename,prompt\na.png,caf\xe9\n", ":2: not UTF-8")):  # fmt: skip
+        path.write_bytes(content)
+        for response in (client.get("/api/state", headers=HEADERS),
+                         save(client, "absent", {image: {"prompt": "x"}})):  # fmt: skip
+            assert response.status_code == 400
+            assert f"metadata.csv{where}" in response.get_json()["error"]
+        assert path.read_bytes() == content
+
+
+def test_a_new_table_gets_the_permissions_the_umask_gives(client, dataset):
+    image = state(client)["images"][0]["image"]
+    mask = os.umask(0o022)
+    try:
+        assert save(client, "absent", {image: {"prompt": "x"}}).status_code == 200
+    finally:
+        os.umask(mask)
+    assert (dataset.root / "metadata.csv").stat().st_mode & 0o777 == 0o644

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -185,3 +186,85 @@ def test_the_readme_screenshot(page, tmp_path):
     with Image.open(out) as shot:
         assert shot.size == (1280, browser.execute_script("return window.innerHeight"))
     assert SCREENSHOT.is_file()
+
+
+def select_all_and_type(element, text: str) -> None:
+    from selenium.webdriver.common.keys import Keys
+
+    element.send_keys(Keys.CONTROL, "a")
+    element.send_keys(Keys.DELETE)
+    element.send_keys(text)
+
+
+def test_text_typed_while_a_save_is_on_its_way_stays_unsaved(page, monkeypatch):
+    """And a second Ctrl+S meanwhile waits for the first, instead of a false conflict."""
+    from loramill.captions.review.table import Table
+
+    browser, dataset, _ = page
+    original = Table.save
+
+    def slow(self, *args):
+        time.sleep(1.5)
+        return original(self, *args)
+
+    monkeypatch.setattr(Table, "save", slow)
+    find(cards(browser)[0], ".prompt").send_keys("first")
+    wait_for(browser, lambda: "1 unsaved edit" in status(browser))
+    save_with_keys(browser)
+    save_with_keys(browser)
+    find(cards(browser)[1], ".prompt").send_keys("second")
+    wait_for(browser, lambda: "saved 1 edit" in status(browser))
+    assert "1 unsaved edit" in status(browser) and "changed on disk" not in status(browser)
+    second = cards(browser)[1]
+    assert find(second, ".prompt").get_attribute("value") == "second"
+    assert "dirty" in second.get_attribute("class")
+    assert list(edits(dataset).values()) == [("first", "replace")]
+
+
+def test_a_mode_chosen_before_the_text_or_kept_while_retyping_stays(page):
+    from selenium.webdriver.support.ui import Select
+
+    browser, dataset, _ = page
+    card = cards(browser)[2]
+    image = card.get_attribute("data-image")
+    Select(find(card, ".mode")).select_by_value("append")
+    assert find(card, ".mode").get_attribute("value") == "append"
+    find(card, ".prompt").send_keys("sks style")
+    wait_for(browser, lambda: find(card, ".training").text.endswith(", sks style"))
+    save_with_keys(browser)
+    wait_for(browser, lambda: "saved 1 edit" in status(browser))
+    assert edits(dataset)[image[:-4]] == ("sks style", "append")
+    select_all_and_type(find(card, ".prompt"), "")
+    assert find(card, ".mode").get_attribute("value") == "append"
+    select_all_and_type(find(card, ".prompt"), "wide")
+    save_with_keys(browser)
+    wait_for(browser, lambda: "saved 1 edit" in status(browser))
+    assert edits(dataset)[image[:-4]] == ("wide", "append")
+
+
+def test_a_draft_for_an_image_edited_in_captions_meanwhile_is_dropped_saying_so(page):
+    browser, dataset, _ = page
+    card = cards(browser)[3]
+    find(card, ".prompt").send_keys("typed here")
+    find(cards(browser)[4], ".prompt").send_keys("kept")
+    sidecars = dataset.root / "captions"
+    sidecars.mkdir()
+    (sidecars / f"{Path(card.get_attribute('data-image')).stem}.txt").write_text("elsewhere\n")
+    save_with_keys(browser)
+    wait_for(browser, lambda: "change it there" in status(browser))
+    find(browser, "#reload").click()
+    wait_for(browser, lambda: "1 unsaved edit(s) dropped" in status(browser))
+    assert find(cards(browser)[4], ".prompt").get_attribute("value") == "kept"
+    save_with_keys(browser)
+    wait_for(browser, lambda: "saved 1 edit" in status(browser))
+    assert [text for text, _ in edits(dataset).values()] == ["kept"]
+
+
+def test_modes_the_table_has_no_column_for_cannot_be_chosen(page):
+    browser, dataset, url = page
+    (dataset.root / "metadata.csv").write_text("filename,prompt\n")
+    browser.get(f"{url}/?token={TOKEN}")
+    wait_for(browser, lambda: len(cards(browser)) == 6)
+    options = cards(browser)[0].find_elements("css selector", ".mode option")
+    assert {o.get_attribute("value"): o.get_attribute("disabled") for o in options} == {
+        "replace": None, "prepend": "true", "append": "true", "exclude": "true"}  # fmt: skip

@@ -38,7 +38,7 @@ class Edit:
     origin: str  # "metadata.csv:12" or "captions/photo.txt", for messages
 
 
-def _decode(path: Path) -> str:
+def decode(path: Path) -> str:
     data = path.read_bytes()
     try:
         # utf-8-sig: Excel's "CSV UTF-8" (and Notepad) start the file with a byte-order mark
@@ -86,7 +86,7 @@ def read_metadata(path: Path, dataset_root: Path) -> dict[str, Edit]:
     """The edits of a ``metadata.csv``; a missing file means none."""
     if not path.is_file():
         return {}
-    return parse_metadata(_decode(path), path, dataset_root)
+    return parse_metadata(decode(path), path, dataset_root)
 
 
 def parse_metadata(text: str, path: Path, dataset_root: Path) -> dict[str, Edit]:
@@ -116,7 +116,7 @@ def parse_metadata(text: str, path: Path, dataset_root: Path) -> dict[str, Edit]
 
 def read_sidecar(path: Path) -> str:
     """The caption in a sidecar file; errors name the file (and line)."""
-    text = _decode(path)
+    text = decode(path)
     lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1)]
     lines = [(n, line) for n, line in lines if line]
     if not lines:

@@ -116,6 +116,8 @@ class ReviewedDataset:
     def changes(self, requested: dict[str, Any]) -> list[Change]:
         """The page's ``{image: {"prompt", "mode"} | None}`` as table changes, each checked:
         an image of the dataset, not edited by a sidecar (the page writes metadata.csv only)."""
+        if not isinstance(requested, dict):
+            raise LoramillError("changes: an object of image: edit or null")
         images, edits = self.images(), self.edits()
         out = []
         for file, wanted in requested.items():
@@ -130,7 +132,9 @@ class ReviewedDataset:
             if wanted is None:
                 out.append(Change(name, None))
                 continue
-            prompt, mode = " ".join(str(wanted.get("prompt", "")).split()), wanted.get("mode")
+            if not isinstance(wanted, dict) or not isinstance(wanted.get("prompt"), str):
+                raise LoramillError(f"{file}: an edit is {{prompt: text, mode}} or null")
+            prompt, mode = " ".join(wanted["prompt"].split()), wanted.get("mode")
             if not prompt and mode != "exclude":
                 raise LoramillError(f"{file}: empty caption (mode exclude drops an image)")
             out.append(Change(name, prompt, mode or "replace", sha))

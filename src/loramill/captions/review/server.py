@@ -73,15 +73,19 @@ def create_app(dataset: ReviewedDataset, token: str) -> Flask:
     @app.post("/api/preview")
     def preview() -> Response:
         body = _json()
-        caption = dataset.preview(str(body["image"]), str(body["prompt"]), str(body["mode"]))
+        if not all(isinstance(body.get(key), str) for key in ("image", "prompt", "mode")):
+            raise LoramillError("preview: image, prompt and mode, each a text")
+        caption = dataset.preview(body["image"], body["prompt"], body["mode"])
         return jsonify({"training": caption})
 
     @app.post("/api/save")
     def save() -> Response:
         body = _json()
+        if not isinstance(body.get("version"), str):
+            raise LoramillError("version: the version of metadata.csv the page read")
         with saving:
-            changes = dataset.changes(body["changes"])
-            dataset.table.save(str(body["version"]), changes)
+            changes = dataset.changes(body.get("changes"))
+            dataset.table.save(body["version"], changes)
             return jsonify(dataset.state())
 
     @app.errorhandler(LoramillError)

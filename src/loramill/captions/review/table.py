@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loramill import LoramillError
-from loramill.captions.edits import COLUMNS, MODES, parse_metadata
+from loramill.captions.edits import COLUMNS, MODES, decode, parse_metadata
 from loramill.dataset_files import match_key
 
 ABSENT = "absent"  # the version of a dataset without a metadata.csv
@@ -72,7 +72,9 @@ class Table:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.data = path.read_bytes() if path.is_file() else None
-        text = "" if self.data is None else self.data.decode("utf-8-sig")
+        text = "" if self.data is None else decode(path)
+        if self.data is not None:  # a file the merge refuses: its line, not a crash
+            parse_metadata(text, path, path.parent)
         self.bom = BOM if self.data is not None and self.data.startswith(BOM.encode()) else ""
         self.newline = "\r\n" if "\r\n" in text else "\n"
         records = list(_records(text))
@@ -133,6 +135,12 @@ class Table:
         return version(data)
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it: set back at once
+    os.umask(mask)
+    return mask
+
+
 def write_in_place_or_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` atomically (a temporary file beside it, then ``os.replace``); where
     the folder may not be written (a dataset kept read-only but for this file), overwrite the
@@ -154,8 +162,8 @@ def write_in_place_or_atomically(path: Path, data: bytes) -> None:
             out.write(data)
             out.flush()
             os.fsync(out.fileno())
-        if path.exists():
-            os.chmod(tmp, path.stat().st_mode & 0o7777)  # the file keeps its permissions
+        # the file keeps its permissions; a new one gets what the umask gives (not mkstemp's 0600)
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

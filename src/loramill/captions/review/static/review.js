@@ -8,7 +8,9 @@ const $ = (selector, root = document) => root.querySelector(selector);
 let state = null; // what the server last sent: images, edits, version of metadata.csv
 const byImage = new Map(); // image -> its row of state.images
 const cards = new Map(); // image -> its <li>
-const drafts = new Map(); // image -> {prompt, mode}, or null for "no edit": unsaved
+// image -> {prompt, mode} as the card shows it, or null for "no edit"; an empty prompt
+// (but for exclude) is no edit too, and a draft equal to the saved edit is not unsaved
+const drafts = new Map();
 const previews = new Map(); // image -> training caption of its draft
 const selected = new Set();
 const pending = new Map(); // image -> preview timer
@@ -39,6 +41,18 @@ function current(image) {
   return drafts.has(image) ? drafts.get(image) : saved(image);
 }
 
+// what an edit as shown means for the file: null when it trains the auto caption
+function effective(edit) {
+  return edit && (edit.prompt.trim() || edit.mode === "exclude") ? edit : null;
+}
+
+function unsaved(image) {
+  return drafts.has(image) &&
+    JSON.stringify(effective(drafts.get(image))) !== JSON.stringify(saved(image));
+}
+
+const unsavedImages = () => [...drafts.keys()].filter(unsaved);
+
 function training(image) {
   return previews.has(image) ? previews.get(image) : byImage.get(image).training;
 }
@@ -51,38 +65,42 @@ function editable(image) {
 // The text a tag or find-and-replace works on: the edit's, or the auto caption's for an image
 // without one (the change then becomes a replace edit of it).
 function workingText(image) {
-  const edit = current(image);
+  const edit = effective(current(image));
   return edit ? { ...edit } : { prompt: byImage.get(image).auto, mode: "replace" };
 }
 
-function setDraft(image, value) {
-  let draft = value;
-  if (draft && !draft.prompt.trim() && draft.mode !== "exclude") draft = null; // emptied
-  if (JSON.stringify(draft) === JSON.stringify(saved(image))) {
-    drafts.delete(image);
-    previews.delete(image);
-  } else {
-    drafts.set(image, draft);
+function setDraft(image, draft) {
+  drafts.set(image, draft); // kept even when unchanged: it is what the card shows (its mode)
+  if (unsaved(image)) {
     schedulePreview(image);
+  } else {
+    previews.delete(image);
   }
   renderCard(image);
   renderStatus();
 }
+
+const asked = new Map(); // image -> the draft its newest preview request was for
 
 function schedulePreview(image) {
   clearTimeout(pending.get(image));
   pending.set(image, setTimeout(async () => {
     const draft = drafts.has(image) ? drafts.get(image) : undefined;
     if (draft === undefined) return;
-    const edit = draft || { prompt: "", mode: "replace" };
+    const edit = effective(draft) || { prompt: "", mode: "replace" };
+    asked.set(image, draft);
+    let caption;
     try {
-      const answer = await api("/api/preview", { image, prompt: edit.prompt, mode: edit.mode });
-      previews.set(image, answer.training);
+      caption = (await api("/api/preview", { image, prompt: edit.prompt, mode: edit.mode })).training;
     } catch (error) {
-      previews.set(image, `(${error.message})`);
+      caption = `(${error.message})`;
     }
+    // an answer for an older draft, arriving after a newer request or a save, is dropped
+    if (asked.get(image) !== draft || drafts.get(image) !== draft) return;
+    previews.set(image, caption);
     renderCard(image);
     renderTags();
+    renderFilter();
   }, 200));
 }
 
@@ -94,7 +112,7 @@ function renderCard(image) {
   const card = cards.get(image);
   const row = byImage.get(image);
   const edit = current(image);
-  card.classList.toggle("dirty", drafts.has(image));
+  card.classList.toggle("dirty", unsaved(image));
   card.classList.toggle("selected", selected.has(image));
   $(".select", card).checked = selected.has(image);
   const where = row.edit ? ` · edit: ${row.edit.origin}` : "";
@@ -105,6 +123,9 @@ function renderCard(image) {
   const prompt = $(".prompt", card);
   if (document.activeElement !== prompt) prompt.value = edit ? edit.prompt : "";
   $(".mode", card).value = edit ? edit.mode : "replace";
+  for (const option of card.querySelectorAll(".mode option:not([value=replace])")) {
+    option.disabled = state.modes_need_column; // metadata.csv has no mode column to say it
+  }
   for (const input of card.querySelectorAll(".prompt, .mode, .remove-edit, .new-tag")) {
     input.disabled = !editable(image);
   }
@@ -170,12 +191,12 @@ function renderLists() {
 }
 
 function renderStatus(message) {
-  const unsaved = drafts.size;
-  const counts = `${byImage.size} images, ${shown().length} shown · ${unsaved} unsaved edit${unsaved === 1 ? "" : "s"}`;
+  const count = unsavedImages().length;
+  const counts = `${byImage.size} images, ${shown().length} shown · ${count} unsaved edit${count === 1 ? "" : "s"}`;
   if (message !== undefined) $("#status").dataset.message = message;
   $("#status").textContent = [$("#status").dataset.message, counts].filter(Boolean).join(" · ");
   $("#selected-count").textContent = `${selected.size} selected`;
-  document.title = `${unsaved ? "* " : ""}Captions of ${state.dataset} · loramill`;
+  document.title = `${count ? "* " : ""}Captions of ${state.dataset} · loramill`;
 }
 
 function buildCards() {
@@ -199,32 +220,48 @@ function show(newState) {
   byImage.clear();
   for (const row of state.images) byImage.set(row.image, row);
   for (const image of [...drafts.keys()]) if (!byImage.has(image)) drafts.delete(image);
+  const lost = [...drafts.keys()].filter((image) => unsaved(image) && !editable(image));
+  for (const image of lost) drafts.delete(image); // edited in captions/ meanwhile: not ours
+  dropped = lost.length ? `${lost.length} unsaved edit(s) dropped: their images are now ` +
+    `edited in captions/ (${lost.map((i) => byImage.get(i).name).join(", ")})` : "";
   for (const image of [...selected]) if (!byImage.has(image)) selected.delete(image);
   previews.clear();
   buildCards();
   for (const image of byImage.keys()) renderCard(image);
-  for (const image of drafts.keys()) schedulePreview(image);
+  for (const image of drafts.keys()) if (unsaved(image)) schedulePreview(image);
   renderTags();
   renderLists();
   renderFilter();
 }
 
+let dropped = ""; // what show() had to drop, said with the next status
+let saving = false;
+
 async function load(message) {
   show(await api("/api/state"));
-  renderStatus(message || "");
+  renderStatus([message, dropped].filter(Boolean).join("; "));
 }
 
 async function save() {
-  if (!drafts.size) return renderStatus("nothing to save");
-  const count = drafts.size;
+  if (saving) return; // one at a time: a second would name the version the first replaced
+  const sent = new Map(unsavedImages().map((image) => [image, drafts.get(image)]));
+  if (!sent.size) return renderStatus("nothing to save");
+  const changes = Object.fromEntries([...sent].map(([image, draft]) => [image, effective(draft)]));
+  saving = true;
+  $("#save").disabled = true;
   try {
-    const next = await api("/api/save", { version: state.version, changes: Object.fromEntries(drafts) });
-    drafts.clear();
+    const next = await api("/api/save", { version: state.version, changes });
+    // what was typed while the save was on its way stays a draft
+    for (const [image, draft] of sent) if (drafts.get(image) === draft) drafts.delete(image);
     show(next);
-    renderStatus(`saved ${count} edit${count === 1 ? "" : "s"} to metadata.csv`);
+    renderStatus([`saved ${sent.size} edit${sent.size === 1 ? "" : "s"} to metadata.csv`, dropped]
+      .filter(Boolean).join("; "));
   } catch (error) {
-    if (error.status === 409) $("#reload").hidden = false;
+    $("#reload").hidden = false; // the file as it is now, the unsaved text kept
     renderStatus(`not saved: ${error.message}`);
+  } finally {
+    saving = false;
+    $("#save").disabled = false;
   }
 }
 
@@ -294,7 +331,7 @@ function wire() {
   });
   list.addEventListener("keydown", (event) => {
     const image = cardOf(event.target);
-    if (image && event.key === "Enter" && event.target.matches(".new-tag")) {
+    if (image && event.key === "Enter" && !event.isComposing && event.target.matches(".new-tag")) {
       const tag = event.target.value.trim();
       const edit = workingText(image);
       if (tag) setDraft(image, { ...edit, prompt: withTag(edit.prompt, tag) });
@@ -313,7 +350,7 @@ function wire() {
   $("#save").onclick = save;
   $("#reload").onclick = async () => {
     $("#reload").hidden = true;
-    await load(`reloaded; ${drafts.size} unsaved edit(s) kept, not saved yet`);
+    await load(`reloaded; ${unsavedImages().length} unsaved edit(s) kept, not saved yet`);
   };
   $("#filter").oninput = renderFilter;
   $("#select-shown").onclick = () => { shown().forEach((i) => selected.add(i)); shown().forEach(renderCard); renderStatus(); };
@@ -331,7 +368,7 @@ function wire() {
     if (tag) bulk((prompt) => withoutTag(prompt, tag));
   };
   window.addEventListener("beforeunload", (event) => {
-    if (drafts.size) event.preventDefault();
+    if (unsavedImages().length) event.preventDefault();
   });
 }
 
