@@ -60,6 +60,11 @@ def _header(path: Path, header: list[str]) -> list[str]:
     return header
 
 
+def row_key(filename: str) -> str:
+    """The ``match_key`` of the image a metadata.csv row names (``images/a.png`` or ``a``)."""
+    return match_key(PurePosixPath(filename.strip().replace("\\", "/")).name)
+
+
 def _row(path: Path, line: int, values: dict[str, str], dataset_root: Path) -> tuple[str, Edit]:
     name, mode = values["filename"].strip(), (values.get("mode") or "").strip() or "replace"
     if not name:
@@ -79,7 +84,7 @@ def _row(path: Path, line: int, values: dict[str, str], dataset_root: Path) -> t
         raise LoramillError(f"{path}:{line}: empty prompt (mode exclude drops an image)")
     sha = (values.get("image_sha256") or "").strip().lower()
     origin = f"{os.path.relpath(path, dataset_root)}:{line}"
-    return match_key(pure.name), Edit(text, mode, sha, origin)
+    return row_key(name), Edit(text, mode, sha, origin)
 
 
 def read_metadata(path: Path, dataset_root: Path) -> dict[str, Edit]:
@@ -142,9 +147,18 @@ def read_edits(
     metadata_csv: str | os.PathLike | None, captions_dir: str | os.PathLike | None
 ) -> dict[str, Edit]:
     """Every edit of a dataset, by ``match_key`` of its image; missing places hold none."""
-    table = sidecars = {}
+    table = {}
     if metadata_csv is not None:
         table = read_metadata(Path(metadata_csv), Path(metadata_csv).parent)
+    return with_sidecars(table, captions_dir)
+
+
+def with_sidecars(
+    table: dict[str, Edit], captions_dir: str | os.PathLike | None
+) -> dict[str, Edit]:
+    """A metadata.csv's edits and the sidecars' of ``captions_dir``; one image in both is an
+    error."""
+    sidecars = {}
     if captions_dir is not None and Path(captions_dir).is_dir():
         sidecars = read_sidecars(Path(captions_dir), Path(captions_dir).parent)
     both = sorted(set(table) & set(sidecars))

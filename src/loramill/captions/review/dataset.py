@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
-from loramill.captions.edits import Edit, read_edits
+from loramill.captions.edits import Edit, with_sidecars
 from loramill.captions.merge import edit_problems
 from loramill.captions.merge_rules import Rules, training_caption
 from loramill.captions.review.table import Change, Table
@@ -54,20 +54,27 @@ class ReviewedDataset:
             )
         return json.loads(manifest.read_text(encoding="utf-8"))
 
+    def resized(self) -> set[str]:
+        """The resized images' file names: all the page may show."""
+        return {image["file"] for image in self._manifest()["images"]}
+
     def auto_captions(self) -> list[dict[str, Any]]:
         return read_jsonl(self.results / "auto_captions.jsonl")
 
-    def images(self, manifest: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    def images(
+        self, manifest: dict[str, Any] | None = None, auto: list[dict[str, Any]] | None = None
+    ) -> dict[str, dict[str, Any]]:
         """Per resized file name: its manifest record and auto caption record."""
         manifest = manifest or self._manifest()
-        auto = {r["image"]: r for r in self.auto_captions()}
+        by_image = {r["image"]: r for r in (auto or self.auto_captions())}
         return {
-            image["file"]: {**image, "auto": auto.get(image["file"], {})}
+            image["file"]: {**image, "auto": by_image.get(image["file"], {})}
             for image in manifest["images"]
         }
 
-    def edits(self) -> dict[str, Edit]:
-        return read_edits(self.root / METADATA, self.root / "captions")
+    def edits(self, table: Table) -> dict[str, Edit]:
+        """Every edit: ``table``'s (metadata.csv as read once) and the sidecars'."""
+        return with_sidecars(table.edits, self.root / "captions")
 
     def caption(self, auto: str, edit: Edit | None) -> str | None:
         """The training caption (None: excluded), by the merge stage's rules."""
@@ -75,9 +82,8 @@ class ReviewedDataset:
 
     def state(self) -> dict[str, Any]:
         """Everything the page shows, and the version of metadata.csv it was read from."""
-        table = self.table  # first: a save compares with the version read with the edits
-        manifest = self._manifest()
-        edits, images = self.edits(), self.images(manifest)
+        table, manifest, drafts = self.table, self._manifest(), self.auto_captions()
+        edits, images = self.edits(table), self.images(manifest, drafts)
         rows = []
         for file, image in sorted(images.items()):
             auto = image["auto"].get("caption", "")
@@ -100,7 +106,7 @@ class ReviewedDataset:
             "trigger": list(self.rules.trigger_words),
             "images": rows,
             "quarantined": manifest.get("quarantined", []),
-            "problems": edit_problems(self.auto_captions(), edits),
+            "problems": edit_problems(drafts, edits),
             "modes_need_column": "mode" not in table.header,
         }
 
@@ -113,12 +119,13 @@ class ReviewedDataset:
         edit = Edit(text, mode, "", "page") if text or mode == "exclude" else None
         return self.caption(record["auto"].get("caption", ""), edit)
 
-    def changes(self, requested: dict[str, Any]) -> list[Change]:
-        """The page's ``{image: {"prompt", "mode"} | None}`` as table changes, each checked:
-        an image of the dataset, not edited by a sidecar (the page writes metadata.csv only)."""
+    def changes(self, requested: dict[str, Any], table: Table) -> list[Change]:
+        """The page's ``{image: {"prompt", "mode"} | None}`` as changes of ``table``, each
+        checked: an image of the dataset, not edited by a sidecar (the page writes metadata.csv
+        only). What the merge stage checks, it checks on the table they make."""
         if not isinstance(requested, dict):
             raise LoramillError("changes: an object of image: edit or null")
-        images, edits = self.images(), self.edits()
+        images, edits = self.images(), self.edits(table)
         out = []
         for file, wanted in requested.items():
             image = images.get(file)
@@ -134,8 +141,6 @@ class ReviewedDataset:
                 continue
             if not isinstance(wanted, dict) or not isinstance(wanted.get("prompt"), str):
                 raise LoramillError(f"{file}: an edit is {{prompt: text, mode}} or null")
-            prompt, mode = " ".join(wanted["prompt"].split()), wanted.get("mode")
-            if not prompt and mode != "exclude":
-                raise LoramillError(f"{file}: empty caption (mode exclude drops an image)")
-            out.append(Change(name, prompt, mode or "replace", sha))
+            prompt, mode = " ".join(wanted["prompt"].split()), wanted.get("mode") or "replace"
+            out.append(Change(name, prompt, str(mode), sha))
         return out

@@ -65,7 +65,7 @@ def create_app(dataset: ReviewedDataset, token: str) -> Flask:
 
     @app.get("/thumbnail/<path:image>")
     def image_thumbnail(image: str) -> Response:
-        if image not in dataset.images():  # only the resized images, never another path
+        if image not in dataset.resized():  # only the resized images, never another path
             abort(404)
         data = thumbnail(dataset.results / "resized" / image)
         return Response(data, mimetype="image/jpeg", headers={"Cache-Control": "private"})
@@ -84,8 +84,8 @@ def create_app(dataset: ReviewedDataset, token: str) -> Flask:
         if not isinstance(body.get("version"), str):
             raise LoramillError("version: the version of metadata.csv the page read")
         with saving:
-            changes = dataset.changes(body.get("changes"))
-            dataset.table.save(body["version"], changes)
+            table = dataset.table
+            table.save(body["version"], dataset.changes(body.get("changes"), table))
             return jsonify(dataset.state())
 
     @app.errorhandler(LoramillError)

@@ -23,8 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loramill import LoramillError
-from loramill.captions.edits import COLUMNS, MODES, decode, parse_metadata
-from loramill.dataset_files import match_key
+from loramill.captions.edits import COLUMNS, decode, parse_metadata, row_key
 
 ABSENT = "absent"  # the version of a dataset without a metadata.csv
 BOM = "\ufeff"
@@ -73,8 +72,8 @@ class Table:
         self.path = path
         self.data = path.read_bytes() if path.is_file() else None
         text = "" if self.data is None else decode(path)
-        if self.data is not None:  # a file the merge refuses: its line, not a crash
-            parse_metadata(text, path, path.parent)
+        # its edits, as the merge stage reads them (a file it refuses: its line, not a crash)
+        self.edits = {} if self.data is None else parse_metadata(text, path, path.parent)
         self.bom = BOM if self.data is not None and self.data.startswith(BOM.encode()) else ""
         self.newline = "\r\n" if "\r\n" in text else "\n"
         records = list(_records(text))
@@ -103,11 +102,11 @@ class Table:
     def changed(self, changes: list[Change]) -> str:
         """The file's text with ``changes`` made (each at its row, or appended), less a
         byte-order mark (:meth:`save` writes it back)."""
-        pending = {match_key(c.name): c for c in changes}
+        pending = {row_key(c.name): c for c in changes}
         out = [self.head or self._header_line()]
         for raw, fields in self.rows:
             named = dict(zip(self.header, fields, strict=False)).get("filename", "").strip()
-            change = pending.pop(match_key(Path(named.replace("\\", "/")).name), None)
+            change = pending.pop(row_key(named), None)
             if change is None:
                 out.append(raw)
             elif change.prompt is not None:  # the row keeps its filename as the user wrote it
@@ -122,10 +121,8 @@ class Table:
 
     def save(self, started_from: str, changes: list[Change]) -> str:
         """Write the file with ``changes`` made; its new version. Refused (Conflict) when the
-        file on disk is no longer the version ``started_from``, or when a change is invalid."""
-        for change in changes:
-            if change.prompt is not None and change.mode not in MODES:
-                raise LoramillError(f"{change.name}: mode '{change.mode}'; use one of {MODES}")
+        file on disk is no longer the version ``started_from``, or when the merge stage would
+        refuse the result (a bad mode, an empty prompt: its message names the row)."""
         if self.version != started_from:
             raise Conflict(f"{self.path} changed on disk since the page read it")
         text = self.changed(changes)
