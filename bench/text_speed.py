@@ -18,7 +18,11 @@ autocast) and with the base loaded in bf16 (norms and the residual stream in bf1
 numbers, and what many users do).
 
     .venv/bin/python bench/text_speed.py [--models tiny 100m] [--steps 20] [--repeats 2]
-        [--precision fp32 bf16] [--device cpu|cuda] [--profile DIR]
+        [--precision fp32 bf16] [--device cpu|cuda] [--profile DIR] [--qlora]
+
+--qlora adds, in bf16, loramill on the base loaded in NF4 by bitsandbytes (QLoRA; needs
+``make .venv/.bitsandbytes`` and ``PYTHONPATH=.venv/bitsandbytes`` on CPU), which the
+text_train stage refuses on a CPU (issue #33): this measures why.
 
 --profile DIR runs each side's timed call once under torch.profiler instead and writes its
 operators by self CPU time to DIR/<model>-<precision>-<side>.txt (issue #28).
@@ -77,13 +81,27 @@ def build(kind: str, device: str, dtype: torch.dtype = torch.float32):
     return LlamaForCausalLM(config).eval().requires_grad_(False).to(device, dtype)
 
 
+def quantized(kind: str, device: str):
+    """``build(kind)`` saved and loaded back as text_train loads a QLoRA base: NF4 weights,
+    double-quantized, computed in bf16."""
+    from loramill.text.language_model import load_causal_lm
+    from loramill.text.train import TextTrainConfig
+
+    nf4 = TextTrainConfig.from_dict({"load_in_4bit": True, "mixed_precision": "bf16"})
+    with tempfile.TemporaryDirectory() as folder:
+        build(kind, "cpu").save_pretrained(folder)
+        return load_causal_lm(folder, quantization=nf4.quantization(), device=device)
+
+
 def real_tokens(data, steps: int) -> float:
     """Non-padding tokens in ``steps`` batches, at the examples' mean length (the two sides
     draw their batches in different orders; the demo's examples differ by a few tokens)."""
     return steps * BATCH * sum(map(len, data.input_ids)) / len(data.input_ids)
 
 
-def run_loramill(model, data, pad_id: int, steps: int, precision: str) -> float:
+def run_loramill(
+    model, data, pad_id: int, steps: int, precision: str, quantized: bool = False
+) -> float:
     from loramill.text.loop import train_text_lora
     from loramill.text.train import TextTrainConfig
 
@@ -91,7 +109,7 @@ def run_loramill(model, data, pad_id: int, steps: int, precision: str) -> float:
         "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGETS,
         "learning_rate": LR, "max_train_steps": steps, "train_batch_size": BATCH,
         "mixed_precision": "bf16" if precision == "bf16" else "no",
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "load_in_4bit": quantized,
     })  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
@@ -158,6 +176,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--profile", type=Path, help="profile each side once into this folder")
+    parser.add_argument("--qlora", action="store_true", help="add loramill on an NF4 base (bf16)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tokenizer, data = examples()
@@ -189,6 +208,10 @@ def compare(kind: str, precision: str, args: argparse.Namespace, tokenizer, data
     if precision == "bf16":
         sides["Trainer+peft, bf16 base"] = lambda: run_trainer(
             build(kind, device, torch.bfloat16), data, tokenizer, steps, precision, device
+        )
+    if precision == "bf16" and args.qlora:
+        sides["loramill, NF4 base"] = lambda: run_loramill(
+            quantized(kind, device), data, pad, steps, precision, quantized=True
         )
     best = dict.fromkeys(sides, float("inf"))
     for _ in range(args.repeats):

@@ -20,7 +20,7 @@ from loramill import LoramillError
 from loramill.demo.text import procedure_records
 from loramill.demo.tiny_families import build_family_model
 from loramill.demo.tiny_llama import build_tokenizer
-from loramill.text import loop
+from loramill.text import loop, train_config
 from loramill.text.language_model import load_causal_lm, load_tokenizer
 from loramill.text.loop import PROVENANCE_FILE, eval_loss, train_text_lora
 from loramill.text.prepare import write_tokens
@@ -179,10 +179,14 @@ def adapter(written):
     return load_file(str(written[-1] / "adapter_model.safetensors"))
 
 
-def test_qlora_trains_a_float32_adapter_on_a_quantized_base(setup, tmp_path, bitsandbytes, caplog):
+def test_qlora_trains_a_float32_adapter_on_a_quantized_base(
+    setup, tmp_path, bitsandbytes, caplog, monkeypatch
+):
     """load_in_4bit (NF4, double-quantized) and load_in_8bit (issue #33): bitsandbytes quantizes
-    the base's Linear weights as they load (its CPU kernels here), the LoRA trains on top in
-    float32, reproducibly, and the base's rounding shows in the adapter."""
+    the base's Linear weights as they load, the LoRA trains on top in float32, reproducibly,
+    and the base's rounding shows in the adapter. The stage refuses QLoRA on the CPU; here
+    bitsandbytes' CPU kernels stand in for CUDA's, through the same code."""
+    monkeypatch.setattr(train_config, "QLORA_DEVICES", ("cuda", "cpu"))
     caplog.set_level(logging.INFO, logger="loramill.text")
     plain = adapter(run(setup, setup[1], tmp_path / "plain", max_train_steps=5)[2])
     for key in ("load_in_4bit", "load_in_8bit"):
@@ -198,6 +202,20 @@ def test_qlora_trains_a_float32_adapter_on_a_quantized_base(setup, tmp_path, bit
         assert f"{key}: 14 Linear weights quantized" in caplog.text
         provenance = json.loads((written[-1] / PROVENANCE_FILE).read_text())
         assert provenance["versions"] == {"bitsandbytes": version("bitsandbytes")}
+
+
+def test_qlora_is_refused_on_the_cpu_in_one_line_naming_the_alternative(setup, tmp_path):
+    """Issue #33: QLoRA is for a GPU's memory; on the CPU the stage stops before loading
+    anything, in one line that names the device and bf16 LoRA. An image run's
+    train.quantize_base is not this option, and still runs on the CPU (test_quantize)."""
+    for key in ("load_in_4bit", "load_in_8bit"):
+        with pytest.raises(LoramillError) as refused:
+            quantized_run(setup, tmp_path / key, **{key: True})
+        assert str(refused.value) == (
+            f"train.{key}: QLoRA needs a CUDA GPU and this job's device is 'cpu'; "
+            f"train a bf16 LoRA instead (drop {key}, set mixed_precision: bf16)"
+        )
+        assert not (tmp_path / key / "adapters").exists()
 
 
 def test_qlora_options_name_their_key(setup, tmp_path, bitsandbytes, monkeypatch):

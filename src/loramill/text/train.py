@@ -57,6 +57,7 @@ def train_text(
     """The text_train stage: a LoRA on the base model from the prepared tokens."""
     arguments = dict(locals())  # every argument, for the workers of a multi-process run
     cfg = TextTrainConfig.from_dict(config)
+    cfg.check_device(resolve_device(device))
     if cfg.num_processes > 1 and not in_worker():
         check_gpus(cfg.num_processes, resolve_device(device))
         return [Path(p) for p in launch(train_text, arguments, cfg.num_processes, cfg.threads)]

@@ -7,7 +7,12 @@ from typing import Any
 
 from loramill import LoramillError
 from loramill.config import with_schema_defaults
-from loramill.text.language_model import QUANTIZING_OPTIONS
+from loramill.text.language_model import QUANTIZING_OPTIONS, quantizing_option
+
+# QLoRA is a way to fit a large base into a GPU's memory. On the CPU, where memory is not what
+# binds, bitsandbytes' CPU kernels trained a 108 M LLaMA at 0.92x bf16 LoRA's tokens/s
+# (bench/README.md): slower for no gain, so text QLoRA is refused there (issue #33).
+QLORA_DEVICES = ("cuda",)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,15 @@ class TextTrainConfig:
                 "set one of them"
             )
         return cls(**values)
+
+    def check_device(self, device: Any) -> None:
+        """QLoRA's one line on a device it is not for, naming the alternative."""
+        option = quantizing_option(vars(self))
+        if option and device.type not in QLORA_DEVICES:
+            raise LoramillError(
+                f"train.{option}: QLoRA needs a CUDA GPU and this job's device is '{device}'; "
+                f"train a bf16 LoRA instead (drop {option}, set mixed_precision: bf16)"
+            )
 
     def quantization(self) -> dict[str, Any] | None:
         """transformers' BitsAndBytesConfig arguments for the base, or None. NF4 computes in
