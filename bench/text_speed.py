@@ -18,11 +18,15 @@ autocast) and with the base loaded in bf16 (norms and the residual stream in bf1
 numbers, and what many users do).
 
     .venv/bin/python bench/text_speed.py [--models tiny 100m] [--steps 20] [--repeats 2]
-        [--precision fp32 bf16] [--device cpu|cuda] [--profile DIR] [--qlora]
+        [--precision fp32 bf16] [--device cpu|cuda] [--profile DIR] [--qlora] [--packing]
 
---qlora adds, in bf16, loramill on the base loaded in NF4 by bitsandbytes (QLoRA; needs
-``make .venv/.bitsandbytes`` and ``PYTHONPATH=.venv/bitsandbytes`` on CPU), which the
-text_train stage refuses on a CPU (issue #33): this measures why.
+--packing adds loramill on the same examples packed (``text.prepare.packing``: whole examples
+end to end in rows of up to 128 tokens, attention kept within each), counted by the same real
+tokens, and the Trainer with as many examples per step as those rows hold (its batches
+padded), as the control. --qlora adds, in bf16, loramill on the base loaded in
+NF4 by bitsandbytes (QLoRA; needs ``make .venv/.bitsandbytes`` and
+``PYTHONPATH=.venv/bitsandbytes``), which the text_train stage refuses on a CPU (issue #33):
+this measures why.
 
 --profile DIR runs each side's timed call once under torch.profiler instead and writes its
 operators by self CPU time to DIR/<model>-<precision>-<side>.txt (issue #28).
@@ -93,10 +97,10 @@ def quantized(kind: str, device: str):
         return load_causal_lm(folder, quantization=nf4.quantization(), device=device)
 
 
-def real_tokens(data, steps: int) -> float:
-    """Non-padding tokens in ``steps`` batches, at the examples' mean length (the two sides
-    draw their batches in different orders; the demo's examples differ by a few tokens)."""
-    return steps * BATCH * sum(map(len, data.input_ids)) / len(data.input_ids)
+def real_tokens(data, steps: int, batch: int = BATCH) -> float:
+    """Non-padding tokens in ``steps`` batches, at the rows' mean length (the two sides draw
+    their batches in different orders; the demo's examples differ by a few tokens)."""
+    return steps * batch * sum(map(len, data.input_ids)) / len(data.input_ids)
 
 
 def run_loramill(
@@ -117,7 +121,9 @@ def run_loramill(
         return time.perf_counter() - start
 
 
-def run_trainer(model, data, tokenizer, steps: int, precision: str, device: str) -> float:
+def run_trainer(
+    model, data, tokenizer, steps: int, precision: str, device: str, batch: int = BATCH
+) -> float:
     from peft import LoraConfig, get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
@@ -129,7 +135,7 @@ def run_trainer(model, data, tokenizer, steps: int, precision: str, device: str)
             for i, lab in zip(data.input_ids, data.labels, strict=True)]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         args = TrainingArguments(
-            output_dir=tmp, max_steps=steps, per_device_train_batch_size=BATCH,
+            output_dir=tmp, max_steps=steps, per_device_train_batch_size=batch,
             learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01,
             optim="adamw_torch", bf16=precision == "bf16", logging_strategy="no",
             save_strategy="no", report_to=[], seed=0, dataloader_num_workers=0,
@@ -177,27 +183,27 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--profile", type=Path, help="profile each side once into this folder")
     parser.add_argument("--qlora", action="store_true", help="add loramill on an NF4 base (bf16)")
+    parser.add_argument("--packing", action="store_true", help="add loramill on packed rows")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tokenizer, data = examples()
     if args.profile:
         profile(args, tokenizer, data)
         return
-    tokens = real_tokens(data, args.steps)
     for kind in args.models:
         for precision in args.precision:
-            best = compare(kind, precision, args, tokenizer, data)
-            rates = {side: tokens / seconds for side, seconds in best.items()}
-            others = ", ".join(
-                f"{side} {rate:.0f} tok/s (ratio {rates['loramill'] / rate:.2f})"
-                for side, rate in rates.items() if side != "loramill"
+            rates = compare(kind, precision, args, tokenizer, data)
+            # every side against the Trainer as peft's docs set it up
+            sides = "; ".join(
+                f"{side} {rate:.0f} tok/s ({rate / rates['Trainer+peft']:.2f}x)"
+                for side, rate in rates.items()
             )  # fmt: skip
-            print(f"{kind:5s} {precision}: loramill {rates['loramill']:.0f} tok/s; {others}",
-                  flush=True)  # fmt: skip
+            print(f"{kind:5s} {precision}: {sides}", flush=True)
 
 
 def compare(kind: str, precision: str, args: argparse.Namespace, tokenizer, data) -> dict:
-    """Each side's best time over the repeats, the sides alternating, each on a fresh model."""
+    """Each side's real tokens per second, at its best time over the repeats, the sides
+    alternating, each on a fresh model."""
     pad, steps, device = tokenizer.pad_token_id, args.steps, args.device
     sides = {
         "loramill": lambda: run_loramill(build(kind, device), data, pad, steps, precision),
@@ -213,11 +219,28 @@ def compare(kind: str, precision: str, args: argparse.Namespace, tokenizer, data
         sides["loramill, NF4 base"] = lambda: run_loramill(
             quantized(kind, device), data, pad, steps, precision, quantized=True
         )
+    tokens = dict.fromkeys(sides, real_tokens(data, steps))
+    if args.packing:
+        from loramill.text.records import pack
+
+        # the same examples, whole, laid end to end in rows of SEQ tokens
+        packed = pack(data, SEQ)
+        sides["loramill, packed"] = lambda: run_loramill(
+            build(kind, device), packed, pad, steps, precision
+        )
+        tokens["loramill, packed"] = real_tokens(packed, steps)
+        # the control: the Trainer given as many examples per step as the packed rows hold,
+        # so that larger matrices alone do not pass for packing's gain
+        batch = round(BATCH * len(data.input_ids) / len(packed.input_ids))
+        sides[f"Trainer+peft, batch {batch}"] = lambda: run_trainer(
+            build(kind, device), data, tokenizer, steps, precision, device, batch
+        )
+        tokens[f"Trainer+peft, batch {batch}"] = real_tokens(data, steps, batch)
     best = dict.fromkeys(sides, float("inf"))
     for _ in range(args.repeats):
         for side, run in sides.items():
             best[side] = min(best[side], run())
-    return best
+    return {side: tokens[side] / seconds for side, seconds in best.items()}
 
 
 if __name__ == "__main__":
