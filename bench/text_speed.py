@@ -19,6 +19,7 @@ numbers, and what many users do).
 
     .venv/bin/python bench/text_speed.py [--models tiny 100m] [--steps 20] [--repeats 2]
         [--precision fp32 bf16] [--device cpu|cuda] [--profile DIR] [--qlora] [--packing]
+        [--vocab 384]
 
 --packing adds loramill on the same examples packed (``text.prepare.packing``: whole examples
 end to end in rows of up to 128 tokens, attention kept within each), counted by the same real
@@ -28,6 +29,10 @@ NF4 by bitsandbytes (QLoRA; needs ``make .venv/.bitsandbytes`` and
 ``PYTHONPATH=.venv/bitsandbytes``), which the text_train stage refuses on a CPU (issue #33):
 this measures why.
 
+--vocab N builds the 100m and 1b models with an N-token vocabulary (their embedding and output
+head; the examples' token ids stay the tiny tokenizer's). Real models have 32 000 (Llama 2,
+Mistral) to 262 144 (Gemma 3) tokens, where the output projection is a large share of a step.
+
 --profile DIR runs each side's timed call once under torch.profiler instead and writes its
 operators by self CPU time to DIR/<model>-<precision>-<side>.txt (issue #28).
 """
@@ -35,6 +40,7 @@ operators by self CPU time to DIR/<model>-<precision>-<side>.txt (issue #28).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import tempfile
@@ -70,7 +76,7 @@ SHAPES = {  # LlamaConfig's sizes of the models built here
 }  # fmt: skip
 
 
-def build(kind: str, device: str, dtype: torch.dtype = torch.float32):
+def build(kind: str, device: str, dtype: torch.dtype = torch.float32, vocab: int = 384):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from loramill.text.language_model import load_causal_lm
@@ -78,14 +84,14 @@ def build(kind: str, device: str, dtype: torch.dtype = torch.float32):
     if kind == "tiny":
         return load_causal_lm(str(TINY)).to(device, dtype)
     config = LlamaConfig(
-        vocab_size=384, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
+        vocab_size=vocab, max_position_embeddings=512, bos_token_id=0, eos_token_id=1,
         pad_token_id=2, tie_word_embeddings=False, **SHAPES[kind],
     )  # fmt: skip
     torch.manual_seed(0)
     return LlamaForCausalLM(config).eval().requires_grad_(False).to(device, dtype)
 
 
-def quantized(kind: str, device: str):
+def quantized(kind: str, device: str, vocab: int = 384):
     """``build(kind)`` saved and loaded back as text_train loads a QLoRA base: NF4 weights,
     double-quantized, computed in bf16."""
     from loramill.text.language_model import load_causal_lm
@@ -93,7 +99,7 @@ def quantized(kind: str, device: str):
 
     nf4 = TextTrainConfig.from_dict({"load_in_4bit": True, "mixed_precision": "bf16"})
     with tempfile.TemporaryDirectory() as folder:
-        build(kind, "cpu").save_pretrained(folder)
+        build(kind, "cpu", vocab=vocab).save_pretrained(folder)
         return load_causal_lm(folder, quantization=nf4.quantization(), device=device)
 
 
@@ -170,7 +176,8 @@ def profile(args: argparse.Namespace, tokenizer, data) -> None:
             }
             for side, (run, *rest) in runs.items():
                 out = args.profile / f"{stem}-{side}.txt"
-                seconds = profiled(out, run, build(kind, args.device), data, *rest)
+                model = build(kind, args.device, vocab=args.vocab)
+                seconds = profiled(out, run, model, data, *rest)
                 print(f"{stem} {side}: {seconds:.2f} s profiled, {out}", flush=True)
 
 
@@ -184,6 +191,7 @@ def main() -> None:
     parser.add_argument("--profile", type=Path, help="profile each side once into this folder")
     parser.add_argument("--qlora", action="store_true", help="add loramill on an NF4 base (bf16)")
     parser.add_argument("--packing", action="store_true", help="add loramill on packed rows")
+    parser.add_argument("--vocab", type=int, default=384, help="the built models' vocabulary")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     tokenizer, data = examples()
@@ -205,19 +213,20 @@ def compare(kind: str, precision: str, args: argparse.Namespace, tokenizer, data
     """Each side's real tokens per second, at its best time over the repeats, the sides
     alternating, each on a fresh model."""
     pad, steps, device = tokenizer.pad_token_id, args.steps, args.device
+    make = functools.partial(build, vocab=args.vocab)
     sides = {
-        "loramill": lambda: run_loramill(build(kind, device), data, pad, steps, precision),
+        "loramill": lambda: run_loramill(make(kind, device), data, pad, steps, precision),
         "Trainer+peft": lambda: run_trainer(
-            build(kind, device), data, tokenizer, steps, precision, device
+            make(kind, device), data, tokenizer, steps, precision, device
         ),
     }
     if precision == "bf16":
         sides["Trainer+peft, bf16 base"] = lambda: run_trainer(
-            build(kind, device, torch.bfloat16), data, tokenizer, steps, precision, device
+            make(kind, device, torch.bfloat16), data, tokenizer, steps, precision, device
         )
     if precision == "bf16" and args.qlora:
         sides["loramill, NF4 base"] = lambda: run_loramill(
-            quantized(kind, device), data, pad, steps, precision, quantized=True
+            quantized(kind, device, args.vocab), data, pad, steps, precision, quantized=True
         )
     tokens = dict.fromkeys(sides, real_tokens(data, steps))
     if args.packing:
@@ -226,14 +235,14 @@ def compare(kind: str, precision: str, args: argparse.Namespace, tokenizer, data
         # the same examples, whole, laid end to end in rows of SEQ tokens
         packed = pack(data, SEQ)
         sides["loramill, packed"] = lambda: run_loramill(
-            build(kind, device), packed, pad, steps, precision
+            make(kind, device), packed, pad, steps, precision
         )
         tokens["loramill, packed"] = real_tokens(packed, steps)
         # the control: the Trainer given as many examples per step as the packed rows hold,
         # so that larger matrices alone do not pass for packing's gain
         batch = round(BATCH * len(data.input_ids) / len(packed.input_ids))
         sides[f"Trainer+peft, batch {batch}"] = lambda: run_trainer(
-            build(kind, device), data, tokenizer, steps, precision, device, batch
+            make(kind, device), data, tokenizer, steps, precision, device, batch
         )
         tokens[f"Trainer+peft, batch {batch}"] = real_tokens(data, steps, batch)
     best = dict.fromkeys(sides, float("inf"))

@@ -108,6 +108,21 @@ def labelled_tokens(data: Tokenized, indices: list[int]) -> int:
     return sum(label != IGNORE for i in indices for label in data.labels[i][1:])
 
 
+def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The batch's cross-entropy summed over its labelled tokens. The vocabulary projection
+    runs only at the positions that predict a label (transformers' ``logits_to_keep`` mask):
+    at the others (prompts, padding) its logits would be thrown away, and with a real
+    vocabulary (32 k to 262 k tokens) that projection is a large share of a step's work and
+    of its memory. The logits that are kept are the same numbers."""
+    targets = batch["labels"][:, 1:]
+    keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
+    keep[:, :-1] = targets != IGNORE  # position i predicts token i + 1
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    return torch.nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE],
+                                             reduction="sum")  # fmt: skip
+
+
 @torch.no_grad()
 def eval_loss(model: Any, data: Tokenized, pad_id: int, batch_size: int = 8) -> float:
     """Mean cross-entropy per labelled token (perplexity = exp of it)."""
@@ -116,14 +131,7 @@ def eval_loss(model: Any, data: Tokenized, pad_id: int, batch_size: int = 8) -> 
     total, device = 0.0, next(model.parameters()).device
     for start in range(0, len(data.input_ids), batch_size):
         indices = list(range(start, min(start + batch_size, len(data.input_ids))))
-        batch = text_batch(data, indices, pad_id, device)
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        logits = model(**inputs, use_cache=False).logits
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
-            ignore_index=IGNORE, reduction="sum",
-        )  # fmt: skip
-        total += float(losses)
+        total += float(summed_loss(model, text_batch(data, indices, pad_id, device)))
     model.train(was_training)
     tokens = labelled_tokens(data, list(range(len(data.input_ids))))
     if not tokens:
@@ -244,9 +252,8 @@ def _step(
     gradient one process would on the whole batch."""
     rows, scale = share(len(indices), accelerator.process_index, accelerator.num_processes)
     with autocast:
-        outputs = model(**batch(indices[rows]), use_cache=False,
-                        num_items_in_batch=batch.tokens(indices))  # fmt: skip
-    loss = outputs.loss * (1.0 if scale else 0.0)  # a process without rows: its gradients 0
+        loss = summed_loss(model, batch(indices[rows])) / batch.tokens(indices)
+    loss = loss * (1.0 if scale else 0.0)  # a process without rows: its gradients 0
     accelerator.backward(loss * accelerator.num_processes)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
