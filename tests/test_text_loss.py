@@ -34,6 +34,14 @@ def projected_rows(model):
     return rows
 
 
+def loss_and_grads(lora, compute):
+    """``compute()``'s loss, backpropagated, and the LoRA's gradients."""
+    lora.zero_grad()
+    loss = compute()
+    loss.backward()
+    return loss.item(), [p.grad.clone() for p in lora.parameters() if p.requires_grad]
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_the_loss_is_transformers_own_with_the_head_on_labelled_positions_only(examples, family):
     tokenizer, tokenized = examples
@@ -44,18 +52,12 @@ def test_the_loss_is_transformers_own_with_the_head_on_labelled_positions_only(e
         indices = list(range(len(data.input_ids)))
         batch = text_batch(data, indices, tokenizer.pad_token_id)
         labelled = labelled_tokens(data, indices)
-
-        def loss_and_grads(compute):
-            lora.zero_grad()
-            loss = compute()
-            loss.backward()
-            return loss.item(), [p.grad.clone() for p in lora.parameters() if p.requires_grad]
-
         full, full_grads = loss_and_grads(
-            lambda: lora(**batch, use_cache=False, num_items_in_batch=labelled).loss  # noqa: B023
+            lora,
+            lambda: lora(**batch, use_cache=False, num_items_in_batch=labelled).loss,  # noqa: B023
         )
         assert rows[-1] == batch["input_ids"].numel()  # transformers projects every position
-        ours, grads = loss_and_grads(lambda: summed_loss(lora, batch) / labelled)  # noqa: B023
+        ours, grads = loss_and_grads(lora, lambda: summed_loss(lora, batch) / labelled)  # noqa: B023
         assert rows[-1] == labelled < batch["input_ids"].numel() * 0.75  # prompts and padding
         assert ours == pytest.approx(full, rel=1e-6)
         for a, b in zip(grads, full_grads, strict=True):

@@ -115,12 +115,12 @@ def summed_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     vocabulary (32 k to 262 k tokens) that projection is a large share of a step's work and
     of its memory. The logits that are kept are the same numbers."""
     targets = batch["labels"][:, 1:]
+    labelled = targets != IGNORE
     keep = torch.zeros_like(batch["labels"], dtype=torch.bool)
-    keep[:, :-1] = targets != IGNORE  # position i predicts token i + 1
+    keep[:, :-1] = labelled  # position i predicts token i + 1
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    return torch.nn.functional.cross_entropy(logits.float(), targets[targets != IGNORE],
-                                             reduction="sum")  # fmt: skip
+    return torch.nn.functional.cross_entropy(logits.float(), targets[labelled], reduction="sum")
 
 
 @torch.no_grad()

@@ -85,12 +85,12 @@ def prepare_text(
                 len(tokenized.input_ids) * settings["max_seq_length"]
             )
             log.info("packed %d examples into %d rows of up to %d tokens, %.0f %% filled",
-                     sum(map(len, tokenized.segments)), len(tokenized.input_ids),
+                     tokenized.examples, len(tokenized.input_ids),
                      settings["max_seq_length"], 100 * filled)  # fmt: skip
         write_tokens(tokenized, out)
         summary[split] = {
             "records": len(chosen),
-            "examples": sum(map(len, tokenized.segments)) or len(tokenized.input_ids),
+            "examples": tokenized.examples,
             **({"packed_rows": len(tokenized.input_ids)} if tokenized.segments else {}),
             "tokens": sum(map(len, tokenized.input_ids)),
             "truncated": tokenized.truncated,

@@ -133,6 +133,11 @@ class Tokenized:
     dropped: int = 0
     segments: list[list[int]] = field(default_factory=list)
 
+    @property
+    def examples(self) -> int:
+        """How many examples, packed or not."""
+        return sum(map(len, self.segments)) or len(self.input_ids)
+
 
 def render(record: Record, tokenizer: Any) -> tuple[str, str]:
     """(prompt, response) text; chat records through the tokenizer's chat template."""

@@ -56,13 +56,13 @@ def train_text(
 ) -> list[Path]:  # fmt: skip
     """The text_train stage: a LoRA on the base model from the prepared tokens."""
     arguments = dict(locals())  # every argument, for the workers of a multi-process run
-    cfg = TextTrainConfig.from_dict(config)
-    cfg.check_device(resolve_device(device))
+    cfg, resolved = TextTrainConfig.from_dict(config), resolve_device(device)
+    cfg.check_device(resolved)
     if cfg.num_processes > 1 and not in_worker():
-        check_gpus(cfg.num_processes, resolve_device(device))
+        check_gpus(cfg.num_processes, resolved)
         return [Path(p) for p in launch(train_text, arguments, cfg.num_processes, cfg.threads)]
     torch.set_num_threads(cfg.threads)
-    accelerator = text_accelerator(resolve_device(device))
+    accelerator = text_accelerator(resolved)
     tokenizer = load_tokenizer(language_model)
     data = read_tokens(train_tokens)
     model = _base(language_model, cfg, accelerator.device, allow_unsafe_weights, data)
@@ -70,7 +70,7 @@ def train_text(
         "base_model": language_model,
         "train_config": asdict(cfg),
         **({"versions": installed(QUANTIZING_LIBRARY)} if cfg.quantization() else {}),
-        "examples": sum(map(len, data.segments)) or len(data.input_ids),
+        "examples": data.examples,
         "tokens": sum(map(len, data.input_ids)),
         "stage": stage or {},
     }
