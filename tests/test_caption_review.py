@@ -17,11 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from review_fixtures import MERGE, TOKEN, review_dataset
 
+from loramill import files as files_module
 from loramill.captions.edits import read_edits
 from loramill.captions.merge import merge_captions, merged_captions
 from loramill.captions.review import table as table_module
 from loramill.captions.review.server import create_app
-from loramill.captions.review.table import Change, Table
+from loramill.captions.review.table import Change, Conflict, Table
 from loramill.files import read_jsonl
 
 HEADERS = {"X-Loramill-Token": TOKEN}
@@ -186,7 +187,7 @@ def test_only_metadata_csv_is_ever_written(client, dataset, monkeypatch):
     if os.geteuid():  # the dataset's folder read-only, as a user may keep it
         os.chmod(dataset.root, 0o555)
     else:  # root writes into any folder: creating the temporary file is refused instead
-        monkeypatch.setattr(table_module.tempfile, "mkstemp", read_only_folder)
+        monkeypatch.setattr(files_module.tempfile, "mkstemp", read_only_folder)
     try:
         response = save(client, state(client)["version"], {images[2]: {"prompt": "two"}})
     finally:
@@ -312,3 +313,55 @@ def test_a_new_table_gets_the_permissions_the_umask_gives(client, dataset):
     finally:
         os.umask(mask)
     assert (dataset.root / "metadata.csv").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_link_in_a_read_only_folder_is_not_written_through(client, dataset, monkeypatch):
+    """Where the folder may not be written the table is overwritten in place, but never
+    through a link: DVC links its cache's file there, and that copy must not change."""
+    cached = dataset.root.parent / "cache-copy.csv"
+    cached.write_text("filename,prompt\n")
+    path = dataset.root / "metadata.csv"
+    os.link(cached, path)
+
+    def read_only_folder(*args, **kwargs):
+        raise PermissionError("read-only folder")
+
+    monkeypatch.setattr(files_module.tempfile, "mkstemp", read_only_folder)
+    try:
+        image = state(client)["images"][0]["image"]
+        response = save(client, state(client)["version"], {image: {"prompt": "x"}})
+        assert response.status_code == 400
+        assert "a link (into DVC's cache?)" in response.get_json()["error"]
+        assert cached.read_text() == path.read_text() == "filename,prompt\n"
+    finally:
+        cached.unlink()
+
+
+def test_a_table_that_changes_while_it_is_read_is_refused(tmp_path, monkeypatch):
+    """The version is the hash of the first read, the rows come from the second: were they
+    different files, a save could pass the version check and rewrite rows never shown."""
+    path = tmp_path / "metadata.csv"
+    path.write_text("filename,prompt\na.png,x\n")
+    monkeypatch.setattr(table_module, "decode", lambda _: "filename,prompt\na.png,y\n")
+    with pytest.raises(Conflict, match="changed while it was read"):
+        Table(path)
+
+
+def test_a_broken_manifest_and_an_unknown_mode_get_one_line(client, dataset):
+    image = state(client)["images"][0]["image"]
+    response = client.post("/api/preview", headers=HEADERS,
+                           json={"image": image, "prompt": "x", "mode": "bogus"})  # fmt: skip
+    assert response.status_code == 400
+    assert response.get_json()["error"] == "mode: 'bogus': one of replace, prepend, append, exclude"
+    manifest = dataset.results / "resized" / "manifest.json"
+    kept = manifest.read_bytes()
+    try:
+        for broken in (b'{"images": [', b'{"files": []}'):
+            manifest.write_bytes(broken)
+            response = client.get("/api/state", headers=HEADERS)
+            assert response.status_code == 400
+            assert response.get_json()["error"] == (
+                f"{manifest}: not the resize stage's manifest; run it again"
+            )
+    finally:
+        manifest.write_bytes(kept)

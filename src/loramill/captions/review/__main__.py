@@ -21,9 +21,9 @@ HOST = "127.0.0.1"  # the loopback only: never reachable from another machine
 def reviewed(name: str, config_file: Path) -> ReviewedDataset:
     """The dataset ``name`` of the project's config, checked as the workflow checks it."""
     config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
-    datasets = load_datasets(config)
-    if name not in config.get("datasets", {}):
+    if name not in (config.get("datasets") or {}):
         raise LoramillError(f"{name}: not a dataset of {config_file}")
+    datasets = load_datasets(config)
     if datasets[name]["task"] != "image":
         raise LoramillError(f"{name}: a {datasets[name]['task']} dataset has no captions")
     dataset = ReviewedDataset.from_settings(name, datasets[name])

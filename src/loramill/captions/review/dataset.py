@@ -10,13 +10,15 @@ the quarantined files with their reasons, and the stale and orphaned edits, as
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loramill import LoramillError
-from loramill.captions.edits import Edit, with_sidecars
+from loramill.captions.edits import MODES, Edit, with_sidecars
 from loramill.captions.merge import edit_problems
 from loramill.captions.merge_rules import Rules, training_caption
 from loramill.captions.review.table import Change, Table
@@ -52,14 +54,14 @@ class ReviewedDataset:
                 f"{self.name}: no captions yet; run `snakemake --cores 1 "
                 f"results/{self.name}/captions.jsonl` first"
             )
-        return json.loads(manifest.read_text(encoding="utf-8"))
+        return _unchanged_since_read(manifest, _parse_manifest)
 
     def resized(self) -> set[str]:
         """The resized images' file names: all the page may show."""
         return {image["file"] for image in self._manifest()["images"]}
 
     def auto_captions(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.results / "auto_captions.jsonl")
+        return _unchanged_since_read(self.results / "auto_captions.jsonl", read_jsonl)
 
     def images(
         self, manifest: dict[str, Any] | None = None, auto: list[dict[str, Any]] | None = None
@@ -112,6 +114,8 @@ class ReviewedDataset:
 
     def preview(self, image: str, prompt: str, mode: str) -> str | None:
         """The training caption ``image`` would get with this edit."""
+        if mode not in MODES:
+            raise LoramillError(f"mode: '{mode}': one of {', '.join(MODES)}")
         record = self.images().get(image)
         if record is None:
             raise LoramillError(f"{image}: not an image of {self.name}")
@@ -144,3 +148,26 @@ class ReviewedDataset:
             prompt, mode = " ".join(wanted["prompt"].split()), wanted.get("mode") or "replace"
             out.append(Change(name, prompt, str(mode), sha))
         return out
+
+
+def _unchanged_since_read(path: Path, read: Callable[[Path], Any]) -> Any:
+    """``read(path)``, read again only when the file changed: the page asks for a thumbnail or
+    a preview per image, each checked against the manifest and the auto captions. (Shared:
+    callers do not change what they get.)"""
+    stat = path.stat()
+    return _read_once(path, read, (stat.st_ino, stat.st_mtime_ns, stat.st_size))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_once(path: Path, read: Callable[[Path], Any], stamp: tuple[int, int, int]) -> Any:
+    return read(path)
+
+
+def _parse_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        if not all(isinstance(image["file"], str) for image in manifest["images"]):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):  # bad JSON, or not the resize stage's record
+        raise LoramillError(f"{path}: not the resize stage's manifest; run it again") from None
+    return manifest

@@ -12,18 +12,17 @@ changed on disk since, it is refused and nothing is written.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import io
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loramill import LoramillError
 from loramill.captions.edits import COLUMNS, decode, parse_metadata, row_key
+from loramill.files import atomic_path
 
 ABSENT = "absent"  # the version of a dataset without a metadata.csv
 BOM = "\ufeff"
@@ -72,6 +71,9 @@ class Table:
         self.path = path
         self.data = path.read_bytes() if path.is_file() else None
         text = "" if self.data is None else decode(path)
+        if self.data is not None and self.data.removeprefix(BOM.encode()) != text.encode("utf-8"):
+            # the version is the first read's and the rows the second's: they must agree
+            raise Conflict(f"{path} changed while it was read; reload")
         # its edits, as the merge stage reads them (a file it refuses: its line, not a crash)
         self.edits = {} if self.data is None else parse_metadata(text, path, path.parent)
         self.bom = BOM if self.data is not None and self.data.startswith(BOM.encode()) else ""
@@ -121,8 +123,9 @@ class Table:
 
     def save(self, started_from: str, changes: list[Change]) -> str:
         """Write the file with ``changes`` made; its new version. Refused (Conflict) when the
-        file on disk is no longer the version ``started_from``, or when the merge stage would
-        refuse the result (a bad mode, an empty prompt: its message names the row)."""
+        file on disk is no longer the version ``started_from``; refused (LoramillError) when
+        the merge stage would refuse the result (a bad mode, an empty prompt: its message names
+        the row)."""
         if self.version != started_from:
             raise Conflict(f"{self.path} changed on disk since the page read it")
         text = self.changed(changes)
@@ -132,36 +135,33 @@ class Table:
         return version(data)
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it: set back at once
-    os.umask(mask)
-    return mask
-
-
 def write_in_place_or_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` atomically (a temporary file beside it, then ``os.replace``); where
+    """Replace ``path`` atomically (loramill.files.atomic_path), keeping its permissions; where
     the folder may not be written (a dataset kept read-only but for this file), overwrite the
-    file itself: nothing else in the folder is ever created."""
+    file itself: nothing else in the folder is ever created. Never through a link: that would
+    change the file it points to (DVC's cache) too."""
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else None
     try:
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(data)
     except PermissionError:
-        if not path.is_file():
-            why = f"{path.parent}: not writable, and {path.name} does not exist"
-            raise LoramillError(why) from None
+        _overwrite(path, data)
+        return
+    if mode is not None:
+        os.chmod(path, mode)
+
+
+def _overwrite(path: Path, data: bytes) -> None:
+    if not path.is_file():
+        raise LoramillError(f"{path.parent}: not writable, and {path.name} does not exist")
+    if path.is_symlink() or path.stat().st_nlink > 1:
+        raise LoramillError(
+            f"{path}: a link (into DVC's cache?) in a folder that is not writable; writing "
+            "through it would change the file it points to: make the folder writable"
+        )
+    try:
         with open(path, "r+b") as target:
             target.write(data)
             target.truncate()
-            target.flush()
-            os.fsync(target.fileno())
-        return
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        # the file keeps its permissions; a new one gets what the umask gives (not mkstemp's 0600)
-        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    except OSError as error:
+        raise LoramillError(f"{path}: not written ({error.strerror})") from None
