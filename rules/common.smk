@@ -34,8 +34,8 @@ from loramill.train.stopping import pass_signals_to_jobs
 from loramill.reruns.staleness import Planner
 from loramill.text.language_model import text_job_mem_mb
 from loramill.train.config import (
-    LAUNCH_OPTIONS,
     PROMPT_OPTIONS,
+    RUN_OPTIONS,
     VALIDATION_ONLY_OPTIONS,
 )
 from loramill.train.family_options import FLUX_FAMILIES
@@ -258,13 +258,23 @@ def setting(section, key=None):
 
 
 def train_setting(wildcards):
-    """Params helper: the train section less where a multi-machine run meets
-    (LAUNCH_OPTIONS), which scripts/train.py reads from the config: a resubmission meeting on
-    other machines is the same training, so its fingerprint and resumable state stay; and
-    less what only validation reads (VALIDATION_ONLY_OPTIONS: rule validate has them).
+    """Params helper: the train section less where a multi-machine run meets and where its
+    frozen weights wait (RUN_OPTIONS), which scripts/train.py and validate.py read from the
+    config: a resubmission meeting on other machines, or swapping other blocks, is the same
+    training, so its fingerprint and resumable state stay; and less what only validation
+    reads (VALIDATION_ONLY_OPTIONS: rule validate has them).
     """
+    return train_section_less(wildcards, (*RUN_OPTIONS, *VALIDATION_ONLY_OPTIONS))
+
+
+def validate_setting(wildcards):
+    """Params helper: the train section as validation reads it (the network, the objective,
+    validation_seed), less RUN_OPTIONS as train_setting."""
+    return train_section_less(wildcards, RUN_OPTIONS)
+
+
+def train_section_less(wildcards, left_out):
     chosen = DATASETS[wildcards.ds]["train"]
-    left_out = (*LAUNCH_OPTIONS, *VALIDATION_ONLY_OPTIONS)
     return {k: v for k, v in chosen.items() if k not in left_out}
 
 

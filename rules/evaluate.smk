@@ -84,8 +84,7 @@ rule validate:
         base_model=setting("base_model"),
         base_model_family=setting("base_model_family"),
         allow_unsafe_weights=config["allow_unsafe_weights"],
-        # the whole train section: the network, the objective and validation_seed
-        train=setting("train"),
+        train=validate_setting,
         folder=validation_folder,
         device=config["device"],
     script:

@@ -1,14 +1,13 @@
 from loramill.config import dataset_config
 from loramill.reruns.fingerprints import stage_provenance
 from loramill.reruns.runner import run
-from loramill.train.config import LAUNCH_OPTIONS
+from loramill.train.config import run_options
 from loramill.train.loop import train_lora
 from loramill.train.state import state_dir
 
-# Where a multi-machine run meets is no param (rules/common.smk: train_setting), so it is no
-# part of the fingerprint either: taken from the config as it is.
+# Where a multi-machine run meets and where its weights wait are no params
+# (rules/common.smk: train_setting), so no part of the fingerprint either: from the config.
 train = dataset_config(snakemake.config, snakemake.wildcards.ds)["train"]
-launch = {key: train[key] for key in LAUNCH_OPTIONS if key in train}
 
 run(
     snakemake,
@@ -28,7 +27,7 @@ run(
     logdir=snakemake.log.tensorboard,
     loss_png=snakemake.output.loss,
     base_model=snakemake.params.base_model,
-    config={**snakemake.params.train, **launch},
+    config={**snakemake.params.train, **run_options(train)},
     trigger=snakemake.params.trigger,
     allow_unsafe_weights=snakemake.params.allow_unsafe_weights,
     device=snakemake.params.device,

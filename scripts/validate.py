@@ -1,5 +1,10 @@
+from loramill.config import dataset_config
 from loramill.reruns.runner import run
+from loramill.train.config import run_options
 from loramill.train.validation import validate_checkpoints
+
+# where the weights wait (blocks_to_swap) is no param (rules/common.smk: train_setting)
+train = dataset_config(snakemake.config, snakemake.wildcards.ds)["train"]
 
 run(
     snakemake,
@@ -11,7 +16,7 @@ run(
     plot_png=snakemake.output.plot,
     logdir=snakemake.log.tensorboard,
     base_model=snakemake.params.base_model,
-    config=snakemake.params.train,
+    config={**snakemake.params.train, **run_options(train)},
     folder=snakemake.params.folder,
     allow_unsafe_weights=snakemake.params.allow_unsafe_weights,
     device=snakemake.params.device,

@@ -724,6 +724,16 @@ FLUX_REFUSALS = {
         "train.quantize_base: nf4 and train.fp8_base: true both store the frozen weights; "
         "choose one",
     ),
+    "block swap on sd1": (
+        "sd", {"train": {"blocks_to_swap": 2, "gradient_checkpointing": True}},
+        "train.blocks_to_swap: an option of FLUX.1 and Chroma, and the base model is sd1; "
+        "remove it",
+    ),
+    "block swap on the cpu": (
+        "flux", {"device": "cpu", "train": {"blocks_to_swap": 2, "gradient_checkpointing": True}},
+        "train.blocks_to_swap: swapping blocks between CPU and GPU memory needs a CUDA GPU, and "
+        "the device is cpu; remove it",
+    ),
 }  # fmt: skip
 
 

@@ -33,6 +33,13 @@ REG_OPTIONS = {"prior_loss_weight": 1.0, "reg_caption": None}
 # Where a multi-machine run's processes meet: no part of what it trains, and a resubmission
 # lands on other machines, so it stays out of fingerprints, provenance and the state's key.
 LAUNCH_OPTIONS = ("rdzv_endpoint",)
+# Where the frozen weights wait between uses (loramill.models.block_swap): the same arithmetic
+# on other memory, so no part of what a run trains either.
+PLACEMENT_OPTIONS = ("blocks_to_swap",)
+# Options the train and validate jobs read from the config as it is: out of the stages'
+# params, and so of fingerprints, provenance and the resumable state's key.
+RUN_OPTIONS = (*LAUNCH_OPTIONS, *PLACEMENT_OPTIONS)
+SWAP_DEVICES = ("cuda",)  # blocks_to_swap moves weights between host and GPU memory
 # The options that decide how a caption or prompt is read, the fields of the families'
 # conditioning (SD's and SDXL's CLIP layer and length, Flux's T5 length and mask): the grid
 # reads its prompts with them as training read its captions.
@@ -154,6 +161,7 @@ class TrainConfig:
     train_blocks: str  # all | double | single
     fp8_base: bool  # the frozen denoiser's Linear weights in float8, computed in bf16
     quantize_base: str | None  # int8 | nf4: the same weights by bitsandbytes (models.quantize)
+    blocks_to_swap: int  # Flux: blocks whose frozen weights wait in CPU memory (block_swap)
     # CPU kernels split reductions by thread count, so it is part of what makes a run
     # bit-reproducible: fixed here rather than taken from the scheduler.
     threads: int
@@ -194,6 +202,7 @@ class TrainConfig:
                 f"train.quantize_base: {self.quantize_base} and train.fp8_base: true both store "
                 "the frozen weights; choose one"
             )
+        self.check_block_swap()
         if self.max_timestep is not None and self.max_timestep <= self.min_timestep:
             raise LoramillError(
                 f"train.max_timestep {self.max_timestep}: must be above train.min_timestep "
@@ -205,6 +214,21 @@ class TrainConfig:
                 "lr_scheduler: constant; use lr_scheduler: constant_with_warmup"
             )
         self.check_no_effect()
+
+    def check_block_swap(self) -> None:
+        if not self.blocks_to_swap:
+            return
+        if not self.gradient_checkpointing:
+            raise LoramillError(
+                "train.blocks_to_swap needs train.gradient_checkpointing: true (a swapped "
+                "block's weights come back for the backward pass when its activations are "
+                "recomputed there); set it"
+            )
+        if self.quantize_base:
+            raise LoramillError(
+                f"train.blocks_to_swap: not with quantize_base: {self.quantize_base} "
+                "(bitsandbytes quantizes a weight as it moves to the GPU); use fp8_base"
+            )
 
     def check_network_type(self) -> None:
         """Options the LyCORIS types (loha, lokr) and DoRA cannot take."""
@@ -278,7 +302,7 @@ class TrainConfig:
     def check_machines(self) -> None:
         """Several machines meet at one endpoint, which every machine's job must name. Checked
         at parse time and at launch, not in :meth:`check`: the stages' params leave the
-        endpoint out (LAUNCH_OPTIONS), and they are parsed too (the state's key, export)."""
+        endpoint out (RUN_OPTIONS), and they are parsed too (the state's key, export)."""
         if self.num_machines == 1:
             return
         if not self.rdzv_endpoint:
@@ -330,6 +354,11 @@ class TrainConfig:
                 f"train.mixed_precision: fp16 needs a CUDA GPU (gradient scaling), and the "
                 f"device is {device_type}; use bf16 or no"
             )
+        if self.blocks_to_swap and device_type not in SWAP_DEVICES:
+            raise LoramillError(
+                f"train.blocks_to_swap: swapping blocks between CPU and GPU memory needs a CUDA "
+                f"GPU, and the device is {device_type}; remove it"
+            )
 
     @property
     def network(self) -> Any:
@@ -356,8 +385,14 @@ class TrainConfig:
         return self.lr_scheduler in TOTAL_FREE_SCHEDULES
 
     def as_dict(self) -> dict[str, Any]:
-        """The options that make the run what it is (its provenance): not where it met."""
-        return {k: v for k, v in asdict(self).items() if k not in LAUNCH_OPTIONS}
+        """The options that make the run what it is (its provenance): not where it met or
+        where its weights waited."""
+        return {k: v for k, v in asdict(self).items() if k not in RUN_OPTIONS}
+
+
+def run_options(train: dict[str, Any]) -> dict[str, Any]:
+    """The RUN_OPTIONS of a dataset's train section, which its jobs take from the config."""
+    return {key: train[key] for key in RUN_OPTIONS if key in train}
 
 
 def _tuples(config: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ FLUX_ONLY = (
     "t5xxl_max_token_length",
     "apply_t5_attn_mask",
     "train_blocks",
+    "blocks_to_swap",
 )
 UNET_ONLY = (
     "clip_skip",

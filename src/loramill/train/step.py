@@ -13,6 +13,7 @@ import torch
 
 from loramill.devices import resolve_device
 from loramill.models.base_model import pipeline_family, text_parts
+from loramill.models.block_swap import swap_blocks
 from loramill.models.checkpoint import (
     load_network_state,
     network_state,
@@ -100,15 +101,7 @@ def network_models(cfg: TrainConfig, family: Any, pipe: Any, device: Any) -> dic
         start.update(read_init_weights(cfg.init_from, models, cfg.network))
         load_network_state(models, start)
         log.info("LoRA initialised from %s", cfg.init_from)
-    if cfg.quantize_base:  # before the move, which quantizes weight by weight
-        check_quantize_device(device)
-        count = quantize_linears(models[denoiser], cfg.quantize_base, weight_dtype)
-        log.info("quantize_base: %d Linear weights in %s", count, cfg.quantize_base)
-    for model in models.values():
-        model.to(device, dtype=weight_dtype)
-    if cfg.fp8_base:
-        check_float8_device(device)
-        log.info("fp8_base: %d Linear weights in float8", store_float8(models[denoiser]))
+    place_weights(cfg, models, denoiser, device, weight_dtype)
     if cfg.gradient_checkpointing:  # recompute activations in backward: less memory
         models[denoiser].enable_gradient_checkpointing()
         for name in names[1:]:
@@ -119,6 +112,25 @@ def network_models(cfg: TrainConfig, family: Any, pipe: Any, device: Any) -> dic
         if denoiser == "unet":  # faster with bf16 on CPU
             models[denoiser].to(memory_format=torch.channels_last)
     return models
+
+
+def place_weights(cfg: TrainConfig, models: dict, denoiser: str, device: Any, dtype: Any) -> None:
+    """Every model on ``device`` in ``dtype``, but for the denoiser's frozen weights that are
+    quantized (quantize_base), stored in float8 (fp8_base) or wait in host memory between
+    uses (blocks_to_swap)."""
+    if cfg.quantize_base:  # before the move, which quantizes weight by weight
+        check_quantize_device(device)
+        count = quantize_linears(models[denoiser], cfg.quantize_base, dtype)
+        log.info("quantize_base: %d Linear weights in %s", count, cfg.quantize_base)
+    # before the move, so the swapped blocks' frozen weights never go to the device whole
+    swap = swap_blocks(models[denoiser], cfg.blocks_to_swap, device, dtype)
+    for model in models.values():
+        model.to(device, dtype=dtype)
+    if cfg.fp8_base:
+        check_float8_device(device)
+        log.info("fp8_base: %d Linear weights in float8", store_float8(models[denoiser]))
+    if swap:
+        swap.pin()  # in their final dtype
 
 
 class Training:

@@ -1,0 +1,128 @@
+"""kohya's ``blocks_to_swap`` for Flux's transformer: the frozen weights of its last blocks live
+in CPU memory and come to the GPU only while their block runs, so a GPU that cannot hold the
+whole transformer trains it.
+
+kohya's count: ``blocks_to_swap // 2`` double blocks and twice the rest single blocks, each
+kind keeping at least two blocks on the GPU (19 + 38 blocks: at most 35).
+
+Written here rather than taken from diffusers' group offloading, which moves every parameter
+of a group: the trained LoRA weights too (between the optimizer's steps), and with CUDA
+streams it puts back the host copy taken when it was set up, losing their updates. Here only
+the frozen tensors move. They stop being parameters of the model and become plain attributes
+of their modules, so ``model.to``, accelerate and DDP leave them in host memory; a block's
+forward pre-hook puts device copies in their place and its forward hook the host ones back.
+
+The backward pass needs a block's weights again: they come back when gradient checkpointing
+recomputes the block's forward there (hooks included), so swapping needs checkpointing.
+Nothing is changed in place: a copy autograd still holds stays valid, and a swapped block
+computes the same bits as one that never moved. The hooks hold one block's copies at a time:
+a block's pre-hook drops the copies of the block before it, since a recomputation may stop
+early, before its block's forward hook runs. Copies are made on the compute stream from pinned
+memory: a transfer is not overlapped with the previous block's compute.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Any
+
+import torch
+
+from loramill import LoramillError
+
+log = logging.getLogger(__name__)
+Frozen = list[tuple[torch.nn.Module, str, torch.Tensor]]  # (module, attribute, host copy)
+
+
+def _fits(blocks_to_swap: int, double: int, single: int) -> bool:
+    return (
+        blocks_to_swap // 2 <= double - 2
+        and (blocks_to_swap - blocks_to_swap // 2) * 2 <= single - 2
+    )
+
+
+def swap_counts(blocks_to_swap: int, double: int, single: int) -> tuple[int, int]:
+    """The double and single blocks swapped, counted as kohya counts them."""
+    swapped = (blocks_to_swap // 2, (blocks_to_swap - blocks_to_swap // 2) * 2)
+    if not _fits(blocks_to_swap, double, single):
+        most = max((n for n in range(blocks_to_swap) if _fits(n, double, single)), default=0)
+        raise LoramillError(
+            f"train.blocks_to_swap {blocks_to_swap}: swaps {swapped[0]} of the transformer's "
+            f"{double} double blocks and {swapped[1]} of its {single} single blocks, and two of "
+            f"each kind stay on the GPU (as kohya counts); use at most {most}"
+        )
+    return swapped
+
+
+def _host_tensors(block: torch.nn.Module, dtype: torch.dtype) -> Frozen:
+    """Turn ``block``'s frozen parameters into plain attributes in ``dtype``."""
+    frozen = []
+    for module in block.modules():
+        for name, param in list(module._parameters.items()):
+            if param is None or param.requires_grad:
+                continue
+            del module._parameters[name]
+            host = param.detach().to("cpu", dtype=dtype if param.is_floating_point() else None)
+            setattr(module, name, host)
+            frozen.append((module, name, host))
+    return frozen
+
+
+class BlockSwap:
+    """The swapped blocks of one transformer and the hooks that move their frozen tensors."""
+
+    def __init__(self, blocks: list[torch.nn.Module], device: torch.device, dtype: Any) -> None:
+        self.device = device
+        self.loaded: int | None = None  # the block whose device copies are in place
+        self.frozen = [_host_tensors(block, dtype) for block in blocks]
+        for index, block in enumerate(blocks):
+            block.register_forward_pre_hook(partial(self._load, index))
+            block.register_forward_hook(partial(self._release, index))
+
+    def _place(self, index: int, on_device: bool) -> None:
+        for module, name, host in self.frozen[index]:
+            setattr(
+                module,
+                name,
+                host.to(self.device, non_blocking=True, copy=True) if on_device else host,
+            )
+
+    def _load(self, index: int, *_: Any) -> None:
+        if self.loaded == index:
+            return
+        if self.loaded is not None:
+            self._place(self.loaded, on_device=False)
+        self._place(index, on_device=True)
+        self.loaded = index
+
+    def _release(self, index: int, *_: Any) -> None:
+        self._place(index, on_device=False)
+        self.loaded = None
+
+    def pin(self) -> None:
+        """Page-lock the host copies (CUDA only), after any change of their dtype (fp8_base):
+        copies from pinned memory are asynchronous and faster."""
+        if self.device.type != "cuda":
+            return
+        for index, frozen in enumerate(self.frozen):
+            self.frozen[index] = [(m, name, host.pin_memory()) for m, name, host in frozen]
+            self._place(index, on_device=False)
+
+
+def swap_blocks(
+    transformer: Any, blocks_to_swap: int, device: torch.device, dtype: Any
+) -> BlockSwap | None:
+    """Swap the last blocks of ``transformer`` (a Flux or Chroma one; None when none are):
+    call it before the model moves to ``device``, so their weights never go there whole."""
+    if not blocks_to_swap:
+        return None
+    double, single = transformer.transformer_blocks, transformer.single_transformer_blocks
+    swapped_double, swapped_single = swap_counts(blocks_to_swap, len(double), len(single))
+    log.info(
+        "blocks_to_swap: %d double and %d single blocks wait in CPU memory",
+        swapped_double,
+        swapped_single,
+    )
+    blocks = [*double[len(double) - swapped_double :], *single[len(single) - swapped_single :]]
+    return BlockSwap(blocks, device, dtype)
