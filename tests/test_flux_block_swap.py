@@ -48,8 +48,9 @@ def transformer_with_lora():
     return model
 
 
-def step(model) -> dict[str, torch.Tensor]:
-    """One forward and backward on fixed inputs; the LoRA gradients."""
+def step(model, between=lambda: None) -> dict[str, torch.Tensor]:
+    """One forward and backward on fixed inputs (``between`` called between them); the LoRA
+    gradients."""
     draw = torch.Generator().manual_seed(1)
     out = model(
         hidden_states=torch.randn(1, 16, 64, generator=draw),
@@ -60,6 +61,7 @@ def step(model) -> dict[str, torch.Tensor]:
         txt_ids=torch.zeros(8, 3),
         guidance=torch.tensor([1.0]),
     ).sample
+    between()
     out.square().mean().backward()
     return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
 
@@ -68,6 +70,8 @@ def test_swapped_blocks_compute_on_copies_one_block_at_a_time_with_the_same_grad
     plain, swapped = transformer_with_lora(), transformer_with_lora()
     swap = swap_blocks(swapped, 2, torch.device("cpu"), torch.float32)
     assert len(swap.frozen) == 1 + 2  # the last double block, the last two single ones
+    swap.pin()  # on the CPU: each block's host copies gathered into one buffer, no lock
+    assert all(len({h.untyped_storage().data_ptr() for *_, h in b}) == 1 for b in swap.frozen)
     # the frozen tensors are no parameters: model.to, accelerate and DDP leave them be
     frozen = lambda model: sum(not p.requires_grad for p in model.parameters())  # noqa: E731
     assert frozen(plain) - frozen(swapped) == sum(len(block) for block in swap.frozen)
@@ -85,10 +89,11 @@ def test_swapped_blocks_compute_on_copies_one_block_at_a_time_with_the_same_grad
         for module, name, _ in block:
             if isinstance(module, torch.nn.Linear) and name == "weight":
                 module.register_forward_pre_hook(check)
-    want, got = step(plain), step(swapped)
+    between = []
+    want, got = step(plain), step(swapped, lambda: between.append(loaded_blocks()))
     # each Linear of the swapped blocks runs twice: forward and its recomputation in backward
     assert len(reads) == 2 * 26 and not any(reads)
-    assert max(held) == 1 and loaded_blocks() <= 1
+    assert max(held) == 1 and between == [0] and loaded_blocks() <= 1
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
 
 

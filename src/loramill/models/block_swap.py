@@ -24,6 +24,7 @@ memory: a transfer is not overlapped with the previous block's compute.
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 from typing import Any
 
@@ -32,6 +33,8 @@ import torch
 from loramill import LoramillError
 
 log = logging.getLogger(__name__)
+ALIGN = 64  # bytes: where each tensor starts in a block's buffer (aligned for any dtype)
+PAGE = os.sysconf("SC_PAGE_SIZE")
 Frozen = list[tuple[torch.nn.Module, str, torch.Tensor]]  # (module, attribute, host copy)
 
 
@@ -101,28 +104,62 @@ class BlockSwap:
         self.loaded = None
 
     def pin(self) -> None:
-        """Page-lock the host copies (CUDA only), after any change of their dtype (fp8_base):
-        copies from pinned memory are asynchronous and faster."""
-        if self.device.type != "cuda":
-            return
+        """Gather each block's host copies into one buffer and, on CUDA, page-lock it in place
+        (after any change of their dtype: fp8_base). Copies from page-locked memory are
+        asynchronous and faster; ``Tensor.pin_memory`` would round every tensor up to a power
+        of two (torch's caching host allocator: FLUX.1's 35 blocks, 20 GiB in bf16, would
+        lock 31.6). Without the lock the copies are synchronous, and still right."""
         for index, frozen in enumerate(self.frozen):
-            self.frozen[index] = [(m, name, host.pin_memory()) for m, name, host in frozen]
+            buffer, self.frozen[index] = _gathered(frozen)
             self._place(index, on_device=False)
+            if self.device.type == "cuda":
+                _page_lock(buffer)
+
+
+def _gathered(frozen: Frozen) -> tuple[torch.Tensor, Frozen]:
+    """One buffer of whole pages holding every tensor of ``frozen`` (each at an offset
+    aligned for any dtype), and the entries as views into it."""
+    sizes = [-(-host.nbytes // ALIGN) * ALIGN for _, _, host in frozen]
+    pages = -(-sum(sizes) // PAGE) * PAGE
+    spare = torch.empty(pages + PAGE, dtype=torch.uint8)
+    first = -spare.data_ptr() % PAGE
+    buffer = spare[first : first + pages]
+    gathered, start = [], 0
+    for (module, name, host), size in zip(frozen, sizes, strict=True):
+        view = buffer[start : start + host.nbytes].view(host.dtype).view(host.shape)
+        gathered.append((module, name, view.copy_(host)))
+        start += size
+    return buffer, gathered
+
+
+def _page_lock(buffer: torch.Tensor) -> None:
+    # torch's own in-place pinning (torch.distributed's state-dict staging) calls the same;
+    # flags 0: cudaHostRegisterDefault. Whole pages of its own: no two registrations meet.
+    code = int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), buffer.nbytes, 0))
+    if code:
+        log.warning("blocks_to_swap: page-locking a block's weights failed (CUDA error %d); "
+                    "its copies to the GPU are synchronous", code)  # fmt: skip
+
+
+def transformer_counts(transformer: Any, blocks_to_swap: int) -> tuple[int, int]:
+    """The double and single blocks of ``transformer`` (a Flux or Chroma one) swapped."""
+    double, single = transformer.transformer_blocks, transformer.single_transformer_blocks
+    return swap_counts(blocks_to_swap, len(double), len(single))
 
 
 def swap_blocks(
     transformer: Any, blocks_to_swap: int, device: torch.device, dtype: Any
 ) -> BlockSwap | None:
-    """Swap the last blocks of ``transformer`` (a Flux or Chroma one; None when none are):
-    call it before the model moves to ``device``, so their weights never go there whole."""
+    """Swap the last blocks of ``transformer`` (None when none are): call it before the model
+    moves to ``device``, so their weights never go there whole."""
     if not blocks_to_swap:
         return None
-    double, single = transformer.transformer_blocks, transformer.single_transformer_blocks
-    swapped_double, swapped_single = swap_counts(blocks_to_swap, len(double), len(single))
+    swapped_double, swapped_single = transformer_counts(transformer, blocks_to_swap)
     log.info(
         "blocks_to_swap: %d double and %d single blocks wait in CPU memory",
         swapped_double,
         swapped_single,
     )
+    double, single = transformer.transformer_blocks, transformer.single_transformer_blocks
     blocks = [*double[len(double) - swapped_double :], *single[len(single) - swapped_single :]]
     return BlockSwap(blocks, device, dtype)

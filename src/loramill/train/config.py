@@ -39,7 +39,9 @@ PLACEMENT_OPTIONS = ("blocks_to_swap",)
 # Options the train and validate jobs read from the config as it is: out of the stages'
 # params, and so of fingerprints, provenance and the resumable state's key.
 RUN_OPTIONS = (*LAUNCH_OPTIONS, *PLACEMENT_OPTIONS)
-SWAP_DEVICES = ("cuda",)  # blocks_to_swap moves weights between host and GPU memory
+# blocks_to_swap moves weights between host and GPU memory (the tests add the CPU, to train
+# on a GPU's rules in its memory)
+SWAP_DEVICES = ("cuda",)
 # The options that decide how a caption or prompt is read, the fields of the families'
 # conditioning (SD's and SDXL's CLIP layer and length, Flux's T5 length and mask): the grid
 # reads its prompts with them as training read its captions.
@@ -216,6 +218,10 @@ class TrainConfig:
         self.check_no_effect()
 
     def check_block_swap(self) -> None:
+        if self.blocks_to_swap < 0:
+            raise LoramillError(
+                f"train.blocks_to_swap {self.blocks_to_swap}: use 0 (no swapping) or more"
+            )
         if not self.blocks_to_swap:
             return
         if not self.gradient_checkpointing:

@@ -18,6 +18,7 @@ import torch
 
 from loramill import LoramillError
 from loramill.dataset_files import MANIFEST
+from loramill.devices import on_device
 from loramill.files import read_jsonl
 from loramill.hashing import HashCache
 from loramill.model_files import component_fingerprint
@@ -155,7 +156,8 @@ class Encoded:
         self.latent_keys: list[str] = []
         self.flipped_keys: list[str] = []
         if cfg.cache_latents:
-            self._encode_latents(pipe.vae.to(device), examples, encoder, cfg, hashes)
+            with on_device([pipe.vae], device):
+                self._encode_latents(pipe.vae, examples, encoder, cfg, hashes)
         self.scaling = pipe.vae.config.scaling_factor
         self.shift = pipe.vae.config.get("shift_factor") or 0.0  # Flux's VAE; SD's have none
         self.texts: TensorCache | None = None
@@ -184,10 +186,9 @@ class Encoded:
         captions = [CaptionVariation(cfg).fixed(caption) for caption in examples.captions]
         how = family.conditioning(cfg)
         self.text_keys = text_keys(captions, text_encoder, how)
-        encode = lambda texts: family.encode(  # noqa: E731
-            tokenizers, [e.to(device) for e in encoders], texts, how
-        )
-        counts = encode_texts(encode, self.texts, self.text_keys, captions)
+        encode = lambda texts: family.encode(tokenizers, encoders, texts, how)  # noqa: E731
+        with on_device(encoders, device):
+            counts = encode_texts(encode, self.texts, self.text_keys, captions)
         log.info("%s", counts.line("text embeddings"))
 
     def _encode_latents(

@@ -39,6 +39,7 @@ from loramill.models.base_model import (
     pipeline_family,
     use_sdpa,
 )
+from loramill.models.block_swap import transformer_counts
 from loramill.models.checkpoint import (
     AVERAGE_KEY,
     AVERAGE_PREFIX,
@@ -298,6 +299,8 @@ def prepare(
     dtypes = base_dtypes(cfg, base)
     pipe = load_pipeline(base_model, dtypes, allow_unsafe_weights, family)
     use_sdpa(pipe, cfg.sdpa)
+    if cfg.blocks_to_swap:  # a count the transformer cannot take stops before the caches fill
+        transformer_counts(pipe.transformer, cfg.blocks_to_swap)
     code = pipeline_family(pipe)
     record["family"] = code.name
     record["base_version"] = code.version(pipe)  # what the export labels the adapter

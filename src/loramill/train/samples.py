@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from loramill import LoramillError
+from loramill.devices import on_device
 from loramill.files import write_bytes
 from loramill.models.checkpoint import step_name
 
@@ -114,15 +115,16 @@ class SampleRenderer:
     def render(self, trained: dict[str, Any], accelerator: Any) -> list[Any]:
         """One image per prompt (PIL), with the adapter as it is now (``trained``: the
         models being trained, by component name)."""
-        device = accelerator.device
-        parts = {**self.parts, **trained, "vae": self.parts["vae"].to(device)}
+        parts = {**self.parts, **trained}
         pipe = self.family.assemble({**parts, "scheduler": self.scheduler})
         pipe.set_progress_bar_config(disable=True)
+        frozen = [part for name, part in self.parts.items() if name not in trained]
+        frozen = [part for part in frozen if isinstance(part, torch.nn.Module)]  # no tokenizers
         for model in trained.values():
             model.eval()
         images = []
         try:
-            with torch.no_grad(), accelerator.autocast():
+            with on_device(frozen, accelerator.device), torch.no_grad(), accelerator.autocast():
                 for sample in self.prompts:
                     prompts = ([sample.prompt], [sample.negative])
                     size = (sample.height, sample.width)

@@ -124,11 +124,13 @@ def place_weights(cfg: TrainConfig, models: dict, denoiser: str, device: Any, dt
         log.info("quantize_base: %d Linear weights in %s", count, cfg.quantize_base)
     # before the move, so the swapped blocks' frozen weights never go to the device whole
     swap = swap_blocks(models[denoiser], cfg.blocks_to_swap, device, dtype)
-    for model in models.values():
-        model.to(device, dtype=dtype)
-    if cfg.fp8_base:
+    if cfg.fp8_base:  # float8 before the move: the device never holds the bf16 weights
         check_float8_device(device)
+        for model in models.values():
+            model.to(dtype=dtype)
         log.info("fp8_base: %d Linear weights in float8", store_float8(models[denoiser]))
+    for model in models.values():  # (a dtype would cast float8 weights back)
+        model.to(device, dtype=None if cfg.fp8_base else dtype)
     if swap:
         swap.pin()  # in their final dtype
 
