@@ -1,13 +1,8 @@
-from loramill.config import dataset_config
 from loramill.reruns.fingerprints import stage_provenance
 from loramill.reruns.runner import run
 from loramill.train.config import run_options
 from loramill.train.loop import train_lora
 from loramill.train.state import state_dir
-
-# Where a multi-machine run meets and where its weights wait are no params
-# (rules/common.smk: train_setting), so no part of the fingerprint either: from the config.
-train = dataset_config(snakemake.config, snakemake.wildcards.ds)["train"]
 
 run(
     snakemake,
@@ -27,7 +22,9 @@ run(
     logdir=snakemake.log.tensorboard,
     loss_png=snakemake.output.loss,
     base_model=snakemake.params.base_model,
-    config={**snakemake.params.train, **run_options(train)},
+    # where a run meets and where its weights wait are no params (rules/common.smk:
+    # train_setting), so no part of the fingerprint either
+    config={**snakemake.params.train, **run_options(snakemake.config, snakemake.wildcards.ds)},
     trigger=snakemake.params.trigger,
     allow_unsafe_weights=snakemake.params.allow_unsafe_weights,
     device=snakemake.params.device,

@@ -1,10 +1,6 @@
-from loramill.config import dataset_config
 from loramill.reruns.runner import run
 from loramill.train.config import run_options
 from loramill.train.validation import validate_checkpoints
-
-# where the weights wait (blocks_to_swap) is no param (rules/common.smk: train_setting)
-train = dataset_config(snakemake.config, snakemake.wildcards.ds)["train"]
 
 run(
     snakemake,
@@ -16,7 +12,9 @@ run(
     plot_png=snakemake.output.plot,
     logdir=snakemake.log.tensorboard,
     base_model=snakemake.params.base_model,
-    config={**snakemake.params.train, **run_options(train)},
+    # where a run meets and where its weights wait are no params (rules/common.smk:
+    # train_setting), so no part of the fingerprint either
+    config={**snakemake.params.train, **run_options(snakemake.config, snakemake.wildcards.ds)},
     folder=snakemake.params.folder,
     allow_unsafe_weights=snakemake.params.allow_unsafe_weights,
     device=snakemake.params.device,

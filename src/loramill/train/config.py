@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from loramill import LoramillError
-from loramill.config import check_replaced, with_schema_defaults
+from loramill.config import check_replaced, dataset_config, with_schema_defaults
 from loramill.models.families import DENOISERS
 from loramill.models.network_targets import NETWORK_TARGETS
 from loramill.train.optimizers import check_optimizer
@@ -396,8 +396,10 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in RUN_OPTIONS}
 
 
-def run_options(train: dict[str, Any]) -> dict[str, Any]:
-    """The RUN_OPTIONS of a dataset's train section, which its jobs take from the config."""
+def run_options(config: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """The RUN_OPTIONS of ``dataset``'s train section in the workflow's ``config``: its
+    train and validate jobs take them from there, not from their params."""
+    train = dataset_config(config, dataset)["train"]
     return {key: train[key] for key in RUN_OPTIONS if key in train}
 
 

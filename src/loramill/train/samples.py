@@ -118,8 +118,8 @@ class SampleRenderer:
         parts = {**self.parts, **trained}
         pipe = self.family.assemble({**parts, "scheduler": self.scheduler})
         pipe.set_progress_bar_config(disable=True)
-        frozen = [part for name, part in self.parts.items() if name not in trained]
-        frozen = [part for part in frozen if isinstance(part, torch.nn.Module)]  # no tokenizers
+        frozen = [part for name, part in self.parts.items()  # the VAE, frozen text encoders
+                  if name not in trained and isinstance(part, torch.nn.Module)]  # fmt: skip
         for model in trained.values():
             model.eval()
         images = []

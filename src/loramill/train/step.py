@@ -128,6 +128,7 @@ def place_weights(cfg: TrainConfig, models: dict, denoiser: str, device: Any, dt
         check_float8_device(device)
         for model in models.values():
             model.to(dtype=dtype)
+        # (the swapped blocks' host copies too: they are their modules' weights)
         log.info("fp8_base: %d Linear weights in float8", store_float8(models[denoiser]))
     for model in models.values():  # (a dtype would cast float8 weights back)
         model.to(device, dtype=None if cfg.fp8_base else dtype)
